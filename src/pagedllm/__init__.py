@@ -1,0 +1,36 @@
+"""pagedllm: high-throughput LLM serving with a paged KV cache.
+
+Names are imported lazily, so `pagedllm.core` (pure Python) loads without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLM": "pagedllm.entrypoints.llm",
+    "LLMEngine": "pagedllm.engine.llm_engine",
+    "EngineStats": "pagedllm.engine.llm_engine",
+    "EngineConfig": "pagedllm.config",
+    "SamplingParams": "pagedllm.sampling_params",
+    "RequestOutput": "pagedllm.outputs",
+    "CompletionOutput": "pagedllm.outputs",
+    "Logprob": "pagedllm.outputs",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
+    from pagedllm.engine.llm_engine import EngineStats, LLMEngine
+    from pagedllm.entrypoints.llm import LLM
+    from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+    from pagedllm.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")

@@ -1,0 +1,62 @@
+"""Engine configuration: user-facing arguments, checked once with errors that say what to change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class EngineConfig:
+    """Every knob of the engine, with vLLM's names where vLLM has one."""
+
+    # A Hugging Face directory, a .gguf file, or None for the shipped SmolLM2-135M-Instruct.
+    model: str | None = None
+    # "auto" (float32 on CPU), "float32" or "bfloat16": weights, activations and KV cache.
+    dtype: str = "auto"
+    # Tokens per KV block.
+    block_size: int = 16
+    # Size of the KV pool in blocks; overrides kv_cache_memory_bytes.
+    num_kv_blocks: int | None = None
+    # Size of the KV pool in bytes; None = a slice of free RAM (see worker.cache_engine).
+    kv_cache_memory_bytes: int | None = None
+    # Most requests running at once.
+    max_num_seqs: int = 256
+    # Most tokens in one forward pass; longer prompts are prefilled in chunks.
+    max_num_batched_tokens: int = 2048
+    # Context length; None = the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Seed of the sampler's generator for requests without their own seed.
+    seed: int = 0
+    # Attention backend name (see pagedllm.attention.registry); None = the default.
+    attention_backend: str | None = None
+    # "cpu" or another torch device string.
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype] or torch.float32

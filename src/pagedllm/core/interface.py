@@ -1,0 +1,89 @@
+"""The step contract between the scheduler (core) and the model runner (worker)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: a run of consecutive tokens to compute."""
+
+    # The request's id.
+    request_id: str
+    # Tokens to feed this step: all_token_ids[start_position : start_position + len(token_ids)].
+    token_ids: list[int]
+    # Position of token_ids[0] in the request; equals the number of tokens already cached.
+    start_position: int
+    # Physical block ids of the request, covering start_position + len(token_ids) tokens.
+    block_table: list[int]
+    # True when this chunk reaches the end of the known tokens, so a new token is sampled.
+    sample: bool
+    # The request's sampling settings.
+    sampling_params: SamplingParams
+    # Read-only views of the request's tokens, for penalties and seeded sampling.
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    # Token ids forbidden this step because min_tokens is not reached yet (EOS, stop ids).
+    min_tokens_stop_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """What the scheduler decided for one step."""
+
+    # Requests to run this step, in batch order (running requests first, then newly admitted).
+    scheduled: list[ScheduledRequest]
+    # Sum of len(token_ids) over `scheduled`; never above max_num_batched_tokens.
+    num_batched_tokens: int
+    # Ids of requests preempted by recompute during this schedule (their blocks are freed).
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SampledToken:
+    """The token sampled for one request, with its log-probabilities."""
+
+    # The sampled token id.
+    token_id: int
+    # Log-probability of token_id under the model's raw distribution.
+    logprob: float
+    # 1-based rank of token_id in that distribution.
+    rank: int
+    # The k most likely (token_id, logprob) pairs, most likely first, when logprobs=k was asked.
+    top_logprobs: list[tuple[int, float]] | None
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What the model runner produced for one step."""
+
+    # request_id -> sampled token, for each scheduled request with sample=True.
+    sampled: dict[str, SampledToken]
+
+
+@dataclass
+class RequestUpdate:
+    """What one step changed for one request, handed from the scheduler to the output side."""
+
+    # The request's id.
+    request_id: str
+    # Tokens generated this step (empty for a prefill chunk that sampled nothing).
+    new_tokens: list[SampledToken]
+    # "stop", "length" or "abort" once the request is finished, else None.
+    finish_reason: str | None
+    # The stop token that ended the request, when finish_reason is "stop".
+    stop_token_id: int | None = None

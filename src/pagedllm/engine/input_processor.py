@@ -1,0 +1,88 @@
+"""Turns a user prompt into checked token ids before anything is queued."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedllm.sampling_params import SamplingParams
+
+# What `generate` and `add_request` accept: a string, or {"prompt_token_ids": [...]}
+# (optionally with "prompt" for display), or {"prompt": "..."}.
+PromptType = str | dict[str, Any]
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    # max_tokens after clamping to the room left in the context.
+    max_tokens: int
+
+
+class InputProcessor:
+    """Validates prompts and sampling settings; every problem is a ValueError saying what to fix."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        vocab_size: int,
+        max_model_len: int,
+        kv_capacity_tokens: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.kv_capacity_tokens = kv_capacity_tokens
+
+    def process(self, prompt: PromptType, sampling_params: SamplingParams) -> ProcessedPrompt:
+        if not isinstance(sampling_params, SamplingParams):
+            raise ValueError(
+                f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}"
+            )
+        text, token_ids = self._tokenize(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        for position, token_id in enumerate(token_ids):
+            if not isinstance(token_id, int) or isinstance(token_id, bool):
+                raise ValueError(f"prompt token at position {position} is not an integer")
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(
+                    f"prompt token id {token_id} at position {position} is outside the "
+                    f"vocabulary [0, {self.vocab_size})"
+                )
+        num_prompt = len(token_ids)
+        if num_prompt >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt} tokens but max_model_len is {self.max_model_len}: "
+                "shorten the prompt (it must leave room for at least one generated token)"
+            )
+        room = self.max_model_len - num_prompt
+        max_tokens = room if sampling_params.max_tokens is None else min(
+            sampling_params.max_tokens, room
+        )
+        if num_prompt + max_tokens > self.kv_capacity_tokens:
+            raise ValueError(
+                f"request needs {num_prompt + max_tokens} KV cache slots ({num_prompt} prompt + "
+                f"{max_tokens} generated) but the whole cache holds {self.kv_capacity_tokens}: "
+                "raise num_kv_blocks or kv_cache_memory_bytes, or lower max_tokens"
+            )
+        return ProcessedPrompt(prompt=text, prompt_token_ids=list(token_ids), max_tokens=max_tokens)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                token_ids = prompt["prompt_token_ids"]
+                if not isinstance(token_ids, (list, tuple)):
+                    raise ValueError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), list(token_ids)
+            if isinstance(prompt.get("prompt"), str):
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise ValueError(
+            "a prompt must be a string, {'prompt': str} or {'prompt_token_ids': list[int]}, "
+            f"got {type(prompt).__name__}"
+        )

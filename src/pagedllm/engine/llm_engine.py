@@ -1,0 +1,188 @@
+"""LLMEngine: add requests, then `step()` = schedule -> execute -> update, until none are left."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.scheduler import Scheduler, SchedulerConfig
+from pagedllm.engine.input_processor import InputProcessor, PromptType
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.models.default_model import resolve_model_path
+from pagedllm.models.loader import load_config
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine, read by tests, benchmarks and the server's metrics."""
+
+    # Physical KV blocks in the pool, and how many are free.
+    num_blocks: int
+    num_free_blocks: int
+    # Requests being computed, and requests queued (new or preempted).
+    num_running: int
+    num_waiting: int
+    # Preemptions since start.
+    num_preemptions: int
+    # Tokens whose keys/values are in the cache now.
+    num_tokens_stored: int
+    # Token slots of all allocated blocks (num_used_blocks x block_size); the gap to
+    # num_tokens_stored is the unfilled tails of last blocks.
+    num_slots_reserved: int
+    # Tokens run through the model (prefill chunks, recomputation and decodes) since start.
+    num_tokens_computed: int
+    # Tokens generated since start.
+    num_generation_tokens: int
+
+
+class LLMEngine:
+    """The synchronous engine under `LLM` and the server.
+
+    The request travels one way: InputProcessor (checks, tokens) -> Scheduler (blocks, budget)
+    -> Worker (forward, sampling) -> Scheduler.update_from_output (tokens, token stops) ->
+    OutputProcessor (text, stop strings) -> RequestOutput.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
+        config = config or EngineConfig(**kwargs)
+        self.config = config
+        start = time.perf_counter()
+        model_dir = resolve_model_path(config.model)
+        self.model_dir = model_dir
+        hf_config = load_config(model_dir)
+        self.hf_config = hf_config
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            model_dir, local_files_only=True
+        )
+        model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds the model's "
+                f"max_position_embeddings ({model_max}): lower it"
+            )
+        self.max_model_len = config.max_model_len or model_max
+        self.worker = Worker(config, hf_config, model_dir, self.max_model_len)
+        num_blocks = self.worker.num_kv_blocks
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+            ),
+            self.block_manager,
+        )
+        self.input_processor = InputProcessor(
+            self.tokenizer,
+            vocab_size=hf_config.vocab_size,
+            max_model_len=self.max_model_len,
+            kv_capacity_tokens=num_blocks * config.block_size,
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = hf_config.eos_token_id
+            eos = eos[0] if isinstance(eos, list) else eos
+        self.eos_token_id: int | None = eos
+        self._arrival_counter = itertools.count()
+        self._num_tokens_computed = 0
+        self._num_generation_tokens = 0
+        logger.info(
+            "engine ready in %.1f s: model %s, dtype %s, max_model_len %d",
+            time.perf_counter() - start,
+            model_dir,
+            config.torch_dtype,
+            self.max_model_len,
+        )
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.tokenizer
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queues a request; a bad one raises ValueError and leaves the engine untouched."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        processed = self.input_processor.process(prompt, params)
+        self.scheduler.add_request(
+            Request(
+                request_id=request_id,
+                prompt_token_ids=processed.prompt_token_ids,
+                sampling_params=params,
+                arrival_index=next(self._arrival_counter),
+                max_tokens=processed.max_tokens,
+                eos_token_id=self.eos_token_id,
+            )
+        )
+        self.output_processor.add_request(
+            request_id,
+            processed.prompt,
+            processed.prompt_token_ids,
+            params,
+            arrival_time if arrival_time is not None else time.time(),
+        )
+
+    def abort_request(self, request_id: str | Iterable[str]) -> list[RequestOutput]:
+        """Ends requests at once and frees their blocks; returns their final outputs."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        outputs = []
+        for rid in ids:
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+            output = self.output_processor.abort_request(rid)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.scheduler.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one iteration and returns the outputs of the requests that changed."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        runner_output = self.worker.execute_model(scheduler_output)
+        updates = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs, stopped = self.output_processor.process_updates(updates)
+        for rid in stopped:
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+        self._num_generation_tokens += len(updates)
+        self._num_tokens_computed += scheduler_output.num_batched_tokens
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_blocks=self.block_manager.num_blocks,
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_tokens_stored=self.scheduler.num_tokens_stored(),
+            num_slots_reserved=self.block_manager.num_slots_reserved(),
+            num_tokens_computed=self._num_tokens_computed,
+            num_generation_tokens=self._num_generation_tokens,
+        )

@@ -1,0 +1,1 @@
+"""Model implementations, their registry and weight loading."""

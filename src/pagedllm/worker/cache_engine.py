@@ -1,0 +1,86 @@
+"""The KV cache tensors: one preallocated pool of blocks per layer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.attention import AttentionBackend
+
+logger = logging.getLogger(__name__)
+
+# NOTE: by default the cache takes this share of the memory available at start, capped below,
+# so that a laptop or a shared box keeps room for everything else.
+DEFAULT_KV_MEMORY_FRACTION = 0.2
+DEFAULT_KV_MEMORY_CAP_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Shape of the cache of one model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_size * element
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); falls back to 8 GiB elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def choose_num_blocks(
+    spec: KVCacheSpec, num_kv_blocks: int | None, kv_cache_memory_bytes: int | None
+) -> int:
+    if num_kv_blocks is not None:
+        return num_kv_blocks
+    budget = kv_cache_memory_bytes
+    if budget is None:
+        budget = min(int(available_memory_bytes() * DEFAULT_KV_MEMORY_FRACTION),
+                     DEFAULT_KV_MEMORY_CAP_BYTES)
+    num_blocks = budget // spec.bytes_per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"kv_cache_memory_bytes={budget} is smaller than one KV block "
+            f"({spec.bytes_per_block} bytes): raise it or lower block_size"
+        )
+    return num_blocks
+
+
+class CacheEngine:
+    """Allocates every layer's block pool at start; nothing is allocated per step."""
+
+    def __init__(
+        self, spec: KVCacheSpec, num_blocks: int, backend: AttentionBackend, device: torch.device
+    ) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        shape = backend.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+        # NOTE: zeroed, not empty: a backend may read a padded tail that was never written.
+        self.kv_caches = [
+            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%s)",
+            num_blocks,
+            spec.block_size,
+            num_blocks * spec.block_size,
+            num_blocks * spec.bytes_per_block / 2**20,
+            spec.dtype,
+        )

@@ -1,0 +1,80 @@
+"""One step's tensor work: SchedulerOutput -> flat inputs -> forward -> logits -> sampled tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from pagedllm.attention.metadata import build_attention_metadata
+from pagedllm.core.interface import ModelRunnerOutput, SampledToken, SchedulerOutput
+from pagedllm.sample.sampler import Sampler, SamplingBatch
+
+
+class ModelRunner:
+    """Runs the model over a flattened batch and samples the rows that end a request's chunk."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler(seed=seed)
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        scheduled = scheduler_output.scheduled
+        if not scheduled:
+            return ModelRunnerOutput(sampled={})
+        query_lens = [s.num_tokens for s in scheduled]
+        start_positions = np.array([s.start_position for s in scheduled], dtype=np.int64)
+        seq_lens = (start_positions + np.array(query_lens, dtype=np.int64)).tolist()
+        # Positions of the flat batch: each request counts up from its start position.
+        # E.g. query_lens [2, 3, 1], starts [0, 7, 4] -> [0, 1, 7, 8, 9, 4]
+        query_ends = np.cumsum(query_lens)
+        offsets = np.arange(query_ends[-1]) - np.repeat(query_ends - query_lens, query_lens)
+        positions = np.repeat(start_positions, query_lens) + offsets
+        input_ids = np.fromiter(
+            (t for s in scheduled for t in s.token_ids), dtype=np.int64, count=int(query_ends[-1])
+        )
+        metadata = build_attention_metadata(
+            query_lens, seq_lens, [s.block_table for s in scheduled], self.block_size, self.device
+        )
+        hidden = self.model(
+            torch.from_numpy(input_ids).to(self.device),
+            torch.from_numpy(positions).to(self.device),
+            self.kv_caches,
+            metadata,
+        )  # [num_tokens, hidden_size]
+
+        sampled_items = [(i, s) for i, s in enumerate(scheduled) if s.sample]
+        if not sampled_items:
+            return ModelRunnerOutput(sampled={})
+        # Only the last token of each sampled request goes through the LM head.
+        rows = torch.tensor([int(query_ends[i]) - 1 for i, _ in sampled_items], device=self.device)
+        logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab] float32
+        batch = SamplingBatch(
+            params=[s.sampling_params for _, s in sampled_items],
+            prompt_token_ids=[s.prompt_token_ids for _, s in sampled_items],
+            output_token_ids=[s.output_token_ids for _, s in sampled_items],
+            min_tokens_stop_ids=[s.min_tokens_stop_ids for _, s in sampled_items],
+        )
+        result = self.sampler(logits, batch)
+        return ModelRunnerOutput(
+            sampled={
+                s.request_id: SampledToken(
+                    token_id=result.sampled_token_ids[j],
+                    logprob=result.sampled_logprobs[j],
+                    rank=result.sampled_ranks[j],
+                    top_logprobs=result.top_logprobs[j],
+                )
+                for j, (_, s) in enumerate(sampled_items)
+            }
+        )

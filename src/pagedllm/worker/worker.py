@@ -1,0 +1,54 @@
+"""The worker: builds the model and its KV cache on one device and executes steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig
+
+from pagedllm.attention import DEFAULT_ATTENTION_BACKEND, get_attention_backend
+from pagedllm.config import EngineConfig
+from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
+from pagedllm.models.loader import build_model
+from pagedllm.worker.cache_engine import CacheEngine, KVCacheSpec, choose_num_blocks
+from pagedllm.worker.model_runner import ModelRunner
+
+
+class Worker:
+    """Owns everything that lives on the device; the engine talks to it through execute_model."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        hf_config: PretrainedConfig,
+        model_dir: Path,
+        max_model_len: int,
+    ) -> None:
+        self.device = torch.device(config.device)
+        dtype = config.torch_dtype
+        num_heads = hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        head_size = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        backend_cls = get_attention_backend(config.attention_backend or DEFAULT_ATTENTION_BACKEND)
+        backend = backend_cls(num_heads, num_kv_heads, head_size, head_size**-0.5, config.block_size)
+        self.model = build_model(hf_config, model_dir, backend, max_model_len, dtype, self.device)
+        spec = KVCacheSpec(
+            num_layers=hf_config.num_hidden_layers,
+            num_kv_heads=num_kv_heads,
+            head_size=head_size,
+            block_size=config.block_size,
+            dtype=dtype,
+        )
+        num_blocks = choose_num_blocks(spec, config.num_kv_blocks, config.kv_cache_memory_bytes)
+        self.cache_engine = CacheEngine(spec, num_blocks, backend, self.device)
+        self.runner = ModelRunner(
+            self.model, self.cache_engine.kv_caches, config.block_size, self.device, config.seed
+        )
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.cache_engine.num_blocks
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute_model(scheduler_output)

@@ -1,0 +1,219 @@
+"""Engine behaviour through the public API: sampling, stops, logprobs, bad input, freeing."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+
+NUM_BLOCKS = 256
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_llama_factory):
+    return tiny_llama_factory(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    return LLM(str(tiny_dir), num_kv_blocks=NUM_BLOCKS, block_size=8, seed=7)
+
+
+def prompts_of(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(2, 30))]}
+        for _ in range(n)
+    ]
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def assert_all_blocks_free(llm: LLM) -> None:
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_free_blocks == stats.num_blocks
+    assert stats.num_running == stats.num_waiting == 0
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm):
+    target = prompts_of(1, seed=10)[0]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = tokens(llm.generate(target, seeded, use_tqdm=False))[0]
+    others = prompts_of(7, seed=11)
+    unseeded = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    batch = others[:3] + [target] + others[3:]
+    params = [unseeded] * 3 + [seeded] + [unseeded] * 4
+    in_batch = tokens(llm.generate(batch, params, use_tqdm=False))[3]
+    assert alone == in_batch
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20, ignore_eos=True)
+    assert tokens(llm.generate(target, other_seed, use_tqdm=False))[0] != alone
+    assert_all_blocks_free(llm)
+
+
+def test_temperature_zero_and_top_k_one_equal_greedy(llm):
+    prompts = prompts_of(6, seed=12)
+    greedy = tokens(llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16,
+                                                         ignore_eos=True), use_tqdm=False))
+    top_k_1 = tokens(llm.generate(prompts, SamplingParams(temperature=0.8, top_k=1, seed=3,
+                                                          max_tokens=16, ignore_eos=True),
+                                  use_tqdm=False))
+    assert greedy == top_k_1
+
+
+def test_stop_strings_cut_the_text_exactly(llm):
+    prompt = prompts_of(1, seed=13)[0]
+    base = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    text = base.text
+    assert len(text) > 12
+    stop = text[5:9]
+    first = text.find(stop)
+    cut = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                              stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.text == text[:first]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    kept = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                               stop=[stop], include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == text[: first + len(stop)]
+    # The tokens stop at the token that completed the stop string.
+    assert base.token_ids[: len(cut.token_ids)] == cut.token_ids
+    assert len(cut.token_ids) < len(base.token_ids)
+    assert_all_blocks_free(llm)
+
+
+def test_stop_token_ids_and_max_tokens(llm):
+    prompt = prompts_of(1, seed=14)[0]
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    base = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0]
+    assert len(base.token_ids) == 10 and base.finish_reason == "length"
+    stop_id = base.token_ids[4]
+    first = base.token_ids.index(stop_id)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                              stop_token_ids=[stop_id]), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == base.token_ids[: first + 1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_id
+
+
+def test_logprobs_match_the_model_distribution(llm, tiny_dir):
+    from hf_reference import load_hf_model
+
+    prompt = prompts_of(1, seed=15)[0]["prompt_token_ids"]
+    out = llm.generate({"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    model = load_hf_model(tiny_dir)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out.token_ids])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 : -1]
+    assert len(out.logprobs) == 6
+    total = 0.0
+    for step, (token_id, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        top3 = torch.topk(expected[step], 3)
+        ranked = sorted((lp.rank, t) for t, lp in entry.items())
+        assert [t for _, t in ranked[:3]] == top3.indices.tolist()
+        for t, lp in entry.items():
+            assert math.isclose(lp.logprob, expected[step, t].item(), abs_tol=1e-4)
+        assert entry[token_id].rank == 1  # greedy picks the top token
+        total += entry[token_id].logprob
+    assert math.isclose(out.cumulative_logprob, total, abs_tol=1e-6)
+
+
+def test_abort_frees_blocks_and_others_finish(llm):
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for i, p in enumerate(prompts_of(4, seed=16)):
+        engine.add_request(f"abort-{i}", p, params)
+    engine.step()
+    engine.step()
+    aborted = engine.abort_request("abort-1")
+    assert aborted[0].finished and aborted[0].outputs[0].finish_reason == "abort"
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert sorted(done) == ["abort-0", "abort-2", "abort-3"]
+    assert all(len(o.outputs[0].token_ids) == 12 for o in done.values())
+    assert_all_blocks_free(llm)
+
+
+def test_stats_count_tokens_and_reserved_slots(llm):
+    engine = llm.llm_engine
+    engine.add_request("stats", {"prompt_token_ids": list(range(3, 22))},
+                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    engine.step()  # prefill of 19 tokens: 3 blocks of 8
+    stats = engine.get_stats()
+    assert (stats.num_running, stats.num_tokens_stored, stats.num_slots_reserved) == (1, 19, 24)
+    assert stats.num_free_blocks == NUM_BLOCKS - 3
+    engine.abort_request("stats")
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize(
+    "bad_prompt, message",
+    [
+        ("", "empty"),
+        ({"prompt_token_ids": []}, "empty"),
+        ({"prompt_token_ids": [5, 512]}, "outside the vocabulary"),
+        ({"prompt_token_ids": [5, -1]}, "outside the vocabulary"),
+        ({"prompt_token_ids": [5] * 600}, "max_model_len"),
+        (42, "prompt must be"),
+    ],
+)
+def test_generate_rejects_a_bad_prompt_by_index_before_any_work(llm, bad_prompt, message):
+    prompts = prompts_of(3, seed=17)
+    prompts.insert(2, bad_prompt)
+    with pytest.raises(ValueError, match=rf"prompt 2: .*{message}"):
+        llm.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert_all_blocks_free(llm)
+
+
+def test_generate_rejects_a_request_larger_than_the_whole_cache(tiny_dir):
+    small = LLM(str(tiny_dir), num_kv_blocks=8, block_size=8)  # 64 slots
+    with pytest.raises(ValueError, match="prompt 0: .*KV cache slots"):
+        small.generate({"prompt_token_ids": [5] * 10}, SamplingParams(max_tokens=60),
+                       use_tqdm=False)
+    out = small.generate({"prompt_token_ids": [5] * 10},
+                         SamplingParams(max_tokens=54, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 54
+
+
+def test_invalid_sampling_params_name_the_field():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="n"):
+        SamplingParams(n=2)
+
+
+def test_add_request_refuses_bad_input_while_running_requests_complete(llm):
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    good = prompts_of(2, seed=18)
+    expected = tokens(llm.generate(good, params, use_tqdm=False))
+    engine.add_request("good-0", good[0], params)
+    engine.step()
+    engine.add_request("good-1", good[1], params)
+    for bad in ("", {"prompt_token_ids": [10**6]}, {"prompt_token_ids": [5] * 700}):
+        with pytest.raises(ValueError):
+            engine.add_request("bad", bad, params)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("good-0", good[0], params)
+    with pytest.raises(ValueError, match="SamplingParams"):
+        engine.add_request("bad", good[0], {"temperature": 0})
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert [done["good-0"], done["good-1"]] == expected
+    assert_all_blocks_free(llm)

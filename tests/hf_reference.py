@@ -1,0 +1,63 @@
+"""Reference generation with transformers, to compare pagedllm's tokens against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    # NOTE: EOS is disabled so that both sides generate exactly max_new_tokens, the way
+    # pagedllm does with ignore_eos=True (min_new_tokens would mask EOS and change logits).
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation of each prompt, one at a time (no padding to disturb the numbers)."""
+    results = []
+    for prompt in prompts:
+        input_ids = torch.tensor([prompt])
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        results.append(out[0, len(prompt):].tolist())
+    return results
+
+
+@torch.inference_mode()
+def hf_greedy_batched(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation of all prompts in one left-padded batch (for larger models)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(
+        input_ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[:, width:].tolist()
+
+
+def check_outputs_equal(expected: list[list[int]], actual: list[list[int]]) -> None:
+    assert len(expected) == len(actual)
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        assert e == a, f"request {i}: first difference at token {_first_diff(e, a)}\n{e}\n{a}"
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
