@@ -17,6 +17,7 @@ DEFAULT_ATTENTION_BACKEND = "torch_paged"
 # backend name -> "module:Class" of its AttentionBackend subclass
 _ATTENTION_BACKENDS: dict[str, str] = {
     "torch_paged": "pagedllm.attention.torch_paged:TorchPagedAttention",
+    "cpu_paged": "pagedllm.attention.cpu_paged:CpuPagedAttention",
 }
 
 

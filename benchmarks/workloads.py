@@ -1,0 +1,41 @@
+"""Seeded request workloads shared by the benchmarks: random prompt token ids, fixed output lengths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class BenchRequest:
+    prompt_token_ids: list[int]
+    output_len: int
+
+
+def fixed_workload(num_requests: int = 64, input_len: int = 128, output_len: int = 128,
+                   vocab_size: int = 49152, seed: int = 0) -> list[BenchRequest]:
+    rng = np.random.default_rng(seed)
+    return [
+        BenchRequest(rng.integers(100, vocab_size - 100, input_len).tolist(), output_len)
+        for _ in range(num_requests)
+    ]
+
+
+def sharegpt_like_workload(num_requests: int = 128, mean_input: float = 160,
+                           mean_output: float = 200, max_total: int = 1024,
+                           vocab_size: int = 49152, seed: int = 0) -> list[BenchRequest]:
+    """Lognormal lengths shaped like ShareGPT conversations (sigma 1), capped at max_total."""
+    rng = np.random.default_rng(seed)
+    sigma = 1.0
+    requests = []
+    while len(requests) < num_requests:
+        n_in = int(rng.lognormal(np.log(mean_input) - sigma**2 / 2, sigma))
+        n_out = int(rng.lognormal(np.log(mean_output) - sigma**2 / 2, sigma))
+        if n_in < 4 or n_out < 4 or n_in + n_out > max_total:
+            continue
+        requests.append(BenchRequest(rng.integers(100, vocab_size - 100, n_in).tolist(), n_out))
+    return requests
+
+
+WORKLOADS = {"fixed": fixed_workload, "sharegpt-like": sharegpt_like_workload}
