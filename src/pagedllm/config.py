@@ -38,6 +38,12 @@ class EngineConfig:
     max_model_len: int | None = None
     # Seed of the sampler's generator for requests without their own seed.
     seed: int = 0
+    # "recompute" or "swap": what happens to a request preempted for lack of blocks.
+    preemption_mode: str = "recompute"
+    # Host memory for swapped-out blocks, in GiB (0 = no swapping; swap falls back to recompute).
+    swap_space: float = 0.0
+    # Reuse the KV blocks of earlier requests that share a prefix (automatic prefix caching).
+    enable_prefix_caching: bool = True
     # Attention backend name (see pagedllm.attention.registry); None = the default.
     attention_backend: str | None = None
     # "cpu" or another torch device string.
@@ -54,6 +60,12 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(
+                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
+            )
+        if not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
+            raise ValueError(f"swap_space must be a number of GiB >= 0, got {self.swap_space!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

@@ -40,10 +40,11 @@ class SamplingParams:
     """
 
     n: int = 1
-    """Number of completions to return. Only 1 is supported for now."""
+    """>= 1. Number of completions to return; they share the prompt's KV blocks."""
 
     best_of: int | None = None
-    """Number of completions to generate before keeping the best `n`; None or equal to `n`."""
+    """None (= n) or >= n. Completions generated; the n with the highest cumulative logprob
+    are returned. Needs random sampling when > 1."""
 
     presence_penalty: float = 0.0
     """In [-2, 2]. Subtracted from the logit of every token that already appears in the output;
@@ -108,9 +109,9 @@ class SamplingParams:
     """Token id (>= 0) -> finite bias added to that token's logit before anything else."""
 
     def __post_init__(self) -> None:
-        self._verify_counts()
         self._verify_penalties()
         self._verify_filters()
+        self._verify_counts()
         self._verify_lengths()
         self._verify_stops()
         self._verify_logit_bias()
@@ -149,13 +150,13 @@ class SamplingParams:
     def _verify_counts(self) -> None:
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
-        if self.n > 1:
+        if self.best_of is not None and (not _is_int(self.best_of) or self.best_of < self.n):
+            raise ValueError(f"best_of must be None or an int >= n ({self.n}), got {self.best_of!r}")
+        if (self.best_of or self.n) > 1 and self.temperature < SAMPLING_EPS:
             raise ValueError(
-                f"n > 1 (parallel sampling) is not supported yet; got n={self.n}. "
-                "Send n separate requests with different seeds instead."
+                f"n and best_of must be 1 with greedy sampling (temperature 0), got "
+                f"n={self.n}, best_of={self.best_of}: raise the temperature or use beam search"
             )
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of must be None or equal to n ({self.n}), got {self.best_of!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):

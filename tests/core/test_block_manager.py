@@ -49,33 +49,33 @@ def test_pool_empty_raises():
 def test_block_table_grows_one_block_at_a_time():
     manager = BlockManager(num_blocks=8, block_size=4)
     # 6 tokens: 2 blocks, the second holds 2 of 4 slots.
-    manager.allocate_slots("a", 6)
+    manager.allocate_slots("a", 0, 6)
     assert manager.get_block_table("a") == [0, 1]
     # Tokens 7 and 8 fit in block 1: no new block.
-    manager.allocate_slots("a", 8)
+    manager.allocate_slots("a", 6, 2)
     assert manager.get_block_table("a") == [0, 1]
     # Token 9 opens block 2.
-    manager.allocate_slots("a", 9)
+    manager.allocate_slots("a", 8, 1)
     assert manager.get_block_table("a") == [0, 1, 2]
     assert manager.num_slots_reserved() == 12
-    manager.allocate_slots("b", 1)
+    manager.allocate_slots("b", 0, 1)
     assert manager.get_block_table("b") == [3]
     assert_pool_consistent(manager.pool)
 
 
 def test_can_allocate_counts_only_missing_blocks():
     manager = BlockManager(num_blocks=3, block_size=4)
-    manager.allocate_slots("a", 8)  # blocks 0, 1
-    assert manager.can_allocate("a", 12)  # needs block 2
-    assert not manager.can_allocate("a", 13)  # would need 2 more
-    assert manager.can_allocate("b", 4)
-    assert not manager.can_allocate("b", 5)
+    manager.allocate_slots("a", 0, 8)  # blocks 0, 1
+    assert manager.can_allocate("a", 8, 4)  # needs block 2
+    assert not manager.can_allocate("a", 8, 5)  # would need 2 more
+    assert manager.can_allocate("b", 0, 4)
+    assert not manager.can_allocate("b", 0, 5)
 
 
 def test_free_returns_tail_first_and_everything():
     manager = BlockManager(num_blocks=5, block_size=2)
-    manager.allocate_slots("a", 6)  # 0, 1, 2
-    manager.allocate_slots("b", 2)  # 3
+    manager.allocate_slots("a", 0, 6)  # 0, 1, 2
+    manager.allocate_slots("b", 0, 2)  # 3
     manager.free("a")
     # Remaining free block 4, then a's blocks tail first.
     assert manager.pool.free_block_ids() == [4, 2, 1, 0]

@@ -36,7 +36,7 @@ def run_step(scheduler: Scheduler, token: int = 7) -> SchedulerOutput:
     """Schedules one step and feeds back `token` for every request that samples."""
     out = scheduler.schedule()
     sampled = {
-        s.request_id: SampledToken(token, -0.5, 1, None) for s in out.scheduled if s.sample
+        s.seq_id: SampledToken(token, -0.5, 1, None) for s in out.scheduled if s.sample
     }
     scheduler.update_from_output(out, ModelRunnerOutput(sampled))
     return out
@@ -73,7 +73,7 @@ def test_chunked_prefill_respects_token_budget():
         out = run_step(scheduler)
         chunks.append([(s.num_tokens, s.start_position, s.sample) for s in out.scheduled])
     assert chunks == [[(5, 0, False)], [(5, 5, False)], [(2, 10, True)]]
-    assert scheduler.requests["a"].output_token_ids == [7]
+    assert scheduler.requests["a"].seqs[0].output_token_ids == [7]
 
 
 def test_waiting_requests_fill_the_rest_of_the_budget():
@@ -119,10 +119,10 @@ def test_preemption_frees_latest_arrival_and_requeues_it_first():
     assert [s.request_id for s in out.scheduled] == ["a"]
     assert out.preempted_request_ids == ["b"]
     b = scheduler.requests["b"]
-    assert b.status == RequestStatus.WAITING and b.num_computed_tokens == 0
+    assert b.status == RequestStatus.WAITING and b.seqs[0].num_computed_tokens == 0
     assert scheduler.num_preemptions == 1
-    assert scheduler.block_manager.get_block_table("a") == [0, 2]
-    assert not scheduler.block_manager.has_blocks("b")
+    assert scheduler.block_manager.get_block_table("a#0") == [0, 2]
+    assert not scheduler.block_manager.has_blocks("b#0")
     # b comes back as a prefill of its prompt plus the token it had generated.
     scheduler.finish_request("a", RequestStatus.FINISHED_ABORTED)
     out = run_step(scheduler)
@@ -143,7 +143,7 @@ def test_oldest_request_preempts_later_ones_in_reverse_arrival_order():
     # itself the latest running request, so it goes too.
     assert [s.request_id for s in out.scheduled] == ["a"]
     assert out.preempted_request_ids == ["c", "b"]
-    assert scheduler.block_manager.get_block_table("a") == [0, 2]
+    assert scheduler.block_manager.get_block_table("a#0") == [0, 2]
     assert [r.request_id for r in scheduler.waiting] == ["b", "c"]
     assert scheduler.num_preemptions == 2
 
@@ -156,7 +156,7 @@ def test_stop_conditions():
     scheduler.add_request(make_request("min", 2, max_tokens=5, min_tokens=2))
     out = scheduler.schedule()
     sampled = {
-        s.request_id: SampledToken(5 if s.request_id == "len" else EOS, 0.0, 1, None)
+        s.seq_id: SampledToken(5 if s.request_id == "len" else EOS, 0.0, 1, None)
         for s in out.scheduled
     }
     updates = scheduler.update_from_output(out, ModelRunnerOutput(sampled))
@@ -167,7 +167,7 @@ def test_stop_conditions():
     out = scheduler.schedule()
     forbidden = {s.request_id: s.min_tokens_stop_ids for s in out.scheduled}
     assert forbidden["min"] == [EOS] and forbidden["ignore"] == []
-    sampled = {s.request_id: SampledToken(5, 0.0, 1, None) for s in out.scheduled}
+    sampled = {s.seq_id: SampledToken(5, 0.0, 1, None) for s in out.scheduled}
     updates = scheduler.update_from_output(out, ModelRunnerOutput(sampled))
     assert {u.request_id: u.finish_reason for u in updates} == {
         "len": "length",

@@ -191,8 +191,8 @@ def test_invalid_sampling_params_name_the_field():
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
-    with pytest.raises(ValueError, match="n"):
-        SamplingParams(n=2)
+    with pytest.raises(ValueError, match="best_of"):
+        SamplingParams(n=2, best_of=1)
 
 
 def test_add_request_refuses_bad_input_while_running_requests_complete(llm):

@@ -108,12 +108,13 @@ def test_long_prompt_is_prefilled_in_chunks(tiny_llama_factory):
     chunk_sizes, finished = [], {}
     while engine.has_unfinished_requests():
         long_request = engine.scheduler.requests.get("1")
-        before = long_request.num_computed_tokens if long_request else None
+        long_seq = long_request.seqs[0] if long_request else None
+        before = long_seq.num_computed_tokens if long_seq else None
         for out in engine.step():
             if out.finished:
                 finished[out.request_id] = out
-        if before is not None and before < 150 and long_request.num_computed_tokens > before:
-            chunk_sizes.append(long_request.num_computed_tokens - before)
+        if before is not None and before < 150 and long_seq.num_computed_tokens > before:
+            chunk_sizes.append(long_seq.num_computed_tokens - before)
     # The 150-token prompt shared 32-token budgets with the others' prefills and decodes.
     assert sum(chunk_sizes) == 150 and len(chunk_sizes) >= 5 and max(chunk_sizes) <= 32
     check_outputs_equal(expected, [finished[str(i)].outputs[0].token_ids for i in range(3)])

@@ -27,9 +27,9 @@ def test_defaults_match_vllm() -> None:
     "kwargs, field",
     [
         ({"n": 0}, "n"),
-        ({"n": 2}, "n"),
+        ({"n": 2, "temperature": 0.0}, "n"),
         ({"n": 1.0}, "n"),
-        ({"best_of": 2}, "best_of"),
+        ({"n": 3, "best_of": 2}, "best_of"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"presence_penalty": -2.01}, "presence_penalty"),
         ({"frequency_penalty": -3.0}, "frequency_penalty"),
@@ -82,7 +82,7 @@ def test_invalid_value_names_field(kwargs: dict, field: str) -> None:
         ({"temperature": -1.0}, "temperature must be >= 0"),
         ({"top_p": 0}, "top_p must be in (0, 1], got 0"),
         ({"top_k": -5}, "top_k must be -1, 0 or >= 1"),
-        ({"n": 3}, "n > 1 (parallel sampling) is not supported yet; got n=3"),
+        ({"n": 3, "best_of": 2}, "best_of must be None or an int >= n (3), got 2"),
         ({"min_tokens": 5, "max_tokens": 4}, "min_tokens must be <= max_tokens (4), got 5"),
     ],
 )
@@ -96,6 +96,7 @@ def test_valid_edges_accepted() -> None:
     SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, top_p=1.0, min_p=1.0, top_k=1)
     SamplingParams(max_tokens=None, min_tokens=1000)  # no upper bound without max_tokens
     SamplingParams(max_tokens=1, min_tokens=1, logprobs=0, seed=-7, best_of=1)
+    SamplingParams(n=2, best_of=5, temperature=0.7)
 
 
 def test_normalisation() -> None:

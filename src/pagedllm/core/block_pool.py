@@ -1,50 +1,78 @@
-"""Physical KV-cache blocks of one pool: O(1) allocation and freeing with reference counts."""
+"""Physical KV-cache blocks of one pool: O(1) allocation and freeing, reference counts, and the
+prefix cache (hash -> block) with lazy LRU eviction."""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class NoFreeBlocksError(RuntimeError):
     """Raised when a block is requested from an empty pool; callers check `num_free_blocks` first."""
 
 
-class BlockPool:
-    """Owns the reference counts of `num_blocks` physical blocks.
+@dataclass
+class CachedBlockKey:
+    """What a cached block holds, checked on every hit so a hash collision is only a miss."""
 
-    Invariants: a block id is in the free queue exactly when its reference count is 0, and
-    `num_free_blocks + num_used_blocks == num_blocks`. Freed blocks go to the back of the queue
-    and allocation takes from the front, so recently freed blocks are reused last.
+    parent_hash: int
+    token_ids: tuple[int, ...]
+
+
+class BlockPool:
+    """Owns the reference counts of `num_blocks` physical blocks and the prefix cache.
+
+    Invariants:
+      - a block is in the free queue exactly when its reference count is 0;
+      - `num_free_blocks + num_used_blocks == num_blocks`;
+      - `hash_to_block[h] == b` implies `block_hash[b] == h` (a freed block keeps its hash and
+        stays findable until it is handed out again: eviction is lazy).
+
+    The free queue is an LRU: freed blocks go to the back, allocation takes from the front.
+    NOTE: callers free a table tail first, so within one request the last blocks, which the
+    fewest other requests can share, are evicted first.
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
         self._ref_counts = [0] * num_blocks
-        self._free_block_ids: deque[int] = deque(range(num_blocks))
+        # OrderedDict as an O(1) LRU queue: popitem(last=False), pop(key) and append are O(1).
+        self._free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self._block_keys: list[CachedBlockKey | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_block_ids)
+        return len(self._free_queue)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free_block_ids)
+        return self.num_blocks - len(self._free_queue)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 
     def free_block_ids(self) -> list[int]:
         """The free queue in allocation order (front first); for tests and statistics."""
-        return list(self._free_block_ids)
+        return list(self._free_queue)
 
     def allocate(self) -> int:
-        """Takes the block at the front of the free queue with reference count 1."""
-        if not self._free_block_ids:
+        """Takes the least recently freed block, evicting its cached hash if it has one."""
+        if not self._free_queue:
             raise NoFreeBlocksError("no free KV blocks")
-        block_id = self._free_block_ids.popleft()
+        block_id, _ = self._free_queue.popitem(last=False)
         assert self._ref_counts[block_id] == 0
+        self._evict(block_id)
         self._ref_counts[block_id] = 1
         return block_id
 
@@ -58,4 +86,46 @@ class BlockPool:
         assert self._ref_counts[block_id] > 0, f"block {block_id} freed twice"
         self._ref_counts[block_id] -= 1
         if self._ref_counts[block_id] == 0:
-            self._free_block_ids.append(block_id)
+            self._free_queue[block_id] = None
+
+    # ---- prefix cache --------------------------------------------------------------------
+
+    def lookup(self, block_hash: int, parent_hash: int, token_ids: Sequence[int]) -> int | None:
+        """The cached block holding exactly these tokens after this parent, if any."""
+        block_id = self.hash_to_block.get(block_hash)
+        if block_id is None:
+            return None
+        key = self._block_keys[block_id]
+        if key is None or key.parent_hash != parent_hash or key.token_ids != tuple(token_ids):
+            return None  # a hash collision: treat as a miss
+        return block_id
+
+    def touch(self, block_id: int) -> None:
+        """Takes a reference to a cached block, reviving it from the free queue if needed."""
+        if self._ref_counts[block_id] == 0:
+            del self._free_queue[block_id]
+        self._ref_counts[block_id] += 1
+
+    def cache_block(
+        self, block_id: int, block_hash: int, parent_hash: int, token_ids: Sequence[int]
+    ) -> None:
+        """Registers a block that just filled up. An existing entry for the hash is kept.
+
+        NOTE: cached blocks are never de-duplicated, so block ids in tables never change.
+        """
+        if not self.enable_caching or self.block_hash[block_id] is not None:
+            return
+        if block_hash in self.hash_to_block:
+            return
+        self.block_hash[block_id] = block_hash
+        self._block_keys[block_id] = CachedBlockKey(parent_hash, tuple(token_ids))
+        self.hash_to_block[block_hash] = block_id
+
+    def _evict(self, block_id: int) -> None:
+        block_hash = self.block_hash[block_id]
+        if block_hash is None:
+            return
+        del self.hash_to_block[block_hash]
+        self.block_hash[block_id] = None
+        self._block_keys[block_id] = None
+        self.num_evictions += 1

@@ -16,6 +16,10 @@ class ScheduledRequest:
 
     # The request's id.
     request_id: str
+    # Index of the sequence within its request (0 .. best_of - 1).
+    seq_index: int
+    # "<request_id>#<seq_index>": the key of the sequence's block table and sampled token.
+    seq_id: str
     # Tokens to feed this step: all_token_ids[start_position : start_position + len(token_ids)].
     token_ids: list[int]
     # Position of token_ids[0] in the request; equals the number of tokens already cached.
@@ -45,12 +49,20 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     # Sum of len(token_ids) over `scheduled`; never above max_num_batched_tokens.
     num_batched_tokens: int
-    # Ids of requests preempted by recompute during this schedule (their blocks are freed).
+    # Ids of requests preempted during this schedule (swapped out or freed for recompute).
     preempted_request_ids: list[str] = field(default_factory=list)
+    # The worker runs these block moves before the forward pass, in this order:
+    # (device block, host block) swap-outs, then (host block, device block) swap-ins, then
+    # (source, destination) device copies for copy-on-write.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        """Nothing to run and no block to move."""
+        return not (self.scheduled or self.blocks_to_swap_out or self.blocks_to_swap_in
+                    or self.blocks_to_copy)
 
 
 @dataclass
@@ -71,7 +83,7 @@ class SampledToken:
 class ModelRunnerOutput:
     """What the model runner produced for one step."""
 
-    # request_id -> sampled token, for each scheduled request with sample=True.
+    # seq_id -> sampled token, for each scheduled sequence with sample=True.
     sampled: dict[str, SampledToken]
 
 
@@ -81,6 +93,8 @@ class RequestUpdate:
 
     # The request's id.
     request_id: str
+    # Index of the sequence within its request.
+    seq_index: int
     # Tokens generated this step (empty for a prefill chunk that sampled nothing).
     new_tokens: list[SampledToken]
     # "stop", "length" or "abort" once the request is finished, else None.

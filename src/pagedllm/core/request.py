@@ -1,27 +1,33 @@
-"""Request: the scheduler's per-request state; token lists change only through its methods."""
+"""Request (a sequence group) and its Sequences: the scheduler's per-request state.
+
+Token lists change only through `Sequence.append_token`; everyone else reads views.
+"""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Sequence as SequenceABC
 from typing import TYPE_CHECKING
+
+from pagedllm.core.block_hash import extend_block_hashes
 
 if TYPE_CHECKING:
     from pagedllm.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
-    """Lifecycle of a request; every finished state sorts after the live ones."""
+    """Lifecycle of a request or sequence; every finished state sorts after the live ones."""
 
     WAITING = enum.auto()
     RUNNING = enum.auto()
+    SWAPPED = enum.auto()
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
 
     @property
     def is_finished(self) -> bool:
-        return self > RequestStatus.RUNNING
+        return self > RequestStatus.SWAPPED
 
     @property
     def finish_reason(self) -> str | None:
@@ -35,7 +41,7 @@ _FINISH_REASONS = {
 }
 
 
-class TokenView(Sequence[int]):
+class TokenView(SequenceABC[int]):
     """A read-only view of a token list that stays live as the owner appends to it."""
 
     __slots__ = ("_tokens",)
@@ -53,29 +59,90 @@ class TokenView(Sequence[int]):
         return iter(self._tokens)
 
     def __eq__(self, other: object) -> bool:
-        return list(self._tokens) == list(other) if isinstance(other, Sequence) else False
+        return list(self._tokens) == list(other) if isinstance(other, SequenceABC) else False
 
     def __repr__(self) -> str:
         return f"TokenView({self._tokens!r})"
 
 
-class Request:
-    """One generation request as the scheduler sees it.
+class Sequence:
+    """One generated continuation of a request's prompt.
 
     The scheduler closes the gap between `num_computed_tokens` (tokens whose K/V is cached) and
     `num_tokens` (prompt + generated). A fresh prompt has a gap of the prompt length, a decoding
-    request a gap of 1, and a request preempted by recompute starts again from 0 with its
+    sequence a gap of 1, and a sequence preempted by recompute starts again from 0 with its
     generated tokens folded into the prefill.
+    """
+
+    def __init__(self, request: Request, index: int, token_ids: list[int],
+                 num_output_tokens: int, block_size: int) -> None:
+        self.request = request
+        self.index = index
+        self.seq_id = f"{request.request_id}#{index}"
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.cumulative_logprob = 0.0
+        self.stop_token_id: int | None = None
+        self._block_size = block_size
+        self._all_token_ids = list(token_ids)
+        self._num_prompt = len(token_ids) - num_output_tokens
+        self.all_token_ids = TokenView(self._all_token_ids)
+        # Hashes of the full blocks of all_token_ids (prefix caching), extended as they fill.
+        self.block_hashes: list[int] = []
+        # Leading blocks already offered to the prefix cache (reset when the blocks are freed).
+        self.num_registered_blocks = 0
+        extend_block_hashes(self.block_hashes, self._all_token_ids, block_size, self.num_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self._all_token_ids) - self._num_prompt
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self._all_token_ids[self._num_prompt :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_token(self, token_id: int, logprob: float) -> None:
+        self._all_token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+        extend_block_hashes(self.block_hashes, self._all_token_ids, self._block_size,
+                            self.num_tokens)
+
+    def fork(self, index: int) -> Sequence:
+        """A copy with the same tokens and computed state, as a new sample of the request."""
+        child = Sequence(self.request, index, self._all_token_ids,
+                         self.num_output_tokens, self._block_size)
+        child.status = self.status
+        child.num_computed_tokens = self.num_computed_tokens
+        child.cumulative_logprob = self.cumulative_logprob
+        return child
+
+
+class Request:
+    """A sequence group: one prompt and the `best_of` sequences sampled from it.
+
+    A fresh request holds one sequence. With best_of > 1, that sequence prefills all but the
+    last prompt token, then forks into best_of sequences that share its blocks; each computes
+    the last prompt token itself and samples its own continuation (copy-on-write keeps their
+    partly filled last blocks apart).
     """
 
     def __init__(
         self,
         request_id: str,
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: SequenceABC[int],
         sampling_params: SamplingParams,
         arrival_index: int,
         max_tokens: int,
         eos_token_id: int | None,
+        block_size: int = 16,
     ) -> None:
         self.request_id = request_id
         self.sampling_params = sampling_params
@@ -85,37 +152,38 @@ class Request:
         self.max_tokens = max_tokens
         self.eos_token_id = eos_token_id
         self.status = RequestStatus.WAITING
-        self.num_computed_tokens = 0
         self.num_preemptions = 0
-        # The token that made the request finish with "stop", if any.
-        self.stop_token_id: int | None = None
         self._prompt_token_ids = list(prompt_token_ids)
-        self._output_token_ids: list[int] = []
-        self._all_token_ids = list(prompt_token_ids)
         self.prompt_token_ids = TokenView(self._prompt_token_ids)
-        self.output_token_ids = TokenView(self._output_token_ids)
-        self.all_token_ids = TokenView(self._all_token_ids)
+        self.best_of = sampling_params.best_of or sampling_params.n
+        self.seqs = [Sequence(self, 0, self._prompt_token_ids, 0, block_size)]
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self._prompt_token_ids)
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self._output_token_ids)
+    def is_forked(self) -> bool:
+        return len(self.seqs) == self.best_of
 
     @property
-    def num_tokens(self) -> int:
-        return len(self._all_token_ids)
+    def num_seqs_reserved(self) -> int:
+        """Sequences this request counts against max_num_seqs (all samples, even before fork)."""
+        return len(self.live_seqs()) if self.is_forked else self.best_of
 
-    def append_output_token(self, token_id: int) -> None:
-        self._output_token_ids.append(token_id)
-        self._all_token_ids.append(token_id)
+    def live_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]
 
-    def min_tokens_stop_ids(self) -> list[int]:
+    def prefill_limit(self, seq: Sequence) -> int:
+        """How far `seq` may be computed now: short of the last prompt token until forked."""
+        if self.is_forked:
+            return seq.num_tokens
+        return seq.num_tokens - 1
+
+    def min_tokens_stop_ids(self, seq: Sequence) -> list[int]:
         """Token ids that may not be sampled yet because `min_tokens` is not reached."""
         params = self.sampling_params
-        if self.num_output_tokens >= params.min_tokens:
+        if seq.num_output_tokens >= params.min_tokens:
             return []
         ids = list(params.stop_token_ids or ())
         if self.eos_token_id is not None and not params.ignore_eos:

@@ -1,4 +1,4 @@
-"""Iteration-level scheduling: which requests run each step and how many tokens each computes."""
+"""Iteration-level scheduling: which sequences run each step and how many tokens each computes."""
 
 from __future__ import annotations
 
@@ -13,35 +13,54 @@ from pagedllm.core.interface import (
     ScheduledRequest,
     SchedulerOutput,
 )
-from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.request import Request, RequestStatus, Sequence
+
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Budgets of one step."""
+    """Budgets of one step and the preemption policy."""
 
-    # Most requests in RUNNING at once.
+    # Most sequences in RUNNING at once.
     max_num_seqs: int
     # Most tokens computed in one forward pass (prefill chunks + decodes).
     max_num_batched_tokens: int
-    # Context length cap: a request stops with "length" when it reaches it.
+    # Context length cap: a sequence stops with "length" when it reaches it.
     max_model_len: int
+    # "recompute" frees a preempted request's blocks; "swap" moves them to the host pool and
+    # falls back to recompute when the host pool is full.
+    preemption_mode: str = "recompute"
+
+    def __post_init__(self) -> None:
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"
+            )
+
+
+@dataclass
+class _GroupPlan:
+    """One request's share of a step, decided but not yet committed to the step output."""
+
+    items: list[ScheduledRequest]
+    copies: list[tuple[int, int]]
+    num_tokens: int
 
 
 class Scheduler:
-    """First-come-first-served continuous batching with chunked prefill and recompute preemption.
+    """First-come-first-served continuous batching with chunked prefill and preemption.
 
     Each step:
-      1. RUNNING requests, oldest first, get the tokens they lack (1 for a decode, the next
-         chunk for a partly prefilled prompt) within the token budget. When a request cannot
-         get a block, the latest-arrived running request is preempted: its blocks are freed and
-         it goes back to WAITING to be recomputed later.
-      2. If nothing was preempted, WAITING requests are admitted in arrival order while the
-         token budget, `max_num_seqs` and the free blocks allow; the first that does not fit
-         stops admission, so no request overtakes an older one.
+      1. RUNNING requests, oldest first, get the tokens their sequences lack (1 for a decode,
+         the next chunk of a partly prefilled prompt) within the token budget. When a request
+         cannot get its blocks, the latest-arrived running request is preempted whole: swapped
+         to the host pool, or freed to be recomputed.
+      2. If nothing was preempted, SWAPPED requests come back in arrival order, then WAITING
+         requests are admitted in arrival order while the budget, `max_num_seqs` and the free
+         blocks allow; the first that does not fit stops admission, so none overtakes an older one.
 
-    Invariant: `running` and `waiting` are each sorted by arrival, and every running request
-    arrived before every waiting one.
+    Invariant: `running`, `swapped` and `waiting` are each sorted by arrival.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
@@ -49,8 +68,10 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.swapped: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_swap_outs = 0
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -61,18 +82,32 @@ class Scheduler:
         self.waiting.append(request)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> bool:
-        """Ends a live request (abort, or a stop string found by the output side)."""
-        assert status.is_finished
-        request = self.requests.pop(request_id, None)
+        """Ends a live request and every sequence of it (abort)."""
+        request = self.requests.get(request_id)
         if request is None:
             return False
-        if request.status == RequestStatus.RUNNING:
-            self.running.remove(request)
-        else:
-            self.waiting.remove(request)
-        request.status = status
-        self.block_manager.free(request_id)
+        for seq in request.live_seqs():
+            self._finish_seq(seq, status)
         return True
+
+    def finish_sequence(self, request_id: str, seq_index: int, status: RequestStatus) -> None:
+        """Ends one sequence (a stop string found by the output side)."""
+        request = self.requests.get(request_id)
+        if request is not None and not request.seqs[seq_index].is_finished:
+            self._finish_seq(request.seqs[seq_index], status)
+
+    def _finish_seq(self, seq: Sequence, status: RequestStatus) -> None:
+        assert status.is_finished
+        seq.status = status
+        self.block_manager.free(seq.seq_id)
+        request = seq.request
+        if request.live_seqs():
+            return
+        del self.requests[request.request_id]
+        queue = {RequestStatus.RUNNING: self.running, RequestStatus.SWAPPED: self.swapped,
+                 RequestStatus.WAITING: self.waiting}[request.status]
+        queue.remove(request)
+        request.status = status
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -85,123 +120,225 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_swapped(self) -> int:
+        return len(self.swapped)
+
     def num_tokens_stored(self) -> int:
-        """Tokens whose keys/values are in the cache now, over all requests."""
-        return sum(r.num_computed_tokens for r in self.running)
+        """Tokens whose keys/values are in the device cache now, over all sequences."""
+        return sum(s.num_computed_tokens for r in self.running for s in r.live_seqs())
+
+    def _num_running_seqs(self) -> int:
+        return sum(r.num_seqs_reserved for r in self.running)
 
     # ---- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        token_budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
-        preempted: list[str] = []
+        out = SchedulerOutput(scheduled=[], num_batched_tokens=0)
+        budget = self.config.max_num_batched_tokens
 
         index = 0
-        while index < len(self.running) and token_budget > 0:
+        while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
-            target = request.num_computed_tokens + num_new
-            while not self.block_manager.can_allocate(request.request_id, target):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is request:
-                    break
-            if request.status != RequestStatus.RUNNING:
+            plan = self._plan_group(request, budget, out)
+            if plan is None:
                 break  # it preempted itself: nothing after it is running any more
-            self.block_manager.allocate_slots(request.request_id, target)
-            scheduled.append(self._make_scheduled(request, num_new))
-            token_budget -= num_new
+            budget = self._commit(plan, out, budget)
             index += 1
 
-        while (
-            not preempted
-            and self.waiting
-            and token_budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
+        preempted = bool(out.preempted_request_ids)
+        while not preempted and self.swapped and budget > 0:
+            request = self.swapped[0]
+            seq_ids = [s.seq_id for s in request.live_seqs()]
+            if self._num_running_seqs() + len(seq_ids) > self.config.max_num_seqs:
+                break
+            if not self.block_manager.can_swap_in(seq_ids):
+                break
+            self.swapped.pop(0)
+            out.blocks_to_swap_in.extend(self.block_manager.swap_in(seq_ids))
+            self._set_running(request)
+            plan = self._plan_group(request, budget, out, can_preempt=False)
+            if plan is not None:
+                budget = self._commit(plan, out, budget)
+
+        while not preempted and self.waiting and budget > 0:
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
-            if not self.block_manager.can_allocate(request.request_id, num_new):
+            if self._num_running_seqs() + request.num_seqs_reserved > self.config.max_num_seqs:
+                break
+            plan = self._plan_group(request, budget, out, can_preempt=False)
+            if plan is None:
                 break
             self.waiting.popleft()
-            self.block_manager.allocate_slots(request.request_id, num_new)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            scheduled.append(self._make_scheduled(request, num_new))
-            token_budget -= num_new
-
-        return SchedulerOutput(
-            scheduled=scheduled,
-            num_batched_tokens=self.config.max_num_batched_tokens - token_budget,
-            preempted_request_ids=preempted,
-        )
+            self._set_running(request)
+            budget = self._commit(plan, out, budget)
+        return out
 
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[RequestUpdate]:
-        """Advances computed tokens, appends sampled tokens and finishes requests that stop."""
+        """Advances computed tokens, appends sampled tokens and finishes sequences that stop."""
         updates: list[RequestUpdate] = []
         for item in scheduler_output.scheduled:
             request = self.requests.get(item.request_id)
             if request is None:  # finished while the step ran (abort)
                 continue
-            request.num_computed_tokens += item.num_tokens
-            sampled = runner_output.sampled.get(item.request_id)
+            seq = request.seqs[item.seq_index]
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += item.num_tokens
+            seq.num_registered_blocks = self.block_manager.cache_full_blocks(
+                seq.seq_id, seq.block_hashes, seq.all_token_ids, seq.num_computed_tokens,
+                seq.num_registered_blocks,
+            )
+            sampled = runner_output.sampled.get(item.seq_id)
             if sampled is None:
                 continue
-            request.append_output_token(sampled.token_id)
-            status = self._check_stop(request, sampled.token_id)
+            seq.append_token(sampled.token_id, sampled.logprob)
+            status = self._check_stop(request, seq, sampled.token_id)
             if status is not None:
-                self.finish_request(request.request_id, status)
+                self._finish_seq(seq, status)
             updates.append(
                 RequestUpdate(
                     request_id=request.request_id,
+                    seq_index=seq.index,
                     new_tokens=[sampled],
                     finish_reason=status.finish_reason if status is not None else None,
-                    stop_token_id=request.stop_token_id,
+                    stop_token_id=seq.stop_token_id,
                 )
             )
         return updates
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
-        start = request.num_computed_tokens
+    def _plan_group(self, request: Request, budget: int, out: SchedulerOutput,
+                    can_preempt: bool = True) -> _GroupPlan | None:
+        """Decides and allocates the request's tokens for this step, all sequences or none.
+
+        Returns None when the request cannot run: it was preempted (can_preempt) or it does not
+        fit (admission). Blocks are allocated only once the whole request fits, so a request
+        never holds blocks for a step it does not run in.
+        """
+        manager = self.block_manager
+        self._maybe_fork(request)
+        wants = []  # (seq, start, num_new, prefix_hit)
+        num_tokens = 0
+        for seq in request.live_seqs():
+            hit = None
+            start = seq.num_computed_tokens
+            if start == 0 and not manager.has_blocks(seq.seq_id):
+                hit = manager.find_prefix(seq.block_hashes, seq.all_token_ids, seq.num_tokens)
+                start = hit.num_blocks * manager.block_size
+            num_new = max(min(request.prefill_limit(seq) - start, budget - num_tokens), 0)
+            if num_new == 0 and not (hit and hit.num_blocks):
+                continue
+            wants.append((seq, start, num_new, hit))
+            num_tokens += num_new
+        if not wants:
+            return _GroupPlan([], [], 0)
+        needed = sum(
+            manager.num_blocks_needed(seq.seq_id, start, n) + (hit.num_free if hit else 0)
+            for seq, start, n, hit in wants
+        )
+        while needed > manager.num_free_blocks:
+            if not can_preempt:
+                return None
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is request:
+                return None
+        plan = _GroupPlan([], [], num_tokens)
+        # NOTE: every prefix hit is attached before any fresh block is taken, because taking a
+        # block from the free queue may evict a cached block that a later hit points to.
+        for seq, start, _, hit in wants:
+            if hit is not None:
+                manager.record_prefix_query(seq.num_tokens, start)
+                manager.attach_prefix(seq.seq_id, hit)
+                seq.num_computed_tokens = start
+        for seq, start, num_new, _ in wants:
+            plan.copies.extend(manager.allocate_slots(seq.seq_id, start, num_new))
+            if num_new:
+                plan.items.append(self._make_scheduled(request, seq, num_new))
+        return plan
+
+    def _commit(self, plan: _GroupPlan, out: SchedulerOutput, budget: int) -> int:
+        out.scheduled.extend(plan.items)
+        out.blocks_to_copy.extend(plan.copies)
+        out.num_batched_tokens += plan.num_tokens
+        return budget - plan.num_tokens
+
+    def _maybe_fork(self, request: Request) -> None:
+        """Forks the first sequence into best_of once all but its last prompt token is cached."""
+        if request.is_forked:
+            return
+        parent = request.seqs[0]
+        if parent.num_computed_tokens < request.prefill_limit(parent):
+            return
+        if parent.num_computed_tokens == 0 and not self.block_manager.has_blocks(parent.seq_id):
+            # A one-token prompt (or nothing cached): children start with empty tables.
+            self.block_manager.allocate_slots(parent.seq_id, 0, 0)
+        for index in range(1, request.best_of):
+            child = parent.fork(index)
+            self.block_manager.fork(parent.seq_id, child.seq_id)
+            request.seqs.append(child)
+
+    def _make_scheduled(self, request: Request, seq: Sequence, num_new: int) -> ScheduledRequest:
+        start = seq.num_computed_tokens
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + num_new],
+            seq_index=seq.index,
+            seq_id=seq.seq_id,
+            token_ids=seq.all_token_ids[start : start + num_new],
             start_position=start,
-            block_table=self.block_manager.get_block_table(request.request_id),
-            sample=start + num_new == request.num_tokens,
+            block_table=self.block_manager.get_block_table(seq.seq_id),
+            sample=start + num_new == seq.num_tokens,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=request.output_token_ids,
-            min_tokens_stop_ids=request.min_tokens_stop_ids(),
+            output_token_ids=seq.output_token_ids,
+            min_tokens_stop_ids=request.min_tokens_stop_ids(seq),
         )
 
-    def _preempt(self, request: Request) -> None:
-        """Preempts by recompute: frees the blocks and requeues the request by arrival order."""
+    def _set_running(self, request: Request) -> None:
+        request.status = RequestStatus.RUNNING
+        for seq in request.live_seqs():
+            seq.status = RequestStatus.RUNNING
+        keys = [r.arrival_index for r in self.running]
+        self.running.insert(bisect.bisect(keys, request.arrival_index), request)
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Preempts a whole request: swap out all its sequences at once, or free them."""
         self.running.remove(request)
-        self.block_manager.free(request.request_id)
-        request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        keys = [r.arrival_index for r in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, request.arrival_index), request)
+        out.preempted_request_ids.append(request.request_id)
+        seqs = request.live_seqs()
+        seq_ids = [s.seq_id for s in seqs]
+        if self.config.preemption_mode == "swap" and self.block_manager.can_swap_out(seq_ids):
+            out.blocks_to_swap_out.extend(self.block_manager.swap_out(seq_ids))
+            self.num_swap_outs += 1
+            status, queue = RequestStatus.SWAPPED, self.swapped
+        else:
+            for seq in seqs:
+                self.block_manager.free(seq.seq_id)
+                seq.num_computed_tokens = 0
+                seq.num_registered_blocks = 0
+            status, queue = RequestStatus.WAITING, self.waiting
+        request.status = status
+        for seq in seqs:
+            seq.status = status
+        keys = [r.arrival_index for r in queue]
+        queue.insert(bisect.bisect(keys, request.arrival_index), request)
 
-    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+    def _check_stop(self, request: Request, seq: Sequence, token_id: int) -> RequestStatus | None:
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+        if seq.num_output_tokens >= params.min_tokens:
             if token_id == request.eos_token_id and not params.ignore_eos:
-                request.stop_token_id = token_id
+                seq.stop_token_id = token_id
                 return RequestStatus.FINISHED_STOPPED
             if params.stop_token_ids and token_id in params.stop_token_ids:
-                request.stop_token_id = token_id
+                seq.stop_token_id = token_id
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_tokens:
+        if seq.num_output_tokens >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.config.max_model_len:
+        if seq.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

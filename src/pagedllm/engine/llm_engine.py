@@ -32,16 +32,29 @@ class EngineStats:
     # Physical KV blocks in the pool, and how many are free.
     num_blocks: int
     num_free_blocks: int
-    # Requests being computed, and requests queued (new or preempted).
+    # Requests being computed, queued (new or preempted by recompute), and swapped out.
     num_running: int
     num_waiting: int
-    # Preemptions since start.
+    num_swapped: int
+    # Preemptions since start, and how many of them swapped the request out.
     num_preemptions: int
+    num_swap_outs: int
     # Tokens whose keys/values are in the cache now.
     num_tokens_stored: int
     # Token slots of all allocated blocks (num_used_blocks x block_size); the gap to
     # num_tokens_stored is the unfilled tails of last blocks.
     num_slots_reserved: int
+    # Blocks summed over all block tables; above the used blocks when blocks are shared.
+    num_logical_blocks: int
+    # Blocks holding a prefix-cache entry (in use or free but not yet evicted).
+    num_cached_blocks: int
+    # Host blocks for swapping, and how many are free.
+    num_cpu_blocks: int
+    num_free_cpu_blocks: int
+    # Prompt tokens looked up in the prefix cache and found there; evicted cache entries.
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_prefix_cache_evictions: int
     # Tokens run through the model (prefill chunks, recomputation and decodes) since start.
     num_tokens_computed: int
     # Tokens generated since start.
@@ -76,12 +89,18 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model_max
         self.worker = Worker(config, hf_config, model_dir, self.max_model_len)
         num_blocks = self.worker.num_kv_blocks
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks,
+            config.block_size,
+            num_cpu_blocks=self.worker.num_cpu_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
+                preemption_mode=config.preemption_mode,
             ),
             self.block_manager,
         )
@@ -133,6 +152,7 @@ class LLMEngine:
                 arrival_index=next(self._arrival_counter),
                 max_tokens=processed.max_tokens,
                 eos_token_id=self.eos_token_id,
+                block_size=self.config.block_size,
             )
         )
         self.output_processor.add_request(
@@ -168,21 +188,31 @@ class LLMEngine:
         runner_output = self.worker.execute_model(scheduler_output)
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, stopped = self.output_processor.process_updates(updates)
-        for rid in stopped:
-            self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+        for request_id, seq_index in stopped:
+            self.scheduler.finish_sequence(request_id, seq_index, RequestStatus.FINISHED_STOPPED)
         self._num_generation_tokens += len(updates)
         self._num_tokens_computed += scheduler_output.num_batched_tokens
         return outputs
 
     def get_stats(self) -> EngineStats:
+        cpu_pool = self.block_manager.cpu_pool
         return EngineStats(
             num_blocks=self.block_manager.num_blocks,
             num_free_blocks=self.block_manager.num_free_blocks,
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
+            num_swapped=self.scheduler.num_swapped,
             num_preemptions=self.scheduler.num_preemptions,
+            num_swap_outs=self.scheduler.num_swap_outs,
             num_tokens_stored=self.scheduler.num_tokens_stored(),
             num_slots_reserved=self.block_manager.num_slots_reserved(),
+            num_logical_blocks=self.block_manager.num_logical_blocks(),
+            num_cached_blocks=self.block_manager.pool.num_cached_blocks,
+            num_cpu_blocks=cpu_pool.num_blocks if cpu_pool else 0,
+            num_free_cpu_blocks=cpu_pool.num_free_blocks if cpu_pool else 0,
+            prefix_cache_queries=self.block_manager.prefix_cache_queries,
+            prefix_cache_hits=self.block_manager.prefix_cache_hits,
+            num_prefix_cache_evictions=self.block_manager.pool.num_evictions,
             num_tokens_computed=self._num_tokens_computed,
             num_generation_tokens=self._num_generation_tokens,
         )

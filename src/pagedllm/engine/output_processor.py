@@ -7,10 +7,33 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedllm.core.interface import RequestUpdate
+from pagedllm.core.interface import RequestUpdate, SampledToken
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class SequenceState:
+    """The output side of one sequence (one sample) of a request."""
+
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def make_output(self, index: int) -> CompletionOutput:
+        return CompletionOutput(
+            index=index,
+            text=self.detokenizer.output_text(self.finish_reason is not None),
+            token_ids=list(self.token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
 
 
 @dataclass
@@ -21,30 +44,26 @@ class RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    detokenizer: IncrementalDetokenizer
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float = 0.0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
+    seqs: list[SequenceState]
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
     def make_output(self) -> RequestOutput:
-        finished = self.finish_reason is not None
-        completion = CompletionOutput(
-            index=0,
-            text=self.detokenizer.output_text(finished),
-            token_ids=list(self.token_ids),
-            cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-        )
+        """While running: every sequence. Finished: the best `n` by cumulative logprob."""
+        finished = self.finished
+        seqs = list(enumerate(self.seqs))
+        n = self.params.n
+        if finished and len(seqs) > n:
+            seqs = sorted(seqs, key=lambda item: item[1].cumulative_logprob, reverse=True)[:n]
+            seqs.sort(key=lambda item: item[0])
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[completion],
+            outputs=[s.make_output(i) for i, (_, s) in enumerate(seqs)],
             finished=finished,
             metrics=dict(self.metrics),
         )
@@ -65,21 +84,26 @@ class OutputProcessor:
         params: SamplingParams,
         arrival_time: float,
     ) -> None:
-        detokenizer = IncrementalDetokenizer(
-            self.tokenizer,
-            prompt_token_ids,
-            stop=list(params.stop or ()),
-            include_stop_str_in_output=params.include_stop_str_in_output,
-            skip_special_tokens=params.skip_special_tokens,
-            spaces_between_special_tokens=params.spaces_between_special_tokens,
-        )
+        seqs = [
+            SequenceState(
+                detokenizer=IncrementalDetokenizer(
+                    self.tokenizer,
+                    prompt_token_ids,
+                    stop=list(params.stop or ()),
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                    skip_special_tokens=params.skip_special_tokens,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens,
+                ),
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            for _ in range(params.best_of or params.n)
+        ]
         self.states[request_id] = RequestState(
             request_id=request_id,
             prompt=prompt,
             prompt_token_ids=prompt_token_ids,
             params=params,
-            detokenizer=detokenizer,
-            logprobs=[] if params.logprobs is not None else None,
+            seqs=seqs,
             metrics={"arrival": arrival_time},
         )
 
@@ -87,55 +111,67 @@ class OutputProcessor:
         state = self.states.pop(request_id, None)
         if state is None:
             return None
-        state.finish_reason = "abort"
+        for seq in state.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
         state.metrics["finished"] = time.time()
         return state.make_output()
 
-    def process_updates(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[str]]:
+    def process_updates(
+        self, updates: list[RequestUpdate]
+    ) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
         """Applies one step's updates.
 
         Returns:
-            The outputs of the requests that changed, and the ids of requests that a stop
-            string finished (the scheduler must still be told to free them).
+            The outputs of the requests that changed, and the (request id, sequence index) of
+            sequences that a stop string finished (the scheduler must still free them).
         """
-        outputs: list[RequestOutput] = []
-        stopped_by_string: list[str] = []
+        changed: dict[str, RequestState] = {}
+        stopped_by_string: list[tuple[str, int]] = []
         now = time.time()
         for update in updates:
             state = self.states.get(update.request_id)
             if state is None:
                 continue
             state.metrics.setdefault("first_token", now)
+            seq = state.seqs[update.seq_index]
             for sampled in update.new_tokens:
-                state.token_ids.append(sampled.token_id)
-                state.cumulative_logprob += sampled.logprob
-                if state.logprobs is not None:
-                    state.logprobs.append(self._logprob_entry(sampled))
-                # NOTE: a stop token's text is left out (as vLLM does) unless asked for.
-                if (
-                    update.stop_token_id == sampled.token_id
-                    and not state.params.include_stop_str_in_output
-                ):
-                    continue
-                stop_str = state.detokenizer.add_token(sampled.token_id)
-                if stop_str is not None:
-                    state.finish_reason = "stop"
-                    state.stop_reason = stop_str
+                if self._append_token(state.params, seq, sampled, update.stop_token_id):
                     if update.finish_reason is None:
-                        stopped_by_string.append(update.request_id)
+                        stopped_by_string.append((update.request_id, update.seq_index))
                     break
-            if state.finish_reason is None and update.finish_reason is not None:
-                state.finish_reason = update.finish_reason
+            if seq.finish_reason is None and update.finish_reason is not None:
+                seq.finish_reason = update.finish_reason
                 if update.finish_reason == "stop" and update.stop_token_id is not None:
                     is_eos_stop = update.stop_token_id not in (state.params.stop_token_ids or ())
-                    state.stop_reason = None if is_eos_stop else update.stop_token_id
-            if state.finish_reason is not None:
+                    seq.stop_reason = None if is_eos_stop else update.stop_token_id
+            changed[update.request_id] = state
+        outputs = []
+        for request_id, state in changed.items():
+            if state.finished:
                 state.metrics["finished"] = now
-                del self.states[update.request_id]
+                del self.states[request_id]
             outputs.append(state.make_output())
         return outputs, stopped_by_string
 
-    def _logprob_entry(self, sampled) -> dict[int, Logprob]:
+    def _append_token(self, params: SamplingParams, seq: SequenceState, sampled: SampledToken,
+                      stop_token_id: int | None) -> bool:
+        """Adds one token to a sequence; True when it completed a stop string."""
+        seq.token_ids.append(sampled.token_id)
+        seq.cumulative_logprob += sampled.logprob
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._logprob_entry(sampled))
+        # NOTE: a stop token's text is left out (as vLLM does) unless asked for.
+        if stop_token_id == sampled.token_id and not params.include_stop_str_in_output:
+            return False
+        stop_str = seq.detokenizer.add_token(sampled.token_id)
+        if stop_str is None:
+            return False
+        seq.finish_reason = "stop"
+        seq.stop_reason = stop_str
+        return True
+
+    def _logprob_entry(self, sampled: SampledToken) -> dict[int, Logprob]:
         entry = {
             sampled.token_id: Logprob(
                 sampled.logprob, sampled.rank, self.tokenizer.decode([sampled.token_id])

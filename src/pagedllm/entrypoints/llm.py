@@ -32,6 +32,9 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
         seed: int = 0,
+        preemption_mode: str = "recompute",
+        swap_space: float = 0.0,
+        enable_prefix_caching: bool = True,
         attention_backend: str | None = None,
         device: str = "cpu",
     ) -> None:
@@ -46,6 +49,9 @@ class LLM:
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
                 seed=seed,
+                preemption_mode=preemption_mode,
+                swap_space=swap_space,
+                enable_prefix_caching=enable_prefix_caching,
                 attention_backend=attention_backend,
                 device=device,
             )

@@ -37,6 +37,9 @@ class SamplingBatch:
     # [num_rows] token ids forbidden this step because min_tokens is not reached yet
     # (EOS + stop_token_ids), or [] once it is. Filled by the model runner.
     min_tokens_stop_ids: list[list[int]]
+    # [num_rows] index of the row's sequence within its request (parallel sampling); sample i
+    # of a seeded request draws from its own noise stream. None = all 0.
+    sample_indices: list[int] | None = None
 
     def __post_init__(self) -> None:
         num_rows = len(self.params)
@@ -79,6 +82,13 @@ def seed_for_position(seed: int, position: int) -> int:
         return x ^ (x >> 31)
 
     return mix(mix(seed & _MASK64) ^ (position & _MASK64))
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """The seed of sample `sample_index` of a request: the request's own seed for sample 0."""
+    if sample_index == 0:
+        return seed
+    return seed_for_position(seed, (1 << 63) + sample_index)
 
 
 class Sampler:
@@ -191,7 +201,13 @@ class Sampler:
         if any(p.min_p > 0.0 for p in sampled):
             apply_min_p(probs, torch.tensor([p.min_p for p in sampled], device=device))
 
-        q = self._exponential_noise(probs, [batch.output_token_ids[i] for i in rows], sampled)
+        indices = batch.sample_indices
+        q = self._exponential_noise(
+            probs,
+            [batch.output_token_ids[i] for i in rows],
+            sampled,
+            [indices[i] for i in rows] if indices is not None else None,
+        )
         chosen = probs.div_(q).argmax(dim=-1)  # [S]
         if all_sampled:
             return chosen
@@ -203,6 +219,7 @@ class Sampler:
         probs: torch.Tensor,
         output_token_ids: list[Sequence[int]],
         params: list[SamplingParams],
+        sample_indices: list[int] | None = None,
     ) -> torch.Tensor:
         """Returns Exp(1) noise shaped like probs; seeded rows get (seed, position) noise.
 
@@ -214,10 +231,11 @@ class Sampler:
         if any(p.seed is None for p in params):
             # NOTE: filling all rows (seeded ones are overwritten below) keeps this one call.
             u.uniform_(generator=self._generator(probs.device))
-        for row, (p, out) in enumerate(zip(params, output_token_ids)):
+        indices = sample_indices or [0] * len(params)
+        for row, (p, out, index) in enumerate(zip(params, output_token_ids, indices)):
             if p.seed is not None:
                 gen = torch.Generator(device=probs.device)
-                gen.manual_seed(seed_for_position(p.seed, len(out)))
+                gen.manual_seed(seed_for_position(sample_seed(p.seed, index), len(out)))
                 u[row].uniform_(generator=gen)
         return u.log_().neg_()
 

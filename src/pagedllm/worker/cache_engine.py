@@ -64,17 +64,33 @@ def choose_num_blocks(
 
 
 class CacheEngine:
-    """Allocates every layer's block pool at start; nothing is allocated per step."""
+    """Allocates every layer's device block pool (and host pool for swapping) at start, and
+    moves blocks between and within them; nothing is allocated per step."""
 
     def __init__(
-        self, spec: KVCacheSpec, num_blocks: int, backend: AttentionBackend, device: torch.device
+        self,
+        spec: KVCacheSpec,
+        num_blocks: int,
+        backend: AttentionBackend,
+        device: torch.device,
+        num_cpu_blocks: int = 0,
     ) -> None:
         self.spec = spec
         self.num_blocks = num_blocks
+        self.num_cpu_blocks = num_cpu_blocks
         shape = backend.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
         # NOTE: zeroed, not empty: a backend may read a padded tail that was never written.
         self.kv_caches = [
             torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
+        # NOTE: a separate tensor even on a CPU-only machine, so that swapping really copies,
+        # exactly as it must between GPU and host memory.
+        cpu_shape = backend.kv_cache_shape(
+            num_cpu_blocks, spec.block_size, spec.num_kv_heads, spec.head_size
+        )
+        self.cpu_caches = [
+            torch.zeros(cpu_shape, dtype=spec.dtype, device="cpu")
+            for _ in range(spec.num_layers if num_cpu_blocks else 0)
         ]
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%s)",
@@ -84,3 +100,29 @@ class CacheEngine:
             num_blocks * spec.bytes_per_block / 2**20,
             spec.dtype,
         )
+        if num_cpu_blocks:
+            logger.info("swap space: %d host blocks, %.1f MiB", num_cpu_blocks,
+                        num_cpu_blocks * spec.bytes_per_block / 2**20)
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies (device block, host block) pairs, every layer."""
+        self._copy(pairs, self.kv_caches, self.cpu_caches)
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies (host block, device block) pairs, every layer."""
+        self._copy(pairs, self.cpu_caches, self.kv_caches)
+
+    def copy(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies (source, destination) device blocks, every layer: copy-on-write."""
+        self._copy(pairs, self.kv_caches, self.kv_caches)
+
+    @staticmethod
+    def _copy(pairs, src_caches: list[torch.Tensor], dst_caches: list[torch.Tensor]) -> None:
+        if not pairs:
+            return
+        src_ids = torch.tensor([p[0] for p in pairs], device=src_caches[0].device)
+        dst_ids = torch.tensor([p[1] for p in pairs], device=dst_caches[0].device)
+        for src, dst in zip(src_caches, dst_caches):
+            # cache: [2, num_blocks, block_size, kv_heads, head]; blocks are dim 1.
+            blocks = src.index_select(1, src_ids).to(dst.device)
+            dst.index_copy_(1, dst_ids, blocks)

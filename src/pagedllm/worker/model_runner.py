@@ -65,11 +65,12 @@ class ModelRunner:
             prompt_token_ids=[s.prompt_token_ids for _, s in sampled_items],
             output_token_ids=[s.output_token_ids for _, s in sampled_items],
             min_tokens_stop_ids=[s.min_tokens_stop_ids for _, s in sampled_items],
+            sample_indices=[s.seq_index for _, s in sampled_items],
         )
         result = self.sampler(logits, batch)
         return ModelRunnerOutput(
             sampled={
-                s.request_id: SampledToken(
+                s.seq_id: SampledToken(
                     token_id=result.sampled_token_ids[j],
                     logprob=result.sampled_logprobs[j],
                     rank=result.sampled_ranks[j],

@@ -41,7 +41,8 @@ class Worker:
             dtype=dtype,
         )
         num_blocks = choose_num_blocks(spec, config.num_kv_blocks, config.kv_cache_memory_bytes)
-        self.cache_engine = CacheEngine(spec, num_blocks, backend, self.device)
+        num_cpu_blocks = int(config.swap_space * 2**30) // spec.bytes_per_block
+        self.cache_engine = CacheEngine(spec, num_blocks, backend, self.device, num_cpu_blocks)
         self.runner = ModelRunner(
             self.model, self.cache_engine.kv_caches, config.block_size, self.device, config.seed
         )
@@ -50,5 +51,13 @@ class Worker:
     def num_kv_blocks(self) -> int:
         return self.cache_engine.num_blocks
 
+    @property
+    def num_cpu_blocks(self) -> int:
+        return self.cache_engine.num_cpu_blocks
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        # Block moves first, in the contract's order, so the forward sees them done.
+        self.cache_engine.swap_out(scheduler_output.blocks_to_swap_out)
+        self.cache_engine.swap_in(scheduler_output.blocks_to_swap_in)
+        self.cache_engine.copy(scheduler_output.blocks_to_copy)
         return self.runner.execute_model(scheduler_output)
