@@ -85,16 +85,20 @@ class BlockManager:
 
     # ---- allocation ----------------------------------------------------------------------
 
-    def num_blocks_needed(self, seq_id: str, num_computed: int, num_new: int) -> int:
-        """Free blocks that allocate_slots would take: growth plus one for copy-on-write."""
-        return self._num_blocks_needed(seq_id, num_computed, num_new)
-
-    def _num_blocks_needed(self, seq_id: str, num_computed: int, num_new: int) -> int:
+    def num_blocks_needed(
+        self, seq_id: str, num_computed: int, num_new: int, prefix_hit: PrefixHit | None = None
+    ) -> int:
+        """Free blocks that attaching `prefix_hit` and allocate_slots would take together:
+        revived cached blocks, growth, and one more for copy-on-write."""
         table = self._block_tables.get(seq_id, ())
+        num_revived = 0
+        if prefix_hit is not None:
+            assert not table, "prefix hits attach to a new table"
+            table, num_revived = prefix_hit.block_ids, prefix_hit.num_free
         needed = max(cdiv(num_computed + num_new, self.block_size) - len(table), 0)
         if self._needs_copy_on_write(table, num_computed, num_new):
             needed += 1
-        return needed
+        return needed + num_revived
 
     def _needs_copy_on_write(self, table: Sequence[int], num_computed: int, num_new: int) -> bool:
         index = num_computed // self.block_size
@@ -103,9 +107,7 @@ class BlockManager:
     def can_allocate(
         self, seq_id: str, num_computed: int, num_new: int, prefix_hit: PrefixHit | None = None
     ) -> bool:
-        needed = self._num_blocks_needed(seq_id, num_computed, num_new)
-        if prefix_hit is not None:
-            needed += prefix_hit.num_free
+        needed = self.num_blocks_needed(seq_id, num_computed, num_new, prefix_hit)
         return needed <= self.pool.num_free_blocks
 
     def attach_prefix(self, seq_id: str, prefix_hit: PrefixHit) -> None:

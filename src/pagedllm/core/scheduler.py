@@ -235,10 +235,10 @@ class Scheduler:
             num_tokens += num_new
         if not wants:
             return _GroupPlan([], [], 0)
-        needed = sum(
-            manager.num_blocks_needed(seq.seq_id, start, n) + (hit.num_free if hit else 0)
-            for seq, start, n, hit in wants
-        )
+        # NOTE: conservative when several sequences of the request hit the same cached blocks
+        # (each counts their revival), never optimistic.
+        needed = sum(manager.num_blocks_needed(seq.seq_id, start, n, hit)
+                     for seq, start, n, hit in wants)
         while needed > manager.num_free_blocks:
             if not can_preempt:
                 return None
