@@ -16,6 +16,7 @@ _EXPORTS = {
     "EngineStats": "pagedllm.engine.llm_engine",
     "EngineConfig": "pagedllm.config",
     "SamplingParams": "pagedllm.sampling_params",
+    "BeamSearchParams": "pagedllm.core.beam_search",
     "RequestOutput": "pagedllm.outputs",
     "CompletionOutput": "pagedllm.outputs",
     "Logprob": "pagedllm.outputs",
@@ -24,6 +25,7 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from pagedllm.config import EngineConfig
+    from pagedllm.core.beam_search import BeamSearchParams
     from pagedllm.engine.llm_engine import EngineStats, LLMEngine
     from pagedllm.entrypoints.llm import LLM
     from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput

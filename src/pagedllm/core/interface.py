@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pagedllm.core.beam_search import Hypothesis
     from pagedllm.sampling_params import SamplingParams
 
 
@@ -101,3 +102,5 @@ class RequestUpdate:
     finish_reason: str | None
     # The stop token that ended the request, when finish_reason is "stop".
     stop_token_id: int | None = None
+    # Beam search only, once finished: the best hypotheses, best first.
+    beams: list[Hypothesis] | None = None

@@ -9,6 +9,7 @@ import enum
 from collections.abc import Sequence as SequenceABC
 from typing import TYPE_CHECKING
 
+from pagedllm.core.beam_search import BeamSearchParams, BeamState
 from pagedllm.core.block_hash import extend_block_hashes
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ class Request:
         max_tokens: int,
         eos_token_id: int | None,
         block_size: int = 16,
+        beam_search: BeamSearchParams | None = None,
     ) -> None:
         self.request_id = request_id
         self.sampling_params = sampling_params
@@ -157,6 +159,12 @@ class Request:
         self.prompt_token_ids = TokenView(self._prompt_token_ids)
         self.best_of = sampling_params.best_of or sampling_params.n
         self.seqs = [Sequence(self, 0, self._prompt_token_ids, 0, block_size)]
+        # Beam search: the search state, and the running beams best first. Beams fork and drop
+        # as the search goes, so `seqs` holds every beam ever made (dropped ones finished).
+        self.beam = BeamState(beam_search, eos_token_id) if beam_search is not None else None
+        self.beam_seqs: list[Sequence] = list(self.seqs)
+        # Beam index -> its next-token offers, gathered until every running beam has sampled.
+        self.beam_offers: dict[int, list[tuple[int, float]]] = {}
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -164,11 +172,14 @@ class Request:
 
     @property
     def is_forked(self) -> bool:
-        return len(self.seqs) == self.best_of
+        """True once the samples exist (beam search forks as it goes, never up front)."""
+        return self.beam is not None or len(self.seqs) >= self.best_of
 
     @property
     def num_seqs_reserved(self) -> int:
         """Sequences this request counts against max_num_seqs (all samples, even before fork)."""
+        if self.beam is not None:
+            return self.beam.params.beam_width
         return len(self.live_seqs()) if self.is_forked else self.best_of
 
     def live_seqs(self) -> list[Sequence]:

@@ -178,6 +178,7 @@ class Scheduler:
     ) -> list[RequestUpdate]:
         """Advances computed tokens, appends sampled tokens and finishes sequences that stop."""
         updates: list[RequestUpdate] = []
+        beam_requests: dict[str, Request] = {}
         for item in scheduler_output.scheduled:
             request = self.requests.get(item.request_id)
             if request is None:  # finished while the step ran (abort)
@@ -193,6 +194,12 @@ class Scheduler:
             sampled = runner_output.sampled.get(item.seq_id)
             if sampled is None:
                 continue
+            if request.beam is not None:
+                # NOTE: a beam that sampled waits (its gap is 0) until every beam has sampled,
+                # which may take several steps when prefills are chunked.
+                request.beam_offers[seq.index] = sampled.top_logprobs
+                beam_requests[request.request_id] = request
+                continue
             seq.append_token(sampled.token_id, sampled.logprob)
             status = self._check_stop(request, seq, sampled.token_id)
             if status is not None:
@@ -206,7 +213,52 @@ class Scheduler:
                     stop_token_id=seq.stop_token_id,
                 )
             )
+        for request in beam_requests.values():
+            if all(seq.index in request.beam_offers for seq in request.beam_seqs):
+                update = self._beam_step(request, request.beam_offers)
+                request.beam_offers = {}
+                if update is not None:
+                    updates.append(update)
         return updates
+
+    def _beam_step(self, request: Request, offers: dict[int, list[tuple[int, float]]]
+                   ) -> RequestUpdate | None:
+        """Picks the next beams: forks parents chosen more than once, drops unchosen ones."""
+        beams = request.beam_seqs
+        result = request.beam.step(
+            [seq.cumulative_logprob for seq in beams],
+            [seq.output_token_ids for seq in beams],
+            [offers[seq.index] for seq in beams],
+            beams[0].num_output_tokens,
+        )
+        if result.done:
+            hypotheses = request.beam.best()
+            ended_by_eos = bool(hypotheses) and hypotheses[0].token_ids[-1] == request.eos_token_id
+            status = RequestStatus.FINISHED_STOPPED if ended_by_eos else RequestStatus.FINISHED_LENGTH
+            for seq in request.live_seqs():
+                self._finish_seq(seq, status)
+            return RequestUpdate(request.request_id, 0, [], status.finish_reason, beams=hypotheses)
+        # Forks first, from parents that have not taken their own next token yet.
+        chosen: list[Sequence] = []
+        used: set[int] = set()
+        for cand in result.continuations:
+            parent = beams[cand.parent]
+            if cand.parent in used:
+                child = parent.fork(len(request.seqs))
+                self.block_manager.fork(parent.seq_id, child.seq_id)
+                request.seqs.append(child)
+                chosen.append(child)
+            else:
+                used.add(cand.parent)
+                chosen.append(parent)
+        for seq, cand in zip(chosen, result.continuations):
+            seq.append_token(cand.token_id, 0.0)
+            seq.cumulative_logprob = cand.cumulative_logprob
+        for position, seq in enumerate(beams):
+            if position not in used:
+                self._finish_seq(seq, RequestStatus.FINISHED_ABORTED)
+        request.beam_seqs = chosen
+        return None
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -321,6 +373,7 @@ class Scheduler:
                 self.block_manager.free(seq.seq_id)
                 seq.num_computed_tokens = 0
                 seq.num_registered_blocks = 0
+            request.beam_offers = {}
             status, queue = RequestStatus.WAITING, self.waiting
         request.status = status
         for seq in seqs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -11,10 +12,11 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedllm.config import EngineConfig
+from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.core.block_manager import BlockManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler, SchedulerConfig
-from pagedllm.engine.input_processor import InputProcessor, PromptType
+from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.models.default_model import resolve_model_path
 from pagedllm.models.loader import load_config
@@ -138,12 +140,13 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> None:
         """Queues a request; a bad one raises ValueError and leaves the engine untouched."""
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id must be a non-empty string")
-        if request_id in self.scheduler.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        self._check_request_id(request_id)
         params = sampling_params if sampling_params is not None else SamplingParams()
         processed = self.input_processor.process(prompt, params)
+        self._queue(request_id, processed, params, arrival_time)
+
+    def _queue(self, request_id: str, processed: ProcessedPrompt, params: SamplingParams,
+               arrival_time: float | None, beam_search: BeamSearchParams | None = None) -> None:
         self.scheduler.add_request(
             Request(
                 request_id=request_id,
@@ -153,6 +156,7 @@ class LLMEngine:
                 max_tokens=processed.max_tokens,
                 eos_token_id=self.eos_token_id,
                 block_size=self.config.block_size,
+                beam_search=beam_search,
             )
         )
         self.output_processor.add_request(
@@ -162,6 +166,28 @@ class LLMEngine:
             params,
             arrival_time if arrival_time is not None else time.time(),
         )
+
+    def add_beam_search_request(
+        self, request_id: str, prompt: PromptType, params: BeamSearchParams
+    ) -> None:
+        """Queues a beam search; its one output, with every beam, comes when it finishes."""
+        self._check_request_id(request_id)
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        # NOTE: the sampler is asked for the 2 x beam_width best raw log-probabilities of each
+        # beam; EOS and length are judged by the beam search itself.
+        sampling = SamplingParams(temperature=0.0, max_tokens=params.max_tokens,
+                                  logprobs=2 * params.beam_width, ignore_eos=True)
+        processed = self.input_processor.process(prompt, sampling)
+        if processed.max_tokens < params.max_tokens:
+            params = dataclasses.replace(params, max_tokens=processed.max_tokens)
+        self._queue(request_id, processed, sampling, None, beam_search=params)
+
+    def _check_request_id(self, request_id: str) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
 
     def abort_request(self, request_id: str | Iterable[str]) -> list[RequestOutput]:
         """Ends requests at once and frees their blocks; returns their final outputs."""
@@ -190,7 +216,7 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process_updates(updates)
         for request_id, seq_index in stopped:
             self.scheduler.finish_sequence(request_id, seq_index, RequestStatus.FINISHED_STOPPED)
-        self._num_generation_tokens += len(updates)
+        self._num_generation_tokens += sum(len(u.new_tokens) for u in updates)
         self._num_tokens_computed += scheduler_output.num_batched_tokens
         return outputs
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
+from pagedllm.core.beam_search import Hypothesis
 from pagedllm.core.interface import RequestUpdate, SampledToken
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -46,14 +47,21 @@ class RequestState:
     params: SamplingParams
     seqs: list[SequenceState]
     metrics: dict[str, float] = field(default_factory=dict)
+    # Beam search only: the finished beams, best first.
+    beam_outputs: list[CompletionOutput] | None = None
 
     @property
     def finished(self) -> bool:
+        if self.beam_outputs is not None:
+            return True
         return all(s.finish_reason is not None for s in self.seqs)
 
     def make_output(self) -> RequestOutput:
         """While running: every sequence. Finished: the best `n` by cumulative logprob."""
         finished = self.finished
+        if self.beam_outputs is not None:
+            return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                                 self.beam_outputs, True, dict(self.metrics))
         seqs = list(enumerate(self.seqs))
         n = self.params.n
         if finished and len(seqs) > n:
@@ -134,6 +142,11 @@ class OutputProcessor:
             if state is None:
                 continue
             state.metrics.setdefault("first_token", now)
+            changed[update.request_id] = state
+            if update.beams is not None:
+                state.beam_outputs = [self._beam_output(i, h, state.params)
+                                      for i, h in enumerate(update.beams)]
+                continue
             seq = state.seqs[update.seq_index]
             for sampled in update.new_tokens:
                 if self._append_token(state.params, seq, sampled, update.stop_token_id):
@@ -145,7 +158,6 @@ class OutputProcessor:
                 if update.finish_reason == "stop" and update.stop_token_id is not None:
                     is_eos_stop = update.stop_token_id not in (state.params.stop_token_ids or ())
                     seq.stop_reason = None if is_eos_stop else update.stop_token_id
-            changed[update.request_id] = state
         outputs = []
         for request_id, state in changed.items():
             if state.finished:
@@ -170,6 +182,18 @@ class OutputProcessor:
         seq.finish_reason = "stop"
         seq.stop_reason = stop_str
         return True
+
+    def _beam_output(self, index: int, beam: Hypothesis, params: SamplingParams
+                     ) -> CompletionOutput:
+        eos = self.tokenizer.eos_token_id
+        return CompletionOutput(
+            index=index,
+            text=self.tokenizer.decode(beam.token_ids, skip_special_tokens=True),
+            token_ids=list(beam.token_ids),
+            cumulative_logprob=beam.cumulative_logprob,
+            logprobs=None,
+            finish_reason="stop" if beam.token_ids[-1] == eos else "length",
+        )
 
     def _logprob_entry(self, sampled: SampledToken) -> dict[int, Logprob]:
         entry = {

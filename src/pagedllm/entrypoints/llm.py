@@ -5,17 +5,36 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
+from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.engine.input_processor import PromptType
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 ChatMessages = list[dict[str, Any]]
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam: prompt + generated tokens and text (as vLLM returns them)."""
+
+    tokens: list[int]
+    text: str
+    cum_logprob: float
+    finish_reason: str | None
+
+
+@dataclass
+class BeamSearchOutput:
+    """The beams of one prompt, best first by length-penalised score."""
+
+    sequences: list[BeamSearchSequence]
 
 
 class LLM:
@@ -111,6 +130,41 @@ class LLM:
             )
             prompts.append({"prompt_token_ids": list(token_ids)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search for each prompt; beams share KV blocks and fork by copy-on-write."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        engine = self.llm_engine
+        check = SamplingParams(temperature=0.0, max_tokens=params.max_tokens)
+        for index, prompt in enumerate(prompts):
+            try:
+                engine.input_processor.process(prompt, check)
+            except ValueError as exc:
+                raise ValueError(f"prompt {index}: {exc}") from None
+        request_ids = [f"beam-{next(self._request_counter)}" for _ in prompts]
+        for request_id, prompt in zip(request_ids, prompts):
+            engine.add_beam_search_request(request_id, prompt, params)
+        tokenizer = self.get_tokenizer()
+        results = []
+        for output in self._run_engine(request_ids, use_tqdm):
+            prompt_ids = list(output.prompt_token_ids)
+            results.append(BeamSearchOutput([
+                BeamSearchSequence(
+                    tokens=prompt_ids + c.token_ids,
+                    text=(output.prompt or tokenizer.decode(prompt_ids)) + c.text,
+                    cum_logprob=c.cumulative_logprob,
+                    finish_reason=c.finish_reason,
+                )
+                for c in output.outputs
+            ]))
+        return results
 
     @staticmethod
     def _params_per_prompt(
