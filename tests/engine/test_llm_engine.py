@@ -210,6 +210,8 @@ def test_add_request_refuses_bad_input_while_running_requests_complete(llm):
         engine.add_request("good-0", good[0], params)
     with pytest.raises(ValueError, match="SamplingParams"):
         engine.add_request("bad", good[0], {"temperature": 0})
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request("bad", good[0], SamplingParams(logit_bias={10**6: 1.0}))
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -223,7 +223,7 @@ class AsyncLLMEngine:
                     self._step_listener(outputs, self.engine.get_stats())
                 if stopping:
                     return
-        except BaseException as exc:  # noqa: BLE001 - any death must reach the clients
+        except BaseException as exc:  # any death must reach the clients
             logger.exception("engine thread died")
             self._call_loop(self._fail_all, EngineDeadError(f"the engine thread died: {exc!r}"))
             self._dead = self._dead or exc

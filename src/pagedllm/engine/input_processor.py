@@ -42,6 +42,7 @@ class InputProcessor:
             raise ValueError(
                 f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}"
             )
+        sampling_params.verify_token_ids(self.vocab_size)
         text, token_ids = self._tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt is empty: give at least one token")

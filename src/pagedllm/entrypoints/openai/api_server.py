@@ -1,0 +1,310 @@
+"""The OpenAI-compatible HTTP server: a thin FastAPI router over the OpenAIServing* handlers.
+
+Routes only parse, authenticate and turn a handler's result into a response; the handlers do
+the work. `run_server` loads the engine, binds the socket and runs uvicorn until SIGINT/SIGTERM,
+which first ends every open stream (their requests are aborted) so shutdown never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import pagedllm
+from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    TokenizeRequest,
+    make_error,
+)
+from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_engine import OpenAIServingModels
+from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagedllm.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """Everything the routes reach through `app.state.server`."""
+
+    engine: AsyncLLMEngine
+    models: OpenAIServingModels
+    completion: OpenAIServingCompletion
+    chat: OpenAIServingChat
+    tokenization: OpenAIServingTokenization
+    metrics: ServerMetrics | None
+    api_key: str | None
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def require_api_key(request: Request) -> None:
+    expected = _state(request).api_key
+    if expected is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+        raise _Unauthorized()
+
+
+def to_response(result: Any) -> Response:
+    if isinstance(result, ErrorResponse):
+        return JSONResponse(result.model_dump(), status_code=result.status_code)
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump())
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    raise TypeError(f"unexpected handler result {type(result).__name__}")
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def with_cancellation(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Any]:
+    """Cancels the handler when the client disconnects before it answers.
+
+    A non-streaming request would otherwise run to the end for nobody; cancelling it closes
+    its output generator, which aborts the request and frees its blocks. (Once a stream has
+    started, Starlette itself cancels the body iterator on disconnect.)
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Response | None:
+        handler_task = asyncio.ensure_future(handler(*args, **kwargs))
+        disconnect_task = asyncio.ensure_future(_wait_for_disconnect(kwargs["raw_request"]))
+        try:
+            done, _ = await asyncio.wait({handler_task, disconnect_task},
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect_task.cancel()
+        if handler_task in done:
+            return handler_task.result()
+        handler_task.cancel()
+        return None  # nobody is listening
+
+    return wrapper
+
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@router.get("/health")
+async def health(raw_request: Request) -> Response:
+    engine = _state(raw_request).engine
+    if engine.is_running:
+        return JSONResponse({})
+    reason = engine.dead_error
+    message = f"the engine is not running: {reason!r}" if reason else "the engine is not running"
+    return to_response(make_error(message, 503))
+
+
+@router.get("/version")
+async def version() -> Response:
+    return JSONResponse({"version": pagedllm.__version__})
+
+
+@router.get("/metrics")
+async def metrics(raw_request: Request) -> Response:
+    server_metrics = _state(raw_request).metrics
+    body = server_metrics.render() if server_metrics is not None else b""
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/tokenize")
+async def tokenize(request: TokenizeRequest, raw_request: Request) -> Response:
+    return to_response(_state(raw_request).tokenization.tokenize(request))
+
+
+@router.post("/detokenize")
+async def detokenize(request: DetokenizeRequest, raw_request: Request) -> Response:
+    return to_response(_state(raw_request).tokenization.detokenize(request))
+
+
+@v1.get("/models")
+async def list_models(raw_request: Request) -> Response:
+    return to_response(_state(raw_request).models.list_models())
+
+
+@v1.post("/completions")
+@with_cancellation
+async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+    return to_response(await _state(raw_request).completion.create_completion(request))
+
+
+@v1.post("/chat/completions")
+@with_cancellation
+async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+    return to_response(await _state(raw_request).chat.create_chat_completion(request))
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            return f"the request body is not valid JSON: {error.get('ctx', {}).get('error')}", None
+        loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+    return "; ".join(parts) or "invalid request", param
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> Response:
+        message, param = _validation_message(exc)
+        return to_response(make_error(message, 400, param=param))
+
+    @app.exception_handler(_Unauthorized)
+    async def on_unauthorized(_: Request, __: _Unauthorized) -> Response:
+        return to_response(make_error(
+            "missing or wrong API key: send 'Authorization: Bearer <key>'", 401,
+            code="invalid_api_key"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return to_response(make_error(str(exc.detail), exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def on_error(_: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error")
+        return to_response(make_error(f"internal error: {exc!r}", 500))
+
+
+def build_app(
+    engine: AsyncLLMEngine,
+    tokenizer: Any,
+    served_model_names: list[str],
+    model_root: str,
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    metrics: ServerMetrics | None = None,
+) -> FastAPI:
+    """The app for one engine; its lifespan starts and stops the engine thread."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
+    models = OpenAIServingModels(served_model_names, model_root, engine.engine.max_model_len)
+    app.state.server = ServerState(
+        engine=engine,
+        models=models,
+        completion=OpenAIServingCompletion(engine, models, tokenizer),
+        chat=OpenAIServingChat(engine, models, tokenizer, chat_template),
+        tokenization=OpenAIServingTokenization(models, tokenizer, chat_template),
+        metrics=metrics,
+        api_key=api_key,
+    )
+    app.include_router(router)
+    app.include_router(v1)
+    _install_error_handlers(app)
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: a signal first ends the engine's streams, and the process exits 0."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # NOTE: unlike uvicorn, the signal is not re-raised after shutdown: a served SIGTERM
+        # is a clean exit. A second SIGINT forces the exit.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_exit)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Binds before the model loads, so a busy port fails at once; OSError says why."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(
+    engine_kwargs: dict[str, Any],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_model_names: list[str] | None = None,
+    api_key: str | None = None,
+    chat_template: str | None = None,
+    uvicorn_log_level: str = "info",
+    log_stats_interval_s: float = 5.0,
+) -> None:
+    """Loads the engine and serves until SIGINT/SIGTERM. Bad settings raise ValueError/OSError."""
+    from transformers import AutoTokenizer
+
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    sock = bind_socket(host, port)
+    try:
+        llm_engine = LLMEngine(**engine_kwargs)
+        model = engine_kwargs.get("model")
+        names = served_model_names or [model or "SmolLM2-135M-Instruct"]
+        tokenizer = AutoTokenizer.from_pretrained(llm_engine.model_dir, local_files_only=True)
+        server_metrics = ServerMetrics(names[0], log_interval_s=log_stats_interval_s)
+        engine = AsyncLLMEngine(llm_engine, server_metrics.observe)
+        app = build_app(engine, tokenizer, names, str(llm_engine.model_dir), api_key=api_key,
+                        chat_template=chat_template, metrics=server_metrics)
+        config = uvicorn.Config(app, log_level=uvicorn_log_level, timeout_graceful_shutdown=5,
+                                timeout_keep_alive=5)
+        server = _Server(config, on_exit=engine.begin_shutdown)
+        logger.info("serving %s on http://%s:%d (API key %s)", names[0], host, port,
+                    "required" if api_key else "not required")
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        sock.close()

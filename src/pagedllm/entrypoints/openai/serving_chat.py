@@ -1,0 +1,234 @@
+"""POST /v1/chat/completions: messages through the model's chat template, then one engine
+request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    DeltaMessage,
+    ErrorResponse,
+    UsageInfo,
+    random_id,
+)
+from pagedllm.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    OpenAIServing,
+    OpenAIServingModels,
+    RequestError,
+    error_from_exception,
+    sse,
+)
+from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from pagedllm.engine.async_engine import AsyncLLMEngine
+
+# SamplingParams field -> the chat request field a user sets for it.
+_CHAT_PARAM_NAMES = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"}
+
+
+def render_messages(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[ChatMessage],
+    chat_template: str | None,
+    add_generation_prompt: bool = True,
+    template_kwargs: dict | None = None,
+) -> list[int]:
+    """Token ids of a conversation under the chat template; ValueError names what is wrong."""
+    if chat_template is None and not tokenizer.chat_template:
+        raise RequestError("the model's tokenizer has no chat template: start the server with "
+                           "--chat-template", param="messages")
+    conversation = []
+    for index, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise RequestError(
+                        f"messages[{index}]: content part of type {part.type!r} is not "
+                        "supported; only text parts are", param="messages")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        # NOTE: "developer" is OpenAI's newer name for "system"; templates know only the latter.
+        role = "system" if message.role == "developer" else message.role
+        conversation.append({"role": role, "content": content or ""})
+    try:
+        token_ids = tokenizer.apply_chat_template(
+            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            tokenize=True, return_dict=False, **(template_kwargs or {}),
+        )
+    except Exception as exc:  # noqa: BLE001 - template errors are the user's to fix
+        raise RequestError(f"the chat template failed on these messages: {exc}",
+                           param="messages") from None
+    return list(token_ids)
+
+
+class OpenAIServingChat(OpenAIServing):
+    """One engine request per call; `n` choices come from `RequestOutput.outputs`."""
+
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        models: OpenAIServingModels,
+        tokenizer: PreTrainedTokenizerBase,
+        chat_template: str | None = None,
+    ) -> None:
+        super().__init__(engine, models, tokenizer)
+        self.chat_template = chat_template
+
+    async def create_chat_completion(
+        self, request: ChatCompletionRequest
+    ) -> ChatCompletionResponse | ErrorResponse | AsyncIterator[str]:
+        error = self.models.check_model(request.model)
+        if error is not None:
+            return error
+        try:
+            params = self._sampling_params(request)
+            token_ids = render_messages(self.tokenizer, request.messages, self.chat_template,
+                                        request.add_generation_prompt,
+                                        request.chat_template_kwargs)
+            self.check_prompt(token_ids, params, "messages", param="messages")
+        except ValueError as exc:
+            return error_from_exception(exc, _CHAT_PARAM_NAMES)
+        request_id = random_id("chatcmpl")
+        results = self.engine.generate({"prompt_token_ids": token_ids}, params, request_id)
+        model = self.models.model_name(request.model)
+        if request.stream:
+            return self._stream(request, request_id, model, params, results)
+        return await self._full(request_id, model, params, results)
+
+    def _sampling_params(self, request: ChatCompletionRequest) -> SamplingParams:
+        if request.response_format is not None and request.response_format.get("type") != "text":
+            raise RequestError(
+                "response_format is not supported: this server has no structured output "
+                "(JSON mode or JSON schema); drop response_format", param="response_format")
+        if request.tools:
+            raise RequestError("tools are not supported by this server", param="tools")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        max_tokens = request.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = request.max_tokens
+        return self.build_sampling_params(
+            request, n=request.n, max_tokens=max_tokens,
+            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+            temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+            stop=request.stop, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, logit_bias=request.logit_bias,
+        )
+
+    async def _full(
+        self,
+        request_id: str,
+        model: str,
+        params: SamplingParams,
+        results: AsyncIterator[RequestOutput],
+    ) -> ChatCompletionResponse | ErrorResponse:
+        final: RequestOutput | None = None
+        try:
+            async for output in results:
+                final = output
+        except (ValueError, RuntimeError) as exc:
+            return error_from_exception(exc)
+        assert final is not None
+        choices = [
+            ChatCompletionChoice(
+                index=completion.index,
+                message=ChatMessageOut(content=completion.text),
+                logprobs=self._logprobs(completion, 0, params),
+                finish_reason=completion.finish_reason,
+                stop_reason=completion.stop_reason,
+            )
+            for completion in sorted(final.outputs, key=lambda c: c.index)
+        ]
+        num_completion = sum(len(c.token_ids) for c in final.outputs)
+        usage = UsageInfo(prompt_tokens=len(final.prompt_token_ids),
+                          completion_tokens=num_completion,
+                          total_tokens=len(final.prompt_token_ids) + num_completion)
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+
+    async def _stream(
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        model: str,
+        params: SamplingParams,
+        results: AsyncIterator[RequestOutput],
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None
+                  ) -> str:
+            return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model,
+                                                    choices=choices, usage=usage))
+
+        num_chars_sent: dict[int, int] = {}
+        num_tokens_sent: dict[int, int] = {}
+        num_prompt_tokens = 0
+        done: set[int] = set()
+        try:
+            # The role comes first, once per choice, before any token (as OpenAI does).
+            for index in range(params.n):
+                yield chunk([ChatCompletionStreamChoice(
+                    index=index, delta=DeltaMessage(role="assistant", content=""))])
+            async for output in results:
+                num_prompt_tokens = len(output.prompt_token_ids)
+                for completion in output.outputs:
+                    index = completion.index
+                    if index in done:
+                        continue
+                    delta = completion.text[num_chars_sent.get(index, 0):]
+                    if not delta and completion.finish_reason is None:
+                        continue  # tokens whose text is held back: send them with the text
+                    logprobs = self._logprobs(completion, num_tokens_sent.get(index, 0), params)
+                    num_chars_sent[index] = len(completion.text)
+                    num_tokens_sent[index] = len(completion.token_ids)
+                    if completion.finish_reason is not None:
+                        done.add(index)
+                    yield chunk([ChatCompletionStreamChoice(
+                        index=index, delta=DeltaMessage(content=delta), logprobs=logprobs,
+                        finish_reason=completion.finish_reason,
+                        stop_reason=completion.stop_reason,
+                    )])
+            if request.stream_options and request.stream_options.include_usage:
+                num_completion = sum(num_tokens_sent.values())
+                yield chunk([], UsageInfo(prompt_tokens=num_prompt_tokens,
+                                          completion_tokens=num_completion,
+                                          total_tokens=num_prompt_tokens + num_completion))
+        except (ValueError, RuntimeError) as exc:
+            yield sse(error_from_exception(exc))
+        finally:
+            await results.aclose()  # type: ignore[attr-defined]
+        yield SSE_DONE
+
+    def _logprobs(self, completion: CompletionOutput, start: int, params: SamplingParams
+                  ) -> ChatLogprobs | None:
+        if params.logprobs is None:
+            return None
+        content = []
+        for text, logprob, top in self.iter_logprobs(completion, start, params.logprobs):
+            content.append(ChatTokenLogprob(
+                token=text,
+                logprob=logprob if logprob is not None else 0.0,
+                bytes=list(text.encode("utf-8")),
+                top_logprobs=[ChatTopLogprob(token=t, logprob=lp, bytes=list(t.encode("utf-8")))
+                              for t, lp in top],
+            ))
+        return ChatLogprobs(content=content)

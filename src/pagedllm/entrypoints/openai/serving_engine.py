@@ -1,0 +1,296 @@
+"""What every endpoint handler shares: served model names, request checks, sampling params,
+log-probability formatting and SSE framing.
+
+All validation happens here, on the event loop, before a request reaches the engine thread, so a
+bad request is answered with a 400 and never touches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from dataclasses import fields as dataclass_fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+
+from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedllm.entrypoints.openai.protocol import (
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SamplingExtras,
+    make_error,
+)
+from pagedllm.outputs import CompletionOutput, Logprob
+from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+T = TypeVar("T")
+
+# Most top log-probabilities a request may ask for per token (vLLM's default max_logprobs).
+MAX_LOGPROBS = 20
+# JSON has no -inf; masked tokens report this instead (as vLLM does).
+MIN_LOGPROB = -9999.0
+_SAMPLING_FIELDS = {f.name for f in dataclass_fields(SamplingParams)}
+
+
+class RequestError(ValueError):
+    """A request problem found by the server itself, with the request field to blame."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def error_from_exception(exc: BaseException, param_names: dict[str, str] | None = None
+                         ) -> ErrorResponse:
+    """Maps a refusal to an OpenAI error: ValueError -> 400 (naming the field), dead -> 503."""
+    if isinstance(exc, EngineDeadError):
+        return make_error(str(exc), 503)
+    if not isinstance(exc, ValueError):
+        return make_error(f"internal error: {exc!r}", 500)
+    message = str(exc)
+    param = getattr(exc, "param", None)
+    if param is None:
+        # NOTE: SamplingParams' messages start with the field name ("temperature must be ...").
+        first = message.split(" ", 1)[0]
+        if first in _SAMPLING_FIELDS:
+            param = (param_names or {}).get(first, first)
+    return make_error(message, 400, param=param)
+
+
+def sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def merge_async_iterators(
+    iterators: list[AsyncIterator[T]],
+) -> AsyncIterator[tuple[int, T]]:
+    """Yields (index, item) from several async iterators as items arrive.
+
+    Closing or cancelling the merge closes every source, so requests are aborted at once.
+    """
+    if len(iterators) == 1:
+        try:
+            async for item in iterators[0]:
+                yield 0, item
+        finally:
+            await _close(iterators[0])
+        return
+    queue: asyncio.Queue[tuple[int, Any] | None] = asyncio.Queue()
+    _end = object()
+
+    async def drain(index: int, iterator: AsyncIterator[T]) -> None:
+        try:
+            async for item in iterator:
+                await queue.put((index, item))
+            await queue.put((index, _end))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is _end:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        # NOTE: cancelling a task closes its source generator inside the task, which aborts
+        # the request; no await is needed here, so this also works inside a cancelled scope.
+        for task in tasks:
+            task.cancel()
+
+
+async def _close(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class OpenAIServingModels:
+    """The names the model is served under; a request naming another model gets a 404."""
+
+    def __init__(self, served_model_names: list[str], root: str, max_model_len: int) -> None:
+        assert served_model_names
+        self.served_model_names = served_model_names
+        self.root = root
+        self.max_model_len = max_model_len
+
+    def check_model(self, name: str | None) -> ErrorResponse | None:
+        if name is None or name in self.served_model_names:
+            return None
+        return make_error(
+            f"The model `{name}` does not exist; this server serves "
+            f"{', '.join(repr(n) for n in self.served_model_names)}.",
+            404, param="model", code="model_not_found",
+        )
+
+    def model_name(self, name: str | None) -> str:
+        return name or self.served_model_names[0]
+
+    def list_models(self) -> ModelList:
+        return ModelList(data=[
+            ModelCard(id=name, root=self.root, max_model_len=self.max_model_len)
+            for name in self.served_model_names
+        ])
+
+
+class OpenAIServing:
+    """Base of the endpoint handlers."""
+
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        models: OpenAIServingModels,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        self.engine = engine
+        self.models = models
+        # NOTE: the frontend has its own tokenizer: the engine thread detokenizes with the
+        # engine's, and a fast tokenizer used from two threads can fail with "Already borrowed".
+        self.tokenizer = tokenizer
+        self.max_model_len = models.max_model_len
+        # Only called with token-id prompts, for which it is pure (no tokenizer, no state).
+        self._input_processor = engine.engine.input_processor
+        self._vocab_size = self._input_processor.vocab_size
+
+    # ---- sampling params -----------------------------------------------------------------
+
+    def build_sampling_params(
+        self,
+        request: SamplingExtras,
+        *,
+        n: int,
+        max_tokens: int | None,
+        logprobs: int | None,
+        best_of: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[str, float] | None = None,
+    ) -> SamplingParams:
+        """Raises ValueError (400) naming the offending field."""
+        if logprobs is not None and logprobs > MAX_LOGPROBS:
+            raise RequestError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}",
+                               param="logprobs")
+        kwargs: dict[str, Any] = {
+            "n": n,
+            "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty,
+            "repetition_penalty": (1.0 if request.repetition_penalty is None
+                                   else request.repetition_penalty),
+            "temperature": 1.0 if temperature is None else temperature,
+            "top_p": 1.0 if top_p is None else top_p,
+            "top_k": 0 if request.top_k is None else request.top_k,
+            "min_p": 0.0 if request.min_p is None else request.min_p,
+            "seed": seed,
+            "stop": stop,
+            "stop_token_ids": request.stop_token_ids,
+            "ignore_eos": request.ignore_eos,
+            "max_tokens": max_tokens,
+            "min_tokens": request.min_tokens,
+            "logprobs": logprobs,
+            "include_stop_str_in_output": request.include_stop_str_in_output,
+            "skip_special_tokens": request.skip_special_tokens,
+            "spaces_between_special_tokens": request.spaces_between_special_tokens,
+            "logit_bias": _parse_logit_bias(logit_bias),
+        }
+        if best_of is not None:
+            kwargs["best_of"] = best_of
+        params = SamplingParams(**kwargs)
+        try:
+            params.verify_token_ids(self._vocab_size)
+        except ValueError as exc:
+            in_stop = any(i >= self._vocab_size for i in params.stop_token_ids or ())
+            raise RequestError(str(exc), "stop_token_ids" if in_stop else "logit_bias") from None
+        return params
+
+    # ---- prompts -------------------------------------------------------------------------
+
+    def check_prompt(self, token_ids: list[int], params: SamplingParams, where: str,
+                     param: str) -> None:
+        """Raises ValueError (400) unless the engine will accept this prompt with these params.
+
+        `where` names the prompt in messages ("prompt", "messages"); `param` is the field blamed.
+        """
+        num_prompt = len(token_ids)
+        if num_prompt == 0:
+            raise RequestError(f"the {where} is empty: give at least one token", param=param)
+        limit = self.max_model_len
+        if num_prompt >= limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, the {where} "
+                f"has {num_prompt} tokens, which leaves no room to generate. Please reduce the "
+                f"length of the {where}.",
+                param=param,
+            )
+        if params.max_tokens is not None and num_prompt + params.max_tokens > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in the "
+                f"{where}, {params.max_tokens} in the completion). Please reduce the length of "
+                f"the {where} or the completion.",
+                param="max_tokens",
+            )
+        try:
+            self._input_processor.process({"prompt_token_ids": token_ids}, params)
+        except ValueError as exc:
+            raise RequestError(str(exc), param=param) from None
+
+    # ---- log-probabilities ---------------------------------------------------------------
+
+    def token_text(self, token_id: int, logprob: Logprob | None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode([token_id])
+
+    def iter_logprobs(
+        self, output: CompletionOutput, start: int, num_top: int
+    ) -> list[tuple[str, float | None, list[tuple[str, float]]]]:
+        """(token text, its logprob, [(top token text, logprob)] by rank) for tokens[start:]."""
+        rows = []
+        entries = output.logprobs or []
+        for pos in range(start, len(output.token_ids)):
+            token_id = output.token_ids[pos]
+            entry: dict[int, Logprob] = entries[pos] if pos < len(entries) else {}
+            chosen = entry.get(token_id)
+            ranked = sorted(entry.items(), key=lambda kv: kv[1].rank or math.inf)
+            top = [(self.token_text(tid, lp), _clamp(lp.logprob)) for tid, lp in ranked
+                   if lp.rank is not None and lp.rank <= num_top]
+            rows.append((self.token_text(token_id, chosen),
+                         None if chosen is None else _clamp(chosen.logprob), top))
+        return rows
+
+
+def _clamp(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB) if not math.isnan(logprob) else MIN_LOGPROB
+
+
+def _parse_logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    if logit_bias is None:
+        return None
+    parsed = {}
+    for key, value in logit_bias.items():
+        try:
+            parsed[int(key)] = value
+        except ValueError:
+            raise RequestError(
+                f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                param="logit_bias",
+            ) from None
+    return parsed
