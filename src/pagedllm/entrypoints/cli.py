@@ -32,6 +32,31 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    parser.add_argument("--swap-space", type=float, default=0.0,
+                        help="GiB of host memory for swapped-out KV blocks")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True)
+    parser.add_argument("--attention-backend", default=None)
+
+
+def _engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
+    """The engine arguments of `generate` and `serve`, from their shared flags."""
+    return dict(
+        model=model,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        preemption_mode=args.preemption_mode,
+        swap_space=args.swap_space,
+        enable_prefix_caching=args.enable_prefix_caching,
+        attention_backend=args.attention_backend,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,17 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed if args.temperature > 0 else None,
     )
-    llm = LLM(
-        model=args.model,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-    )
+    llm = LLM(**_engine_kwargs(args, args.model))
     if args.chat:
         outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
     else:
@@ -107,17 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
     if chat_template is not None and Path(chat_template).is_file():
         chat_template = Path(chat_template).read_text()
     run_server(
-        dict(
-            model=model,
-            dtype=args.dtype,
-            block_size=args.block_size,
-            num_kv_blocks=args.num_kv_blocks,
-            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-            seed=args.seed,
-        ),
+        _engine_kwargs(args, model),
         host=args.host,
         port=args.port,
         served_model_names=args.served_model_name,
