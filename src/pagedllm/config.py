@@ -48,6 +48,8 @@ class EngineConfig:
     attention_backend: str | None = None
     # "cpu" or another torch device string.
     device: str = "cpu"
+    # Time each step's parts (see pagedllm.profiler); costs a little per step.
+    profile: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

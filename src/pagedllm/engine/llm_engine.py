@@ -21,6 +21,7 @@ from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.models.default_model import resolve_model_path
 from pagedllm.models.loader import load_config
 from pagedllm.outputs import RequestOutput
+from pagedllm.profiler import StepProfiler
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.worker import Worker
 
@@ -89,7 +90,8 @@ class LLMEngine:
                 f"max_position_embeddings ({model_max}): lower it"
             )
         self.max_model_len = config.max_model_len or model_max
-        self.worker = Worker(config, hf_config, model_dir, self.max_model_len)
+        self.profiler = StepProfiler(enabled=config.profile)
+        self.worker = Worker(config, hf_config, model_dir, self.max_model_len, self.profiler)
         num_blocks = self.worker.num_kv_blocks
         self.block_manager = BlockManager(
             num_blocks,
@@ -208,14 +210,22 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one iteration and returns the outputs of the requests that changed."""
-        scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty:
-            return []
-        runner_output = self.worker.execute_model(scheduler_output)
-        updates = self.scheduler.update_from_output(scheduler_output, runner_output)
-        outputs, stopped = self.output_processor.process_updates(updates)
-        for request_id, seq_index in stopped:
-            self.scheduler.finish_sequence(request_id, seq_index, RequestStatus.FINISHED_STOPPED)
+        profiler = self.profiler
+        with profiler.section("step"):
+            with profiler.section("schedule"):
+                scheduler_output = self.scheduler.schedule()
+            if scheduler_output.is_empty:
+                return []
+            runner_output = self.worker.execute_model(scheduler_output)
+            with profiler.section("update"):
+                updates = self.scheduler.update_from_output(scheduler_output, runner_output)
+            with profiler.section("output processing"):
+                outputs, stopped = self.output_processor.process_updates(updates)
+                for request_id, seq_index in stopped:
+                    self.scheduler.finish_sequence(
+                        request_id, seq_index, RequestStatus.FINISHED_STOPPED
+                    )
+        profiler.num_steps += 1
         self._num_generation_tokens += sum(len(u.new_tokens) for u in updates)
         self._num_tokens_computed += scheduler_output.num_batched_tokens
         return outputs

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--profile", action="store_true",
+                     help="print a per-step time breakdown to stderr")
     _add_engine_args(gen)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
@@ -103,12 +105,14 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed if args.temperature > 0 else None,
     )
-    llm = LLM(**_engine_kwargs(args, args.model))
+    llm = LLM(**_engine_kwargs(args, args.model), profile=args.profile)
     if args.chat:
         outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
     else:
         outputs = llm.generate(args.prompt, params, use_tqdm=False)
     print(outputs[0].outputs[0].text)
+    if args.profile:
+        print(llm.llm_engine.profiler.report(), file=sys.stderr)
     return 0
 
 

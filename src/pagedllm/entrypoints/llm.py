@@ -56,6 +56,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         attention_backend: str | None = None,
         device: str = "cpu",
+        profile: bool = False,
     ) -> None:
         self.llm_engine = LLMEngine(
             EngineConfig(
@@ -73,6 +74,7 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
                 attention_backend=attention_backend,
                 device=device,
+                profile=profile,
             )
         )
         self._request_counter = itertools.count()

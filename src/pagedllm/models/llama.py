@@ -99,6 +99,9 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    # Module types timed by the step profiler.
+    profiled_modules = {"attention block": LlamaAttention, "mlp": LlamaMLP}
+
     def __init__(self, config: LlamaConfig, backend: AttentionBackend, max_position: int) -> None:
         super().__init__()
         self.config = config

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from pagedllm.attention.metadata import build_attention_metadata
-from pagedllm.core.interface import ModelRunnerOutput, SampledToken, SchedulerOutput
+from pagedllm.core.interface import (
+    ModelRunnerOutput,
+    SampledToken,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from pagedllm.profiler import StepProfiler
 from pagedllm.sample.sampler import Sampler, SamplingBatch
 
 
@@ -21,18 +27,18 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         seed: int,
+        profiler: StepProfiler | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(seed=seed)
+        self.profiler = profiler or StepProfiler()
+        self.profiler.time_modules(model, getattr(model, "profiled_modules", {}))
 
-    @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        scheduled = scheduler_output.scheduled
-        if not scheduled:
-            return ModelRunnerOutput(sampled={})
+    def _prepare_inputs(self, scheduled: list[ScheduledRequest]):
+        """Flat token ids and positions, attention metadata, and each request's end row."""
         query_lens = [s.num_tokens for s in scheduled]
         start_positions = np.array([s.start_position for s in scheduled], dtype=np.int64)
         seq_lens = (start_positions + np.array(query_lens, dtype=np.int64)).tolist()
@@ -47,19 +53,32 @@ class ModelRunner:
         metadata = build_attention_metadata(
             query_lens, seq_lens, [s.block_table for s in scheduled], self.block_size, self.device
         )
-        hidden = self.model(
+        return (
             torch.from_numpy(input_ids).to(self.device),
             torch.from_numpy(positions).to(self.device),
-            self.kv_caches,
             metadata,
-        )  # [num_tokens, hidden_size]
+            query_ends,
+        )
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        profiler = self.profiler
+        scheduled = scheduler_output.scheduled
+        if not scheduled:
+            return ModelRunnerOutput(sampled={})
+        with profiler.section("prepare inputs"):
+            input_ids, positions, metadata, query_ends = self._prepare_inputs(scheduled)
+        with profiler.section("forward"):
+            hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+            # hidden: [num_tokens, hidden_size]
 
         sampled_items = [(i, s) for i, s in enumerate(scheduled) if s.sample]
         if not sampled_items:
             return ModelRunnerOutput(sampled={})
         # Only the last token of each sampled request goes through the LM head.
         rows = torch.tensor([int(query_ends[i]) - 1 for i, _ in sampled_items], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab] float32
+        with profiler.section("lm head"):
+            logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab] float32
         batch = SamplingBatch(
             params=[s.sampling_params for _, s in sampled_items],
             prompt_token_ids=[s.prompt_token_ids for _, s in sampled_items],
@@ -67,7 +86,8 @@ class ModelRunner:
             min_tokens_stop_ids=[s.min_tokens_stop_ids for _, s in sampled_items],
             sample_indices=[s.seq_index for _, s in sampled_items],
         )
-        result = self.sampler(logits, batch)
+        with profiler.section("sampling"):
+            result = self.sampler(logits, batch)
         return ModelRunnerOutput(
             sampled={
                 s.seq_id: SampledToken(

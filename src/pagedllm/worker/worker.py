@@ -11,6 +11,7 @@ from pagedllm.attention import DEFAULT_ATTENTION_BACKEND, get_attention_backend
 from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
 from pagedllm.models.loader import build_model
+from pagedllm.profiler import StepProfiler
 from pagedllm.worker.cache_engine import CacheEngine, KVCacheSpec, choose_num_blocks
 from pagedllm.worker.model_runner import ModelRunner
 
@@ -24,6 +25,7 @@ class Worker:
         hf_config: PretrainedConfig,
         model_dir: Path,
         max_model_len: int,
+        profiler: StepProfiler | None = None,
     ) -> None:
         self.device = torch.device(config.device)
         dtype = config.torch_dtype
@@ -43,8 +45,10 @@ class Worker:
         num_blocks = choose_num_blocks(spec, config.num_kv_blocks, config.kv_cache_memory_bytes)
         num_cpu_blocks = int(config.swap_space * 2**30) // spec.bytes_per_block
         self.cache_engine = CacheEngine(spec, num_blocks, backend, self.device, num_cpu_blocks)
+        self.profiler = profiler or StepProfiler()
         self.runner = ModelRunner(
-            self.model, self.cache_engine.kv_caches, config.block_size, self.device, config.seed
+            self.model, self.cache_engine.kv_caches, config.block_size, self.device, config.seed,
+            self.profiler,
         )
 
     @property
@@ -57,7 +61,8 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         # Block moves first, in the contract's order, so the forward sees them done.
-        self.cache_engine.swap_out(scheduler_output.blocks_to_swap_out)
-        self.cache_engine.swap_in(scheduler_output.blocks_to_swap_in)
-        self.cache_engine.copy(scheduler_output.blocks_to_copy)
+        with self.profiler.section("block copy/swap"):
+            self.cache_engine.swap_out(scheduler_output.blocks_to_swap_out)
+            self.cache_engine.swap_in(scheduler_output.blocks_to_swap_in)
+            self.cache_engine.copy(scheduler_output.blocks_to_copy)
         return self.runner.execute_model(scheduler_output)
