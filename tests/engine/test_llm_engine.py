@@ -219,3 +219,18 @@ def test_add_request_refuses_bad_input_while_running_requests_complete(llm):
                 done[out.request_id] = out.outputs[0].token_ids
     assert [done["good-0"], done["good-1"]] == expected
     assert_all_blocks_free(llm)
+
+
+def test_profile_breaks_each_step_down(tiny_dir):
+    llm = LLM(str(tiny_dir), num_kv_blocks=64, block_size=8, profile=True)
+    llm.generate(prompts_of(3, seed=19), SamplingParams(temperature=0, max_tokens=5,
+                                                        ignore_eos=True), use_tqdm=False)
+    profiler = llm.llm_engine.profiler
+    assert profiler.num_steps == 5  # one prefill step, four decode steps
+    seconds = profiler.seconds
+    for section in ("schedule", "prepare inputs", "forward", "attention block", "mlp",
+                    "lm head", "sampling", "update", "output processing"):
+        assert seconds[section] > 0, section
+    assert seconds["forward"] >= seconds["attention block"] + seconds["mlp"]
+    assert seconds["step"] >= seconds["forward"]
+    assert "attention block" in profiler.report()
