@@ -47,7 +47,7 @@ def run_vllm(model: str, dtype: str, requests) -> tuple[float, float, int]:
     return ready - PROCESS_START, elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
-def run_transformers(model: str, dtype: str, requests, batch_sizes=(16, 32, 64)):
+def run_transformers(model: str, dtype: str, requests, batch_sizes=(32, 64)):
     """Static batching: left padding, each batch generates its longest requested output.
 
     Requests are sorted by prompt length to limit padding; only requested tokens count. The

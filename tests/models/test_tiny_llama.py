@@ -118,3 +118,23 @@ def test_long_prompt_is_prefilled_in_chunks(tiny_llama_factory):
     # The 150-token prompt shared 32-token budgets with the others' prefills and decodes.
     assert sum(chunk_sizes) == 150 and len(chunk_sizes) >= 5 and max(chunk_sizes) <= 32
     check_outputs_equal(expected, [finished[str(i)].outputs[0].token_ids for i in range(3)])
+
+
+def test_bfloat16_weights_and_cache_follow_transformers(tiny_llama_factory):
+    """bf16 rounds differently in every kernel, so tokens may part ways after a while; each
+    token we pick must still be among transformers' three most likely at that point."""
+    import torch
+
+    model_dir = tiny_llama_factory(**CONFIGS["gqa-tied-default-rope"])
+    llm = LLM(str(model_dir), dtype="bfloat16", num_kv_blocks=64)
+    assert llm.llm_engine.worker.cache_engine.kv_caches[0].dtype == torch.bfloat16
+    assert next(llm.llm_engine.worker.model.parameters()).dtype == torch.bfloat16
+    hf = load_hf_model(model_dir, dtype=torch.bfloat16)
+    for prompt in ragged_prompts(4, seed=6):
+        out = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0]
+        tokens = out.outputs[0].token_ids
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+        top3 = logits.float().topk(3).indices
+        for step, token in enumerate(tokens[:8]):
+            assert token in top3[step].tolist(), f"step {step}"
