@@ -151,7 +151,9 @@ class SamplingParams:
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         if self.best_of is not None and (not _is_int(self.best_of) or self.best_of < self.n):
-            raise ValueError(f"best_of must be None or an int >= n ({self.n}), got {self.best_of!r}")
+            raise ValueError(
+                f"best_of must be None or an int >= n ({self.n}), got {self.best_of!r}"
+            )
         if (self.best_of or self.n) > 1 and self.temperature < SAMPLING_EPS:
             raise ValueError(
                 f"n and best_of must be 1 with greedy sampling (temperature 0), got "

@@ -99,7 +99,8 @@ class BeamState:
         """
         width = self.params.beam_width
         candidates = sorted(
-            (Candidate(b, t, beam_logprobs[b] + lp) for b, row in enumerate(offers) for t, lp in row),
+            (Candidate(b, t, beam_logprobs[b] + lp)
+             for b, row in enumerate(offers) for t, lp in row),
             key=lambda c: c.cumulative_logprob,
             reverse=True,
         )[: 2 * width]

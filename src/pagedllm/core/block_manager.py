@@ -212,7 +212,8 @@ class BlockManager:
     def can_swap_out(self, seq_ids: Sequence[str]) -> bool:
         if self.cpu_pool is None:
             return False
-        return len(self._distinct_blocks(self._block_tables, seq_ids)) <= self.cpu_pool.num_free_blocks
+        num_blocks = len(self._distinct_blocks(self._block_tables, seq_ids))
+        return num_blocks <= self.cpu_pool.num_free_blocks
 
     def swap_out(self, seq_ids: Sequence[str]) -> list[tuple[int, int]]:
         """Moves the sequences' device blocks to host blocks; a shared block moves once.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 
 class NoFreeBlocksError(RuntimeError):
-    """Raised when a block is requested from an empty pool; callers check `num_free_blocks` first."""
+    """A block was requested from an empty pool; callers check `num_free_blocks` first."""
 
 
 @dataclass

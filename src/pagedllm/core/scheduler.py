@@ -234,7 +234,8 @@ class Scheduler:
         if result.done:
             hypotheses = request.beam.best()
             ended_by_eos = bool(hypotheses) and hypotheses[0].token_ids[-1] == request.eos_token_id
-            status = RequestStatus.FINISHED_STOPPED if ended_by_eos else RequestStatus.FINISHED_LENGTH
+            status = (RequestStatus.FINISHED_STOPPED if ended_by_eos
+                      else RequestStatus.FINISHED_LENGTH)
             for seq in request.live_seqs():
                 self._finish_seq(seq, status)
             return RequestUpdate(request.request_id, 0, [], status.finish_reason, beams=hypotheses)

@@ -18,7 +18,8 @@ def rope_inv_freq(config: PretrainedConfig, head_size: int) -> tuple[torch.Tenso
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
-            f"RoPE type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            f"RoPE type {rope_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if rope_type == "default":
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -53,7 +54,8 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [num_tokens]; query: [num_tokens, heads, head]; key: [num_tokens, kv_heads, head]
+        # positions: [num_tokens]; query: [num_tokens, heads, head];
+        # key: [num_tokens, kv_heads, head]
         cos = self.cos_cache[positions].to(query.dtype).unsqueeze(1)  # [num_tokens, 1, head]
         sin = self.sin_cache[positions].to(query.dtype).unsqueeze(1)
         return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin

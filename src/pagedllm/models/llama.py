@@ -83,7 +83,8 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, metadata)
+        attn_input = self.input_layernorm(hidden)
+        hidden = hidden + self.self_attn(positions, attn_input, kv_cache, metadata)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 

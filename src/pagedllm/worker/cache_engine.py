@@ -78,7 +78,9 @@ class CacheEngine:
         self.spec = spec
         self.num_blocks = num_blocks
         self.num_cpu_blocks = num_cpu_blocks
-        shape = backend.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+        shape = backend.kv_cache_shape(
+            num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size
+        )
         # NOTE: zeroed, not empty: a backend may read a padded tail that was never written.
         self.kv_caches = [
             torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)

@@ -33,7 +33,9 @@ class Worker:
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
         head_size = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
         backend_cls = get_attention_backend(config.attention_backend or DEFAULT_ATTENTION_BACKEND)
-        backend = backend_cls(num_heads, num_kv_heads, head_size, head_size**-0.5, config.block_size)
+        backend = backend_cls(
+            num_heads, num_kv_heads, head_size, head_size**-0.5, config.block_size
+        )
         self.model = build_model(hf_config, model_dir, backend, max_model_len, dtype, self.device)
         spec = KVCacheSpec(
             num_layers=hf_config.num_hidden_layers,
