@@ -19,32 +19,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS  # noqa: E402
 
 
-def run_pagedllm(model: str, dtype: str, requests) -> tuple[float, float, int]:
-    from pagedllm import LLM, SamplingParams
-
-    llm = LLM(model, dtype=dtype)
+def _run_vllm_style(llm, sampling_params_cls, requests) -> tuple[float, float, int]:
+    """pagedllm and vLLM share the offline API: time one generate over every request."""
     ready = time.perf_counter()
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+    params = [sampling_params_cls(temperature=0, max_tokens=r.output_len, ignore_eos=True)
               for r in requests]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     return ready - PROCESS_START, elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
+def run_pagedllm(model: str, dtype: str, requests) -> tuple[float, float, int]:
+    from pagedllm import LLM, SamplingParams
+
+    return _run_vllm_style(LLM(model, dtype=dtype), SamplingParams, requests)
 
 
 def run_vllm(model: str, dtype: str, requests) -> tuple[float, float, int]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype=dtype, seed=0)
-    ready = time.perf_counter()
-    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
-              for r in requests]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    return ready - PROCESS_START, elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
+    return _run_vllm_style(LLM(model=model, dtype=dtype, seed=0), SamplingParams, requests)
 
 
 def run_transformers(model: str, dtype: str, requests, batch_sizes=(32, 64)):
