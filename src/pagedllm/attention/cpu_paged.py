@@ -5,8 +5,10 @@ causally through the block tables, reading K/V in place from the block pool. It 
 with `torch.utils.cpp_extension` the first time a process needs it and cached under
 `cache_root()/torch_extensions/<name>_<key>`, where the key hashes the sources, the flags, the
 torch and Python versions and this CPU's flags (the build uses -march=native). Later processes
-just load the cached library. If the build fails, a warning is logged once and every call takes
-the `torch_paged` reference path instead.
+just load the cached library (a file lock makes concurrent first uses build once). If the build
+fails, a warning is logged once, the failure is recorded in the build directory (so other
+processes do not retry it), and every call takes the `torch_paged` reference path instead.
+PAGEDLLM_DISABLE_CPU_KERNEL=1 forces that path.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 EXTENSION_NAME = "pagedllm_cpu_paged"
 _CSRC_DIR = Path(__file__).parent / "csrc"
-_SOURCES = ("paged_attention.cpp",)
+_SOURCES = ("paged_attention.cpp",)  # compiled; it includes vec.h
+_HEADERS = ("vec.h",)
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unknown-pragmas")
 _LDFLAGS = ("-fopenmp",)
 # Set to 1 to skip the kernel and always take the reference path.
@@ -79,10 +82,10 @@ class CpuPagedAttention(TorchPagedAttention):
             _last_dim_contiguous(key),
             _last_dim_contiguous(value),
             kv_cache,
-            metadata.slot_mapping.to(torch.int64).contiguous(),
-            metadata.query_start_loc.to(torch.int64).contiguous(),
-            metadata.seq_lens.to(torch.int64).contiguous(),
-            metadata.block_tables.to(torch.int32),
+            _as(metadata.slot_mapping, torch.int64),
+            _as(metadata.query_start_loc, torch.int64),
+            _as(metadata.seq_lens, torch.int64),
+            _as(metadata.block_tables, torch.int32),
             self.scale,
         )
         return output
@@ -103,6 +106,12 @@ def _kernel_applies(
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # NOTE: checks in Python first: this runs per layer per step, and a no-op `.to()` still
+    # costs a dispatcher round trip.
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def load_kernel() -> Callable[..., None] | None:
@@ -148,7 +157,7 @@ def build_directory() -> Path:
 def _build_key() -> str:
     """Hashes everything a cached library depends on; a change means a fresh build directory."""
     h = hashlib.sha256()
-    for source in _SOURCES:
+    for source in (*_SOURCES, *_HEADERS):
         h.update((_CSRC_DIR / source).read_bytes())
     cpu_flags = ""
     try:  # -march=native: a library built for one CPU may not run on another
@@ -183,6 +192,8 @@ def _build_or_load() -> Callable[..., None]:
         from filelock import FileLock
 
         with FileLock(str(build_dir) + ".lock"):
+            if failed.is_file():  # another process failed meanwhile
+                raise RuntimeError(f"the build failed; see {failed} (delete it to retry)")
             if not done.is_file():  # another process may have built it meanwhile
                 _build(build_dir, failed)
                 done.write_text(str(library) + "\n")
@@ -193,7 +204,7 @@ def _build_or_load() -> Callable[..., None]:
 def _build(build_dir: Path, failed: Path) -> None:
     from torch.utils.cpp_extension import load
 
-    logger.info("cpu_paged: building the C++ kernel into %s (once, ~1 minute)", build_dir)
+    logger.info("cpu_paged: building the C++ kernel into %s (once, ~20 s)", build_dir)
     try:
         load(
             name=EXTENSION_NAME,

@@ -1,84 +1,63 @@
 // Fused PagedAttention for CPU: writes the new K/V into their slots, then attends causally
 // through the block tables, reading K/V in place from the block pool (no gather, no padding).
 //
-// Layouts (all row-major):
-//   query  [num_tokens, num_heads, head_size]     fp32 or bf16; last dim contiguous
-//   key    [num_tokens, num_kv_heads, head_size]  same dtype as the cache; last dim contiguous
+// Layouts (row-major):
+//   query  [num_tokens, num_heads, head_size]     fp32 or bf16, last dim contiguous
+//   key    [num_tokens, num_kv_heads, head_size]  the cache's dtype, last dim contiguous
 //   cache  [2, num_blocks, block_size, num_kv_heads, head_size]  fp32 or bf16, contiguous
 //   out    [num_tokens, num_heads, head_size]     query's dtype, contiguous
 //
-// Work is split into items (sequence, kv head, query tile[, key split]). An item owns the
-// G = num_heads / num_kv_heads query heads that share its kv head, for every token of its query
-// tile: R = tile_tokens * G rows, so each K/V row read from memory serves all R rows. Keys are
-// walked in tiles of kKeyTile logical positions (a tile may span blocks, so any block size
-// works), with an online softmax in fp32. Few rows (decode) score keys with dot products;
-// many rows (prefill) pack the key tile transposed and score it as a small GEMM.
+// Work is split into items (sequence, kv heads, query tile[, key split]), run by OpenMP
+// threads with dynamic scheduling, biggest first. An item owns, for every token of its query
+// tile, the G = num_heads / num_kv_heads query heads that share each of its kv heads, so every
+// K/V row read from memory serves all of them:
+//   - decode and short chunks (query tokens x G <= kDotMaxRows): one item over all kv heads,
+//     which reads each slot's heads together, so the cache streams in memory order; keys are
+//     scored by dot products, four keys at a time.
+//   - longer queries: one item per (kv head, tile of ~kTileRows rows); each key tile is packed
+//     transposed and scored as a small GEMM.
+// Keys are walked in tiles of kKeyTile logical positions (a tile may span blocks, so any block
+// size works) with an online softmax in fp32; the next tile's slots are prefetched, since
+// scattered blocks defeat the hardware prefetchers at every block start.
 //
 // When there are too few items to keep every thread busy (small-batch decode over a long
 // context), an item's key range is split and the partial softmax states are merged afterwards
 // (flash-decoding).
+//
+// SIMD: see vec.h; head sizes that are not a multiple of the lanes get scalar tails.
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
-#include <torch/types.h>
-
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#include "vec.h"
 
 namespace pagedllm {
 namespace {
 
 constexpr int kKeyTile = 32;        // logical key positions per softmax step
-constexpr int kMaxTileRows = 64;    // query rows (tokens x grouped heads) per item, roughly
+constexpr int kTileRows = 64;       // query rows (tokens x grouped heads) per item, roughly
 constexpr int kMinSplitKeys = 256;  // never split a key range into parts shorter than this
 constexpr int kDotMaxRows = 8;      // up to this many rows, score by dot products (no packing)
+constexpr int kChunk = 8;           // accumulator vectors held in registers by the PV loop
 
-using bf16_t = uint16_t;  // raw bfloat16 bits
-
-inline float bf16_to_float(bf16_t x) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
-}
-
-// Round to nearest even, NaN -> 0x7FC0: the same bits as c10::BFloat16.
-inline bf16_t float_to_bf16(float f) {
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t u = __builtin_bit_cast(uint32_t, f);
-  return static_cast<bf16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-// exp(x) for x <= 0 in softmax, Cephes-style: 2^n * p(r), accurate to ~1 ulp in fp32.
-// Plain arithmetic only, so loops calling it auto-vectorise. Inputs below -87 give ~1e-38
-// rather than 0; callers never rely on an exact 0 from here.
-inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, e);
-}
+using namespace vec;  // NOLINT: the kernel is written in terms of these helpers
 
 struct Params {
-  // query / out / new key / value
   const void* query;
   int64_t q_stride_t, q_stride_h;
   bool q_bf16;
   void* out;  // contiguous, query's dtype
-  // cache halves, contiguous [num_blocks, block_size, num_kv_heads, head_size]
+  // The cache halves, each contiguous [num_blocks, block_size, num_kv_heads, head_size].
   const void* k_cache;
   const void* v_cache;
   int64_t num_blocks, block_size, num_heads, num_kv_heads, head_size, group;
@@ -91,232 +70,329 @@ struct Params {
 };
 
 struct WorkItem {
-  int32_t seq, kv_head;
+  int32_t seq;
+  int32_t h_begin, h_end;  // kv heads
   int32_t q_begin, q_end;  // query tile, offsets within the sequence's new tokens
   int32_t k_begin, k_end;  // logical key positions this item reads
   int32_t part;            // -1: finish and write the output; else slot in the partial buffer
 };
 
 struct MergeGroup {
-  int32_t seq, kv_head, q_begin, q_end;
+  int32_t seq, h_begin, h_end, q_begin, q_end;
   int32_t first_part, num_parts;
+};
+
+// Rows of an item, kv-head-major: row = (h - h_begin) * rows_per_head + token * group + g,
+// for query head h * group + g of the tile's token.
+// E.g., decode with 3 kv heads, group 3: rows 0-2 -> kv head 0, query heads 0-2; rows 3-5 ->
+// kv head 1, query heads 3-5; rows 6-8 -> kv head 2, query heads 6-8.
+struct ItemRows {
+  int heads, tokens, group, rows_per_head, rows;
+  ItemRows(const WorkItem& it, int g)
+      : heads(it.h_end - it.h_begin), tokens(it.q_end - it.q_begin), group(g),
+        rows_per_head(tokens * g), rows(heads * tokens * g) {}
+  int head(int r) const { return r / rows_per_head; }           // kv head - h_begin
+  int token(int r) const { return r % rows_per_head / group; }  // token - q_begin
+  int q_head(int r, int h_begin) const {                        // query head
+    return (h_begin + head(r)) * group + r % group;
+  }
 };
 
 // Per-thread scratch, sized once per call.
 struct Scratch {
   std::vector<float> q, acc, m, l, s, kt, kbuf, vbuf;
-  std::vector<int32_t> num_visible;
   std::vector<const float*> krow, vrow;
-  std::vector<const void*> kraw, vraw;
-  Scratch(int rows, int d)
+  std::vector<const void*> kraw, vraw, next_kraw, next_vraw;
+  Scratch(int rows, int d, int span)
       : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * kKeyTile), kt(d * kKeyTile),
-        kbuf(kKeyTile * d), vbuf(kKeyTile * d), num_visible(rows), krow(kKeyTile),
-        vrow(kKeyTile), kraw(kKeyTile), vraw(kKeyTile) {}
+        kbuf(kKeyTile * span), vbuf(kKeyTile * span), krow(kKeyTile), vrow(kKeyTile),
+        kraw(kKeyTile), vraw(kKeyTile), next_kraw(kKeyTile), next_vraw(kKeyTile) {}
 };
 
-// Points krow/vrow at fp32 rows of the n keys: in place for an fp32 cache, converted into
-// kbuf/vbuf for bf16.
+// Addresses of the K and V slots of logical key positions kb .. kb + n - 1, offset to the
+// item's first kv head: slot = block_table[pos / block_size] * block_size + pos % block_size.
 template <typename cache_t>
-inline void load_key_tile(const Params& p, Scratch& sc, int n, int d) {
+inline void tile_rows(const Params& p, const int32_t* table, const cache_t* k_base,
+                      const cache_t* v_base, int64_t kb, int n, const void** kraw,
+                      const void** vraw) {
+  const int64_t slot_stride = p.num_kv_heads * p.head_size;  // elements between slots
+  int64_t blk = kb / p.block_size, off = kb % p.block_size;
+  for (int t = 0; t < n; ++t) {
+    const int64_t slot = static_cast<int64_t>(table[blk]) * p.block_size + off;
+    kraw[t] = k_base + slot * slot_stride;
+    vraw[t] = v_base + slot * slot_stride;
+    if (++off == p.block_size) off = 0, ++blk;
+  }
+}
+
+inline void prefetch(const void* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b);
+}
+
+// Points krow/vrow at fp32 copies of the n slots (span elements each: the item's kv heads):
+// in place for an fp32 cache, converted into kbuf/vbuf for bf16 (once, not once per row).
+template <typename cache_t>
+inline void load_key_tile(Scratch& sc, int n, int span) {
   if constexpr (std::is_same_v<cache_t, float>) {
     for (int t = 0; t < n; ++t) {
       sc.krow[t] = static_cast<const float*>(sc.kraw[t]);
       sc.vrow[t] = static_cast<const float*>(sc.vraw[t]);
     }
   } else {
+    const int sv = span / kLanes * kLanes;
     for (int t = 0; t < n; ++t) {
-      const bf16_t* __restrict k = static_cast<const bf16_t*>(sc.kraw[t]);
-      const bf16_t* __restrict v = static_cast<const bf16_t*>(sc.vraw[t]);
-      float* __restrict kf = sc.kbuf.data() + t * d;
-      float* __restrict vf = sc.vbuf.data() + t * d;
-#pragma omp simd
-      for (int i = 0; i < d; ++i) kf[i] = bf16_to_float(k[i]);
-#pragma omp simd
-      for (int i = 0; i < d; ++i) vf[i] = bf16_to_float(v[i]);
+      const bf16_t* k = static_cast<const bf16_t*>(sc.kraw[t]);
+      const bf16_t* v = static_cast<const bf16_t*>(sc.vraw[t]);
+      float* kf = sc.kbuf.data() + t * span;
+      float* vf = sc.vbuf.data() + t * span;
+      for (int i = 0; i < sv; i += kLanes) {
+        store(kf + i, load(k + i));
+        store(vf + i, load(v + i));
+      }
+      for (int i = sv; i < span; ++i) {
+        kf[i] = bf16_to_float(k[i]);
+        vf[i] = bf16_to_float(v[i]);
+      }
       sc.krow[t] = kf;
       sc.vrow[t] = vf;
     }
   }
 }
 
-// s[r][t] = q[r] . k[t] for few rows: one dot product per (row, key).
-template <int kD>
-inline void scores_dot(const float* __restrict q, int rows, int d_rt, const float* const* krow,
-                       int n, float* __restrict s) {
-  const int d = kD > 0 ? kD : d_rt;
-  for (int t = 0; t < n; ++t) {
-    const float* __restrict k = krow[t];
-    for (int r = 0; r < rows; ++r) {
-      const float* __restrict qr = q + r * d;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int i = 0; i < d; ++i) dot += qr[i] * k[i];
-      s[r * kKeyTile + t] = dot;
+// s[r][t] = q[r] . k[t] for few rows per kv head, four keys at a time, walking each slot's kv
+// heads in memory order. Meanwhile it prefetches the V slots of this tile (when pf_v) and the
+// K slots of the next (next_k, next_n of them), spread over the keys.
+inline void scores_dot(const float* q, const ItemRows& ir, int d, const float* const* krow,
+                       int n, float* s, const void* const* pf_v, const void* const* next_k,
+                       int next_n, int64_t span_bytes) {
+  const int dv = d / kLanes * kLanes;
+  for (int t = 0; t < n; t += 4) {
+    for (int u = t; u < std::min(t + 4, n); ++u) {
+      if (pf_v) prefetch(pf_v[u], span_bytes);
+      if (u < next_n) prefetch(next_k[u], span_bytes);
     }
-  }
-}
-
-// s[r][0:kKeyTile] = q[r] @ K^T for many rows: packs K^T once, then one broadcast-FMA sweep
-// per row (a rows x kKeyTile x d GEMM). Keys n..kKeyTile-1 are zero-padded.
-template <int kD>
-inline void scores_gemm(const float* __restrict q, int rows, int d_rt, const float* const* krow,
-                        int n, float* __restrict kt, float* __restrict s) {
-  const int d = kD > 0 ? kD : d_rt;
-  for (int t = 0; t < n; ++t) {
-    const float* __restrict k = krow[t];
-    for (int i = 0; i < d; ++i) kt[i * kKeyTile + t] = k[i];
-  }
-  for (int t = n; t < kKeyTile; ++t)
-    for (int i = 0; i < d; ++i) kt[i * kKeyTile + t] = 0.f;
-  for (int r = 0; r < rows; ++r) {
-    const float* __restrict qr = q + r * d;
-    float acc[kKeyTile] = {};
-    for (int i = 0; i < d; ++i) {
-      const float qv = qr[i];
-      const float* __restrict kr = kt + i * kKeyTile;
-#pragma omp simd
-      for (int t = 0; t < kKeyTile; ++t) acc[t] += qv * kr[t];
-    }
-    float* __restrict sr = s + r * kKeyTile;
-#pragma omp simd
-    for (int t = 0; t < kKeyTile; ++t) sr[t] = acc[t];
-  }
-}
-
-// Online-softmax update of one row with its first nv scores of the tile, then acc += p @ V.
-template <int kD>
-inline void softmax_pv_row(float* __restrict s, int nv, const float* const* vrow, int d_rt,
-                           float& m, float& l, float* __restrict acc) {
-  const int d = kD > 0 ? kD : d_rt;
-  float mx = m;
-#pragma omp simd reduction(max : mx)
-  for (int t = 0; t < nv; ++t) mx = std::max(mx, s[t]);
-  const float corr = exp_approx(m - mx);  // m = -inf on the first tile: ~0, and acc, l are 0
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int t = 0; t < nv; ++t) {
-    const float e = exp_approx(s[t] - mx);
-    s[t] = e;
-    sum += e;
-  }
-  m = mx;
-  l = l * corr + sum;
-  if constexpr (kD > 0) {
-    // A local copy lets the compiler keep the accumulator row in registers across keys.
-    float a[kD];
-#pragma omp simd
-    for (int i = 0; i < kD; ++i) a[i] = acc[i] * corr;
-    for (int t = 0; t < nv; ++t) {
-      const float pt = s[t];
-      const float* __restrict v = vrow[t];
-#pragma omp simd
-      for (int i = 0; i < kD; ++i) a[i] += pt * v[i];
-    }
-#pragma omp simd
-    for (int i = 0; i < kD; ++i) acc[i] = a[i];
-  } else {
-#pragma omp simd
-    for (int i = 0; i < d; ++i) acc[i] *= corr;
-    for (int t = 0; t < nv; ++t) {
-      const float pt = s[t];
-      const float* __restrict v = vrow[t];
-#pragma omp simd
-      for (int i = 0; i < d; ++i) acc[i] += pt * v[i];
-    }
-  }
-}
-
-inline void load_query_rows(const Params& p, const WorkItem& it, float* __restrict q) {
-  const int d = static_cast<int>(p.head_size), g = static_cast<int>(p.group);
-  const int64_t tok0 = p.query_start_loc[it.seq];
-  for (int tok = it.q_begin; tok < it.q_end; ++tok) {
-    for (int j = 0; j < g; ++j) {
-      const int64_t head = it.kv_head * p.group + j;
-      const int64_t off = (tok0 + tok) * p.q_stride_t + head * p.q_stride_h;
-      float* __restrict dst = q + ((tok - it.q_begin) * g + j) * d;
-      if (p.q_bf16) {
-        const bf16_t* __restrict src = static_cast<const bf16_t*>(p.query) + off;
-#pragma omp simd
-        for (int i = 0; i < d; ++i) dst[i] = bf16_to_float(src[i]) * p.scale;
-      } else {
-        const float* __restrict src = static_cast<const float*>(p.query) + off;
-#pragma omp simd
-        for (int i = 0; i < d; ++i) dst[i] = src[i] * p.scale;
+    for (int h = 0; h < ir.heads; ++h) {
+      // Past the last key, repeat it: those scores are masked out later.
+      const float* k0 = krow[t] + h * d;
+      const float* k1 = krow[std::min(t + 1, n - 1)] + h * d;
+      const float* k2 = krow[std::min(t + 2, n - 1)] + h * d;
+      const float* k3 = krow[std::min(t + 3, n - 1)] + h * d;
+      for (int r = h * ir.rows_per_head; r < (h + 1) * ir.rows_per_head; ++r) {
+        const float* qr = q + r * d;
+        vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int i = 0; i < dv; i += kLanes) {
+          const vfloat qv = load(qr + i);
+          a0 += qv * load(k0 + i);
+          a1 += qv * load(k1 + i);
+          a2 += qv * load(k2 + i);
+          a3 += qv * load(k3 + i);
+        }
+        vfloat4 dots = reduce4(a0, a1, a2, a3);
+        for (int i = dv; i < d; ++i) {
+          dots += vfloat4{qr[i] * k0[i], qr[i] * k1[i], qr[i] * k2[i], qr[i] * k3[i]};
+        }
+        std::memcpy(s + r * kKeyTile + t, &dots, sizeof dots);
       }
     }
   }
 }
 
-// Writes acc[r] / l[r] to the output row of (token, head) in the output dtype.
-inline void store_out_row(const Params& p, int64_t token, int64_t head, const float* __restrict a,
-                          float inv_l) {
+// s[r][0:kKeyTile] = q[r] @ K^T for many rows of one kv head (K rows at krow[t] + head_off):
+// packs K^T once (zero-padded to kKeyTile keys), then sweeps two rows at a time with
+// broadcast FMAs (a rows x kKeyTile x d GEMM).
+inline void scores_gemm(const float* q, int rows, int d, const float* const* krow,
+                        int head_off, int n, float* kt, float* s) {
+  constexpr int kV = kKeyTile / kLanes;
+  for (int t = 0; t < n; ++t) {
+    const float* k = krow[t] + head_off;
+    for (int i = 0; i < d; ++i) kt[i * kKeyTile + t] = k[i];
+  }
+  for (int t = n; t < kKeyTile; ++t)
+    for (int i = 0; i < d; ++i) kt[i * kKeyTile + t] = 0.f;
+  int r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    const float* q0 = q + r * d;
+    const float* q1 = q0 + d;
+    vfloat a0[kV] = {}, a1[kV] = {};
+    for (int i = 0; i < d; ++i) {
+      const vfloat b0 = splat(q0[i]), b1 = splat(q1[i]);
+      const float* kr = kt + i * kKeyTile;
+      for (int j = 0; j < kV; ++j) {
+        const vfloat kv = load(kr + j * kLanes);
+        a0[j] += b0 * kv;
+        a1[j] += b1 * kv;
+      }
+    }
+    for (int j = 0; j < kV; ++j) {
+      store(s + r * kKeyTile + j * kLanes, a0[j]);
+      store(s + (r + 1) * kKeyTile + j * kLanes, a1[j]);
+    }
+  }
+  if (r < rows) {
+    const float* q0 = q + r * d;
+    vfloat a0[kV] = {};
+    for (int i = 0; i < d; ++i) {
+      const vfloat b0 = splat(q0[i]);
+      for (int j = 0; j < kV; ++j) a0[j] += b0 * load(kt + i * kKeyTile + j * kLanes);
+    }
+    for (int j = 0; j < kV; ++j) store(s + r * kKeyTile + j * kLanes, a0[j]);
+  }
+}
+
+// acc[0 : NV * kLanes] = acc * corr + sum_t<nv p[t] * v[t][0 : NV * kLanes], in registers.
+template <int NV>
+inline void pv_chunk(float* acc, float corr, const float* p, const float* const* vrow, int nv,
+                     int offset) {
+  vfloat a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = load(acc + j * kLanes) * corr;
+  for (int t = 0; t < nv; ++t) {
+    const vfloat pt = splat(p[t]);
+    const float* v = vrow[t] + offset;
+    for (int j = 0; j < NV; ++j) a[j] += pt * load(v + j * kLanes);
+  }
+  for (int j = 0; j < NV; ++j) store(acc + j * kLanes, a[j]);
+}
+
+// Online-softmax update of one row with its first nv (>= 1) scores of the tile, then
+// acc = acc * exp(m_old - m_new) + p @ V, V rows at vrow[t] + head_off.
+inline void softmax_pv_row(float* s, int nv, const float* const* vrow, int head_off, int d,
+                           float& m, float& l, float* acc) {
+  constexpr int kV = kKeyTile / kLanes;
+  vfloat lane = {};
+  for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
+  vfloat sv[kV];
+  vfloat mv = splat(m);
+  for (int j = 0; j < kV; ++j) {
+    // Keys at and beyond nv are masked (causal, or past the tile's last key).
+    sv[j] = lane + static_cast<float>(j * kLanes) < splat(static_cast<float>(nv))
+                ? load(s + j * kLanes)
+                : splat(-kInf);
+    mv = vmax(mv, sv[j]);
+  }
+  const float m_new = hmax(mv);
+  const float corr = vexp(splat(m - m_new))[0];  // m = -inf on the first tile: 0
+  vfloat sum = {};
+  for (int j = 0; j < kV; ++j) {
+    const vfloat e = vexp(sv[j] - m_new);
+    store(s + j * kLanes, e);
+    sum += e;
+  }
+  m = m_new;
+  l = l * corr + hsum(sum);
+
+  const int dv = d / kLanes * kLanes;
+  int i = 0;
+  for (; i + kChunk * kLanes <= dv; i += kChunk * kLanes)
+    pv_chunk<kChunk>(acc + i, corr, s, vrow, nv, head_off + i);
+  for (; i < dv; i += kLanes) pv_chunk<1>(acc + i, corr, s, vrow, nv, head_off + i);
+  for (; i < d; ++i) {
+    float a = acc[i] * corr;
+    for (int t = 0; t < nv; ++t) a += s[t] * vrow[t][head_off + i];
+    acc[i] = a;
+  }
+}
+
+inline void load_query_rows(const Params& p, const WorkItem& it, const ItemRows& ir, float* q) {
   const int d = static_cast<int>(p.head_size);
+  const int64_t tok0 = p.query_start_loc[it.seq] + it.q_begin;
+  for (int r = 0; r < ir.rows; ++r) {
+    const int64_t off =
+        (tok0 + ir.token(r)) * p.q_stride_t + ir.q_head(r, it.h_begin) * p.q_stride_h;
+    float* dst = q + r * d;
+    if (p.q_bf16) {
+      const bf16_t* src = static_cast<const bf16_t*>(p.query) + off;
+      for (int i = 0; i < d; ++i) dst[i] = bf16_to_float(src[i]) * p.scale;
+    } else {
+      const float* src = static_cast<const float*>(p.query) + off;
+      for (int i = 0; i < d; ++i) dst[i] = src[i] * p.scale;
+    }
+  }
+}
+
+// Writes a / l to the output row of (token, head), in the output dtype.
+inline void store_out_row(const Params& p, int64_t token, int64_t head, const float* a,
+                          float l) {
+  const int d = static_cast<int>(p.head_size);
+  const float inv_l = 1.f / l;
   const int64_t off = (token * p.num_heads + head) * p.head_size;
   if (p.q_bf16) {
-    bf16_t* __restrict dst = static_cast<bf16_t*>(p.out) + off;
+    bf16_t* dst = static_cast<bf16_t*>(p.out) + off;
     for (int i = 0; i < d; ++i) dst[i] = float_to_bf16(a[i] * inv_l);
   } else {
-    float* __restrict dst = static_cast<float*>(p.out) + off;
-#pragma omp simd
+    float* dst = static_cast<float*>(p.out) + off;
     for (int i = 0; i < d; ++i) dst[i] = a[i] * inv_l;
   }
 }
 
-template <typename cache_t, int kD>
+template <typename cache_t>
 void run_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
-  const int d = static_cast<int>(p.head_size), g = static_cast<int>(p.group);
-  const int rows = (it.q_end - it.q_begin) * g;
+  const int d = static_cast<int>(p.head_size);
+  const ItemRows ir(it, static_cast<int>(p.group));
+  const int span = ir.heads * d;  // elements of a slot this item reads
+  const int64_t span_bytes = span * static_cast<int64_t>(sizeof(cache_t));
   const int64_t seq_len = p.seq_lens[it.seq];
   const int64_t query_len = p.query_start_loc[it.seq + 1] - p.query_start_loc[it.seq];
   // Query token j of the sequence sits at position seq_len - query_len + j.
   const int64_t first_pos = seq_len - query_len + it.q_begin;
   const int32_t* table = p.block_tables + it.seq * p.bt_stride;
-  const int64_t row_stride = p.num_kv_heads * p.head_size;  // elements between slots
-  const cache_t* k_base = static_cast<const cache_t*>(p.k_cache) + it.kv_head * p.head_size;
-  const cache_t* v_base = static_cast<const cache_t*>(p.v_cache) + it.kv_head * p.head_size;
+  const cache_t* k_base = static_cast<const cache_t*>(p.k_cache) + it.h_begin * p.head_size;
+  const cache_t* v_base = static_cast<const cache_t*>(p.v_cache) + it.h_begin * p.head_size;
+  const bool few_rows = ir.rows_per_head <= kDotMaxRows;
 
-  load_query_rows(p, it, sc.q.data());
-  std::fill_n(sc.acc.data(), rows * d, 0.f);
-  std::fill_n(sc.m.data(), rows, -std::numeric_limits<float>::infinity());
-  std::fill_n(sc.l.data(), rows, 0.f);
+  load_query_rows(p, it, ir, sc.q.data());
+  std::fill_n(sc.acc.data(), ir.rows * d, 0.f);
+  std::fill_n(sc.m.data(), ir.rows, -kInf);
+  std::fill_n(sc.l.data(), ir.rows, 0.f);
 
+  int n = static_cast<int>(std::min<int64_t>(kKeyTile, it.k_end - it.k_begin));
+  tile_rows(p, table, k_base, v_base, it.k_begin, n, sc.kraw.data(), sc.vraw.data());
   for (int64_t kb = it.k_begin; kb < it.k_end; kb += kKeyTile) {
-    const int n = static_cast<int>(std::min<int64_t>(kKeyTile, it.k_end - kb));
-    // Slot of logical key position kb + t: block table[pos / bs] * bs + pos % bs.
-    int64_t blk = kb / p.block_size, off = kb % p.block_size;
-    for (int t = 0; t < n; ++t) {
-      const int64_t slot = static_cast<int64_t>(table[blk]) * p.block_size + off;
-      sc.kraw[t] = k_base + slot * row_stride;
-      sc.vraw[t] = v_base + slot * row_stride;
-      if (++off == p.block_size) off = 0, ++blk;
-    }
-    load_key_tile<cache_t>(p, sc, n, d);
-
+    // Blocks are scattered, so hardware prefetchers miss each block's start: prefetch the next
+    // tile while this one is computed.
+    const int64_t next_kb = kb + kKeyTile;
+    const int next_n = static_cast<int>(std::clamp<int64_t>(it.k_end - next_kb, 0, kKeyTile));
+    tile_rows(p, table, k_base, v_base, next_kb, next_n, sc.next_kraw.data(),
+              sc.next_vraw.data());
+    load_key_tile<cache_t>(sc, n, span);
     float* s = sc.s.data();
-    if (rows <= kDotMaxRows) {
-      scores_dot<kD>(sc.q.data(), rows, d, sc.krow.data(), n, s);
+    if (few_rows) {
+      // An fp32 cache has V read in place, after K: prefetch it. (bf16 V is converted already.)
+      const void* const* pf_v = std::is_same_v<cache_t, float> ? sc.vraw.data() : nullptr;
+      scores_dot(sc.q.data(), ir, d, sc.krow.data(), n, s, pf_v, sc.next_kraw.data(), next_n,
+                 span_bytes);
     } else {
-      scores_gemm<kD>(sc.q.data(), rows, d, sc.krow.data(), n, sc.kt.data(), s);
+      for (int t = 0; t < next_n; ++t) {
+        prefetch(sc.next_kraw[t], span_bytes);
+        prefetch(sc.next_vraw[t], span_bytes);
+      }
+      for (int h = 0; h < ir.heads; ++h) {
+        const int r0 = h * ir.rows_per_head;
+        scores_gemm(sc.q.data() + r0 * d, ir.rows_per_head, d, sc.krow.data(), h * d, n,
+                    sc.kt.data(), s + r0 * kKeyTile);
+      }
     }
-    for (int r = 0; r < rows; ++r) {
-      // Row r (token r / g) sees keys up to its own position.
-      const int64_t nv = std::min<int64_t>(n, first_pos + r / g - kb + 1);
+    for (int r = 0; r < ir.rows; ++r) {
+      // A row sees the keys up to its own token's position.
+      const int64_t nv = std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1);
       if (nv <= 0) continue;
-      softmax_pv_row<kD>(s + r * kKeyTile, static_cast<int>(nv), sc.vrow.data(), d, sc.m[r],
-                         sc.l[r], sc.acc.data() + r * d);
+      softmax_pv_row(s + r * kKeyTile, static_cast<int>(nv), sc.vrow.data(), ir.head(r) * d, d,
+                     sc.m[r], sc.l[r], sc.acc.data() + r * d);
     }
+    std::swap(sc.kraw, sc.next_kraw);
+    std::swap(sc.vraw, sc.next_vraw);
+    n = next_n;
   }
 
   if (it.part < 0) {
     const int64_t tok0 = p.query_start_loc[it.seq] + it.q_begin;
-    for (int r = 0; r < rows; ++r) {
-      store_out_row(p, tok0 + r / g, it.kv_head * p.group + r % g, sc.acc.data() + r * d,
-                    1.f / sc.l[r]);
+    for (int r = 0; r < ir.rows; ++r) {
+      store_out_row(p, tok0 + ir.token(r), ir.q_head(r, it.h_begin), sc.acc.data() + r * d,
+                    sc.l[r]);
     }
   } else {
     // Partial state per row: [m, l, acc[0:d]].
     float* dst = partial + static_cast<int64_t>(it.part) * p.max_rows * (d + 2);
-    for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < ir.rows; ++r) {
       float* row = dst + r * (d + 2);
       row[0] = sc.m[r];
       row[1] = sc.l[r];
@@ -325,13 +401,15 @@ void run_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) 
   }
 }
 
+// Combines the partial softmax states of a split item: weights exp(m_k - max m).
 void merge_group(const Params& p, const MergeGroup& mg, const float* partial, float* tmp) {
-  const int d = static_cast<int>(p.head_size), g = static_cast<int>(p.group);
-  const int rows = (mg.q_end - mg.q_begin) * g;
+  const int d = static_cast<int>(p.head_size);
+  const WorkItem it{mg.seq, mg.h_begin, mg.h_end, mg.q_begin, mg.q_end, 0, 0, 0};
+  const ItemRows ir(it, static_cast<int>(p.group));
   const int64_t stride = p.max_rows * (d + 2);
   const int64_t tok0 = p.query_start_loc[mg.seq] + mg.q_begin;
-  for (int r = 0; r < rows; ++r) {
-    float mx = -std::numeric_limits<float>::infinity();
+  for (int r = 0; r < ir.rows; ++r) {
+    float mx = -kInf;
     for (int k = 0; k < mg.num_parts; ++k) {
       const float* row = partial + (mg.first_part + k) * stride + r * (d + 2);
       if (row[1] > 0.f) mx = std::max(mx, row[0]);
@@ -341,18 +419,17 @@ void merge_group(const Params& p, const MergeGroup& mg, const float* partial, fl
     for (int k = 0; k < mg.num_parts; ++k) {
       const float* row = partial + (mg.first_part + k) * stride + r * (d + 2);
       if (!(row[1] > 0.f)) continue;  // no visible key in this part
-      const float w = exp_approx(row[0] - mx);
+      const float w = std::exp(row[0] - mx);
       l += row[1] * w;
-#pragma omp simd
       for (int i = 0; i < d; ++i) tmp[i] += row[2 + i] * w;
     }
-    store_out_row(p, tok0 + r / g, mg.kv_head * p.group + r % g, tmp, 1.f / l);
+    store_out_row(p, tok0 + ir.token(r), ir.q_head(r, mg.h_begin), tmp, l);
   }
 }
 
 template <typename cache_t>
-void write_kv(const torch::Tensor& key, const torch::Tensor& value, const torch::Tensor& kv_cache,
-              const torch::Tensor& slot_mapping, int nt) {
+void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_cache,
+              const at::Tensor& slot_mapping, int nt) {
   const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), d = key.size(2);
   const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
@@ -366,7 +443,7 @@ void write_kv(const torch::Tensor& key, const torch::Tensor& value, const torch:
   cache_t* vc = kc + num_slots * num_kv_heads * d;
   const int64_t ks0 = key.stride(0), ks1 = key.stride(1);
   const int64_t vs0 = value.stride(0), vs1 = value.stride(1);
-#pragma omp parallel for num_threads(nt) schedule(static) if (num_tokens >= 64)
+#pragma omp parallel for num_threads(nt) schedule(static) if (num_tokens >= 256)
   for (int64_t i = 0; i < num_tokens; ++i) {
     cache_t* kdst = kc + slots[i] * num_kv_heads * d;
     cache_t* vdst = vc + slots[i] * num_kv_heads * d;
@@ -377,20 +454,19 @@ void write_kv(const torch::Tensor& key, const torch::Tensor& value, const torch:
   }
 }
 
-template <typename cache_t, int kD>
+template <typename cache_t>
 void run_attention(const Params& p, const std::vector<WorkItem>& items,
                    const std::vector<MergeGroup>& groups, int nt) {
   const int d = static_cast<int>(p.head_size);
   const int num_parts = groups.empty() ? 0 : groups.back().first_part + groups.back().num_parts;
   std::vector<float> partial(static_cast<size_t>(num_parts) * p.max_rows * (d + 2));
   const int64_t num_items = static_cast<int64_t>(items.size());
+  nt = static_cast<int>(std::min<int64_t>(nt, num_items));
 #pragma omp parallel num_threads(nt)
   {
-    Scratch sc(static_cast<int>(p.max_rows), d);
+    Scratch sc(static_cast<int>(p.max_rows), d, static_cast<int>(p.num_kv_heads * p.head_size));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < num_items; ++i) {
-      run_item<cache_t, kD>(p, items[i], sc, partial.data());
-    }
+    for (int64_t i = 0; i < num_items; ++i) run_item<cache_t>(p, items[i], sc, partial.data());
   }
   if (!groups.empty()) {
     const int64_t num_groups = static_cast<int64_t>(groups.size());
@@ -398,19 +474,26 @@ void run_attention(const Params& p, const std::vector<WorkItem>& items,
     {
       std::vector<float> tmp(d);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < num_groups; ++i) merge_group(p, groups[i], partial.data(), tmp.data());
+      for (int64_t i = 0; i < num_groups; ++i) {
+        merge_group(p, groups[i], partial.data(), tmp.data());
+      }
     }
   }
 }
 
-// Plans the work items: query tiles per (sequence, kv head), and key splits when there are too
-// few items for the threads. Also validates the metadata, so the kernel never reads out of
-// bounds.
-int plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
-               std::vector<WorkItem>& items, std::vector<MergeGroup>& groups) {
+// Plans the work items and validates the metadata, so the kernel never reads out of bounds.
+// Returns the rows of the largest item.
+//
+// A query of few rows per kv head (decode, short chunks) is one item over all kv heads, so it
+// reads each slot's heads together: the cache is then streamed in memory order. Longer queries
+// are tiled per kv head, so that each K/V tile serves a bigger GEMM. When there are fewer than
+// ~2 items per thread, key ranges are split, aiming at ~8 items per thread.
+int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
+                   std::vector<WorkItem>& items, std::vector<MergeGroup>& groups) {
   const int g = static_cast<int>(p.group);
-  const int tile_tokens = std::max(1, std::min(32, kMaxTileRows / g));
-  int max_rows = 0;
+  const int kvh = static_cast<int>(p.num_kv_heads);
+  const int tile_tokens = std::max(1, std::min(32, kTileRows / g));
+  int64_t max_rows = 0;
   for (int64_t i = 0; i < num_seqs; ++i) {
     const int64_t query_len = p.query_start_loc[i + 1] - p.query_start_loc[i];
     const int64_t seq_len = p.seq_lens[i];
@@ -424,18 +507,27 @@ int plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
       TORCH_CHECK(table[b] >= 0 && table[b] < p.num_blocks, "sequence ", i, ": block id ",
                   table[b], " is outside the cache's ", p.num_blocks, " blocks");
     }
-    const int64_t num_cached = seq_len - query_len;
-    for (int64_t qb = 0; qb < query_len; qb += tile_tokens) {
-      const int64_t qe = std::min<int64_t>(query_len, qb + tile_tokens);
-      max_rows = std::max<int>(max_rows, static_cast<int>(qe - qb) * g);
-      for (int64_t h = 0; h < p.num_kv_heads; ++h) {
-        items.push_back({static_cast<int32_t>(i), static_cast<int32_t>(h),
-                         static_cast<int32_t>(qb), static_cast<int32_t>(qe), 0,
-                         static_cast<int32_t>(num_cached + qe), -1});
+    const int32_t seq = static_cast<int32_t>(i);
+    const int32_t num_cached = static_cast<int32_t>(seq_len - query_len);
+    if (query_len == 0) continue;
+    if (query_len * g <= kDotMaxRows) {
+      const int32_t ql = static_cast<int32_t>(query_len);
+      items.push_back({seq, 0, kvh, 0, ql, 0, num_cached + ql, -1});
+      max_rows = std::max<int64_t>(max_rows, query_len * g * kvh);
+      continue;
+    }
+    for (int32_t qb = 0; qb < query_len; qb += tile_tokens) {
+      const int32_t qe = static_cast<int32_t>(std::min<int64_t>(query_len, qb + tile_tokens));
+      max_rows = std::max<int64_t>(max_rows, (qe - qb) * g);
+      for (int32_t h = 0; h < kvh; ++h) {
+        items.push_back({seq, h, h + 1, qb, qe, 0, num_cached + qe, -1});
       }
     }
   }
-  // Split key ranges when there are fewer items than ~2 per thread: aim at ~8 per thread.
+  const auto work = [](const WorkItem& it) {
+    return static_cast<int64_t>(it.k_end - it.k_begin) * (it.q_end - it.q_begin) *
+           (it.h_end - it.h_begin);
+  };
   const int64_t num_base = static_cast<int64_t>(items.size());
   if (num_base > 0 && num_base < 2 * nt) {
     const int64_t want = (8 * nt + num_base - 1) / num_base;
@@ -450,7 +542,7 @@ int plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
       }
       // Parts of whole key tiles: E.g., 1000 keys in 3 parts -> chunk 352 -> 352, 352, 296.
       const int64_t chunk = ((num_keys + parts - 1) / parts + kKeyTile - 1) / kKeyTile * kKeyTile;
-      MergeGroup mg{it.seq, it.kv_head, it.q_begin, it.q_end, next_part, 0};
+      MergeGroup mg{it.seq, it.h_begin, it.h_end, it.q_begin, it.q_end, next_part, 0};
       for (int64_t kb = it.k_begin; kb < it.k_end; kb += chunk) {
         WorkItem part = it;
         part.k_begin = static_cast<int32_t>(kb);
@@ -463,20 +555,20 @@ int plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
     }
     items.swap(split);
   }
-  // Longest items first, so that dynamic scheduling ends with the short ones.
-  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) {
-    return static_cast<int64_t>(a.k_end - a.k_begin) * (a.q_end - a.q_begin) >
-           static_cast<int64_t>(b.k_end - b.k_begin) * (b.q_end - b.q_begin);
-  });
+  // Biggest items first, so that dynamic scheduling ends with the small ones.
+  std::stable_sort(items.begin(), items.end(),
+                   [&](const WorkItem& a, const WorkItem& b) { return work(a) > work(b); });
   return max_rows;
 }
 
-void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key,
-                     torch::Tensor value, torch::Tensor kv_cache, torch::Tensor slot_mapping,
-                     torch::Tensor query_start_loc, torch::Tensor seq_lens,
-                     torch::Tensor block_tables, double scale) {
+void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value,
+                     at::Tensor kv_cache, at::Tensor slot_mapping, at::Tensor query_start_loc,
+                     at::Tensor seq_lens, at::Tensor block_tables, double scale) {
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3 && kv_cache.dim() == 5,
               "expected query/key/value [T, H, D] and kv_cache [2, blocks, block_size, H, D]");
+  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu() && value.device().is_cpu() &&
+                  kv_cache.device().is_cpu(),
+              "the cpu_paged kernel takes CPU tensors");
   const auto cache_dtype = kv_cache.scalar_type();
   TORCH_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kBFloat16,
               "kv_cache must be float32 or bfloat16, got ", cache_dtype);
@@ -527,8 +619,9 @@ void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key,
   p.q_stride_h = query.stride(1);
   p.q_bf16 = query.scalar_type() == at::kBFloat16;
   p.out = out.data_ptr();
-  p.k_cache = kv_cache[0].data_ptr();
-  p.v_cache = kv_cache[1].data_ptr();
+  p.k_cache = kv_cache.data_ptr();
+  p.v_cache = static_cast<const char*>(kv_cache.data_ptr()) +
+              kv_cache.stride(0) * kv_cache.element_size();
   p.num_blocks = kv_cache.size(1);
   p.block_size = kv_cache.size(2);
   p.num_heads = num_heads;
@@ -544,21 +637,11 @@ void paged_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key,
   std::vector<WorkItem> items;
   std::vector<MergeGroup> groups;
   p.max_rows = plan_items(p, num_seqs, block_tables.size(1), nt, items, groups);
-
-  auto dispatch = [&](auto cache_tag) {
-    using cache_t = decltype(cache_tag);
-    if (d == 64) {
-      run_attention<cache_t, 64>(p, items, groups, nt);
-    } else if (d == 128) {
-      run_attention<cache_t, 128>(p, items, groups, nt);
-    } else {
-      run_attention<cache_t, 0>(p, items, groups, nt);
-    }
-  };
+  if (items.empty()) return;
   if (cache_dtype == at::kFloat) {
-    dispatch(float{});
+    run_attention<float>(p, items, groups, nt);
   } else {
-    dispatch(bf16_t{});
+    run_attention<bf16_t>(p, items, groups, nt);
   }
 }
 

@@ -1,0 +1,129 @@
+// SIMD helpers for the CPU attention kernel, written with GCC vector extensions: a vector is
+// 8 fp32 lanes (AVX2, or 2 x SSE) or 16 (AVX-512), so one source builds for any -march.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace pagedllm::vec {
+
+#ifndef PA_LANES  // overridable, e.g. to test the 16-lane code on an AVX2 machine
+#if defined(__AVX512F__)
+#define PA_LANES 16
+#else
+#define PA_LANES 8
+#endif
+#endif
+constexpr int kLanes = PA_LANES;
+
+using bf16_t = uint16_t;  // raw bfloat16 bits
+typedef float vfloat __attribute__((vector_size(kLanes * 4)));
+typedef int32_t vint __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t vuint __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t vbf16 __attribute__((vector_size(kLanes * 2)));
+typedef float vfloat4 __attribute__((vector_size(16)));
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// NOTE: x - 0, not 0 + x: the compiler may drop x - 0 (exact even for -0), but must keep the
+// add (0 + -0 is +0), which would cost a dependent scalar add before every broadcast.
+inline vfloat splat(float x) { return x - vfloat{}; }
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline vfloat load(const bf16_t* p) {
+  vbf16 h;
+  std::memcpy(&h, p, sizeof h);
+  return reinterpret_cast<vfloat>(__builtin_convertvector(h, vuint) << 16);
+}
+
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+inline float bf16_to_float(bf16_t x) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
+}
+
+// Round to nearest even, NaN -> 0x7FC0: the same bits as c10::BFloat16.
+inline bf16_t float_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
+  return static_cast<bf16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline vfloat4 low_quarter(vfloat v) {
+#if PA_LANES == 16
+  typedef float vfloat8 __attribute__((vector_size(32)));
+  const vfloat8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+#else
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#endif
+}
+
+inline float hsum(vfloat v) {
+  vfloat4 s = low_quarter(v);
+  s += __builtin_shufflevector(s, s, 2, 3, 0, 1);
+  s += __builtin_shufflevector(s, s, 1, 0, 3, 2);
+  return s[0];
+}
+
+inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+
+inline float hmax(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// exp(x) in fp32, Cephes-style: 2^n * p(r), ~1 ulp; exactly 0 below -87 (and for -inf).
+inline vfloat vexp(vfloat x) {
+  const vint underflow = x < splat(-87.0f);
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  // Adding 1.5 * 2^23 rounds x * log2(e) to an integer n, held in the low mantissa bits.
+  const vfloat shifted = x * 1.44269504088896341f + 12582912.0f;
+  const vfloat n = shifted - 12582912.0f;
+  vfloat r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vint e = (reinterpret_cast<vint>(shifted) - 0x4B400000 + 127) << 23;
+  const vfloat result = p * reinterpret_cast<vfloat>(e);
+  return underflow ? splat(0.0f) : result;
+}
+
+// [sum(a0), sum(a1), sum(a2), sum(a3)]: four horizontal sums in one transposing tree.
+inline vfloat4 reduce4(vfloat a0, vfloat a1, vfloat a2, vfloat a3) {
+  typedef float vfloat8 __attribute__((vector_size(32)));
+#if PA_LANES == 16
+  const auto fold = [](vfloat v) -> vfloat8 {
+    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  };
+  const vfloat8 b0 = fold(a0), b1 = fold(a1), b2 = fold(a2), b3 = fold(a3);
+#else
+  const vfloat8 b0 = a0, b1 = a1, b2 = a2, b3 = a3;
+#endif
+  // Pairwise sums within each 128-bit half (the vhaddps pattern), twice.
+  const auto hadd = [](vfloat8 x, vfloat8 y) -> vfloat8 {
+    return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+  };
+  const vfloat8 h = hadd(hadd(b0, b1), hadd(b2, b3));  // [s0 s1 s2 s3 | s0' s1' s2' s3']
+  return __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+}
+
+}  // namespace pagedllm::vec
