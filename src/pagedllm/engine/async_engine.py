@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -43,7 +44,8 @@ class EngineDeadError(RuntimeError):
 class _Add:
     request_id: str
     prompt: PromptType
-    params: SamplingParams
+    # BeamSearchParams make it a beam search (LLMEngine.add_beam_search_request).
+    params: SamplingParams | BeamSearchParams
     arrival_time: float
     # Resolved on the loop once the engine accepted (None) or refused (the exception) it.
     accepted: asyncio.Future
@@ -137,9 +139,12 @@ class AsyncLLMEngine:
     # ---- requests (loop thread) ----------------------------------------------------------
 
     async def generate(
-        self, prompt: PromptType, params: SamplingParams, request_id: str
+        self, prompt: PromptType, params: SamplingParams | BeamSearchParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Submits a request and yields its cumulative outputs until it finishes.
+
+        With BeamSearchParams the request is a beam search: it yields one output, when the
+        search ends, whose `outputs` are the beams, best first (or one "abort" output).
 
         The first `__anext__` raises the engine's ValueError if it refuses the request, or
         EngineDeadError. Closing or cancelling the generator early aborts the request, which
@@ -160,7 +165,8 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._post(_Abort(request_id))
 
-    def _submit(self, prompt: PromptType, params: SamplingParams, request_id: str) -> RequestStream:
+    def _submit(self, prompt: PromptType, params: SamplingParams | BeamSearchParams,
+                request_id: str) -> RequestStream:
         if self._dead is not None:
             raise EngineDeadError(f"the engine is not running: {self._dead}")
         if request_id in self._streams:
@@ -238,9 +244,13 @@ class AsyncLLMEngine:
                 continue
             error: BaseException | None = None
             try:
-                self.engine.add_request(
-                    item.request_id, item.prompt, item.params, arrival_time=item.arrival_time
-                )
+                if isinstance(item.params, BeamSearchParams):
+                    # NOTE: takes no arrival time; the engine stamps it when it queues the search.
+                    self.engine.add_beam_search_request(item.request_id, item.prompt, item.params)
+                else:
+                    self.engine.add_request(
+                        item.request_id, item.prompt, item.params, arrival_time=item.arrival_time
+                    )
                 live.add(item.request_id)
             except ValueError as exc:
                 error = exc

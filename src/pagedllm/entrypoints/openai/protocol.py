@@ -80,6 +80,10 @@ class SamplingExtras(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Beam search instead of sampling: `n` is the beam width and the `n` beams come back best
+    # first; finished beams are ranked by cumulative logprob / length ** length_penalty.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
 
 # ---- /v1/completions ----------------------------------------------------------------------

@@ -81,7 +81,11 @@ def render_messages(
 
 
 class OpenAIServingChat(OpenAIServing):
-    """One engine request per call; `n` choices come from `RequestOutput.outputs`."""
+    """One engine request per call; `n` choices come from `RequestOutput.outputs`.
+
+    With `use_beam_search` the choices are the `n` beams, best first; a stream sends each beam
+    whole, once the search has ended (as vLLM does).
+    """
 
     def __init__(
         self,
@@ -105,10 +109,12 @@ class OpenAIServingChat(OpenAIServing):
                                         request.add_generation_prompt,
                                         request.chat_template_kwargs)
             self.check_prompt(token_ids, params, "messages", param="messages")
+            engine_params = self.engine_params(request, params, request.n, len(token_ids))
         except ValueError as exc:
             return error_from_exception(exc, _CHAT_PARAM_NAMES)
         request_id = random_id("chatcmpl")
-        results = self.engine.generate({"prompt_token_ids": token_ids}, params, request_id)
+        results = self.engine.generate({"prompt_token_ids": token_ids}, engine_params,
+                                       request_id)
         model = self.models.model_name(request.model)
         if request.stream:
             return self._stream(request, request_id, model, params, results)
@@ -185,7 +191,7 @@ class OpenAIServingChat(OpenAIServing):
         done: set[int] = set()
         try:
             # The role comes first, once per choice, before any token (as OpenAI does).
-            for index in range(params.n):
+            for index in range(request.n):
                 yield chunk([ChatCompletionStreamChoice(
                     index=index, delta=DeltaMessage(role="assistant", content=""))])
             async for output in results:

@@ -31,7 +31,11 @@ Prompt = tuple[str | None, list[int]]
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    """Choices are numbered prompt-major: choice `i * n + k` is completion k of prompt i."""
+    """Choices are numbered prompt-major: choice `i * n + k` is completion k of prompt i.
+
+    With `use_beam_search` the k-th choice of a prompt is its k-th best beam; a stream sends
+    each beam whole, once the search has ended (as vLLM does).
+    """
 
     async def create_completion(
         self, request: CompletionRequest
@@ -45,11 +49,13 @@ class OpenAIServingCompletion(OpenAIServing):
             for index, (_, token_ids) in enumerate(prompts):
                 where = "prompt" if len(prompts) == 1 else f"prompt at index {index}"
                 self.check_prompt(token_ids, params, where, param="prompt")
+            engine_params = [self.engine_params(request, params, request.n, len(ids))
+                             for _, ids in prompts]
         except ValueError as exc:
             return error_from_exception(exc)
         request_id = random_id("cmpl")
         generators = [
-            self.engine.generate({"prompt_token_ids": ids, "prompt": text}, params,
+            self.engine.generate({"prompt_token_ids": ids, "prompt": text}, engine_params[i],
                                  f"{request_id}-{i}")
             for i, (text, ids) in enumerate(prompts)
         ]
@@ -69,7 +75,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.echo and request.logprobs is not None:
             raise RequestError("echo with logprobs is not supported: the engine does not "
                                "compute prompt log-probabilities", param="echo")
-        if request.stream and request.best_of is not None and request.best_of != request.n:
+        if (request.stream and not request.use_beam_search and request.best_of is not None
+                and request.best_of != request.n):
             raise RequestError("best_of must equal n when streaming", param="best_of")
         return self.build_sampling_params(
             request, n=request.n, best_of=request.best_of, max_tokens=request.max_tokens,
@@ -113,7 +120,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 usage.completion_tokens += len(completion.token_ids)
                 prefix = prompts[index][0] or "" if request.echo else ""
                 choices.append(CompletionResponseChoice(
-                    index=index * params.n + completion.index,
+                    index=index * request.n + completion.index,
                     text=prefix + completion.text,
                     logprobs=self._logprobs(completion, 0, params, len(prefix)),
                     finish_reason=completion.finish_reason,
@@ -141,7 +148,7 @@ class OpenAIServingCompletion(OpenAIServing):
             async for index, output in results:
                 num_prompt_tokens[index] = len(output.prompt_token_ids)
                 for completion in output.outputs:
-                    choice = index * params.n + completion.index
+                    choice = index * request.n + completion.index
                     if choice in done:
                         continue
                     first = choice not in num_chars_sent

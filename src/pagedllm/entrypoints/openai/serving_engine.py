@@ -1,5 +1,5 @@
-"""What every endpoint handler shares: served model names, request checks, sampling params,
-log-probability formatting and SSE framing.
+"""What every endpoint handler shares: served model names, request checks, sampling (or beam
+search) params, log-probability formatting and SSE framing.
 
 All validation happens here, on the event loop, before a request reaches the engine thread, so a
 bad request is answered with a 400 and never touches the engine.
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
+from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedllm.entrypoints.openai.protocol import (
     ErrorResponse,
@@ -184,7 +185,15 @@ class OpenAIServing:
         frequency_penalty: float = 0.0,
         logit_bias: dict[str, float] | None = None,
     ) -> SamplingParams:
-        """Raises ValueError (400) naming the offending field."""
+        """Raises ValueError (400) naming the offending field.
+
+        With `use_beam_search` the result only checks the prompt and the length: the beams
+        come from `engine_params`, and `n` is the beam width, not a number of samples.
+        """
+        if request.use_beam_search:
+            _check_beam_search(request, n, best_of, temperature, top_p, logprobs,
+                               self.engine.engine.config.max_num_seqs)
+            n, best_of, temperature = 1, None, 0.0
         if logprobs is not None and logprobs > MAX_LOGPROBS:
             raise RequestError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}",
                                param="logprobs")
@@ -218,7 +227,32 @@ class OpenAIServing:
         except ValueError as exc:
             in_stop = any(i >= self._vocab_size for i in params.stop_token_ids or ())
             raise RequestError(str(exc), "stop_token_ids" if in_stop else "logit_bias") from None
+        if request.use_beam_search:
+            _check_no_sampling_fields(params)
         return params
+
+    def engine_params(self, request: SamplingExtras, params: SamplingParams, n: int,
+                      num_prompt_tokens: int) -> SamplingParams | BeamSearchParams:
+        """What the engine gets for one prompt: `params`, or the beam search they stand for."""
+        if not request.use_beam_search:
+            return params
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - num_prompt_tokens  # as the engine clamps it
+        # NOTE: worst case, the beams share only the prompt's blocks. A search that cannot fit
+        # in the whole cache would preempt itself forever, so it is refused here.
+        block_size = self.engine.engine.config.block_size
+        num_blocks = (-(-num_prompt_tokens // block_size)
+                      + n * (-(-max_tokens // block_size) + 1))
+        capacity = self._input_processor.kv_capacity_tokens
+        if num_blocks * block_size > capacity:
+            raise RequestError(
+                f"a beam search of width n={n} with max_tokens={max_tokens} may need "
+                f"{num_blocks * block_size} KV cache slots but the whole cache holds {capacity}: "
+                "lower n or max_tokens", param="max_tokens")
+        return BeamSearchParams(beam_width=n, max_tokens=max_tokens,
+                                ignore_eos=request.ignore_eos,
+                                length_penalty=request.length_penalty)
 
     # ---- prompts -------------------------------------------------------------------------
 
@@ -275,6 +309,57 @@ class OpenAIServing:
             rows.append((self.token_text(token_id, chosen),
                          None if chosen is None else _clamp(chosen.logprob), top))
         return rows
+
+
+def _check_beam_search(request: SamplingExtras, n: int, best_of: int | None,
+                       temperature: float | None, top_p: float | None, logprobs: int | None,
+                       max_num_seqs: int) -> None:
+    """Refuses beam-search requests that make no sense: beams are ranked by the model's raw
+    log-probabilities, and the beams carry no per-token log-probabilities."""
+    if not 1 <= n <= max_num_seqs:
+        # NOTE: every beam is a sequence; a search wider than max_num_seqs would wait forever
+        # at the head of the queue, and every request behind it would wait with it.
+        raise RequestError(f"n is the beam width with use_beam_search and must be in "
+                           f"[1, {max_num_seqs}] (the server's max_num_seqs), got {n}", param="n")
+    if temperature not in (None, 0):
+        raise RequestError(f"temperature must be 0 or omitted with use_beam_search (beams are "
+                           f"ranked by raw log-probabilities), got {temperature}",
+                           param="temperature")
+    if best_of is not None:
+        raise RequestError("best_of is not supported with use_beam_search: n is the beam width "
+                           "and all n beams are returned, best first", param="best_of")
+    if logprobs is not None:
+        raise RequestError("logprobs are not supported with use_beam_search", param="logprobs")
+    if not math.isfinite(request.length_penalty):
+        raise RequestError(f"length_penalty must be finite, got {request.length_penalty}",
+                           param="length_penalty")
+    # NOTE: checked here, as sent: greedy SamplingParams reset the filters to off.
+    filters = {"top_p": (top_p, (None, 1)), "top_k": (request.top_k, (None, 0, -1)),
+               "min_p": (request.min_p, (None, 0))}
+    for name, (value, neutral) in filters.items():
+        if value not in neutral:
+            raise _not_with_beam_search(name)
+
+
+# The other SamplingParams fields that would change which beams win or where they end, with
+# their neutral values (the only ones beam search accepts).
+_BEAM_NEUTRAL = {
+    "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "repetition_penalty": (1.0,),
+    "logit_bias": (None, {}), "stop": (None, []), "stop_token_ids": (None, []),
+    "min_tokens": (0,),
+}
+
+
+def _check_no_sampling_fields(params: SamplingParams) -> None:
+    for name, neutral in _BEAM_NEUTRAL.items():
+        if getattr(params, name) not in neutral:
+            raise _not_with_beam_search(name)
+
+
+def _not_with_beam_search(name: str) -> RequestError:
+    return RequestError(f"{name} is not supported with use_beam_search: beams are ranked by raw "
+                        f"log-probabilities and end only at EOS or max_tokens; drop {name}",
+                        param=name)
 
 
 def _clamp(logprob: float) -> float:
