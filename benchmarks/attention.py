@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.attention import build_attention_metadata
-from pagedllm.attention.cpu_paged import CpuPagedAttention, kernel_load_error, load_kernel
+from pagedllm.attention.cpu_paged import CpuPagedAttention
+from pagedllm.ops import cpu_ops, cpu_ops_error
 from pagedllm.attention.torch_paged import TorchPagedAttention
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -187,8 +188,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    if load_kernel() is None:
-        raise SystemExit(f"cpu_paged kernel unavailable: {kernel_load_error()}")
+    if cpu_ops() is None:
+        raise SystemExit(f"cpu_paged kernel unavailable: {cpu_ops_error()}")
     print(f"kernel ready in {time.perf_counter() - t0:.1f} s (build or cached load)")
     load_before = os.getloadavg()[0]
     bandwidth = memory_bandwidth_gb_s()

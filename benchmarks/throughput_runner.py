@@ -40,7 +40,9 @@ def run_pagedllm(model: str, dtype: str, requests) -> tuple[float, float, int]:
 def run_vllm(model: str, dtype: str, requests) -> tuple[float, float, int]:
     from vllm import LLM, SamplingParams
 
-    return _run_vllm_style(LLM(model=model, dtype=dtype, seed=0), SamplingParams, requests)
+    # On CPU this fraction reserves host memory; vLLM's 0.92 default fails next to other processes.
+    llm = LLM(model=model, dtype=dtype, seed=0, gpu_memory_utilization=0.5)
+    return _run_vllm_style(llm, SamplingParams, requests)
 
 
 def run_transformers(model: str, dtype: str, requests, batch_sizes=(32, 64)):

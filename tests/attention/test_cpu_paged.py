@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from pagedllm.attention import build_attention_metadata, get_attention_backend
-from pagedllm.attention import cpu_paged
 from pagedllm.attention.cpu_paged import CpuPagedAttention
 from pagedllm.attention.torch_paged import TorchPagedAttention
+from pagedllm.ops import cpu_extension
 
 # (num_cached_tokens, query_len) per sequence, all in ONE batch.
 MIXED_BATCH = [
@@ -41,8 +41,8 @@ SMALL_BATCH = [(1500, 1), (700, 17)]
 
 @pytest.fixture(scope="module")
 def kernel() -> None:
-    if cpu_paged.load_kernel() is None:
-        pytest.skip(f"cpu_paged kernel unavailable: {cpu_paged.kernel_load_error()}")
+    if cpu_extension.cpu_ops() is None:
+        pytest.skip(f"cpu_paged kernel unavailable: {cpu_extension.cpu_ops_error()}")
 
 
 # The tests of the kernel itself; the registry and fallback tests below run without it.
@@ -204,11 +204,11 @@ def test_registry_knows_cpu_paged() -> None:
 
 def test_a_failed_build_is_not_retried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path))
-    build_dir = cpu_paged.build_directory()
+    build_dir = cpu_extension.build_directory()
     build_dir.mkdir(parents=True)
     (build_dir / "BUILD_FAILED").write_text("CalledProcessError: g++ exited 1\n")
     with pytest.raises(RuntimeError, match="earlier build failed.*delete it to retry"):
-        cpu_paged._build_or_load()
+        cpu_extension._build_or_load()
 
 
 def test_falls_back_to_reference_when_the_build_fails(
@@ -217,20 +217,20 @@ def test_falls_back_to_reference_when_the_build_fails(
     def broken_build() -> None:
         raise RuntimeError("no compiler here")
 
-    monkeypatch.delenv(cpu_paged.DISABLE_ENV, raising=False)
-    monkeypatch.setattr(cpu_paged, "_build_or_load", broken_build)
-    monkeypatch.setattr(cpu_paged, "_load_attempted", False)
-    monkeypatch.setattr(cpu_paged, "_op", None)
-    monkeypatch.setattr(cpu_paged, "_load_error", None)
+    monkeypatch.delenv(cpu_extension.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(cpu_extension, "_build_or_load", broken_build)
+    monkeypatch.setattr(cpu_extension, "_load_attempted", False)
+    monkeypatch.setattr(cpu_extension, "_ops", None)
+    monkeypatch.setattr(cpu_extension, "_load_error", None)
     metadata = build_attention_metadata([3], [3], [[1]], block_size=8)
     x = torch.randn(3, 2, 16)
     args = (2, 2, 16, 0.25, 8)
     kv_cache = torch.zeros(2, 2, 8, 2, 16)
-    with caplog.at_level("WARNING", logger="pagedllm.attention.cpu_paged"):
+    with caplog.at_level("WARNING", logger="pagedllm.ops.cpu_extension"):
         got = CpuPagedAttention(*args).forward(x, x, x, kv_cache, metadata)
         CpuPagedAttention(*args).forward(x, x, x, kv_cache.clone(), metadata)
     expected = TorchPagedAttention(*args).forward(x, x, x, torch.zeros_like(kv_cache), metadata)
     torch.testing.assert_close(got, expected)
     assert len(caplog.records) == 1  # warned once, not once per call
     assert "no compiler here" in caplog.records[0].message
-    assert cpu_paged.kernel_load_error() == "RuntimeError: no compiler here"
+    assert cpu_extension.cpu_ops_error() == "RuntimeError: no compiler here"

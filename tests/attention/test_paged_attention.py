@@ -18,6 +18,7 @@ from pagedllm.attention import (
     build_attention_metadata,
     get_attention_backend,
 )
+from pagedllm.attention.cpu_paged import CpuPagedAttention
 from pagedllm.attention.torch_paged import TorchPagedAttention
 
 HEAD_SIZE = 16
@@ -174,7 +175,8 @@ def test_build_attention_metadata_rejects_bad_input() -> None:
 def test_registry_resolves_known_and_rejects_unknown() -> None:
     assert DEFAULT_ATTENTION_BACKEND in available_attention_backends()
     backend_cls = get_attention_backend(DEFAULT_ATTENTION_BACKEND)
-    assert backend_cls is TorchPagedAttention
-    assert issubclass(backend_cls, AttentionBackend) and backend_cls.name == "torch_paged"
+    assert backend_cls is CpuPagedAttention  # the fused kernel is the default
+    assert issubclass(backend_cls, AttentionBackend) and backend_cls.name == "cpu_paged"
+    assert get_attention_backend("torch_paged") is TorchPagedAttention
     with pytest.raises(ValueError, match="Unknown attention backend 'nope'.*torch_paged"):
         get_attention_backend("nope")

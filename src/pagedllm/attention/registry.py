@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pagedllm.attention.backend import AttentionBackend
 
-DEFAULT_ATTENTION_BACKEND = "torch_paged"
+# The fused C++ kernel; it falls back to the torch_paged reference per call where it does not
+# apply (non-CPU tensors, fp16) or could not be built.
+DEFAULT_ATTENTION_BACKEND = "cpu_paged"
 
 # backend name -> "module:Class" of its AttentionBackend subclass
 _ATTENTION_BACKENDS: dict[str, str] = {

@@ -74,8 +74,8 @@ class SampledToken:
     token_id: int
     # Log-probability of token_id under the model's raw distribution.
     logprob: float
-    # 1-based rank of token_id in that distribution.
-    rank: int
+    # 1-based rank of token_id in that distribution; None when logprobs were not asked for.
+    rank: int | None
     # The k most likely (token_id, logprob) pairs, most likely first, when logprobs=k was asked.
     top_logprobs: list[tuple[int, float]] | None
 

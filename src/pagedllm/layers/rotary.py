@@ -7,6 +7,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from pagedllm.layers.native import native_ops
+
 # NOTE: dynamic and longrope scaling change the frequencies with the sequence length, which a
 # single table cannot express; they are refused at load time rather than computed wrongly.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -55,10 +57,27 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [num_tokens]; query: [num_tokens, heads, head];
-        # key: [num_tokens, kv_heads, head]
+        # key: [num_tokens, kv_heads, head]. The fused path rotates query and key in place.
+        ops = native_ops(query, key) if query.dtype == key.dtype else None
+        if ops is not None:
+            cos_table, sin_table = self._float_tables()
+            ops.rotary_embedding(positions, query, key, cos_table, sin_table)
+            return query, key
         cos = self.cos_cache[positions].to(query.dtype).unsqueeze(1)  # [num_tokens, 1, head]
         sin = self.sin_cache[positions].to(query.dtype).unsqueeze(1)
         return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+
+
+    def _float_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # The fused op reads fp32 tables; a bf16 model's buffers are converted once (exactly:
+        # bf16 -> fp32 -> bf16 round-trips, so results match the torch path's bf16 tables).
+        if self.cos_cache.dtype == torch.float32:
+            return self.cos_cache, self.sin_cache
+        cached = getattr(self, "_float_cache", None)
+        if cached is None or cached[0].shape != self.cos_cache.shape:
+            cached = (self.cos_cache.float(), self.sin_cache.float())
+            self._float_cache = cached
+        return cached
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

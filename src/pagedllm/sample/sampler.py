@@ -60,8 +60,9 @@ class SamplerOutput:
     sampled_token_ids: list[int]
     # [num_rows] log_softmax(raw logits)[chosen token]; penalties/temperature not applied.
     sampled_logprobs: list[float]
-    # [num_rows] 1-based rank of the chosen token in the raw distribution (1 = most likely).
-    sampled_ranks: list[int]
+    # [num_rows] 1-based rank of the chosen token in the raw distribution (1 = most likely);
+    # None for rows that did not ask for logprobs (ranking costs a pass over the vocabulary).
+    sampled_ranks: list[int | None]
     # [num_rows] the k = params.logprobs best raw (token_id, logprob), descending;
     # None when params.logprobs is None, [] when it is 0.
     top_logprobs: list[list[tuple[int, float]] | None]
@@ -124,14 +125,22 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == batch.num_rows, (
             f"logits {tuple(logits.shape)} do not match {batch.num_rows} rows"
         )
-        raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+        logits = logits.float()
         processed = self.process_logits(logits, batch)  # [R, V]
         token_ids = self._pick_tokens(processed, batch)  # [R]
-        return self._gather_logprobs(raw_logprobs, token_ids, batch.params)
+        return self._gather_logprobs(logits, token_ids, batch.params)
 
     def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Returns a float32 copy of the logits with bias, penalties and min_tokens applied."""
+        """Returns float32 logits with bias, penalties and min_tokens applied.
+
+        The input is never modified: it is copied first unless nothing applies and every row is
+        greedy (then the input itself is returned, since greedy picking does not write to it).
+        """
         params = batch.params
+        if not any(
+            p.logit_bias or _has_penalties(p) or not p.is_greedy for p in params
+        ) and not any(batch.min_tokens_stop_ids):
+            return logits.float()
         logits = logits.to(torch.float32, copy=True)
         apply_logit_bias(logits, [p.logit_bias for p in params])
 
@@ -241,30 +250,42 @@ class Sampler:
 
     @staticmethod
     def _gather_logprobs(
-        raw_logprobs: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+        logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
     ) -> SamplerOutput:
-        chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [R, 1]
-        # Rank = 1 + number of tokens strictly more likely (ties share the better rank).
-        ranks = (raw_logprobs > chosen).sum(dim=-1) + 1  # [R]
-        max_k = max((p.logprobs or 0 for p in params), default=0)
-        max_k = min(max_k, raw_logprobs.shape[1])
-        top_values = top_ids = None
-        if max_k > 0:
-            top_values, top_ids = raw_logprobs.topk(max_k, dim=-1)  # [R, max_k], descending
-            top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        """Log-probabilities of the chosen tokens under the raw logits.
 
-        top_logprobs: list[list[tuple[int, float]] | None] = []
-        for row, p in enumerate(params):
-            if p.logprobs is None:
-                top_logprobs.append(None)
-            elif p.logprobs == 0 or top_ids is None:
-                top_logprobs.append([])
-            else:
-                k = p.logprobs
-                top_logprobs.append(list(zip(top_ids[row][:k], top_values[row][:k])))
+        A full log_softmax (with ranks and top-k) runs only over the rows that asked for
+        logprobs; the other rows need just the chosen token's logprob (for cumulative_logprob),
+        which logsumexp gives without materialising a [R, V] tensor.
+        """
+        num_rows = len(params)
+        chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [R]
+        chosen = (chosen_logits - torch.logsumexp(logits, dim=-1)).tolist()
+        ranks: list[int | None] = [None] * num_rows
+        top_logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            raw = torch.log_softmax(logits[index], dim=-1)  # [L, V]
+            row_chosen = raw.gather(1, token_ids[index].unsqueeze(1))  # [L, 1]
+            # Rank = 1 + number of tokens strictly more likely (ties share the better rank).
+            row_ranks = ((raw > row_chosen).sum(dim=-1) + 1).tolist()
+            max_k = min(max(params[i].logprobs for i in rows), raw.shape[1])
+            top_values = top_ids = None
+            if max_k > 0:
+                top_values, top_ids = raw.topk(max_k, dim=-1)  # [L, max_k], descending
+                top_values, top_ids = top_values.tolist(), top_ids.tolist()
+            for j, row in enumerate(rows):
+                chosen[row] = row_chosen[j, 0].item()
+                ranks[row] = row_ranks[j]
+                k = params[row].logprobs
+                top_logprobs[row] = (
+                    [] if k == 0 or top_ids is None
+                    else list(zip(top_ids[j][:k], top_values[j][:k]))
+                )
         return SamplerOutput(
             sampled_token_ids=token_ids.tolist(),
-            sampled_logprobs=chosen.squeeze(1).tolist(),
-            sampled_ranks=ranks.tolist(),
+            sampled_logprobs=chosen,
+            sampled_ranks=ranks,
             top_logprobs=top_logprobs,
         )

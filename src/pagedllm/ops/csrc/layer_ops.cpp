@@ -1,0 +1,241 @@
+// Fused elementwise ops of a decoder layer (RMSNorm, residual add + RMSNorm, SiLU-and-mul,
+// rotary embedding). Eager PyTorch runs each of them as 4-7 kernels with a temporary each;
+// one pass over the data here saves that memory traffic on every layer of every step.
+//
+// Rounding follows the torch code they replace (see pagedllm/layers/): math in fp32, and for
+// bf16 tensors a rounding to bf16 wherever the torch version stores a bf16 intermediate.
+
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include "vec.h"
+
+namespace pagedllm {
+namespace {
+
+using vec::bf16_t;
+using vec::bf16_to_float;
+using vec::float_to_bf16;
+
+inline float load1(const float* p, int64_t i) { return p[i]; }
+inline float load1(const bf16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+inline void store1(float* p, int64_t i, float x) { p[i] = x; }
+inline void store1(bf16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+// The value a torch op storing into T would keep.
+inline float round_to(float x, const float*) { return x; }
+inline float round_to(float x, const bf16_t*) { return bf16_to_float(float_to_bf16(x)); }
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+template <typename T>
+T* mut_ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// Rows of work per OpenMP task: small batches (decode) stay on the calling thread.
+constexpr int64_t kGrain = 16;
+
+void check_rows(const at::Tensor& t, int64_t width, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(1) == width && t.stride(1) == 1,
+              name, " must be a CPU [rows, ", width, "] tensor with a contiguous last dim");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16");
+}
+
+// out = weight * round(x * rsqrt(mean(x^2) + eps)), row by row.
+template <typename T, typename W>
+void rms_norm_rows(T* out, int64_t out_stride, const T* x, int64_t x_stride, const W* weight,
+                   int64_t rows, int64_t width, float eps) {
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * x_stride;
+      T* outr = out + r * out_stride;
+      float sum = 0.0f;
+      for (int64_t i = 0; i < width; ++i) {
+        const float v = load1(xr, i);
+        sum += v * v;
+      }
+      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
+      for (int64_t i = 0; i < width; ++i) {
+        const float normed = round_to(load1(xr, i) * inv, xr);
+        store1(outr, i, load1(weight, i) * normed);
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch(const at::Tensor& x, const at::Tensor& weight, F&& body) {
+  TORCH_CHECK(weight.dim() == 1 && weight.is_contiguous(), "weight must be contiguous 1-D");
+  const bool x_bf16 = x.scalar_type() == at::kBFloat16;
+  const bool w_bf16 = weight.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || w_bf16, "weight must be float32 or bfloat16");
+  if (x_bf16 && w_bf16) body(bf16_t{}, bf16_t{});
+  else if (x_bf16) body(bf16_t{}, float{});
+  else if (w_bf16) body(float{}, bf16_t{});
+  else body(float{}, float{});
+}
+
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t width = weight.numel();
+  check_rows(x, width, "x");
+  check_rows(out, width, "out");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.size(0) == x.size(0),
+              "out must match x");
+  dispatch(x, weight, [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
+    rms_norm_rows<T, W>(mut_ptr<T>(out), out.stride(0), ptr<T>(x), x.stride(0), ptr<W>(weight),
+                        x.size(0), width, static_cast<float>(eps));
+  });
+}
+
+// residual += x; x = rms_norm(residual): the add before each norm of a pre-norm block.
+void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight,
+                        double eps) {
+  const int64_t width = weight.numel();
+  check_rows(x, width, "x");
+  check_rows(residual, width, "residual");
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && residual.size(0) == x.size(0),
+              "residual must match x");
+  dispatch(x, weight, [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
+    T* xp = mut_ptr<T>(x);
+    T* rp = mut_ptr<T>(residual);
+    const int64_t xs = x.stride(0), rs = residual.stride(0);
+    at::parallel_for(0, x.size(0), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t i = 0; i < width; ++i) {
+          store1(rp + r * rs, i, load1(rp + r * rs, i) + load1(xp + r * xs, i));
+        }
+      }
+    });
+    rms_norm_rows<T, W>(xp, xs, rp, rs, ptr<W>(weight), x.size(0), width,
+                        static_cast<float>(eps));
+  });
+}
+
+// out[:, i] = silu(x[:, i]) * x[:, d + i] for x = [gate | up] of width 2d.
+void silu_and_mul(at::Tensor out, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "x must be [rows, 2 * d]");
+  const int64_t d = x.size(1) / 2;
+  check_rows(x, 2 * d, "x");
+  check_rows(out, d, "out");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.size(0) == x.size(0),
+              "out must match x");
+  const auto body = [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = ptr<T>(x);
+    T* op = mut_ptr<T>(out);
+    const int64_t xs = x.stride(0), os = out.stride(0);
+    at::parallel_for(0, x.size(0), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* gate = xp + r * xs;
+        const T* up = gate + d;
+        T* o = op + r * os;
+        int64_t i = 0;
+        if constexpr (std::is_same_v<T, float>) {
+          for (; i + vec::kLanes <= d; i += vec::kLanes) {
+            const vec::vfloat g = vec::load(gate + i);
+            const vec::vfloat s = g / (1.0f + vec::vexp(-g));
+            vec::store(o + i, s * vec::load(up + i));
+          }
+        }
+        for (; i < d; ++i) {
+          const float g = load1(gate, i);
+          const float s = round_to(g / (1.0f + std::exp(-g)), gate);
+          store1(o, i, s * load1(up, i));
+        }
+      }
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16) body(bf16_t{}); else body(float{});
+}
+
+// NeoX-style (rotate-half) RoPE, in place: for each head, with h = head_size / 2,
+//   x[i] <- x[i] * cos[i] - x[i + h] * sin[i],  x[i + h] <- x[i + h] * cos[i + h] + x[i] * sin[i + h]
+// cos/sin: fp32 [max_position, head_size] tables (already scaled), indexed by positions.
+template <typename T>
+void rotate_heads(T* base, int64_t token_stride, int64_t head_stride, int64_t num_heads,
+                  int64_t head_size, const float* cos, const float* sin, const int64_t* positions,
+                  int64_t num_tokens) {
+  const int64_t h = head_size / 2;
+  at::parallel_for(0, num_tokens, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos + positions[t] * head_size;
+      const float* s = sin + positions[t] * head_size;
+      for (int64_t head = 0; head < num_heads; ++head) {
+        T* x = base + t * token_stride + head * head_stride;
+        for (int64_t i = 0; i < h; ++i) {
+          const float a = load1(x, i), b = load1(x, i + h);
+          // The torch version: x * cos + rotate_half(x) * sin, each product stored in T.
+          const float ca = round_to(c[i], x), sa = round_to(s[i], x);
+          const float cb = round_to(c[i + h], x), sb = round_to(s[i + h], x);
+          store1(x, i, round_to(a * ca, x) + round_to(-b * sa, x));
+          store1(x, i + h, round_to(b * cb, x) + round_to(a * sb, x));
+        }
+      }
+    }
+  });
+}
+
+void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor key,
+                      const at::Tensor& cos_cache, const at::Tensor& sin_cache) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                  positions.dim() == 1,
+              "positions must be contiguous int64 [num_tokens]");
+  const int64_t num_tokens = positions.numel();
+  for (const at::Tensor* t : {&query, &key}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 3 && t->size(0) == num_tokens &&
+                    t->stride(2) == 1,
+                "query/key must be CPU [num_tokens, heads, head_size] with a contiguous last dim");
+    TORCH_CHECK(t->scalar_type() == query.scalar_type() &&
+                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16),
+                "query and key must both be float32 or both bfloat16");
+  }
+  const int64_t head_size = query.size(2);
+  TORCH_CHECK(key.size(2) == head_size && head_size % 2 == 0, "head_size must be even");
+  for (const at::Tensor* t : {&cos_cache, &sin_cache}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(1) == head_size,
+                "cos/sin caches must be contiguous float32 [max_position, head_size]");
+  }
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t max_position = cos_cache.size(0);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, "position ", pos[t], " out of range");
+  }
+  const float* c = cos_cache.data_ptr<float>();
+  const float* s = sin_cache.data_ptr<float>();
+  const auto body = [&](auto tag) {
+    using T = decltype(tag);
+    for (const at::Tensor* t : {&query, &key}) {
+      rotate_heads<T>(mut_ptr<T>(*t), t->stride(0), t->stride(1), t->size(1), head_size, c, s,
+                      pos, num_tokens);
+    }
+  };
+  if (query.scalar_type() == at::kBFloat16) body(bf16_t{}); else body(float{});
+}
+
+}  // namespace
+}  // namespace pagedllm
+
+TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
+  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
+  m.def(
+      "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_cache, "
+      "Tensor sin_cache) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
+  m.impl("rms_norm", &pagedllm::rms_norm);
+  m.impl("fused_add_rms_norm", &pagedllm::fused_add_rms_norm);
+  m.impl("silu_and_mul", &pagedllm::silu_and_mul);
+  m.impl("rotary_embedding", &pagedllm::rotary_embedding);
+}
