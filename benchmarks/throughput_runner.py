@@ -19,97 +19,134 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS  # noqa: E402
 
 
-def _run_vllm_style(llm, sampling_params_cls, requests) -> tuple[float, float, int]:
-    """pagedllm and vLLM share the offline API: time one generate over every request."""
-    ready = time.perf_counter()
-    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    params = [sampling_params_cls(temperature=0, max_tokens=r.output_len, ignore_eos=True)
-              for r in requests]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    return ready - PROCESS_START, elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
+def _warm_prompt() -> list[int]:
+    return list(range(1000, 1016))
 
 
-def run_pagedllm(model: str, dtype: str, requests) -> tuple[float, float, int]:
+class OfflineAPIEngine:
+    """pagedllm and vLLM share the offline API: one generate over every request of a workload."""
+
+    def __init__(self, llm, sampling_params_cls) -> None:
+        self.llm = llm
+        self.params_cls = sampling_params_cls
+
+    def first_token(self) -> None:
+        params = self.params_cls(temperature=0, max_tokens=1, ignore_eos=True)
+        self.llm.generate([{"prompt_token_ids": _warm_prompt()}], params, use_tqdm=False)
+
+    def run(self, requests) -> tuple[float, int]:
+        prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+        params = [self.params_cls(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+                  for r in requests]
+        start = time.perf_counter()
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
+def load_pagedllm(model: str, dtype: str) -> OfflineAPIEngine:
     from pagedllm import LLM, SamplingParams
 
-    return _run_vllm_style(LLM(model, dtype=dtype), SamplingParams, requests)
+    return OfflineAPIEngine(LLM(model, dtype=dtype), SamplingParams)
 
 
-def run_vllm(model: str, dtype: str, requests) -> tuple[float, float, int]:
+def load_vllm(model: str, dtype: str) -> OfflineAPIEngine:
     from vllm import LLM, SamplingParams
 
     # On CPU this fraction reserves host memory; vLLM's 0.92 default fails next to other processes.
     llm = LLM(model=model, dtype=dtype, seed=0, gpu_memory_utilization=0.5)
-    return _run_vllm_style(llm, SamplingParams, requests)
+    return OfflineAPIEngine(llm, SamplingParams)
 
 
-def run_transformers(model: str, dtype: str, requests, batch_sizes=(32, 64)):
+class TransformersStatic:
     """Static batching: left padding, each batch generates its longest requested output.
 
     Requests are sorted by prompt length to limit padding; only requested tokens count. The
-    best batch size is kept (the others are reported on stderr).
+    best of the batch sizes tried is kept (the others are reported on stderr).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
-    hf.generation_config.eos_token_id = None
-    ready = time.perf_counter()
-    ordered = sorted(requests, key=lambda r: len(r.prompt_token_ids))
-    best = None
-    for batch_size in batch_sizes:
-        start = time.perf_counter()
+    def __init__(self, model: str, dtype: str, batch_sizes=(32, 64)) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+        self.hf.generation_config.eos_token_id = None
+        self.batch_sizes = batch_sizes
+
+    def _generate(self, batch) -> None:
+        torch = self.torch
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.tensor([[0] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids
+                            for r in batch])
+        mask = (torch.arange(width)[None, :]
+                >= torch.tensor([width - len(r.prompt_token_ids) for r in batch])[:, None])
+        new = max(r.output_len for r in batch)
         with torch.inference_mode():
+            self.hf.generate(ids, attention_mask=mask.long(), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    def first_token(self) -> None:
+        from workloads import BenchRequest
+
+        self._generate([BenchRequest(_warm_prompt(), 1)])
+
+    def run(self, requests) -> tuple[float, int]:
+        ordered = sorted(requests, key=lambda r: len(r.prompt_token_ids))
+        best = None
+        for batch_size in sorted({min(b, len(requests)) for b in self.batch_sizes}):
+            start = time.perf_counter()
             for i in range(0, len(ordered), batch_size):
-                batch = ordered[i : i + batch_size]
-                width = max(len(r.prompt_token_ids) for r in batch)
-                ids = torch.tensor([[0] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids
-                                    for r in batch])
-                mask = (torch.arange(width)[None, :]
-                        >= torch.tensor([width - len(r.prompt_token_ids) for r in batch])[:, None])
-                new = max(r.output_len for r in batch)
-                hf.generate(ids, attention_mask=mask.long(), max_new_tokens=new,
-                            min_new_tokens=new, do_sample=False, pad_token_id=0)
-        elapsed = time.perf_counter() - start
-        print(f"transformers batch {batch_size}: {elapsed:.1f} s", file=sys.stderr)
-        if best is None or elapsed < best:
-            best = elapsed
-    return ready - PROCESS_START, best, sum(r.output_len for r in requests)
+                self._generate(ordered[i : i + batch_size])
+            elapsed = time.perf_counter() - start
+            print(f"transformers batch {batch_size}: {elapsed:.1f} s", file=sys.stderr)
+            best = elapsed if best is None else min(best, elapsed)
+        return best, sum(r.output_len for r in requests)
 
 
-RUNNERS = {"pagedllm": run_pagedllm, "vllm": run_vllm, "transformers": run_transformers}
+LOADERS = {"pagedllm": load_pagedllm, "vllm": load_vllm, "transformers": TransformersStatic}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--engine", required=True, choices=sorted(RUNNERS))
-    parser.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
+    parser.add_argument("--engine", required=True, choices=sorted(LOADERS))
+    parser.add_argument("--workloads", required=True, nargs="+", choices=sorted(WORKLOADS))
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--num-requests", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    kwargs = {"num_requests": args.num_requests} if args.num_requests else {}
-    requests = WORKLOADS[args.workload](**kwargs)
-    startup, elapsed, num_output = RUNNERS[args.engine](args.model, args.dtype, requests)
-    num_prompt = sum(len(r.prompt_token_ids) for r in requests)
-    result = {
-        "engine": args.engine,
-        "workload": args.workload,
-        "num_requests": len(requests),
-        "prompt_tokens": num_prompt,
-        "output_tokens": num_output,
-        "elapsed_s": elapsed,
-        "requests_per_s": len(requests) / elapsed,
-        "output_tokens_per_s": num_output / elapsed,
-        "total_tokens_per_s": (num_prompt + num_output) / elapsed,
-        "startup_s": startup,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-    }
-    Path(args.out).write_text(json.dumps(result))
-    print(json.dumps(result), file=sys.stderr)
+    # One process runs every workload, so slow start-ups (vLLM compiles) are paid once.
+    engine = LOADERS[args.engine](args.model, args.dtype)
+    startup = time.perf_counter() - PROCESS_START
+    engine.first_token()
+    first_token = time.perf_counter() - PROCESS_START
+    results = []
+    for workload in args.workloads:
+        kwargs = {"num_requests": args.num_requests} if args.num_requests else {}
+        if workload == "single":
+            kwargs = {}
+        requests = WORKLOADS[workload](**kwargs)
+        elapsed, num_output = engine.run(requests)
+        num_prompt = sum(len(r.prompt_token_ids) for r in requests)
+        results.append({
+            "engine": args.engine,
+            "dtype": args.dtype,
+            "workload": workload,
+            "num_requests": len(requests),
+            "prompt_tokens": num_prompt,
+            "output_tokens": num_output,
+            "elapsed_s": elapsed,
+            "requests_per_s": len(requests) / elapsed,
+            "output_tokens_per_s": num_output / elapsed,
+            "total_tokens_per_s": (num_prompt + num_output) / elapsed,
+            "startup_s": startup,
+            "first_token_s": first_token,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        })
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        # Written after each workload, so a later failure keeps the finished ones.
+        Path(args.out).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -38,4 +38,13 @@ def sharegpt_like_workload(num_requests: int = 128, mean_input: float = 160,
     return requests
 
 
-WORKLOADS = {"fixed": fixed_workload, "sharegpt-like": sharegpt_like_workload}
+def single_workload(seed: int = 0) -> list[BenchRequest]:
+    """One request alone (128 in / 128 out): memory-bound decode, per-step overhead shows."""
+    return fixed_workload(num_requests=1, seed=seed)
+
+
+WORKLOADS = {
+    "fixed": fixed_workload,
+    "sharegpt-like": sharegpt_like_workload,
+    "single": single_workload,
+}

@@ -13,6 +13,7 @@ from transformers import LlamaConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.layers.activation import silu_and_mul
+from pagedllm.layers.linear import Linear, PackedWeight, pack_linear_layers, try_pack
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
 
@@ -29,9 +30,9 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_size
         bias = getattr(config, "attention_bias", False)
         # Fused [q | k | v] projection; the loader packs q_proj, k_proj and v_proj into it.
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.qkv_proj.shard_sizes = [self.q_size, self.kv_size, self.kv_size]
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=bias)
         self.rotary = rotary
         self.backend = backend
 
@@ -58,9 +59,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         # Fused [gate | up] projection; the loader packs gate_proj and up_proj into it.
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.gate_up_proj.shard_sizes = [config.intermediate_size, config.intermediate_size]
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -130,8 +131,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if self.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        # A packed copy of the tied embedding for the LM head, set by pack_weights().
+        self.tied_lm_head: PackedWeight | None = None
 
     def forward(
         self,
@@ -152,5 +155,20 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden_size] -> logits: [num_rows, vocab_size] in float32
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        if self.tied_lm_head is not None:
+            return self.tied_lm_head(hidden).float()
+        return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
+
+    def pack_weights(self) -> int:
+        """Packs every projection and the LM head for oneDNN (CPU only, after loading).
+
+        A tied LM head gets a packed copy; the embedding keeps the plain table for lookups.
+        Returns the number of weights packed.
+        """
+        count = pack_linear_layers(self)
+        if self.lm_head is None:
+            self.tied_lm_head = try_pack(self.embed_tokens.weight)
+            count += self.tied_lm_head is not None
+        return count

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 EXTENSION_NAME = "pagedllm_cpu_ops"
 _CSRC_DIR = Path(__file__).parent / "csrc"
-_SOURCES = ("paged_attention.cpp", "layer_ops.cpp")  # compiled; they include vec.h
+_SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "gemv.cpp")  # compiled; they include vec.h
 _HEADERS = ("vec.h",)
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unknown-pragmas")
 _LDFLAGS = ("-fopenmp",)

@@ -37,6 +37,8 @@ class Worker:
             num_heads, num_kv_heads, head_size, head_size**-0.5, config.block_size
         )
         self.model = build_model(hf_config, model_dir, backend, max_model_len, dtype, self.device)
+        if self.device.type == "cpu" and hasattr(self.model, "pack_weights"):
+            self.model.pack_weights()
         spec = KVCacheSpec(
             num_layers=hf_config.num_hidden_layers,
             num_kv_heads=num_kv_heads,
