@@ -10,6 +10,7 @@ PNG (needs matplotlib: `pip install matplotlib`).
     python benchmarks/serving.py --quick
     python benchmarks/serving.py --request-rates 0.25 0.5 1 2 --num-prompts 100
     python benchmarks/serving.py --vllm-python /path/to/vllm-venv/bin/python   # adds vLLM
+    python benchmarks/serving.py --servers pagedllm:bfloat16 vllm:float32 --vllm-python ...
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --label mine  # running server
 
 Servers it launches run one after another on free 127.0.0.1 ports and are stopped with SIGTERM.
@@ -219,22 +220,26 @@ class LaunchedServer:
         self._log.close()
 
 
-def launch(name: str, args: argparse.Namespace, log_dir: Path) -> LaunchedServer:
+def launch(name: str, dtype: str, args: argparse.Namespace, log_dir: Path) -> LaunchedServer:
     port = free_port()
     if name == "pagedllm":
         cmd = [sys.executable, "-m", "pagedllm", "serve", args.model, "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", args.dtype, "--served-model-name", SERVED_NAME,
+               "--port", str(port), "--dtype", dtype, "--served-model-name", SERVED_NAME,
                "--uvicorn-log-level", "warning", *args.pagedllm_args.split()]
         env = {"PYTHONPATH": str(HERE.parent / "src") + os.pathsep
                + os.environ.get("PYTHONPATH", ""), "TOKENIZERS_PARALLELISM": "false"}
     elif name == "vllm":
+        # Its best setting on a small CPU: both cores compute (none reserved for the frontend);
+        # half the host memory for it, since its 0.92 default fails next to other processes.
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
-               args.model, "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
-               "--served-model-name", SERVED_NAME, *args.vllm_args.split()]
-        env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+               args.model, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+               "--served-model-name", SERVED_NAME, "--gpu-memory-utilization", "0.5",
+               *args.vllm_args.split()]
+        env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     else:
         raise ValueError(f"unknown server {name!r}")
-    return LaunchedServer(name, cmd, port, log_dir / f"{name}.log", env)
+    return LaunchedServer(name, cmd, port, log_dir / f"{name}-{dtype}.log", env)
 
 
 def served_model_name(base_url: str) -> str:
@@ -325,8 +330,9 @@ def check_local(url: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", nargs="+", default=["pagedllm"], choices=["pagedllm", "vllm"],
-                        help="servers to launch, one after another")
+    parser.add_argument("--servers", nargs="+", default=["pagedllm"],
+                        help="servers to launch, one after another: pagedllm or vllm, optionally "
+                             "with a dtype (vllm:float32); --dtype otherwise")
     parser.add_argument("--base-url", type=check_local, default=None,
                         help="benchmark this running server instead of launching any")
     parser.add_argument("--label", default="server", help="name of the --base-url server")
@@ -360,7 +366,11 @@ def main() -> None:
     if args.quick:
         args.num_prompts, args.request_rates = 12, [0.5, 1.0, 2.0]
         args.mean_input_len, args.mean_output_len, args.max_total_len = 40, 24, 128
-    if args.vllm_python and "vllm" not in args.servers:
+    for spec in args.servers:
+        name, _, dtype = spec.partition(":")
+        if name not in ("pagedllm", "vllm") or dtype not in ("", "float32", "bfloat16"):
+            parser.error(f"bad server {spec!r}: pagedllm or vllm[:float32|bfloat16]")
+    if args.vllm_python and not any(s.startswith("vllm") for s in args.servers):
         args.servers.append("vllm")
     if args.model is None and args.base_url is None:
         sys.path.insert(0, str(HERE.parent / "src"))
@@ -382,15 +392,18 @@ def main() -> None:
         model = args.model_name or served_model_name(args.base_url)
         rows += bench_server(args.label, args.base_url, model, args, requests)
     else:
-        for name in args.servers:
+        for spec in args.servers:
+            name, _, dtype = spec.partition(":")
+            dtype = dtype or args.dtype
+            label = f"{name} ({dtype})"
             try:
-                server = launch(name, args, log_dir)
+                server = launch(name, dtype, args, log_dir)
             except (RuntimeError, TimeoutError) as exc:
-                print(f"    {name} failed to start: {exc}", flush=True)
+                print(f"    {label} failed to start: {exc}", flush=True)
                 continue
             try:
-                startup[name] = server.startup_s
-                rows += bench_server(name, server.base_url, SERVED_NAME, args, requests)
+                startup[label] = server.startup_s
+                rows += bench_server(label, server.base_url, SERVED_NAME, args, requests)
             finally:
                 server.stop()
     if not rows:

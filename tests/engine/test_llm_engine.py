@@ -186,6 +186,30 @@ def test_generate_rejects_a_request_larger_than_the_whole_cache(tiny_dir):
     assert len(out[0].outputs[0].token_ids) == 54
 
 
+def test_groups_that_could_never_be_scheduled_are_refused(tiny_dir):
+    """A sequence group runs whole: wider than max_num_seqs, or larger than the cache in the
+    worst case, it would wait forever, so it is refused up front and the others still run."""
+    from pagedllm import BeamSearchParams
+
+    small = LLM(str(tiny_dir), num_kv_blocks=16, block_size=8, max_num_seqs=2)  # 128 slots
+    prompt = {"prompt_token_ids": [5] * 10}
+    with pytest.raises(ValueError, match="3 sequences at once.*max_num_seqs is 2"):
+        small.generate(prompt, SamplingParams(n=3, temperature=1.0), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_num_seqs is 2"):
+        small.generate(prompt, SamplingParams(n=1, best_of=3, temperature=1.0), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_num_seqs is 2"):
+        small.beam_search(prompt, BeamSearchParams(beam_width=3, max_tokens=4))
+    with pytest.raises(ValueError, match="2 sequences of up to 60 .*KV cache slots"):
+        small.generate(prompt, SamplingParams(n=2, temperature=1.0, max_tokens=60),
+                       use_tqdm=False)
+    with pytest.raises(ValueError, match="KV cache slots"):
+        small.beam_search(prompt, BeamSearchParams(beam_width=2, max_tokens=60))
+    out = small.generate(prompt, SamplingParams(n=2, temperature=1.0, max_tokens=40,
+                                                ignore_eos=True), use_tqdm=False)
+    assert [len(o.token_ids) for o in out[0].outputs] == [40, 40]
+    assert_all_blocks_free(small)
+
+
 def test_invalid_sampling_params_name_the_field():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)

@@ -31,13 +31,21 @@ class InputProcessor:
         vocab_size: int,
         max_model_len: int,
         kv_capacity_tokens: int,
+        block_size: int = 16,
+        max_num_seqs: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.kv_capacity_tokens = kv_capacity_tokens
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
 
-    def process(self, prompt: PromptType, sampling_params: SamplingParams) -> ProcessedPrompt:
+    def process(
+        self, prompt: PromptType, sampling_params: SamplingParams, width: int | None = None
+    ) -> ProcessedPrompt:
+        """Validates one request; `width` is how many sequences it runs at once (default:
+        best_of or n; the beam width for beam search)."""
         if not isinstance(sampling_params, SamplingParams):
             raise ValueError(
                 f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}"
@@ -70,7 +78,30 @@ class InputProcessor:
                 f"{max_tokens} generated) but the whole cache holds {self.kv_capacity_tokens}: "
                 "raise num_kv_blocks or kv_cache_memory_bytes, or lower max_tokens"
             )
+        if width is None:
+            width = sampling_params.best_of or sampling_params.n
+        self._check_fits(num_prompt, max_tokens, width)
         return ProcessedPrompt(prompt=text, prompt_token_ids=list(token_ids), max_tokens=max_tokens)
+
+    def _check_fits(self, num_prompt: int, max_tokens: int, width: int) -> None:
+        """A sequence group is scheduled whole, so one that can never fit would wait forever."""
+        if self.max_num_seqs is not None and width > self.max_num_seqs:
+            raise ValueError(
+                f"request runs {width} sequences at once (n / best_of / beam width) but "
+                f"max_num_seqs is {self.max_num_seqs}: lower it or raise max_num_seqs"
+            )
+        if width == 1:
+            return
+        # Worst case the sequences share only the prompt's blocks and each fills its own.
+        bs = self.block_size
+        blocks = -(-num_prompt // bs) + width * (-(-max_tokens // bs) + 1)
+        if blocks * bs > self.kv_capacity_tokens:
+            raise ValueError(
+                f"{width} sequences of up to {max_tokens} generated tokens may need "
+                f"{blocks * bs} KV cache slots but the whole cache holds "
+                f"{self.kv_capacity_tokens}: lower n / best_of / beam width or max_tokens, or "
+                "raise num_kv_blocks or kv_cache_memory_bytes"
+            )
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

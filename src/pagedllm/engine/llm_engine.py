@@ -113,6 +113,8 @@ class LLMEngine:
             vocab_size=hf_config.vocab_size,
             max_model_len=self.max_model_len,
             kv_capacity_tokens=num_blocks * config.block_size,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         eos = self.tokenizer.eos_token_id
@@ -180,7 +182,7 @@ class LLMEngine:
         # beam; EOS and length are judged by the beam search itself.
         sampling = SamplingParams(temperature=0.0, max_tokens=params.max_tokens,
                                   logprobs=2 * params.beam_width, ignore_eos=True)
-        processed = self.input_processor.process(prompt, sampling)
+        processed = self.input_processor.process(prompt, sampling, width=params.beam_width)
         if processed.max_tokens < params.max_tokens:
             params = dataclasses.replace(params, max_tokens=processed.max_tokens)
         self._queue(request_id, processed, sampling, None, beam_search=params)

@@ -147,7 +147,7 @@ class LLM:
         check = SamplingParams(temperature=0.0, max_tokens=params.max_tokens)
         for index, prompt in enumerate(prompts):
             try:
-                engine.input_processor.process(prompt, check)
+                engine.input_processor.process(prompt, check, width=params.beam_width)
             except ValueError as exc:
                 raise ValueError(f"prompt {index}: {exc}") from None
         request_ids = [f"beam-{next(self._request_counter)}" for _ in prompts]

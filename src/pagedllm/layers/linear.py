@@ -1,11 +1,12 @@
 """Linear layers whose CPU forward runs on a weight reordered once for oneDNN.
 
-`F.linear` on CPU re-reads the weight in its plain layout on every call; a weight packed once
-into oneDNN's blocked layout runs the decode-sized GEMMs of this engine about twice as fast
-(see docs/benchmarks.md). On CPUs without a bf16 GEMM (no AVX-512 / AVX-NE-CONVERT), where
-torch's bf16 matmul falls back to a slow path, a bf16 layer keeps a packed fp32 copy of its
-weight instead: bf16 inputs are exact in fp32 and a bf16 GEMM accumulates in fp32 anyway, so
-the result is the bf16 GEMM's up to summation order, at the cost of 4 bytes per weight.
+A weight packed once into oneDNN's blocked layout runs prefill-sized GEMMs faster than
+`F.linear` on the plain weight (about 136 against 100 GFLOP/s at 2048 rows here) and
+decode-sized ones about as fast (benchmarks/linear.py, docs/benchmarks.md). It matters most
+on CPUs without a bf16 GEMM (no AVX-512 / AVX-NE-CONVERT), where torch's bf16 matmul falls back
+to a path 10-100x slower: there a bf16 layer keeps a packed fp32 copy of its weight. bf16
+inputs are exact in fp32 and a bf16 GEMM accumulates in fp32 anyway, so the result is the bf16
+GEMM's up to summation order, at the cost of 4 bytes per weight.
 
 A call with at most FEW_ROWS rows (decode of a few sequences) is bound by reading the weight,
 not by arithmetic: it goes to pagedllm's weight-streaming kernel over the plain weight
@@ -54,9 +55,17 @@ class PackedWeight:
         # x: [num_tokens, in] -> [num_tokens, out] in x's dtype
         if (self.plain is not None and x.dim() == 2 and x.shape[0] <= FEW_ROWS
                 and x.dtype in (torch.float32, torch.bfloat16)):
-            out = x.new_empty(x.shape[0], self.plain.shape[0])
-            self.ops.linear_few_rows(out, x, self.plain, self.plain_bias)
-            return out
+            return self.few_rows(x)
+        return self.onednn(x)
+
+    def few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight-streaming kernel over the plain weight (needs the CPU ops)."""
+        out = x.new_empty(x.shape[0], self.plain.shape[0])
+        self.ops.linear_few_rows(out, x, self.plain, self.plain_bias)
+        return out
+
+    def onednn(self, x: torch.Tensor) -> torch.Tensor:
+        """oneDNN over the packed weight."""
         inputs = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
         out = torch.ops.mkldnn._linear_pointwise(inputs, self.weight, self.bias, "none", [], "")
         return out if out.dtype == x.dtype else out.to(x.dtype)

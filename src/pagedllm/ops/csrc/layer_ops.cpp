@@ -45,6 +45,15 @@ void check_rows(const at::Tensor& t, int64_t width, const char* name) {
               " must be float32 or bfloat16");
 }
 
+// x, and a second tensor `other` of the same dtype and row count, both [rows, width].
+void check_row_pair(const at::Tensor& x, const at::Tensor& other, int64_t width,
+                    const char* other_name) {
+  check_rows(x, width, "x");
+  check_rows(other, width, other_name);
+  TORCH_CHECK(other.scalar_type() == x.scalar_type() && other.size(0) == x.size(0), other_name,
+              " must match x");
+}
+
 // out = weight * round(x * rsqrt(mean(x^2) + eps)), row by row.
 template <typename T, typename W>
 void rms_norm_rows(T* out, int64_t out_stride, const T* x, int64_t x_stride, const W* weight,
@@ -81,10 +90,7 @@ void dispatch(const at::Tensor& x, const at::Tensor& weight, F&& body) {
 
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t width = weight.numel();
-  check_rows(x, width, "x");
-  check_rows(out, width, "out");
-  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.size(0) == x.size(0),
-              "out must match x");
+  check_row_pair(x, out, width, "out");
   dispatch(x, weight, [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
@@ -97,10 +103,7 @@ void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, dou
 void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight,
                         double eps) {
   const int64_t width = weight.numel();
-  check_rows(x, width, "x");
-  check_rows(residual, width, "residual");
-  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && residual.size(0) == x.size(0),
-              "residual must match x");
+  check_row_pair(x, residual, width, "residual");
   dispatch(x, weight, [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
