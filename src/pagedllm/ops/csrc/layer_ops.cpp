@@ -141,12 +141,11 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
         const T* up = gate + d;
         T* o = op + r * os;
         int64_t i = 0;
-        if constexpr (std::is_same_v<T, float>) {
-          for (; i + vec::kLanes <= d; i += vec::kLanes) {
-            const vec::vfloat g = vec::load(gate + i);
-            const vec::vfloat s = g / (1.0f + vec::vexp(-g));
-            vec::store(o + i, s * vec::load(up + i));
-          }
+        for (; i + vec::kLanes <= d; i += vec::kLanes) {
+          const vec::vfloat g = vec::load(gate + i);
+          vec::vfloat s = g / (1.0f + vec::vexp(-g));
+          if constexpr (std::is_same_v<T, bf16_t>) s = vec::round_bf16(s);  // silu's bf16 output
+          vec::store(o + i, s * vec::load(up + i));
         }
         for (; i < d; ++i) {
           const float g = load1(gate, i);

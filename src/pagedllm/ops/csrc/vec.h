@@ -57,6 +57,21 @@ inline bf16_t float_to_bf16(float f) {
   return static_cast<bf16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// float_to_bf16 on every lane: the bf16 bits, widened to 32-bit lanes.
+inline vuint to_bf16_bits(vfloat v) {
+  const vuint u = reinterpret_cast<vuint>(v);
+  const vuint rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? vuint{} + 0x7FC0u : rounded;
+}
+
+// The float value a bf16 store of v keeps.
+inline vfloat round_bf16(vfloat v) { return reinterpret_cast<vfloat>(to_bf16_bits(v) << 16); }
+
+inline void store(bf16_t* p, vfloat v) {
+  const vbf16 h = __builtin_convertvector(to_bf16_bits(v), vbf16);
+  std::memcpy(p, &h, sizeof h);
+}
+
 inline vfloat4 low_quarter(vfloat v) {
 #if PA_LANES == 16
   typedef float vfloat8 __attribute__((vector_size(32)));
