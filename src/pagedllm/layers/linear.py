@@ -33,8 +33,6 @@ class PackedWeight:
     """A [out, in] weight (and bias) in oneDNN's layout; call it like F.linear(x, weight, bias)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
-        self.out_dtype = weight.dtype
-        self.in_features = weight.shape[1]
         try:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
             self.compute_dtype = weight.dtype
