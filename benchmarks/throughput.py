@@ -148,14 +148,13 @@ def main() -> None:
         from pagedllm.models.default_model import resolve_model_path
 
         args.model = str(resolve_model_path(None))
-    from workloads import WORKLOADS
+    from workloads import make_requests
 
     peaks = measure_matmul_peak()
     best_rate = max(v for entry in peaks.values() for v in entry.values())
     limits = {}
     for workload in args.workload:
-        kwargs = {"num_requests": args.num_requests} if args.num_requests and workload != "single" else {}
-        requests = WORKLOADS[workload](**kwargs)
+        requests = make_requests(workload, args.num_requests)
         seconds = workload_flops(args.model, requests) / (best_rate * 1e9)
         if workload != "single":  # one request is memory-bound, not compute-bound
             limits[workload] = sum(r.output_len for r in requests) / seconds

@@ -16,7 +16,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS  # noqa: E402
+from workloads import WORKLOADS, make_requests  # noqa: E402
 
 
 def _warm_prompt() -> list[int]:
@@ -123,10 +123,7 @@ def main() -> None:
     first_token = time.perf_counter() - PROCESS_START
     results = []
     for workload in args.workloads:
-        kwargs = {"num_requests": args.num_requests} if args.num_requests else {}
-        if workload == "single":
-            kwargs = {}
-        requests = WORKLOADS[workload](**kwargs)
+        requests = make_requests(workload, args.num_requests)
         elapsed, num_output = engine.run(requests)
         num_prompt = sum(len(r.prompt_token_ids) for r in requests)
         results.append({

@@ -48,3 +48,10 @@ WORKLOADS = {
     "sharegpt-like": sharegpt_like_workload,
     "single": single_workload,
 }
+
+
+def make_requests(workload: str, num_requests: int | None = None) -> list[BenchRequest]:
+    """A workload's requests; `num_requests` overrides the count (not of `single`)."""
+    if num_requests and workload != "single":
+        return WORKLOADS[workload](num_requests=num_requests)
+    return WORKLOADS[workload]()

@@ -92,16 +92,20 @@ class InputProcessor:
             )
         if width == 1:
             return
-        # Worst case the sequences share only the prompt's blocks and each fills its own.
-        bs = self.block_size
-        blocks = -(-num_prompt // bs) + width * (-(-max_tokens // bs) + 1)
-        if blocks * bs > self.kv_capacity_tokens:
+        slots = self.worst_case_slots(num_prompt, max_tokens, width)
+        if slots > self.kv_capacity_tokens:
             raise ValueError(
                 f"{width} sequences of up to {max_tokens} generated tokens may need "
-                f"{blocks * bs} KV cache slots but the whole cache holds "
+                f"{slots} KV cache slots but the whole cache holds "
                 f"{self.kv_capacity_tokens}: lower n / best_of / beam width or max_tokens, or "
                 "raise num_kv_blocks or kv_cache_memory_bytes"
             )
+
+    def worst_case_slots(self, num_prompt: int, max_tokens: int, width: int) -> int:
+        """KV slots a group of `width` sequences may hold at most: they share only the
+        prompt's blocks, and each fills its own blocks plus one copied-on-write tail."""
+        bs = self.block_size
+        return (-(-num_prompt // bs) + width * (-(-max_tokens // bs) + 1)) * bs
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -67,7 +67,6 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin_cache[positions].to(query.dtype).unsqueeze(1)
         return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
 
-
     def _float_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         # The fused op reads fp32 tables; a bf16 model's buffers are converted once (exactly:
         # bf16 -> fp32 -> bf16 round-trips, so results match the torch path's bf16 tables).

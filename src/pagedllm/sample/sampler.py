@@ -259,11 +259,14 @@ class Sampler:
         which logsumexp gives without materialising a [R, V] tensor.
         """
         num_rows = len(params)
-        chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [R]
-        chosen = (chosen_logits - torch.logsumexp(logits, dim=-1)).tolist()
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if len(rows) == num_rows:  # every row gets its logprob from the log_softmax below
+            chosen = [0.0] * num_rows
+        else:
+            chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [R]
+            chosen = (chosen_logits - torch.logsumexp(logits, dim=-1)).tolist()
         ranks: list[int | None] = [None] * num_rows
         top_logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
-        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if rows:
             index = torch.tensor(rows, device=logits.device)
             raw = torch.log_softmax(logits[index], dim=-1)  # [L, V]

@@ -239,16 +239,14 @@ class OpenAIServing:
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = self.max_model_len - num_prompt_tokens  # as the engine clamps it
-        # NOTE: worst case, the beams share only the prompt's blocks. A search that cannot fit
-        # in the whole cache would preempt itself forever, so it is refused here.
-        block_size = self.engine.engine.config.block_size
-        num_blocks = (-(-num_prompt_tokens // block_size)
-                      + n * (-(-max_tokens // block_size) + 1))
+        # NOTE: the engine refuses this too; checked here to name the HTTP fields. A search
+        # that cannot fit in the whole cache would preempt itself forever.
+        slots = self._input_processor.worst_case_slots(num_prompt_tokens, max_tokens, n)
         capacity = self._input_processor.kv_capacity_tokens
-        if num_blocks * block_size > capacity:
+        if slots > capacity:
             raise RequestError(
                 f"a beam search of width n={n} with max_tokens={max_tokens} may need "
-                f"{num_blocks * block_size} KV cache slots but the whole cache holds {capacity}: "
+                f"{slots} KV cache slots but the whole cache holds {capacity}: "
                 "lower n or max_tokens", param="max_tokens")
         return BeamSearchParams(beam_width=n, max_tokens=max_tokens,
                                 ignore_eos=request.ignore_eos,
