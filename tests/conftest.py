@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -66,7 +67,17 @@ def make_tiny_llama(
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_factory(smollm2_dir, tmp_path_factory):
+def tokenizer_dir(request) -> Path:
+    """SmolLM2's tokenizer for the tiny models; PAGEDLLM_TEST_TOKENIZER_DIR names a folder
+    holding only its files, for machines without the shipped GGUF (a lent GPU machine)."""
+    override = os.environ.get("PAGEDLLM_TEST_TOKENIZER_DIR")
+    if override:
+        return Path(override)
+    return request.getfixturevalue("smollm2_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_factory(tokenizer_dir, tmp_path_factory):
     """Builds (and caches per session) tiny Llama directories keyed by their settings."""
     cache: dict[tuple, Path] = {}
 
@@ -74,7 +85,7 @@ def tiny_llama_factory(smollm2_dir, tmp_path_factory):
         key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
         if key not in cache:
             path = tmp_path_factory.mktemp("tiny-llama")
-            cache[key] = make_tiny_llama(path, smollm2_dir, **kwargs)
+            cache[key] = make_tiny_llama(path, tokenizer_dir, **kwargs)
         return cache[key]
 
     return factory

@@ -50,8 +50,9 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(self.max_position, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # [max_position, head_size // 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_size]
-        self.cos_cache = (emb.cos() * scaling).to(self.cos_cache.dtype)
-        self.sin_cache = (emb.sin() * scaling).to(self.sin_cache.dtype)
+        # The tables are computed on CPU and moved to wherever the model was materialised.
+        self.cos_cache = (emb.cos() * scaling).to(self.cos_cache.device, self.cos_cache.dtype)
+        self.sin_cache = (emb.sin() * scaling).to(self.sin_cache.device, self.sin_cache.dtype)
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor

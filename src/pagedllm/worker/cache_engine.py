@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 # so that a laptop or a shared box keeps room for everything else.
 DEFAULT_KV_MEMORY_FRACTION = 0.2
 DEFAULT_KV_MEMORY_CAP_BYTES = 4 << 30
+# On a GPU the pool is the main tenant: this share of the memory left free after the weights.
+DEFAULT_GPU_KV_MEMORY_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,29 @@ def available_memory_bytes() -> int:
     return 8 << 30
 
 
+def default_kv_memory_bytes(device: torch.device) -> int:
+    """The pool's default size: most of a GPU's free memory, a capped slice of host RAM on CPU.
+
+    On CPU the pool shares RAM with everything else on the machine, hence the small share.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * DEFAULT_GPU_KV_MEMORY_FRACTION)
+    return min(int(available_memory_bytes() * DEFAULT_KV_MEMORY_FRACTION),
+               DEFAULT_KV_MEMORY_CAP_BYTES)
+
+
 def choose_num_blocks(
-    spec: KVCacheSpec, num_kv_blocks: int | None, kv_cache_memory_bytes: int | None
+    spec: KVCacheSpec,
+    num_kv_blocks: int | None,
+    kv_cache_memory_bytes: int | None,
+    device: torch.device,
 ) -> int:
     if num_kv_blocks is not None:
         return num_kv_blocks
     budget = kv_cache_memory_bytes
     if budget is None:
-        budget = min(int(available_memory_bytes() * DEFAULT_KV_MEMORY_FRACTION),
-                     DEFAULT_KV_MEMORY_CAP_BYTES)
+        budget = default_kv_memory_bytes(device)
     num_blocks = budget // spec.bytes_per_block
     if num_blocks < 1:
         raise ValueError(
@@ -90,8 +106,10 @@ class CacheEngine:
         cpu_shape = backend.kv_cache_shape(
             num_cpu_blocks, spec.block_size, spec.num_kv_heads, spec.head_size
         )
+        # Pinned beside a GPU, so block moves between the two pools run at full bus speed.
+        pin = device.type == "cuda"
         self.cpu_caches = [
-            torch.zeros(cpu_shape, dtype=spec.dtype, device="cpu")
+            torch.zeros(cpu_shape, dtype=spec.dtype, device="cpu", pin_memory=pin)
             for _ in range(spec.num_layers if num_cpu_blocks else 0)
         ]
         logger.info(

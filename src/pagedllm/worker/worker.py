@@ -46,7 +46,9 @@ class Worker:
             block_size=config.block_size,
             dtype=dtype,
         )
-        num_blocks = choose_num_blocks(spec, config.num_kv_blocks, config.kv_cache_memory_bytes)
+        num_blocks = choose_num_blocks(
+            spec, config.num_kv_blocks, config.kv_cache_memory_bytes, self.device
+        )
         num_cpu_blocks = int(config.swap_space * 2**30) // spec.bytes_per_block
         self.cache_engine = CacheEngine(spec, num_blocks, backend, self.device, num_cpu_blocks)
         self.profiler = profiler or StepProfiler()
