@@ -68,8 +68,21 @@ class EngineConfig:
             )
         if not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
             raise ValueError(f"swap_space must be a number of GiB >= 0, got {self.swap_space!r}")
+        self._verify_device()
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def _verify_device(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', "
+                             f"got {self.device!r}") from exc
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA device "
+                             f"(this torch build: {torch.__version__})")
 
     @property
     def torch_dtype(self) -> torch.dtype:

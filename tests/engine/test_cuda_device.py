@@ -13,7 +13,7 @@ from hf_reference import check_outputs_equal, hf_greedy, load_hf_model
 
 from pagedllm import LLM, BeamSearchParams, SamplingParams
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -36,6 +36,7 @@ def completions(outputs) -> list[list[list[int]]]:
     return [[c.token_ids for c in o.outputs] for o in outputs]
 
 
+@needs_cuda
 def test_greedy_on_cuda_matches_transformers(tiny_dir):
     prompts = ragged_prompts(24, seed=11)
     expected = hf_greedy(load_hf_model(tiny_dir), prompts, GREEDY.max_tokens)
@@ -46,6 +47,7 @@ def test_greedy_on_cuda_matches_transformers(tiny_dir):
     assert llm.llm_engine.get_stats().num_free_blocks == 300
 
 
+@needs_cuda
 def test_default_pool_is_sized_from_free_gpu_memory(tiny_dir):
     llm = LLM(str(tiny_dir), device="cuda")
     stats = llm.llm_engine.get_stats()
@@ -58,6 +60,7 @@ def test_default_pool_is_sized_from_free_gpu_memory(tiny_dir):
     assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in out)
 
 
+@needs_cuda
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_preemption_on_cuda_gives_identical_outputs(tiny_dir, mode):
     prompts = as_inputs(ragged_prompts(12, seed=3, max_len=40))
@@ -79,6 +82,7 @@ def test_preemption_on_cuda_gives_identical_outputs(tiny_dir, mode):
     assert stats.num_free_cpu_blocks == stats.num_cpu_blocks
 
 
+@needs_cuda
 def test_cuda_matches_cpu_for_logprobs_prefix_hits_and_beams(tiny_dir):
     rng = random.Random(5)
     shared = [rng.randrange(3, 512) for _ in range(100)]
@@ -106,6 +110,7 @@ def test_cuda_matches_cpu_for_logprobs_prefix_hits_and_beams(tiny_dir):
     assert results["cuda"][3] == 5 * 96
 
 
+@needs_cuda
 def test_seeded_parallel_samples_on_cuda_are_reproducible(tiny_dir):
     llm = LLM(str(tiny_dir), device="cuda", num_kv_blocks=256, block_size=8)
     prompt = {"prompt_token_ids": list(range(5, 66))}
@@ -115,3 +120,19 @@ def test_seeded_parallel_samples_on_cuda_are_reproducible(tiny_dir):
     batched = llm.generate([as_inputs(ragged_prompts(1, 1))[0], prompt],
                            [SamplingParams(max_tokens=5), params], use_tqdm=False)[1]
     assert completions([batched]) == completions([alone])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    from pagedllm import EngineConfig
+
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        EngineConfig(model="unused", device="cuda")
+
+
+def test_unknown_devices_are_refused():
+    from pagedllm import EngineConfig
+
+    for device in ("tpu:0", "gpu", 3):
+        with pytest.raises(ValueError, match="device"):
+            EngineConfig(model="unused", device=device)

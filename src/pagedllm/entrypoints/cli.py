@@ -38,6 +38,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=True)
     parser.add_argument("--attention-backend", default=None)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
 
 
 def _engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
@@ -56,6 +57,7 @@ def _engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
         swap_space=args.swap_space,
         enable_prefix_caching=args.enable_prefix_caching,
         attention_backend=args.attention_backend,
+        device=args.device,
     )
 
 
