@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.layers import activation, native, norm, rotary
+from pagedllm.layers import activation, norm, rotary
 from pagedllm.layers.activation import silu_and_mul
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
-from pagedllm.ops import cpu_ops, cpu_ops_error
+from pagedllm.ops import cpu_ops, cpu_ops_error, native_ops
 from transformers import LlamaConfig
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -77,23 +77,26 @@ def test_silu_and_mul(dtype: torch.dtype, width: int, torch_path) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_on_views_of_a_fused_projection(dtype: torch.dtype, torch_path) -> None:
+@pytest.mark.parametrize("head_size", [6, 16, 20, 64])  # scalar only, vector, both, SmolLM2's
+def test_rotary_on_views_of_a_fused_projection(dtype: torch.dtype, head_size: int,
+                                               torch_path) -> None:
     """q and k are strided views of the qkv output, as in the model; they rotate in place."""
-    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    rope = RotaryEmbedding(config, head_size=16, max_position=256).to(dtype)
+    d = head_size
+    config = LlamaConfig(hidden_size=4 * d, num_attention_heads=4, num_key_value_heads=2)
+    rope = RotaryEmbedding(config, head_size=d, max_position=256).to(dtype)
     positions = torch.tensor([0, 1, 2, 200, 5, 255])
-    qkv = torch.randn(6, 4 * 16 + 2 * 2 * 16).to(dtype)
+    qkv = torch.randn(6, 4 * d + 2 * 2 * d).to(dtype)
 
     def rotate(qkv: torch.Tensor):
-        q, k, _ = qkv.split([64, 32, 32], dim=-1)
-        return rope(positions, q.view(6, 4, 16), k.view(6, 2, 16))
+        q, k, _ = qkv.split([4 * d, 2 * d, 2 * d], dim=-1)
+        return rope(positions, q.view(6, 4, d), k.view(6, 2, d))
 
     expected_q, expected_k = torch_path(rotate, qkv.clone())
     fused = qkv.clone()
     got_q, got_k = rotate(fused)
     torch.testing.assert_close(got_q, expected_q, **_tolerance(dtype))
     torch.testing.assert_close(got_k, expected_k, **_tolerance(dtype))
-    torch.testing.assert_close(fused[:, 96:], qkv[:, 96:], rtol=0, atol=0)  # v untouched
+    torch.testing.assert_close(fused[:, 6 * d:], qkv[:, 6 * d:], rtol=0, atol=0)  # v untouched
 
 
 def test_rotary_rejects_positions_past_the_table() -> None:
@@ -105,6 +108,6 @@ def test_rotary_rejects_positions_past_the_table() -> None:
 
 
 def test_other_devices_and_dtypes_take_the_torch_path() -> None:
-    assert native.native_ops(torch.randn(2, 4, dtype=torch.float16)) is None
-    assert native.native_ops(torch.randn(4, 2).t()) is None  # last dim not contiguous
-    assert native.native_ops(torch.randn(2, 4)) is cpu_ops()
+    assert native_ops(torch.randn(2, 4, dtype=torch.float16)) is None
+    assert native_ops(torch.randn(4, 2).t()) is None  # last dim not contiguous
+    assert native_ops(torch.randn(2, 4)) is cpu_ops()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedllm.layers.native import native_ops
+from pagedllm.ops import native_ops
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

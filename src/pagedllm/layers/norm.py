@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedllm.layers.native import native_ops
+from pagedllm.ops import native_ops
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from pagedllm.layers.native import native_ops
+from pagedllm.ops import native_ops
 
 # NOTE: dynamic and longrope scaling change the frequencies with the sequence length, which a
 # single table cannot express; they are refused at load time rather than computed wrongly.

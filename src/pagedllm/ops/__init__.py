@@ -1,5 +1,7 @@
-"""Native CPU ops (C++/OpenMP): the PagedAttention kernel and the fused layer ops."""
+"""Native CPU ops (C++/OpenMP): the PagedAttention kernel, fused layer ops, the small-batch
+linear kernel and the sampler's reductions; `native_ops` picks them per call."""
 
 from pagedllm.ops.cpu_extension import cpu_ops, cpu_ops_error
+from pagedllm.ops.native import native_ops
 
-__all__ = ["cpu_ops", "cpu_ops_error"]
+__all__ = ["cpu_ops", "cpu_ops_error", "native_ops"]

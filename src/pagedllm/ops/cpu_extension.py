@@ -1,6 +1,7 @@
 """Builds and loads pagedllm's C++ CPU ops once per machine; None where they cannot be built.
 
-The sources under `csrc/` (the PagedAttention kernel and the fused layer ops) are compiled with
+The sources under `csrc/` (the PagedAttention kernel, the fused layer ops, the small-batch
+linear kernel and the sampler's reductions) are compiled with
 `torch.utils.cpp_extension` the first time a process needs them and cached under
 `cache_root()/torch_extensions/<name>_<key>`, where the key hashes the sources, the flags, the
 torch and Python versions and this CPU's flags (the build uses -march=native). Later processes
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 EXTENSION_NAME = "pagedllm_cpu_ops"
 _CSRC_DIR = Path(__file__).parent / "csrc"
-_SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "gemv.cpp")  # compiled; they include vec.h
+# Compiled; they include vec.h.
+_SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "gemv.cpp", "sampling_ops.cpp")
 _HEADERS = ("vec.h",)
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unknown-pragmas")
 _LDFLAGS = ("-fopenmp",)

@@ -15,6 +15,7 @@ from pagedllm.sample.logits_processors import (
     apply_top_k_top_p,
     token_counts,
 )
+from pagedllm.ops import native_ops
 from pagedllm.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -92,6 +93,18 @@ def sample_seed(seed: int, sample_index: int) -> int:
     return seed_for_position(seed, (1 << 63) + sample_index)
 
 
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the first index of the maximum and the logsumexp ([R] int64, [R] float32).
+
+    The fused CPU op reads each row of a float32 [R, V] tensor twice instead of the five
+    passes and temporaries of eager torch; elsewhere torch computes the same.
+    """
+    ops = native_ops(logits) if logits.dtype == torch.float32 and logits.dim() == 2 else None
+    if ops is not None and logits.shape[1] > 0:
+        return ops.argmax_logsumexp(logits)
+    return logits.argmax(dim=-1), torch.logsumexp(logits, dim=-1)
+
+
 class Sampler:
     """Samples one token per row of a [num_rows, vocab_size] logits tensor in one call.
 
@@ -127,8 +140,11 @@ class Sampler:
         )
         logits = logits.float()
         processed = self.process_logits(logits, batch)  # [R, V]
-        token_ids = self._pick_tokens(processed, batch)  # [R]
-        return self._gather_logprobs(logits, token_ids, batch.params)
+        greedy_ids = logsumexp = None
+        if processed is logits:  # all greedy, nothing applied: one pass gives both reductions
+            greedy_ids, logsumexp = argmax_logsumexp(logits)
+        token_ids = self._pick_tokens(processed, batch, greedy_ids)  # [R]
+        return self._gather_logprobs(logits, token_ids, batch.params, logsumexp)
 
     def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Returns float32 logits with bias, penalties and min_tokens applied.
@@ -180,15 +196,20 @@ class Sampler:
             self._generators[device] = gen
         return gen
 
-    def _pick_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Greedy rows take the argmax; the rest are filtered and sampled. Returns [R] int64.
+    def _pick_tokens(
+        self, logits: torch.Tensor, batch: SamplingBatch, greedy_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Greedy rows take the argmax (`greedy_ids` when already known); the rest are
+        filtered and sampled. Returns [R] int64.
 
         May modify `logits` (the sampler's own copy) in place.
         """
         params = batch.params
         device = logits.device
         rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if len(rows) < len(params):
+        if greedy_ids is not None:
+            token_ids = greedy_ids
+        elif len(rows) < len(params):
             token_ids = logits.argmax(dim=-1)  # [R]; final for greedy rows
         else:
             token_ids = torch.empty(len(params), dtype=torch.long, device=device)
@@ -250,21 +271,26 @@ class Sampler:
 
     @staticmethod
     def _gather_logprobs(
-        logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+        logits: torch.Tensor,
+        token_ids: torch.Tensor,
+        params: list[SamplingParams],
+        logsumexp: torch.Tensor | None = None,
     ) -> SamplerOutput:
         """Log-probabilities of the chosen tokens under the raw logits.
 
         A full log_softmax (with ranks and top-k) runs only over the rows that asked for
         logprobs; the other rows need just the chosen token's logprob (for cumulative_logprob),
-        which logsumexp gives without materialising a [R, V] tensor.
+        which logsumexp (given, or computed here) yields without a [R, V] temporary.
         """
         num_rows = len(params)
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if len(rows) == num_rows:  # every row gets its logprob from the log_softmax below
             chosen = [0.0] * num_rows
         else:
+            if logsumexp is None:
+                logsumexp = argmax_logsumexp(logits)[1]
             chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [R]
-            chosen = (chosen_logits - torch.logsumexp(logits, dim=-1)).tolist()
+            chosen = (chosen_logits - logsumexp).tolist()
         ranks: list[int | None] = [None] * num_rows
         top_logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
         if rows:

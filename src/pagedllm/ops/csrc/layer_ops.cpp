@@ -26,6 +26,13 @@ inline void store1(bf16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
 inline float round_to(float x, const float*) { return x; }
 inline float round_to(float x, const bf16_t*) { return bf16_to_float(float_to_bf16(x)); }
 
+// round_to on every lane.
+template <typename T>
+inline vec::vfloat round_vec(vec::vfloat v) {
+  if constexpr (std::is_same_v<T, bf16_t>) return vec::round_bf16(v);
+  return v;
+}
+
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.data_ptr());
@@ -172,7 +179,17 @@ void rotate_heads(T* base, int64_t token_stride, int64_t head_stride, int64_t nu
       const float* s = sin + positions[t] * head_size;
       for (int64_t head = 0; head < num_heads; ++head) {
         T* x = base + t * token_stride + head * head_stride;
-        for (int64_t i = 0; i < h; ++i) {
+        int64_t i = 0;
+        for (; i + vec::kLanes <= h; i += vec::kLanes) {
+          const vec::vfloat a = vec::load(x + i), b = vec::load(x + i + h);
+          const vec::vfloat ca = round_vec<T>(vec::load(c + i));
+          const vec::vfloat sa = round_vec<T>(vec::load(s + i));
+          const vec::vfloat cb = round_vec<T>(vec::load(c + i + h));
+          const vec::vfloat sb = round_vec<T>(vec::load(s + i + h));
+          vec::store(x + i, round_vec<T>(a * ca) + round_vec<T>(-b * sa));
+          vec::store(x + i + h, round_vec<T>(b * cb) + round_vec<T>(a * sb));
+        }
+        for (; i < h; ++i) {
           const float a = load1(x, i), b = load1(x, i + h);
           // The torch version: x * cos + rotate_half(x) * sin, each product stored in T.
           const float ca = round_to(c[i], x), sa = round_to(s[i], x);

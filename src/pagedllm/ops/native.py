@@ -1,4 +1,4 @@
-"""Chooses between a layer's fused C++ op and its torch code, per call."""
+"""Chooses between a fused C++ op and its torch code, per call (layers and sampler)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from pagedllm.ops import cpu_ops
+from pagedllm.ops.cpu_extension import cpu_ops
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
