@@ -7,6 +7,8 @@ memory as in the model, not from cache) with
 - oneDNN on a packed weight (`torch.ops.mkldnn._linear_pointwise`; fp32 math for a bf16 weight
   where this CPU has no bf16 GEMM),
 - pagedllm's weight-streaming kernel (`linear_few_rows`, used up to `FEW_ROWS` rows),
+- pagedllm's panel GEMM (`panel_linear`) on weights packed into column panels in their own
+  dtype (a bf16 weight stays bf16 in memory),
 and reports milliseconds per pass, GFLOP/s and the weight bytes read per second.
 
     python benchmarks/linear.py [--rows 1 2 4 8 16 64 2048] [--out PATH]
@@ -55,6 +57,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows_out = []
     header = (f"{'rows':>5} {'weight':>7} {'F.linear ms':>12} {'oneDNN ms':>10} {'stream ms':>10}"
+              f" {'panel ms':>9}"
               f" {'best':>9} {'GFLOP/s':>8} {'weight GB/s':>12}")
     print(f"{NUM_LAYERS} layers x {len(SHAPES)} projections, {torch.get_num_threads()} threads")
     print(header)
@@ -62,6 +65,7 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         weights = [[torch.randn(n, k).to(dtype) for n, k in SHAPES] for _ in range(NUM_LAYERS)]
         packed = [[PackedWeight(w, None, 64) for w in layer] for layer in weights]
+        panels = [[ops.pack_panels(w) for w in layer] for layer in weights]
         weight_bytes = sum(w.numel() * w.element_size() for layer in weights for w in layer)
         for m in args.rows:
             inputs = [torch.randn(m, k).to(dtype) for _, k in SHAPES]
@@ -84,6 +88,11 @@ def main() -> None:
                     for w, x, o in zip(layer, inputs, outs):
                         ops.linear_few_rows(o, x, w, empty)
 
+            def panel() -> None:
+                for layer in panels:
+                    for p, x, o in zip(layer, inputs, outs):
+                        ops.panel_linear(o, x, p, empty)
+
             repeats = 3 if m >= 64 else 5
             # bf16 F.linear has no fast path on CPUs without bf16 GEMM: time it once, briefly.
             slow = dtype == torch.bfloat16 and m > 16 and not _has_bf16_gemm()
@@ -91,6 +100,7 @@ def main() -> None:
                 "F.linear": None if slow else best_time(f_linear, repeats),
                 "oneDNN": best_time(onednn, repeats),
                 "stream": best_time(stream, repeats) if m <= 2 * FEW_ROWS else None,
+                "panel": best_time(panel, repeats),
             }
             best_name = min((k for k, v in times.items() if v is not None), key=times.get)
             best = times[best_name]
@@ -100,7 +110,7 @@ def main() -> None:
                    "weight_gb_s": weight_bytes / best / 1e9}
             rows_out.append(row)
             cells = [f"{'-' if v is None else f'{v * 1e3:.1f}':>{w}}"
-                     for v, w in zip(times.values(), (12, 10, 10))]
+                     for v, w in zip(times.values(), (12, 10, 10, 9))]
             print(f"{m:>5} {row['weight_dtype']:>7} {' '.join(cells)} {best_name:>9} "
                   f"{row['gflops']:>8.1f} {row['weight_gb_s']:>12.1f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

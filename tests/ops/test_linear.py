@@ -1,4 +1,4 @@
-"""Packed linear layers (oneDNN, and the few-rows streaming kernel) against F.linear."""
+"""Packed linear layers (streaming kernel, panel GEMM, oneDNN) against F.linear."""
 
 from __future__ import annotations
 
@@ -7,10 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.layers import linear as linear_module
-from pagedllm.layers.linear import FEW_ROWS, Linear, pack_linear_layers
+from pagedllm.layers.linear import (
+    BF16_STREAM_MAX_ROWS,
+    FEW_ROWS,
+    FP32_PANEL_MAX_ROWS,
+    Linear,
+    pack_linear_layers,
+)
 from pagedllm.ops import cpu_ops
 
-ROWS = [1, 3, FEW_ROWS, FEW_ROWS + 1, 64]  # the streaming kernel, its edge, oneDNN
+# Each path and both sides of each switch point.
+ROWS = sorted({1, 3, BF16_STREAM_MAX_ROWS, BF16_STREAM_MAX_ROWS + 1, FEW_ROWS, FEW_ROWS + 1, 64,
+               FP32_PANEL_MAX_ROWS, FP32_PANEL_MAX_ROWS + 1})
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -37,23 +45,57 @@ def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int, bias: boo
     torch.testing.assert_close(got, _reference(x, weight, bias_t), **tol)
 
 
-def test_few_rows_take_the_streaming_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype) -> None:
     if cpu_ops() is None:
         pytest.skip("CPU ops unavailable")
-    layer = Linear(64, 16, bias=False)
+    layer = Linear(64, 16, bias=False).to(dtype)
     layer.pack()
+    packed = layer.packed
     calls = []
-    real = layer.packed.ops
+    for name in ("few_rows", "panel", "onednn"):
+        real = getattr(packed, name)
+        monkeypatch.setattr(packed, name, lambda x, n=name, f=real: calls.append(n) or f(x))
+    expected = []
+    for rows in (1, packed.stream_max_rows + 1, min(packed.panel_max_rows, 1000) + 1):
+        layer(torch.randn(rows, 64).to(dtype))
+        expected.append("few_rows" if rows <= packed.stream_max_rows
+                        else "panel" if rows <= packed.panel_max_rows else "onednn")
+    assert calls == expected
+    if dtype == torch.float32:  # panels for decode batches, oneDNN for prefill
+        assert (packed.stream_max_rows, packed.panel_max_rows) == (0, FP32_PANEL_MAX_ROWS)
+    elif not linear_module.onednn_has_gemm(torch.bfloat16):  # bf16 never widened to fp32
+        assert packed.panel_max_rows == float("inf") and packed.onednn_weight is None
+        assert packed.panels.dtype == torch.bfloat16
 
-    class Spy:
-        def linear_few_rows(self, *args):
-            calls.append(args[1].shape[0])
-            return real.linear_few_rows(*args)
 
-    monkeypatch.setattr(layer.packed, "ops", Spy())
-    layer(torch.randn(FEW_ROWS, 64))
-    layer(torch.randn(FEW_ROWS + 1, 64))
-    assert calls == [FEW_ROWS]
+def test_panel_kernel_shapes_and_strides() -> None:
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("CPU ops unavailable")
+    torch.manual_seed(0)
+    for n, k in [(1, 1), (15, 7), (16, 256), (17, 257), (40, 600)]:  # panel and chunk edges
+        for dtype in (torch.float32, torch.bfloat16):
+            weight = torch.randn(n, k).to(dtype)
+            bias = torch.randn(n)
+            panels = ops.pack_panels(weight)
+            for rows in (0, 1, 5, 6, 7, 13):
+                wide = torch.randn(rows, k + 3).to(dtype)
+                x = wide[:, 1:k + 1]  # rows strided, as a slice of a wider tensor
+                out = torch.empty(rows, n, dtype=dtype)
+                ops.panel_linear(out, x, panels, bias)
+                ref = F.linear(x.float(), weight.float(), bias).to(dtype)
+                tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else \
+                    {"rtol": 1e-2, "atol": 1e-2}
+                torch.testing.assert_close(out, ref, **tol)
+            column_major = torch.randn(k, 5).to(dtype).t()  # no contiguous dimension of rows
+            out = torch.empty(5, n, dtype=dtype)
+            ops.panel_linear(out, column_major, panels, torch.empty(0))
+            torch.testing.assert_close(out, F.linear(column_major.float(), weight.float()).to(dtype),
+                                       **tol)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.panel_linear(torch.empty(2, 16), torch.randn(2, 8), ops.pack_panels(torch.randn(16, 9)),
+                         torch.empty(0))
 
 
 def test_pack_linear_layers_skips_what_onednn_cannot_take(

@@ -1,22 +1,27 @@
-"""Linear layers whose CPU forward runs on a weight reordered once for oneDNN.
+"""Linear layers whose CPU forward runs on weights packed once, by the fastest path per call.
 
-A weight packed once into oneDNN's blocked layout runs prefill-sized GEMMs faster than
-`F.linear` on the plain weight (about 136 against 100 GFLOP/s at 2048 rows here) and
-decode-sized ones about as fast (benchmarks/linear.py, docs/benchmarks.md). It matters most
-on CPUs without a bf16 GEMM (no AVX-512 / AVX-NE-CONVERT), where torch's bf16 matmul falls back
-to a path 10-100x slower: there a bf16 layer keeps a packed fp32 copy of its weight. bf16
-inputs are exact in fp32 and a bf16 GEMM accumulates in fp32 anyway, so the result is the bf16
-GEMM's up to summation order, at the cost of 4 bytes per weight.
+Three paths, chosen per call by the number of rows (tokens in the step), measured in
+benchmarks/linear.py (docs/benchmarks.md):
+- up to `stream_max_rows`: pagedllm's weight-streaming kernel (`ops/csrc/gemv.cpp`) over the
+  plain weight. With so few rows a layer is bound by reading its weight; the kernel reads a
+  bf16 weight at 2 bytes per value.
+- up to `panel_max_rows`: pagedllm's panel GEMM (`ops/csrc/gemm.cpp`) on the weight packed
+  into column panels in its own dtype.
+- above: oneDNN on a weight reordered into its blocked layout
+  (`torch.ops.mkldnn._linear_pointwise`), the fastest for prefill-sized fp32 GEMMs.
 
-A call with at most FEW_ROWS rows (decode of a few sequences) is bound by reading the weight,
-not by arithmetic: it goes to pagedllm's weight-streaming kernel over the plain weight
-(`ops/csrc/gemv.cpp`), which reads a bf16 weight at 2 bytes per value. The plain weight is kept
-for it next to the packed copy.
+On CPUs without a bf16 GEMM (no AVX512_BF16 / AMX), oneDNN takes only fp32 weights and torch's
+bf16 matmul is 10-100x slower. There a bf16 weight is never widened: the panel kernel takes
+every batch from `BF16_STREAM_MAX_ROWS + 1` rows up, streaming half the bytes of an fp32 copy
+and rounding each output once, which is what a bf16 GEMM (fp32 accumulation) computes up to
+summation order. Where oneDNN has a bf16 GEMM, it takes bf16 batches above FEW_ROWS.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import torch
 from torch import nn
@@ -25,54 +30,98 @@ from pagedllm.ops import cpu_ops
 
 logger = logging.getLogger(__name__)
 
-# Up to this many rows, the weight-streaming kernel beats oneDNN (docs/benchmarks.md).
+# Row-count switch points (benchmarks/linear.py on this project's 2-core AVX2 machine):
+# the streaming kernel up to FEW_ROWS rows (bf16 weights on CPUs with a bf16 GEMM), up to
+# BF16_STREAM_MAX_ROWS for bf16 weights otherwise (panels win from 8 rows); fp32 weights take
+# panels up to FP32_PANEL_MAX_ROWS (1.35x oneDNN at 64 rows, 0.9x at 256) and oneDNN above.
 FEW_ROWS = 8
+BF16_STREAM_MAX_ROWS = 4
+FP32_PANEL_MAX_ROWS = 128
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def onednn_has_gemm(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack (and so multiply) weights of `dtype` on this CPU."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+        return True
+    except RuntimeError:
+        return False
 
 
 class PackedWeight:
-    """A [out, in] weight (and bias) in oneDNN's layout; call it like F.linear(x, weight, bias)."""
+    """A [out, in] weight (and bias) packed for the CPU paths; call it like F.linear(x, w, b)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
-        try:
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-            self.compute_dtype = weight.dtype
-        except RuntimeError:
-            if weight.dtype == torch.float32:
-                raise
-            # This CPU has no bf16/fp16 GEMM in oneDNN: compute in fp32 (see module docstring).
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.float(), batch_hint)
-            self.compute_dtype = torch.float32
-        self.bias = None if bias is None else bias.detach().to(self.compute_dtype)
-        self.ops = cpu_ops() if weight.dtype in (torch.float32, torch.bfloat16) else None
-        # The few-rows kernel's operands: the weight as loaded, and an fp32 bias (or empty).
-        self.plain = weight.contiguous() if self.ops is not None else None
-        self.plain_bias = (torch.empty(0) if bias is None
-                           else bias.detach().float().contiguous())
+        weight = weight.detach()
+        self.ops = cpu_ops() if weight.dtype in _KERNEL_DTYPES else None
+        self.out_features = weight.shape[0]
+        self.plain: torch.Tensor | None = None  # for the streaming kernel
+        self.panels: torch.Tensor | None = None  # for the panel kernel
+        self.stream_max_rows = 0
+        self.panel_max_rows = 0
+        # The kernels' fp32 bias (or empty).
+        self.plain_bias = torch.empty(0) if bias is None else bias.detach().float().contiguous()
+        native = onednn_has_gemm(weight.dtype)
+        if self.ops is not None and weight.dtype == torch.bfloat16 and not native:
+            self.plain = weight.contiguous()
+            self.stream_max_rows = BF16_STREAM_MAX_ROWS
+            self.panels = self.ops.pack_panels(weight)
+            self.panel_max_rows = math.inf
+        elif self.ops is not None and weight.dtype == torch.float32:
+            self.panels = self.ops.pack_panels(weight)
+            self.panel_max_rows = FP32_PANEL_MAX_ROWS
+        elif self.ops is not None:
+            self.plain = weight.contiguous()
+            self.stream_max_rows = FEW_ROWS
+        self.onednn_weight: torch.Tensor | None = None
+        self.compute_dtype = weight.dtype
+        self.bias = None
+        if self.panel_max_rows < math.inf:
+            if not native:  # fp16 without an fp16 GEMM, or no kernels: compute in fp32
+                self.compute_dtype = torch.float32
+            self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(
+                weight.to(self.compute_dtype), batch_hint
+            )
+            self.bias = None if bias is None else bias.detach().to(self.compute_dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in] -> [num_tokens, out] in x's dtype
-        if (self.plain is not None and x.dim() == 2 and x.shape[0] <= FEW_ROWS
-                and x.dtype in (torch.float32, torch.bfloat16)):
-            return self.few_rows(x)
+        if x.dim() == 2 and x.dtype in _KERNEL_DTYPES:
+            rows = x.shape[0]
+            if rows <= self.stream_max_rows:
+                return self.few_rows(x)
+            if rows <= self.panel_max_rows:
+                return self.panel(x)
+        if self.onednn_weight is None:  # panels only: any leading shape, as 2-D rows
+            return self.panel(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
         return self.onednn(x)
 
     def few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight-streaming kernel over the plain weight (needs the CPU ops)."""
-        out = x.new_empty(x.shape[0], self.plain.shape[0])
+        """The weight-streaming kernel over the plain weight."""
+        out = x.new_empty(x.shape[0], self.out_features)
         self.ops.linear_few_rows(out, x, self.plain, self.plain_bias)
         return out
 
+    def panel(self, x: torch.Tensor) -> torch.Tensor:
+        """The panel GEMM over the panel-packed weight."""
+        out = x.new_empty(x.shape[0], self.out_features)
+        self.ops.panel_linear(out, x, self.panels, self.plain_bias)
+        return out
+
     def onednn(self, x: torch.Tensor) -> torch.Tensor:
-        """oneDNN over the packed weight."""
+        """oneDNN over the reordered weight."""
         inputs = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
-        out = torch.ops.mkldnn._linear_pointwise(inputs, self.weight, self.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(inputs, self.onednn_weight, self.bias, "none",
+                                                 [], "")
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def try_pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
              batch_hint: int = 64) -> PackedWeight | None:
-    """A PackedWeight for a CPU weight, or None where oneDNN cannot take it (other device,
-    dtype or platform): callers then keep F.linear."""
+    """A PackedWeight for a CPU weight, or None where it cannot be packed (other device, dtype
+    or platform): callers then keep F.linear."""
     if (
         weight.device.type != "cpu"
         or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16)
@@ -96,7 +145,7 @@ class Linear(nn.Linear):
     packed: PackedWeight | None = None
 
     def pack(self, batch_hint: int = 64) -> bool:
-        """Packs the weight for oneDNN; False (and nothing changes) where it cannot."""
+        """Packs the weight for the CPU paths; False (and nothing changes) where it cannot."""
         packed = try_pack(self.weight, self.bias, batch_hint)
         if packed is None:
             return False

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 EXTENSION_NAME = "pagedllm_cpu_ops"
 _CSRC_DIR = Path(__file__).parent / "csrc"
 # Compiled; they include vec.h.
-_SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "gemv.cpp", "sampling_ops.cpp")
+_SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "gemv.cpp", "gemm.cpp", "sampling_ops.cpp")
 _HEADERS = ("vec.h",)
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unknown-pragmas")
 _LDFLAGS = ("-fopenmp",)

@@ -1,0 +1,213 @@
+// A linear layer for batches of rows (decode of many sequences, prefill): out = x @ W.T + b,
+// on a weight packed once into column panels, in fp32 or bf16.
+//
+// Why not oneDNN alone: on CPUs without bf16 GEMM instructions (AVX2, AVX-512 without
+// AVX512_BF16) oneDNN takes only fp32 weights, so a bf16 model would stream twice the weight
+// bytes every step and convert every activation to fp32 and back around each call. Here the
+// panels stay bf16 in memory; each panel's slice is widened to fp32 once into a small buffer
+// and then reused by every row of x, so the conversion costs 1/M of the arithmetic.
+//
+// Layout: packed[p, k, j] = W[p * P + j, k] with P = 2 vectors of lanes (16 on AVX2), zero
+// past N. Each thread owns whole panels (no two threads write the same output column). For a
+// panel and a chunk of kKc inputs, a 6 x P register tile of out is updated with broadcast FMAs
+// (the classic BLIS AVX2 micro-kernel shape: 12 accumulators, 2 weight vectors, 1 broadcast).
+
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <vector>
+
+#include "vec.h"
+
+namespace pagedllm {
+namespace {
+
+using vec::bf16_t;
+using vec::kLanes;
+using vec::vfloat;
+
+constexpr int kPanel = 2 * kLanes;  // output columns per panel
+constexpr int kMr = 6;              // rows of x per register tile
+constexpr int64_t kKc = 256;        // inputs per chunk: a chunk of a panel is 16 KB of fp32
+
+// acc[0:R, 0:kPanel] (+)= a[0:R, 0:kc] @ b[0:kc, 0:kPanel]; a has row stride lda, acc kPanel.
+template <int R, bool kAccumulate>
+inline void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* acc) {
+  vfloat c0[R], c1[R];
+  for (int r = 0; r < R; ++r) {
+    c0[r] = kAccumulate ? vec::load(acc + r * kPanel) : vfloat{};
+    c1[r] = kAccumulate ? vec::load(acc + r * kPanel + kLanes) : vfloat{};
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const vfloat b0 = vec::load(b + k * kPanel), b1 = vec::load(b + k * kPanel + kLanes);
+    for (int r = 0; r < R; ++r) {
+      const vfloat av = vec::splat(a[r * lda + k]);
+      c0[r] += av * b0;
+      c1[r] += av * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    vec::store(acc + r * kPanel, c0[r]);
+    vec::store(acc + r * kPanel + kLanes, c1[r]);
+  }
+}
+
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
+
+template <bool kAccumulate>
+TileFn tile_fn(int64_t rows) {
+  switch (rows) {
+    case 1: return tile<1, kAccumulate>;
+    case 2: return tile<2, kAccumulate>;
+    case 3: return tile<3, kAccumulate>;
+    case 4: return tile<4, kAccumulate>;
+    case 5: return tile<5, kAccumulate>;
+    default: return tile<kMr, kAccumulate>;
+  }
+}
+
+inline float load1(const float* p, int64_t i) { return p[i]; }
+inline float load1(const bf16_t* p, int64_t i) { return vec::bf16_to_float(p[i]); }
+
+// A chunk of a panel as fp32: in place for fp32 panels, widened into `buffer` for bf16.
+inline const float* panel_chunk(const float* panel, int64_t, float*) { return panel; }
+inline const float* panel_chunk(const bf16_t* panel, int64_t count, float* buffer) {
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) vec::store(buffer + i, vec::load(panel + i));
+  for (; i < count; ++i) buffer[i] = vec::bf16_to_float(panel[i]);
+  return buffer;
+}
+
+inline void store_row(float* out, const float* acc, const float* bias, int64_t width) {
+  for (int64_t j = 0; j < width; ++j) out[j] = acc[j] + (bias ? bias[j] : 0.0f);
+}
+inline void store_row(bf16_t* out, const float* acc, const float* bias, int64_t width) {
+  for (int64_t j = 0; j < width; ++j) out[j] = vec::float_to_bf16(acc[j] + (bias ? bias[j] : 0.0f));
+}
+
+template <typename W, typename O>
+void run_panels(O* out, int64_t ldo, const float* x, const W* packed, const float* bias,
+                int64_t M, int64_t K, int64_t N) {
+  const int64_t num_panels = (N + kPanel - 1) / kPanel;
+  at::parallel_for(0, num_panels, 1, [&](int64_t p_begin, int64_t p_end) {
+    std::vector<float> acc(M * kPanel);
+    std::vector<float> chunk(std::is_same_v<W, float> ? 0 : kKc * kPanel);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const W* panel = packed + p * K * kPanel;
+      for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+        const int64_t kc = std::min(kKc, K - k0);
+        const float* b = panel_chunk(panel + k0 * kPanel, kc * kPanel, chunk.data());
+        for (int64_t m0 = 0; m0 < M; m0 += kMr) {
+          const int64_t rows = std::min<int64_t>(kMr, M - m0);
+          const TileFn fn = k0 == 0 ? tile_fn<false>(rows) : tile_fn<true>(rows);
+          fn(x + m0 * K + k0, K, b, kc, acc.data() + m0 * kPanel);
+        }
+      }
+      const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        store_row(out + m * ldo + n0, acc.data() + m * kPanel, bias ? bias + n0 : nullptr, width);
+      }
+    }
+  });
+}
+
+// weight [N, K] fp32/bf16 -> packed [ceil(N / P), K, P] in the weight's dtype.
+at::Tensor pack_panels(const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 &&
+                  (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "weight must be a 2-D float32 or bfloat16 CPU tensor");
+  const at::Tensor w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), num_panels = (N + kPanel - 1) / kPanel;
+  at::Tensor packed = at::zeros({num_panels, K, kPanel}, w.options());
+  const int64_t element = w.element_size();
+  const char* src = static_cast<const char*>(w.data_ptr());
+  char* dst = static_cast<char*>(packed.data_ptr());
+  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t j = 0; j < kPanel && p * kPanel + j < N; ++j) {
+        const char* row = src + (p * kPanel + j) * K * element;
+        for (int64_t k = 0; k < K; ++k) {
+          std::memcpy(dst + ((p * K + k) * kPanel + j) * element, row + k * element, element);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// out [M, N] fp32/bf16 (contiguous last dim); x [M, K] fp32/bf16; packed from pack_panels;
+// bias fp32 [N] or empty.
+void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
+                  const at::Tensor& bias) {
+  const auto is_float = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+  };
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && is_float(x), "x must be 2-D fp32/bf16 CPU");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
+                  is_float(packed),
+              "packed must come from pack_panels of this build");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  TORCH_CHECK(packed.size(1) == K, "x has ", K, " columns, the weight ", packed.size(1));
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.stride(1) == 1 && is_float(out) &&
+                  packed.size(0) == (N + kPanel - 1) / kPanel,
+              "out must be [M, N] fp32/bf16 with a contiguous last dim, N the weight's rows");
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
+                            bias.numel() == N),
+              "bias must be contiguous float32 [N] (or empty)");
+  if (M == 0 || N == 0) return;
+  // x as contiguous fp32 [M, K], read once per panel: converted here, not by a torch op
+  // (whose dispatch and allocation cost more than the conversion at decode sizes).
+  std::vector<float> x_buffer;
+  const float* xp = nullptr;
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) {
+    xp = x.data_ptr<float>();
+  } else {
+    x_buffer.resize(M * K);
+    const int64_t ldx = x.stride(0), kx = x.stride(1);
+    const auto widen = [&](auto tag) {
+      using T = decltype(tag);
+      const T* src = reinterpret_cast<const T*>(x.data_ptr());
+      at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          float* dst = x_buffer.data() + m * K;
+          const T* row = src + m * ldx;
+          int64_t k = 0;
+          if (kx == 1) {
+            for (; k + kLanes <= K; k += kLanes) vec::store(dst + k, vec::load(row + k));
+          }
+          for (; k < K; ++k) dst[k] = load1(row, k * kx);
+        }
+      });
+    };
+    if (x.scalar_type() == at::kBFloat16) widen(bf16_t{}); else widen(float{});
+    xp = x_buffer.data();
+  }
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  const auto with_out = [&](auto weight_tag) {
+    using W = decltype(weight_tag);
+    const W* w = reinterpret_cast<const W*>(packed.data_ptr());
+    if (out.scalar_type() == at::kFloat) {
+      run_panels(out.data_ptr<float>(), out.stride(0), xp, w, bp, M, K, N);
+    } else {
+      run_panels(reinterpret_cast<bf16_t*>(out.data_ptr()), out.stride(0), xp, w, bp, M, K, N);
+    }
+  };
+  if (packed.scalar_type() == at::kBFloat16) with_out(bf16_t{}); else with_out(float{});
+}
+
+}  // namespace
+}  // namespace pagedllm
+
+TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
+  m.def("pack_panels(Tensor weight) -> Tensor");
+  m.def("panel_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor bias) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
+  m.impl("pack_panels", &pagedllm::pack_panels);
+  m.impl("panel_linear", &pagedllm::panel_linear);
+}
