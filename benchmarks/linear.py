@@ -28,7 +28,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from pagedllm.layers.linear import FEW_ROWS, PackedWeight  # noqa: E402
+from pagedllm.layers.linear import FEW_ROWS, onednn_has_gemm  # noqa: E402
 from pagedllm.ops import cpu_ops, cpu_ops_error  # noqa: E402
 
 NUM_LAYERS = 30
@@ -64,7 +64,10 @@ def main() -> None:
     print("-" * len(header))
     for dtype in (torch.float32, torch.bfloat16):
         weights = [[torch.randn(n, k).to(dtype) for n, k in SHAPES] for _ in range(NUM_LAYERS)]
-        packed = [[PackedWeight(w, None, 64) for w in layer] for layer in weights]
+        # oneDNN in its best form here: the weight's dtype where it has that GEMM, else fp32.
+        compute = dtype if onednn_has_gemm(dtype) else torch.float32
+        reordered = [[torch.ops.mkldnn._reorder_linear_weight(w.to(compute), 64) for w in layer]
+                     for layer in weights]
         panels = [[ops.pack_panels(w) for w in layer] for layer in weights]
         weight_bytes = sum(w.numel() * w.element_size() for layer in weights for w in layer)
         for m in args.rows:
@@ -79,9 +82,11 @@ def main() -> None:
                         F.linear(x, w)
 
             def onednn() -> None:
-                for layer in packed:
-                    for p, x in zip(layer, inputs):
-                        p.onednn(x)
+                for layer in reordered:
+                    for w, x in zip(layer, inputs):
+                        out = torch.ops.mkldnn._linear_pointwise(x.to(compute), w, None, "none",
+                                                                 [], "")
+                        out.to(dtype)
 
             def stream() -> None:
                 for layer in weights:
@@ -95,7 +100,7 @@ def main() -> None:
 
             repeats = 3 if m >= 64 else 5
             # bf16 F.linear has no fast path on CPUs without bf16 GEMM: time it once, briefly.
-            slow = dtype == torch.bfloat16 and m > 16 and not _has_bf16_gemm()
+            slow = dtype == torch.bfloat16 and m > 16 and not onednn_has_gemm(dtype)
             times = {
                 "F.linear": None if slow else best_time(f_linear, repeats),
                 "oneDNN": best_time(onednn, repeats),
@@ -117,14 +122,6 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"threads": torch.get_num_threads(),
                                           "results": rows_out}, indent=2))
     print(f"\nwrote {args.out}")
-
-
-def _has_bf16_gemm() -> bool:
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
-        return True
-    except RuntimeError:
-        return False
 
 
 if __name__ == "__main__":

@@ -74,12 +74,12 @@ def test_panel_kernel_shapes_and_strides() -> None:
     if ops is None:
         pytest.skip("CPU ops unavailable")
     torch.manual_seed(0)
-    for n, k in [(1, 1), (15, 7), (16, 256), (17, 257), (40, 600)]:  # panel and chunk edges
+    for n, k in [(1, 1), (15, 7), (16, 256), (17, 257), (40, 600), (24, 2000)]:  # edges
         for dtype in (torch.float32, torch.bfloat16):
             weight = torch.randn(n, k).to(dtype)
             bias = torch.randn(n)
             panels = ops.pack_panels(weight)
-            for rows in (0, 1, 5, 6, 7, 13):
+            for rows in (0, 1, 5, 6, 7, 13, 100):  # 100: several row blocks at k = 2000
                 wide = torch.randn(rows, k + 3).to(dtype)
                 x = wide[:, 1:k + 1]  # rows strided, as a slice of a wider tensor
                 out = torch.empty(rows, n, dtype=dtype)

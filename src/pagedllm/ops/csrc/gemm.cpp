@@ -32,6 +32,7 @@ using vec::vfloat;
 constexpr int kPanel = 2 * kLanes;  // output columns per panel
 constexpr int kMr = 6;              // rows of x per register tile
 constexpr int64_t kKc = 256;        // inputs per chunk: a chunk of a panel is 16 KB of fp32
+constexpr int64_t kXBlockBytes = 192 * 1024;  // a block of x rows, kept in L2
 
 // acc[0:R, 0:kPanel] (+)= a[0:R, 0:kc] @ b[0:kc, 0:kPanel]; a has row stride lda, acc kPanel.
 template <int R, bool kAccumulate>
@@ -92,23 +93,30 @@ template <typename W, typename O>
 void run_panels(O* out, int64_t ldo, const float* x, const W* packed, const float* bias,
                 int64_t M, int64_t K, int64_t N) {
   const int64_t num_panels = (N + kPanel - 1) / kPanel;
+  // Rows per block of x: a block (mc x K fp32) stays in L2 while every panel of the thread
+  // passes over it; without blocking, a prefill-sized x would stream from L3 once per panel.
+  const int64_t mc = std::max<int64_t>(kMr, kXBlockBytes / (K * 4) / kMr * kMr);
   at::parallel_for(0, num_panels, 1, [&](int64_t p_begin, int64_t p_end) {
-    std::vector<float> acc(M * kPanel);
+    std::vector<float> acc(std::min(M, mc) * kPanel);
     std::vector<float> chunk(std::is_same_v<W, float> ? 0 : kKc * kPanel);
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      const W* panel = packed + p * K * kPanel;
-      for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-        const int64_t kc = std::min(kKc, K - k0);
-        const float* b = panel_chunk(panel + k0 * kPanel, kc * kPanel, chunk.data());
-        for (int64_t m0 = 0; m0 < M; m0 += kMr) {
-          const int64_t rows = std::min<int64_t>(kMr, M - m0);
-          const TileFn fn = k0 == 0 ? tile_fn<false>(rows) : tile_fn<true>(rows);
-          fn(x + m0 * K + k0, K, b, kc, acc.data() + m0 * kPanel);
+    for (int64_t m_begin = 0; m_begin < M; m_begin += mc) {
+      const int64_t m_end = std::min(M, m_begin + mc);
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        const W* panel = packed + p * K * kPanel;
+        for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+          const int64_t kc = std::min(kKc, K - k0);
+          const float* b = panel_chunk(panel + k0 * kPanel, kc * kPanel, chunk.data());
+          for (int64_t m0 = m_begin; m0 < m_end; m0 += kMr) {
+            const int64_t rows = std::min<int64_t>(kMr, m_end - m0);
+            const TileFn fn = k0 == 0 ? tile_fn<false>(rows) : tile_fn<true>(rows);
+            fn(x + m0 * K + k0, K, b, kc, acc.data() + (m0 - m_begin) * kPanel);
+          }
         }
-      }
-      const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        store_row(out + m * ldo + n0, acc.data() + m * kPanel, bias ? bias + n0 : nullptr, width);
+        const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
+        for (int64_t m = m_begin; m < m_end; ++m) {
+          store_row(out + m * ldo + n0, acc.data() + (m - m_begin) * kPanel,
+                    bias ? bias + n0 : nullptr, width);
+        }
       }
     }
   });
