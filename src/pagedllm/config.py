@@ -73,6 +73,9 @@ class EngineConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     def _verify_device(self) -> None:
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a string such as 'cpu' or 'cuda', "
+                             f"got {self.device!r}")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
