@@ -14,9 +14,7 @@ import torch
 
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.torch_paged import TorchPagedAttention
-from pagedllm.ops import cpu_ops
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+from pagedllm.ops import NATIVE_DTYPES, cpu_ops
 
 
 class CpuPagedAttention(TorchPagedAttention):
@@ -70,8 +68,8 @@ def _kernel_applies(
 ) -> bool:
     return (
         all(t.device.type == "cpu" for t in (query, key, value, kv_cache))
-        and kv_cache.dtype in _KERNEL_DTYPES
-        and query.dtype in _KERNEL_DTYPES
+        and kv_cache.dtype in NATIVE_DTYPES
+        and query.dtype in NATIVE_DTYPES
         and key.dtype == kv_cache.dtype
         and value.dtype == kv_cache.dtype
         and kv_cache.is_contiguous()

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from pagedllm.ops import cpu_ops
+from pagedllm.ops import NATIVE_DTYPES, cpu_ops
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 FEW_ROWS = 8
 BF16_STREAM_MAX_ROWS = 4
 FP32_PANEL_MAX_ROWS = 128
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
@@ -55,7 +54,7 @@ class PackedWeight:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
         weight = weight.detach()
-        self.ops = cpu_ops() if weight.dtype in _KERNEL_DTYPES else None
+        self.ops = cpu_ops() if weight.dtype in NATIVE_DTYPES else None
         self.out_features = weight.shape[0]
         self.plain: torch.Tensor | None = None  # for the streaming kernel
         self.panels: torch.Tensor | None = None  # for the panel kernel
@@ -88,7 +87,7 @@ class PackedWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in] -> [num_tokens, out] in x's dtype
-        if x.dim() == 2 and x.dtype in _KERNEL_DTYPES:
+        if x.dim() == 2 and x.dtype in NATIVE_DTYPES:
             rows = x.shape[0]
             if rows <= self.stream_max_rows:
                 return self.few_rows(x)

@@ -8,7 +8,8 @@ import torch
 
 from pagedllm.ops.cpu_extension import cpu_ops
 
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+# The dtypes every C++ op takes.
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def native_ops(*tensors: torch.Tensor) -> Any:
@@ -18,6 +19,6 @@ def native_ops(*tensors: torch.Tensor) -> Any:
     else (a GPU tensor, fp16, a failed build) takes the torch path.
     """
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in _NATIVE_DTYPES or t.stride(-1) != 1:
+        if t.device.type != "cpu" or t.dtype not in NATIVE_DTYPES or t.stride(-1) != 1:
             return None
     return cpu_ops()

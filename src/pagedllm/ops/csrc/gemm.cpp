@@ -15,7 +15,6 @@
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
 #include <vector>
@@ -70,15 +69,10 @@ TileFn tile_fn(int64_t rows) {
   }
 }
 
-inline float load1(const float* p, int64_t i) { return p[i]; }
-inline float load1(const bf16_t* p, int64_t i) { return vec::bf16_to_float(p[i]); }
-
 // A chunk of a panel as fp32: in place for fp32 panels, widened into `buffer` for bf16.
 inline const float* panel_chunk(const float* panel, int64_t, float*) { return panel; }
 inline const float* panel_chunk(const bf16_t* panel, int64_t count, float* buffer) {
-  int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes) vec::store(buffer + i, vec::load(panel + i));
-  for (; i < count; ++i) buffer[i] = vec::bf16_to_float(panel[i]);
+  vec::widen(panel, buffer, count);
   return buffer;
 }
 
@@ -183,11 +177,11 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
         for (int64_t m = begin; m < end; ++m) {
           float* dst = x_buffer.data() + m * K;
           const T* row = src + m * ldx;
-          int64_t k = 0;
           if (kx == 1) {
-            for (; k + kLanes <= K; k += kLanes) vec::store(dst + k, vec::load(row + k));
+            vec::widen(row, dst, K);
+          } else {
+            for (int64_t k = 0; k < K; ++k) dst[k] = vec::load1(row, k * kx);
           }
-          for (; k < K; ++k) dst[k] = load1(row, k * kx);
         }
       });
     };

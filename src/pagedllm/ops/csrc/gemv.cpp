@@ -18,12 +18,11 @@ namespace {
 
 using vec::bf16_t;
 using vec::kLanes;
+using vec::load1;
 using vec::vfloat;
 
 constexpr int64_t kMaxRows = 8;  // rows of x per pass over the weight
 
-inline float load1(const float* p, int64_t i) { return p[i]; }
-inline float load1(const bf16_t* p, int64_t i) { return vec::bf16_to_float(p[i]); }
 
 // Weight rows per inner step: independent dot products hide the FMA latency; one row of x
 // leaves registers for eight, more rows of x for four.

@@ -17,9 +17,8 @@ namespace {
 using vec::bf16_t;
 using vec::bf16_to_float;
 using vec::float_to_bf16;
+using vec::load1;
 
-inline float load1(const float* p, int64_t i) { return p[i]; }
-inline float load1(const bf16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 inline void store1(float* p, int64_t i, float x) { p[i] = x; }
 inline void store1(bf16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
 // The value a torch op storing into T would keep.

@@ -139,20 +139,11 @@ inline void load_key_tile(Scratch& sc, int n, int span) {
       sc.vrow[t] = static_cast<const float*>(sc.vraw[t]);
     }
   } else {
-    const int sv = span / kLanes * kLanes;
     for (int t = 0; t < n; ++t) {
-      const bf16_t* k = static_cast<const bf16_t*>(sc.kraw[t]);
-      const bf16_t* v = static_cast<const bf16_t*>(sc.vraw[t]);
       float* kf = sc.kbuf.data() + t * span;
       float* vf = sc.vbuf.data() + t * span;
-      for (int i = 0; i < sv; i += kLanes) {
-        store(kf + i, load(k + i));
-        store(vf + i, load(v + i));
-      }
-      for (int i = sv; i < span; ++i) {
-        kf[i] = bf16_to_float(k[i]);
-        vf[i] = bf16_to_float(v[i]);
-      }
+      widen(static_cast<const bf16_t*>(sc.kraw[t]), kf, span);
+      widen(static_cast<const bf16_t*>(sc.vraw[t]), vf, span);
       sc.krow[t] = kf;
       sc.vrow[t] = vf;
     }

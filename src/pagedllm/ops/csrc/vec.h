@@ -1,4 +1,4 @@
-// SIMD helpers for the CPU attention kernel, written with GCC vector extensions: a vector is
+// SIMD helpers for pagedllm's CPU ops, written with GCC vector extensions: a vector is
 // 8 fp32 lanes (AVX2, or 2 x SSE) or 16 (AVX-512), so one source builds for any -march.
 
 #pragma once
@@ -70,6 +70,18 @@ inline vfloat round_bf16(vfloat v) { return reinterpret_cast<vfloat>(to_bf16_bit
 inline void store(bf16_t* p, vfloat v) {
   const vbf16 h = __builtin_convertvector(to_bf16_bits(v), vbf16);
   std::memcpy(p, &h, sizeof h);
+}
+
+// Element i of an fp32 or bf16 array, as fp32.
+inline float load1(const float* p, int64_t i) { return p[i]; }
+inline float load1(const bf16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+
+// dst[0:n] = src[0:n] as fp32 (a copy for fp32, exact widening for bf16).
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(dst + i, load(src + i));
+  for (; i < n; ++i) dst[i] = load1(src, i);
 }
 
 inline vfloat4 low_quarter(vfloat v) {
