@@ -142,6 +142,21 @@ def test_split_keys_match_reference(block_size: int, dtype: torch.dtype) -> None
         run_both(SMALL_BATCH, block_size, 9, 3, 64, dtype, seed=7)
 
 
+# Decode steps only, over contexts that end mid-tile, on block boundaries and past several tiles.
+DECODE_BATCH = [(0, 1), (15, 1), (31, 1), (32, 1), (100, 1), (257, 1), (600, 1)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+def test_decode_every_group_size_matches_reference(group: int, dtype: torch.dtype) -> None:
+    # The decode path is compiled per group size (query heads per kv head) up to 8; 9 takes the
+    # general path. Head size 72: whole SIMD vectors plus a register chunk that does not divide.
+    run_both(DECODE_BATCH, 16, 2 * group, 2, 72, dtype, seed=group)
+    # Head size 20: scalar tails.
+    run_both(DECODE_BATCH[:4], 8, group, 1, 20, dtype, seed=group)
+
+
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 3])
 def test_thread_count_does_not_change_results(threads: int) -> None:
