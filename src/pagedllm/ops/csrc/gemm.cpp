@@ -33,9 +33,10 @@ constexpr int kMr = 6;              // rows of x per register tile
 constexpr int64_t kKc = 256;        // inputs per chunk: a chunk of a panel is 16 KB of fp32
 constexpr int64_t kXBlockBytes = 192 * 1024;  // a block of x rows, kept in L2
 
-// acc[0:R, 0:kPanel] (+)= a[0:R, 0:kc] @ b[0:kc, 0:kPanel]; a has row stride lda, acc kPanel.
+// acc[0:R, 0:kPanel] (+)= a[0:R, 0:kc] @ b[0:kc, 0:kPanel]; a is a row tile of x, element
+// (r, k) at a[k * kMr + r]; acc has row stride kPanel.
 template <int R, bool kAccumulate>
-inline void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* acc) {
+inline void tile(const float* a, const float* b, int64_t kc, float* acc) {
   vfloat c0[R], c1[R];
   for (int r = 0; r < R; ++r) {
     c0[r] = kAccumulate ? vec::load(acc + r * kPanel) : vfloat{};
@@ -44,7 +45,7 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t kc, float*
   for (int64_t k = 0; k < kc; ++k) {
     const vfloat b0 = vec::load(b + k * kPanel), b1 = vec::load(b + k * kPanel + kLanes);
     for (int r = 0; r < R; ++r) {
-      const vfloat av = vec::splat(a[r * lda + k]);
+      const vfloat av = vec::splat(a[k * kMr + r]);
       c0[r] += av * b0;
       c1[r] += av * b1;
     }
@@ -55,7 +56,7 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t kc, float*
   }
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
+using TileFn = void (*)(const float*, const float*, int64_t, float*);
 
 template <bool kAccumulate>
 TileFn tile_fn(int64_t rows) {
@@ -80,6 +81,10 @@ inline void store_row(float* out, const float* acc, const float* bias, int64_t w
   for (int64_t j = 0; j < width; ++j) out[j] = acc[j] + (bias ? bias[j] : 0.0f);
 }
 inline void store_row(bf16_t* out, const float* acc, const float* bias, int64_t width) {
+  if (width == kPanel && !bias) {
+    for (int j = 0; j < kPanel; j += kLanes) vec::store(out + j, vec::load(acc + j));
+    return;
+  }
   for (int64_t j = 0; j < width; ++j) out[j] = vec::float_to_bf16(acc[j] + (bias ? bias[j] : 0.0f));
 }
 
@@ -100,10 +105,19 @@ void run_panels(O* out, int64_t ldo, const float* x, const W* packed, const floa
         for (int64_t k0 = 0; k0 < K; k0 += kKc) {
           const int64_t kc = std::min(kKc, K - k0);
           const float* b = panel_chunk(panel + k0 * kPanel, kc * kPanel, chunk.data());
+          // The weight bytes that follow this chunk (the rest of the panel, then the next one).
+          const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * kPanel);
+          const int64_t next_bytes = p + 1 < p_end || k0 + kc < K ? kKc * kPanel * sizeof(W) : 0;
+          const int64_t tiles = (m_end - m_begin + kMr - 1) / kMr;
+          const int64_t pf_per_tile = (next_bytes / 64 + tiles - 1) / tiles;
+          int64_t pf = 0;
           for (int64_t m0 = m_begin; m0 < m_end; m0 += kMr) {
+            for (int64_t i = 0; i < pf_per_tile && pf < next_bytes; ++i, pf += 64) {
+              __builtin_prefetch(next + pf);
+            }
             const int64_t rows = std::min<int64_t>(kMr, m_end - m0);
             const TileFn fn = k0 == 0 ? tile_fn<false>(rows) : tile_fn<true>(rows);
-            fn(x + m0 * K + k0, K, b, kc, acc.data() + (m0 - m_begin) * kPanel);
+            fn(x + (m0 * K + k0 * kMr), b, kc, acc.data() + (m0 - m_begin) * kPanel);
           }
         }
         const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
@@ -161,33 +175,27 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
                             bias.numel() == N),
               "bias must be contiguous float32 [N] (or empty)");
   if (M == 0 || N == 0) return;
-  // x as contiguous fp32 [M, K], read once per panel: converted here, not by a torch op
-  // (whose dispatch and allocation cost more than the conversion at decode sizes).
-  std::vector<float> x_buffer;
-  const float* xp = nullptr;
-  if (x.scalar_type() == at::kFloat && x.is_contiguous()) {
-    xp = x.data_ptr<float>();
-  } else {
-    x_buffer.resize(M * K);
-    const int64_t ldx = x.stride(0), kx = x.stride(1);
-    const auto widen = [&](auto tag) {
-      using T = decltype(tag);
-      const T* src = reinterpret_cast<const T*>(x.data_ptr());
-      at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; ++m) {
-          float* dst = x_buffer.data() + m * K;
-          const T* row = src + m * ldx;
-          if (kx == 1) {
-            vec::widen(row, dst, K);
-          } else {
-            for (int64_t k = 0; k < K; ++k) dst[k] = vec::load1(row, k * kx);
-          }
+  // x as fp32 row tiles: tile t holds rows t * kMr .. + kMr - 1, element (r, k) at
+  // [(t * K + k) * kMr + r], so a register tile's broadcasts walk one contiguous stream. Built
+  // here, not by torch ops, whose dispatch and allocation cost more than this at decode sizes.
+  const int64_t num_tiles = (M + kMr - 1) / kMr;
+  std::vector<float> x_tiles(num_tiles * K * kMr);  // rows past M stay unread
+  const int64_t ldx = x.stride(0), kx = x.stride(1);
+  const auto pack = [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = reinterpret_cast<const T*>(x.data_ptr());
+    at::parallel_for(0, num_tiles, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        float* dst = x_tiles.data() + t * K * kMr;
+        for (int64_t r = 0; r < kMr && t * kMr + r < M; ++r) {
+          const T* row = src + (t * kMr + r) * ldx;
+          for (int64_t k = 0; k < K; ++k) dst[k * kMr + r] = vec::load1(row, k * kx);
         }
-      });
-    };
-    if (x.scalar_type() == at::kBFloat16) widen(bf16_t{}); else widen(float{});
-    xp = x_buffer.data();
-  }
+      }
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16) pack(bf16_t{}); else pack(float{});
+  const float* xp = x_tiles.data();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   const auto with_out = [&](auto weight_tag) {
     using W = decltype(weight_tag);
