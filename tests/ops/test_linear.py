@@ -43,6 +43,15 @@ def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int, bias: boo
     assert got.dtype == dtype and got.shape == (rows, 37)
     tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     torch.testing.assert_close(got, _reference(x, weight, bias_t), **tol)
+    # fp32 out (the LM head's logits): the panel kernel writes the fp32 sums, unrounded; the
+    # other paths round to x's dtype first.
+    got_fp32 = layer.packed(x, out_dtype=torch.float32)
+    assert got_fp32.dtype == torch.float32 and got_fp32.shape == (rows, 37)
+    full = F.linear(x.float(), weight.float(), None if bias_t is None else bias_t.float())
+    packed = layer.packed
+    unrounded = dtype == torch.float32 or packed.stream_max_rows < rows <= packed.panel_max_rows
+    torch.testing.assert_close(got_fp32, full, **(tol if not unrounded else
+                                                  {"rtol": 1e-5, "atol": 1e-4}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -55,7 +64,9 @@ def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype) -
     calls = []
     for name in ("few_rows", "panel", "onednn"):
         real = getattr(packed, name)
-        monkeypatch.setattr(packed, name, lambda x, n=name, f=real: calls.append(n) or f(x))
+        monkeypatch.setattr(
+            packed, name, lambda x, *rest, n=name, f=real: calls.append(n) or f(x, *rest)
+        )
     expected = []
     for rows in (1, packed.stream_max_rows + 1, min(packed.panel_max_rows, 1000) + 1):
         layer(torch.randn(rows, 64).to(dtype))

@@ -85,17 +85,22 @@ class PackedWeight:
             )
             self.bias = None if bias is None else bias.detach().to(self.compute_dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, in] -> [num_tokens, out] in x's dtype
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x: [num_tokens, in] -> [num_tokens, out], in out_dtype (default: x's dtype).
+
+        NOTE: the panel kernel writes fp32 from bf16 inputs directly, which saves the LM head's
+        logits a full-size conversion per step; the other paths convert after.
+        """
         if x.dim() == 2 and x.dtype in NATIVE_DTYPES:
             rows = x.shape[0]
             if rows <= self.stream_max_rows:
-                return self.few_rows(x)
+                return _as_dtype(self.few_rows(x), out_dtype)
             if rows <= self.panel_max_rows:
-                return self.panel(x)
+                return self.panel(x, out_dtype)
         if self.onednn_weight is None:  # panels only: any leading shape, as 2-D rows
-            return self.panel(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-        return self.onednn(x)
+            out = self.panel(x.reshape(-1, x.shape[-1]), out_dtype)
+            return out.reshape(*x.shape[:-1], -1)
+        return _as_dtype(self.onednn(x), out_dtype)
 
     def few_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The weight-streaming kernel over the plain weight."""
@@ -103,9 +108,9 @@ class PackedWeight:
         self.ops.linear_few_rows(out, x, self.plain, self.plain_bias)
         return out
 
-    def panel(self, x: torch.Tensor) -> torch.Tensor:
+    def panel(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The panel GEMM over the panel-packed weight."""
-        out = x.new_empty(x.shape[0], self.out_features)
+        out = x.new_empty(x.shape[0], self.out_features, dtype=out_dtype or x.dtype)
         self.ops.panel_linear(out, x, self.panels, self.plain_bias)
         return out
 
@@ -115,6 +120,10 @@ class PackedWeight:
         out = torch.ops.mkldnn._linear_pointwise(inputs, self.onednn_weight, self.bias, "none",
                                                  [], "")
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def try_pack(weight: torch.Tensor, bias: torch.Tensor | None = None,

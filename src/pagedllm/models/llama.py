@@ -155,10 +155,11 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden_size] -> logits: [num_rows, vocab_size] in float32
+        packed = self.tied_lm_head if self.lm_head is None else self.lm_head.packed
+        if packed is not None:  # fp32 written by the kernel, no conversion pass
+            return packed(hidden, out_dtype=torch.float32)
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
-        if self.tied_lm_head is not None:
-            return self.tied_lm_head(hidden).float()
         return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
 
     def pack_weights(self) -> int:
