@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from pagedllm.layers import linear as linear_module
 from pagedllm.layers.linear import (
-    BF16_STREAM_MAX_ROWS,
     FEW_ROWS,
     FP32_PANEL_MAX_ROWS,
     Linear,
@@ -17,7 +16,8 @@ from pagedllm.layers.linear import (
 from pagedllm.ops import cpu_ops
 
 # Each path and both sides of each switch point.
-ROWS = sorted({1, 3, BF16_STREAM_MAX_ROWS, BF16_STREAM_MAX_ROWS + 1, FEW_ROWS, FEW_ROWS + 1, 64,
+# 1-4 and 5: the panel kernels' few-rows pass and the GEMM.
+ROWS = sorted({1, 3, 4, 5, FEW_ROWS, FEW_ROWS + 1, 64,
                FP32_PANEL_MAX_ROWS, FP32_PANEL_MAX_ROWS + 1})
 
 
@@ -78,6 +78,7 @@ def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype) -
     elif not linear_module.onednn_has_gemm(torch.bfloat16):  # bf16 never widened to fp32
         assert packed.panel_max_rows == float("inf") and packed.onednn_weight is None
         assert packed.panels.dtype == torch.bfloat16
+        assert packed.plain is None and packed.stream_max_rows == 0  # held once, as panels
 
 
 def test_panel_kernel_shapes_and_strides() -> None:
@@ -85,7 +86,8 @@ def test_panel_kernel_shapes_and_strides() -> None:
     if ops is None:
         pytest.skip("CPU ops unavailable")
     torch.manual_seed(0)
-    for n, k in [(1, 1), (15, 7), (16, 256), (17, 257), (40, 600), (24, 2000)]:  # edges
+    # Edges; k = 4100: x of the few-rows pass outgrows its stack buffer.
+    for n, k in [(1, 1), (15, 7), (16, 256), (17, 257), (40, 600), (24, 2000), (9, 4100)]:
         for dtype in (torch.float32, torch.bfloat16):
             weight = torch.randn(n, k).to(dtype)
             bias = torch.randn(n)

@@ -3,18 +3,18 @@
 Three paths, chosen per call by the number of rows (tokens in the step), measured in
 benchmarks/linear.py (docs/benchmarks.md):
 - up to `stream_max_rows`: pagedllm's weight-streaming kernel (`ops/csrc/gemv.cpp`) over the
-  plain weight. With so few rows a layer is bound by reading its weight; the kernel reads a
-  bf16 weight at 2 bytes per value.
-- up to `panel_max_rows`: pagedllm's panel GEMM (`ops/csrc/gemm.cpp`) on the weight packed
-  into column panels in its own dtype.
+  plain weight (bf16 weights on CPUs with a bf16 GEMM only).
+- up to `panel_max_rows`: pagedllm's panel kernels (`ops/csrc/gemm.cpp`) on the weight packed
+  into column panels in its own dtype: up to 4 rows one sequential pass over the panels (a
+  layer with so few rows is bound by reading its weight), a register-tiled GEMM above.
 - above: oneDNN on a weight reordered into its blocked layout
   (`torch.ops.mkldnn._linear_pointwise`), the fastest for prefill-sized fp32 GEMMs.
 
 On CPUs without a bf16 GEMM (no AVX512_BF16 / AMX), oneDNN takes only fp32 weights and torch's
-bf16 matmul is 10-100x slower. There a bf16 weight is never widened: the panel kernel takes
-every batch from `BF16_STREAM_MAX_ROWS + 1` rows up, streaming half the bytes of an fp32 copy
-and rounding each output once, which is what a bf16 GEMM (fp32 accumulation) computes up to
-summation order. Where oneDNN has a bf16 GEMM, it takes bf16 batches above FEW_ROWS.
+bf16 matmul is 10-100x slower. There a bf16 weight is never widened and is held once: the
+panel kernels take every batch, streaming half the bytes of an fp32 copy and rounding each
+output once, which is what a bf16 GEMM (fp32 accumulation) computes up to summation order.
+Where oneDNN has a bf16 GEMM, it takes bf16 batches above FEW_ROWS.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from pagedllm.ops import NATIVE_DTYPES, cpu_ops
 logger = logging.getLogger(__name__)
 
 # Row-count switch points (benchmarks/linear.py on this project's 2-core AVX2 machine):
-# the streaming kernel up to FEW_ROWS rows (bf16 weights on CPUs with a bf16 GEMM), up to
-# BF16_STREAM_MAX_ROWS for bf16 weights otherwise (panels win from 8 rows); fp32 weights take
-# panels up to FP32_PANEL_MAX_ROWS (1.35x oneDNN at 64 rows, 0.9x at 256) and oneDNN above.
+# the streaming kernel up to FEW_ROWS rows for bf16 weights on CPUs with a bf16 GEMM; panels
+# for every bf16 batch otherwise (their few-rows pass reads a bf16 weight 1.3-1.4x faster than
+# the streaming kernel at 1-4 rows); fp32 weights take panels up to FP32_PANEL_MAX_ROWS (1.35x
+# oneDNN at 64 rows, 0.9x at 256) and oneDNN above.
 FEW_ROWS = 8
-BF16_STREAM_MAX_ROWS = 4
 FP32_PANEL_MAX_ROWS = 128
 
 
@@ -64,8 +64,6 @@ class PackedWeight:
         self.plain_bias = torch.empty(0) if bias is None else bias.detach().float().contiguous()
         native = onednn_has_gemm(weight.dtype)
         if self.ops is not None and weight.dtype == torch.bfloat16 and not native:
-            self.plain = weight.contiguous()
-            self.stream_max_rows = BF16_STREAM_MAX_ROWS
             self.panels = self.ops.pack_panels(weight)
             self.panel_max_rows = math.inf
         elif self.ops is not None and weight.dtype == torch.float32:
