@@ -5,7 +5,7 @@ benchmarks/linear.py (docs/benchmarks.md):
 - up to `stream_max_rows`: pagedllm's weight-streaming kernel (`ops/csrc/gemv.cpp`) over the
   plain weight (bf16 weights on CPUs with a bf16 GEMM only).
 - up to `panel_max_rows`: pagedllm's panel kernels (`ops/csrc/gemm.cpp`) on the weight packed
-  into column panels in its own dtype: up to 4 rows one sequential pass over the panels (a
+  into column panels in its own dtype: up to 8 rows sequential passes over the panels (a
   layer with so few rows is bound by reading its weight), a register-tiled GEMM above.
 - above: oneDNN on a weight reordered into its blocked layout
   (`torch.ops.mkldnn._linear_pointwise`), the fastest for prefill-sized fp32 GEMMs.
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 # Row-count switch points (benchmarks/linear.py on this project's 2-core AVX2 machine):
 # the streaming kernel up to FEW_ROWS rows for bf16 weights on CPUs with a bf16 GEMM; panels
-# for every bf16 batch otherwise (their few-rows pass reads a bf16 weight 1.3-1.4x faster than
+# for every bf16 batch otherwise (their few-rows passes read a bf16 weight 1.3-1.4x faster than
 # the streaming kernel at 1-4 rows); fp32 weights take panels up to FP32_PANEL_MAX_ROWS (1.35x
 # oneDNN at 64 rows, 0.9x at 256) and oneDNN above.
 FEW_ROWS = 8
