@@ -6,9 +6,11 @@ memory as in the model, not from cache) with
 - `F.linear` on the plain weight (torch's default),
 - oneDNN on a packed weight (`torch.ops.mkldnn._linear_pointwise`; fp32 math for a bf16 weight
   where this CPU has no bf16 GEMM),
-- pagedllm's weight-streaming kernel (`linear_few_rows`, used up to `FEW_ROWS` rows),
-- pagedllm's panel GEMM (`panel_linear`) on weights packed into column panels in their own
-  dtype (a bf16 weight stays bf16 in memory),
+- pagedllm's weight-streaming kernel (`linear_few_rows` over the row-major weight; the engine
+  uses it up to `FEW_ROWS` rows only for bf16 weights on CPUs with a bf16 GEMM),
+- pagedllm's panel kernels (`panel_linear`) on weights packed into column panels in their own
+  dtype (a bf16 weight stays bf16 in memory): sequential passes over the panels up to 8 rows,
+  a register-tiled GEMM above,
 and reports milliseconds per pass, GFLOP/s and the weight bytes read per second.
 
     python benchmarks/linear.py [--rows 1 2 4 8 16 64 2048] [--out PATH]
