@@ -235,6 +235,23 @@ at::Tensor pack_panels(const at::Tensor& weight) {
   return packed;
 }
 
+// kernel(out data, packed data) with both pointers typed by their tensors' dtypes (fp32/bf16).
+template <typename Kernel>
+void with_dtypes(at::Tensor& out, const at::Tensor& packed, Kernel&& kernel) {
+  const auto with_weight = [&](auto* o) {
+    if (packed.scalar_type() == at::kBFloat16) {
+      kernel(o, reinterpret_cast<const bf16_t*>(packed.data_ptr()));
+    } else {
+      kernel(o, packed.data_ptr<float>());
+    }
+  };
+  if (out.scalar_type() == at::kFloat) {
+    with_weight(out.data_ptr<float>());
+  } else {
+    with_weight(reinterpret_cast<bf16_t*>(out.data_ptr()));
+  }
+}
+
 // out [M, N] fp32/bf16 (contiguous last dim); x [M, K] fp32/bf16; packed from pack_panels;
 // bias fp32 [N] or empty.
 void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
@@ -274,16 +291,9 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
       }
     };
     if (x.scalar_type() == at::kBFloat16) widen(bf16_t{}); else widen(float{});
-    const auto run = [&](auto weight_tag) {
-      using W = decltype(weight_tag);
-      const W* w = reinterpret_cast<const W*>(packed.data_ptr());
-      if (out.scalar_type() == at::kFloat) {
-        few_rows(out.data_ptr<float>(), out.stride(0), xr, w, bp, M, K, N);
-      } else {
-        few_rows(reinterpret_cast<bf16_t*>(out.data_ptr()), out.stride(0), xr, w, bp, M, K, N);
-      }
-    };
-    if (packed.scalar_type() == at::kBFloat16) run(bf16_t{}); else run(float{});
+    with_dtypes(out, packed, [&](auto* o, const auto* w) {
+      few_rows(o, out.stride(0), xr, w, bp, M, K, N);
+    });
     return;
   }
   // x as fp32 row tiles: tile t holds rows t * kMr .. + kMr - 1, element (r, k) at
@@ -306,16 +316,9 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
   };
   if (x.scalar_type() == at::kBFloat16) pack(bf16_t{}); else pack(float{});
   const float* xp = x_tiles.data();
-  const auto with_out = [&](auto weight_tag) {
-    using W = decltype(weight_tag);
-    const W* w = reinterpret_cast<const W*>(packed.data_ptr());
-    if (out.scalar_type() == at::kFloat) {
-      run_panels(out.data_ptr<float>(), out.stride(0), xp, w, bp, M, K, N);
-    } else {
-      run_panels(reinterpret_cast<bf16_t*>(out.data_ptr()), out.stride(0), xp, w, bp, M, K, N);
-    }
-  };
-  if (packed.scalar_type() == at::kBFloat16) with_out(bf16_t{}); else with_out(float{});
+  with_dtypes(out, packed, [&](auto* o, const auto* w) {
+    run_panels(o, out.stride(0), xp, w, bp, M, K, N);
+  });
 }
 
 }  // namespace
