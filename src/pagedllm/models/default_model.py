@@ -1,12 +1,14 @@
 """Where model weights come from: the shipped SmolLM2 GGUF, any GGUF file, or a local HF folder.
 
 A GGUF file is converted once (dequantised to float32 by transformers) into a Hugging Face
-directory under the cache folder, keyed by the file's name, size and modification time, so a
-second start only reads safetensors.
+directory under the cache folder, keyed by the file's name, size and content digest, so a
+second start only reads safetensors, and reinstalling the same file (a new modification time)
+reuses the conversion instead of adding another copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -59,9 +61,7 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
 def convert_gguf(gguf_path: Path) -> Path:
     """Converts a GGUF file into a cached HF directory, once; later calls return the cache."""
-    stat = gguf_path.stat()
-    key = f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    out_dir = cache_root() / "models" / key
+    out_dir = cache_root() / "models" / _content_key(gguf_path)
     if (out_dir / "config.json").is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +78,32 @@ def convert_gguf(gguf_path: Path) -> Path:
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
+
+
+def _content_key(gguf_path: Path) -> str:
+    """`{stem}-{size}-{digest}` of the file's bytes.
+
+    The digest (about 0.2 s for the shipped file) is remembered per (path, size, mtime), so
+    only a new or changed file is hashed.
+    """
+    stat = gguf_path.stat()
+    stat_key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo = (
+        cache_root() / "models" / ".digests"
+        / hashlib.blake2b(stat_key.encode(), digest_size=10).hexdigest()
+    )
+    try:
+        return memo.read_text()
+    except FileNotFoundError:
+        pass
+    with open(gguf_path, "rb") as f:
+        digest = hashlib.file_digest(f, "blake2b").hexdigest()[:20]
+    key = f"{gguf_path.stem}-{stat.st_size}-{digest}"
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+    tmp.write_text(key)
+    tmp.replace(memo)  # atomic: concurrent starts write the same key
+    return key
 
 
 def _write_hf_directory(gguf_path: Path, out_dir: Path) -> None:
