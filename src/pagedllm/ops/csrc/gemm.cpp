@@ -1,5 +1,6 @@
-// A linear layer for batches of rows (decode of many sequences, prefill): out = x @ W.T + b,
-// on a weight packed once into column panels, in fp32 or bf16.
+// A linear layer on a weight packed once into column panels, in fp32 or bf16: out = x @ W.T + b.
+// Up to kFewRows rows (decode of a few sequences) it makes sequential passes over the panels
+// (see "Few rows" below); above, a register-tiled GEMM (decode of many sequences, prefill).
 //
 // Why not oneDNN alone: on CPUs without bf16 GEMM instructions (AVX2, AVX-512 without
 // AVX512_BF16) oneDNN takes only fp32 weights, so a bf16 model would stream twice the weight

@@ -421,6 +421,29 @@ inline void store_out_row(const Params& p, int64_t token, int64_t head, const fl
   }
 }
 
+// Walks the item's keys in tiles of kKeyTile logical positions. When body(kb, n, next_n) runs
+// for the tile at kb, sc.kraw/sc.vraw hold the addresses of its n K/V slots (at the item's first
+// kv head) and sc.next_kraw/sc.next_vraw those of the next tile's next_n slots: blocks are
+// scattered, so hardware prefetchers miss each block's start, and the body prefetches them.
+template <typename cache_t, typename Body>
+inline void for_each_key_tile(const Params& p, const WorkItem& it, Scratch& sc, Body&& body) {
+  const int32_t* table = p.block_tables + it.seq * p.bt_stride;
+  const cache_t* k_base = static_cast<const cache_t*>(p.k_cache) + it.h_begin * p.head_size;
+  const cache_t* v_base = static_cast<const cache_t*>(p.v_cache) + it.h_begin * p.head_size;
+  int n = static_cast<int>(std::min<int64_t>(kKeyTile, it.k_end - it.k_begin));
+  tile_rows(p, table, k_base, v_base, it.k_begin, n, sc.kraw.data(), sc.vraw.data());
+  for (int64_t kb = it.k_begin; kb < it.k_end; kb += kKeyTile) {
+    const int64_t next_kb = kb + kKeyTile;
+    const int next_n = static_cast<int>(std::clamp<int64_t>(it.k_end - next_kb, 0, kKeyTile));
+    tile_rows(p, table, k_base, v_base, next_kb, next_n, sc.next_kraw.data(),
+              sc.next_vraw.data());
+    body(kb, n, next_n);
+    std::swap(sc.kraw, sc.next_kraw);
+    std::swap(sc.vraw, sc.next_vraw);
+    n = next_n;
+  }
+}
+
 // Loads the item's query rows and resets its softmax state.
 inline void start_item(const Params& p, const WorkItem& it, const ItemRows& ir, Scratch& sc) {
   const int d = static_cast<int>(p.head_size);
@@ -482,18 +505,8 @@ void run_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float* pa
   const int d = static_cast<int>(p.head_size);
   const ItemRows ir(it, G);
   const int64_t span_bytes = ir.heads * d * static_cast<int64_t>(sizeof(cache_t));
-  const int32_t* table = p.block_tables + it.seq * p.bt_stride;
-  const cache_t* k_base = static_cast<const cache_t*>(p.k_cache) + it.h_begin * p.head_size;
-  const cache_t* v_base = static_cast<const cache_t*>(p.v_cache) + it.h_begin * p.head_size;
   start_item(p, it, ir, sc);
-
-  int n = static_cast<int>(std::min<int64_t>(kKeyTile, it.k_end - it.k_begin));
-  tile_rows(p, table, k_base, v_base, it.k_begin, n, sc.kraw.data(), sc.vraw.data());
-  for (int64_t kb = it.k_begin; kb < it.k_end; kb += kKeyTile) {
-    const int64_t next_kb = kb + kKeyTile;
-    const int next_n = static_cast<int>(std::clamp<int64_t>(it.k_end - next_kb, 0, kKeyTile));
-    tile_rows(p, table, k_base, v_base, next_kb, next_n, sc.next_kraw.data(),
-              sc.next_vraw.data());
+  for_each_key_tile<cache_t>(p, it, sc, [&](int64_t, int n, int next_n) {
     touch_tile(sc.kraw.data(), sc.vraw.data(), n, span_bytes);
     for (int h = 0; h < ir.heads; ++h) {
       float* s = sc.s.data() + h * G * kKeyTile;
@@ -507,10 +520,7 @@ void run_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float* pa
       }
       decode_pv<G, cache_t>(sc.acc.data() + h * G * d, d, corr, s, sc.vraw.data(), h * d, n);
     }
-    std::swap(sc.kraw, sc.next_kraw);
-    std::swap(sc.vraw, sc.next_vraw);
-    n = next_n;
-  }
+  });
   finish_item(p, it, ir, sc, partial);
 }
 
@@ -524,22 +534,10 @@ void run_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) 
   const int64_t query_len = p.query_start_loc[it.seq + 1] - p.query_start_loc[it.seq];
   // Query token j of the sequence sits at position seq_len - query_len + j.
   const int64_t first_pos = seq_len - query_len + it.q_begin;
-  const int32_t* table = p.block_tables + it.seq * p.bt_stride;
-  const cache_t* k_base = static_cast<const cache_t*>(p.k_cache) + it.h_begin * p.head_size;
-  const cache_t* v_base = static_cast<const cache_t*>(p.v_cache) + it.h_begin * p.head_size;
   const bool few_rows = ir.rows_per_head <= kDotMaxRows;
 
   start_item(p, it, ir, sc);
-
-  int n = static_cast<int>(std::min<int64_t>(kKeyTile, it.k_end - it.k_begin));
-  tile_rows(p, table, k_base, v_base, it.k_begin, n, sc.kraw.data(), sc.vraw.data());
-  for (int64_t kb = it.k_begin; kb < it.k_end; kb += kKeyTile) {
-    // Blocks are scattered, so hardware prefetchers miss each block's start: prefetch the next
-    // tile while this one is computed.
-    const int64_t next_kb = kb + kKeyTile;
-    const int next_n = static_cast<int>(std::clamp<int64_t>(it.k_end - next_kb, 0, kKeyTile));
-    tile_rows(p, table, k_base, v_base, next_kb, next_n, sc.next_kraw.data(),
-              sc.next_vraw.data());
+  for_each_key_tile<cache_t>(p, it, sc, [&](int64_t kb, int n, int next_n) {
     load_key_tile<cache_t>(sc, n, span);
     float* s = sc.s.data();
     if (few_rows) {
@@ -565,11 +563,7 @@ void run_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) 
       softmax_pv_row(s + r * kKeyTile, static_cast<int>(nv), sc.vrow.data(), ir.head(r) * d, d,
                      sc.m[r], sc.l[r], sc.acc.data() + r * d);
     }
-    std::swap(sc.kraw, sc.next_kraw);
-    std::swap(sc.vraw, sc.next_vraw);
-    n = next_n;
-  }
-
+  });
   finish_item(p, it, ir, sc, partial);
 }
 
