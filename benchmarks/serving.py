@@ -284,6 +284,60 @@ def print_table(rows: list[dict]) -> None:
     print("(latencies: mean/median/p99; norm = mean of latency / output tokens)")
 
 
+def sustained_rate(points: list[tuple[float, float]], limit: float) -> tuple[float, bool]:
+    """The request rate at which a latency curve first rises above `limit`, interpolated linearly
+    between the measured rates, and whether it does within them.
+
+    `points` are (rate, normalized latency) sorted by rate. A curve that never crosses gives its
+    highest rate (the server sustains at least that); one already above at its lowest rate
+    gives 0.
+    """
+    if points[0][1] > limit:
+        return 0.0, True
+    for (r0, l0), (r1, l1) in zip(points, points[1:]):
+        if l1 > limit:
+            return r0 + (limit - l0) / (l1 - l0) * (r1 - r0), True
+    return points[-1][0], False
+
+
+def latency_curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Per server, (request rate, normalized latency) at its finite rates, sorted by rate."""
+    curves = {}
+    for server in dict.fromkeys(r["server"] for r in rows):
+        points = sorted((r["request_rate"], r["normalized_latency_s_per_token"]) for r in rows
+                        if r["server"] == server and math.isfinite(r["request_rate"])
+                        and math.isfinite(r["normalized_latency_s_per_token"]))
+        if points:
+            curves[server] = points
+    return curves
+
+
+def compare_sustained(rows: list[dict], factor: float) -> list[dict]:
+    """Figure 12 read as numbers: for each server's latency limit (`factor` x its normalized
+    latency at its lowest rate, where its latency "explodes"), the rate every server sustains
+    under that same limit."""
+    curves = latency_curves(rows)
+    comparisons = []
+    for reference, points in curves.items():
+        limit = factor * points[0][1]
+        rates = {}
+        for server, curve in curves.items():
+            rate, crossed = sustained_rate(curve, limit)
+            rates[server] = {"rate": rate, "crossed": crossed}
+        comparisons.append({"reference": reference, "limit_s_per_token": limit, "rates": rates})
+    return comparisons
+
+
+def print_sustained(comparisons: list[dict], factor: float) -> None:
+    print(f"\nSustained request rate: where normalized latency first exceeds {factor:g}x a "
+          "server's own at its lowest rate (interpolated; '>=' = not exceeded within the rates)")
+    for c in comparisons:
+        parts = [f"{server} {'' if v['crossed'] else '>='}{v['rate']:.2f}"
+                 for server, v in c["rates"].items()]
+        print(f"  limit {c['limit_s_per_token']:.3f} s/token ({factor:g}x {c['reference']}): "
+              + ", ".join(parts) + " req/s")
+
+
 def plot(rows: list[dict], path: Path) -> bool:
     try:
         import matplotlib
@@ -294,11 +348,8 @@ def plot(rows: list[dict], path: Path) -> bool:
         print("matplotlib is not installed (pip install matplotlib): no chart drawn")
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for server in dict.fromkeys(r["server"] for r in rows):
-        points = sorted((r["request_rate"], r["normalized_latency_s_per_token"]) for r in rows
-                        if r["server"] == server and math.isfinite(r["request_rate"]))
-        if points:
-            ax.plot(*zip(*points), marker="o", label=server)
+    for server, points in latency_curves(rows).items():
+        ax.plot(*zip(*points), marker="o", label=server)
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("normalized latency (s/token)")
     ax.set_title("Normalized latency vs request rate (ShareGPT-like lengths)")
@@ -357,6 +408,8 @@ def main() -> None:
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="let requests stop at EOS (for servers without ignore_eos)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--explode-factor", type=float, default=2.0,
+                        help="latency counts as exploded at this multiple of its low-rate value")
     parser.add_argument("--quick", action="store_true",
                         help="a small sweep (short requests, three rates): about 1-2 minutes")
     parser.add_argument("--out", default=str(RESULTS / "serving.json"))
@@ -409,12 +462,14 @@ def main() -> None:
     if not rows:
         raise SystemExit("no server was benchmarked")
     print_table(rows)
+    sustained = compare_sustained(rows, args.explode_factor)
+    print_sustained(sustained, args.explode_factor)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
     config["request_rates"] = [r if math.isfinite(r) else "inf" for r in args.request_rates]
     for row in rows:
         row["request_rate"] = row["request_rate"] if math.isfinite(row["request_rate"]) else "inf"
     out.write_text(json.dumps(_finite({"config": config, "startup_s": startup,
-                                       "results": rows}), indent=2))
+                                       "results": rows, "sustained": sustained}), indent=2))
     print(f"\nwrote {out}")
     for row in rows:
         row["request_rate"] = float(row["request_rate"])
