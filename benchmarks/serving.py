@@ -12,6 +12,7 @@ PNG (needs matplotlib: `pip install matplotlib`).
     python benchmarks/serving.py --vllm-python /path/to/vllm-venv/bin/python   # adds vLLM
     python benchmarks/serving.py --servers pagedllm:bfloat16 vllm:float32 --vllm-python ...
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --label mine  # running server
+    python benchmarks/serving.py --merge a.json b.json --out both.json  # earlier runs, together
 
 Servers it launches run one after another on free 127.0.0.1 ports and are stopped with SIGTERM.
 """
@@ -285,19 +286,23 @@ def print_table(rows: list[dict]) -> None:
 
 
 def sustained_rate(points: list[tuple[float, float]], limit: float) -> tuple[float, bool]:
-    """The request rate at which a latency curve first rises above `limit`, interpolated linearly
-    between the measured rates, and whether it does within them.
+    """The highest request rate at which a latency curve is still at or below `limit`,
+    interpolated linearly towards the next measured rate, and whether the curve rises above
+    `limit` within the measured rates.
 
-    `points` are (rate, normalized latency) sorted by rate. A curve that never crosses gives its
-    highest rate (the server sustains at least that); one already above at its lowest rate
-    gives 0.
+    `points` are (rate, normalized latency) sorted by rate. The last point at or below the limit
+    counts, not the first one above it, so one noisy point at a low rate does not hide a curve
+    that stays low; a curve that never rises above gives its highest rate (the server sustains
+    at least that), one above it everywhere gives 0.
     """
-    if points[0][1] > limit:
+    below = [i for i, (_, latency) in enumerate(points) if latency <= limit]
+    if not below:
         return 0.0, True
-    for (r0, l0), (r1, l1) in zip(points, points[1:]):
-        if l1 > limit:
-            return r0 + (limit - l0) / (l1 - l0) * (r1 - r0), True
-    return points[-1][0], False
+    i = below[-1]
+    if i == len(points) - 1:
+        return points[i][0], False
+    (r0, l0), (r1, l1) = points[i], points[i + 1]
+    return r0 + (limit - l0) / (l1 - l0) * (r1 - r0), True
 
 
 def latency_curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
@@ -329,8 +334,9 @@ def compare_sustained(rows: list[dict], factor: float) -> list[dict]:
 
 
 def print_sustained(comparisons: list[dict], factor: float) -> None:
-    print(f"\nSustained request rate: where normalized latency first exceeds {factor:g}x a "
-          "server's own at its lowest rate (interpolated; '>=' = not exceeded within the rates)")
+    print(f"\nSustained request rate: the highest rate at which normalized latency stays at or "
+          f"below {factor:g}x a server's own at its lowest rate (interpolated; '>=': it never "
+          "rises above within the measured rates)")
     for c in comparisons:
         parts = [f"{server} {'' if v['crossed'] else '>='}{v['rate']:.2f}"
                  for server, v in c["rates"].items()]
@@ -369,6 +375,17 @@ def _finite(value):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_finite(v) for v in value]
+    return value
+
+
+def _nan_for_null(value):
+    """The inverse of _finite, for results read back from JSON."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, dict):
+        return {k: _nan_for_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_for_null(v) for v in value]
     return value
 
 
@@ -414,7 +431,15 @@ def main() -> None:
                         help="a small sweep (short requests, three rates): about 1-2 minutes")
     parser.add_argument("--out", default=str(RESULTS / "serving.json"))
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="benchmark nothing: read the results of earlier runs, then print, "
+                             "write and plot them together")
     args = parser.parse_args()
+    if args.merge:
+        rows = [_nan_for_null(row) for path in args.merge
+                for row in json.loads(Path(path).read_text())["results"]]
+        report(rows, {"merged": args.merge}, {}, args)
+        return
 
     if args.quick:
         args.num_prompts, args.request_rates = 12, [0.5, 1.0, 2.0]
@@ -436,8 +461,6 @@ def main() -> None:
     print(f"{len(requests)} requests: {np.mean([len(r.prompt_token_ids) for r in requests]):.0f}"
           f" prompt / {np.mean([r.output_len for r in requests]):.0f} output tokens on average")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     startup: dict[str, float] = {}
     log_dir = Path(tempfile.mkdtemp(prefix="pagedllm-bench-"))
@@ -461,18 +484,26 @@ def main() -> None:
                 server.stop()
     if not rows:
         raise SystemExit("no server was benchmarked")
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "merge")}
+    config["request_rates"] = [r if math.isfinite(r) else "inf" for r in args.request_rates]
+    report(rows, config, startup, args)
+
+
+def report(rows: list[dict], config: dict, startup: dict[str, float],
+           args: argparse.Namespace) -> None:
+    """Prints the table and the sustained rates, writes the JSON (--out) and the chart."""
+    for row in rows:  # JSON keeps an all-at-once rate as "inf"
+        row["request_rate"] = float(row["request_rate"])
     print_table(rows)
     sustained = compare_sustained(rows, args.explode_factor)
     print_sustained(sustained, args.explode_factor)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
-    config["request_rates"] = [r if math.isfinite(r) else "inf" for r in args.request_rates]
-    for row in rows:
-        row["request_rate"] = row["request_rate"] if math.isfinite(row["request_rate"]) else "inf"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    saved = [{**row, "request_rate": row["request_rate"] if math.isfinite(row["request_rate"])
+              else "inf"} for row in rows]
     out.write_text(json.dumps(_finite({"config": config, "startup_s": startup,
-                                       "results": rows, "sustained": sustained}), indent=2))
+                                       "results": saved, "sustained": sustained}), indent=2))
     print(f"\nwrote {out}")
-    for row in rows:
-        row["request_rate"] = float(row["request_rate"])
     plot_path = Path(args.plot) if args.plot else out.with_suffix(".png")
     if plot(rows, plot_path):
         print(f"wrote {plot_path}")

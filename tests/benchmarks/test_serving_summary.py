@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -20,8 +21,9 @@ def _row(server: str, rate: float, latency: float) -> dict:
     return {"server": server, "request_rate": rate, "normalized_latency_s_per_token": latency}
 
 
-def test_sustained_rate_interpolates_the_first_crossing():
-    points = [(0.5, 0.05), (1.0, 0.06), (1.5, 0.20), (2.0, 0.08)]
+def test_sustained_rate_interpolates_after_the_last_point_below_the_limit():
+    # 0.5 req/s is a noisy point above the limit; the curve is below it again until 1.0.
+    points = [(0.25, 0.05), (0.5, 0.11), (1.0, 0.06), (1.5, 0.20)]
     rate, crossed = serving.sustained_rate(points, 0.10)
     assert crossed
     assert rate == pytest.approx(1.0 + (0.10 - 0.06) / (0.20 - 0.06) * 0.5)
@@ -30,6 +32,7 @@ def test_sustained_rate_interpolates_the_first_crossing():
 def test_sustained_rate_edges():
     assert serving.sustained_rate([(0.5, 0.3), (1.0, 0.4)], 0.1) == (0.0, True)
     assert serving.sustained_rate([(0.5, 0.05), (1.0, 0.06)], 0.1) == (1.0, False)
+    assert serving.sustained_rate([(0.5, 0.05), (1.0, 0.1)], 0.1) == (1.0, False)
 
 
 def test_compare_sustained_uses_each_servers_low_rate_latency():
@@ -40,8 +43,34 @@ def test_compare_sustained_uses_each_servers_low_rate_latency():
     a_limit = by_reference["a"]
     assert a_limit["limit_s_per_token"] == pytest.approx(0.10)
     assert a_limit["rates"]["a"]["rate"] == pytest.approx(1.0 + 0.03 / 0.23)
-    assert a_limit["rates"]["b"] == {"rate": 0.5, "crossed": True}
+    assert a_limit["rates"]["b"] == {"rate": 0.5, "crossed": True}  # b's 0.5 is at the limit
     b_limit = by_reference["b"]
     assert b_limit["limit_s_per_token"] == pytest.approx(0.20)
     assert b_limit["rates"]["a"]["rate"] == pytest.approx(1.0 + 0.13 / 0.23)
     assert b_limit["rates"]["b"]["rate"] == pytest.approx(0.5 + 0.10 / 0.30 * 0.5)
+
+
+def test_merge_reads_earlier_runs_back(tmp_path, monkeypatch):
+    stats = {"mean": 1.0, "median": 1.0, "p99": 1.0}
+    nan_stats = {"mean": None, "median": None, "p99": None}  # as _finite writes NaN
+
+    def saved_row(server, rate, latency):
+        return {**_row(server, rate, latency), "num_requests": 4, "num_completed": 4,
+                "errors": [], "request_throughput": 1.0, "output_throughput": 9.0,
+                "ttft_ms": stats, "tpot_ms": nan_stats, "itl_ms": stats, "e2e_latency_s": stats}
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"results": [saved_row("a", 0.5, 0.05), saved_row("a", 1, 0.3)]}))
+    second.write_text(json.dumps({"results": [saved_row("b", 0.5, 0.1),
+                                              saved_row("b", "inf", 0.2)]}))
+    out = tmp_path / "both.json"
+    monkeypatch.setattr(sys, "argv", ["serving.py", "--merge", str(first), str(second),
+                                      "--out", str(out), "--plot", str(tmp_path / "c.png")])
+    serving.main()
+    merged = json.loads(out.read_text())
+    assert [(r["server"], r["request_rate"]) for r in merged["results"]] == [
+        ("a", 0.5), ("a", 1.0), ("b", 0.5), ("b", "inf")]
+    assert merged["results"][0]["tpot_ms"]["mean"] is None
+    limits = {c["reference"]: c["rates"] for c in merged["sustained"]}
+    assert limits["a"]["a"]["rate"] == pytest.approx(0.5 + 0.05 / 0.25 * 0.5)
+    assert limits["b"]["b"] == {"rate": 0.5, "crossed": False}  # inf is not on the curve

@@ -34,15 +34,7 @@ class CpuPagedAttention(TorchPagedAttention):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        """Stores key/value at `metadata.slot_mapping`, then attends causally per sequence.
-
-        Args:
-            query: [num_tokens, num_heads, head_size]
-            key, value: [num_tokens, num_kv_heads, head_size]
-            kv_cache: [2, num_blocks, block_size, num_kv_heads, head_size], updated in place.
-        Returns:
-            [num_tokens, num_heads, head_size], in query's dtype.
-        """
+        """The fused C++ kernel where it applies (see the class docstring), else the reference."""
         ops = cpu_ops() if _kernel_applies(query, key, value, kv_cache) else None
         if ops is None:
             return super().forward(query, key, value, kv_cache, metadata)

@@ -31,15 +31,8 @@ class TorchPagedAttention(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        """Stores key/value at `metadata.slot_mapping`, then attends causally per sequence.
-
-        Args:
-            query: [num_tokens, num_heads, head_size]
-            key, value: [num_tokens, num_kv_heads, head_size]
-            kv_cache: [2, num_blocks, block_size, num_kv_heads, head_size], updated in place.
-        Returns:
-            [num_tokens, num_heads, head_size], in query's dtype.
-        """
+        """Stores key/value at `metadata.slot_mapping`, then attends causally per sequence;
+        the output is in query's dtype."""
         assert query.shape[0] == metadata.num_tokens, (query.shape, metadata.num_tokens)
         self.write_kv(key, value, kv_cache, metadata.slot_mapping)
 
