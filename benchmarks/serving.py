@@ -1,6 +1,7 @@
 """Online serving benchmark, like `vllm bench serve` and Figure 12 of the PagedAttention paper.
 
-Requests with ShareGPT-like lengths (random token-id prompts, seeded) arrive as a Poisson
+Requests with ShareGPT-like lengths (random token-id prompts, seeded, drawn anew at each rate so
+no rate is served from the prefix cache of the one before) arrive as a Poisson
 process (or a burstier gamma process) at each request rate, streaming from /v1/completions of
 an OpenAI-compatible server on 127.0.0.1. It reports throughput, TTFT / TPOT / ITL / end-to-end
 latency (mean, median, p99) and the paper's normalized latency (mean of latency / output
@@ -40,7 +41,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workloads import BenchRequest, sharegpt_like_workload  # noqa: E402
+from workloads import BenchRequest, sharegpt_like_workload, with_fresh_prompts  # noqa: E402
 
 RESULTS = HERE / "results"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -257,9 +258,12 @@ def bench_server(label: str, base_url: str, model: str, args: argparse.Namespace
     warmup = BenchRequest(requests[0].prompt_token_ids[:8], 4)
     asyncio.run(run_rate(base_url, model, [warmup], math.inf, 1.0, 0, args.ignore_eos))
     rows = []
-    for rate in args.request_rates:
+    for index, rate in enumerate(args.request_rates):
         print(f"    {label}: {len(requests)} requests at {rate} req/s ...", flush=True)
-        results, duration = asyncio.run(run_rate(base_url, model, requests, rate,
+        # New prompt ids (same lengths) at every rate: the same prompts again would be prefill
+        # served from the prefix cache of the previous rate. Every server gets the same ones.
+        prompts = with_fresh_prompts(requests, args.vocab_size, seed=args.seed + 1 + index)
+        results, duration = asyncio.run(run_rate(base_url, model, prompts, rate,
                                                  args.burstiness, args.seed, args.ignore_eos))
         rows.append({"server": label, "request_rate": rate, **summarize(results, duration)})
         if rows[-1]["errors"]:

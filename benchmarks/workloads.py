@@ -38,6 +38,15 @@ def sharegpt_like_workload(num_requests: int = 128, mean_input: float = 160,
     return requests
 
 
+def with_fresh_prompts(requests: list[BenchRequest], vocab_size: int = 49152,
+                       seed: int = 1) -> list[BenchRequest]:
+    """The same lengths with newly drawn prompt ids: a server's prefix cache cannot serve one
+    run's prompts from an earlier run's blocks."""
+    rng = np.random.default_rng(seed)
+    return [BenchRequest(rng.integers(100, vocab_size - 100, len(r.prompt_token_ids)).tolist(),
+                         r.output_len) for r in requests]
+
+
 def single_workload(seed: int = 0) -> list[BenchRequest]:
     """One request alone (128 in / 128 out): memory-bound decode, per-step overhead shows."""
     return fixed_workload(num_requests=1, seed=seed)

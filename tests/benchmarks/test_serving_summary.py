@@ -74,3 +74,14 @@ def test_merge_reads_earlier_runs_back(tmp_path, monkeypatch):
     limits = {c["reference"]: c["rates"] for c in merged["sustained"]}
     assert limits["a"]["a"]["rate"] == pytest.approx(0.5 + 0.05 / 0.25 * 0.5)
     assert limits["b"]["b"] == {"rate": 0.5, "crossed": False}  # inf is not on the curve
+
+
+def test_each_rate_gets_fresh_prompts_of_the_same_lengths():
+    from workloads import sharegpt_like_workload, with_fresh_prompts
+
+    requests = sharegpt_like_workload(num_requests=8, seed=3)
+    first, second = (with_fresh_prompts(requests, seed=s) for s in (1, 2))
+    assert [len(r.prompt_token_ids) for r in first] == [len(r.prompt_token_ids) for r in requests]
+    assert [r.output_len for r in first] == [r.output_len for r in requests]
+    assert all(a.prompt_token_ids[:16] != b.prompt_token_ids[:16] for a, b in zip(first, second))
+    assert with_fresh_prompts(requests, seed=1) == first  # seeded: every server gets the same
