@@ -372,9 +372,12 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def _finite(value):
-    """NaN (no data, e.g. TPOT of one-token requests) becomes null: JSON has no NaN."""
+    """NaN (no data, e.g. TPOT of one-token requests) becomes null and infinity (the all-at-once
+    request rate) "inf": JSON has neither."""
     if isinstance(value, float) and math.isnan(value):
         return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -489,24 +492,21 @@ def main() -> None:
     if not rows:
         raise SystemExit("no server was benchmarked")
     config = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "merge")}
-    config["request_rates"] = [r if math.isfinite(r) else "inf" for r in args.request_rates]
     report(rows, config, startup, args)
 
 
 def report(rows: list[dict], config: dict, startup: dict[str, float],
            args: argparse.Namespace) -> None:
     """Prints the table and the sustained rates, writes the JSON (--out) and the chart."""
-    for row in rows:  # JSON keeps an all-at-once rate as "inf"
+    for row in rows:  # read back from JSON, an all-at-once rate is "inf"
         row["request_rate"] = float(row["request_rate"])
     print_table(rows)
     sustained = compare_sustained(rows, args.explode_factor)
     print_sustained(sustained, args.explode_factor)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    saved = [{**row, "request_rate": row["request_rate"] if math.isfinite(row["request_rate"])
-              else "inf"} for row in rows]
     out.write_text(json.dumps(_finite({"config": config, "startup_s": startup,
-                                       "results": saved, "sustained": sustained}), indent=2))
+                                       "results": rows, "sustained": sustained}), indent=2))
     print(f"\nwrote {out}")
     plot_path = Path(args.plot) if args.plot else out.with_suffix(".png")
     if plot(rows, plot_path):
