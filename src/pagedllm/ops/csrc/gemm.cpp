@@ -57,9 +57,12 @@ void for_panel_runs(int64_t num_panels, int64_t run, MakeState&& per_thread, Fn&
 }
 
 // acc[0:R, 0:kPanel] (+)= a[0:R, 0:kc] @ b[0:kc, 0:kPanel]; a is a row tile of x, element
-// (r, k) at a[k * kMr + r]; acc has row stride kPanel.
-template <int R, bool kAccumulate>
-inline void tile(const float* a, const float* b, int64_t kc, float* acc) {
+// (r, k) at a[k * kMr + r]; acc has row stride kPanel. A bf16 chunk is widened on the way and
+// its fp32 copy written to `widened`, where the block's later tiles read it: widening inside the
+// first tile overlaps the conversion with that tile's FMAs (same-process A/B against a separate
+// widening pass: 3-9% faster at 64-2048 rows).
+template <int R, bool kAccumulate, typename B>
+void tile(const float* a, const B* b, int64_t kc, float* acc, float* widened) {
   vfloat c0[R], c1[R];
   for (int r = 0; r < R; ++r) {
     c0[r] = kAccumulate ? vec::load(acc + r * kPanel) : vfloat{};
@@ -67,6 +70,10 @@ inline void tile(const float* a, const float* b, int64_t kc, float* acc) {
   }
   for (int64_t k = 0; k < kc; ++k) {
     const vfloat b0 = vec::load(b + k * kPanel), b1 = vec::load(b + k * kPanel + kLanes);
+    if constexpr (!std::is_same_v<B, float>) {
+      vec::store(widened + k * kPanel, b0);
+      vec::store(widened + k * kPanel + kLanes, b1);
+    }
     for (int r = 0; r < R; ++r) {
       const vfloat av = vec::splat(a[k * kMr + r]);
       c0[r] += av * b0;
@@ -79,25 +86,24 @@ inline void tile(const float* a, const float* b, int64_t kc, float* acc) {
   }
 }
 
-using TileFn = void (*)(const float*, const float*, int64_t, float*);
+template <typename B>
+using TileFn = void (*)(const float*, const B*, int64_t, float*, float*);
 
-template <bool kAccumulate>
-TileFn tile_fn(int64_t rows) {
+template <typename B, bool kAccumulate>
+TileFn<B> tile_fn(int64_t rows) {
   switch (rows) {
-    case 1: return tile<1, kAccumulate>;
-    case 2: return tile<2, kAccumulate>;
-    case 3: return tile<3, kAccumulate>;
-    case 4: return tile<4, kAccumulate>;
-    case 5: return tile<5, kAccumulate>;
-    default: return tile<kMr, kAccumulate>;
+    case 1: return tile<1, kAccumulate, B>;
+    case 2: return tile<2, kAccumulate, B>;
+    case 3: return tile<3, kAccumulate, B>;
+    case 4: return tile<4, kAccumulate, B>;
+    case 5: return tile<5, kAccumulate, B>;
+    default: return tile<kMr, kAccumulate, B>;
   }
 }
 
-// A chunk of a panel as fp32: in place for fp32 panels, widened into `buffer` for bf16.
-inline const float* panel_chunk(const float* panel, int64_t, float*) { return panel; }
-inline const float* panel_chunk(const bf16_t* panel, int64_t count, float* buffer) {
-  vec::widen(panel, buffer, count);
-  return buffer;
+template <typename B>
+TileFn<B> tile_fn(int64_t rows, bool accumulate) {
+  return accumulate ? tile_fn<B, true>(rows) : tile_fn<B, false>(rows);
 }
 
 inline void store_row(float* out, const float* acc, const float* bias, int64_t width) {
@@ -135,7 +141,7 @@ void run_panels(O* out, int64_t ldo, const float* x, const W* packed, const floa
         const W* panel = packed + p * K * kPanel;
         for (int64_t k0 = 0; k0 < K; k0 += kKc) {
           const int64_t kc = std::min(kKc, K - k0);
-          const float* b = panel_chunk(panel + k0 * kPanel, kc * kPanel, chunk.data());
+          const W* chunk_w = panel + k0 * kPanel;
           // The weight bytes that follow this chunk (the rest of the panel, then the next one).
           const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * kPanel);
           const int64_t next_bytes = p + 1 < p_end || k0 + kc < K ? kKc * kPanel * sizeof(W) : 0;
@@ -147,8 +153,13 @@ void run_panels(O* out, int64_t ldo, const float* x, const W* packed, const floa
               __builtin_prefetch(next + pf);
             }
             const int64_t rows = std::min<int64_t>(kMr, m_end - m0);
-            const TileFn fn = k0 == 0 ? tile_fn<false>(rows) : tile_fn<true>(rows);
-            fn(x + (m0 * K + k0 * kMr), b, kc, acc.data() + (m0 - m_begin) * kPanel);
+            const float* a = x + (m0 * K + k0 * kMr);
+            float* tile_acc = acc.data() + (m0 - m_begin) * kPanel;
+            if (std::is_same_v<W, float> || m0 == m_begin) {
+              tile_fn<W>(rows, k0 > 0)(a, chunk_w, kc, tile_acc, chunk.data());
+            } else {
+              tile_fn<float>(rows, k0 > 0)(a, chunk.data(), kc, tile_acc, nullptr);
+            }
           }
         }
         const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
