@@ -68,6 +68,8 @@ void tile(const float* a, const B* b, int64_t kc, float* acc, float* widened) {
     c0[r] = kAccumulate ? vec::load(acc + r * kPanel) : vfloat{};
     c1[r] = kAccumulate ? vec::load(acc + r * kPanel + kLanes) : vfloat{};
   }
+  // Unrolled: same-process A/B at 64 rows 8-12% faster than the plain loop (2048 rows: 6%).
+#pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     const vfloat b0 = vec::load(b + k * kPanel), b1 = vec::load(b + k * kPanel + kLanes);
     if constexpr (!std::is_same_v<B, float>) {
