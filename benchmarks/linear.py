@@ -9,7 +9,7 @@ memory as in the model, not from cache) with
 - pagedllm's weight-streaming kernel (`linear_few_rows` over the row-major weight; the engine
   uses it up to `FEW_ROWS` rows only for bf16 weights on CPUs with a bf16 GEMM),
 - pagedllm's panel kernels (`panel_linear`) on weights packed into column panels in their own
-  dtype (a bf16 weight stays bf16 in memory): sequential passes over the panels up to 16 rows,
+  dtype (a bf16 weight stays bf16 in memory): sequential passes over the panels up to 8 rows,
   a register-tiled GEMM above,
 and reports milliseconds per pass, GFLOP/s and the weight bytes read per second.
 

@@ -16,7 +16,7 @@ from pagedllm.layers.linear import (
 from pagedllm.ops import cpu_ops
 
 # Each path and both sides of each switch point.
-# 1-16 and 17: the panel kernels' few-rows passes (6 rows each) and the GEMM.
+# 1-8 and 9: the panel kernels' few-rows passes (6 rows each) and the GEMM.
 ROWS = sorted({1, 3, 4, 5, FEW_ROWS, FEW_ROWS + 1, 13, 16, 17, 64,
                FP32_PANEL_MAX_ROWS, FP32_PANEL_MAX_ROWS + 1})
 

@@ -5,7 +5,7 @@ benchmarks/linear.py (docs/benchmarks.md):
 - up to `stream_max_rows`: pagedllm's weight-streaming kernel (`ops/csrc/gemv.cpp`) over the
   plain weight (bf16 weights on CPUs with a bf16 GEMM only).
 - up to `panel_max_rows`: pagedllm's panel kernels (`ops/csrc/gemm.cpp`) on the weight packed
-  into column panels in its own dtype: up to 16 rows sequential passes over the panels (a
+  into column panels in its own dtype: up to 8 rows sequential passes over the panels (a
   layer with so few rows is bound by reading its weight), a register-tiled GEMM above.
 - above: oneDNN on a weight reordered into its blocked layout
   (`torch.ops.mkldnn._linear_pointwise`), the fastest for prefill-sized fp32 GEMMs.

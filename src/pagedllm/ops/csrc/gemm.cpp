@@ -184,9 +184,10 @@ void run_panels(O* out, int64_t ldo, const float* x, const W* packed, const floa
 //
 // Rows taken by this path, in passes of up to 6 rows per panel (12 accumulators, 2 weight
 // vectors and a broadcast in 16 registers; a later pass finds the panel in L1 or L2). Measured
-// against the GEMM, bf16: 6 rows 20 vs 31 ms per pass over SmolLM2's weights, 12 rows 36 vs
-// 43, 16 rows 46 vs 52, 20-24 rows even, 32 rows 88 vs 84.
-constexpr int64_t kFewRows = 16;
+// against the GEMM with its unrolled tile (same-process A/B over SmolLM2's bf16 weights,
+// GFLOP/s): 4 rows 66 vs 48, 7 rows 60 vs 51, 6 and 8 rows even, 10 rows 76 vs 82, 12 rows 70
+// vs 96, 16 rows 78 vs 114.
+constexpr int64_t kFewRows = 8;
 constexpr int64_t kFewRowsPerPass = 6;
 
 template <int R>
