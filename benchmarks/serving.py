@@ -332,9 +332,17 @@ def compare_sustained(rows: list[dict], factor: float) -> list[dict]:
         rates = {}
         for server, curve in curves.items():
             rate, crossed = sustained_rate(curve, limit)
-            rates[server] = {"rate": rate, "crossed": crossed}
+            rates[server] = {"rate": rate, "crossed": crossed, "lowest_rate": curve[0][0]}
         comparisons.append({"reference": reference, "limit_s_per_token": limit, "rates": rates})
     return comparisons
+
+
+def sustained_text(entry: dict) -> str:
+    """One server's sustained rate as read: '>=' when its curve never rises above the limit,
+    'below' its lowest measured rate when it is above the limit everywhere."""
+    if entry["rate"] == 0.0 and entry["crossed"]:
+        return f"below {entry['lowest_rate']:g}"
+    return f"{'' if entry['crossed'] else '>='}{entry['rate']:.2f}"
 
 
 def print_sustained(comparisons: list[dict], factor: float) -> None:
@@ -342,8 +350,7 @@ def print_sustained(comparisons: list[dict], factor: float) -> None:
           f"below {factor:g}x a server's own at its lowest rate (interpolated; '>=': it never "
           "rises above within the measured rates)")
     for c in comparisons:
-        parts = [f"{server} {'' if v['crossed'] else '>='}{v['rate']:.2f}"
-                 for server, v in c["rates"].items()]
+        parts = [f"{server} {sustained_text(v)}" for server, v in c["rates"].items()]
         print(f"  limit {c['limit_s_per_token']:.3f} s/token ({factor:g}x {c['reference']}): "
               + ", ".join(parts) + " req/s")
 

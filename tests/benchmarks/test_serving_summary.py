@@ -43,11 +43,20 @@ def test_compare_sustained_uses_each_servers_low_rate_latency():
     a_limit = by_reference["a"]
     assert a_limit["limit_s_per_token"] == pytest.approx(0.10)
     assert a_limit["rates"]["a"]["rate"] == pytest.approx(1.0 + 0.03 / 0.23)
-    assert a_limit["rates"]["b"] == {"rate": 0.5, "crossed": True}  # b's 0.5 is at the limit
+    # b's 0.5 is at the limit
+    assert a_limit["rates"]["b"] == {"rate": 0.5, "crossed": True, "lowest_rate": 0.5}
     b_limit = by_reference["b"]
     assert b_limit["limit_s_per_token"] == pytest.approx(0.20)
     assert b_limit["rates"]["a"]["rate"] == pytest.approx(1.0 + 0.13 / 0.23)
     assert b_limit["rates"]["b"]["rate"] == pytest.approx(0.5 + 0.10 / 0.30 * 0.5)
+
+
+def test_sustained_text_says_below_the_lowest_rate_instead_of_zero():
+    rows = [_row("a", 0.5, 0.05), _row("a", 1.0, 0.30), _row("b", 0.5, 0.20), _row("b", 1.0, 0.5)]
+    a_limit = {c["reference"]: c for c in serving.compare_sustained(rows, 2.0)}["a"]
+    assert serving.sustained_text(a_limit["rates"]["b"]) == "below 0.5"  # 0.20 > 0.10 everywhere
+    assert serving.sustained_text(a_limit["rates"]["a"]) == "0.60"
+    assert serving.sustained_text({"rate": 1.0, "crossed": False, "lowest_rate": 0.5}) == ">=1.00"
 
 
 def test_merge_reads_earlier_runs_back(tmp_path, monkeypatch):
@@ -73,7 +82,8 @@ def test_merge_reads_earlier_runs_back(tmp_path, monkeypatch):
     assert merged["results"][0]["tpot_ms"]["mean"] is None
     limits = {c["reference"]: c["rates"] for c in merged["sustained"]}
     assert limits["a"]["a"]["rate"] == pytest.approx(0.5 + 0.05 / 0.25 * 0.5)
-    assert limits["b"]["b"] == {"rate": 0.5, "crossed": False}  # inf is not on the curve
+    # inf is not on the curve
+    assert limits["b"]["b"] == {"rate": 0.5, "crossed": False, "lowest_rate": 0.5}
 
 
 def test_each_rate_gets_fresh_prompts_of_the_same_lengths():
