@@ -13,11 +13,17 @@ class BenchRequest:
     output_len: int
 
 
+def random_prompt(rng: np.random.Generator, length: int, vocab_size: int) -> list[int]:
+    """Prompt token ids drawn uniformly, away from the vocabulary's first and last 100 (special
+    and control tokens sit there)."""
+    return rng.integers(100, vocab_size - 100, length).tolist()
+
+
 def fixed_workload(num_requests: int = 64, input_len: int = 128, output_len: int = 128,
                    vocab_size: int = 49152, seed: int = 0) -> list[BenchRequest]:
     rng = np.random.default_rng(seed)
     return [
-        BenchRequest(rng.integers(100, vocab_size - 100, input_len).tolist(), output_len)
+        BenchRequest(random_prompt(rng, input_len, vocab_size), output_len)
         for _ in range(num_requests)
     ]
 
@@ -34,7 +40,7 @@ def sharegpt_like_workload(num_requests: int = 128, mean_input: float = 160,
         n_out = int(rng.lognormal(np.log(mean_output) - sigma**2 / 2, sigma))
         if n_in < 4 or n_out < 4 or n_in + n_out > max_total:
             continue
-        requests.append(BenchRequest(rng.integers(100, vocab_size - 100, n_in).tolist(), n_out))
+        requests.append(BenchRequest(random_prompt(rng, n_in, vocab_size), n_out))
     return requests
 
 
@@ -43,8 +49,8 @@ def with_fresh_prompts(requests: list[BenchRequest], vocab_size: int = 49152,
     """The same lengths with newly drawn prompt ids: a server's prefix cache cannot serve one
     run's prompts from an earlier run's blocks."""
     rng = np.random.default_rng(seed)
-    return [BenchRequest(rng.integers(100, vocab_size - 100, len(r.prompt_token_ids)).tolist(),
-                         r.output_len) for r in requests]
+    return [BenchRequest(random_prompt(rng, len(r.prompt_token_ids), vocab_size), r.output_len)
+            for r in requests]
 
 
 def single_workload(seed: int = 0) -> list[BenchRequest]:
