@@ -13,6 +13,7 @@ from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
 from pagedllm.models.loader import build_model
 from pagedllm.profiler import StepProfiler
 from pagedllm.worker.cache_engine import CacheEngine, KVCacheSpec, choose_num_blocks
+from pagedllm.worker.host_memory import keep_freed_buffers
 from pagedllm.worker.model_runner import ModelRunner
 
 
@@ -56,6 +57,9 @@ class Worker:
             self.model, self.cache_engine.kv_caches, config.block_size, self.device, config.seed,
             self.profiler,
         )
+        if self.device.type == "cpu":
+            # After the weights and the pool: only per-step buffers are reused from the heap.
+            keep_freed_buffers()
 
     @property
     def num_kv_blocks(self) -> int:
