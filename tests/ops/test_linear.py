@@ -13,6 +13,7 @@ from pagedllm.layers.linear import (
     Linear,
     pack_linear_layers,
 )
+from pagedllm.layers.activation import silu_and_mul
 from pagedllm.ops import cpu_ops
 
 # Each path and both sides of each switch point.
@@ -109,6 +110,37 @@ def test_panel_kernel_shapes_and_strides() -> None:
     with pytest.raises(RuntimeError, match="columns"):
         ops.panel_linear(torch.empty(2, 16), torch.randn(2, 8), ops.pack_panels(torch.randn(16, 9)),
                          torch.empty(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, FEW_ROWS, FEW_ROWS + 1, 64, 300])
+def test_down_projection_fused_with_silu_and_mul_gives_the_same_bits(dtype, rows) -> None:
+    torch.manual_seed(rows)
+    # in = 1030: a tail after the 8-lane steps; 300 rows at this width: several row blocks.
+    layer = Linear(1030, 40, bias=True).to(dtype)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    assert layer.pack()
+    gate_up = (torch.randn(rows, 2 * 1030) * 3).to(dtype)
+    got = layer.after_silu_and_mul(gate_up)
+    assert got.dtype == dtype and got.shape == (rows, 40)
+    # Bit for bit what the separate op followed by the layer gives...
+    torch.testing.assert_close(got, layer(silu_and_mul(gate_up)), rtol=0, atol=0)
+    # ...which is SwiGLU's down projection.
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    reference = F.linear(F.silu(gate) * up, weight.float(), bias.float()).to(dtype)
+    tol = {"rtol": 1e-4, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(got, reference, **tol)
+
+
+def test_fused_gate_needs_a_gate_up_input() -> None:
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("CPU ops unavailable")
+    panels = ops.pack_panels(torch.randn(16, 8))
+    with pytest.raises(RuntimeError, match="gate \\| up"):
+        ops.panel_linear(torch.empty(20, 16), torch.randn(20, 15), panels, torch.empty(0), True)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.panel_linear(torch.empty(20, 16), torch.randn(20, 8), panels, torch.empty(0), True)
 
 
 def test_pack_linear_layers_skips_what_onednn_cannot_take(

@@ -26,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+from pagedllm.layers.activation import silu_and_mul
 from pagedllm.ops import NATIVE_DTYPES, cpu_ops
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,20 @@ class PackedWeight:
             return out.reshape(*x.shape[:-1], -1)
         return _as_dtype(self.onednn(x), out_dtype)
 
+    def after_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """This layer over silu(gate) * up of gate_up = [gate | up] (SwiGLU's down projection).
+
+        The panel kernels gate each row while packing it, so the gated activations are never
+        written out; the other paths run the separate op first.
+        """
+        rows = gate_up.shape[0]
+        if (gate_up.dim() == 2 and gate_up.dtype in NATIVE_DTYPES and gate_up.stride(-1) == 1
+                and self.stream_max_rows < rows <= self.panel_max_rows):
+            out = gate_up.new_empty(rows, self.out_features)
+            self.ops.panel_linear(out, gate_up, self.panels, self.plain_bias, True)
+            return out
+        return self(silu_and_mul(gate_up))
+
     def few_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The weight-streaming kernel over the plain weight."""
         out = x.new_empty(x.shape[0], self.out_features)
@@ -163,6 +178,12 @@ class Linear(nn.Linear):
         if self.packed is not None:
             return self.packed(x)
         return super().forward(x)
+
+    def after_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """forward(silu(gate) * up) for gate_up = [gate | up], fused where the kernels allow."""
+        if self.packed is not None:
+            return self.packed.after_silu_and_mul(gate_up)
+        return super().forward(silu_and_mul(gate_up))
 
 
 def pack_linear_layers(model: nn.Module, batch_hint: int = 64) -> int:

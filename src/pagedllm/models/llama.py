@@ -12,7 +12,6 @@ from torch import nn
 from transformers import LlamaConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
-from pagedllm.layers.activation import silu_and_mul
 from pagedllm.layers.linear import Linear, PackedWeight, pack_linear_layers, try_pack
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -64,7 +63,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.after_silu_and_mul(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "vec.h"
@@ -322,10 +323,38 @@ void with_dtypes(at::Tensor& out, const at::Tensor& packed, Kernel&& kernel) {
   }
 }
 
+// dst[0:K] = silu(gate[k]) * up[k] for a row [gate | up] of x (2K wide, contiguous), rounded
+// as the separate silu_and_mul op rounds for bf16 (silu, then the product), so the fused path
+// gives the same bits; fused here, the gated row never goes through memory. Same-process A/B
+// against the separate op + this layer (SmolLM2's down projection, bf16): 2048 rows 15%
+// faster, 256 rows 3%, 16 rows 5%, 64 rows even.
+template <typename T>
+void silu_and_mul_row(const T* gate, int64_t K, float* dst) {
+  const T* up = gate + K;
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    const vfloat g = vec::load(gate + k);
+    vfloat s = g / (1.0f + vec::vexp(-g));
+    if constexpr (std::is_same_v<T, bf16_t>) s = vec::round_bf16(s);
+    vfloat v = s * vec::load(up + k);
+    if constexpr (std::is_same_v<T, bf16_t>) v = vec::round_bf16(v);
+    vec::store(dst + k, v);
+  }
+  for (; k < K; ++k) {
+    const float g = vec::load1(gate, k);
+    float s = g / (1.0f + std::exp(-g));
+    if constexpr (std::is_same_v<T, bf16_t>) s = vec::bf16_to_float(vec::float_to_bf16(s));
+    float v = s * vec::load1(up, k);
+    if constexpr (std::is_same_v<T, bf16_t>) v = vec::bf16_to_float(vec::float_to_bf16(v));
+    dst[k] = v;
+  }
+}
+
 // out [M, N] fp32/bf16 (contiguous last dim); x [M, K] fp32/bf16; packed from pack_panels;
-// bias fp32 [N] or empty.
+// bias fp32 [N] or empty. With silu_and_mul, x is [M, 2K] = [gate | up] and the layer's input
+// is silu(gate) * up (SwiGLU's down projection).
 void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
-                  const at::Tensor& bias) {
+                  const at::Tensor& bias, bool silu_and_mul) {
   const auto is_float = [](const at::Tensor& t) {
     return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
   };
@@ -333,7 +362,9 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
                   is_float(packed),
               "packed must come from pack_panels of this build");
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  TORCH_CHECK(!silu_and_mul || (x.size(1) % 2 == 0 && x.stride(1) == 1),
+              "silu_and_mul needs x = [gate | up] with a contiguous last dim");
+  const int64_t M = x.size(0), K = silu_and_mul ? x.size(1) / 2 : x.size(1), N = out.size(1);
   TORCH_CHECK(packed.size(1) == K, "x has ", K, " columns, the weight ", packed.size(1));
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.stride(1) == 1 && is_float(out) &&
                   packed.size(0) == (N + kPanel - 1) / kPanel,
@@ -353,7 +384,9 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
       using T = decltype(tag);
       const T* src = reinterpret_cast<const T*>(x.data_ptr());
       for (int64_t m = 0; m < M; ++m) {
-        if (kx == 1) {
+        if (silu_and_mul) {
+          silu_and_mul_row(src + m * ldx, K, xr + m * K);
+        } else if (kx == 1) {
           vec::widen(src + m * ldx, xr + m * K, K);
         } else {
           for (int64_t k = 0; k < K; ++k) xr[m * K + k] = vec::load1(src + m * ldx, k * kx);
@@ -375,11 +408,17 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
     using T = decltype(tag);
     const T* src = reinterpret_cast<const T*>(x.data_ptr());
     at::parallel_for(0, num_tiles, 8, [&](int64_t begin, int64_t end) {
+      std::vector<float> gated(silu_and_mul ? K : 0);
       for (int64_t t = begin; t < end; ++t) {
         float* dst = x_tiles.data() + t * K * kMr;
         for (int64_t r = 0; r < kMr && t * kMr + r < M; ++r) {
           const T* row = src + (t * kMr + r) * ldx;
-          for (int64_t k = 0; k < K; ++k) dst[k * kMr + r] = vec::load1(row, k * kx);
+          if (silu_and_mul) {
+            silu_and_mul_row(row, K, gated.data());
+            for (int64_t k = 0; k < K; ++k) dst[k * kMr + r] = gated[k];
+          } else {
+            for (int64_t k = 0; k < K; ++k) dst[k * kMr + r] = vec::load1(row, k * kx);
+          }
         }
       }
     });
@@ -396,7 +435,9 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
   m.def("pack_panels(Tensor weight) -> Tensor");
-  m.def("panel_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor bias) -> ()");
+  m.def(
+      "panel_linear(Tensor(a!) out, Tensor x, Tensor packed, Tensor bias, "
+      "bool silu_and_mul=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
