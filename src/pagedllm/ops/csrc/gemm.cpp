@@ -21,7 +21,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "vec.h"
@@ -323,28 +322,23 @@ void with_dtypes(at::Tensor& out, const at::Tensor& packed, Kernel&& kernel) {
   }
 }
 
-// dst[0:K] = silu(gate[k]) * up[k] for a row [gate | up] of x (2K wide, contiguous), rounded
-// as the separate silu_and_mul op rounds for bf16 (silu, then the product), so the fused path
-// gives the same bits; fused here, the gated row never goes through memory. Same-process A/B
+// dst[0:K] = silu(gate[k]) * up[k] for a row [gate | up] of x (2K wide, contiguous), computed
+// by vec::silu_mul as the separate silu_and_mul op computes it, so the fused path gives the
+// same bits; fused here, the gated row never goes through memory. Same-process A/B
 // against the separate op + this layer (SmolLM2's down projection, bf16): 2048 rows 15%
 // faster, 256 rows 3%, 16 rows 5%, 64 rows even.
 template <typename T>
 void silu_and_mul_row(const T* gate, int64_t K, float* dst) {
   const T* up = gate + K;
   int64_t k = 0;
+  // The product is then rounded as the op's bf16 store rounds it.
   for (; k + kLanes <= K; k += kLanes) {
-    const vfloat g = vec::load(gate + k);
-    vfloat s = g / (1.0f + vec::vexp(-g));
-    if constexpr (std::is_same_v<T, bf16_t>) s = vec::round_bf16(s);
-    vfloat v = s * vec::load(up + k);
+    vfloat v = vec::silu_mul<T>(vec::load(gate + k), vec::load(up + k));
     if constexpr (std::is_same_v<T, bf16_t>) v = vec::round_bf16(v);
     vec::store(dst + k, v);
   }
   for (; k < K; ++k) {
-    const float g = vec::load1(gate, k);
-    float s = g / (1.0f + std::exp(-g));
-    if constexpr (std::is_same_v<T, bf16_t>) s = vec::bf16_to_float(vec::float_to_bf16(s));
-    float v = s * vec::load1(up, k);
+    float v = vec::silu_mul<T>(vec::load1(gate, k), vec::load1(up, k));
     if constexpr (std::is_same_v<T, bf16_t>) v = vec::bf16_to_float(vec::float_to_bf16(v));
     dst[k] = v;
   }

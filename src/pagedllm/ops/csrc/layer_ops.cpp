@@ -148,16 +148,9 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
         T* o = op + r * os;
         int64_t i = 0;
         for (; i + vec::kLanes <= d; i += vec::kLanes) {
-          const vec::vfloat g = vec::load(gate + i);
-          vec::vfloat s = g / (1.0f + vec::vexp(-g));
-          if constexpr (std::is_same_v<T, bf16_t>) s = vec::round_bf16(s);  // silu's bf16 output
-          vec::store(o + i, s * vec::load(up + i));
+          vec::store(o + i, vec::silu_mul<T>(vec::load(gate + i), vec::load(up + i)));
         }
-        for (; i < d; ++i) {
-          const float g = load1(gate, i);
-          const float s = round_to(g / (1.0f + std::exp(-g)), gate);
-          store1(o, i, s * load1(up, i));
-        }
+        for (; i < d; ++i) store1(o, i, vec::silu_mul<T>(load1(gate, i), load1(up, i)));
       }
     });
   };

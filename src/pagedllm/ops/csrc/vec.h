@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace pagedllm::vec {
 
@@ -142,6 +143,22 @@ inline vfloat vexp(vfloat x) {
   const vint e = (reinterpret_cast<vint>(shifted) - 0x4B400000 + 127) << 23;
   const vfloat result = p * reinterpret_cast<vfloat>(e);
   return underflow ? splat(0.0f) : result;
+}
+
+// SwiGLU's gate silu(g) * u as computed in T: silu is rounded to T first, as the reference
+// models round their activation's output. The silu_and_mul op and the gated GEMM input both
+// use it, so their results agree bit for bit.
+template <typename T>
+inline vfloat silu_mul(vfloat g, vfloat u) {
+  vfloat s = g / (1.0f + vexp(-g));
+  if constexpr (std::is_same_v<T, bf16_t>) s = round_bf16(s);
+  return s * u;
+}
+template <typename T>
+inline float silu_mul(float g, float u) {
+  float s = g / (1.0f + std::exp(-g));
+  if constexpr (std::is_same_v<T, bf16_t>) s = bf16_to_float(float_to_bf16(s));
+  return s * u;
 }
 
 // [sum(a0), sum(a1), sum(a2), sum(a3)]: four horizontal sums in one transposing tree.
