@@ -33,6 +33,8 @@ def make_tiny_llama(
     hidden_size: int = 64,
     vocab_size: int = 512,
     max_position_embeddings: int = 512,
+    attention_bias: bool = False,
+    mlp_bias: bool = False,
     seed: int = 0,
 ) -> Path:
     """Saves a random-weight LlamaForCausalLM plus SmolLM2's tokenizer into `path`.
@@ -51,6 +53,8 @@ def make_tiny_llama(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
+        attention_bias=attention_bias,
+        mlp_bias=mlp_bias,
         rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
         initializer_range=0.15,
         bos_token_id=1,

@@ -34,6 +34,11 @@ class StepProfiler:
             self.seconds[name] += time.perf_counter() - start
             self.counts[name] += 1
 
+    def record(self, name: str, seconds: float, count: int = 1) -> None:
+        """Adds time measured elsewhere (e.g. by a native op) to a section."""
+        self.seconds[name] += seconds
+        self.counts[name] += count
+
     def time_modules(self, model: nn.Module, module_types: dict[str, type]) -> None:
         """Times every module of the given types with forward hooks (e.g. attention, MLP)."""
         if not self.enabled:

@@ -35,7 +35,7 @@ class CpuPagedAttention(TorchPagedAttention):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """The fused C++ kernel where it applies (see the class docstring), else the reference."""
-        ops = cpu_ops() if _kernel_applies(query, key, value, kv_cache) else None
+        ops = cpu_ops() if kernel_applies(query, key, value, kv_cache) else None
         if ops is None:
             return super().forward(query, key, value, kv_cache, metadata)
         assert query.shape[0] == metadata.num_tokens, (query.shape, metadata.num_tokens)
@@ -46,18 +46,16 @@ class CpuPagedAttention(TorchPagedAttention):
             _last_dim_contiguous(key),
             _last_dim_contiguous(value),
             kv_cache,
-            _as(metadata.slot_mapping, torch.int64),
-            _as(metadata.query_start_loc, torch.int64),
-            _as(metadata.seq_lens, torch.int64),
-            _as(metadata.block_tables, torch.int32),
+            *kernel_metadata(metadata),
             self.scale,
         )
         return output
 
 
-def _kernel_applies(
+def kernel_applies(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor
 ) -> bool:
+    """Whether the fused kernel takes these tensors (see `CpuPagedAttention`)."""
     return (
         all(t.device.type == "cpu" for t in (query, key, value, kv_cache))
         and kv_cache.dtype in NATIVE_DTYPES
@@ -68,11 +66,23 @@ def _kernel_applies(
     )
 
 
+def kernel_metadata(
+    metadata: AttentionMetadata,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot_mapping, query_start_loc, seq_lens, block_tables) in the dtypes the kernel reads."""
+    return (
+        _as(metadata.slot_mapping, torch.int64),
+        _as(metadata.query_start_loc, torch.int64),
+        _as(metadata.seq_lens, torch.int64),
+        _as(metadata.block_tables, torch.int32),
+    )
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # NOTE: checks in Python first: this runs per layer per step, and a no-op `.to()` still
-    # costs a dispatcher round trip.
+    # NOTE: checks in Python first: this runs per layer per step on the module path, and a
+    # no-op `.to()` still costs a dispatcher round trip.
     return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()

@@ -15,6 +15,8 @@ from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.layers.linear import Linear, PackedWeight, pack_linear_layers, try_pack
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.models.llama_stack import NativeDecoderStack
+from pagedllm.profiler import StepProfiler
 
 
 class LlamaAttention(nn.Module):
@@ -134,6 +136,8 @@ class LlamaForCausalLM(nn.Module):
         )
         # A packed copy of the tied embedding for the LM head, set by pack_weights().
         self.tied_lm_head: PackedWeight | None = None
+        # The layers as one native call, set by pack_weights() where every part is native.
+        self.native_stack: NativeDecoderStack | None = None
 
     def forward(
         self,
@@ -144,6 +148,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden_size]
         hidden = self.embed_tokens(input_ids)
+        stack = self.native_stack
+        if stack is not None and stack.applies(hidden, kv_caches):
+            return stack(hidden, positions, kv_caches, metadata)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
@@ -162,13 +169,20 @@ class LlamaForCausalLM(nn.Module):
         return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
 
     def pack_weights(self) -> int:
-        """Packs every projection and the LM head for oneDNN (CPU only, after loading).
+        """Packs every projection and the LM head for the CPU paths (CPU only, after loading).
 
         A tied LM head gets a packed copy; the embedding keeps the plain table for lookups.
+        Then the layers become one native call where every part of them is native.
         Returns the number of weights packed.
         """
         count = pack_linear_layers(self)
         if self.lm_head is None:
             self.tied_lm_head = try_pack(self.embed_tokens.weight)
             count += self.tied_lm_head is not None
+        self.native_stack = NativeDecoderStack.build(self)
         return count
+
+    def attach_profiler(self, profiler: StepProfiler) -> None:
+        """Times the native stack's parts under the module hooks' names (profiled_modules)."""
+        if self.native_stack is not None:
+            self.native_stack.profiler = profiler

@@ -1,7 +1,7 @@
 """Builds and loads pagedllm's C++ CPU ops once per machine; None where they cannot be built.
 
-The sources under `csrc/` (the PagedAttention kernel, the fused layer ops, the small-batch
-linear kernel and the sampler's reductions) are compiled with
+The sources under `csrc/` (the PagedAttention kernel, the fused layer ops, the linear kernels,
+the sampler's reductions and the decoder stack that chains them) are compiled with
 `torch.utils.cpp_extension` the first time a process needs them and cached under
 `cache_root()/torch_extensions/<name>_<key>`, where the key hashes the sources, the flags, the
 torch and Python versions and this CPU's flags (the build uses -march=native). Later processes
@@ -29,8 +29,15 @@ logger = logging.getLogger(__name__)
 EXTENSION_NAME = "pagedllm_cpu_ops"
 _CSRC_DIR = Path(__file__).parent / "csrc"
 # Compiled; they include vec.h.
-_SOURCES = ("paged_attention.cpp", "layer_ops.cpp", "gemv.cpp", "gemm.cpp", "sampling_ops.cpp")
-_HEADERS = ("vec.h",)
+_SOURCES = (
+    "paged_attention.cpp",
+    "layer_ops.cpp",
+    "gemv.cpp",
+    "gemm.cpp",
+    "sampling_ops.cpp",
+    "decoder_stack.cpp",
+)
+_HEADERS = ("vec.h", "ops.h")
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unknown-pragmas")
 _LDFLAGS = ("-fopenmp",)
 # Set to 1 to skip the native ops and always take the pure-torch paths.

@@ -36,6 +36,8 @@ class ModelRunner:
         self.sampler = Sampler(seed=seed)
         self.profiler = profiler or StepProfiler()
         self.profiler.time_modules(model, getattr(model, "profiled_modules", {}))
+        if self.profiler.enabled and hasattr(model, "attach_profiler"):
+            model.attach_profiler(self.profiler)
 
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]):
         """Flat token ids and positions, attention metadata, and each request's end row."""

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace pagedllm {
@@ -344,6 +345,8 @@ void silu_and_mul_row(const T* gate, int64_t K, float* dst) {
   }
 }
 
+}  // namespace
+
 // out [M, N] fp32/bf16 (contiguous last dim); x [M, K] fp32/bf16; packed from pack_panels;
 // bias fp32 [N] or empty. With silu_and_mul, x is [M, 2K] = [gate | up] and the layer's input
 // is silu(gate) * up (SwiGLU's down projection).
@@ -424,7 +427,6 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
   });
 }
 
-}  // namespace
 }  // namespace pagedllm
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace pagedllm {
@@ -94,6 +95,8 @@ void dispatch(const at::Tensor& x, const at::Tensor& weight, F&& body) {
   else body(float{}, float{});
 }
 
+}  // namespace
+
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
   const int64_t width = weight.numel();
   check_row_pair(x, out, width, "out");
@@ -157,6 +160,8 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
   if (x.scalar_type() == at::kBFloat16) body(bf16_t{}); else body(float{});
 }
 
+namespace {
+
 // NeoX-style (rotate-half) RoPE, in place: for each head, with h = head_size / 2,
 //   x[i] <- x[i] * cos[i] - x[i + h] * sin[i],  x[i + h] <- x[i + h] * cos[i + h] + x[i] * sin[i + h]
 // cos/sin: fp32 [max_position, head_size] tables (already scaled), indexed by positions.
@@ -193,6 +198,8 @@ void rotate_heads(T* base, int64_t token_stride, int64_t head_stride, int64_t nu
     }
   });
 }
+
+}  // namespace
 
 void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor key,
                       const at::Tensor& cos_cache, const at::Tensor& sin_cache) {
@@ -232,7 +239,6 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor 
   if (query.scalar_type() == at::kBFloat16) body(bf16_t{}); else body(float{});
 }
 
-}  // namespace
 }  // namespace pagedllm
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {

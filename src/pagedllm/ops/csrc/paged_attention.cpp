@@ -42,6 +42,7 @@
 #include <utility>
 #include <vector>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace pagedllm {
@@ -751,6 +752,8 @@ int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
   return max_rows;
 }
 
+}  // namespace
+
 void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value,
                      at::Tensor kv_cache, at::Tensor slot_mapping, at::Tensor query_start_loc,
                      at::Tensor seq_lens, at::Tensor block_tables, double scale) {
@@ -835,7 +838,6 @@ void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tenso
   }
 }
 
-}  // namespace
 }  // namespace pagedllm
 
 TORCH_LIBRARY(pagedllm_cpu, m) {

@@ -1,0 +1,136 @@
+"""The Llama decoder stack as one native call on CPU (`llama_decoder_stack`, ops/csrc).
+
+The per-module forward calls ~8 fused C++ ops per layer from Python; this runs the same ops in
+the same order from C++ (bit-identical results) and saves the Python between them. It applies
+only where every one of those ops is the fused CPU kernel: projections on panel-packed weights
+at this step's row count, the `cpu_paged` attention kernel on this cache, rotary and norms in
+fp32/bf16. Anywhere else (reference attention, oneDNN rows, a failed build) the model keeps its
+per-module path, which stays the readable definition of the layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.cpu_paged import CpuPagedAttention, kernel_applies, kernel_metadata
+from pagedllm.ops import NATIVE_DTYPES, cpu_ops
+from pagedllm.profiler import StepProfiler
+
+if TYPE_CHECKING:
+    from pagedllm.models.llama import LlamaForCausalLM
+
+# The parts the C++ op times per layer when profiling, named as the module path's hooks name
+# theirs (LlamaForCausalLM.profiled_modules).
+PART_NAMES = ("attention block", "mlp")
+
+
+class NativeDecoderStack:
+    """The layers and final norm of a packed CPU Llama model, run by one C++ call per step."""
+
+    def __init__(self, model: LlamaForCausalLM, ops) -> None:
+        self.ops = ops
+        layers = model.layers
+        attention = layers[0].self_attn
+        self.num_layers = len(layers)
+        self.num_heads = attention.num_heads
+        self.num_kv_heads = attention.num_kv_heads
+        self.head_size = attention.head_size
+        self.scale = attention.backend.scale
+        self.eps = model.norm.eps
+        self.final_norm = model.norm.weight.detach()
+        self.cos_table, self.sin_table = attention.rotary._float_tables()
+        self.weights: list[torch.Tensor] = []
+        linears = []
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, o = attn.qkv_proj.packed, attn.o_proj.packed
+            gate_up, down = mlp.gate_up_proj.packed, mlp.down_proj.packed
+            self.weights += [
+                layer.input_layernorm.weight.detach(), qkv.panels, qkv.plain_bias,
+                o.panels, o.plain_bias,
+                layer.post_attention_layernorm.weight.detach(), gate_up.panels,
+                gate_up.plain_bias, down.panels, down.plain_bias,
+            ]
+            linears += [qkv, o, gate_up, down]
+        # Row counts every projection takes on its panels (the module path's choice).
+        self.min_rows = max(p.stream_max_rows for p in linears) + 1
+        self.max_rows = min(p.panel_max_rows for p in linears)
+        self.dtype = model.embed_tokens.weight.dtype
+        self._checked_caches: list[torch.Tensor] | None = None
+        self.profiler: StepProfiler | None = None
+
+    @classmethod
+    def build(cls, model: LlamaForCausalLM) -> NativeDecoderStack | None:
+        """The stack for a packed CPU model, or None where some layer part is not native."""
+        ops = cpu_ops()
+        if ops is None or not hasattr(ops, "llama_decoder_stack") or len(model.layers) == 0:
+            return None
+        if model.embed_tokens.weight.device.type != "cpu":
+            return None
+        if model.embed_tokens.weight.dtype not in NATIVE_DTYPES:
+            return None
+        rotaries = {id(layer.self_attn.rotary) for layer in model.layers}
+        backends = {id(layer.self_attn.backend) for layer in model.layers}
+        if len(rotaries) != 1 or len(backends) != 1:
+            return None
+        if not isinstance(model.layers[0].self_attn.backend, CpuPagedAttention):
+            return None  # another backend was asked for; the stack would bypass it
+        for layer in model.layers:
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if any(n.weight.dtype not in NATIVE_DTYPES or n.eps != model.norm.eps for n in norms):
+                return None
+            linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                       layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            if any(lin.packed is None or lin.packed.panels is None for lin in linears):
+                return None
+        if model.norm.weight.dtype not in NATIVE_DTYPES:
+            return None
+        return cls(model, ops)
+
+    def applies(self, hidden: torch.Tensor, kv_caches: list[torch.Tensor]) -> bool:
+        """Whether this step's batch (hidden: [num_tokens, hidden]) and caches take the stack."""
+        if hidden.dtype != self.dtype or not self.min_rows <= hidden.shape[0] <= self.max_rows:
+            return False
+        if kv_caches is not self._checked_caches:  # the runner passes the same list every step
+            if len(kv_caches) != self.num_layers or not all(
+                kernel_applies(hidden, hidden, hidden, cache) for cache in kv_caches
+            ):
+                return False
+            self._checked_caches = kv_caches
+        return True
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """hidden (the embeddings): [num_tokens, hidden] -> the final norm's output."""
+        seconds = None
+        if self.profiler is not None and self.profiler.enabled:
+            seconds = torch.zeros(len(PART_NAMES), dtype=torch.float64)
+        out = self.ops.llama_decoder_stack(
+            hidden.contiguous(),
+            positions if positions.dtype == torch.int64 else positions.long(),
+            self.weights,
+            kv_caches,
+            *kernel_metadata(metadata),
+            self.cos_table,
+            self.sin_table,
+            self.final_norm,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_size,
+            self.eps,
+            self.scale,
+            seconds,
+        )
+        if seconds is not None:
+            for name, value in zip(PART_NAMES, seconds.tolist()):
+                self.profiler.record(name, value, self.num_layers)
+        return out
+

@@ -1,0 +1,25 @@
+// The ops other C++ code calls directly (the decoder stack), as registered with torch: each
+// is defined in its own source file and checks its arguments as the Python-facing op does.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace pagedllm {
+
+// paged_attention.cpp: writes key/value into their slots, then attends through block tables.
+void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value,
+                     at::Tensor kv_cache, at::Tensor slot_mapping, at::Tensor query_start_loc,
+                     at::Tensor seq_lens, at::Tensor block_tables, double scale);
+
+// layer_ops.cpp
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
+void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight,
+                        double eps);
+void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor key,
+                      const at::Tensor& cos_cache, const at::Tensor& sin_cache);
+
+// gemm.cpp: out = x @ W.T + b on a weight from pack_panels (x gated first with silu_and_mul).
+void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
+                  const at::Tensor& bias, bool silu_and_mul);
+
+}  // namespace pagedllm
