@@ -16,6 +16,7 @@ from hf_reference import check_outputs_equal, hf_greedy, load_hf_model
 from pagedllm import LLM, SamplingParams
 from pagedllm.layers.linear import FP32_PANEL_MAX_ROWS
 from pagedllm.models.llama import LlamaForCausalLM
+from pagedllm.models.llama_stack import PART_NAMES
 from pagedllm.ops import cpu_ops
 
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the C++ CPU ops are unavailable")
@@ -106,3 +107,16 @@ def test_module_path_where_a_part_is_not_native(tiny_llama_factory):
     assert not stack.applies(torch.zeros(FP32_PANEL_MAX_ROWS + 1, 64), kv_caches)
     assert not stack.applies(hidden.bfloat16(), kv_caches)  # not the model's dtype
     assert not stack.applies(hidden, [torch.zeros(2, 64, 8, 2, 16, dtype=torch.float16)] * 2)
+
+
+def test_profile_times_the_stack_by_part(tiny_llama_factory):
+    llm = LLM(str(tiny_llama_factory(**CONFIGS["gqa-tied"])), num_kv_blocks=64, block_size=8,
+              profile=True)
+    assert model_of(llm).native_stack is not None
+    llm.generate(prompts_of(3, seed=6, max_len=20),
+                 SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    seconds = llm.llm_engine.profiler.seconds
+    assert all(seconds[name] > 0 for name in PART_NAMES), dict(seconds)
+    blocks = seconds["attention block"] + seconds["mlp"]
+    assert blocks == pytest.approx(sum(seconds[name] for name in PART_NAMES[2:]), rel=1e-9)
+    assert seconds["forward"] >= blocks

@@ -22,9 +22,11 @@ from pagedllm.profiler import StepProfiler
 if TYPE_CHECKING:
     from pagedllm.models.llama import LlamaForCausalLM
 
-# The parts the C++ op times per layer when profiling, named as the module path's hooks name
-# theirs (LlamaForCausalLM.profiled_modules).
-PART_NAMES = ("attention block", "mlp")
+# The parts the C++ op times per layer when profiling, in its order (`Part` in
+# decoder_stack.cpp): the two blocks, named as the module path's hooks name theirs
+# (LlamaForCausalLM.profiled_modules), then the kinds of work across both, which sum to them.
+PART_NAMES = ("attention block", "mlp", "norms + rotary", "attention projections",
+              "attention kernel", "mlp projections")
 
 
 class NativeDecoderStack:

@@ -25,25 +25,45 @@ namespace {
 // empty, as panel_linear takes them).
 constexpr int64_t kTensorsPerLayer = 10;
 
-// Accumulates the wall time of a layer's parts into seconds[0] (attention block: norm,
-// projections, rotary, attention) and seconds[1] (MLP block) when profiling asks for it.
+// Where a profiled step's time goes: the two blocks of each layer (the module path's hook
+// names), and across them the kinds of work. Blocks: attention = its norm, projections,
+// rotary and attention; MLP = its norm and projections. The other four parts sum to both.
+enum Part : int {
+  kAttentionBlock,
+  kMlpBlock,
+  kNormsRotary,
+  kAttentionProjections,
+  kAttentionKernel,
+  kMlpProjections,
+  kNumParts
+};
+
+// Accumulates wall time into seconds[part] (float64 [kNumParts]) when profiling passes it.
 class PartTimer {
  public:
+  using Clock = std::chrono::steady_clock;
+
   explicit PartTimer(const std::optional<at::Tensor>& seconds)
       : seconds_(seconds && seconds->defined() ? seconds->data_ptr<double>() : nullptr) {}
 
-  void start() {
-    if (seconds_) begin_ = std::chrono::steady_clock::now();
+  void begin_block() {
+    if (seconds_) block_begin_ = last_ = Clock::now();
   }
-  void stop(int part) {
+  // The time since the last lap (or the block's start) goes to `part`.
+  void lap(Part part) {
     if (!seconds_) return;
-    const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - begin_;
-    seconds_[part] += elapsed.count();
+    const Clock::time_point now = Clock::now();
+    seconds_[part] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+  // The block's time up to its last lap goes to `block`.
+  void end_block(Part block) {
+    if (seconds_) seconds_[block] += std::chrono::duration<double>(last_ - block_begin_).count();
   }
 
  private:
   double* seconds_;
-  std::chrono::steady_clock::time_point begin_;
+  Clock::time_point block_begin_, last_;
 };
 
 }  // namespace
@@ -65,8 +85,8 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be contiguous [T, H]");
   TORCH_CHECK(!seconds || !seconds->defined() ||
                   (seconds->scalar_type() == at::kDouble && seconds->is_contiguous() &&
-                   seconds->numel() == 2),
-              "seconds must be a contiguous float64 [2] tensor");
+                   seconds->numel() == kNumParts),
+              "seconds must be a contiguous float64 [", kNumParts, "] tensor");
   const int64_t T = hidden.size(0), H = hidden.size(1);
   const int64_t q_size = num_heads * head_size, kv_size = num_kv_heads * head_size;
   const auto options = hidden.options();
@@ -79,29 +99,36 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
 
   for (int64_t l = 0; l < num_layers; ++l) {
     const at::Tensor* w = weights.data() + l * kTensorsPerLayer;
-    timer.start();
+    timer.begin_block();
     if (l == 0) {
       rms_norm(x, residual, w[0], eps);
     } else {
       fused_add_rms_norm(x, residual, w[0], eps);
     }
+    timer.lap(kNormsRotary);
     if (!qkv.defined()) qkv = at::empty({T, q_size + 2 * kv_size}, options);
     panel_linear(qkv, x, w[1], w[2], false);
+    timer.lap(kAttentionProjections);
     at::Tensor q = qkv.narrow(1, 0, q_size).view({T, num_heads, head_size});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, head_size});
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, head_size});
     rotary_embedding(positions, q, k, cos_cache, sin_cache);
+    timer.lap(kNormsRotary);
     paged_attention(attn_out, q, k, v, kv_caches[l], slot_mapping, query_start_loc, seq_lens,
                     block_tables, scale);
+    timer.lap(kAttentionKernel);
     panel_linear(x, attn_out.view({T, q_size}), w[3], w[4], false);
-    timer.stop(0);
+    timer.lap(kAttentionProjections);
+    timer.end_block(kAttentionBlock);
 
-    timer.start();
+    timer.begin_block();
     fused_add_rms_norm(x, residual, w[5], eps);
+    timer.lap(kNormsRotary);
     if (!gate_up.defined()) gate_up = at::empty({T, 2 * w[8].size(1)}, options);
     panel_linear(gate_up, x, w[6], w[7], false);
     panel_linear(x, gate_up, w[8], w[9], true);
-    timer.stop(1);
+    timer.lap(kMlpProjections);
+    timer.end_block(kMlpBlock);
   }
   fused_add_rms_norm(x, residual, final_norm, eps);
   return x;
