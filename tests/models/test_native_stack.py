@@ -16,7 +16,7 @@ from hf_reference import check_outputs_equal, hf_greedy, load_hf_model
 from pagedllm import LLM, SamplingParams
 from pagedllm.layers.linear import FP32_PANEL_MAX_ROWS, onednn_has_gemm
 from pagedllm.models.llama import LlamaForCausalLM
-from pagedllm.models.llama_stack import PART_NAMES
+from pagedllm.models.llama_stack import ONEDNN, PANELS, PART_NAMES, STREAMING
 from pagedllm.ops import cpu_ops
 
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the C++ CPU ops are unavailable")
@@ -43,16 +43,12 @@ def prompts_of(num: int, seed: int, max_len: int) -> list[dict]:
 def test_every_step_matches_the_module_path_bit_for_bit(tiny_llama_factory, monkeypatch, name,
                                                          dtype):
     llm = LLM(str(tiny_llama_factory(**CONFIGS[name])), dtype=dtype, num_kv_blocks=128,
-              block_size=8, max_num_batched_tokens=96)
+              block_size=8, max_num_batched_tokens=160)
     model = model_of(llm)
     stack = model.native_stack
-    if dtype == "bfloat16" and onednn_has_gemm(torch.bfloat16):
-        # A CPU with a bf16 GEMM runs bf16 projections on oneDNN, not on panels.
-        assert stack is None
-        pytest.skip("bf16 projections take oneDNN on this CPU: the module path runs")
     assert stack is not None, "a packed CPU model must get the native stack"
     module_forward = LlamaForCausalLM.forward
-    rows_checked = []
+    rows_checked, paths = [], set()
 
     def both_paths(self, input_ids, positions, kv_caches, metadata):
         native_caches = [cache.clone() for cache in kv_caches]
@@ -67,14 +63,21 @@ def test_every_step_matches_the_module_path_bit_for_bit(tiny_llama_factory, monk
         for native_cache, cache in zip(native_caches, kv_caches):
             assert torch.equal(native_cache, cache)
         rows_checked.append(input_ids.shape[0])
+        paths.add(stack.linear_path(input_ids.shape[0]))
         return expected
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", both_paths)
-    # Chunked prefill (96-token budget) next to decodes, ragged lengths, several blocks each.
+    # Chunked prefill (160-token budget) next to decodes, ragged lengths, several blocks each.
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     llm.generate(prompts_of(10, seed=3, max_len=70), params, use_tqdm=False)
     llm.generate(prompts_of(1, seed=5, max_len=30), params, use_tqdm=False)  # one-row steps
-    assert {1, 10, 96} <= set(rows_checked)
+    assert {1, 10, 160} <= set(rows_checked)
+    if dtype == "float32":  # panels up to 128 rows, oneDNN above, on every CPU
+        assert paths == {PANELS, ONEDNN}
+    elif not onednn_has_gemm(torch.bfloat16):  # bf16 weights stay bf16 on panels
+        assert paths == {PANELS}
+    else:  # a bf16 GEMM: the streaming kernel up to 8 rows, oneDNN above
+        assert paths == {STREAMING, ONEDNN}
 
 
 def test_stack_is_the_default_and_matches_transformers(tiny_llama_factory, monkeypatch):
@@ -89,7 +92,7 @@ def test_stack_is_the_default_and_matches_transformers(tiny_llama_factory, monke
         return original_call(self, *args)
 
     monkeypatch.setattr(type(stack), "__call__", counting_call)
-    prompts = prompts_of(8, seed=4, max_len=16)  # a prefill step of at most 128 rows
+    prompts = prompts_of(8, seed=4, max_len=40)
     expected = hf_greedy(load_hf_model(model_dir), [p["prompt_token_ids"] for p in prompts], 16)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16,
                                                    ignore_eos=True), use_tqdm=False)
@@ -103,12 +106,11 @@ def test_module_path_where_a_part_is_not_native(tiny_llama_factory):
     reference = LLM(str(model_dir), num_kv_blocks=64, block_size=8,
                     attention_backend="torch_paged")
     assert model_of(reference).native_stack is None
-    # fp32 batches above the panel kernels' rows go to oneDNN: not the stack's projections.
+    # A batch in another dtype than the model's, or a cache the kernel does not take.
     stack = model_of(LLM(str(model_dir), num_kv_blocks=64, block_size=8)).native_stack
     kv_caches = [torch.zeros(2, 64, 8, 2, 16)] * 2
-    hidden = torch.zeros(FP32_PANEL_MAX_ROWS, 64)
+    hidden = torch.zeros(FP32_PANEL_MAX_ROWS + 1, 64)
     assert stack.applies(hidden, kv_caches)
-    assert not stack.applies(torch.zeros(FP32_PANEL_MAX_ROWS + 1, 64), kv_caches)
     assert not stack.applies(hidden.bfloat16(), kv_caches)  # not the model's dtype
     assert not stack.applies(hidden, [torch.zeros(2, 64, 8, 2, 16, dtype=torch.float16)] * 2)
 

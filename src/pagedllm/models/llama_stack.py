@@ -2,10 +2,11 @@
 
 The per-module forward calls ~8 fused C++ ops per layer from Python; this runs the same ops in
 the same order from C++ (bit-identical results) and saves the Python between them. It applies
-only where every one of those ops is the fused CPU kernel: projections on panel-packed weights
-at this step's row count, the `cpu_paged` attention kernel on this cache, rotary and norms in
-fp32/bf16. Anywhere else (reference attention, oneDNN rows, a failed build) the model keeps its
-per-module path, which stays the readable definition of the layer.
+where every part runs as the module path would run it natively: projections packed for the
+CPU (panels, the streaming kernel or oneDNN, whichever the step's row count picks), the
+`cpu_paged` attention kernel on this cache, rotary and norms in fp32/bf16. Anywhere else
+(reference attention, a failed build, a GPU) the model keeps its per-module path, which stays
+the readable definition of the layer.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ PART_NAMES = ("attention block", "mlp", "norms + rotary", "attention projections
               "attention kernel", "mlp projections")
 
 
+# The projections' paths (`LinearPath` in decoder_stack.cpp).
+PANELS, STREAMING, ONEDNN = 0, 1, 2
+
+
+def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(0) if t is None else t
+
+
 class NativeDecoderStack:
     """The layers and final norm of a packed CPU Llama model, run by one C++ call per step."""
 
@@ -44,23 +53,37 @@ class NativeDecoderStack:
         self.eps = model.norm.eps
         self.final_norm = model.norm.weight.detach()
         self.cos_table, self.sin_table = attention.rotary._float_tables()
-        self.weights: list[torch.Tensor] = []
-        linears = []
-        for layer in layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv, o = attn.qkv_proj.packed, attn.o_proj.packed
-            gate_up, down = mlp.gate_up_proj.packed, mlp.down_proj.packed
-            self.weights += [
-                layer.input_layernorm.weight.detach(), qkv.panels, qkv.plain_bias,
-                o.panels, o.plain_bias,
-                layer.post_attention_layernorm.weight.detach(), gate_up.panels,
-                gate_up.plain_bias, down.panels, down.plain_bias,
-            ]
-            linears += [qkv, o, gate_up, down]
-        # Row counts every projection takes on its panels (the module path's choice).
-        self.min_rows = max(p.stream_max_rows for p in linears) + 1
-        self.max_rows = min(p.panel_max_rows for p in linears)
         self.dtype = model.embed_tokens.weight.dtype
+        projections = [
+            (layer.input_layernorm.weight.detach(), layer.self_attn.qkv_proj.packed,
+             layer.self_attn.o_proj.packed, layer.post_attention_layernorm.weight.detach(),
+             layer.mlp.gate_up_proj.packed, layer.mlp.down_proj.packed)
+            for layer in layers
+        ]
+        linears = [p for _, qkv, o, _, gate_up, down in projections
+                   for p in (qkv, o, gate_up, down)]
+        # Every projection of a model shares its dtype and so its row-count switch points;
+        # the step's path is chosen from them as PackedWeight.__call__ chooses.
+        first = linears[0]
+        self.stream_max_rows = first.stream_max_rows
+        self.panel_max_rows = first.panel_max_rows
+        # path -> the per-layer tensors in that path's form; a path some weight lacks is absent.
+        forms = {
+            PANELS: lambda p: (p.panels, p.plain_bias),
+            STREAMING: lambda p: (p.plain, p.plain_bias),
+            ONEDNN: lambda p: (p.onednn_weight, _or_empty(p.bias)),
+        }
+        self.weights: dict[int, list[torch.Tensor]] = {}
+        for path, form in forms.items():
+            if not all(form(p)[0] is not None for p in linears):
+                continue
+            if path == ONEDNN and any(p.compute_dtype != self.dtype for p in linears):
+                continue  # oneDNN would compute in another dtype, with conversions around it
+            tensors = []
+            for in_norm, qkv, o, post_norm, gate_up, down in projections:
+                tensors += [in_norm, *form(qkv), *form(o), post_norm, *form(gate_up),
+                            *form(down)]
+            self.weights[path] = tensors
         self._checked_caches: list[torch.Tensor] | None = None
         self.profiler: StepProfiler | None = None
 
@@ -80,21 +103,34 @@ class NativeDecoderStack:
             return None
         if not isinstance(model.layers[0].self_attn.backend, CpuPagedAttention):
             return None  # another backend was asked for; the stack would bypass it
+        packed = []
         for layer in model.layers:
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
             if any(n.weight.dtype not in NATIVE_DTYPES or n.eps != model.norm.eps for n in norms):
                 return None
             linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                        layer.mlp.gate_up_proj, layer.mlp.down_proj)
-            if any(lin.packed is None or lin.packed.panels is None for lin in linears):
-                return None
-        if model.norm.weight.dtype not in NATIVE_DTYPES:
+            packed.extend(lin.packed for lin in linears)
+        if model.norm.weight.dtype not in NATIVE_DTYPES or any(p is None for p in packed):
+            return None
+        switch_points = {(p.stream_max_rows, p.panel_max_rows) for p in packed}
+        if len(switch_points) != 1:
             return None
         return cls(model, ops)
 
+    def linear_path(self, rows: int) -> int | None:
+        """The projections' path for a step of `rows` tokens, None where the stack lacks it."""
+        if rows <= self.stream_max_rows:
+            path = STREAMING
+        elif rows <= self.panel_max_rows:
+            path = PANELS
+        else:
+            path = ONEDNN
+        return path if path in self.weights else None
+
     def applies(self, hidden: torch.Tensor, kv_caches: list[torch.Tensor]) -> bool:
         """Whether this step's batch (hidden: [num_tokens, hidden]) and caches take the stack."""
-        if hidden.dtype != self.dtype or not self.min_rows <= hidden.shape[0] <= self.max_rows:
+        if hidden.dtype != self.dtype or self.linear_path(hidden.shape[0]) is None:
             return False
         if kv_caches is not self._checked_caches:  # the runner passes the same list every step
             if len(kv_caches) != self.num_layers or not all(
@@ -112,13 +148,14 @@ class NativeDecoderStack:
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """hidden (the embeddings): [num_tokens, hidden] -> the final norm's output."""
+        path = self.linear_path(hidden.shape[0])
         seconds = None
         if self.profiler is not None and self.profiler.enabled:
             seconds = torch.zeros(len(PART_NAMES), dtype=torch.float64)
         out = self.ops.llama_decoder_stack(
             hidden.contiguous(),
             positions if positions.dtype == torch.int64 else positions.long(),
-            self.weights,
+            self.weights[path],
             kv_caches,
             *kernel_metadata(metadata),
             self.cos_table,
@@ -129,6 +166,7 @@ class NativeDecoderStack:
             self.head_size,
             self.eps,
             self.scale,
+            path,
             seconds,
         )
         if seconds is not None:

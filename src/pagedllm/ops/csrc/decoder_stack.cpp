@@ -10,20 +10,68 @@
 
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/ops/empty.h>
 
 #include <chrono>
 #include <optional>
+#include <string>
 
 #include "ops.h"
 
 namespace pagedllm {
 namespace {
 
-// Per layer, in `weights`: input norm, qkv panels, qkv bias, o panels, o bias,
-// post-attention norm, gate_up panels, gate_up bias, down panels, down bias (biases may be
-// empty, as panel_linear takes them).
+// Per layer, in `weights`: input norm, qkv weight, qkv bias, o weight, o bias,
+// post-attention norm, gate_up weight, gate_up bias, down weight, down bias, each projection's
+// weight and bias in the form its path takes (biases may be empty).
 constexpr int64_t kTensorsPerLayer = 10;
+
+// How the step's projections run, chosen in Python by the row count as the module path
+// chooses (pagedllm/layers/linear.py).
+enum LinearPath : int64_t {
+  kPanels = 0,     // panel_linear on weights from pack_panels; fp32 bias
+  kStreaming = 1,  // linear_few_rows on the row-major weight; fp32 bias
+  kOneDnn = 2,     // oneDNN on its reordered weight; bias in the weight's dtype
+};
+
+// mkldnn::_linear_pointwise(x, w, b, "none", [], ""), as PackedWeight.onednn calls it.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack;
+  stack.emplace_back(x);
+  stack.emplace_back(weight);
+  stack.emplace_back(bias.numel() > 0 ? c10::IValue(bias) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(std::string(""));
+  op.callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+// x @ W.T + b by `path`, into `out` except on oneDNN (which allocates its result); with
+// `gated`, over silu(gate) * up of x = [gate | up]: fused into the panels' packing, else the
+// silu_and_mul op first (into `gated_buffer`), as Linear.after_silu_and_mul does.
+at::Tensor project(LinearPath path, at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                   const at::Tensor& bias, bool gated, at::Tensor& gated_buffer) {
+  if (path == kPanels) {
+    panel_linear(out, x, weight, bias, gated);
+    return out;
+  }
+  const at::Tensor* input = &x;
+  if (gated) {
+    if (!gated_buffer.defined()) gated_buffer = at::empty({x.size(0), x.size(1) / 2}, x.options());
+    silu_and_mul(gated_buffer, x);
+    input = &gated_buffer;
+  }
+  if (path == kStreaming) {
+    linear_few_rows(out, *input, weight, bias);
+    return out;
+  }
+  return onednn_linear(*input, weight, bias);
+}
 
 // Where a profiled step's time goes: the two blocks of each layer (the module path's hook
 // names), and across them the kinds of work. Blocks: attention = its norm, projections,
@@ -76,7 +124,7 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
                                const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                const at::Tensor& final_norm, int64_t num_heads,
                                int64_t num_kv_heads, int64_t head_size, double eps, double scale,
-                               const std::optional<at::Tensor>& seconds) {
+                               int64_t linear_path, const std::optional<at::Tensor>& seconds) {
   const int64_t num_layers = static_cast<int64_t>(kv_caches.size());
   TORCH_CHECK(num_layers > 0 && static_cast<int64_t>(weights.size()) ==
                                     num_layers * kTensorsPerLayer,
@@ -87,14 +135,21 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
                   (seconds->scalar_type() == at::kDouble && seconds->is_contiguous() &&
                    seconds->numel() == kNumParts),
               "seconds must be a contiguous float64 [", kNumParts, "] tensor");
+  TORCH_CHECK(linear_path >= kPanels && linear_path <= kOneDnn, "unknown linear path ",
+              linear_path);
+  const auto path = static_cast<LinearPath>(linear_path);
   const int64_t T = hidden.size(0), H = hidden.size(1);
   const int64_t q_size = num_heads * head_size, kv_size = num_kv_heads * head_size;
   const auto options = hidden.options();
   // The residual stream; x holds each block's input, then its output.
   at::Tensor residual = hidden.clone();
   at::Tensor x = at::empty({T, H}, options);
+  // The down projection's input width: panels [panels, K, P]; a plain weight [N, K]; oneDNN's
+  // reordered weight keeps the logical [N, K] sizes.
+  const int64_t intermediate = weights[8].size(1);
   at::Tensor attn_out = at::empty({T, num_heads, head_size}, options);
-  at::Tensor qkv, gate_up;  // allocated in the first layer (gate_up's width from its weight)
+  // Allocated in the first layer (gate_up's width from the down weight's input size).
+  at::Tensor qkv, gate_up, gated;
   PartTimer timer(seconds);
 
   for (int64_t l = 0; l < num_layers; ++l) {
@@ -107,7 +162,7 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
     }
     timer.lap(kNormsRotary);
     if (!qkv.defined()) qkv = at::empty({T, q_size + 2 * kv_size}, options);
-    panel_linear(qkv, x, w[1], w[2], false);
+    qkv = project(path, qkv, x, w[1], w[2], false, gated);
     timer.lap(kAttentionProjections);
     at::Tensor q = qkv.narrow(1, 0, q_size).view({T, num_heads, head_size});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, head_size});
@@ -117,16 +172,16 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
     paged_attention(attn_out, q, k, v, kv_caches[l], slot_mapping, query_start_loc, seq_lens,
                     block_tables, scale);
     timer.lap(kAttentionKernel);
-    panel_linear(x, attn_out.view({T, q_size}), w[3], w[4], false);
+    x = project(path, x, attn_out.view({T, q_size}), w[3], w[4], false, gated);
     timer.lap(kAttentionProjections);
     timer.end_block(kAttentionBlock);
 
     timer.begin_block();
     fused_add_rms_norm(x, residual, w[5], eps);
     timer.lap(kNormsRotary);
-    if (!gate_up.defined()) gate_up = at::empty({T, 2 * w[8].size(1)}, options);
-    panel_linear(gate_up, x, w[6], w[7], false);
-    panel_linear(x, gate_up, w[8], w[9], true);
+    if (!gate_up.defined()) gate_up = at::empty({T, 2 * intermediate}, options);
+    gate_up = project(path, gate_up, x, w[6], w[7], false, gated);
+    x = project(path, x, gate_up, w[8], w[9], true, gated);
     timer.lap(kMlpProjections);
     timer.end_block(kMlpBlock);
   }
@@ -142,9 +197,14 @@ TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
       "Tensor(a!)[] kv_caches, Tensor slot_mapping, Tensor query_start_loc, Tensor seq_lens, "
       "Tensor block_tables, Tensor cos_cache, Tensor sin_cache, Tensor final_norm, "
       "int num_heads, int num_kv_heads, int head_size, float eps, float scale, "
-      "Tensor(b!)? seconds=None) -> Tensor");
+      "int linear_path=0, Tensor(b!)? seconds=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
+  m.impl("llama_decoder_stack", &pagedllm::llama_decoder_stack);
+}
+
+// oneDNN's reordered weights are MkldnnCPU tensors; among the weights they pick that key.
+TORCH_LIBRARY_IMPL(pagedllm_cpu, MkldnnCPU, m) {
   m.impl("llama_decoder_stack", &pagedllm::llama_decoder_stack);
 }

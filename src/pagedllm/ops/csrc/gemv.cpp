@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace pagedllm {
@@ -101,6 +102,8 @@ RowsFn<W> rows_fn(int64_t m) {
   }
 }
 
+}  // namespace
+
 // out: [M, N] (x's dtype); x: [M, K] fp32/bf16; weight: [N, K] fp32/bf16 contiguous;
 // bias: fp32 [N] or empty.
 void linear_few_rows(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
@@ -154,7 +157,6 @@ void linear_few_rows(at::Tensor out, const at::Tensor& x, const at::Tensor& weig
   }
 }
 
-}  // namespace
 }  // namespace pagedllm
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {

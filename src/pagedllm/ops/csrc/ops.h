@@ -17,9 +17,14 @@ void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& wei
                         double eps);
 void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor key,
                       const at::Tensor& cos_cache, const at::Tensor& sin_cache);
+void silu_and_mul(at::Tensor out, const at::Tensor& x);
 
 // gemm.cpp: out = x @ W.T + b on a weight from pack_panels (x gated first with silu_and_mul).
 void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
                   const at::Tensor& bias, bool silu_and_mul);
+
+// gemv.cpp: out = x @ W.T + b streaming a row-major weight (a few rows of x).
+void linear_few_rows(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
+                     const at::Tensor& bias);
 
 }  // namespace pagedllm
