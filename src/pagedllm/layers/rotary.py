@@ -61,15 +61,16 @@ class RotaryEmbedding(nn.Module):
         # key: [num_tokens, kv_heads, head]. The fused path rotates query and key in place.
         ops = native_ops(query, key) if query.dtype == key.dtype else None
         if ops is not None:
-            cos_table, sin_table = self._float_tables()
+            cos_table, sin_table = self.float_tables()
             ops.rotary_embedding(positions, query, key, cos_table, sin_table)
             return query, key
         cos = self.cos_cache[positions].to(query.dtype).unsqueeze(1)  # [num_tokens, 1, head]
         sin = self.sin_cache[positions].to(query.dtype).unsqueeze(1)
         return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
 
-    def _float_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # The fused op reads fp32 tables; a bf16 model's buffers are converted once (exactly:
+    def float_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin tables in fp32, as the fused rotary op reads them."""
+        # A bf16 model's buffers are converted once (exactly:
         # bf16 -> fp32 -> bf16 round-trips, so results match the torch path's bf16 tables).
         if self.cos_cache.dtype == torch.float32:
             return self.cos_cache, self.sin_cache

@@ -183,6 +183,6 @@ class LlamaForCausalLM(nn.Module):
         return count
 
     def attach_profiler(self, profiler: StepProfiler) -> None:
-        """Times the native stack's parts under the module hooks' names (profiled_modules)."""
+        """Has the native stack time its blocks (as the module hooks name theirs) and parts."""
         if self.native_stack is not None:
             self.native_stack.profiler = profiler

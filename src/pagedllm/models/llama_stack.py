@@ -52,7 +52,7 @@ class NativeDecoderStack:
         self.scale = attention.backend.scale
         self.eps = model.norm.eps
         self.final_norm = model.norm.weight.detach()
-        self.cos_table, self.sin_table = attention.rotary._float_tables()
+        self.cos_table, self.sin_table = attention.rotary.float_tables()
         self.dtype = model.embed_tokens.weight.dtype
         projections = [
             (layer.input_layernorm.weight.detach(), layer.self_attn.qkv_proj.packed,
