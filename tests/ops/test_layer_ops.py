@@ -40,13 +40,19 @@ def _tolerance(dtype: torch.dtype) -> dict:
     return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}
 
 
+# Widths for the SIMD loops (two vectors, one vector, scalar tail): 5 and 13 a tail, 96 pairs
+# of vectors, 107 all three on 8 lanes; 576 is SmolLM2's hidden size.
+NORM_WIDTHS = [5, 13, 96, 107, 576]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 64])
-def test_rms_norm(dtype: torch.dtype, rows: int, torch_path) -> None:
-    layer = RMSNorm(96, 1e-5).to(dtype)
+@pytest.mark.parametrize("width", NORM_WIDTHS)
+def test_rms_norm(dtype: torch.dtype, rows: int, width: int, torch_path) -> None:
+    layer = RMSNorm(width, 1e-5).to(dtype)
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(96))
-    x = torch.randn(rows, 96).to(dtype) * 3
+        layer.weight.copy_(torch.randn(width))
+    x = torch.randn(rows, width).to(dtype) * 3
     expected = torch_path(layer, x)
     got = layer(x)
     assert got.dtype == dtype and got.shape == x.shape
@@ -54,12 +60,14 @@ def test_rms_norm(dtype: torch.dtype, rows: int, torch_path) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_add_rms_norm_updates_the_residual(dtype: torch.dtype, torch_path) -> None:
-    layer = RMSNorm(64, 1e-6).to(dtype)
+@pytest.mark.parametrize("width", NORM_WIDTHS)
+def test_fused_add_rms_norm_updates_the_residual(dtype: torch.dtype, width: int,
+                                                 torch_path) -> None:
+    layer = RMSNorm(width, 1e-6).to(dtype)
     with torch.no_grad():
-        layer.weight.copy_(torch.rand(64) + 0.5)
-    x = torch.randn(33, 64).to(dtype)
-    residual = torch.randn(33, 64).to(dtype)
+        layer.weight.copy_(torch.rand(width) + 0.5)
+    x = torch.randn(33, width).to(dtype)
+    residual = torch.randn(33, width).to(dtype)
     expected_out, expected_residual = torch_path(layer, x.clone(), residual.clone())
     got_out, got_residual = layer(x.clone(), residual.clone())
     torch.testing.assert_close(got_residual, expected_residual, rtol=0, atol=0)  # one rounding

@@ -61,21 +61,41 @@ void check_row_pair(const at::Tensor& x, const at::Tensor& other, int64_t width,
               " must match x");
 }
 
-// out = weight * round(x * rsqrt(mean(x^2) + eps)), row by row.
+// out = weight * round(x * rsqrt(mean(x^2) + eps)), row by row, in SIMD vectors. The sum of
+// squares is kept in two vectors of partial sums: as one scalar chain of dependent adds it
+// was most of the norms' time (0.1 s of a 3.4 s prefill step of 2048 tokens).
 template <typename T, typename W>
 void rms_norm_rows(T* out, int64_t out_stride, const T* x, int64_t x_stride, const W* weight,
                    int64_t rows, int64_t width, float eps) {
+  constexpr int64_t L = vec::kLanes;
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * x_stride;
       T* outr = out + r * out_stride;
-      float sum = 0.0f;
-      for (int64_t i = 0; i < width; ++i) {
+      vec::vfloat s0 = {}, s1 = {};
+      int64_t i = 0;
+      for (; i + 2 * L <= width; i += 2 * L) {
+        const vec::vfloat a = vec::load(xr + i), b = vec::load(xr + i + L);
+        s0 += a * a;
+        s1 += b * b;
+      }
+      for (; i + L <= width; i += L) {
+        const vec::vfloat a = vec::load(xr + i);
+        s0 += a * a;
+      }
+      float sum = vec::hsum(s0 + s1);
+      for (; i < width; ++i) {
         const float v = load1(xr, i);
         sum += v * v;
       }
       const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
-      for (int64_t i = 0; i < width; ++i) {
+      const vec::vfloat inv_v = vec::splat(inv);
+      i = 0;
+      for (; i + L <= width; i += L) {
+        const vec::vfloat normed = round_vec<T>(vec::load(xr + i) * inv_v);
+        vec::store(outr + i, vec::load(weight + i) * normed);
+      }
+      for (; i < width; ++i) {
         const float normed = round_to(load1(xr, i) * inv, xr);
         store1(outr, i, load1(weight, i) * normed);
       }
@@ -121,9 +141,13 @@ void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& wei
     const int64_t xs = x.stride(0), rs = residual.stride(0);
     at::parallel_for(0, x.size(0), kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        for (int64_t i = 0; i < width; ++i) {
-          store1(rp + r * rs, i, load1(rp + r * rs, i) + load1(xp + r * xs, i));
+        T* rr = rp + r * rs;
+        const T* xr = xp + r * xs;
+        int64_t i = 0;
+        for (; i + vec::kLanes <= width; i += vec::kLanes) {
+          vec::store(rr + i, vec::load(rr + i) + vec::load(xr + i));
         }
+        for (; i < width; ++i) store1(rr, i, load1(rr, i) + load1(xr, i));
       }
     });
     rms_norm_rows<T, W>(xp, xs, rp, rs, ptr<W>(weight), x.size(0), width,
