@@ -14,9 +14,9 @@ import torch
 from hf_reference import check_outputs_equal, hf_greedy, load_hf_model
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.layers.linear import FP32_PANEL_MAX_ROWS, onednn_has_gemm
+from pagedllm.layers.linear import FP32_PANEL_MAX_ROWS, ONEDNN, PANELS, STREAMING, onednn_has_gemm
 from pagedllm.models.llama import LlamaForCausalLM
-from pagedllm.models.llama_stack import ONEDNN, PANELS, PART_NAMES, STREAMING
+from pagedllm.models.llama_stack import PART_NAMES
 from pagedllm.ops import cpu_ops
 
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the C++ CPU ops are unavailable")

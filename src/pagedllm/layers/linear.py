@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 FEW_ROWS = 8
 FP32_PANEL_MAX_ROWS = 128
 
+# The paths a 2-D batch can take (numbered as `LinearPath` in ops/csrc/decoder_stack.cpp,
+# which takes the same choice for whole decoder stacks).
+PANELS, STREAMING, ONEDNN = 0, 1, 2
+
 
 @functools.cache
 def onednn_has_gemm(dtype: torch.dtype) -> bool:
@@ -91,15 +95,23 @@ class PackedWeight:
         logits a full-size conversion per step; the other paths convert after.
         """
         if x.dim() == 2 and x.dtype in NATIVE_DTYPES:
-            rows = x.shape[0]
-            if rows <= self.stream_max_rows:
+            path = self.path(x.shape[0])
+            if path == STREAMING:
                 return _as_dtype(self.few_rows(x), out_dtype)
-            if rows <= self.panel_max_rows:
+            if path == PANELS:
                 return self.panel(x, out_dtype)
         if self.onednn_weight is None:  # panels only: any leading shape, as 2-D rows
             out = self.panel(x.reshape(-1, x.shape[-1]), out_dtype)
             return out.reshape(*x.shape[:-1], -1)
         return _as_dtype(self.onednn(x), out_dtype)
+
+    def path(self, rows: int) -> int:
+        """The path of a 2-D fp32/bf16 batch of `rows` rows: the row-count switch points."""
+        if rows <= self.stream_max_rows:
+            return STREAMING
+        if rows <= self.panel_max_rows:
+            return PANELS
+        return ONEDNN
 
     def after_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """This layer over silu(gate) * up of gate_up = [gate | up] (SwiGLU's down projection).
@@ -109,7 +121,7 @@ class PackedWeight:
         """
         rows = gate_up.shape[0]
         if (gate_up.dim() == 2 and gate_up.dtype in NATIVE_DTYPES and gate_up.stride(-1) == 1
-                and self.stream_max_rows < rows <= self.panel_max_rows):
+                and self.path(rows) == PANELS):
             out = gate_up.new_empty(rows, self.out_features)
             self.ops.panel_linear(out, gate_up, self.panels, self.plain_bias, True)
             return out

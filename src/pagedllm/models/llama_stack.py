@@ -17,6 +17,7 @@ import torch
 
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention, kernel_applies, kernel_metadata
+from pagedllm.layers.linear import ONEDNN, PANELS, STREAMING, PackedWeight
 from pagedllm.ops import NATIVE_DTYPES, cpu_ops
 from pagedllm.profiler import StepProfiler
 
@@ -28,10 +29,6 @@ if TYPE_CHECKING:
 # (LlamaForCausalLM.profiled_modules), then the kinds of work across both, which sum to them.
 PART_NAMES = ("attention block", "mlp", "norms + rotary", "attention projections",
               "attention kernel", "mlp projections")
-
-
-# The projections' paths (`LinearPath` in decoder_stack.cpp).
-PANELS, STREAMING, ONEDNN = 0, 1, 2
 
 
 def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
@@ -62,11 +59,9 @@ class NativeDecoderStack:
         ]
         linears = [p for _, qkv, o, _, gate_up, down in projections
                    for p in (qkv, o, gate_up, down)]
-        # Every projection of a model shares its dtype and so its row-count switch points;
-        # the step's path is chosen from them as PackedWeight.__call__ chooses.
-        first = linears[0]
-        self.stream_max_rows = first.stream_max_rows
-        self.panel_max_rows = first.panel_max_rows
+        # Every projection of a model shares its dtype and so its row-count switch points
+        # (build() checks): the first one chooses each step's path for all of them.
+        self.router: PackedWeight = linears[0]
         # path -> the per-layer tensors in that path's form; a path some weight lacks is absent.
         forms = {
             PANELS: lambda p: (p.panels, p.plain_bias),
@@ -120,12 +115,7 @@ class NativeDecoderStack:
 
     def linear_path(self, rows: int) -> int | None:
         """The projections' path for a step of `rows` tokens, None where the stack lacks it."""
-        if rows <= self.stream_max_rows:
-            path = STREAMING
-        elif rows <= self.panel_max_rows:
-            path = PANELS
-        else:
-            path = ONEDNN
+        path = self.router.path(rows)
         return path if path in self.weights else None
 
     def applies(self, hidden: torch.Tensor, kv_caches: list[torch.Tensor]) -> bool:

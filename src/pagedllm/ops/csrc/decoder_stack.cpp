@@ -28,8 +28,8 @@ namespace {
 // weight and bias in the form its path takes (biases may be empty).
 constexpr int64_t kTensorsPerLayer = 10;
 
-// How the step's projections run, chosen in Python by the row count as the module path
-// chooses (pagedllm/layers/linear.py).
+// How the step's projections run, chosen in Python by PackedWeight.path, as for one layer
+// (pagedllm/layers/linear.py: PANELS, STREAMING, ONEDNN).
 enum LinearPath : int64_t {
   kPanels = 0,     // panel_linear on weights from pack_panels; fp32 bias
   kStreaming = 1,  // linear_few_rows on the row-major weight; fp32 bias
