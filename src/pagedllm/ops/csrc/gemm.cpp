@@ -332,16 +332,13 @@ template <typename T>
 void silu_and_mul_row(const T* gate, int64_t K, float* dst) {
   const T* up = gate + K;
   int64_t k = 0;
-  // The product is then rounded as the op's bf16 store rounds it.
+  // The product is then rounded as the op's store into T rounds it.
   for (; k + kLanes <= K; k += kLanes) {
-    vfloat v = vec::silu_mul<T>(vec::load(gate + k), vec::load(up + k));
-    if constexpr (std::is_same_v<T, bf16_t>) v = vec::round_bf16(v);
-    vec::store(dst + k, v);
+    vec::store(dst + k,
+               vec::round_as<T>(vec::silu_mul<T>(vec::load(gate + k), vec::load(up + k))));
   }
   for (; k < K; ++k) {
-    float v = vec::silu_mul<T>(vec::load1(gate, k), vec::load1(up, k));
-    if constexpr (std::is_same_v<T, bf16_t>) v = vec::bf16_to_float(vec::float_to_bf16(v));
-    dst[k] = v;
+    dst[k] = vec::round_as<T>(vec::silu_mul<T>(vec::load1(gate, k), vec::load1(up, k)));
   }
 }
 

@@ -16,23 +16,11 @@ namespace pagedllm {
 namespace {
 
 using vec::bf16_t;
-using vec::bf16_to_float;
 using vec::float_to_bf16;
 using vec::load1;
 
 inline void store1(float* p, int64_t i, float x) { p[i] = x; }
 inline void store1(bf16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
-// The value a torch op storing into T would keep.
-inline float round_to(float x, const float*) { return x; }
-inline float round_to(float x, const bf16_t*) { return bf16_to_float(float_to_bf16(x)); }
-
-// round_to on every lane.
-template <typename T>
-inline vec::vfloat round_vec(vec::vfloat v) {
-  if constexpr (std::is_same_v<T, bf16_t>) return vec::round_bf16(v);
-  return v;
-}
-
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.data_ptr());
@@ -92,11 +80,11 @@ void rms_norm_rows(T* out, int64_t out_stride, const T* x, int64_t x_stride, con
       const vec::vfloat inv_v = vec::splat(inv);
       i = 0;
       for (; i + L <= width; i += L) {
-        const vec::vfloat normed = round_vec<T>(vec::load(xr + i) * inv_v);
+        const vec::vfloat normed = vec::round_as<T>(vec::load(xr + i) * inv_v);
         vec::store(outr + i, vec::load(weight + i) * normed);
       }
       for (; i < width; ++i) {
-        const float normed = round_to(load1(xr, i) * inv, xr);
+        const float normed = vec::round_as<T>(load1(xr, i) * inv);
         store1(outr, i, load1(weight, i) * normed);
       }
     }
@@ -203,20 +191,20 @@ void rotate_heads(T* base, int64_t token_stride, int64_t head_stride, int64_t nu
         int64_t i = 0;
         for (; i + vec::kLanes <= h; i += vec::kLanes) {
           const vec::vfloat a = vec::load(x + i), b = vec::load(x + i + h);
-          const vec::vfloat ca = round_vec<T>(vec::load(c + i));
-          const vec::vfloat sa = round_vec<T>(vec::load(s + i));
-          const vec::vfloat cb = round_vec<T>(vec::load(c + i + h));
-          const vec::vfloat sb = round_vec<T>(vec::load(s + i + h));
-          vec::store(x + i, round_vec<T>(a * ca) + round_vec<T>(-b * sa));
-          vec::store(x + i + h, round_vec<T>(b * cb) + round_vec<T>(a * sb));
+          const vec::vfloat ca = vec::round_as<T>(vec::load(c + i));
+          const vec::vfloat sa = vec::round_as<T>(vec::load(s + i));
+          const vec::vfloat cb = vec::round_as<T>(vec::load(c + i + h));
+          const vec::vfloat sb = vec::round_as<T>(vec::load(s + i + h));
+          vec::store(x + i, vec::round_as<T>(a * ca) + vec::round_as<T>(-b * sa));
+          vec::store(x + i + h, vec::round_as<T>(b * cb) + vec::round_as<T>(a * sb));
         }
         for (; i < h; ++i) {
           const float a = load1(x, i), b = load1(x, i + h);
           // The torch version: x * cos + rotate_half(x) * sin, each product stored in T.
-          const float ca = round_to(c[i], x), sa = round_to(s[i], x);
-          const float cb = round_to(c[i + h], x), sb = round_to(s[i + h], x);
-          store1(x, i, round_to(a * ca, x) + round_to(-b * sa, x));
-          store1(x, i + h, round_to(b * cb, x) + round_to(a * sb, x));
+          const float ca = vec::round_as<T>(c[i]), sa = vec::round_as<T>(s[i]);
+          const float cb = vec::round_as<T>(c[i + h]), sb = vec::round_as<T>(s[i + h]);
+          store1(x, i, vec::round_as<T>(a * ca) + vec::round_as<T>(-b * sa));
+          store1(x, i + h, vec::round_as<T>(b * cb) + vec::round_as<T>(a * sb));
         }
       }
     }

@@ -145,20 +145,28 @@ inline vfloat vexp(vfloat x) {
   return underflow ? splat(0.0f) : result;
 }
 
+// The value a torch op storing into T keeps: rounded to bf16 for bf16, unchanged for fp32.
+template <typename T>
+inline vfloat round_as(vfloat v) {
+  if constexpr (std::is_same_v<T, bf16_t>) return round_bf16(v);
+  return v;
+}
+template <typename T>
+inline float round_as(float x) {
+  if constexpr (std::is_same_v<T, bf16_t>) return bf16_to_float(float_to_bf16(x));
+  return x;
+}
+
 // SwiGLU's gate silu(g) * u as computed in T: silu is rounded to T first, as the reference
 // models round their activation's output. The silu_and_mul op and the gated GEMM input both
 // use it, so their results agree bit for bit.
 template <typename T>
 inline vfloat silu_mul(vfloat g, vfloat u) {
-  vfloat s = g / (1.0f + vexp(-g));
-  if constexpr (std::is_same_v<T, bf16_t>) s = round_bf16(s);
-  return s * u;
+  return round_as<T>(g / (1.0f + vexp(-g))) * u;
 }
 template <typename T>
 inline float silu_mul(float g, float u) {
-  float s = g / (1.0f + std::exp(-g));
-  if constexpr (std::is_same_v<T, bf16_t>) s = bf16_to_float(float_to_bf16(s));
-  return s * u;
+  return round_as<T>(g / (1.0f + std::exp(-g))) * u;
 }
 
 // [sum(a0), sum(a1), sum(a2), sum(a3)]: four horizontal sums in one transposing tree.
