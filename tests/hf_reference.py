@@ -1,10 +1,23 @@
-"""Reference generation with transformers, to compare pagedllm's tokens against."""
+"""Reference generation with transformers, to compare pagedllm's tokens against, and the
+random prompts the comparisons run on."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
+
+
+def ragged_prompts(num: int, seed: int, max_len: int = 60) -> list[list[int]]:
+    """`num` prompts of 1 to `max_len` random token ids in 3-511 (never BOS, EOS or pad)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(rng.randint(1, max_len))] for _ in range(num)]
+
+
+def token_prompts(prompts: list[list[int]]) -> list[dict]:
+    """Token-id prompts as `LLM.generate` takes them."""
+    return [{"prompt_token_ids": p} for p in prompts]
 
 
 def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):

@@ -9,7 +9,13 @@ import random
 
 import pytest
 import torch
-from hf_reference import check_outputs_equal, hf_greedy, load_hf_model
+from hf_reference import (
+    check_outputs_equal,
+    hf_greedy,
+    load_hf_model,
+    ragged_prompts,
+    token_prompts,
+)
 
 from pagedllm import LLM, BeamSearchParams, SamplingParams
 
@@ -23,15 +29,6 @@ def tiny_dir(tiny_llama_factory):
     return tiny_llama_factory(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
 
 
-def ragged_prompts(num: int, seed: int, max_len: int = 60) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 512) for _ in range(rng.randint(1, max_len))] for _ in range(num)]
-
-
-def as_inputs(prompts: list[list[int]]) -> list[dict]:
-    return [{"prompt_token_ids": p} for p in prompts]
-
-
 def completions(outputs) -> list[list[list[int]]]:
     return [[c.token_ids for c in o.outputs] for o in outputs]
 
@@ -42,7 +39,7 @@ def test_greedy_on_cuda_matches_transformers(tiny_dir):
     expected = hf_greedy(load_hf_model(tiny_dir), prompts, GREEDY.max_tokens)
     llm = LLM(str(tiny_dir), device="cuda", num_kv_blocks=300, block_size=16)
     assert llm.llm_engine.worker.cache_engine.kv_caches[0].device.type == "cuda"
-    outputs = llm.generate(as_inputs(prompts), GREEDY, use_tqdm=False)
+    outputs = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
     check_outputs_equal(expected, [o.outputs[0].token_ids for o in outputs])
     assert llm.llm_engine.get_stats().num_free_blocks == 300
 
@@ -56,14 +53,14 @@ def test_default_pool_is_sized_from_free_gpu_memory(tiny_dir):
     # The pool took GPU memory, not host RAM, and left some free.
     assert stats.num_blocks * spec_bytes > (1 << 30)
     assert free > 0 and stats.num_blocks * spec_bytes < total
-    out = llm.generate(as_inputs(ragged_prompts(2, seed=3)), GREEDY, use_tqdm=False)
+    out = llm.generate(token_prompts(ragged_prompts(2, seed=3)), GREEDY, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in out)
 
 
 @needs_cuda
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_preemption_on_cuda_gives_identical_outputs(tiny_dir, mode):
-    prompts = as_inputs(ragged_prompts(12, seed=3, max_len=40))
+    prompts = token_prompts(ragged_prompts(12, seed=3, max_len=40))
     params = [
         SamplingParams(n=3, temperature=0.9, seed=i, max_tokens=24, ignore_eos=True)
         if i % 3 == 0 else GREEDY
@@ -86,7 +83,7 @@ def test_preemption_on_cuda_gives_identical_outputs(tiny_dir, mode):
 def test_cuda_matches_cpu_for_logprobs_prefix_hits_and_beams(tiny_dir):
     rng = random.Random(5)
     shared = [rng.randrange(3, 512) for _ in range(100)]
-    prompts = as_inputs([shared + [rng.randrange(3, 512) for _ in range(rng.randint(1, 9))]
+    prompts = token_prompts([shared + [rng.randrange(3, 512) for _ in range(rng.randint(1, 9))]
                          for _ in range(6)])
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
     beams = BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True)
@@ -117,7 +114,7 @@ def test_seeded_parallel_samples_on_cuda_are_reproducible(tiny_dir):
     params = SamplingParams(n=4, temperature=1.0, seed=42, max_tokens=12, ignore_eos=True)
     alone = llm.generate(prompt, params, use_tqdm=False)[0]
     assert len({tuple(c.token_ids) for c in alone.outputs}) == 4
-    batched = llm.generate([as_inputs(ragged_prompts(1, 1))[0], prompt],
+    batched = llm.generate([token_prompts(ragged_prompts(1, 1))[0], prompt],
                            [SamplingParams(max_tokens=5), params], use_tqdm=False)[1]
     assert completions([batched]) == completions([alone])
 

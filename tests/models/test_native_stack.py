@@ -7,11 +7,15 @@ per-module path's do (tests/models/test_tiny_llama.py runs with the stack on by 
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from hf_reference import check_outputs_equal, hf_greedy, load_hf_model
+from hf_reference import (
+    check_outputs_equal,
+    hf_greedy,
+    load_hf_model,
+    ragged_prompts,
+    token_prompts,
+)
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.layers.linear import FP32_PANEL_MAX_ROWS, ONEDNN, PANELS, STREAMING, onednn_has_gemm
@@ -30,12 +34,6 @@ CONFIGS = {
 
 def model_of(llm: LLM) -> LlamaForCausalLM:
     return llm.llm_engine.worker.model
-
-
-def prompts_of(num: int, seed: int, max_len: int) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(rng.randint(1, max_len))]}
-            for _ in range(num)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -69,8 +67,9 @@ def test_every_step_matches_the_module_path_bit_for_bit(tiny_llama_factory, monk
     monkeypatch.setattr(LlamaForCausalLM, "forward", both_paths)
     # Chunked prefill (160-token budget) next to decodes, ragged lengths, several blocks each.
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    llm.generate(prompts_of(10, seed=3, max_len=70), params, use_tqdm=False)
-    llm.generate(prompts_of(1, seed=5, max_len=30), params, use_tqdm=False)  # one-row steps
+    llm.generate(token_prompts(ragged_prompts(10, seed=3, max_len=70)), params, use_tqdm=False)
+    one_row_steps = token_prompts(ragged_prompts(1, seed=5, max_len=30))
+    llm.generate(one_row_steps, params, use_tqdm=False)
     assert {1, 10, 160} <= set(rows_checked)
     if dtype == "float32":  # panels up to 128 rows, oneDNN above, on every CPU
         assert paths == {PANELS, ONEDNN}
@@ -92,9 +91,9 @@ def test_stack_is_the_default_and_matches_transformers(tiny_llama_factory, monke
         return original_call(self, *args)
 
     monkeypatch.setattr(type(stack), "__call__", counting_call)
-    prompts = prompts_of(8, seed=4, max_len=40)
-    expected = hf_greedy(load_hf_model(model_dir), [p["prompt_token_ids"] for p in prompts], 16)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16,
+    prompts = ragged_prompts(8, seed=4, max_len=40)
+    expected = hf_greedy(load_hf_model(model_dir), prompts, 16)
+    outputs = llm.generate(token_prompts(prompts), SamplingParams(temperature=0, max_tokens=16,
                                                    ignore_eos=True), use_tqdm=False)
     check_outputs_equal(expected, [o.outputs[0].token_ids for o in outputs])
     assert len(calls) == 16  # one prefill step and 15 decode steps, all through the stack
@@ -119,7 +118,7 @@ def test_profile_times_the_stack_by_part(tiny_llama_factory):
     llm = LLM(str(tiny_llama_factory(**CONFIGS["gqa-tied"])), num_kv_blocks=64, block_size=8,
               profile=True)
     assert model_of(llm).native_stack is not None
-    llm.generate(prompts_of(3, seed=6, max_len=20),
+    llm.generate(token_prompts(ragged_prompts(3, seed=6, max_len=20)),
                  SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     seconds = llm.llm_engine.profiler.seconds
     assert all(seconds[name] > 0 for name in PART_NAMES), dict(seconds)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
-from hf_reference import check_outputs_equal, hf_greedy, load_hf_model
+from hf_reference import (
+    check_outputs_equal,
+    hf_greedy,
+    load_hf_model,
+    ragged_prompts,
+    token_prompts,
+)
 
 from pagedllm import LLM, SamplingParams
 
@@ -32,15 +38,6 @@ CONFIGS = {
     ),
 }
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-
-
-def ragged_prompts(num: int, seed: int, max_len: int = 60) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 512) for _ in range(rng.randint(1, max_len))] for _ in range(num)]
-
-
-def token_prompts(prompts):
-    return [{"prompt_token_ids": p} for p in prompts]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
