@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "ops.h"
@@ -134,26 +135,123 @@ inline void store_row(bf16_t* out, const float* acc, const float* bias, int64_t 
   for (int64_t j = 0; j < width; ++j) out[j] = vec::float_to_bf16(acc[j] + (bias ? bias[j] : 0.0f));
 }
 
-template <typename W, typename O>
-void run_panels(O* out, int64_t ldo, const float* x, const W* packed, const float* bias,
-                int64_t M, int64_t K, int64_t N) {
+// x as fp32 row tiles: tile t holds rows t * kMr .. + kMr - 1, element (r, k) at
+// [(t * K + k) * kMr + r], so a register tile's broadcasts walk one contiguous stream. The
+// rows arrive as T (fp32/bf16, element k of row m at src[m * ldx + k * kx]); with `gated`, a
+// row is [gate | up] and its value at k is vec::silu_mul(gate[k], up[k]) (see
+// silu_and_mul_row). A tile's rows past M are never read.
+template <typename T>
+struct XRows {
+  const T* src;
+  int64_t ldx, kx;
+  bool gated;
+  int64_t M, K;
+
+  // Row m's values at k .. k + kLanes - 1, as fp32 (for kx == 1).
+  vfloat lanes(int64_t m, int64_t k) const {
+    const T* row = src + m * ldx;
+    if (gated) return vec::round_as<T>(vec::silu_mul<T>(vec::load(row + k), vec::load(row + K + k)));
+    return vec::load(row + k);
+  }
+  float value(int64_t m, int64_t k) const {
+    const T* row = src + m * ldx;
+    if (gated) return vec::round_as<T>(vec::silu_mul<T>(vec::load1(row, k), vec::load1(row, K + k)));
+    return vec::load1(row, k * kx);
+  }
+};
+
+// Writes tile t of x (see XRows). Eight k at a time, the tile's rows are loaded as vectors and
+// transposed in registers: a scalar copy cost 1-2 cycles per element, 3-20% of a projection
+// (the larger share for narrow outputs, where each packed element feeds fewer FMAs).
+template <typename T>
+void pack_tile(const XRows<T>& x, int64_t t, float* dst) {
+  static_assert(kMr == 6, "the transpose below writes 6 rows");
+  typedef float v8 __attribute__((vector_size(32)));
+  const int64_t m0 = t * kMr, rows = std::min<int64_t>(kMr, x.M - m0), K = x.K;
+  int64_t k0 = 0;
+  if (x.kx == 1) {
+    // Blocks whose 8-float stores may run 2 floats past the block (into the next one, written
+    // after) stop short of the tile's last 8 k, which the scalar loop below writes.
+    for (; k0 + kLanes + 8 <= K; k0 += kLanes) {
+      vfloat v[kMr];
+      for (int r = 0; r < kMr; ++r) v[r] = r < rows ? x.lanes(m0 + r, k0) : vfloat{};
+      for (int h = 0; h < kLanes; h += 8) {
+        v8 w[kMr];
+        for (int r = 0; r < kMr; ++r) std::memcpy(&w[r], reinterpret_cast<const float*>(&v[r]) + h, 32);
+        // 6 x 8 -> 8 x 6: pairs, then quads, then 128-bit halves (rows 6 and 7 are zero).
+        const v8 z{};
+        const v8 a0 = __builtin_shufflevector(w[0], w[1], 0, 8, 1, 9, 4, 12, 5, 13);
+        const v8 a1 = __builtin_shufflevector(w[0], w[1], 2, 10, 3, 11, 6, 14, 7, 15);
+        const v8 a2 = __builtin_shufflevector(w[2], w[3], 0, 8, 1, 9, 4, 12, 5, 13);
+        const v8 a3 = __builtin_shufflevector(w[2], w[3], 2, 10, 3, 11, 6, 14, 7, 15);
+        const v8 a4 = __builtin_shufflevector(w[4], w[5], 0, 8, 1, 9, 4, 12, 5, 13);
+        const v8 a5 = __builtin_shufflevector(w[4], w[5], 2, 10, 3, 11, 6, 14, 7, 15);
+        // b_j: rows 0-3 of k = j, j + 4 (j < 4), in the two 128-bit halves.
+        const v8 b0 = __builtin_shufflevector(a0, a2, 0, 1, 8, 9, 4, 5, 12, 13);
+        const v8 b1 = __builtin_shufflevector(a0, a2, 2, 3, 10, 11, 6, 7, 14, 15);
+        const v8 b2 = __builtin_shufflevector(a1, a3, 0, 1, 8, 9, 4, 5, 12, 13);
+        const v8 b3 = __builtin_shufflevector(a1, a3, 2, 3, 10, 11, 6, 7, 14, 15);
+        // c_j: rows 4-5 (and two zeros) of k = j, j + 4.
+        const v8 c0 = __builtin_shufflevector(a4, z, 0, 1, 8, 9, 4, 5, 12, 13);
+        const v8 c1 = __builtin_shufflevector(a4, z, 2, 3, 10, 11, 6, 7, 14, 15);
+        const v8 c2 = __builtin_shufflevector(a5, z, 0, 1, 8, 9, 4, 5, 12, 13);
+        const v8 c3 = __builtin_shufflevector(a5, z, 2, 3, 10, 11, 6, 7, 14, 15);
+        const v8 b[4] = {b0, b1, b2, b3}, c[4] = {c0, c1, c2, c3};
+        float* out = dst + (k0 + h) * kMr;
+        for (int j = 0; j < 8; ++j) {
+          const v8& lo = b[j % 4];
+          const v8& hi = c[j % 4];
+          const v8 col = j < 4 ? __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11)
+                               : __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+          std::memcpy(out + j * kMr, &col, 32);  // lanes 6, 7 are overwritten next
+        }
+      }
+    }
+  }
+  // The rest row by row, in vectors on the same grid as above while whole ones fit: the gate
+  // in vectors and the scalar gate may differ in the last bit, and the separate op uses vectors.
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t k = k0;
+    if (x.kx == 1) {
+      for (; k + kLanes <= K; k += kLanes) {
+        const vfloat v = x.lanes(m0 + r, k);
+        for (int i = 0; i < kLanes; ++i) dst[(k + i) * kMr + r] = v[i];
+      }
+    }
+    for (; k < K; ++k) dst[k * kMr + r] = x.value(m0 + r, k);
+  }
+}
+
+// out = x @ W.T + b through the register tiles: x is packed into row tiles (see XRows), then
+// blocks of mc rows (kept in L2) meet runs of panels. One parallel region does both: threads
+// pack tiles, meet at one barrier, and then take (block, panel run) items dynamically with no
+// barrier between blocks, so a thread that finishes a block early starts on the next.
+template <typename T, typename W, typename O>
+void run_panels(O* out, int64_t ldo, const XRows<T>& x, const W* packed, const float* bias,
+                int64_t N) {
+  const int64_t M = x.M, K = x.K;
   const int64_t num_panels = (N + kPanel - 1) / kPanel;
+  const int64_t num_tiles = (M + kMr - 1) / kMr;
+  // Not zeroed: every element a tile reads is written by pack_tile.
+  const std::unique_ptr<float[]> tiles(new float[num_tiles * K * kMr]);
   // Rows per block of x: a block (mc x K fp32) stays in L2 while every panel of the thread
   // passes over it; without blocking, a prefill-sized x would stream from L3 once per panel.
   const int64_t mc = std::max<int64_t>(kMr, x_block_bytes() / (K * 4) / kMr * kMr);
-  struct Buffers {
-    std::vector<float> acc, chunk;
-  };
-  const auto buffers = [&] {
-    return Buffers{std::vector<float>(std::min(M, mc) * kPanel),
-                   std::vector<float>(std::is_same_v<W, float> ? 0 : kKc * kPanel)};
-  };
-  for (int64_t m_begin = 0; m_begin < M; m_begin += mc) {
-    const int64_t m_end = std::min(M, m_begin + mc);
-    for_panel_runs(num_panels, kGemmPanelRun, buffers, [&](Buffers& bufs, int64_t p_begin,
-                                                              int64_t p_end) {
-      std::vector<float>& acc = bufs.acc;
-      std::vector<float>& chunk = bufs.chunk;
+  const int64_t num_blocks = (M + mc - 1) / mc;
+  const int64_t num_runs = (num_panels + kGemmPanelRun - 1) / kGemmPanelRun;
+  const int num_threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_blocks * num_runs)));
+#pragma omp parallel num_threads(num_threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < num_tiles; ++t) pack_tile(x, t, tiles.get() + t * K * kMr);
+    std::vector<float> acc(std::min(M, mc) * kPanel);
+    std::vector<float> chunk(std::is_same_v<W, float> ? 0 : kKc * kPanel);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_blocks * num_runs; ++item) {
+      const int64_t m_begin = item / num_runs * mc, m_end = std::min(M, m_begin + mc);
+      const int64_t p_begin = item % num_runs * kGemmPanelRun;
+      const int64_t p_end = std::min(num_panels, p_begin + kGemmPanelRun);
       for (int64_t p = p_begin; p < p_end; ++p) {
         const W* panel = packed + p * K * kPanel;
         for (int64_t k0 = 0; k0 < K; k0 += kKc) {
@@ -162,15 +260,15 @@ void run_panels(O* out, int64_t ldo, const float* x, const W* packed, const floa
           // The weight bytes that follow this chunk (the rest of the panel, then the next one).
           const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * kPanel);
           const int64_t next_bytes = p + 1 < p_end || k0 + kc < K ? kKc * kPanel * sizeof(W) : 0;
-          const int64_t tiles = (m_end - m_begin + kMr - 1) / kMr;
-          const int64_t pf_per_tile = (next_bytes / 64 + tiles - 1) / tiles;
+          const int64_t block_tiles = (m_end - m_begin + kMr - 1) / kMr;
+          const int64_t pf_per_tile = (next_bytes / 64 + block_tiles - 1) / block_tiles;
           int64_t pf = 0;
           for (int64_t m0 = m_begin; m0 < m_end; m0 += kMr) {
             for (int64_t i = 0; i < pf_per_tile && pf < next_bytes; ++i, pf += 64) {
               __builtin_prefetch(next + pf);
             }
             const int64_t rows = std::min<int64_t>(kMr, m_end - m0);
-            const float* a = x + (m0 * K + k0 * kMr);
+            const float* a = tiles.get() + (m0 * K + k0 * kMr);
             float* tile_acc = acc.data() + (m0 - m_begin) * kPanel;
             if (std::is_same_v<W, float> || m0 == m_begin) {
               tile_fn<W>(rows, k0 > 0)(a, chunk_w, kc, tile_acc, chunk.data());
@@ -185,7 +283,7 @@ void run_panels(O* out, int64_t ldo, const float* x, const W* packed, const floa
                     bias ? bias + n0 : nullptr, width);
         }
       }
-    });
+    }
   }
 }
 
@@ -393,35 +491,14 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
     });
     return;
   }
-  // x as fp32 row tiles: tile t holds rows t * kMr .. + kMr - 1, element (r, k) at
-  // [(t * K + k) * kMr + r], so a register tile's broadcasts walk one contiguous stream. Built
-  // here, not by torch ops, whose dispatch and allocation cost more than this at decode sizes.
-  const int64_t num_tiles = (M + kMr - 1) / kMr;
-  std::vector<float> x_tiles(num_tiles * K * kMr);  // rows past M stay unread
-  const auto pack = [&](auto tag) {
+  const auto gemm = [&](auto tag) {
     using T = decltype(tag);
-    const T* src = reinterpret_cast<const T*>(x.data_ptr());
-    at::parallel_for(0, num_tiles, 8, [&](int64_t begin, int64_t end) {
-      std::vector<float> gated(silu_and_mul ? K : 0);
-      for (int64_t t = begin; t < end; ++t) {
-        float* dst = x_tiles.data() + t * K * kMr;
-        for (int64_t r = 0; r < kMr && t * kMr + r < M; ++r) {
-          const T* row = src + (t * kMr + r) * ldx;
-          if (silu_and_mul) {
-            silu_and_mul_row(row, K, gated.data());
-            for (int64_t k = 0; k < K; ++k) dst[k * kMr + r] = gated[k];
-          } else {
-            for (int64_t k = 0; k < K; ++k) dst[k * kMr + r] = vec::load1(row, k * kx);
-          }
-        }
-      }
+    const XRows<T> rows{reinterpret_cast<const T*>(x.data_ptr()), ldx, kx, silu_and_mul, M, K};
+    with_dtypes(out, packed, [&](auto* o, const auto* w) {
+      run_panels(o, out.stride(0), rows, w, bp, N);
     });
   };
-  if (x.scalar_type() == at::kBFloat16) pack(bf16_t{}); else pack(float{});
-  const float* xp = x_tiles.data();
-  with_dtypes(out, packed, [&](auto* o, const auto* w) {
-    run_panels(o, out.stride(0), xp, w, bp, M, K, N);
-  });
+  if (x.scalar_type() == at::kBFloat16) gemm(bf16_t{}); else gemm(float{});
 }
 
 }  // namespace pagedllm
