@@ -1,12 +1,22 @@
-"""The CPU worker's malloc settings: freed step buffers are reused, not faulted in again."""
+"""The CPU worker's host memory: freed step buffers are reused, not faulted in again; weights
+and KV cache sit in memory advised for transparent huge pages."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from pagedllm.worker.host_memory import (
+    HUGE_PAGE_BYTES,
+    HugePageArena,
+    huge_page_buffer,
+    huge_page_zeros,
+)
 
 needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 
@@ -71,5 +81,68 @@ def test_the_cpu_worker_applies_them(tiny_llama_factory, monkeypatch):
     monkeypatch.setattr(worker, "keep_freed_buffers", lambda: calls.append(1) or real())
     llm = LLM(str(tiny_llama_factory()), num_kv_blocks=16)
     assert calls == [1]
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+needs_thp = pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                               reason="no transparent huge pages in this kernel")
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@needs_thp
+def test_a_huge_page_buffer_is_aligned_and_advised_before_it_is_written():
+    buffer = huge_page_buffer(5 << 20)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == 5 << 20
+    assert buffer.data_ptr() % HUGE_PAGE_BYTES == 0
+    assert "hg" in vm_flags(buffer.data_ptr())  # MADV_HUGEPAGE
+    assert "hg" in vm_flags(buffer.data_ptr() + buffer.numel() - 1)
+
+
+def test_huge_page_zeros_are_zeros_of_the_shape_and_dtype():
+    zeros = huge_page_zeros((2, 3, 5), torch.bfloat16)
+    assert zeros.shape == (2, 3, 5) and zeros.dtype == torch.bfloat16 and zeros.is_contiguous()
+    assert torch.equal(zeros, torch.zeros(2, 3, 5, dtype=torch.bfloat16))
+
+
+def test_the_arena_hands_out_aligned_disjoint_tensors_first_fit():
+    arena = HugePageArena(chunk_bytes=4 << 20)
+    small = [arena.empty((3, 7), torch.float32) for _ in range(4)]
+    big = arena.empty((5 << 20,), torch.uint8)  # more than a chunk: a chunk of its own
+    after = arena.empty((100,), torch.bfloat16)  # fits the first chunk's room
+    assert len(arena.chunks) == 2 and arena.chunks[1].numel() == 6 << 20
+    tensors = small + [big, after]
+    assert all(t.data_ptr() % HugePageArena.ALIGN == 0 and t.is_contiguous() for t in tensors)
+    assert after.untyped_storage().data_ptr() == small[0].untyped_storage().data_ptr()
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    for i, t in enumerate(tensors):
+        t.fill_(i + 1)
+    assert all(bool((t == i + 1).all()) for i, t in enumerate(tensors))  # nothing overwritten
+
+
+@needs_thp
+def test_the_cpu_worker_puts_packed_weights_and_kv_cache_in_huge_pages(tiny_llama_factory):
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama_factory()), num_kv_blocks=16)
+    worker = llm.llm_engine.worker
+    streamed = [t for w in worker.model.packed_weights() for t in (w.panels, w.plain)
+                if t is not None]
+    assert streamed and all("hg" in vm_flags(t.data_ptr()) for t in streamed)
+    assert all("hg" in vm_flags(c.data_ptr()) for c in worker.cache_engine.kv_caches)
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -138,6 +139,20 @@ class PackedWeight:
         out = x.new_empty(x.shape[0], self.out_features, dtype=out_dtype or x.dtype)
         self.ops.panel_linear(out, x, self.panels, self.plain_bias)
         return out
+
+    def move_to(self, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor]) -> int:
+        """Copies the tensors the native kernels stream (panels, plain weight) into tensors
+        from allocate(shape, dtype), e.g. the worker's huge-page arena, dropping the old ones.
+        oneDNN's reordered weight stays where oneDNN put it. Returns the bytes moved."""
+        moved = 0
+        for name in ("panels", "plain"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                target = allocate(tensor.shape, tensor.dtype)
+                target.copy_(tensor)
+                setattr(self, name, target)
+                moved += tensor.numel() * tensor.element_size()
+        return moved
 
     def onednn(self, x: torch.Tensor) -> torch.Tensor:
         """oneDNN over the reordered weight."""

@@ -7,6 +7,8 @@ metadata to keep requests apart.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 from transformers import LlamaConfig
@@ -168,19 +170,30 @@ class LlamaForCausalLM(nn.Module):
             return self.lm_head(hidden).float()
         return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
 
-    def pack_weights(self) -> int:
+    def pack_weights(
+        self, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor] | None = None
+    ) -> int:
         """Packs every projection and the LM head for the CPU paths (CPU only, after loading).
 
         A tied LM head gets a packed copy; the embedding keeps the plain table for lookups.
-        Then the layers become one native call where every part of them is native.
-        Returns the number of weights packed.
+        With `allocate`, the packed tensors then move, one at a time, into memory from
+        allocate(shape, dtype) (the worker's huge pages). Then the layers become one native
+        call where every part of them is native. Returns the number of weights packed.
         """
         count = pack_linear_layers(self)
         if self.lm_head is None:
             self.tied_lm_head = try_pack(self.embed_tokens.weight)
             count += self.tied_lm_head is not None
+        if allocate is not None:
+            for packed in self.packed_weights():
+                packed.move_to(allocate)
         self.native_stack = NativeDecoderStack.build(self)
         return count
+
+    def packed_weights(self) -> list[PackedWeight]:
+        """Every packed weight of the model: its projections', then the tied LM head's."""
+        weights = [m.packed for m in self.modules() if isinstance(m, Linear) and m.packed]
+        return weights + ([self.tied_lm_head] if self.tied_lm_head is not None else [])
 
     def attach_profiler(self, profiler: StepProfiler) -> None:
         """Has the native stack time its blocks (as the module hooks name theirs) and parts."""

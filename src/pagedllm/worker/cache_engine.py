@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.attention import AttentionBackend
+from pagedllm.worker.host_memory import huge_page_zeros
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,11 @@ class CacheEngine:
             num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size
         )
         # NOTE: zeroed, not empty: a backend may read a padded tail that was never written.
+        # On the host, in huge pages: decode attention reads every sequence's blocks each step.
         self.kv_caches = [
-            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+            huge_page_zeros(shape, spec.dtype) if device.type == "cpu"
+            else torch.zeros(shape, dtype=spec.dtype, device=device)
+            for _ in range(spec.num_layers)
         ]
         # NOTE: a separate tensor even on a CPU-only machine, so that swapping really copies,
         # exactly as it must between GPU and host memory.

@@ -1,4 +1,5 @@
-"""glibc malloc settings that let a CPU worker reuse its step-sized activation buffers.
+"""Host memory policy of a CPU worker: glibc malloc settings that let it reuse its step-sized
+activation buffers, and buffers in transparent huge pages for the weights and the KV cache.
 
 A CPU forward allocates and frees buffers of several MB per op (a 2048-token step's MLP output
 is 12 MB). With glibc's defaults such a buffer is either its own mmap or sits at the top of the
@@ -13,6 +14,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
+from collections.abc import Sequence
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -49,3 +54,77 @@ def keep_freed_buffers() -> bool:
     if not applied:
         logger.info("malloc thresholds not set: this libc refused mallopt")
     return applied
+
+
+# Transparent huge pages. Every decode step streams all packed weights and each sequence's
+# KV blocks; with 4 KB pages that is a TLB miss (a page walk) per 4 KB read. Measured on
+# SmolLM2 bf16, two engines in one process taking turns at steps (weights and KV cache in 2 MB
+# pages or not): decode steps of 1 sequence 6% faster, 12 sequences 5%, 64 sequences 1% (those
+# are bound by arithmetic, not by reading); the projections alone at 1 row 11% faster.
+HUGE_PAGE_BYTES = 2 << 20
+MADV_HUGEPAGE = 14  # from Linux's mman-common.h
+
+
+def _madvise_huge(address: int, length: int) -> bool:
+    name = ctypes.util.find_library("c")
+    try:
+        madvise = ctypes.CDLL(name).madvise if name else None
+    except (OSError, AttributeError):
+        madvise = None
+    if madvise is None:
+        return False
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise(address, length, MADV_HUGEPAGE) == 0
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """An uninitialized uint8 CPU tensor of nbytes, 2 MB aligned, that the kernel may back with
+    transparent huge pages (Linux with THP in `madvise` or `always` mode; elsewhere a plain
+    buffer).
+
+    The advice only changes pages faulted in after it, so it is given before anything is
+    written: fill the buffer afterwards (copy into it, or zero it).
+    """
+    raw = torch.empty(nbytes + HUGE_PAGE_BYTES, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE_BYTES
+    buffer = raw[start:start + nbytes]  # a view: it keeps `raw` alive
+    length = (nbytes + 4095) // 4096 * 4096
+    if nbytes and not _madvise_huge(buffer.data_ptr(), length):
+        logger.debug("no huge-page advice for a %d-byte buffer", nbytes)
+    return buffer
+
+
+def huge_page_zeros(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros(shape, dtype=dtype) in a huge_page_buffer."""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    return huge_page_buffer(nbytes).view(dtype).view(tuple(shape)).zero_()
+
+
+class HugePageArena:
+    """Hands out tensors carved from a few large huge_page_buffers (for the packed weights: most
+    are too small to fill a 2 MB page alone). Bump allocation, 64-byte aligned; a request that
+    does not fit the room left in any buffer gets a new one of at least `chunk_bytes`."""
+
+    ALIGN = 64
+
+    def __init__(self, chunk_bytes: int = 64 << 20) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.chunks: list[torch.Tensor] = []
+        self.used: list[int] = []
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized tensor of `shape` and `dtype` (contiguous) in the arena."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        for i, chunk in enumerate(self.chunks):
+            if self.used[i] + nbytes <= chunk.numel():
+                break
+        else:
+            size = max(self.chunk_bytes, -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES)
+            self.chunks.append(huge_page_buffer(size))
+            self.used.append(0)
+            i = len(self.chunks) - 1
+        offset = self.used[i]
+        self.used[i] = -(-(offset + nbytes) // self.ALIGN) * self.ALIGN
+        return self.chunks[i][offset:offset + nbytes].view(dtype).view(tuple(shape))

@@ -13,7 +13,7 @@ from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
 from pagedllm.models.loader import build_model
 from pagedllm.profiler import StepProfiler
 from pagedllm.worker.cache_engine import CacheEngine, KVCacheSpec, choose_num_blocks
-from pagedllm.worker.host_memory import keep_freed_buffers
+from pagedllm.worker.host_memory import HugePageArena, keep_freed_buffers
 from pagedllm.worker.model_runner import ModelRunner
 
 
@@ -39,7 +39,7 @@ class Worker:
         )
         self.model = build_model(hf_config, model_dir, backend, max_model_len, dtype, self.device)
         if self.device.type == "cpu" and hasattr(self.model, "pack_weights"):
-            self.model.pack_weights()
+            self.model.pack_weights(allocate=HugePageArena().empty)
         spec = KVCacheSpec(
             num_layers=hf_config.num_hidden_layers,
             num_kv_heads=num_kv_heads,
