@@ -1,7 +1,8 @@
 """Attention kernels on the same data: cpu_paged vs torch_paged vs contiguous SDPA.
 
 SmolLM2 shapes (9 query heads, 3 kv heads, head 64), block size 16, blocks of each sequence
-scattered over the cache by a random permutation. The paged backends also write the step's new
+scattered over the cache by a random permutation; the cache is allocated as the engine's CPU
+worker allocates it (in transparent huge pages). The paged backends also write the step's new
 K/V into their slots, as in the engine; SDPA gets K/V already contiguous per sequence, batched
 as [B, H, L, D] with enable_gqa. Achieved GB/s counts the K/V bytes each call must read, against
 the memory bandwidth measured in the same run (best of a large tensor sum and copy).
@@ -28,6 +29,7 @@ from pagedllm.attention import build_attention_metadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention
 from pagedllm.ops import cpu_ops, cpu_ops_error
 from pagedllm.attention.torch_paged import TorchPagedAttention
+from pagedllm.worker.host_memory import huge_page_zeros
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 9, 3, 64, 16
@@ -108,7 +110,8 @@ def bench_point(
         [query_len] * batch, [seq_len] * batch, block_tables, BLOCK_SIZE
     )
     shape = TorchPagedAttention.kv_cache_shape(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE)
-    kv_cache = torch.randn(shape, generator=gen).to(dtype)
+    # Placed as the engine's CPU worker places its pools (huge pages where the kernel has them).
+    kv_cache = huge_page_zeros(shape, dtype).copy_(torch.randn(shape, generator=gen))
     num_tokens = batch * query_len
     query = torch.randn(num_tokens, NUM_HEADS, HEAD_SIZE, generator=gen).to(dtype)
     key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
