@@ -90,17 +90,25 @@ needs_thp = pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hu
 
 
 def vm_flags(address: int) -> list[str]:
-    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
-    inside = False
+    """The permissions (e.g. rw-p) and VmFlags of this process's mapping that holds `address`
+    (/proc/self/smaps)."""
+    inside, perms = False, ""
     with open("/proc/self/smaps") as f:
         for line in f:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                start, end = (int(x, 16) for x in head.split("-"))
-                inside = start <= address < end
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                inside, perms = start <= address < end, fields[1]
+            elif inside and fields[0] == "VmFlags:":
+                return [perms] + fields[1:]
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def advised(address: int) -> bool:
+    """Private anonymous memory (shared memory is shmem, with its own huge-page switch) under
+    MADV_HUGEPAGE."""
+    flags = vm_flags(address)
+    return flags[0].endswith("p") and "hg" in flags
 
 
 @needs_thp
@@ -108,14 +116,29 @@ def test_a_huge_page_buffer_is_aligned_and_advised_before_it_is_written():
     buffer = huge_page_buffer(5 << 20)
     assert buffer.dtype == torch.uint8 and buffer.numel() == 5 << 20
     assert buffer.data_ptr() % HUGE_PAGE_BYTES == 0
-    assert "hg" in vm_flags(buffer.data_ptr())  # MADV_HUGEPAGE
-    assert "hg" in vm_flags(buffer.data_ptr() + buffer.numel() - 1)
+    assert advised(buffer.data_ptr()) and advised(buffer.data_ptr() + buffer.numel() - 1)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_huge_page_zeros_are_zeros_of_the_shape_and_dtype():
     zeros = huge_page_zeros((2, 3, 5), torch.bfloat16)
     assert zeros.shape == (2, 3, 5) and zeros.dtype == torch.bfloat16 and zeros.is_contiguous()
     assert torch.equal(zeros, torch.zeros(2, 3, 5, dtype=torch.bfloat16))
+    assert huge_page_zeros((0, 4), torch.float32).shape == (0, 4)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux's /proc")
+def test_huge_page_zeros_take_memory_only_where_written():
+    before = resident_bytes()
+    cache = huge_page_zeros((256 << 20,), torch.uint8)  # a KV cache: zero without a write
+    assert resident_bytes() - before < 16 << 20
+    cache[: 64 << 20].fill_(1)
+    assert resident_bytes() - before >= 64 << 20
+    assert int(cache[64 << 20:].count_nonzero()) == 0
 
 
 def test_the_arena_hands_out_aligned_disjoint_tensors_first_fit():
@@ -142,7 +165,7 @@ def test_the_cpu_worker_puts_packed_weights_and_kv_cache_in_huge_pages(tiny_llam
     worker = llm.llm_engine.worker
     streamed = [t for w in worker.model.packed_weights() for t in (w.panels, w.plain)
                 if t is not None]
-    assert streamed and all("hg" in vm_flags(t.data_ptr()) for t in streamed)
-    assert all("hg" in vm_flags(c.data_ptr()) for c in worker.cache_engine.kv_caches)
+    assert streamed and all(advised(t.data_ptr()) for t in streamed)
+    assert all(advised(c.data_ptr()) for c in worker.cache_engine.kv_caches)
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
