@@ -132,13 +132,18 @@ def test_huge_page_zeros_are_zeros_of_the_shape_and_dtype():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux's /proc")
-def test_huge_page_zeros_take_memory_only_where_written():
+def test_buffers_are_zero_unwritten_and_zeros_are_in_place_before_use():
     before = resident_bytes()
-    cache = huge_page_zeros((256 << 20,), torch.uint8)  # a KV cache: zero without a write
+    buffer = huge_page_buffer(256 << 20)  # zero without a write, and no memory yet
     assert resident_bytes() - before < 16 << 20
-    cache[: 64 << 20].fill_(1)
+    buffer[: 64 << 20].fill_(1)
     assert resident_bytes() - before >= 64 << 20
-    assert int(cache[64 << 20:].count_nonzero()) == 0
+    assert int(buffer[64 << 20:].count_nonzero()) == 0
+    del buffer
+    before = resident_bytes()
+    cache = huge_page_zeros((128 << 20,), torch.uint8)  # a KV cache: faulted in now, not in steps
+    assert resident_bytes() - before >= 128 << 20
+    assert int(cache.count_nonzero()) == 0
 
 
 def test_the_arena_hands_out_aligned_disjoint_tensors_first_fit():
