@@ -135,11 +135,6 @@ inline void store_row(bf16_t* out, const float* acc, const float* bias, int64_t 
   for (int64_t j = 0; j < width; ++j) out[j] = vec::float_to_bf16(acc[j] + (bias ? bias[j] : 0.0f));
 }
 
-// x as fp32 row tiles: tile t holds rows t * kMr .. + kMr - 1, element (r, k) at
-// [(t * K + k) * kMr + r], so a register tile's broadcasts walk one contiguous stream. The
-// rows arrive as T (fp32/bf16, element k of row m at src[m * ldx + k * kx]); with `gated`, a
-// row is [gate | up] and its value at k the gate (gate_lanes / gate_value). A tile's rows past
-// M are never read.
 // SwiGLU's gate silu(gate) * up at k .. k + kLanes - 1 (gate_lanes) or at k (gate_value) of a
 // row [gate | up] of 2K values, rounded as the separate silu_and_mul op's store into T rounds
 // it (vec::silu_mul is the op's own arithmetic), so the fused paths give the op's bits.
@@ -152,6 +147,11 @@ float gate_value(const T* row, int64_t K, int64_t k) {
   return vec::round_as<T>(vec::silu_mul<T>(vec::load1(row, k), vec::load1(row, K + k)));
 }
 
+// The rows of x as the kernels take them, in fp32: they arrive as T (fp32/bf16, element k of
+// row m at src[m * ldx + k * kx]); with `gated`, a row is [gate | up] and its value at k the
+// gate (gate_lanes / gate_value), so the gated rows never go through memory (same-process A/B
+// against the separate op + the layer, SmolLM2's down projection in bf16: 2048 rows 15%
+// faster, 256 rows 3%, 16 rows 5%, 64 rows even).
 template <typename T>
 struct XRows {
   const T* src;
@@ -159,14 +159,35 @@ struct XRows {
   bool gated;
   int64_t M, K;
 
-  // Row m's values at k .. k + kLanes - 1, as fp32 (for kx == 1).
+  // Row m's values at k .. k + kLanes - 1 (for kx == 1).
   vfloat lanes(int64_t m, int64_t k) const {
     return gated ? gate_lanes(src + m * ldx, K, k) : vec::load(src + m * ldx + k);
   }
   float value(int64_t m, int64_t k) const {
     return gated ? gate_value(src + m * ldx, K, k) : vec::load1(src + m * ldx, k * kx);
   }
+  // Row m's values from k_begin (a multiple of kLanes) on, value k at dst[(k - k_begin) *
+  // stride]: in vectors on the grid the separate silu_and_mul op uses while whole ones fit (its
+  // scalar tail may differ from its vectors in the last bit), then one by one.
+  void write_row(int64_t m, int64_t k_begin, float* dst, int64_t stride) const {
+    int64_t k = k_begin;
+    if (kx == 1) {
+      for (; k + kLanes <= K; k += kLanes) {
+        const vfloat v = lanes(m, k);
+        if (stride == 1) {
+          vec::store(dst + (k - k_begin), v);
+        } else {
+          for (int i = 0; i < kLanes; ++i) dst[(k - k_begin + i) * stride] = v[i];
+        }
+      }
+    }
+    for (; k < K; ++k) dst[(k - k_begin) * stride] = value(m, k);
+  }
 };
+
+// x as fp32 row tiles: tile t holds rows t * kMr .. + kMr - 1, element (r, k) at
+// [(t * K + k) * kMr + r], so a register tile's broadcasts walk one contiguous stream. A tile's
+// rows past M are never read.
 
 // Writes tile t of x (see XRows). Eight k at a time, the tile's rows are loaded as vectors and
 // transposed in registers: a scalar copy cost 1-2 cycles per element, 3-20% of a projection
@@ -216,18 +237,8 @@ void pack_tile(const XRows<T>& x, int64_t t, float* dst) {
       }
     }
   }
-  // The rest row by row, in vectors on the same grid as above while whole ones fit: the gate
-  // in vectors and the scalar gate may differ in the last bit, and the separate op uses vectors.
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t k = k0;
-    if (x.kx == 1) {
-      for (; k + kLanes <= K; k += kLanes) {
-        const vfloat v = x.lanes(m0 + r, k);
-        for (int i = 0; i < kLanes; ++i) dst[(k + i) * kMr + r] = v[i];
-      }
-    }
-    for (; k < K; ++k) dst[k * kMr + r] = x.value(m0 + r, k);
-  }
+  // The rest row by row.
+  for (int64_t r = 0; r < rows; ++r) x.write_row(m0 + r, k0, dst + k0 * kMr + r, kMr);
 }
 
 // out = x @ W.T + b through the register tiles: x is packed into row tiles (see XRows), then
@@ -429,17 +440,6 @@ void with_dtypes(at::Tensor& out, const at::Tensor& packed, Kernel&& kernel) {
   }
 }
 
-// dst[0:K] = the gate of a row [gate | up] of x (2K wide, contiguous): fused here, the gated
-// row never goes through memory. Same-process A/B against the separate op + this layer
-// (SmolLM2's down projection, bf16): 2048 rows 15% faster, 256 rows 3%, 16 rows 5%, 64 rows
-// even. Vectors on the grid the op uses (its scalar tail may differ in the last bit).
-template <typename T>
-void silu_and_mul_row(const T* row, int64_t K, float* dst) {
-  int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) vec::store(dst + k, gate_lanes(row, K, k));
-  for (; k < K; ++k) dst[k] = gate_value(row, K, k);
-}
-
 }  // namespace
 
 // out [M, N] fp32/bf16 (contiguous last dim); x [M, K] fp32/bf16; packed from pack_panels;
@@ -474,16 +474,8 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
     float* xr = x_rows.data();
     const auto widen = [&](auto tag) {
       using T = decltype(tag);
-      const T* src = reinterpret_cast<const T*>(x.data_ptr());
-      for (int64_t m = 0; m < M; ++m) {
-        if (silu_and_mul) {
-          silu_and_mul_row(src + m * ldx, K, xr + m * K);
-        } else if (kx == 1) {
-          vec::widen(src + m * ldx, xr + m * K, K);
-        } else {
-          for (int64_t k = 0; k < K; ++k) xr[m * K + k] = vec::load1(src + m * ldx, k * kx);
-        }
-      }
+      const XRows<T> rows{reinterpret_cast<const T*>(x.data_ptr()), ldx, kx, silu_and_mul, M, K};
+      for (int64_t m = 0; m < M; ++m) rows.write_row(m, 0, xr + m * K, 1);
     };
     if (x.scalar_type() == at::kBFloat16) widen(bf16_t{}); else widen(float{});
     with_dtypes(out, packed, [&](auto* o, const auto* w) {
