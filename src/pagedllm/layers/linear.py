@@ -140,19 +140,16 @@ class PackedWeight:
         self.ops.panel_linear(out, x, self.panels, self.plain_bias)
         return out
 
-    def move_to(self, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor]) -> int:
+    def move_to(self, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor]) -> None:
         """Copies the tensors the native kernels stream (panels, plain weight) into tensors
         from allocate(shape, dtype), e.g. the worker's huge-page arena, dropping the old ones.
-        oneDNN's reordered weight stays where oneDNN put it. Returns the bytes moved."""
-        moved = 0
+        oneDNN's reordered weight stays where oneDNN put it."""
         for name in ("panels", "plain"):
             tensor = getattr(self, name)
             if tensor is not None:
                 target = allocate(tensor.shape, tensor.dtype)
                 target.copy_(tensor)
                 setattr(self, name, target)
-                moved += tensor.numel() * tensor.element_size()
-        return moved
 
     def onednn(self, x: torch.Tensor) -> torch.Tensor:
         """oneDNN over the reordered weight."""
