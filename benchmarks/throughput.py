@@ -1,11 +1,14 @@
 """Offline throughput, like `vllm bench throughput`: pagedllm and its peers on the same requests.
 
-Each engine runs in its own subprocess, one after another, so start-up time and peak RSS are
-measured per engine and one engine's memory never slows the next.
+Each engine runs in its own subprocess (throughput_runner.py), started one after another so
+that start-up time and peak RSS are its own, and kept loaded. Then, for each of --rounds
+rounds, every workload runs on every engine in turn (the order rotating each round), so a
+slow minute on this shared machine lands on one round of every engine instead of on one
+engine's whole pass; each engine's row is its median round.
 
     python benchmarks/throughput.py --workload fixed sharegpt-like single --dtype bfloat16
     python benchmarks/throughput.py --engines pagedllm:bfloat16 pagedllm:float32 \
-        transformers:float32 vllm:float32 --vllm-python /path/venv/bin/python
+        transformers:float32 vllm:float32 --vllm-python /path/venv/bin/python --rounds 3
 """
 
 from __future__ import annotations
@@ -15,31 +18,84 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def run_engine(engine: str, dtype: str, python: str, args: argparse.Namespace) -> list[dict]:
-    """Runs one engine at one dtype over every workload in one subprocess (one start-up)."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out_path = f.name
-    cmd = [python, str(HERE / "throughput_runner.py"), "--engine", engine,
-           "--workloads", *args.workload, "--dtype", dtype, "--out", out_path,
-           "--num-requests", str(args.num_requests or 0), "--model", args.model]
-    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    print(f"--- {engine} ({dtype}) on {', '.join(args.workload)} ---", flush=True)
-    proc = subprocess.run(cmd, env=env)
-    text = Path(out_path).read_text()
-    done = json.loads(text) if text else []
-    finished = {r["workload"] for r in done}
-    failed = [{"engine": engine, "dtype": dtype, "workload": w, "error": f"exit {proc.returncode}"}
-              for w in args.workload if w not in finished]
-    return done + failed
+class EngineProcess:
+    """One engine at one dtype, loaded once in a subprocess and sent workloads by name."""
+
+    def __init__(self, engine: str, dtype: str, python: str, args: argparse.Namespace) -> None:
+        self.engine, self.dtype = engine, dtype
+        read_fd, write_fd = os.pipe()
+        cmd = [python, str(HERE / "throughput_runner.py"), "--engine", engine, "--dtype", dtype,
+               "--num-requests", str(args.num_requests or 0), "--model", args.model,
+               "--transformers-batch-sizes", *map(str, args.transformers_batch_sizes),
+               "--result-fd", str(write_fd)]
+        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false"}
+        env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
+        print(f"--- starting {engine} ({dtype}) ---", flush=True)
+        self.results = os.fdopen(read_fd)
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, text=True,
+                                         pass_fds=(write_fd,))
+        except OSError as e:  # e.g. a --vllm-python that does not exist
+            self.proc = None
+            self.ready = {"error": f"cannot start {python}: {e}"}
+            return
+        finally:
+            os.close(write_fd)  # the child holds the only write end: its exit reads as EOF
+        self.ready = self._reply()  # startup_s and first_token_s, or an error
+
+    def _reply(self) -> dict:
+        line = self.results.readline()
+        if line:
+            return json.loads(line)
+        return {"error": f"exit {self.proc.wait()}"}
+
+    def run(self, workload: str) -> dict:
+        if "error" in self.ready:
+            return {"error": self.ready["error"]}
+        if self.proc.poll() is not None:
+            return {"error": f"exit {self.proc.returncode}"}
+        print(f"--- {self.engine} ({self.dtype}) on {workload} ---", flush=True)
+        self.proc.stdin.write(workload + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+        self.results.close()
+
+
+def summarize(engine: str, dtype: str, workload: str, ready: dict, rounds: list[dict]) -> dict:
+    """One table row: the median round (by elapsed time) of an engine on a workload."""
+    done = [r for r in rounds if "error" not in r]
+    if not done:
+        return {"engine": engine, "dtype": dtype, "workload": workload,
+                "error": (rounds[0] if rounds else ready).get("error", "not run")}
+    median = sorted(done, key=lambda r: r["elapsed_s"])[(len(done) - 1) // 2]
+    elapsed = median["elapsed_s"]
+    return {
+        "engine": engine, "dtype": dtype, "workload": workload,
+        "num_requests": median["num_requests"],
+        "prompt_tokens": median["prompt_tokens"],
+        "output_tokens": median["output_tokens"],
+        "elapsed_s": elapsed,
+        "requests_per_s": median["num_requests"] / elapsed,
+        "output_tokens_per_s": median["output_tokens"] / elapsed,
+        "total_tokens_per_s": (median["prompt_tokens"] + median["output_tokens"]) / elapsed,
+        "startup_s": ready["startup_s"],
+        "first_token_s": ready["first_token_s"],
+        "peak_rss_gib": max(r["peak_rss_gib"] for r in done),
+        "rounds_output_tokens_per_s": [r["output_tokens"] / r["elapsed_s"] if "error" not in r
+                                       else None for r in rounds],
+    }
 
 
 def measure_matmul_peak() -> dict:
@@ -122,6 +178,28 @@ def print_table(rows: list[dict], limits: dict[str, float]) -> None:
               f"{ratio:>11.2f}x {share}")
 
 
+def print_rounds(rows: list[dict]) -> None:
+    """Each engine's output tok/s per round, and pagedllm's ratio to it in that same round."""
+    if max(len(r.get("rounds_output_tokens_per_s", [])) for r in rows) < 2:
+        return
+    print("\nper round, output tok/s (pagedllm's ratio to the engine in the same round):")
+    for r in rows:
+        if "error" in r:
+            continue
+        ours = next((p["rounds_output_tokens_per_s"] for p in rows if p["engine"] == "pagedllm"
+                     and p["workload"] == r["workload"] and "error" not in p), None)
+        cells = []
+        for k, rate in enumerate(r["rounds_output_tokens_per_s"]):
+            if rate is None:
+                cells.append("failed")
+            elif r["engine"] == "pagedllm" or ours is None or ours[k] is None:
+                cells.append(f"{rate:.1f}")
+            else:
+                cells.append(f"{rate:.1f} ({ours[k] / rate:.2f}x)")
+        print(f"  {r['workload']:<14} {r['engine'] + ' (' + r['dtype'] + ')':<22} "
+              + ", ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", nargs="+", default=["fixed"],
@@ -136,8 +214,15 @@ def main() -> None:
                         help="python of a virtualenv with vllm-cpu installed; adds vLLM")
     parser.add_argument("--num-requests", type=int, default=None,
                         help="override the request count (not of the single workload)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times each engine runs each workload, engines taking turns; "
+                             "each row is the engine's median round")
+    parser.add_argument("--transformers-batch-sizes", type=int, nargs="+", default=[32, 64],
+                        help="static batch sizes transformers tries (its best counts)")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     specs = [tuple(e.split(":", 1)) if ":" in e else (e, args.dtype) for e in args.engines]
     for engine, dtype in specs:
         if engine not in ("pagedllm", "transformers", "vllm") or dtype not in ("float32",
@@ -155,13 +240,28 @@ def main() -> None:
 
     peaks = {"before": measure_matmul_peak()}
     print("matmul peak GFLOP/s, before the engines:", json.dumps(peaks["before"]))
-    rows = []
+    engines = []
     for engine, dtype in specs:
         python = args.vllm_python if engine == "vllm" else sys.executable
         if engine == "vllm" and not python:
             print("skipping vllm: pass --vllm-python", file=sys.stderr)
             continue
-        rows += run_engine(engine, dtype, python, args)
+        engines.append(EngineProcess(engine, dtype, python, args))
+    rounds: dict[tuple[int, str], list[dict]] = {(i, w): [] for i in range(len(engines))
+                                                 for w in args.workload}
+    try:
+        for round_index in range(args.rounds):
+            for workload in args.workload:
+                for k in range(len(engines)):
+                    i = (k + round_index) % len(engines)
+                    rounds[i, workload].append(engines[i].run(workload))
+            if round_index + 1 < args.rounds:
+                peaks[f"after round {round_index + 1}"] = measure_matmul_peak()
+    finally:
+        for e in engines:
+            e.close()
+    rows = [summarize(e.engine, e.dtype, w, e.ready, rounds[i, w])
+            for i, e in enumerate(engines) for w in args.workload]
     peaks["after"] = measure_matmul_peak()
     print("matmul peak GFLOP/s, after the engines:", json.dumps(peaks["after"]))
     best_rate = max(rate for when in peaks.values() for entry in when.values()
@@ -176,6 +276,7 @@ def main() -> None:
     print(f"matmul peak (best path, GFLOP/s): {best_rate:.0f}; arithmetic limits (output tok/s): "
           + ", ".join(f"{k} {v:.0f}" for k, v in limits.items()))
     print_table(rows, limits)
+    print_rounds(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(
         {"matmul_peak_gflops": peaks, "arithmetic_limit_output_tok_s": limits, "results": rows},

@@ -1,4 +1,9 @@
-"""Runs one engine on one workload and writes its measurements as JSON (see throughput.py).
+"""Hosts one engine for throughput.py: starts it once, then runs the workloads it is sent.
+
+Protocol: workload names arrive one per line on stdin; after start-up (and one warm-up token)
+and after every workload, one JSON line goes to the file descriptor given by --result-fd (not
+stdout, where engines log). The engine stays loaded between workloads, so throughput.py can
+interleave engines round by round on a noisy machine.
 
 It must also run under a vLLM virtualenv, so it imports only what that engine needs.
 """
@@ -11,12 +16,32 @@ PROCESS_START = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS, make_requests  # noqa: E402
+
+
+def peak_rss_gib() -> float:
+    """Peak RSS of this process and its live descendants, summed: vLLM runs its model (and its
+    KV cache) in worker processes of its own."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        import psutil
+    except ImportError:
+        return peak / 2**30
+    for child in psutil.Process().children(recursive=True):
+        try:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peak += int(line.split()[1]) * 1024
+    return peak / 2**30
 
 
 def _warm_prompt() -> list[int]:
@@ -110,40 +135,36 @@ LOADERS = {"pagedllm": load_pagedllm, "vllm": load_vllm, "transformers": Transfo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engine", required=True, choices=sorted(LOADERS))
-    parser.add_argument("--workloads", required=True, nargs="+", choices=sorted(WORKLOADS))
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--num-requests", type=int, default=0)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--transformers-batch-sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--result-fd", type=int, required=True)
     args = parser.parse_args()
-    # One process runs every workload, so slow start-ups (vLLM compiles) are paid once.
-    engine = LOADERS[args.engine](args.model, args.dtype)
+    results = os.fdopen(args.result_fd, "w", buffering=1)
+    if args.engine == "transformers":
+        engine = TransformersStatic(args.model, args.dtype, tuple(args.transformers_batch_sizes))
+    else:
+        engine = LOADERS[args.engine](args.model, args.dtype)
     startup = time.perf_counter() - PROCESS_START
     engine.first_token()
     first_token = time.perf_counter() - PROCESS_START
-    results = []
-    for workload in args.workloads:
+    results.write(json.dumps({"startup_s": startup, "first_token_s": first_token}) + "\n")
+    for line in sys.stdin:
+        workload = line.strip()
+        if workload not in WORKLOADS:
+            results.write(json.dumps({"error": f"unknown workload {workload!r}"}) + "\n")
+            continue
         requests = make_requests(workload, args.num_requests)
         elapsed, num_output = engine.run(requests)
         num_prompt = sum(len(r.prompt_token_ids) for r in requests)
-        results.append({
-            "engine": args.engine,
-            "dtype": args.dtype,
-            "workload": workload,
+        results.write(json.dumps({
             "num_requests": len(requests),
             "prompt_tokens": num_prompt,
             "output_tokens": num_output,
             "elapsed_s": elapsed,
-            "requests_per_s": len(requests) / elapsed,
-            "output_tokens_per_s": num_output / elapsed,
-            "total_tokens_per_s": (num_prompt + num_output) / elapsed,
-            "startup_s": startup,
-            "first_token_s": first_token,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        })
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-        # Written after each workload, so a later failure keeps the finished ones.
-        Path(args.out).write_text(json.dumps(results))
+            "peak_rss_gib": peak_rss_gib(),
+        }) + "\n")
 
 
 if __name__ == "__main__":

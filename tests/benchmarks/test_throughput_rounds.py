@@ -1,0 +1,64 @@
+"""The throughput benchmark's rounds: engines stay loaded, take turns, and report their median."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+_spec = importlib.util.spec_from_file_location("throughput_benchmark", _DIR / "throughput.py")
+throughput = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(throughput)
+
+
+def _round(elapsed: float) -> dict:
+    return {"num_requests": 2, "prompt_tokens": 20, "output_tokens": 100, "elapsed_s": elapsed,
+            "peak_rss_gib": elapsed / 100}
+
+
+def test_summary_is_the_median_round_and_keeps_every_round():
+    ready = {"startup_s": 1.0, "first_token_s": 1.5}
+    row = throughput.summarize("pagedllm", "float32", "fixed", ready,
+                               [_round(10.0), _round(40.0), _round(20.0)])
+    assert row["elapsed_s"] == 20.0
+    assert row["output_tokens_per_s"] == 5.0
+    assert row["peak_rss_gib"] == 0.4
+    assert row["rounds_output_tokens_per_s"] == [10.0, 2.5, 5.0]
+    assert row["startup_s"] == 1.0
+
+
+def test_summary_skips_failed_rounds_and_reports_an_engine_that_never_ran():
+    ready = {"startup_s": 1.0, "first_token_s": 1.5}
+    row = throughput.summarize("vllm", "float32", "fixed", ready,
+                               [{"error": "exit 1"}, _round(25.0)])
+    assert row["elapsed_s"] == 25.0 and row["rounds_output_tokens_per_s"] == [None, 4.0]
+    row = throughput.summarize("vllm", "float32", "fixed", {"error": "cannot start"}, [])
+    assert row["error"] == "cannot start"
+
+
+def test_engines_take_turns_over_rounds(tiny_llama_factory, tmp_path, monkeypatch, capfd):
+    model = tiny_llama_factory(vocab_size=49152, hidden_size=32, num_layers=1)
+    out = tmp_path / "throughput.json"
+    monkeypatch.setattr(throughput, "measure_matmul_peak",
+                        lambda: {"float32": {"torch.matmul": 100.0}})
+    monkeypatch.setattr(sys, "argv", [
+        "throughput.py", "--engines", "pagedllm:float32", "transformers:float32",
+        "--workload", "single", "--rounds", "2", "--transformers-batch-sizes", "1",
+        "--vllm-python", str(tmp_path / "no-such-python"), "--model", str(model),
+        "--out", str(out)])
+    throughput.main()
+    text = capfd.readouterr().out
+    turns = [line for line in text.splitlines() if line.startswith("--- ") and " on " in line]
+    assert turns == ["--- pagedllm (float32) on single ---",
+                     "--- transformers (float32) on single ---",
+                     "--- transformers (float32) on single ---",
+                     "--- pagedllm (float32) on single ---"]
+    rows = {r["engine"]: r for r in json.loads(out.read_text())["results"]}
+    for name in ("pagedllm", "transformers"):
+        assert rows[name]["output_tokens"] == 128
+        assert len(rows[name]["rounds_output_tokens_per_s"]) == 2
+        assert rows[name]["startup_s"] > 0
+    assert "cannot start" in rows["vllm"]["error"]
+    assert "per round" in text
