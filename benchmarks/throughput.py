@@ -56,13 +56,13 @@ class EngineProcess:
             return json.loads(line)
         return {"error": f"exit {self.proc.wait()}"}
 
-    def run(self, workload: str) -> dict:
+    def run(self, workload: str, round_index: int) -> dict:
         if "error" in self.ready:
             return {"error": self.ready["error"]}
         if self.proc.poll() is not None:
             return {"error": f"exit {self.proc.returncode}"}
         print(f"--- {self.engine} ({self.dtype}) on {workload} ---", flush=True)
-        self.proc.stdin.write(workload + "\n")
+        self.proc.stdin.write(f"{workload} {round_index}\n")
         self.proc.stdin.flush()
         return self._reply()
 
@@ -254,7 +254,7 @@ def main() -> None:
             for workload in args.workload:
                 for k in range(len(engines)):
                     i = (k + round_index) % len(engines)
-                    rounds[i, workload].append(engines[i].run(workload))
+                    rounds[i, workload].append(engines[i].run(workload, round_index))
             if round_index + 1 < args.rounds:
                 peaks[f"after round {round_index + 1}"] = measure_matmul_peak()
     finally:

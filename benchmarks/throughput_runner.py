@@ -1,9 +1,10 @@
 """Hosts one engine for throughput.py: starts it once, then runs the workloads it is sent.
 
-Protocol: workload names arrive one per line on stdin; after start-up (and one warm-up token)
-and after every workload, one JSON line goes to the file descriptor given by --result-fd (not
-stdout, where engines log). The engine stays loaded between workloads, so throughput.py can
-interleave engines round by round on a noisy machine.
+Protocol: commands "<workload> <round>" arrive one per line on stdin (the round picks the
+prompts: workloads.round_requests); after start-up (and one warm-up token) and after every
+workload, one JSON line goes to the file descriptor given by --result-fd (not stdout, where
+engines log). The engine stays loaded between workloads, so throughput.py can interleave
+engines round by round on a noisy machine.
 
 It must also run under a vLLM virtualenv, so it imports only what that engine needs.
 """
@@ -22,7 +23,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, make_requests  # noqa: E402
+from workloads import WORKLOADS, round_requests  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -150,12 +151,12 @@ def main() -> None:
     engine.first_token()
     first_token = time.perf_counter() - PROCESS_START
     results.write(json.dumps({"startup_s": startup, "first_token_s": first_token}) + "\n")
-    for line in sys.stdin:
-        workload = line.strip()
-        if workload not in WORKLOADS:
-            results.write(json.dumps({"error": f"unknown workload {workload!r}"}) + "\n")
+    for line in sys.stdin:  # "<workload> <round>"
+        workload, _, round_index = line.strip().partition(" ")
+        if workload not in WORKLOADS or not round_index.isdigit():
+            results.write(json.dumps({"error": f"bad command {line.strip()!r}"}) + "\n")
             continue
-        requests = make_requests(workload, args.num_requests)
+        requests = round_requests(workload, args.num_requests, int(round_index))
         elapsed, num_output = engine.run(requests)
         num_prompt = sum(len(r.prompt_token_ids) for r in requests)
         results.write(json.dumps({

@@ -70,3 +70,12 @@ def make_requests(workload: str, num_requests: int | None = None) -> list[BenchR
     if num_requests and workload != "single":
         return WORKLOADS[workload](num_requests=num_requests)
     return WORKLOADS[workload]()
+
+
+def round_requests(workload: str, num_requests: int | None, round_index: int) -> list[BenchRequest]:
+    """A workload's requests for one round of a repeated benchmark: round 0 the seeded prompts,
+    later rounds the same lengths with fresh prompt ids, so that a prefix cache cannot serve a
+    round from an earlier round's blocks (pagedllm's second pass of `fixed` skipped its prefill
+    and read 401 tok/s against 276)."""
+    requests = make_requests(workload, num_requests)
+    return with_fresh_prompts(requests, seed=round_index) if round_index else requests

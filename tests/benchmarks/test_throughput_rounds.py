@@ -62,3 +62,19 @@ def test_engines_take_turns_over_rounds(tiny_llama_factory, tmp_path, monkeypatc
         assert rows[name]["startup_s"] > 0
     assert "cannot start" in rows["vllm"]["error"]
     assert "per round" in text
+
+
+def test_later_rounds_draw_fresh_prompts_of_the_same_lengths():
+    sys.path.insert(0, str(_DIR))
+    from workloads import make_requests, round_requests
+
+    first = make_requests("sharegpt-like", 8)
+    assert [r.prompt_token_ids for r in round_requests("sharegpt-like", 8, 0)] == \
+        [r.prompt_token_ids for r in first]
+    for round_index in (1, 2):
+        again = round_requests("sharegpt-like", 8, round_index)
+        assert [len(r.prompt_token_ids) for r in again] == [len(r.prompt_token_ids) for r in first]
+        assert [r.output_len for r in again] == [r.output_len for r in first]
+        assert all(a.prompt_token_ids != b.prompt_token_ids for a, b in zip(again, first))
+    assert round_requests("fixed", 2, 1)[0].prompt_token_ids != \
+        round_requests("fixed", 2, 2)[0].prompt_token_ids
