@@ -62,8 +62,11 @@ class EngineProcess:
         if self.proc.poll() is not None:
             return {"error": f"exit {self.proc.returncode}"}
         print(f"--- {self.engine} ({self.dtype}) on {workload} ---", flush=True)
-        self.proc.stdin.write(f"{workload} {round_index}\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(f"{workload} {round_index}\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # it died since its last reply
+            return {"error": f"exit {self.proc.wait()}"}
         return self._reply()
 
     def close(self) -> None:
@@ -180,7 +183,7 @@ def print_table(rows: list[dict], limits: dict[str, float]) -> None:
 
 def print_rounds(rows: list[dict]) -> None:
     """Each engine's output tok/s per round, and pagedllm's ratio to it in that same round."""
-    if max(len(r.get("rounds_output_tokens_per_s", [])) for r in rows) < 2:
+    if max((len(r.get("rounds_output_tokens_per_s", [])) for r in rows), default=0) < 2:
         return
     print("\nper round, output tok/s (pagedllm's ratio to the engine in the same round):")
     for r in rows:
