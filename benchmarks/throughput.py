@@ -220,8 +220,8 @@ def main() -> None:
                         help="override the request count (not of the single workload)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="times each engine runs each workload, engines taking turns; "
-                             "each row is the engine's median round (a single pass caught "
-                             "vLLM in its slower first pass after start-up)")
+                             "each row is the engine's median round (one pass per engine "
+                             "leaves a slow minute on one engine's whole figure)")
     parser.add_argument("--transformers-batch-sizes", type=int, nargs="+", default=[32, 64],
                         help="static batch sizes transformers tries (its best counts)")
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
