@@ -70,17 +70,17 @@ class OfflineAPIEngine:
         return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
-def load_pagedllm(model: str, dtype: str) -> OfflineAPIEngine:
+def load_pagedllm(args: argparse.Namespace) -> OfflineAPIEngine:
     from pagedllm import LLM, SamplingParams
 
-    return OfflineAPIEngine(LLM(model, dtype=dtype), SamplingParams)
+    return OfflineAPIEngine(LLM(args.model, dtype=args.dtype), SamplingParams)
 
 
-def load_vllm(model: str, dtype: str) -> OfflineAPIEngine:
+def load_vllm(args: argparse.Namespace) -> OfflineAPIEngine:
     from vllm import LLM, SamplingParams
 
     # On CPU this fraction reserves host memory; vLLM's 0.92 default fails next to other processes.
-    llm = LLM(model=model, dtype=dtype, seed=0, gpu_memory_utilization=0.5)
+    llm = LLM(model=args.model, dtype=args.dtype, seed=0, gpu_memory_utilization=0.5)
     return OfflineAPIEngine(llm, SamplingParams)
 
 
@@ -130,7 +130,11 @@ class TransformersStatic:
         return best, sum(r.output_len for r in requests)
 
 
-LOADERS = {"pagedllm": load_pagedllm, "vllm": load_vllm, "transformers": TransformersStatic}
+def load_transformers(args: argparse.Namespace) -> TransformersStatic:
+    return TransformersStatic(args.model, args.dtype, tuple(args.transformers_batch_sizes))
+
+
+LOADERS = {"pagedllm": load_pagedllm, "vllm": load_vllm, "transformers": load_transformers}
 
 
 def main() -> None:
@@ -143,10 +147,7 @@ def main() -> None:
     parser.add_argument("--result-fd", type=int, required=True)
     args = parser.parse_args()
     results = os.fdopen(args.result_fd, "w", buffering=1)
-    if args.engine == "transformers":
-        engine = TransformersStatic(args.model, args.dtype, tuple(args.transformers_batch_sizes))
-    else:
-        engine = LOADERS[args.engine](args.model, args.dtype)
+    engine = LOADERS[args.engine](args)
     startup = time.perf_counter() - PROCESS_START
     engine.first_token()
     first_token = time.perf_counter() - PROCESS_START
