@@ -45,7 +45,7 @@ def sharegpt_like_workload(num_requests: int = 128, mean_input: float = 160,
 
 
 def with_fresh_prompts(requests: list[BenchRequest], vocab_size: int = 49152,
-                       seed: int = 1) -> list[BenchRequest]:
+                       seed: int | tuple[int, ...] = 1) -> list[BenchRequest]:
     """The same lengths with newly drawn prompt ids: a server's prefix cache cannot serve one
     run's prompts from an earlier run's blocks."""
     rng = np.random.default_rng(seed)
@@ -78,4 +78,8 @@ def round_requests(workload: str, num_requests: int | None, round_index: int) ->
     round from an earlier round's blocks (pagedllm's second pass of `fixed` skipped its prefill
     and read 401 tok/s against 276)."""
     requests = make_requests(workload, num_requests)
-    return with_fresh_prompts(requests, seed=round_index) if round_index else requests
+    if not round_index:
+        return requests
+    # Seeded by workload too: with the round alone, every workload of a round drew its prompts
+    # from the same stream, so `single` repeated `fixed`'s first prompt of that round.
+    return with_fresh_prompts(requests, seed=(round_index, list(WORKLOADS).index(workload)))
