@@ -18,7 +18,14 @@ from hf_reference import (
 )
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.layers.linear import FP32_PANEL_MAX_ROWS, ONEDNN, PANELS, STREAMING, onednn_has_gemm
+from pagedllm.layers.linear import (
+    DOT_PANELS,
+    FP32_PANEL_MAX_ROWS,
+    ONEDNN,
+    PANELS,
+    STREAMING,
+    onednn_has_gemm,
+)
 from pagedllm.models.llama import LlamaForCausalLM
 from pagedllm.models.llama_stack import PART_NAMES
 from pagedllm.ops import cpu_ops
@@ -73,6 +80,8 @@ def test_every_step_matches_the_module_path_bit_for_bit(tiny_llama_factory, monk
     assert {1, 10, 160} <= set(rows_checked)
     if dtype == "float32":  # panels up to 128 rows, oneDNN above, on every CPU
         assert paths == {PANELS, ONEDNN}
+    elif cpu_ops().has_bf16_dot():  # AVX512_BF16: the bf16 dot-product kernel for every batch
+        assert paths == {DOT_PANELS}
     elif not onednn_has_gemm(torch.bfloat16):  # bf16 weights stay bf16 on panels
         assert paths == {PANELS}
     else:  # a bf16 GEMM: the streaming kernel up to 8 rows, oneDNN above

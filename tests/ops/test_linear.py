@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from pagedllm.layers import linear as linear_module
 from pagedllm.layers.linear import (
+    DOT_PANELS,
     FEW_ROWS,
+    PANELS,
     FP32_PANEL_MAX_ROWS,
     Linear,
     pack_linear_layers,
@@ -50,7 +52,7 @@ def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int, bias: boo
     assert got_fp32.dtype == torch.float32 and got_fp32.shape == (rows, 37)
     full = F.linear(x.float(), weight.float(), None if bias_t is None else bias_t.float())
     packed = layer.packed
-    unrounded = dtype == torch.float32 or packed.stream_max_rows < rows <= packed.panel_max_rows
+    unrounded = dtype == torch.float32 or packed.path(rows) in (PANELS, DOT_PANELS)
     torch.testing.assert_close(got_fp32, full, **(tol if not unrounded else
                                                   {"rtol": 1e-5, "atol": 1e-4}))
 
@@ -63,7 +65,7 @@ def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype) -
     layer.pack()
     packed = layer.packed
     calls = []
-    for name in ("few_rows", "panel", "onednn"):
+    for name in ("few_rows", "panel", "onednn", "dot"):
         real = getattr(packed, name)
         monkeypatch.setattr(
             packed, name, lambda x, *rest, n=name, f=real: calls.append(n) or f(x, *rest)
@@ -71,9 +73,14 @@ def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype) -
     expected = []
     for rows in (1, packed.stream_max_rows + 1, min(packed.panel_max_rows, 1000) + 1):
         layer(torch.randn(rows, 64).to(dtype))
-        expected.append("few_rows" if rows <= packed.stream_max_rows
+        expected.append("dot" if packed.dot_panels is not None
+                        else "few_rows" if rows <= packed.stream_max_rows
                         else "panel" if rows <= packed.panel_max_rows else "onednn")
     assert calls == expected
+    if dtype == torch.bfloat16 and cpu_ops().has_bf16_dot():  # one bf16 copy, every batch
+        assert packed.dot_panels is not None and packed.dot_panels.dtype == torch.bfloat16
+        assert packed.plain is None and packed.panels is None and packed.onednn_weight is None
+        return
     if dtype == torch.float32:  # panels for decode batches, oneDNN for prefill
         assert (packed.stream_max_rows, packed.panel_max_rows) == (0, FP32_PANEL_MAX_ROWS)
     elif not linear_module.onednn_has_gemm(torch.bfloat16):  # bf16 never widened to fp32
@@ -110,6 +117,42 @@ def test_panel_kernel_shapes_and_strides() -> None:
     with pytest.raises(RuntimeError, match="columns"):
         ops.panel_linear(torch.empty(2, 16), torch.randn(2, 8), ops.pack_panels(torch.randn(16, 9)),
                          torch.empty(0))
+
+
+def test_dot_kernel_shapes_and_strides() -> None:
+    ops = cpu_ops()
+    if ops is None or not ops.has_bf16_dot():
+        pytest.skip("no AVX512_BF16 kernel on this CPU")
+    torch.manual_seed(0)
+    # Edges: odd k (a zero-padded last pair), n past a 32-column panel, k = 2000 with 100 rows:
+    # two row blocks.
+    for n, k in [(1, 1), (15, 7), (32, 256), (33, 257), (40, 600), (24, 2000)]:
+        weight = torch.randn(n, k).bfloat16()
+        bias = torch.randn(n)
+        packed = ops.pack_dot_panels(weight)
+        assert packed.shape == (-(-n // 32), -(-k // 2), 64)
+        for rows in (0, 1, 5, 7, 8, 9, 13, 100):
+            wide = torch.randn(rows, k + 3).bfloat16()
+            x = wide[:, 1:k + 1]  # rows strided, as a slice of a wider tensor
+            for out_dtype in (torch.bfloat16, torch.float32):
+                out = torch.empty(rows, n, dtype=out_dtype)
+                ops.dot_panel_linear(out, x, packed, bias)
+                full = F.linear(x.float(), weight.float(), bias)
+                # fp32 sums of exact bf16 products: only the summation order differs.
+                torch.testing.assert_close(out.float(), full.to(out_dtype).float(),
+                                           rtol=1e-2 if out_dtype == torch.bfloat16 else 1e-5,
+                                           atol=1e-2 if out_dtype == torch.bfloat16 else 1e-4)
+            x32 = torch.randn(rows, k)  # fp32 x is rounded to bf16 first
+            out = torch.empty(rows, n)
+            ops.dot_panel_linear(out, x32, packed, torch.empty(0))
+            torch.testing.assert_close(out, F.linear(x32.bfloat16().float(), weight.float()),
+                                       rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.dot_panel_linear(torch.empty(2, 16), torch.randn(2, 8).bfloat16(),
+                             ops.pack_dot_panels(torch.randn(16, 10).bfloat16()), torch.empty(0))
+    with pytest.raises(RuntimeError, match="pack_dot_panels"):
+        ops.dot_panel_linear(torch.empty(2, 16), torch.randn(2, 8).bfloat16(),
+                             ops.pack_panels(torch.randn(16, 8).bfloat16()), torch.empty(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,6 +1,9 @@
 """Linear layers whose CPU forward runs on weights packed once, by the fastest path per call.
 
-Three paths, chosen per call by the number of rows (tokens in the step), measured in
+On CPUs with AVX512_BF16, a bf16 weight takes one path for every batch: pagedllm's bf16
+dot-product kernel (`ops/csrc/gemm_bf16.cpp`, VDPBF16PS) on the weight packed once in pairs of
+inputs; it beat oneDNN's bf16 GEMM at every row count measured (1 to 2048 rows; 15% at 64).
+Elsewhere, three paths, chosen per call by the number of rows (tokens in the step), measured in
 benchmarks/linear.py (docs/benchmarks.md):
 - up to `stream_max_rows`: pagedllm's weight-streaming kernel (`ops/csrc/gemv.cpp`) over the
   plain weight (bf16 weights on CPUs with a bf16 GEMM only).
@@ -14,7 +17,6 @@ On CPUs without a bf16 GEMM (no AVX512_BF16 / AMX), oneDNN takes only fp32 weigh
 bf16 matmul is 10-100x slower. There a bf16 weight is never widened and is held once: the
 panel kernels take every batch, streaming half the bytes of an fp32 copy and rounding each
 output once, which is what a bf16 GEMM (fp32 accumulation) computes up to summation order.
-Where oneDNN has a bf16 GEMM, it takes bf16 batches above FEW_ROWS.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ FP32_PANEL_MAX_ROWS = 128
 
 # The paths a 2-D batch can take (numbered as `LinearPath` in ops/csrc/decoder_stack.cpp,
 # which takes the same choice for whole decoder stacks).
-PANELS, STREAMING, ONEDNN = 0, 1, 2
+PANELS, STREAMING, ONEDNN, DOT_PANELS = 0, 1, 2, 3
 
 
 @functools.cache
@@ -64,12 +66,15 @@ class PackedWeight:
         self.out_features = weight.shape[0]
         self.plain: torch.Tensor | None = None  # for the streaming kernel
         self.panels: torch.Tensor | None = None  # for the panel kernel
+        self.dot_panels: torch.Tensor | None = None  # for the bf16 dot-product kernel
         self.stream_max_rows = 0
         self.panel_max_rows = 0
         # The kernels' fp32 bias (or empty).
         self.plain_bias = torch.empty(0) if bias is None else bias.detach().float().contiguous()
         native = onednn_has_gemm(weight.dtype)
-        if self.ops is not None and weight.dtype == torch.bfloat16 and not native:
+        if self.ops is not None and weight.dtype == torch.bfloat16 and self.ops.has_bf16_dot():
+            self.dot_panels = self.ops.pack_dot_panels(weight)
+        elif self.ops is not None and weight.dtype == torch.bfloat16 and not native:
             self.panels = self.ops.pack_panels(weight)
             self.panel_max_rows = math.inf
         elif self.ops is not None and weight.dtype == torch.float32:
@@ -81,7 +86,7 @@ class PackedWeight:
         self.onednn_weight: torch.Tensor | None = None
         self.compute_dtype = weight.dtype
         self.bias = None
-        if self.panel_max_rows < math.inf:
+        if self.panel_max_rows < math.inf and self.dot_panels is None:
             if not native:  # fp16 without an fp16 GEMM, or no kernels: compute in fp32
                 self.compute_dtype = torch.float32
             self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(
@@ -101,6 +106,11 @@ class PackedWeight:
                 return _as_dtype(self.few_rows(x), out_dtype)
             if path == PANELS:
                 return self.panel(x, out_dtype)
+            if path == DOT_PANELS:
+                return self.dot(x, out_dtype)
+        if self.dot_panels is not None:  # any leading shape, as 2-D rows
+            out = self.dot(x.reshape(-1, x.shape[-1]), out_dtype)
+            return out.reshape(*x.shape[:-1], -1)
         if self.onednn_weight is None:  # panels only: any leading shape, as 2-D rows
             out = self.panel(x.reshape(-1, x.shape[-1]), out_dtype)
             return out.reshape(*x.shape[:-1], -1)
@@ -108,6 +118,8 @@ class PackedWeight:
 
     def path(self, rows: int) -> int:
         """The path of a 2-D fp32/bf16 batch of `rows` rows: the row-count switch points."""
+        if self.dot_panels is not None:
+            return DOT_PANELS
         if rows <= self.stream_max_rows:
             return STREAMING
         if rows <= self.panel_max_rows:
@@ -121,6 +133,10 @@ class PackedWeight:
         written out; the other paths run the separate op first.
         """
         rows = gate_up.shape[0]
+        if gate_up.dim() == 2 and gate_up.dtype in NATIVE_DTYPES and self.path(rows) == DOT_PANELS:
+            out = gate_up.new_empty(rows, self.out_features)
+            self.ops.dot_panel_linear(out, gate_up, self.dot_panels, self.plain_bias, True)
+            return out
         if (gate_up.dim() == 2 and gate_up.dtype in NATIVE_DTYPES and gate_up.stride(-1) == 1
                 and self.path(rows) == PANELS):
             out = gate_up.new_empty(rows, self.out_features)
@@ -140,11 +156,17 @@ class PackedWeight:
         self.ops.panel_linear(out, x, self.panels, self.plain_bias)
         return out
 
+    def dot(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The bf16 dot-product kernel over the pair-packed weight (x rounded to bf16)."""
+        out = x.new_empty(x.shape[0], self.out_features, dtype=out_dtype or x.dtype)
+        self.ops.dot_panel_linear(out, x, self.dot_panels, self.plain_bias)
+        return out
+
     def move_to(self, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor]) -> None:
         """Copies the tensors the native kernels stream (panels, plain weight) into tensors
         from allocate(shape, dtype), e.g. the worker's huge-page arena, dropping the old ones.
         oneDNN's reordered weight stays where oneDNN put it."""
-        for name in ("panels", "plain"):
+        for name in ("panels", "dot_panels", "plain"):
             tensor = getattr(self, name)
             if tensor is not None:
                 target = allocate(tensor.shape, tensor.dtype)

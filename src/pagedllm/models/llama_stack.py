@@ -17,7 +17,7 @@ import torch
 
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention, kernel_applies, kernel_metadata
-from pagedllm.layers.linear import ONEDNN, PANELS, STREAMING, PackedWeight
+from pagedllm.layers.linear import DOT_PANELS, ONEDNN, PANELS, STREAMING, PackedWeight
 from pagedllm.ops import NATIVE_DTYPES, cpu_ops
 from pagedllm.profiler import StepProfiler
 
@@ -46,6 +46,7 @@ class NativeDecoderStack:
         self.num_heads = attention.num_heads
         self.num_kv_heads = attention.num_kv_heads
         self.head_size = attention.head_size
+        self.intermediate_size = layers[0].mlp.down_proj.in_features
         self.scale = attention.backend.scale
         self.eps = model.norm.eps
         self.final_norm = model.norm.weight.detach()
@@ -67,6 +68,7 @@ class NativeDecoderStack:
             PANELS: lambda p: (p.panels, p.plain_bias),
             STREAMING: lambda p: (p.plain, p.plain_bias),
             ONEDNN: lambda p: (p.onednn_weight, _or_empty(p.bias)),
+            DOT_PANELS: lambda p: (p.dot_panels, p.plain_bias),
         }
         self.weights: dict[int, list[torch.Tensor]] = {}
         for path, form in forms.items():
@@ -108,7 +110,8 @@ class NativeDecoderStack:
             packed.extend(lin.packed for lin in linears)
         if model.norm.weight.dtype not in NATIVE_DTYPES or any(p is None for p in packed):
             return None
-        switch_points = {(p.stream_max_rows, p.panel_max_rows) for p in packed}
+        switch_points = {(p.stream_max_rows, p.panel_max_rows, p.dot_panels is None)
+                         for p in packed}
         if len(switch_points) != 1:
             return None
         return cls(model, ops)
@@ -154,6 +157,7 @@ class NativeDecoderStack:
             self.num_heads,
             self.num_kv_heads,
             self.head_size,
+            self.intermediate_size,
             self.eps,
             self.scale,
             path,

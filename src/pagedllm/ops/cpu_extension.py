@@ -34,6 +34,7 @@ _SOURCES = (
     "layer_ops.cpp",
     "gemv.cpp",
     "gemm.cpp",
+    "gemm_bf16.cpp",
     "sampling_ops.cpp",
     "decoder_stack.cpp",
 )

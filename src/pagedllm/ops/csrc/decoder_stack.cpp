@@ -34,6 +34,7 @@ enum LinearPath : int64_t {
   kPanels = 0,     // panel_linear on weights from pack_panels; fp32 bias
   kStreaming = 1,  // linear_few_rows on the row-major weight; fp32 bias
   kOneDnn = 2,     // oneDNN on its reordered weight; bias in the weight's dtype
+  kDotPanels = 3,  // dot_panel_linear on weights from pack_dot_panels; fp32 bias
 };
 
 // mkldnn::_linear_pointwise(x, w, b, "none", [], ""), as PackedWeight.onednn calls it.
@@ -58,6 +59,10 @@ at::Tensor project(LinearPath path, at::Tensor& out, const at::Tensor& x, const 
                    const at::Tensor& bias, bool gated, at::Tensor& gated_buffer) {
   if (path == kPanels) {
     panel_linear(out, x, weight, bias, gated);
+    return out;
+  }
+  if (path == kDotPanels) {
+    dot_panel_linear(out, x, weight, bias, gated);
     return out;
   }
   const at::Tensor* input = &x;
@@ -123,7 +128,8 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
                                const at::Tensor& seq_lens, const at::Tensor& block_tables,
                                const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                const at::Tensor& final_norm, int64_t num_heads,
-                               int64_t num_kv_heads, int64_t head_size, double eps, double scale,
+                               int64_t num_kv_heads, int64_t head_size,
+                               int64_t intermediate_size, double eps, double scale,
                                int64_t linear_path, const std::optional<at::Tensor>& seconds) {
   const int64_t num_layers = static_cast<int64_t>(kv_caches.size());
   TORCH_CHECK(num_layers > 0 && static_cast<int64_t>(weights.size()) ==
@@ -135,7 +141,7 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
                   (seconds->scalar_type() == at::kDouble && seconds->is_contiguous() &&
                    seconds->numel() == kNumParts),
               "seconds must be a contiguous float64 [", kNumParts, "] tensor");
-  TORCH_CHECK(linear_path >= kPanels && linear_path <= kOneDnn, "unknown linear path ",
+  TORCH_CHECK(linear_path >= kPanels && linear_path <= kDotPanels, "unknown linear path ",
               linear_path);
   const auto path = static_cast<LinearPath>(linear_path);
   const int64_t T = hidden.size(0), H = hidden.size(1);
@@ -144,9 +150,7 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
   // The residual stream; x holds each block's input, then its output.
   at::Tensor residual = hidden.clone();
   at::Tensor x = at::empty({T, H}, options);
-  // The down projection's input width: panels [panels, K, P]; a plain weight [N, K]; oneDNN's
-  // reordered weight keeps the logical [N, K] sizes.
-  const int64_t intermediate = weights[8].size(1);
+  const int64_t intermediate = intermediate_size;  // the down projection's input width
   at::Tensor attn_out = at::empty({T, num_heads, head_size}, options);
   // Allocated in the first layer (gate_up's width from the down weight's input size).
   at::Tensor qkv, gate_up, gated;
@@ -196,7 +200,8 @@ TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
       "llama_decoder_stack(Tensor hidden, Tensor positions, Tensor[] weights, "
       "Tensor(a!)[] kv_caches, Tensor slot_mapping, Tensor query_start_loc, Tensor seq_lens, "
       "Tensor block_tables, Tensor cos_cache, Tensor sin_cache, Tensor final_norm, "
-      "int num_heads, int num_kv_heads, int head_size, float eps, float scale, "
+      "int num_heads, int num_kv_heads, int head_size, int intermediate_size, float eps, "
+      "float scale, "
       "int linear_path=0, Tensor(b!)? seconds=None) -> Tensor");
 }
 

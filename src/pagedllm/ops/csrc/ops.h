@@ -23,6 +23,11 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x);
 void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
                   const at::Tensor& bias, bool silu_and_mul);
 
+// gemm_bf16.cpp: the same with VDPBF16PS on a weight from pack_dot_panels (AVX512_BF16 CPUs).
+bool has_bf16_dot();
+void dot_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
+                      const at::Tensor& bias, bool silu_and_mul);
+
 // gemv.cpp: out = x @ W.T + b streaming a row-major weight (a few rows of x).
 void linear_few_rows(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
                      const at::Tensor& bias);
