@@ -124,13 +124,13 @@ def test_dot_kernel_shapes_and_strides() -> None:
     if ops is None or not ops.has_bf16_dot():
         pytest.skip("no AVX512_BF16 kernel on this CPU")
     torch.manual_seed(0)
-    # Edges: odd k (a zero-padded last pair), n past a 32-column panel, k = 2000 with 100 rows:
+    # Edges: odd k (a zero-padded last pair), n past a 48-column panel, k = 2000 with 100 rows:
     # two row blocks.
-    for n, k in [(1, 1), (15, 7), (32, 256), (33, 257), (40, 600), (24, 2000)]:
+    for n, k in [(1, 1), (15, 7), (48, 256), (49, 257), (100, 600), (24, 2000)]:
         weight = torch.randn(n, k).bfloat16()
         bias = torch.randn(n)
         packed = ops.pack_dot_panels(weight)
-        assert packed.shape == (-(-n // 32), -(-k // 2), 64)
+        assert packed.shape == (-(-n // 48), -(-k // 2), 96)
         for rows in (0, 1, 5, 7, 8, 9, 13, 100):
             wide = torch.randn(rows, k + 3).bfloat16()
             x = wide[:, 1:k + 1]  # rows strided, as a slice of a wider tensor
