@@ -105,13 +105,16 @@ struct ItemRows {
 // Per-thread scratch, sized once per call.
 struct Scratch {
   std::vector<float> q, acc, m, l, s, kt, kbuf, vbuf;
-  std::vector<bf16_t> qb;  // bf16 query rows (the dot-product decode)
+  std::vector<bf16_t> qb;       // bf16 query rows (the dot-product paths)
+  std::vector<uint32_t> kpair;  // a key tile in pairs of inputs (run_dot_item)
+  std::vector<bf16_t> vpair;    // a value tile in pairs of keys (run_dot_item)
   std::vector<const float*> krow, vrow;
   std::vector<const void*> kraw, vraw, next_kraw, next_vraw;
   Scratch(int rows, int d, int span)
       : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * kKeyTile), kt(d * kKeyTile),
         kbuf(kKeyTile * span), vbuf(kKeyTile * span), krow(kKeyTile), vrow(kKeyTile),
-        qb(rows * d), kraw(kKeyTile), vraw(kKeyTile), next_kraw(kKeyTile),
+        qb(rows * d), kpair(d / 2 * kKeyTile), vpair(d * kKeyTile),
+        kraw(kKeyTile), vraw(kKeyTile), next_kraw(kKeyTile),
         next_vraw(kKeyTile) {}
 };
 
@@ -789,6 +792,132 @@ void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float
   unpermute_acc(sc.acc.data(), ir.rows, d);
   finish_item(p, it, ir, sc, partial);
 }
+
+// ---- Longer queries (prefill, chunks) with VDPBF16PS ------------------------------------------
+//
+// run_item's GEMM form for bf16: per key tile, K is packed once into pairs of inputs per key
+// (kpair[i][t] = K[t][2i], K[t][2i + 1]) and V into pairs of keys (as dot_decode_pv pairs
+// them), then four rows at a time score all the tile's keys and, after each row's softmax,
+// accumulate p @ V, with the same rounding as the dot-product decode.
+
+// s[r][0:32] = scale * q[r] . k[0:32] for `rows` rows (kpair as above, zero past the keys).
+inline void dot_scores_rows(const bf16_t* q, int rows, int d, const uint32_t* kpair, float scale,
+                            float* s) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r0 = 0; r0 < rows; r0 += 4) {
+    const int rn = std::min(4, rows - r0);
+    __m512 a[4][2];
+    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int i = 0; i < d / 2; ++i) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kpair + i * kKeyTile);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kpair + i * kKeyTile + 16);
+      for (int r = 0; r < rn; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, q + (r0 + r) * d + 2 * i, sizeof pair);
+        const __m512bh qa = (__m512bh)_mm512_set1_epi32(pair);
+        a[r][0] = _mm512_dpbf16_ps(a[r][0], qa, b0);
+        a[r][1] = _mm512_dpbf16_ps(a[r][1], qa, b1);
+      }
+    }
+    for (int r = 0; r < rn; ++r) {
+      _mm512_storeu_ps(s + (r0 + r) * kKeyTile, _mm512_mul_ps(a[r][0], sc));
+      _mm512_storeu_ps(s + (r0 + r) * kKeyTile + 16, _mm512_mul_ps(a[r][1], sc));
+    }
+  }
+}
+
+// acc = acc * corr + p @ V for one row over the tile's key pairs (vpair: pair j, chunk c at
+// vpair + (j * d2 + c) * 64 as [lo | hi]; acc chunks permuted as in dot_decode_pv).
+inline void dot_pv_row(float* acc, int d, float corr, const float* p, const bf16_t* vpair,
+                       int pairs) {
+  alignas(64) uint32_t w[kKeyTile / 2];
+  const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p));
+  _mm512_store_si512(w, (__m512i)h);
+  const __m512 cv = _mm512_set1_ps(corr);
+  const int d2 = d / 32;
+  for (int c0 = 0; c0 < d2; c0 += 4) {
+    const int cn = std::min(4, d2 - c0);
+    __m512 lo[4], hi[4];
+    for (int c = 0; c < cn; ++c) {
+      lo[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * (c0 + c)), cv);
+      hi[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * (c0 + c) + 16), cv);
+    }
+    for (int j = 0; j < pairs; ++j) {
+      const __m512bh pw = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[j]));
+      const bf16_t* vj = vpair + (j * d2 + c0) * 64;
+      for (int c = 0; c < cn; ++c) {
+        lo[c] = _mm512_dpbf16_ps(lo[c], pw, load_bh(vj + 64 * c));
+        hi[c] = _mm512_dpbf16_ps(hi[c], pw, load_bh(vj + 64 * c + 32));
+      }
+    }
+    for (int c = 0; c < cn; ++c) {
+      _mm512_storeu_ps(acc + 32 * (c0 + c), lo[c]);
+      _mm512_storeu_ps(acc + 32 * (c0 + c) + 16, hi[c]);
+    }
+  }
+}
+
+// Whether run_dot_item applies: as dot_decode_applies, for items of one kv head.
+inline bool dot_item_applies(const Params& p, const WorkItem& it) {
+  return dot_decode_applies(p) && it.h_end - it.h_begin == 1;
+}
+
+void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
+  const int d = static_cast<int>(p.head_size), d2 = d / 32;
+  const ItemRows ir(it, static_cast<int>(p.group));
+  const int64_t seq_len = p.seq_lens[it.seq];
+  const int64_t query_len = p.query_start_loc[it.seq + 1] - p.query_start_loc[it.seq];
+  const int64_t first_pos = seq_len - query_len + it.q_begin;
+  const int64_t tok0 = p.query_start_loc[it.seq] + it.q_begin;
+  bf16_t* qb = sc.qb.data();
+  for (int r = 0; r < ir.rows; ++r) {
+    const bf16_t* src = static_cast<const bf16_t*>(p.query) + (tok0 + ir.token(r)) * p.q_stride_t +
+                        ir.q_head(r, it.h_begin) * p.q_stride_h;
+    std::memcpy(qb + r * d, src, d * sizeof(bf16_t));
+  }
+  std::fill_n(sc.acc.data(), ir.rows * d, 0.f);
+  std::fill_n(sc.m.data(), ir.rows, -kInf);
+  std::fill_n(sc.l.data(), ir.rows, 0.f);
+  uint32_t* kpair = sc.kpair.data();
+  bf16_t* vpair = sc.vpair.data();
+  const int64_t span_bytes = d * static_cast<int64_t>(sizeof(bf16_t));
+  for_each_key_tile<bf16_t>(p, it, sc, [&](int64_t kb, int n, int next_n) {
+    for (int t = 0; t < next_n; ++t) {
+      prefetch_l2(sc.next_kraw[t], span_bytes);
+      prefetch_l2(sc.next_vraw[t], span_bytes);
+    }
+    for (int t = 0; t < kKeyTile; ++t) {
+      const char* k = static_cast<const char*>(sc.kraw[std::min(t, n - 1)]);
+      for (int i = 0; i < d / 2; ++i) {
+        uint32_t pair = 0;
+        if (t < n) std::memcpy(&pair, k + 4 * i, sizeof pair);
+        kpair[i * kKeyTile + t] = pair;
+      }
+    }
+    const int pairs = (n + 1) / 2;
+    for (int j = 0; j < pairs; ++j) {
+      const bf16_t* v0 = static_cast<const bf16_t*>(sc.vraw[2 * j]);
+      const bf16_t* v1 = static_cast<const bf16_t*>(sc.vraw[std::min(2 * j + 1, n - 1)]);
+      for (int c = 0; c < d2; ++c) {
+        const __m512i a = _mm512_loadu_si512(v0 + 32 * c), b = _mm512_loadu_si512(v1 + 32 * c);
+        _mm512_storeu_si512(vpair + (j * d2 + c) * 64, _mm512_unpacklo_epi16(a, b));
+        _mm512_storeu_si512(vpair + (j * d2 + c) * 64 + 32, _mm512_unpackhi_epi16(a, b));
+      }
+    }
+    float* s = sc.s.data();
+    dot_scores_rows(qb, ir.rows, d, kpair, p.scale, s);
+    for (int r = 0; r < ir.rows; ++r) {
+      // A row sees the keys up to its own token's position.
+      const int64_t nv = std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1);
+      if (nv <= 0) continue;
+      const float corr = softmax_row(s + r * kKeyTile, static_cast<int>(nv), sc.m[r], sc.l[r]);
+      dot_pv_row(sc.acc.data() + r * d, d, corr, s + r * kKeyTile, vpair,
+                 static_cast<int>((nv + 1) / 2));
+    }
+  });
+  unpermute_acc(sc.acc.data(), ir.rows, d);
+  finish_item(p, it, ir, sc, partial);
+}
 #endif  // __AVX512BF16__
 
 // run_decode_item (or, for bf16 on AVX512_BF16, run_dot_decode_item) for the model's group
@@ -839,6 +968,12 @@ void run_attention(const Params& p, const std::vector<WorkItem>& items,
       if (it.q_end - it.q_begin == 1 && p.group <= kDotMaxRows) {
         run_decode<cache_t>(p, it, sc, partial.data());
       } else {
+#if defined(__AVX512BF16__)
+        if (std::is_same_v<cache_t, bf16_t> && dot_item_applies(p, it)) {
+          run_dot_item(p, it, sc, partial.data());
+          continue;
+        }
+#endif
         run_item<cache_t>(p, it, sc, partial.data());
       }
     }
