@@ -1,4 +1,4 @@
-"""The linear layers' three CPU paths on SmolLM2's projection shapes, as the model runs them.
+"""The linear layers' CPU paths on SmolLM2's projection shapes, as the model runs them.
 
 For each row count M (tokens in the step) and weight dtype it times one pass over the 30
 layers' projections (qkv, o, gate_up, down: 30 distinct weights of each, so they stream from
@@ -11,6 +11,9 @@ memory as in the model, not from cache) with
 - pagedllm's panel kernels (`panel_linear`) on weights packed into column panels in their own
   dtype (a bf16 weight stays bf16 in memory): sequential passes over the panels up to 8 rows,
   a register-tiled GEMM above,
+- on CPUs with AVX512_BF16, for bf16 weights, pagedllm's bf16 dot-product kernel
+  (`dot_panel_linear`, VDPBF16PS) on weights packed in pairs of inputs: the engine's only path
+  for bf16 weights there,
 and reports milliseconds per pass, GFLOP/s and the weight bytes read per second.
 
     python benchmarks/linear.py [--rows 1 2 4 8 16 64 2048] [--out PATH]
@@ -58,8 +61,9 @@ def main() -> None:
         raise SystemExit(f"CPU ops unavailable: {cpu_ops_error()}")
     torch.manual_seed(0)
     rows_out = []
+    has_dot = ops.has_bf16_dot()
     header = (f"{'rows':>5} {'weight':>7} {'F.linear ms':>12} {'oneDNN ms':>10} {'stream ms':>10}"
-              f" {'panel ms':>9}"
+              f" {'panel ms':>9} {'dot ms':>7}"
               f" {'best':>9} {'GFLOP/s':>8} {'weight GB/s':>12}")
     print(f"{NUM_LAYERS} layers x {len(SHAPES)} projections, {torch.get_num_threads()} threads")
     print(header)
@@ -71,6 +75,8 @@ def main() -> None:
         reordered = [[torch.ops.mkldnn._reorder_linear_weight(w.to(compute), 64) for w in layer]
                      for layer in weights]
         panels = [[ops.pack_panels(w) for w in layer] for layer in weights]
+        with_dot = has_dot and dtype == torch.bfloat16
+        dots = [[ops.pack_dot_panels(w) for w in layer] for layer in weights] if with_dot else []
         weight_bytes = sum(w.numel() * w.element_size() for layer in weights for w in layer)
         for m in args.rows:
             inputs = [torch.randn(m, k).to(dtype) for _, k in SHAPES]
@@ -100,6 +106,11 @@ def main() -> None:
                     for p, x, o in zip(layer, inputs, outs):
                         ops.panel_linear(o, x, p, empty)
 
+            def dot() -> None:
+                for layer in dots:
+                    for p, x, o in zip(layer, inputs, outs):
+                        ops.dot_panel_linear(o, x, p, empty)
+
             repeats = 3 if m >= 64 else 5
             # bf16 F.linear has no fast path on CPUs without bf16 GEMM: time it once, briefly.
             slow = dtype == torch.bfloat16 and m > 16 and not onednn_has_gemm(dtype)
@@ -108,6 +119,7 @@ def main() -> None:
                 "oneDNN": best_time(onednn, repeats),
                 "stream": best_time(stream, repeats) if m <= 2 * FEW_ROWS else None,
                 "panel": best_time(panel, repeats),
+                "dot": best_time(dot, repeats) if with_dot else None,
             }
             best_name = min((k for k, v in times.items() if v is not None), key=times.get)
             best = times[best_name]
@@ -117,7 +129,7 @@ def main() -> None:
                    "weight_gb_s": weight_bytes / best / 1e9}
             rows_out.append(row)
             cells = [f"{'-' if v is None else f'{v * 1e3:.1f}':>{w}}"
-                     for v, w in zip(times.values(), (12, 10, 10, 9))]
+                     for v, w in zip(times.values(), (12, 10, 10, 9, 7))]
             print(f"{m:>5} {row['weight_dtype']:>7} {' '.join(cells)} {best_name:>9} "
                   f"{row['gflops']:>8.1f} {row['weight_gb_s']:>12.1f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,9 @@ def test_later_rounds_draw_fresh_prompts_of_the_same_lengths():
         assert all(a.prompt_token_ids != b.prompt_token_ids for a, b in zip(again, first))
     assert round_requests("fixed", 2, 1)[0].prompt_token_ids != \
         round_requests("fixed", 2, 2)[0].prompt_token_ids
-    # Workloads of one round do not share prompts (a prefix cache would carry them over).
-    firsts = [round_requests(w, None, 1)[0].prompt_token_ids[:16]
-              for w in ("fixed", "sharegpt-like", "single")]
-    assert len({tuple(f) for f in firsts}) == 3
+    # Workloads of one round do not share prompts (a prefix cache would carry them over), in
+    # the first round (the workloads' own seeds) as in later ones.
+    for round_index in (0, 1):
+        firsts = [round_requests(w, None, round_index)[0].prompt_token_ids[:16]
+                  for w in ("fixed", "sharegpt-like", "single")]
+        assert len({tuple(f) for f in firsts}) == 3

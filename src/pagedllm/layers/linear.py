@@ -34,11 +34,11 @@ from pagedllm.ops import NATIVE_DTYPES, cpu_ops
 
 logger = logging.getLogger(__name__)
 
-# Row-count switch points (benchmarks/linear.py on this project's 2-core AVX2 machine):
-# the streaming kernel up to FEW_ROWS rows for bf16 weights on CPUs with a bf16 GEMM; panels
-# for every bf16 batch otherwise (their few-rows passes read a bf16 weight 1.3-1.4x faster than
-# the streaming kernel at 1-4 rows); fp32 weights take panels up to FP32_PANEL_MAX_ROWS (1.35x
-# oneDNN at 64 rows, 0.9x at 256) and oneDNN above.
+# Row-count switch points (benchmarks/linear.py on a 2-core AVX2 machine), for CPUs without
+# the dot-product kernel: the streaming kernel up to FEW_ROWS rows for bf16 weights where
+# oneDNN has a bf16 GEMM; panels for every bf16 batch otherwise (their few-rows passes read a
+# bf16 weight 1.3-1.4x faster than the streaming kernel at 1-4 rows); fp32 weights take panels
+# up to FP32_PANEL_MAX_ROWS (1.35x oneDNN at 64 rows, 0.9x at 256) and oneDNN above.
 FEW_ROWS = 8
 FP32_PANEL_MAX_ROWS = 128
 

@@ -23,6 +23,10 @@
 // size works) with an online softmax in fp32; the next tile's slots are prefetched, since
 // scattered blocks defeat the hardware prefetchers at every block start.
 //
+// On CPUs with AVX512_BF16, a bf16 query over a bf16 cache (head size a multiple of 32) takes
+// dot-product versions of the decode and GEMM-form items (VDPBF16PS: the products in bf16
+// pairs, the sums and the softmax in fp32; see the section at the end).
+//
 // When there are too few items to keep every thread busy (small-batch decode over a long
 // context), an item's key range is split and the partial softmax states are merged afterwards
 // (flash-decoding).
