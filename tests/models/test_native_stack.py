@@ -24,6 +24,7 @@ from pagedllm.layers.linear import (
     ONEDNN,
     PANELS,
     STREAMING,
+    dot_kernel_applies,
     onednn_has_gemm,
 )
 from pagedllm.models.llama import LlamaForCausalLM
@@ -80,7 +81,7 @@ def test_every_step_matches_the_module_path_bit_for_bit(tiny_llama_factory, monk
     assert {1, 10, 160} <= set(rows_checked)
     if dtype == "float32":  # panels up to 128 rows, oneDNN above, on every CPU
         assert paths == {PANELS, ONEDNN}
-    elif cpu_ops().has_bf16_dot():  # AVX512_BF16: the bf16 dot-product kernel for every batch
+    elif dot_kernel_applies():  # AVX512_BF16: the bf16 dot-product kernel for every batch
         assert paths == {DOT_PANELS}
     elif not onednn_has_gemm(torch.bfloat16):  # bf16 weights stay bf16 on panels
         assert paths == {PANELS}

@@ -13,6 +13,7 @@ from pagedllm.layers.linear import (
     PANELS,
     FP32_PANEL_MAX_ROWS,
     Linear,
+    dot_kernel_applies,
     pack_linear_layers,
 )
 from pagedllm.layers.activation import silu_and_mul
@@ -57,6 +58,19 @@ def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int, bias: boo
                                                   {"rtol": 1e-5, "atol": 1e-4}))
 
 
+def test_bf16_layer_takes_other_input_dtypes() -> None:
+    # fp16 rows (no kernel takes them) are converted, and the result has their dtype.
+    torch.manual_seed(0)
+    layer = Linear(64, 40, bias=True).to(torch.bfloat16)
+    weight, bias = layer.weight.detach().float().clone(), layer.bias.detach().float().clone()
+    layer.pack()
+    x = torch.randn(2, 3, 64).half()
+    got = layer(x)
+    assert got.dtype == torch.float16 and got.shape == (2, 3, 40)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), weight, bias), rtol=2e-2,
+                               atol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype) -> None:
     if cpu_ops() is None:
@@ -77,7 +91,7 @@ def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype) -
                         else "few_rows" if rows <= packed.stream_max_rows
                         else "panel" if rows <= packed.panel_max_rows else "onednn")
     assert calls == expected
-    if dtype == torch.bfloat16 and cpu_ops().has_bf16_dot():  # one bf16 copy, every batch
+    if dtype == torch.bfloat16 and dot_kernel_applies():  # one bf16 copy, every batch
         assert packed.dot_panels is not None and packed.dot_panels.dtype == torch.bfloat16
         assert packed.plain is None and packed.panels is None and packed.onednn_weight is None
         return
@@ -132,8 +146,10 @@ def test_dot_kernel_shapes_and_strides() -> None:
         packed = ops.pack_dot_panels(weight)
         assert packed.shape == (-(-n // 48), -(-k // 2), 96)
         for rows in (0, 1, 5, 7, 8, 9, 13, 100):
-            wide = torch.randn(rows, k + 3).bfloat16()
-            x = wide[:, 1:k + 1]  # rows strided, as a slice of a wider tensor
+            # Rows strided, as a slice of a wider tensor: read in place where the pairs stay
+            # aligned (even k and stride), else through a padded copy.
+            wide = torch.randn(rows, k + 4 if k % 2 == 0 else k + 3).bfloat16()
+            x = wide[:, 2:k + 2] if k % 2 == 0 else wide[:, 1:k + 1]
             for out_dtype in (torch.bfloat16, torch.float32):
                 out = torch.empty(rows, n, dtype=out_dtype)
                 ops.dot_panel_linear(out, x, packed, bias)
@@ -147,6 +163,22 @@ def test_dot_kernel_shapes_and_strides() -> None:
             ops.dot_panel_linear(out, x32, packed, torch.empty(0))
             torch.testing.assert_close(out, F.linear(x32.bfloat16().float(), weight.float()),
                                        rtol=1e-5, atol=1e-4)
+            # Gated ([gate | up], SwiGLU's down projection): the silu_and_mul op's output, in
+            # x's dtype, rounded to bf16 once.
+            for gate_dtype in (torch.bfloat16, torch.float32):
+                gate_up = (torch.randn(rows, 2 * k) * 3).to(gate_dtype)
+                out = torch.empty(rows, n)
+                ops.dot_panel_linear(out, gate_up, packed, bias, True)
+                gated = silu_and_mul(gate_up).bfloat16().float()
+                # Same bf16 operands; only the fp32 summation order differs, over terms up to
+                # ~10x larger than the plain rows' (gate_up is scaled by 3 to reach the silu's
+                # tails), hence the wider atol.
+                torch.testing.assert_close(out, F.linear(gated, weight.float(), bias),
+                                           rtol=1e-5, atol=1e-3)
+    empty_k = torch.empty(3, 5)  # K = 0: the bias alone
+    ops.dot_panel_linear(empty_k, torch.empty(3, 0).bfloat16(),
+                         ops.pack_dot_panels(torch.empty(5, 0).bfloat16()), torch.arange(5.0))
+    assert torch.equal(empty_k, torch.arange(5.0).expand(3, 5))
     with pytest.raises(RuntimeError, match="columns"):
         ops.dot_panel_linear(torch.empty(2, 16), torch.randn(2, 8).bfloat16(),
                              ops.pack_dot_panels(torch.randn(16, 10).bfloat16()), torch.empty(0))

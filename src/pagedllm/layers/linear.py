@@ -1,8 +1,9 @@
 """Linear layers whose CPU forward runs on weights packed once, by the fastest path per call.
 
-On CPUs with AVX512_BF16, a bf16 weight takes one path for every batch: pagedllm's bf16
-dot-product kernel (`ops/csrc/gemm_bf16.cpp`, VDPBF16PS) on the weight packed once in pairs of
-inputs; it beat oneDNN's bf16 GEMM at every row count measured (1 to 2048 rows; 15% at 64).
+On CPUs with AVX512_BF16 and no AMX, a bf16 weight takes one path for every batch: pagedllm's
+bf16 dot-product kernel (`ops/csrc/gemm_bf16.cpp`, VDPBF16PS) on the weight packed once in pairs
+of inputs; it beat oneDNN's bf16 GEMM at every row count measured on a Zen 4 (1 to 2048 rows;
+20% at 64). CPUs with AMX keep oneDNN (whose AMX GEMM this kernel was not measured against).
 Elsewhere, three paths, chosen per call by the number of rows (tokens in the step), measured in
 benchmarks/linear.py (docs/benchmarks.md):
 - up to `stream_max_rows`: pagedllm's weight-streaming kernel (`ops/csrc/gemv.cpp`) over the
@@ -48,6 +49,13 @@ PANELS, STREAMING, ONEDNN, DOT_PANELS = 0, 1, 2, 3
 
 
 @functools.cache
+def dot_kernel_applies() -> bool:
+    """Whether bf16 weights take the dot-product kernel: AVX512_BF16 without AMX."""
+    ops = cpu_ops()
+    return ops is not None and ops.has_bf16_dot() and not torch.cpu._is_amx_tile_supported()
+
+
+@functools.cache
 def onednn_has_gemm(dtype: torch.dtype) -> bool:
     """Whether oneDNN can pack (and so multiply) weights of `dtype` on this CPU."""
     try:
@@ -72,7 +80,7 @@ class PackedWeight:
         # The kernels' fp32 bias (or empty).
         self.plain_bias = torch.empty(0) if bias is None else bias.detach().float().contiguous()
         native = onednn_has_gemm(weight.dtype)
-        if self.ops is not None and weight.dtype == torch.bfloat16 and self.ops.has_bf16_dot():
+        if self.ops is not None and weight.dtype == torch.bfloat16 and dot_kernel_applies():
             self.dot_panels = self.ops.pack_dot_panels(weight)
         elif self.ops is not None and weight.dtype == torch.bfloat16 and not native:
             self.panels = self.ops.pack_panels(weight)
@@ -108,12 +116,14 @@ class PackedWeight:
                 return self.panel(x, out_dtype)
             if path == DOT_PANELS:
                 return self.dot(x, out_dtype)
-        if self.dot_panels is not None:  # any leading shape, as 2-D rows
-            out = self.dot(x.reshape(-1, x.shape[-1]), out_dtype)
-            return out.reshape(*x.shape[:-1], -1)
-        if self.onednn_weight is None:  # panels only: any leading shape, as 2-D rows
-            out = self.panel(x.reshape(-1, x.shape[-1]), out_dtype)
-            return out.reshape(*x.shape[:-1], -1)
+        if self.onednn_weight is None:  # native kernels only: any shape or dtype, as 2-D rows
+            rows = x.reshape(-1, x.shape[-1])
+            if rows.dtype not in NATIVE_DTYPES:
+                rows = rows.to(self.compute_dtype)
+            want = out_dtype or x.dtype
+            kernel = self.dot if self.dot_panels is not None else self.panel
+            out = kernel(rows, want if want in NATIVE_DTYPES else None)
+            return _as_dtype(out, want).reshape(*x.shape[:-1], -1)
         return _as_dtype(self.onednn(x), out_dtype)
 
     def path(self, rows: int) -> int:
@@ -133,7 +143,8 @@ class PackedWeight:
         written out; the other paths run the separate op first.
         """
         rows = gate_up.shape[0]
-        if gate_up.dim() == 2 and gate_up.dtype in NATIVE_DTYPES and self.path(rows) == DOT_PANELS:
+        if (gate_up.dim() == 2 and gate_up.dtype in NATIVE_DTYPES and gate_up.stride(-1) == 1
+                and self.path(rows) == DOT_PANELS):
             out = gate_up.new_empty(rows, self.out_features)
             self.ops.dot_panel_linear(out, gate_up, self.dot_panels, self.plain_bias, True)
             return out

@@ -161,6 +161,7 @@ void dot_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& pac
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
                   (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               "x must be 2-D fp32/bf16 CPU");
+  TORCH_CHECK(out.dim() == 2, "out must be 2-D");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 2 * kCols && packed.is_contiguous() &&
                   packed.scalar_type() == at::kBFloat16,
               "packed must come from pack_dot_panels");
@@ -177,12 +178,16 @@ void dot_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& pac
                             bias.numel() == N),
               "bias must be contiguous float32 [N] (or empty)");
   if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum: the bias alone
+    if (has_bias) out.copy_(bias.unsqueeze(0).expand({M, N})); else out.zero_();
+    return;
+  }
   // The tile reads x in pairs along contiguous rows of even length: anything else (the gated
   // input, fp32, an odd K, strided rows) goes through a bf16 copy first.
   at::Tensor xb = x;
-  if (silu_and_mul) {
-    xb = at::empty({M, K}, x.options().dtype(at::kBFloat16));
-    pagedllm::silu_and_mul(xb, x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16));
+  if (silu_and_mul) {  // the separate op's output in x's dtype (rounded below if fp32)
+    xb = at::empty({M, K}, x.options());
+    pagedllm::silu_and_mul(xb, x);
   }
   if (xb.scalar_type() != at::kBFloat16 || K % 2 || xb.stride(1) != 1 || xb.stride(0) % 2) {
     at::Tensor padded = at::zeros({M, 2 * K2}, x.options().dtype(at::kBFloat16));

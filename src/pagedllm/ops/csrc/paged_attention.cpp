@@ -109,10 +109,10 @@ struct ItemRows {
 // Per-thread scratch, sized once per call.
 struct Scratch {
   std::vector<float> q, acc, m, l, s, kt, kbuf, vbuf;
+  std::vector<const float*> krow, vrow;
   std::vector<bf16_t> qb;       // bf16 query rows (the dot-product paths)
   std::vector<uint32_t> kpair;  // a key tile in pairs of inputs (run_dot_item)
   std::vector<bf16_t> vpair;    // a value tile in pairs of keys (run_dot_item)
-  std::vector<const float*> krow, vrow;
   std::vector<const void*> kraw, vraw, next_kraw, next_vraw;
   Scratch(int rows, int d, int span)
       : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * kKeyTile), kt(d * kKeyTile),
