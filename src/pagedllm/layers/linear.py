@@ -143,15 +143,14 @@ class PackedWeight:
         written out; the other paths run the separate op first.
         """
         rows = gate_up.shape[0]
+        path = self.path(rows)
         if (gate_up.dim() == 2 and gate_up.dtype in NATIVE_DTYPES and gate_up.stride(-1) == 1
-                and self.path(rows) == DOT_PANELS):
+                and path in (PANELS, DOT_PANELS)):
             out = gate_up.new_empty(rows, self.out_features)
-            self.ops.dot_panel_linear(out, gate_up, self.dot_panels, self.plain_bias, True)
-            return out
-        if (gate_up.dim() == 2 and gate_up.dtype in NATIVE_DTYPES and gate_up.stride(-1) == 1
-                and self.path(rows) == PANELS):
-            out = gate_up.new_empty(rows, self.out_features)
-            self.ops.panel_linear(out, gate_up, self.panels, self.plain_bias, True)
+            if path == DOT_PANELS:
+                self.ops.dot_panel_linear(out, gate_up, self.dot_panels, self.plain_bias, True)
+            else:
+                self.ops.panel_linear(out, gate_up, self.panels, self.plain_bias, True)
             return out
         return self(silu_and_mul(gate_up))
 

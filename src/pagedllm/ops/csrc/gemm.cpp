@@ -124,16 +124,6 @@ TileFn<B> tile_fn(int64_t rows, bool accumulate) {
   return accumulate ? tile_fn<B, true>(rows) : tile_fn<B, false>(rows);
 }
 
-inline void store_row(float* out, const float* acc, const float* bias, int64_t width) {
-  for (int64_t j = 0; j < width; ++j) out[j] = acc[j] + (bias ? bias[j] : 0.0f);
-}
-inline void store_row(bf16_t* out, const float* acc, const float* bias, int64_t width) {
-  if (width == kPanel && !bias) {
-    for (int j = 0; j < kPanel; j += kLanes) vec::store(out + j, vec::load(acc + j));
-    return;
-  }
-  for (int64_t j = 0; j < width; ++j) out[j] = vec::float_to_bf16(acc[j] + (bias ? bias[j] : 0.0f));
-}
 
 // SwiGLU's gate silu(gate) * up at k .. k + kLanes - 1 (gate_lanes) or at k (gate_value) of a
 // row [gate | up] of 2K values, rounded as the separate silu_and_mul op's store into T rounds
@@ -298,8 +288,8 @@ void run_panels(O* out, int64_t ldo, const XRows<T>& x, const W* packed, const f
         }
         const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
         for (int64_t m = m_begin; m < m_end; ++m) {
-          store_row(out + m * ldo + n0, acc.data() + (m - m_begin) * kPanel,
-                    bias ? bias + n0 : nullptr, width);
+          vec::store_sums<kPanel>(out + m * ldo + n0, acc.data() + (m - m_begin) * kPanel,
+                                  bias ? bias + n0 : nullptr, width);
         }
       }
     }
@@ -391,8 +381,8 @@ void few_rows(O* out, int64_t ldo, const float* x, const W* packed, const float*
           default: few_rows_panel<6>(xr, panel, K, acc); break;
         }
         for (int64_t r = 0; r < rows; ++r) {
-          store_row(out + (r0 + r) * ldo + n0, acc + r * kPanel, bias ? bias + n0 : nullptr,
-                    width);
+          vec::store_sums<kPanel>(out + (r0 + r) * ldo + n0, acc + r * kPanel,
+                                  bias ? bias + n0 : nullptr, width);
         }
       }
     }

@@ -86,16 +86,6 @@ DotTileFn dot_tile_fn(int64_t rows) {
   }
 }
 
-inline void store_cols(float* out, const float* sums, const float* bias, int64_t width) {
-  for (int64_t j = 0; j < width; ++j) out[j] = sums[j] + (bias ? bias[j] : 0.0f);
-}
-inline void store_cols(bf16_t* out, const float* sums, const float* bias, int64_t width) {
-  if (width == kCols && !bias) {
-    for (int j = 0; j < kCols; j += vec::kLanes) vec::store(out + j, vec::load(sums + j));
-    return;
-  }
-  for (int64_t j = 0; j < width; ++j) out[j] = vec::float_to_bf16(sums[j] + (bias ? bias[j] : 0.0f));
-}
 
 // out[M, N] = x[M, 2*K2] @ W.T + bias over the packed panels; x bf16 with row stride ldx.
 template <typename O>
@@ -121,8 +111,9 @@ void run_dot_panels(O* out, int64_t ldo, const bf16_t* x, int64_t ldx, int64_t M
         const int64_t rows = std::min<int64_t>(kRows, m_end - m0);
         dot_tile_fn(rows)(x + m0 * ldx, ldx, panel, K2, acc);
         for (int64_t r = 0; r < rows; ++r) {
-          store_cols(out + (m0 + r) * ldo + n0, reinterpret_cast<const float*>(acc + kColVecs * r),
-                     bias ? bias + n0 : nullptr, width);
+          vec::store_sums<kCols>(out + (m0 + r) * ldo + n0,
+                                 reinterpret_cast<const float*>(acc + kColVecs * r),
+                                 bias ? bias + n0 : nullptr, width);
         }
       }
     }
@@ -169,7 +160,7 @@ void dot_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& pac
   const int64_t M = x.size(0), K = silu_and_mul ? x.size(1) / 2 : x.size(1), N = out.size(1);
   const int64_t K2 = packed.size(1);
   TORCH_CHECK(K2 == (K + 1) / 2, "x has ", K, " columns, the weight ", 2 * K2, " (padded)");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.stride(1) == 1 &&
+  TORCH_CHECK(out.size(0) == M && out.stride(1) == 1 &&
                   (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) &&
                   packed.size(0) == (N + kCols - 1) / kCols,
               "out must be [M, N] fp32/bf16 with a contiguous last dim, N the weight's rows");

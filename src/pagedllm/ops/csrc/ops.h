@@ -24,7 +24,6 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
                   const at::Tensor& bias, bool silu_and_mul);
 
 // gemm_bf16.cpp: the same with VDPBF16PS on a weight from pack_dot_panels (AVX512_BF16 CPUs).
-bool has_bf16_dot();
 void dot_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
                       const at::Tensor& bias, bool silu_and_mul);
 

@@ -400,12 +400,16 @@ inline void decode_pv(float* acc, int d, const float* corr, const float* p,
   }
 }
 
+// Element offset in p.query of the item's row r (its token and query head).
+inline int64_t query_offset(const Params& p, const WorkItem& it, const ItemRows& ir, int r) {
+  const int64_t token = p.query_start_loc[it.seq] + it.q_begin + ir.token(r);
+  return token * p.q_stride_t + ir.q_head(r, it.h_begin) * p.q_stride_h;
+}
+
 inline void load_query_rows(const Params& p, const WorkItem& it, const ItemRows& ir, float* q) {
   const int d = static_cast<int>(p.head_size);
-  const int64_t tok0 = p.query_start_loc[it.seq] + it.q_begin;
   for (int r = 0; r < ir.rows; ++r) {
-    const int64_t off =
-        (tok0 + ir.token(r)) * p.q_stride_t + ir.q_head(r, it.h_begin) * p.q_stride_h;
+    const int64_t off = query_offset(p, it, ir, r);
     float* dst = q + r * d;
     if (p.q_bf16) {
       const bf16_t* src = static_cast<const bf16_t*>(p.query) + off;
@@ -456,9 +460,20 @@ inline void for_each_key_tile(const Params& p, const WorkItem& it, Scratch& sc, 
 }
 
 // Loads the item's query rows and resets its softmax state.
-inline void start_item(const Params& p, const WorkItem& it, const ItemRows& ir, Scratch& sc) {
+// With raw_bf16 (the dot-product paths), the rows go to sc.qb as the projection wrote them
+// (bf16, unscaled) instead of scaled fp32 rows to sc.q.
+inline void start_item(const Params& p, const WorkItem& it, const ItemRows& ir, Scratch& sc,
+                       bool raw_bf16 = false) {
   const int d = static_cast<int>(p.head_size);
-  load_query_rows(p, it, ir, sc.q.data());
+  if (raw_bf16) {
+    for (int r = 0; r < ir.rows; ++r) {
+      std::memcpy(sc.qb.data() + r * d,
+                  static_cast<const bf16_t*>(p.query) + query_offset(p, it, ir, r),
+                  d * sizeof(bf16_t));
+    }
+  } else {
+    load_query_rows(p, it, ir, sc.q.data());
+  }
   std::fill_n(sc.acc.data(), ir.rows * d, 0.f);
   std::fill_n(sc.m.data(), ir.rows, -kInf);
   std::fill_n(sc.l.data(), ir.rows, 0.f);
@@ -694,6 +709,14 @@ inline void dot_decode_scores(const bf16_t* q, int d, const void* const* kslot, 
   }
 }
 
+// w[j] = the tile's weights p[2j], p[2j + 1] rounded to bf16, one pair per 32-bit word (the
+// broadcast operand of VDPBF16PS). w is 64-byte aligned.
+inline void weight_pairs(const float* p, uint32_t* w) {
+  static_assert(kKeyTile == 32, "one conversion of 32 weights");
+  const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p));
+  _mm512_store_si512(w, (__m512i)h);
+}
+
 // acc[g] = acc[g] * corr[g] + p[g] @ V for the G rows of one kv head over keys 0 .. n - 1 (the
 // weights past n are 0). Keys go in pairs: unpacking two V rows interleaves them into the pairs
 // VDPBF16PS takes, which permutes the lanes within each 32-value chunk of a row: acc holds
@@ -705,11 +728,7 @@ inline void dot_decode_pv(float* acc, int d, const float* corr, const float* p,
   constexpr int kChunks = std::max(1, 4 / G);  // chunks per pass: <= 8 accumulator pairs
   const int d2 = d / 32, pairs = (n + 1) / 2;
   alignas(64) uint32_t w[G][kKeyTile / 2];
-  for (int g = 0; g < G; ++g) {
-    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + g * kKeyTile + 16),
-                                           _mm512_loadu_ps(p + g * kKeyTile));
-    _mm512_store_si512(w[g], (__m512i)h);
-  }
+  for (int g = 0; g < G; ++g) weight_pairs(p + g * kKeyTile, w[g]);
   for (int c0 = 0; c0 < d2; c0 += kChunks) {
     const int cn = std::min(kChunks, d2 - c0);
     __m512 lo[G][kChunks], hi[G][kChunks];
@@ -767,16 +786,8 @@ void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float
   const int d = static_cast<int>(p.head_size);
   const ItemRows ir(it, G);
   const int64_t span_bytes = ir.heads * d * static_cast<int64_t>(sizeof(bf16_t));
-  // The query rows as the projection wrote them (bf16, unscaled), kv-head-major like acc.
-  const int64_t tok = p.query_start_loc[it.seq] + it.q_begin;
-  const bf16_t* q = static_cast<const bf16_t*>(p.query) + tok * p.q_stride_t;
-  bf16_t* qb = sc.qb.data();
-  for (int r = 0; r < ir.rows; ++r) {
-    std::memcpy(qb + r * d, q + ir.q_head(r, it.h_begin) * p.q_stride_h, d * sizeof(bf16_t));
-  }
-  std::fill_n(sc.acc.data(), ir.rows * d, 0.f);
-  std::fill_n(sc.m.data(), ir.rows, -kInf);
-  std::fill_n(sc.l.data(), ir.rows, 0.f);
+  start_item(p, it, ir, sc, /*raw_bf16=*/true);
+  const bf16_t* qb = sc.qb.data();
   for_each_key_tile<bf16_t>(p, it, sc, [&](int64_t, int n, int next_n) {
     touch_tile(sc.kraw.data(), sc.vraw.data(), n, span_bytes);
     for (int h = 0; h < ir.heads; ++h) {
@@ -835,8 +846,7 @@ inline void dot_scores_rows(const bf16_t* q, int rows, int d, const uint32_t* kp
 inline void dot_pv_row(float* acc, int d, float corr, const float* p, const bf16_t* vpair,
                        int pairs) {
   alignas(64) uint32_t w[kKeyTile / 2];
-  const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p));
-  _mm512_store_si512(w, (__m512i)h);
+  weight_pairs(p, w);
   const __m512 cv = _mm512_set1_ps(corr);
   const int d2 = d / 32;
   for (int c0 = 0; c0 < d2; c0 += 4) {
@@ -872,16 +882,8 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
   const int64_t seq_len = p.seq_lens[it.seq];
   const int64_t query_len = p.query_start_loc[it.seq + 1] - p.query_start_loc[it.seq];
   const int64_t first_pos = seq_len - query_len + it.q_begin;
-  const int64_t tok0 = p.query_start_loc[it.seq] + it.q_begin;
-  bf16_t* qb = sc.qb.data();
-  for (int r = 0; r < ir.rows; ++r) {
-    const bf16_t* src = static_cast<const bf16_t*>(p.query) + (tok0 + ir.token(r)) * p.q_stride_t +
-                        ir.q_head(r, it.h_begin) * p.q_stride_h;
-    std::memcpy(qb + r * d, src, d * sizeof(bf16_t));
-  }
-  std::fill_n(sc.acc.data(), ir.rows * d, 0.f);
-  std::fill_n(sc.m.data(), ir.rows, -kInf);
-  std::fill_n(sc.l.data(), ir.rows, 0.f);
+  start_item(p, it, ir, sc, /*raw_bf16=*/true);
+  const bf16_t* qb = sc.qb.data();
   uint32_t* kpair = sc.kpair.data();
   bf16_t* vpair = sc.vpair.data();
   const int64_t span_bytes = d * static_cast<int64_t>(sizeof(bf16_t));

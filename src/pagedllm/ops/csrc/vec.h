@@ -85,6 +85,21 @@ inline void store(bf16_t* p, vfloat v) {
   std::memcpy(p, &h, sizeof h);
 }
 
+// A GEMM's output row: out[0:width] = sums + bias (bias may be null), in out's dtype. A full
+// row of kWidth columns without bias is stored in vectors; any other row one value at a time.
+template <int64_t kWidth>
+inline void store_sums(float* out, const float* sums, const float* bias, int64_t width) {
+  for (int64_t j = 0; j < width; ++j) out[j] = sums[j] + (bias ? bias[j] : 0.0f);
+}
+template <int64_t kWidth>
+inline void store_sums(bf16_t* out, const float* sums, const float* bias, int64_t width) {
+  if (width == kWidth && !bias) {
+    for (int64_t j = 0; j < kWidth; j += kLanes) store(out + j, load(sums + j));
+    return;
+  }
+  for (int64_t j = 0; j < width; ++j) out[j] = float_to_bf16(sums[j] + (bias ? bias[j] : 0.0f));
+}
+
 // Element i of an fp32 or bf16 array, as fp32.
 inline float load1(const float* p, int64_t i) { return p[i]; }
 inline float load1(const bf16_t* p, int64_t i) { return bf16_to_float(p[i]); }
