@@ -155,9 +155,11 @@ def test_decode_every_group_size_matches_reference(group: int, dtype: torch.dtyp
     run_both(DECODE_BATCH, 16, 2 * group, 2, 72, dtype, seed=group)
     # Head size 20: scalar tails.
     run_both(DECODE_BATCH[:4], 8, group, 1, 20, dtype, seed=group)
-    # Head sizes 64 and 96 (multiples of 32): in bf16 on AVX512_BF16 CPUs, the dot-product
-    # decode, whose p @ V passes take 32-value chunks a few at a time (96: a pass of fewer).
+    # Head sizes 64, 128 and 96 (multiples of 32): in bf16 on AVX512_BF16 CPUs, the dot-product
+    # decode, compiled for 64 and 128 and general for the others, whose p @ V passes take
+    # 32-value chunks a few at a time (a pass of fewer when they do not divide).
     run_both(DECODE_BATCH, 16, 3 * group, 3, 64, dtype, seed=group)
+    run_both(DECODE_BATCH[:4], 16, 2 * group, 2, 128, dtype, seed=group)
     run_both(DECODE_BATCH, 8, group, 1, 96, dtype, seed=group)
 
 

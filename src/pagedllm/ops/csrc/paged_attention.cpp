@@ -688,23 +688,30 @@ inline void prefetch_l2(const void* row, int64_t bytes) {
   }
 }
 
-// s[g][t] = scale * q[g] . k[t] for the G rows of one kv head, keys 0 .. n - 1 (d = 32 * D2).
-template <int G>
+// s[g][t] = scale * q[g] . k[t] for the G rows of one kv head, keys 0 .. n - 1. D2 = d / 32
+// when known at compile time (0: read d), so that the loops unroll; each key's chunks are loaded
+// once for the G rows.
+template <int G, int D2>
 inline void dot_decode_scores(const bf16_t* q, int d, const void* const* kslot, int64_t head_off,
                               int n, float scale, float* s) {
-  const int d2 = d / 32;
-  for (int g = 0; g < G; ++g) {
-    const bf16_t* qg = q + g * d;
-    for (int t0 = 0; t0 < n; t0 += 16) {
-      __m512 v[16];
-      for (int j = 0; j < 16; ++j) {
-        // Past the last key, repeat it: those scores are masked out by the softmax.
-        const bf16_t* k = static_cast<const bf16_t*>(kslot[std::min(t0 + j, n - 1)]) + head_off;
-        __m512 a = _mm512_setzero_ps();
-        for (int c = 0; c < d2; ++c) a = _mm512_dpbf16_ps(a, load_bh(qg + 32 * c), load_bh(k + 32 * c));
-        v[4 * (j % 4) + j / 4] = a;
+  const int d2 = D2 > 0 ? D2 : d / 32;
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int t0 = 0; t0 < n; t0 += 16) {
+    __m512 v[G][16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      // Past the last key, repeat it: those scores are masked out by the softmax.
+      const bf16_t* k = static_cast<const bf16_t*>(kslot[std::min(t0 + j, n - 1)]) + head_off;
+      __m512 a[G];
+      for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
+      for (int c = 0; c < d2; ++c) {
+        const __m512bh kc = load_bh(k + 32 * c);
+        for (int g = 0; g < G; ++g) a[g] = _mm512_dpbf16_ps(a[g], load_bh(q + g * d + 32 * c), kc);
       }
-      _mm512_storeu_ps(s + g * kKeyTile + t0, _mm512_mul_ps(reduce16(v), _mm512_set1_ps(scale)));
+      for (int g = 0; g < G; ++g) v[g][4 * (j % 4) + j / 4] = a[g];
+    }
+    for (int g = 0; g < G; ++g) {
+      _mm512_storeu_ps(s + g * kKeyTile + t0, _mm512_mul_ps(reduce16(v[g]), sv));
     }
   }
 }
@@ -722,11 +729,12 @@ inline void weight_pairs(const float* p, uint32_t* w) {
 // VDPBF16PS takes, which permutes the lanes within each 32-value chunk of a row: acc holds
 // chunk c as [lo | hi], lo lane j being value 8 * (j / 4) + j % 4 and hi lane j that + 4
 // (unpermute_acc restores the order).
-template <int G>
+template <int G, int D2>
 inline void dot_decode_pv(float* acc, int d, const float* corr, const float* p,
                           const void* const* vslot, int64_t head_off, int n) {
-  constexpr int kChunks = std::max(1, 4 / G);  // chunks per pass: <= 8 accumulator pairs
-  const int d2 = d / 32, pairs = (n + 1) / 2;
+  // Chunks per pass: <= 12 accumulator pairs, of the 32 vector registers.
+  constexpr int kChunks = std::max(1, std::min(D2 > 0 ? D2 : 4, 12 / G));
+  const int d2 = D2 > 0 ? D2 : d / 32, pairs = (n + 1) / 2;
   alignas(64) uint32_t w[G][kKeyTile / 2];
   for (int g = 0; g < G; ++g) weight_pairs(p + g * kKeyTile, w[g]);
   for (int c0 = 0; c0 < d2; c0 += kChunks) {
@@ -781,7 +789,7 @@ inline void unpermute_acc(float* acc, int rows, int d) {
 // Whether the dot-product decode applies: bf16 query and cache, head size a multiple of 32.
 inline bool dot_decode_applies(const Params& p) { return p.q_bf16 && p.head_size % 32 == 0; }
 
-template <int G>
+template <int G, int D2>
 void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
   const int d = static_cast<int>(p.head_size);
   const ItemRows ir(it, G);
@@ -796,12 +804,12 @@ void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float
         prefetch_l2(sc.next_vraw[u], span_bytes);
       }
       float* s = sc.s.data() + h * G * kKeyTile;
-      dot_decode_scores<G>(qb + h * G * d, d, sc.kraw.data(), h * d, n, p.scale, s);
+      dot_decode_scores<G, D2>(qb + h * G * d, d, sc.kraw.data(), h * d, n, p.scale, s);
       float corr[G];
       for (int g = 0; g < G; ++g) {
         corr[g] = softmax_row(s + g * kKeyTile, n, sc.m[h * G + g], sc.l[h * G + g]);
       }
-      dot_decode_pv<G>(sc.acc.data() + h * G * d, d, corr, s, sc.vraw.data(), h * d, n);
+      dot_decode_pv<G, D2>(sc.acc.data() + h * G * d, d, corr, s, sc.vraw.data(), h * d, n);
     }
   });
   unpermute_acc(sc.acc.data(), ir.rows, d);
@@ -926,6 +934,24 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
 }
 #endif  // __AVX512BF16__
 
+#if defined(__AVX512BF16__)
+// run_dot_decode_item for the model's group size (1 .. kDotMaxRows); D2 = head_size / 32 for
+// the common head sizes, 0 for the others.
+template <int D2>
+void run_dot_decode(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
+  switch (p.group) {
+    case 1: return run_dot_decode_item<1, D2>(p, it, sc, partial);
+    case 2: return run_dot_decode_item<2, D2>(p, it, sc, partial);
+    case 3: return run_dot_decode_item<3, D2>(p, it, sc, partial);
+    case 4: return run_dot_decode_item<4, D2>(p, it, sc, partial);
+    case 5: return run_dot_decode_item<5, D2>(p, it, sc, partial);
+    case 6: return run_dot_decode_item<6, D2>(p, it, sc, partial);
+    case 7: return run_dot_decode_item<7, D2>(p, it, sc, partial);
+    default: return run_dot_decode_item<8, D2>(p, it, sc, partial);
+  }
+}
+#endif
+
 // run_decode_item (or, for bf16 on AVX512_BF16, run_dot_decode_item) for the model's group
 // size (1 .. kDotMaxRows).
 template <typename cache_t>
@@ -933,15 +959,10 @@ void run_decode(const Params& p, const WorkItem& it, Scratch& sc, float* partial
   static_assert(kDotMaxRows == 8, "one case per group size");
 #if defined(__AVX512BF16__)
   if (std::is_same_v<cache_t, bf16_t> && dot_decode_applies(p)) {
-    switch (p.group) {
-      case 1: return run_dot_decode_item<1>(p, it, sc, partial);
-      case 2: return run_dot_decode_item<2>(p, it, sc, partial);
-      case 3: return run_dot_decode_item<3>(p, it, sc, partial);
-      case 4: return run_dot_decode_item<4>(p, it, sc, partial);
-      case 5: return run_dot_decode_item<5>(p, it, sc, partial);
-      case 6: return run_dot_decode_item<6>(p, it, sc, partial);
-      case 7: return run_dot_decode_item<7>(p, it, sc, partial);
-      default: return run_dot_decode_item<8>(p, it, sc, partial);
+    switch (p.head_size) {
+      case 64: return run_dot_decode<2>(p, it, sc, partial);
+      case 128: return run_dot_decode<4>(p, it, sc, partial);
+      default: return run_dot_decode<0>(p, it, sc, partial);
     }
   }
 #endif
