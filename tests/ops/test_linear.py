@@ -207,6 +207,58 @@ def test_down_projection_fused_with_silu_and_mul_gives_the_same_bits(dtype, rows
     torch.testing.assert_close(got, reference, **tol)
 
 
+def test_swiglu_kernel_gives_the_bits_of_the_projection_then_the_gate() -> None:
+    ops = cpu_ops()
+    if ops is None or not ops.has_bf16_dot():
+        pytest.skip("no AVX512_BF16 kernel on this CPU")
+    torch.manual_seed(0)
+    # Units: 1536 (SmolLM2), 100 (a panel of 24 cut short; the gate op's scalar tail past 96),
+    # 8 and 37 (fewer than a vector; a tail); k odd, and 0 (the bias alone).
+    for units, k in [(1536, 576), (100, 33), (37, 64), (8, 2), (24, 0)]:
+        weight = (torch.randn(2 * units, k) * 0.3).bfloat16()
+        swiglu_packed = ops.pack_dot_swiglu_panels(weight)
+        assert swiglu_packed.shape == (-(-units // 24), -(-k // 2), 96)
+        for rows in (1, 5, 64):
+            for bias in (torch.empty(0), torch.randn(2 * units)):
+                for dtype in (torch.bfloat16, torch.float32):
+                    x = torch.randn(rows, k).to(dtype)
+                    gate_up = torch.empty(rows, 2 * units, dtype=dtype)
+                    ops.dot_panel_linear(gate_up, x, ops.pack_dot_panels(weight), bias)
+                    expected = torch.empty(rows, units, dtype=dtype)
+                    ops.silu_and_mul(expected, gate_up)
+                    got = torch.empty(rows, units, dtype=dtype)
+                    ops.dot_swiglu_linear(got, x, swiglu_packed, bias)
+                    assert torch.equal(got, expected), (units, k, rows, bias.numel(), dtype)
+    with pytest.raises(RuntimeError, match="units"):
+        ops.dot_swiglu_linear(torch.empty(2, 30), torch.randn(2, 8).bfloat16(),
+                              ops.pack_dot_swiglu_panels(torch.randn(20, 8).bfloat16()),
+                              torch.empty(0))
+    with pytest.raises(RuntimeError, match="even number of rows"):
+        ops.pack_dot_swiglu_panels(torch.randn(5, 8).bfloat16())
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_gate_up_layer_gates_in_its_gemm(rows: int) -> None:
+    torch.manual_seed(rows)
+    layer = Linear(96, 2 * 80, bias=True).bfloat16()
+    reference = Linear(96, 2 * 80, bias=True).bfloat16()
+    reference.load_state_dict(layer.state_dict())
+    layer.gates_swiglu = True
+    assert layer.pack() and reference.pack()
+    assert layer.fuses_swiglu == dot_kernel_applies()
+    x = torch.randn(rows, 96).bfloat16()
+    got = layer.swiglu(x)
+    assert got.shape == (rows, 80) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, silu_and_mul(reference(x)), rtol=0, atol=0)
+    # Any leading shape, and other input dtypes (converted, as the plain projection does).
+    torch.testing.assert_close(layer.swiglu(x.view(1, rows, 96)), got.view(1, rows, 80),
+                               rtol=0, atol=0)
+    assert layer.swiglu(x.half()).dtype == torch.float16
+    if layer.fuses_swiglu:
+        with pytest.raises(RuntimeError, match="swiglu"):
+            layer(x)
+
+
 def test_fused_gate_needs_a_gate_up_input() -> None:
     ops = cpu_ops()
     if ops is None:

@@ -64,9 +64,14 @@ class LlamaMLP(nn.Module):
         # Fused [gate | up] projection; the loader packs gate_proj and up_proj into it.
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.gate_up_proj.shard_sizes = [config.intermediate_size, config.intermediate_size]
+        self.gate_up_proj.gates_swiglu = True
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Gated in the gate_up GEMM (bf16 dot-product kernel), or in the down projection's
+        # packing of its input (panel kernels), or by the separate op.
+        if self.gate_up_proj.fuses_swiglu:
+            return self.down_proj(self.gate_up_proj.swiglu(x))
         return self.down_proj.after_silu_and_mul(self.gate_up_proj(x))
 
 

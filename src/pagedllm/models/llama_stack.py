@@ -114,6 +114,12 @@ class NativeDecoderStack:
                          for p in packed}
         if len(switch_points) != 1:
             return None
+        # On the dot-product path the op gates in the gate_up GEMM, so every gate_up weight must
+        # be packed for it, and no other weight.
+        if packed[0].dot_panels is not None and any(
+            p.fuses_swiglu != (i % 4 == 2) for i, p in enumerate(packed)
+        ):
+            return None
         return cls(model, ops)
 
     def linear_path(self, rows: int) -> int | None:

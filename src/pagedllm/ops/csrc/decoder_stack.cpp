@@ -34,7 +34,8 @@ enum LinearPath : int64_t {
   kPanels = 0,     // panel_linear on weights from pack_panels; fp32 bias
   kStreaming = 1,  // linear_few_rows on the row-major weight; fp32 bias
   kOneDnn = 2,     // oneDNN on its reordered weight; bias in the weight's dtype
-  kDotPanels = 3,  // dot_panel_linear on weights from pack_dot_panels; fp32 bias
+  kDotPanels = 3,  // dot_panel_linear on weights from pack_dot_panels, gate_up's from
+                   // pack_dot_swiglu_panels (gated by dot_swiglu_linear); fp32 bias
 };
 
 // mkldnn::_linear_pointwise(x, w, b, "none", [], ""), as PackedWeight.onednn calls it.
@@ -152,7 +153,7 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
   at::Tensor x = at::empty({T, H}, options);
   const int64_t intermediate = intermediate_size;  // the down projection's input width
   at::Tensor attn_out = at::empty({T, num_heads, head_size}, options);
-  // Allocated in the first layer (gate_up's width from the down weight's input size).
+  // Allocated in the first layer.
   at::Tensor qkv, gate_up, gated;
   PartTimer timer(seconds);
 
@@ -183,9 +184,15 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
     timer.begin_block();
     fused_add_rms_norm(x, residual, w[5], eps);
     timer.lap(kNormsRotary);
-    if (!gate_up.defined()) gate_up = at::empty({T, 2 * intermediate}, options);
-    gate_up = project(path, gate_up, x, w[6], w[7], false, gated);
-    x = project(path, x, gate_up, w[8], w[9], true, gated);
+    if (path == kDotPanels) {  // gated in the gate_up GEMM's epilogue
+      if (!gated.defined()) gated = at::empty({T, intermediate}, options);
+      dot_swiglu_linear(gated, x, w[6], w[7]);
+      x = project(path, x, gated, w[8], w[9], false, gated);
+    } else {
+      if (!gate_up.defined()) gate_up = at::empty({T, 2 * intermediate}, options);
+      gate_up = project(path, gate_up, x, w[6], w[7], false, gated);
+      x = project(path, x, gate_up, w[8], w[9], true, gated);
+    }
     timer.lap(kMlpProjections);
     timer.end_block(kMlpBlock);
   }

@@ -26,6 +26,9 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
 // gemm_bf16.cpp: the same with VDPBF16PS on a weight from pack_dot_panels (AVX512_BF16 CPUs).
 void dot_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
                       const at::Tensor& bias, bool silu_and_mul);
+// ... and SwiGLU's gate_up projection with the gating in its epilogue (pack_dot_swiglu_panels).
+void dot_swiglu_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
+                       const at::Tensor& bias);
 
 // gemv.cpp: out = x @ W.T + b streaming a row-major weight (a few rows of x).
 void linear_few_rows(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
