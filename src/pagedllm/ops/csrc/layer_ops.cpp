@@ -9,6 +9,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
+#include <vector>
+
 #include "ops.h"
 #include "vec.h"
 
@@ -52,41 +55,81 @@ void check_row_pair(const at::Tensor& x, const at::Tensor& other, int64_t width,
 // out = weight * round(x * rsqrt(mean(x^2) + eps)), row by row, in SIMD vectors. The sum of
 // squares is kept in two vectors of partial sums: as one scalar chain of dependent adds it
 // was most of the norms' time (0.1 s of a 3.4 s prefill step of 2048 tokens).
+
+// The sum of squares of a row's values value(i) (fp32, as stored in T), in the order above.
+template <typename Value>
+inline float sum_squares(int64_t width, const Value& value) {
+  constexpr int64_t L = vec::kLanes;
+  vec::vfloat s0 = {}, s1 = {};
+  int64_t i = 0;
+  for (; i + 2 * L <= width; i += 2 * L) {
+    const vec::vfloat a = value.vector(i), b = value.vector(i + L);
+    s0 += a * a;
+    s1 += b * b;
+  }
+  for (; i + L <= width; i += L) {
+    const vec::vfloat a = value.vector(i);
+    s0 += a * a;
+  }
+  float sum = vec::hsum(s0 + s1);
+  for (; i < width; ++i) {
+    const float v = value.scalar(i);
+    sum += v * v;
+  }
+  return sum;
+}
+
+// outr = weight * round(xr * rsqrt(sum / width + eps)).
+template <typename T, typename W>
+inline void normalize_row(T* outr, const T* xr, const W* weight, int64_t width, float sum,
+                          float eps) {
+  constexpr int64_t L = vec::kLanes;
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
+  const vec::vfloat inv_v = vec::splat(inv);
+  int64_t i = 0;
+  for (; i + L <= width; i += L) {
+    const vec::vfloat normed = vec::round_as<T>(vec::load(xr + i) * inv_v);
+    vec::store(outr + i, vec::load(weight + i) * normed);
+  }
+  for (; i < width; ++i) {
+    const float normed = vec::round_as<T>(load1(xr, i) * inv);
+    store1(outr, i, load1(weight, i) * normed);
+  }
+}
+
+// A row's stored values, read back.
+template <typename T>
+struct RowValues {
+  const T* row;
+  vec::vfloat vector(int64_t i) const { return vec::load(row + i); }
+  float scalar(int64_t i) const { return load1(row, i); }
+};
+
+// residual += x, each value stored in T and returned as stored (the add before a norm).
+template <typename T>
+struct AddedValues {
+  T* residual;
+  const T* x;
+  vec::vfloat vector(int64_t i) const {
+    const vec::vfloat v = vec::round_as<T>(vec::load(residual + i) + vec::load(x + i));
+    vec::store(residual + i, v);
+    return v;
+  }
+  float scalar(int64_t i) const {
+    const float v = vec::round_as<T>(load1(residual, i) + load1(x, i));
+    store1(residual, i, v);
+    return v;
+  }
+};
+
 template <typename T, typename W>
 void rms_norm_rows(T* out, int64_t out_stride, const T* x, int64_t x_stride, const W* weight,
                    int64_t rows, int64_t width, float eps) {
-  constexpr int64_t L = vec::kLanes;
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * x_stride;
-      T* outr = out + r * out_stride;
-      vec::vfloat s0 = {}, s1 = {};
-      int64_t i = 0;
-      for (; i + 2 * L <= width; i += 2 * L) {
-        const vec::vfloat a = vec::load(xr + i), b = vec::load(xr + i + L);
-        s0 += a * a;
-        s1 += b * b;
-      }
-      for (; i + L <= width; i += L) {
-        const vec::vfloat a = vec::load(xr + i);
-        s0 += a * a;
-      }
-      float sum = vec::hsum(s0 + s1);
-      for (; i < width; ++i) {
-        const float v = load1(xr, i);
-        sum += v * v;
-      }
-      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(width) + eps);
-      const vec::vfloat inv_v = vec::splat(inv);
-      i = 0;
-      for (; i + L <= width; i += L) {
-        const vec::vfloat normed = vec::round_as<T>(vec::load(xr + i) * inv_v);
-        vec::store(outr + i, vec::load(weight + i) * normed);
-      }
-      for (; i < width; ++i) {
-        const float normed = vec::round_as<T>(load1(xr, i) * inv);
-        store1(outr, i, load1(weight, i) * normed);
-      }
+      normalize_row(out + r * out_stride, xr, weight, width,
+                    sum_squares(width, RowValues<T>{xr}), eps);
     }
   });
 }
@@ -126,20 +169,17 @@ void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& wei
     using W = decltype(w);
     T* xp = mut_ptr<T>(x);
     T* rp = mut_ptr<T>(residual);
+    const W* wp = ptr<W>(weight);
     const int64_t xs = x.stride(0), rs = residual.stride(0);
+    // One pass per row: the add, the sum of squares of its stored result, then the norm.
     at::parallel_for(0, x.size(0), kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         T* rr = rp + r * rs;
-        const T* xr = xp + r * xs;
-        int64_t i = 0;
-        for (; i + vec::kLanes <= width; i += vec::kLanes) {
-          vec::store(rr + i, vec::load(rr + i) + vec::load(xr + i));
-        }
-        for (; i < width; ++i) store1(rr, i, load1(rr, i) + load1(xr, i));
+        T* xr = xp + r * xs;
+        const float sum = sum_squares(width, AddedValues<T>{rr, xr});
+        normalize_row(xr, rr, wp, width, sum, static_cast<float>(eps));
       }
     });
-    rms_norm_rows<T, W>(xp, xs, rp, rs, ptr<W>(weight), x.size(0), width,
-                        static_cast<float>(eps));
   });
 }
 
@@ -176,37 +216,51 @@ namespace {
 
 // NeoX-style (rotate-half) RoPE, in place: for each head, with h = head_size / 2,
 //   x[i] <- x[i] * cos[i] - x[i + h] * sin[i],  x[i + h] <- x[i + h] * cos[i + h] + x[i] * sin[i + h]
-// cos/sin: fp32 [max_position, head_size] tables (already scaled), indexed by positions.
+// cos/sin: a token's table rows, already rounded to T (as the torch version multiplies by
+// tables in T), shared by all its heads.
 template <typename T>
-void rotate_heads(T* base, int64_t token_stride, int64_t head_stride, int64_t num_heads,
-                  int64_t head_size, const float* cos, const float* sin, const int64_t* positions,
-                  int64_t num_tokens) {
+void rotate_heads(T* base, int64_t head_stride, int64_t num_heads, int64_t head_size,
+                  const float* c, const float* s) {
   const int64_t h = head_size / 2;
+  for (int64_t head = 0; head < num_heads; ++head) {
+    T* x = base + head * head_stride;
+    int64_t i = 0;
+    for (; i + vec::kLanes <= h; i += vec::kLanes) {
+      const vec::vfloat a = vec::load(x + i), b = vec::load(x + i + h);
+      const vec::vfloat ca = vec::load(c + i), sa = vec::load(s + i);
+      const vec::vfloat cb = vec::load(c + i + h), sb = vec::load(s + i + h);
+      vec::store(x + i, vec::round_as<T>(a * ca) + vec::round_as<T>(-b * sa));
+      vec::store(x + i + h, vec::round_as<T>(b * cb) + vec::round_as<T>(a * sb));
+    }
+    for (; i < h; ++i) {
+      const float a = load1(x, i), b = load1(x, i + h);
+      // The torch version: x * cos + rotate_half(x) * sin, each product stored in T.
+      store1(x, i, vec::round_as<T>(a * c[i]) + vec::round_as<T>(-b * s[i]));
+      store1(x, i + h, vec::round_as<T>(b * c[i + h]) + vec::round_as<T>(a * s[i + h]));
+    }
+  }
+}
+
+// The query's and key's heads of each token, in one pass over the tokens.
+template <typename T>
+void rotate_tokens(const at::Tensor& query, const at::Tensor& key, const float* cos,
+                   const float* sin, const int64_t* positions, int64_t num_tokens) {
+  const int64_t head_size = query.size(2);
+  T* q = mut_ptr<T>(query);
+  T* k = mut_ptr<T>(key);
   at::parallel_for(0, num_tokens, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> tables(2 * head_size);  // the token's cos and sin rows, rounded to T
+    float* c = tables.data();
+    float* s = c + head_size;
     for (int64_t t = begin; t < end; ++t) {
-      const float* c = cos + positions[t] * head_size;
-      const float* s = sin + positions[t] * head_size;
-      for (int64_t head = 0; head < num_heads; ++head) {
-        T* x = base + t * token_stride + head * head_stride;
-        int64_t i = 0;
-        for (; i + vec::kLanes <= h; i += vec::kLanes) {
-          const vec::vfloat a = vec::load(x + i), b = vec::load(x + i + h);
-          const vec::vfloat ca = vec::round_as<T>(vec::load(c + i));
-          const vec::vfloat sa = vec::round_as<T>(vec::load(s + i));
-          const vec::vfloat cb = vec::round_as<T>(vec::load(c + i + h));
-          const vec::vfloat sb = vec::round_as<T>(vec::load(s + i + h));
-          vec::store(x + i, vec::round_as<T>(a * ca) + vec::round_as<T>(-b * sa));
-          vec::store(x + i + h, vec::round_as<T>(b * cb) + vec::round_as<T>(a * sb));
-        }
-        for (; i < h; ++i) {
-          const float a = load1(x, i), b = load1(x, i + h);
-          // The torch version: x * cos + rotate_half(x) * sin, each product stored in T.
-          const float ca = vec::round_as<T>(c[i]), sa = vec::round_as<T>(s[i]);
-          const float cb = vec::round_as<T>(c[i + h]), sb = vec::round_as<T>(s[i + h]);
-          store1(x, i, vec::round_as<T>(a * ca) + vec::round_as<T>(-b * sa));
-          store1(x, i + h, vec::round_as<T>(b * cb) + vec::round_as<T>(a * sb));
-        }
+      const float* ct = cos + positions[t] * head_size;
+      const float* st = sin + positions[t] * head_size;
+      for (int64_t i = 0; i < head_size; ++i) {
+        c[i] = vec::round_as<T>(ct[i]);
+        s[i] = vec::round_as<T>(st[i]);
       }
+      rotate_heads<T>(q + t * query.stride(0), query.stride(1), query.size(1), head_size, c, s);
+      rotate_heads<T>(k + t * key.stride(0), key.stride(1), key.size(1), head_size, c, s);
     }
   });
 }
@@ -241,14 +295,11 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor 
   }
   const float* c = cos_cache.data_ptr<float>();
   const float* s = sin_cache.data_ptr<float>();
-  const auto body = [&](auto tag) {
-    using T = decltype(tag);
-    for (const at::Tensor* t : {&query, &key}) {
-      rotate_heads<T>(mut_ptr<T>(*t), t->stride(0), t->stride(1), t->size(1), head_size, c, s,
-                      pos, num_tokens);
-    }
-  };
-  if (query.scalar_type() == at::kBFloat16) body(bf16_t{}); else body(float{});
+  if (query.scalar_type() == at::kBFloat16) {
+    rotate_tokens<bf16_t>(query, key, c, s, pos, num_tokens);
+  } else {
+    rotate_tokens<float>(query, key, c, s, pos, num_tokens);
+  }
 }
 
 }  // namespace pagedllm
