@@ -19,11 +19,8 @@ namespace pagedllm {
 namespace {
 
 using vec::bf16_t;
-using vec::float_to_bf16;
 using vec::load1;
-
-inline void store1(float* p, int64_t i, float x) { p[i] = x; }
-inline void store1(bf16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+using vec::store1;
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.data_ptr());

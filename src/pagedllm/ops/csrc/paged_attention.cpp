@@ -427,12 +427,15 @@ inline void store_out_row(const Params& p, int64_t token, int64_t head, const fl
   const int d = static_cast<int>(p.head_size);
   const float inv_l = 1.f / l;
   const int64_t off = (token * p.num_heads + head) * p.head_size;
+  const auto store_row = [&](auto* dst) {
+    int i = 0;
+    for (; i + kLanes <= d; i += kLanes) store(dst + i, load(a + i) * splat(inv_l));
+    for (; i < d; ++i) store1(dst, i, a[i] * inv_l);
+  };
   if (p.q_bf16) {
-    bf16_t* dst = static_cast<bf16_t*>(p.out) + off;
-    for (int i = 0; i < d; ++i) dst[i] = float_to_bf16(a[i] * inv_l);
+    store_row(static_cast<bf16_t*>(p.out) + off);
   } else {
-    float* dst = static_cast<float*>(p.out) + off;
-    for (int i = 0; i < d; ++i) dst[i] = a[i] * inv_l;
+    store_row(static_cast<float*>(p.out) + off);
   }
 }
 
@@ -823,29 +826,65 @@ void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float
 // them), then four rows at a time score all the tile's keys and, after each row's softmax,
 // accumulate p @ V, with the same rounding as the dot-product decode.
 
-// s[r][0:32] = scale * q[r] . k[0:32] for `rows` rows (kpair as above, zero past the keys).
-inline void dot_scores_rows(const bf16_t* q, int rows, int d, const uint32_t* kpair, float scale,
+// s[r][0:32] = scale * q[r] . k[0:32] for R rows (kpair as above, zero past the keys). R is
+// a compile-time count so that the accumulators stay in registers.
+template <int R>
+inline void dot_scores_rows(const bf16_t* q, int d, const uint32_t* kpair, __m512 scale,
                             float* s) {
+  __m512 a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
+  for (int i = 0; i < d / 2; ++i) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kpair + i * kKeyTile);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kpair + i * kKeyTile + 16);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, q + r * d + 2 * i, sizeof pair);
+      const __m512bh qa = (__m512bh)_mm512_set1_epi32(pair);
+      a[r][0] = _mm512_dpbf16_ps(a[r][0], qa, b0);
+      a[r][1] = _mm512_dpbf16_ps(a[r][1], qa, b1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(s + r * kKeyTile, _mm512_mul_ps(a[r][0], scale));
+    _mm512_storeu_ps(s + r * kKeyTile + 16, _mm512_mul_ps(a[r][1], scale));
+  }
+}
+
+// dot_scores_rows for any number of rows: four at a time, then the rest.
+inline void dot_scores_all_rows(const bf16_t* q, int rows, int d, const uint32_t* kpair,
+                                float scale, float* s) {
   const __m512 sc = _mm512_set1_ps(scale);
-  for (int r0 = 0; r0 < rows; r0 += 4) {
-    const int rn = std::min(4, rows - r0);
-    __m512 a[4][2];
-    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
-    for (int i = 0; i < d / 2; ++i) {
-      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kpair + i * kKeyTile);
-      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kpair + i * kKeyTile + 16);
-      for (int r = 0; r < rn; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, q + (r0 + r) * d + 2 * i, sizeof pair);
-        const __m512bh qa = (__m512bh)_mm512_set1_epi32(pair);
-        a[r][0] = _mm512_dpbf16_ps(a[r][0], qa, b0);
-        a[r][1] = _mm512_dpbf16_ps(a[r][1], qa, b1);
-      }
+  int r0 = 0;
+  for (; r0 + 4 <= rows; r0 += 4) dot_scores_rows<4>(q + r0 * d, d, kpair, sc, s + r0 * kKeyTile);
+  switch (rows - r0) {
+    case 1: return dot_scores_rows<1>(q + r0 * d, d, kpair, sc, s + r0 * kKeyTile);
+    case 2: return dot_scores_rows<2>(q + r0 * d, d, kpair, sc, s + r0 * kKeyTile);
+    case 3: return dot_scores_rows<3>(q + r0 * d, d, kpair, sc, s + r0 * kKeyTile);
+    default: return;
+  }
+}
+
+// acc[32 * c0 .. + 32 * CN] = acc * corr + p @ V over the tile's key pairs for CN chunks (a
+// compile-time count: the accumulators stay in registers); w: the weights in pairs.
+template <int CN>
+inline void dot_pv_chunks(float* acc, int d2, int c0, __m512 corr, const uint32_t* w,
+                          const bf16_t* vpair, int pairs) {
+  __m512 lo[CN], hi[CN];
+  for (int c = 0; c < CN; ++c) {
+    lo[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * (c0 + c)), corr);
+    hi[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * (c0 + c) + 16), corr);
+  }
+  for (int j = 0; j < pairs; ++j) {
+    const __m512bh pw = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[j]));
+    const bf16_t* vj = vpair + (j * d2 + c0) * 64;
+    for (int c = 0; c < CN; ++c) {
+      lo[c] = _mm512_dpbf16_ps(lo[c], pw, load_bh(vj + 64 * c));
+      hi[c] = _mm512_dpbf16_ps(hi[c], pw, load_bh(vj + 64 * c + 32));
     }
-    for (int r = 0; r < rn; ++r) {
-      _mm512_storeu_ps(s + (r0 + r) * kKeyTile, _mm512_mul_ps(a[r][0], sc));
-      _mm512_storeu_ps(s + (r0 + r) * kKeyTile + 16, _mm512_mul_ps(a[r][1], sc));
-    }
+  }
+  for (int c = 0; c < CN; ++c) {
+    _mm512_storeu_ps(acc + 32 * (c0 + c), lo[c]);
+    _mm512_storeu_ps(acc + 32 * (c0 + c) + 16, hi[c]);
   }
 }
 
@@ -857,25 +896,13 @@ inline void dot_pv_row(float* acc, int d, float corr, const float* p, const bf16
   weight_pairs(p, w);
   const __m512 cv = _mm512_set1_ps(corr);
   const int d2 = d / 32;
-  for (int c0 = 0; c0 < d2; c0 += 4) {
-    const int cn = std::min(4, d2 - c0);
-    __m512 lo[4], hi[4];
-    for (int c = 0; c < cn; ++c) {
-      lo[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * (c0 + c)), cv);
-      hi[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * (c0 + c) + 16), cv);
-    }
-    for (int j = 0; j < pairs; ++j) {
-      const __m512bh pw = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[j]));
-      const bf16_t* vj = vpair + (j * d2 + c0) * 64;
-      for (int c = 0; c < cn; ++c) {
-        lo[c] = _mm512_dpbf16_ps(lo[c], pw, load_bh(vj + 64 * c));
-        hi[c] = _mm512_dpbf16_ps(hi[c], pw, load_bh(vj + 64 * c + 32));
-      }
-    }
-    for (int c = 0; c < cn; ++c) {
-      _mm512_storeu_ps(acc + 32 * (c0 + c), lo[c]);
-      _mm512_storeu_ps(acc + 32 * (c0 + c) + 16, hi[c]);
-    }
+  int c0 = 0;
+  for (; c0 + 4 <= d2; c0 += 4) dot_pv_chunks<4>(acc, d2, c0, cv, w, vpair, pairs);
+  switch (d2 - c0) {
+    case 1: return dot_pv_chunks<1>(acc, d2, c0, cv, w, vpair, pairs);
+    case 2: return dot_pv_chunks<2>(acc, d2, c0, cv, w, vpair, pairs);
+    case 3: return dot_pv_chunks<3>(acc, d2, c0, cv, w, vpair, pairs);
+    default: return;
   }
 }
 
@@ -919,7 +946,7 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
       }
     }
     float* s = sc.s.data();
-    dot_scores_rows(qb, ir.rows, d, kpair, p.scale, s);
+    dot_scores_all_rows(qb, ir.rows, d, kpair, p.scale, s);
     for (int r = 0; r < ir.rows; ++r) {
       // A row sees the keys up to its own token's position.
       const int64_t nv = std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1);

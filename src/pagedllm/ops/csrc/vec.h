@@ -103,6 +103,9 @@ inline void store_sums(bf16_t* out, const float* sums, const float* bias, int64_
 // Element i of an fp32 or bf16 array, as fp32.
 inline float load1(const float* p, int64_t i) { return p[i]; }
 inline float load1(const bf16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+// Element i of an fp32 or bf16 array = x (rounded to nearest even for bf16).
+inline void store1(float* p, int64_t i, float x) { p[i] = x; }
+inline void store1(bf16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
 
 // dst[0:n] = src[0:n] as fp32 (a copy for fp32, exact widening for bf16).
 template <typename T>
