@@ -122,9 +122,10 @@ def run_both(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "num_heads,num_kv_heads,head_size",
-    [(9, 3, 64), (4, 4, 32), (8, 1, 128), (6, 2, 20)],
-    # head 20 is no multiple of the SIMD width: it takes the scalar tails.
-    ids=["gqa-smollm2", "mha-32", "mqa-128", "gqa-head20"],
+    [(9, 3, 64), (4, 4, 32), (8, 1, 128), (6, 2, 20), (6, 2, 96), (2, 1, 160)],
+    # head 20 is no multiple of the SIMD width: it takes the scalar tails. Heads 96 and 160: the
+    # bf16 dot-product items' p @ V in 3 chunks, and in 4 + 1.
+    ids=["gqa-smollm2", "mha-32", "mqa-128", "gqa-head20", "gqa-head96", "gqa-head160"],
 )
 @pytest.mark.parametrize("block_size", [1, 8, 16, 32])
 def test_mixed_batch_matches_reference(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -47,3 +49,23 @@ def test_stop_string_split_across_tokens_is_never_streamed(tokenizer, stop):
             break
     assert found == stop
     assert streamed == text[: text.index(stop)]
+
+
+def test_tokenizers_overriding_decode_keep_their_decode(tokenizer):
+    # The fast path calls the tokenizers library directly only where the class's decode is
+    # transformers' generic one; a class of its own (Whisper, CodeGen, remote code) is called.
+    class Shouting(type(tokenizer)):
+        def decode(self, token_ids, **kwargs):
+            return super().decode(token_ids, **kwargs).upper()
+
+    shouting = copy.copy(tokenizer)
+    shouting.__class__ = Shouting
+    ids = tokenizer.encode("quiet words")
+    detok = IncrementalDetokenizer(shouting, [], [], False, True)
+    for token_id in ids:
+        detok.add_token(token_id)
+    assert detok.output_text(finished=True) == "QUIET WORDS"
+    plain = IncrementalDetokenizer(tokenizer, [], [], False, True)
+    for token_id in ids:
+        plain.add_token(token_id)
+    assert plain.output_text(finished=True) == "quiet words"

@@ -254,9 +254,11 @@ def test_gate_up_layer_gates_in_its_gemm(rows: int) -> None:
     torch.testing.assert_close(layer.swiglu(x.view(1, rows, 96)), got.view(1, rows, 80),
                                rtol=0, atol=0)
     assert layer.swiglu(x.half()).dtype == torch.float16
-    if layer.fuses_swiglu:
-        with pytest.raises(RuntimeError, match="swiglu"):
-            layer(x)
+    assert layer.swiglu(x[:0]).shape == (0, 80)
+    if layer.fuses_swiglu:  # its panels interleave gate and up units: no plain projection
+        for plain_call in (layer, layer.packed.dot, layer.after_silu_and_mul):
+            with pytest.raises(RuntimeError, match="swiglu"):
+                plain_call(x)
 
 
 def test_fused_gate_needs_a_gate_up_input() -> None:

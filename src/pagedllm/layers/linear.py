@@ -116,9 +116,7 @@ class PackedWeight:
         NOTE: the panel kernel writes fp32 from bf16 inputs directly, which saves the LM head's
         logits a full-size conversion per step; the other paths convert after.
         """
-        if self.fuses_swiglu:
-            raise RuntimeError("this [gate | up] weight is packed for its gated output: "
-                               "call swiglu(x), not the plain projection")
+        self._refuse_if_swiglu()
         if x.dim() == 2 and x.dtype in NATIVE_DTYPES:
             path = self.path(x.shape[0])
             if path == STREAMING:
@@ -137,6 +135,11 @@ class PackedWeight:
             return _as_dtype(out, want).reshape(*x.shape[:-1], -1)
         return _as_dtype(self.onednn(x), out_dtype)
 
+    def _refuse_if_swiglu(self) -> None:
+        if self.fuses_swiglu:  # its panels hold gate and up units interleaved
+            raise RuntimeError("this [gate | up] weight is packed for its gated output: "
+                               "call swiglu(x), not the plain projection")
+
     def path(self, rows: int) -> int:
         """The path of a 2-D fp32/bf16 batch of `rows` rows: the row-count switch points."""
         if self.dot_panels is not None:
@@ -153,6 +156,7 @@ class PackedWeight:
         The panel kernels gate each row while packing it, so the gated activations are never
         written out; the other paths run the separate op first.
         """
+        self._refuse_if_swiglu()
         rows = gate_up.shape[0]
         path = self.path(rows)
         if (gate_up.dim() == 2 and gate_up.dtype in NATIVE_DTYPES and gate_up.stride(-1) == 1
@@ -181,7 +185,7 @@ class PackedWeight:
             rows = rows.to(self.compute_dtype)
         out = rows.new_empty(rows.shape[0], self.out_features // 2)
         self.ops.dot_swiglu_linear(out, rows, self.dot_panels, self.plain_bias)
-        return _as_dtype(out, x.dtype).reshape(*x.shape[:-1], -1)
+        return _as_dtype(out, x.dtype).reshape(*x.shape[:-1], self.out_features // 2)
 
     def few_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The weight-streaming kernel over the plain weight."""
@@ -197,6 +201,7 @@ class PackedWeight:
 
     def dot(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """The bf16 dot-product kernel over the pair-packed weight (x rounded to bf16)."""
+        self._refuse_if_swiglu()
         out = x.new_empty(x.shape[0], self.out_features, dtype=out_dtype or x.dtype)
         self.ops.dot_panel_linear(out, x, self.dot_panels, self.plain_bias)
         return out

@@ -215,7 +215,10 @@ void run_dot_swiglu(T* out, int64_t ldo, const bf16_t* x, int64_t ldx, int64_t M
     const __m512 bias_up_hi = _mm512_shuffle_f32x4(_mm512_loadu_ps(panel_bias + kHalf + 16),
                                                    _mm512_loadu_ps(panel_bias + kHalf + 16),
                                                    _MM_SHUFFLE(1, 0, 1, 0));
-    const auto add_bias = [&](__m512 v, __m512 b) { return bias ? _mm512_add_ps(v, b) : v; };
+    // As store_sums adds: always for fp32 (sums + 0 turns -0 into +0), only a bias for bf16.
+    const auto add_bias = [&](__m512 v, __m512 b) {
+      return bias || std::is_same_v<T, float> ? _mm512_add_ps(v, b) : v;
+    };
     for (int64_t r = 0; r < rows; r += 2) {
       const int64_t r1 = std::min(r + 1, rows - 1);  // an odd last row pairs with itself
       for (int64_t q = r; q <= r1; ++q) {
