@@ -145,6 +145,29 @@ def test_abort_frees_blocks_and_others_finish(llm):
     assert_all_blocks_free(llm)
 
 
+def test_step_can_return_only_finished_outputs(llm):
+    # What LLM.generate asks for: the same final outputs, no per-step ones for running requests.
+    engine = llm.llm_engine
+    prompts = prompts_of(3, seed=21)
+    lengths = [3, 6, 9]
+    results = []
+    for finished_only in (False, True):
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            engine.add_request(f"final-{finished_only}-{i}", p,
+                               SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        per_step, final = [], {}
+        while engine.has_unfinished_requests():
+            outputs = engine.step(finished_only=finished_only)
+            per_step.append(len(outputs))
+            final.update({o.request_id[-1]: o for o in outputs if o.finished})
+        results.append((per_step, {k: (o.outputs[0].token_ids, o.outputs[0].text)
+                                   for k, o in final.items()}))
+    (all_steps, all_final), (finished_steps, finished_final) = results
+    assert all_final == finished_final and sorted(finished_final) == ["0", "1", "2"]
+    assert max(all_steps) == 3 and sum(finished_steps) == 3
+    assert_all_blocks_free(llm)
+
+
 def test_stats_count_tokens_and_reserved_slots(llm):
     engine = llm.llm_engine
     engine.add_request("stats", {"prompt_token_ids": list(range(3, 22))},

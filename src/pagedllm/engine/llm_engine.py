@@ -210,8 +210,9 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.scheduler.requests)
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one iteration and returns the outputs of the requests that changed."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Runs one iteration and returns the outputs of the requests that changed (with
+        `finished_only`, of those that finished in it)."""
         profiler = self.profiler
         with profiler.section("step"):
             with profiler.section("schedule"):
@@ -222,7 +223,7 @@ class LLMEngine:
             with profiler.section("update"):
                 updates = self.scheduler.update_from_output(scheduler_output, runner_output)
             with profiler.section("output processing"):
-                outputs, stopped = self.output_processor.process_updates(updates)
+                outputs, stopped = self.output_processor.process_updates(updates, finished_only)
                 for request_id, seq_index in stopped:
                     self.scheduler.finish_sequence(
                         request_id, seq_index, RequestStatus.FINISHED_STOPPED

@@ -126,13 +126,15 @@ class OutputProcessor:
         return state.make_output()
 
     def process_updates(
-        self, updates: list[RequestUpdate]
+        self, updates: list[RequestUpdate], finished_only: bool = False
     ) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
         """Applies one step's updates.
 
         Returns:
-            The outputs of the requests that changed, and the (request id, sequence index) of
-            sequences that a stop string finished (the scheduler must still free them).
+            The outputs of the requests that changed (with `finished_only`, of those that
+            finished: a caller that only collects final outputs skips building the others),
+            and the (request id, sequence index) of sequences that a stop string finished (the
+            scheduler must still free them).
         """
         changed: dict[str, RequestState] = {}
         stopped_by_string: list[tuple[str, int]] = []
@@ -163,6 +165,8 @@ class OutputProcessor:
             if state.finished:
                 state.metrics["finished"] = now
                 del self.states[request_id]
+            elif finished_only:
+                continue
             outputs.append(state.make_output())
         return outputs, stopped_by_string
 

@@ -192,7 +192,9 @@ class LLM:
         num_output_tokens = 0
         try:
             while engine.has_unfinished_requests():
-                for output in engine.step():
+                # Only final outputs are returned: per-step ones for running requests are not
+                # built (a RequestOutput per request per step, its token list copied).
+                for output in engine.step(finished_only=True):
                     if output.finished:
                         finished[output.request_id] = output
                         num_output_tokens += len(output.outputs[0].token_ids)
