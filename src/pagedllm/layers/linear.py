@@ -116,7 +116,6 @@ class PackedWeight:
         NOTE: the panel kernel writes fp32 from bf16 inputs directly, which saves the LM head's
         logits a full-size conversion per step; the other paths convert after.
         """
-        self._refuse_if_swiglu()
         if x.dim() == 2 and x.dtype in NATIVE_DTYPES:
             path = self.path(x.shape[0])
             if path == STREAMING:
@@ -126,14 +125,17 @@ class PackedWeight:
             if path == DOT_PANELS:
                 return self.dot(x, out_dtype)
         if self.onednn_weight is None:  # native kernels only: any shape or dtype, as 2-D rows
-            rows = x.reshape(-1, x.shape[-1])
-            if rows.dtype not in NATIVE_DTYPES:
-                rows = rows.to(self.compute_dtype)
+            rows = self._native_rows(x)
             want = out_dtype or x.dtype
             kernel = self.dot if self.dot_panels is not None else self.panel
             out = kernel(rows, want if want in NATIVE_DTYPES else None)
             return _as_dtype(out, want).reshape(*x.shape[:-1], -1)
         return _as_dtype(self.onednn(x), out_dtype)
+
+    def _native_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as 2-D rows in a dtype the native kernels take."""
+        rows = x.reshape(-1, x.shape[-1])
+        return rows if rows.dtype in NATIVE_DTYPES else rows.to(self.compute_dtype)
 
     def _refuse_if_swiglu(self) -> None:
         if self.fuses_swiglu:  # its panels hold gate and up units interleaved
@@ -180,9 +182,7 @@ class PackedWeight:
         """
         if not self.fuses_swiglu:
             return silu_and_mul(self(x))
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.dtype not in NATIVE_DTYPES:
-            rows = rows.to(self.compute_dtype)
+        rows = self._native_rows(x)
         out = rows.new_empty(rows.shape[0], self.out_features // 2)
         self.ops.dot_swiglu_linear(out, rows, self.dot_panels, self.plain_bias)
         return _as_dtype(out, x.dtype).reshape(*x.shape[:-1], self.out_features // 2)

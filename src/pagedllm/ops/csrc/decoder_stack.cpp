@@ -151,7 +151,6 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
   // The residual stream; x holds each block's input, then its output.
   at::Tensor residual = hidden.clone();
   at::Tensor x = at::empty({T, H}, options);
-  const int64_t intermediate = intermediate_size;  // the down projection's input width
   at::Tensor attn_out = at::empty({T, num_heads, head_size}, options);
   // Allocated in the first layer.
   at::Tensor qkv, gate_up, gated;
@@ -185,11 +184,11 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
     fused_add_rms_norm(x, residual, w[5], eps);
     timer.lap(kNormsRotary);
     if (path == kDotPanels) {  // gated in the gate_up GEMM's epilogue
-      if (!gated.defined()) gated = at::empty({T, intermediate}, options);
+      if (!gated.defined()) gated = at::empty({T, intermediate_size}, options);
       dot_swiglu_linear(gated, x, w[6], w[7]);
       x = project(path, x, gated, w[8], w[9], false, gated);
     } else {
-      if (!gate_up.defined()) gate_up = at::empty({T, 2 * intermediate}, options);
+      if (!gate_up.defined()) gate_up = at::empty({T, 2 * intermediate_size}, options);
       gate_up = project(path, gate_up, x, w[6], w[7], false, gated);
       x = project(path, x, gate_up, w[8], w[9], true, gated);
     }

@@ -291,6 +291,31 @@ void check_dot_operands(const at::Tensor& out, const at::Tensor& x, const at::Te
               "packed must come from pack_dot_panels or pack_dot_swiglu_panels");
 }
 
+// The packed weight's pairs of inputs, checked against the layer's input width K.
+int64_t checked_pairs(const at::Tensor& packed, int64_t K) {
+  const int64_t K2 = packed.size(1);
+  TORCH_CHECK(K2 == (K + 1) / 2, "x has ", K, " columns, the weight ", 2 * K2, " (padded)");
+  return K2;
+}
+
+// The fp32 bias of n values (`size` names n in the message), or null for an empty one.
+const float* checked_bias(const at::Tensor& bias, int64_t n, const char* size) {
+  if (bias.numel() == 0) return nullptr;
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == n,
+              "bias must be contiguous float32 [", size, "] (or empty)");
+  return bias.data_ptr<float>();
+}
+
+// run(out's data) as float* or bf16_t*, by out's dtype.
+template <typename Run>
+void with_out_data(const at::Tensor& out, const Run& run) {
+  if (out.scalar_type() == at::kFloat) {
+    run(out.data_ptr<float>());
+  } else {
+    run(reinterpret_cast<bf16_t*>(out.data_ptr()));
+  }
+}
+
 // out [M, N] fp32/bf16 (contiguous last dim); x [M, K] bf16 (fp32 is rounded to bf16 first);
 // packed from pack_dot_panels; bias fp32 [N] or empty. With silu_and_mul, x is [M, 2K] =
 // [gate | up] and the layer's input is the silu_and_mul op's output.
@@ -299,17 +324,13 @@ void dot_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& pac
   check_dot_operands(out, x, packed);
   TORCH_CHECK(!silu_and_mul || x.size(1) % 2 == 0, "silu_and_mul needs x = [gate | up]");
   const int64_t M = x.size(0), K = silu_and_mul ? x.size(1) / 2 : x.size(1), N = out.size(1);
-  const int64_t K2 = packed.size(1);
-  TORCH_CHECK(K2 == (K + 1) / 2, "x has ", K, " columns, the weight ", 2 * K2, " (padded)");
+  const int64_t K2 = checked_pairs(packed, K);
   TORCH_CHECK(packed.size(0) == (N + kCols - 1) / kCols, "out has ", N,
               " columns, the weight ", packed.size(0) * kCols, " (padded)");
-  const bool has_bias = bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
-                            bias.numel() == N),
-              "bias must be contiguous float32 [N] (or empty)");
+  const float* bp = checked_bias(bias, N, "N");
   if (M == 0 || N == 0) return;
   if (K == 0) {  // an empty sum: the bias alone
-    if (has_bias) out.copy_(bias.unsqueeze(0).expand({M, N})); else out.zero_();
+    if (bp) out.copy_(bias.unsqueeze(0).expand({M, N})); else out.zero_();
     return;
   }
   at::Tensor xb = x;
@@ -320,13 +341,9 @@ void dot_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& pac
   xb = bf16_pair_rows(xb, K2);
   const bf16_t* xp = reinterpret_cast<const bf16_t*>(xb.data_ptr());
   const bf16_t* wp = reinterpret_cast<const bf16_t*>(packed.data_ptr());
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  if (out.scalar_type() == at::kFloat) {
-    run_dot_linear(out.data_ptr<float>(), out.stride(0), xp, xb.stride(0), M, K2, wp, bp, N);
-  } else {
-    run_dot_linear(reinterpret_cast<bf16_t*>(out.data_ptr()), out.stride(0), xp, xb.stride(0), M,
-                   K2, wp, bp, N);
-  }
+  with_out_data(out, [&](auto* op) {
+    run_dot_linear(op, out.stride(0), xp, xb.stride(0), M, K2, wp, bp, N);
+  });
 }
 
 // weight [2 * I, K] = [gate | up] bf16 -> packed [ceil(I / 24), ceil(K / 2), 96]: as
@@ -349,31 +366,24 @@ at::Tensor pack_dot_swiglu_panels(const at::Tensor& weight) {
 void dot_swiglu_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
                        const at::Tensor& bias) {
   check_dot_operands(out, x, packed);
-  const int64_t M = x.size(0), K = x.size(1), I = out.size(1), K2 = packed.size(1);
-  TORCH_CHECK(K2 == (K + 1) / 2, "x has ", K, " columns, the weight ", 2 * K2, " (padded)");
+  const int64_t M = x.size(0), K = x.size(1), I = out.size(1);
+  const int64_t K2 = checked_pairs(packed, K);
   TORCH_CHECK(packed.size(0) == (I + kHalf - 1) / kHalf, "out has ", I,
               " units, the weight ", packed.size(0) * kHalf, " (padded)");
-  const bool has_bias = bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
-                            bias.numel() == 2 * I),
-              "bias must be contiguous float32 [2 * I] (or empty)");
+  const float* bp = checked_bias(bias, 2 * I, "2 * I");
   if (M == 0 || I == 0) return;
   if (K == 0) {  // empty sums: the gate_up activations are the bias alone
     at::Tensor gate_up = at::zeros({M, 2 * I}, out.options());
-    if (has_bias) gate_up.copy_(bias.unsqueeze(0).expand({M, 2 * I}));
+    if (bp) gate_up.copy_(bias.unsqueeze(0).expand({M, 2 * I}));
     pagedllm::silu_and_mul(out, gate_up);
     return;
   }
   const at::Tensor xb = bf16_pair_rows(x, K2);
   const bf16_t* xp = reinterpret_cast<const bf16_t*>(xb.data_ptr());
   const bf16_t* wp = reinterpret_cast<const bf16_t*>(packed.data_ptr());
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  if (out.scalar_type() == at::kFloat) {
-    run_dot_swiglu(out.data_ptr<float>(), out.stride(0), xp, xb.stride(0), M, K2, wp, bp, I);
-  } else {
-    run_dot_swiglu(reinterpret_cast<bf16_t*>(out.data_ptr()), out.stride(0), xp, xb.stride(0), M,
-                   K2, wp, bp, I);
-  }
+  with_out_data(out, [&](auto* op) {
+    run_dot_swiglu(op, out.stride(0), xp, xb.stride(0), M, K2, wp, bp, I);
+  });
 }
 
 #else  // no AVX512_BF16: the ops exist, and say why they cannot run
