@@ -99,8 +99,7 @@ void run_dot_panels(const bf16_t* x, int64_t ldx, int64_t M, int64_t K2, const b
   const int64_t num_items = num_blocks * num_runs;
   const int num_threads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items)));
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-  for (int64_t item = 0; item < num_items; ++item) {
+  const auto run_item = [&](int64_t item) {
     const int64_t m_begin = item / num_runs * mb, m_end = std::min(M, m_begin + mb);
     const int64_t p_begin = item % num_runs * kPanelRun;
     const int64_t p_end = std::min(num_panels, p_begin + kPanelRun);
@@ -113,6 +112,21 @@ void run_dot_panels(const bf16_t* x, int64_t ldx, int64_t M, int64_t K2, const b
         store(m0, rows, p, acc);
       }
     }
+  };
+  // NOTE: one row block (decode batches): every item costs the same, and guided scheduling
+  // deals them out in long runs of consecutive panels first, which lie one after another in
+  // memory, so each thread streams its weights in order (the hardware prefetchers follow),
+  // and in ever shorter runs at the end, which keeps the threads even. Same-process A/B on a
+  // 2-core Zen 4 (SmolLM2's 120 projections, weights streamed from memory) against the
+  // dynamic one-panel deal: 1-4 rows 12-14% faster (24.9 -> 28.6 GB/s of weights), 16 rows 8%,
+  // 64 rows 5%. Several row blocks (prefill) keep the dynamic deal: their last block is
+  // shorter, and guided runs are sized by count, not cost (256 rows took 1.6x as long).
+  if (num_blocks == 1) {
+#pragma omp parallel for num_threads(num_threads) schedule(guided)
+    for (int64_t item = 0; item < num_items; ++item) run_item(item);
+  } else {
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_items; ++item) run_item(item);
   }
 }
 
