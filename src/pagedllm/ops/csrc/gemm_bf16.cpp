@@ -113,15 +113,18 @@ void run_dot_panels(const bf16_t* x, int64_t ldx, int64_t M, int64_t K2, const b
       }
     }
   };
-  // NOTE: one row block (decode batches): every item costs the same, and guided scheduling
-  // deals them out in long runs of consecutive panels first, which lie one after another in
-  // memory, so each thread streams its weights in order (the hardware prefetchers follow),
-  // and in ever shorter runs at the end, which keeps the threads even. Same-process A/B on a
-  // 2-core Zen 4 (SmolLM2's 120 projections, weights streamed from memory) against the
-  // dynamic one-panel deal: 1-4 rows 12-14% faster (24.9 -> 28.6 GB/s of weights), 16 rows 8%,
-  // 64 rows 5%. Several row blocks (prefill) keep the dynamic deal: their last block is
-  // shorter, and guided runs are sized by count, not cost (256 rows took 1.6x as long).
-  if (num_blocks == 1) {
+  // NOTE: up to two row tiles (small decode batches, where streaming the weights from memory
+  // is most of the time): every item costs the same, and guided scheduling deals them out in
+  // long runs of consecutive panels first, which lie one after another in memory, so each
+  // thread streams its weights in order (the hardware prefetchers follow), then in ever
+  // shorter runs, which keeps the threads even. Same-process A/B on a 2-core Zen 4 (SmolLM2's
+  // 120 projections, weights streamed from memory) against the dynamic one-panel deal: 1-4
+  // rows 12-14% faster (24.9 -> 28.6 GB/s of weights), 16 rows 8%, 64 rows 5%; the LM head
+  // at 1 row 11%. With another process taking half of one core, guided was still 7-30%
+  // faster at 4-16 rows but 4% slower at 32 and 13% at 64 (a thread held up inside its first,
+  // half-sized run), so bigger batches keep the dynamic deal; so do several row blocks
+  // (prefill), whose last block is shorter while guided sizes its runs by count.
+  if (num_blocks == 1 && M <= 2 * kRows) {
 #pragma omp parallel for num_threads(num_threads) schedule(guided)
     for (int64_t item = 0; item < num_items; ++item) run_item(item);
   } else {
