@@ -5,8 +5,9 @@
 //
 // Why not oneDNN: at decode sizes (64 rows) its 2-thread split of SmolLM2's narrow projections
 // leaves a thread idle at the end of most calls (576 columns are 9 of its 64-column blocks), and
-// the LM head's fp32 logits cost it a conversion pass. Here threads take panels of 48 columns
-// dynamically, a register tile keeps its accumulators for the whole inner dimension, and the LM
+// the LM head's fp32 logits cost it a conversion pass. Here threads share out panels of 48
+// columns (each walking its own run in memory order, idle threads taking from the others'
+// ends), a register tile keeps its accumulators for the whole inner dimension, and the LM
 // head writes fp32 directly. (Measured: 15% faster than oneDNN at 64 rows, even at 2048.)
 //
 // Layout: packed[p, kp, 2 * j + e] = W[p * 48 + j, 2 * kp + e] (bf16; zero past N and K): each
