@@ -99,11 +99,12 @@ DotTileFn dot_tile_fn(int64_t rows) {
 // thread held up by another process only loses the items it has not reached.
 //
 // NOTE: same-process A/B on a 2-core Zen 4 (SmolLM2's 120 projections, 30 layers' weights
-// streamed from memory) against OpenMP's dynamic one-panel deal: 1-4 rows 12-14% faster (24.9
-// -> 28.6 GB/s of weights), 16 rows 8%, 64 rows 3-10%; against guided scheduling (long runs
-// first, by count), which was as fast up to 16 rows, even to 13% faster; with another process
-// taking half of one core, even at 4 rows and 6-8% faster at 32-64, where guided was 4-13%
-// slower than the dynamic deal (a thread held up inside its first, half-sized run).
+// streamed from memory) against OpenMP's dynamic one-item deal: 1-4 rows 12-14% faster (24.9
+// -> 28.6 GB/s of weights), 16 rows 8%, 64 rows 3-10%, 2048 rows (several row blocks, the
+// items block-major) 6%; against guided scheduling (long runs first, by count), which was as
+// fast up to 16 rows, even to 13% faster. With another process taking half of one core: even
+// at 4 and 2048 rows, 6-8% faster at 32-64, where guided was 4-13% slower than the dynamic
+// deal (a thread held up inside its first, half-sized run).
 template <typename Fn>
 void deal_in_memory_order(int64_t n, int num_threads, const Fn& fn) {
   // Each share is [begin, end) packed in one word, so that its owner (taking from the front)
@@ -176,13 +177,7 @@ void run_dot_panels(const bf16_t* x, int64_t ldx, int64_t M, int64_t K2, const b
       }
     }
   };
-  if (num_blocks == 1) {
-    deal_in_memory_order(num_items, num_threads, run_item);
-  } else {
-    // Several row blocks (prefill): the last block is shorter, so items differ in cost.
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-    for (int64_t item = 0; item < num_items; ++item) run_item(item);
-  }
+  deal_in_memory_order(num_items, num_threads, run_item);
 }
 
 // out[M, N] = the product + bias (out fp32 or bf16, row stride ldo).
