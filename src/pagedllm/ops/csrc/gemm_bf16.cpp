@@ -50,7 +50,6 @@ using vec::bf16_t;
 constexpr int kColVecs = 3;
 constexpr int64_t kCols = 16 * kColVecs;  // output columns per panel
 constexpr int kRows = 8;                  // rows of x per register tile
-constexpr int64_t kPanelRun = 1;          // panels a thread takes at a time
 // Bytes of x rows per block: a block stays in L2 while a thread's panels pass over it.
 constexpr int64_t kBlockBytes = 256 * 1024;
 
@@ -115,6 +114,8 @@ void deal_in_memory_order(int64_t n, int num_threads, const Fn& fn) {
   const auto pack = [](int64_t begin, int64_t end) {
     return static_cast<uint64_t>(begin) << 32 | static_cast<uint64_t>(end);
   };
+  const auto begin_of = [](uint64_t r) { return static_cast<int64_t>(r >> 32); };
+  const auto end_of = [](uint64_t r) { return static_cast<int64_t>(r & 0xffffffffu); };
   std::vector<Share> shares(num_threads);
   for (int t = 0; t < num_threads; ++t) {
     shares[t].range.store(pack(n * t / num_threads, n * (t + 1) / num_threads),
@@ -124,7 +125,7 @@ void deal_in_memory_order(int64_t n, int num_threads, const Fn& fn) {
   const auto claim = [&](int s, bool front) -> int64_t {
     uint64_t r = shares[s].range.load(std::memory_order_relaxed);
     while (true) {
-      const int64_t begin = static_cast<int64_t>(r >> 32), end = static_cast<int64_t>(r & 0xffffffffu);
+      const int64_t begin = begin_of(r), end = end_of(r);
       if (begin >= end) return -1;
       const uint64_t next = front ? pack(begin + 1, end) : pack(begin, end - 1);
       if (shares[s].range.compare_exchange_weak(r, next, std::memory_order_relaxed)) {
@@ -141,7 +142,7 @@ void deal_in_memory_order(int64_t n, int num_threads, const Fn& fn) {
       int64_t most = 0;
       for (int s = 0; s < num_threads; ++s) {
         const uint64_t r = shares[s].range.load(std::memory_order_relaxed);
-        const int64_t left = static_cast<int64_t>(r & 0xffffffffu) - static_cast<int64_t>(r >> 32);
+        const int64_t left = end_of(r) - begin_of(r);
         if (left > most) most = left, victim = s;
       }
       if (victim < 0) break;
@@ -157,24 +158,20 @@ void deal_in_memory_order(int64_t n, int num_threads, const Fn& fn) {
 template <typename Store>
 void run_dot_panels(const bf16_t* x, int64_t ldx, int64_t M, int64_t K2, const bf16_t* packed,
                     int64_t num_panels, const Store& store) {
-  const int64_t num_runs = (num_panels + kPanelRun - 1) / kPanelRun;
   const int64_t mb = std::max<int64_t>(kRows, kBlockBytes / (4 * K2) / kRows * kRows);
   const int64_t num_blocks = (M + mb - 1) / mb;
-  const int64_t num_items = num_blocks * num_runs;
+  const int64_t num_items = num_blocks * num_panels;  // block-major: a block's panels in order
   const int num_threads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items)));
   const auto run_item = [&](int64_t item) {
-    const int64_t m_begin = item / num_runs * mb, m_end = std::min(M, m_begin + mb);
-    const int64_t p_begin = item % num_runs * kPanelRun;
-    const int64_t p_end = std::min(num_panels, p_begin + kPanelRun);
+    const int64_t m_begin = item / num_panels * mb, m_end = std::min(M, m_begin + mb);
+    const int64_t p = item % num_panels;
+    const bf16_t* panel = packed + p * K2 * 2 * kCols;
     alignas(64) __m512 acc[kColVecs * kRows];
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      const bf16_t* panel = packed + p * K2 * 2 * kCols;
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += kRows) {
-        const int64_t rows = std::min<int64_t>(kRows, m_end - m0);
-        dot_tile_fn(rows)(x + m0 * ldx, ldx, panel, K2, acc);
-        store(m0, rows, p, acc);
-      }
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += kRows) {
+      const int64_t rows = std::min<int64_t>(kRows, m_end - m0);
+      dot_tile_fn(rows)(x + m0 * ldx, ldx, panel, K2, acc);
+      store(m0, rows, p, acc);
     }
   };
   deal_in_memory_order(num_items, num_threads, run_item);
