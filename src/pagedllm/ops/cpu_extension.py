@@ -38,7 +38,7 @@ _SOURCES = (
     "sampling_ops.cpp",
     "decoder_stack.cpp",
 )
-_HEADERS = ("vec.h", "ops.h")
+_HEADERS = ("vec.h", "ops.h", "deal.h")
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unknown-pragmas")
 _LDFLAGS = ("-fopenmp",)
 # Set to 1 to skip the native ops and always take the pure-torch paths.

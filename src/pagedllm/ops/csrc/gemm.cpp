@@ -24,6 +24,7 @@
 #include <memory>
 #include <vector>
 
+#include "deal.h"
 #include "ops.h"
 #include "vec.h"
 
@@ -48,28 +49,6 @@ int64_t x_block_bytes() {
     return l2 > 0 ? std::clamp<int64_t>(l2 / 32 * 25, 128 * 1024, 1024 * 1024) : 192 * 1024;
   }();
   return bytes;
-}
-
-// Threads take runs of a few panels at a time, not an even split of them: a thread slowed by
-// another process (or, in the server, by the HTTP thread) then takes fewer runs instead of
-// holding up the whole layer. Same-process A/B, medians: 32 rows 13% faster, 128 rows 7%, 2048
-// rows 5%, 64 rows 22% faster in a contended phase and 0.7% slower in a quiet one, 8 rows even.
-// A run is a few panels so that each thread still reads the weight in long sequential stretches.
-constexpr int64_t kGemmPanelRun = 2;
-constexpr int64_t kFewRowsPanelRun = 4;
-
-// fn(state, p_begin, p_end) for every run of `run` panels, spread dynamically over threads;
-// `per_thread()` is called once per thread first, and its result passed to every fn call.
-template <typename MakeState, typename Fn>
-void for_panel_runs(int64_t num_panels, int64_t run, MakeState&& per_thread, Fn&& fn) {
-  const int64_t num_runs = (num_panels + run - 1) / run;
-  const int num_threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_runs));
-#pragma omp parallel num_threads(std::max(1, num_threads))
-  {
-    auto state = per_thread();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t r = 0; r < num_runs; ++r) fn(state, r * run, std::min(num_panels, (r + 1) * run));
-  }
 }
 
 // acc[0:R, 0:kPanel] (+)= a[0:R, 0:kc] @ b[0:kc, 0:kPanel]; a is a row tile of x, element
@@ -232,9 +211,8 @@ void pack_tile(const XRows<T>& x, int64_t t, float* dst) {
 }
 
 // out = x @ W.T + b through the register tiles: x is packed into row tiles (see XRows), then
-// blocks of mc rows (kept in L2) meet runs of panels. One parallel region does both: threads
-// pack tiles, meet at one barrier, and then take (block, panel run) items dynamically with no
-// barrier between blocks, so a thread that finishes a block early starts on the next.
+// blocks of mc rows (kept in L2) meet the panels, items (block, panel) block-major dealt by
+// deal_in_memory_order, so that each thread reads its panels in memory order.
 template <typename T, typename W, typename O>
 void run_panels(O* out, int64_t ldo, const XRows<T>& x, const W* packed, const float* bias,
                 int64_t N) {
@@ -247,53 +225,51 @@ void run_panels(O* out, int64_t ldo, const XRows<T>& x, const W* packed, const f
   // passes over it; without blocking, a prefill-sized x would stream from L3 once per panel.
   const int64_t mc = std::max<int64_t>(kMr, x_block_bytes() / (K * 4) / kMr * kMr);
   const int64_t num_blocks = (M + mc - 1) / mc;
-  const int64_t num_runs = (num_panels + kGemmPanelRun - 1) / kGemmPanelRun;
-  const int num_threads = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_blocks * num_runs)));
-#pragma omp parallel num_threads(num_threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < num_tiles; ++t) pack_tile(x, t, tiles.get() + t * K * kMr);
-    std::vector<float> acc(std::min(M, mc) * kPanel);
-    std::vector<float> chunk(std::is_same_v<W, float> ? 0 : kKc * kPanel);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < num_blocks * num_runs; ++item) {
-      const int64_t m_begin = item / num_runs * mc, m_end = std::min(M, m_begin + mc);
-      const int64_t p_begin = item % num_runs * kGemmPanelRun;
-      const int64_t p_end = std::min(num_panels, p_begin + kGemmPanelRun);
-      for (int64_t p = p_begin; p < p_end; ++p) {
-        const W* panel = packed + p * K * kPanel;
-        for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-          const int64_t kc = std::min(kKc, K - k0);
-          const W* chunk_w = panel + k0 * kPanel;
-          // The weight bytes that follow this chunk (the rest of the panel, then the next one).
-          const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * kPanel);
-          const int64_t next_bytes = p + 1 < p_end || k0 + kc < K ? kKc * kPanel * sizeof(W) : 0;
-          const int64_t block_tiles = (m_end - m_begin + kMr - 1) / kMr;
-          const int64_t pf_per_tile = (next_bytes / 64 + block_tiles - 1) / block_tiles;
-          int64_t pf = 0;
-          for (int64_t m0 = m_begin; m0 < m_end; m0 += kMr) {
-            for (int64_t i = 0; i < pf_per_tile && pf < next_bytes; ++i, pf += 64) {
-              __builtin_prefetch(next + pf);
-            }
-            const int64_t rows = std::min<int64_t>(kMr, m_end - m0);
-            const float* a = tiles.get() + (m0 * K + k0 * kMr);
-            float* tile_acc = acc.data() + (m0 - m_begin) * kPanel;
-            if (std::is_same_v<W, float> || m0 == m_begin) {
-              tile_fn<W>(rows, k0 > 0)(a, chunk_w, kc, tile_acc, chunk.data());
-            } else {
-              tile_fn<float>(rows, k0 > 0)(a, chunk.data(), kc, tile_acc, nullptr);
-            }
-          }
+  const int64_t num_items = num_blocks * num_panels;
+  const int num_threads =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items)));
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t t = 0; t < num_tiles; ++t) pack_tile(x, t, tiles.get() + t * K * kMr);
+  struct Buffers {
+    std::vector<float> acc, chunk;
+  };
+  const auto make_buffers = [&] {
+    return Buffers{std::vector<float>(std::min(M, mc) * kPanel),
+                   std::vector<float>(std::is_same_v<W, float> ? 0 : kKc * kPanel)};
+  };
+  deal_in_memory_order(num_items, num_threads, make_buffers, [&](Buffers& buf, int64_t item) {
+    const int64_t m_begin = item / num_panels * mc, m_end = std::min(M, m_begin + mc);
+    const int64_t p = item % num_panels;
+    const W* panel = packed + p * K * kPanel;
+    for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+      const int64_t kc = std::min(kKc, K - k0);
+      const W* chunk_w = panel + k0 * kPanel;
+      // The weight bytes that follow this chunk (the rest of the panel, then the next one).
+      const char* next = reinterpret_cast<const char*>(panel + (k0 + kc) * kPanel);
+      const int64_t next_bytes = p + 1 < num_panels || k0 + kc < K ? kKc * kPanel * sizeof(W) : 0;
+      const int64_t block_tiles = (m_end - m_begin + kMr - 1) / kMr;
+      const int64_t pf_per_tile = (next_bytes / 64 + block_tiles - 1) / block_tiles;
+      int64_t pf = 0;
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += kMr) {
+        for (int64_t i = 0; i < pf_per_tile && pf < next_bytes; ++i, pf += 64) {
+          __builtin_prefetch(next + pf);
         }
-        const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
-        for (int64_t m = m_begin; m < m_end; ++m) {
-          vec::store_sums<kPanel>(out + m * ldo + n0, acc.data() + (m - m_begin) * kPanel,
-                                  bias ? bias + n0 : nullptr, width);
+        const int64_t rows = std::min<int64_t>(kMr, m_end - m0);
+        const float* a = tiles.get() + (m0 * K + k0 * kMr);
+        float* tile_acc = buf.acc.data() + (m0 - m_begin) * kPanel;
+        if (std::is_same_v<W, float> || m0 == m_begin) {
+          tile_fn<W>(rows, k0 > 0)(a, chunk_w, kc, tile_acc, buf.chunk.data());
+        } else {
+          tile_fn<float>(rows, k0 > 0)(a, buf.chunk.data(), kc, tile_acc, nullptr);
         }
       }
     }
-  }
+    const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      vec::store_sums<kPanel>(out + m * ldo + n0, buf.acc.data() + (m - m_begin) * kPanel,
+                              bias ? bias + n0 : nullptr, width);
+    }
+  });
 }
 
 // ---- Few rows (decode of one to kFewRows sequences) ---------------------------------------
@@ -362,28 +338,28 @@ void few_rows(O* out, int64_t ldo, const float* x, const W* packed, const float*
   struct Acc {
     alignas(64) float values[kFewRowsPerPass * kPanel];
   };
-  for_panel_runs(num_panels, kFewRowsPanelRun, [] { return Acc{}; },
-                 [&](Acc& state, int64_t p_begin, int64_t p_end) {
+  const int num_threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_panels)));
+  deal_in_memory_order(num_panels, num_threads, [] { return Acc{}; },
+                       [&](Acc& state, int64_t p) {
     float* acc = state.values;
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      const W* panel = packed + p * K * kPanel;
-      const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
-      // Up to kFewRowsPerPass rows per pass; later passes find the panel in L1 or L2.
-      for (int64_t r0 = 0; r0 < M; r0 += kFewRowsPerPass) {
-        const int64_t rows = std::min(kFewRowsPerPass, M - r0);
-        const float* xr = x + r0 * K;
-        switch (rows) {
-          case 1: few_rows_panel<1>(xr, panel, K, acc); break;
-          case 2: few_rows_panel<2>(xr, panel, K, acc); break;
-          case 3: few_rows_panel<3>(xr, panel, K, acc); break;
-          case 4: few_rows_panel<4>(xr, panel, K, acc); break;
-          case 5: few_rows_panel<5>(xr, panel, K, acc); break;
-          default: few_rows_panel<6>(xr, panel, K, acc); break;
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          vec::store_sums<kPanel>(out + (r0 + r) * ldo + n0, acc + r * kPanel,
-                                  bias ? bias + n0 : nullptr, width);
-        }
+    const W* panel = packed + p * K * kPanel;
+    const int64_t n0 = p * kPanel, width = std::min<int64_t>(kPanel, N - n0);
+    // Up to kFewRowsPerPass rows per pass; later passes find the panel in L1 or L2.
+    for (int64_t r0 = 0; r0 < M; r0 += kFewRowsPerPass) {
+      const int64_t rows = std::min(kFewRowsPerPass, M - r0);
+      const float* xr = x + r0 * K;
+      switch (rows) {
+        case 1: few_rows_panel<1>(xr, panel, K, acc); break;
+        case 2: few_rows_panel<2>(xr, panel, K, acc); break;
+        case 3: few_rows_panel<3>(xr, panel, K, acc); break;
+        case 4: few_rows_panel<4>(xr, panel, K, acc); break;
+        case 5: few_rows_panel<5>(xr, panel, K, acc); break;
+        default: few_rows_panel<6>(xr, panel, K, acc); break;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        vec::store_sums<kPanel>(out + (r0 + r) * ldo + n0, acc + r * kPanel,
+                                bias ? bias + n0 : nullptr, width);
       }
     }
   });
