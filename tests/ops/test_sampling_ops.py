@@ -41,6 +41,16 @@ def test_ties_take_the_first_maximum():
     assert cpu_ops().argmax_logsumexp(logits)[0].tolist() == [4, 35, 0]
 
 
+@pytest.mark.parametrize("vocab", [5, 16, 37, 100, 49152])
+def test_many_ties_take_the_first_maximum(vocab):
+    """The maximum repeats across SIMD lanes, within one lane and in the scalar tail."""
+    torch.manual_seed(vocab)
+    logits = torch.randint(0, 3, (8, vocab)).float()
+    logits[0, :] = 1.0
+    logits[1, [vocab - 1, vocab // 2]] = 9.0
+    _check(logits)
+
+
 def test_inf_and_nan_rows_follow_torch():
     logits = torch.randn(5, 33)
     logits[0, :] = -math.inf                 # lse -inf, argmax 0
