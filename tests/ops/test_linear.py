@@ -141,8 +141,10 @@ def test_panel_kernel_shapes_and_strides() -> None:
     if ops is None:
         pytest.skip("CPU ops unavailable")
     torch.manual_seed(0)
-    # Edges; k = 4100: x of the few-rows pass outgrows its stack buffer.
-    for n, k in [(1, 1), (15, 7), (16, 256), (17, 257), (40, 600), (24, 2000), (9, 4100)]:
+    # Edges; k = 4100: x of the few-rows pass outgrows its stack buffer; n = 200: more panels
+    # than threads, so that threads take from each other's shares.
+    for n, k in [(1, 1), (15, 7), (16, 256), (17, 257), (40, 600), (24, 2000), (9, 4100),
+                 (200, 300)]:
         for dtype in (torch.float32, torch.bfloat16):
             weight = torch.randn(n, k).to(dtype)
             bias = torch.randn(n)
