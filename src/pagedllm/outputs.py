@@ -25,6 +25,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
+    # The sum of the tokens' logprobs; None unless logprobs or best_of > n were asked for
+    # (as in vLLM).
     cumulative_logprob: float | None
     logprobs: SampleLogprobs | None
     # "stop", "length", "abort", or None while running.

@@ -132,6 +132,13 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.sampling_type == SamplingType.GREEDY
 
+    @property
+    def needs_sampled_logprobs(self) -> bool:
+        """Whether the chosen tokens' logprobs are computed: for `logprobs`, and for best_of > n,
+        which ranks samples by them. Otherwise cumulative_logprob is None (as in vLLM), which
+        saves the sampler a pass of exps over the vocabulary per row."""
+        return self.logprobs is not None or (self.best_of or self.n) > self.n
+
     def verify_token_ids(self, vocab_size: int) -> None:
         """Raises ValueError if a token id in `stop_token_ids` or `logit_bias` is out of vocab.
 

@@ -126,6 +126,28 @@ def test_logprobs_match_the_model_distribution(llm, tiny_dir):
     assert math.isclose(out.cumulative_logprob, total, abs_tol=1e-6)
 
 
+def test_cumulative_logprob_only_where_it_is_needed(llm, tiny_dir):
+    """None without logprobs (as in vLLM: the sampler then skips its exps); with best_of > n,
+    the sum of the chosen tokens' logprobs under the model's distribution."""
+    from hf_reference import load_hf_model
+
+    prompt = prompts_of(1, seed=16)[0]["prompt_token_ids"]
+    plain = llm.generate({"prompt_token_ids": prompt},
+                         [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)],
+                         use_tqdm=False)[0].outputs[0]
+    assert plain.cumulative_logprob is None and plain.logprobs is None
+    best = llm.generate({"prompt_token_ids": prompt},
+                        SamplingParams(temperature=1.0, seed=3, n=1, best_of=2, max_tokens=4,
+                                       ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    model = load_hf_model(tiny_dir)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + best.token_ids])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 : -1]
+    total = sum(expected[step, t].item() for step, t in enumerate(best.token_ids))
+    assert math.isclose(best.cumulative_logprob, total, abs_tol=1e-4)
+
+
 def test_abort_frees_blocks_and_others_finish(llm):
     engine = llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

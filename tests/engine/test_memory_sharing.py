@@ -69,7 +69,7 @@ def test_best_of_returns_the_n_most_likely_samples(tiny_dir):
     best = llm.generate(prompt, SamplingParams(n=2, best_of=5, temperature=1.0, seed=7,
                                                max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
     every = llm.generate(prompt, SamplingParams(n=5, temperature=1.0, seed=7, max_tokens=8,
-                                                ignore_eos=True), use_tqdm=False)[0]
+                                                ignore_eos=True, logprobs=0), use_tqdm=False)[0]
     ranked = sorted(every.outputs, key=lambda c: c.cumulative_logprob, reverse=True)[:2]
     assert sorted(c.token_ids for c in best.outputs) == sorted(c.token_ids for c in ranked)
     assert [c.index for c in best.outputs] == [0, 1]

@@ -23,6 +23,8 @@ def _check(logits: torch.Tensor) -> None:
     argmax, lse = cpu_ops().argmax_logsumexp(logits)
     assert argmax.dtype == torch.int64 and lse.dtype == torch.float32
     assert argmax.tolist() == logits.argmax(dim=-1).tolist()
+    argmax_only, no_lse = cpu_ops().argmax_logsumexp(logits, False)
+    assert argmax_only.tolist() == argmax.tolist() and no_lse.numel() == 0
     torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), rtol=1e-6, atol=1e-5,
                                equal_nan=True)
 
@@ -81,14 +83,24 @@ def test_bad_inputs_are_refused():
 def test_sampler_gives_the_same_tokens_and_logprobs_without_the_op(monkeypatch):
     torch.manual_seed(0)
     logits = torch.randn(6, 1000) * 4
-    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=2)] * 3
-    batch = SamplingBatch(params=params, prompt_token_ids=[[1]] * 6,
-                          output_token_ids=[[]] * 6, min_tokens_stop_ids=[[]] * 6)
-    fused = Sampler()(logits, batch)
-    monkeypatch.setattr(sampler_module, "native_ops", lambda *t: None)
-    reference = Sampler()(logits, batch)
-    assert fused.sampled_token_ids == reference.sampled_token_ids
-    assert fused.sampled_token_ids == logits.argmax(dim=-1).tolist()
-    assert fused.sampled_logprobs == pytest.approx(reference.sampled_logprobs, abs=1e-5)
-    expected = torch.log_softmax(logits, -1).max(dim=-1).values.tolist()
-    assert fused.sampled_logprobs == pytest.approx(expected, abs=1e-5)
+    greedy = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=2)] * 3
+    # Random rows that rank samples (best_of > n) need the chosen token's logprob.
+    ranked = [SamplingParams(temperature=1.0, seed=i, best_of=2) for i in range(6)]
+    expected = torch.log_softmax(logits, -1)
+    for params in (greedy, ranked):
+        batch = SamplingBatch(params=params, prompt_token_ids=[[1]] * 6,
+                              output_token_ids=[[]] * 6, min_tokens_stop_ids=[[]] * 6)
+        fused = Sampler()(logits, batch)
+        with monkeypatch.context() as patch:
+            patch.setattr(sampler_module, "native_ops", lambda *t: None)
+            reference = Sampler()(logits, batch)
+        assert fused.sampled_token_ids == reference.sampled_token_ids
+        for row, (p, logprob) in enumerate(zip(params, fused.sampled_logprobs)):
+            assert (logprob is None) == (not p.needs_sampled_logprobs)
+            if logprob is not None:
+                token = fused.sampled_token_ids[row]
+                assert logprob == pytest.approx(reference.sampled_logprobs[row], abs=1e-5)
+                assert logprob == pytest.approx(expected[row, token].item(), abs=1e-5)
+    assert Sampler()(logits, SamplingBatch(
+        params=greedy, prompt_token_ids=[[1]] * 6, output_token_ids=[[]] * 6,
+        min_tokens_stop_ids=[[]] * 6)).sampled_token_ids == logits.argmax(dim=-1).tolist()

@@ -274,18 +274,20 @@ def test_min_tokens_forbids_listed_ids() -> None:
 
 
 def test_logprobs_are_raw_and_exact() -> None:
-    logits = random_logits(6, 50, seed=5)
+    logits = random_logits(7, 50, seed=5)
     params = [
         SamplingParams(temperature=5.0, logprobs=3),
-        SamplingParams(logprobs=None, repetition_penalty=1.5),
+        SamplingParams(logprobs=None, repetition_penalty=1.5, best_of=2),  # ranks its samples
         SamplingParams(temperature=0.0, logprobs=0),
         SamplingParams(logit_bias={17: 100.0}, logprobs=5),  # forced, usually not the raw best
         SamplingParams(temperature=3.0, top_k=10, logprobs=1),
         SamplingParams(logprobs=500),  # more than the vocabulary: capped
+        SamplingParams(repetition_penalty=1.5),  # needs no logprob: none computed
     ]
-    out = Sampler(0)(logits, make_batch(params, prompts=[[1, 2]] * 6, outputs=[[3]] * 6))
+    out = Sampler(0)(logits, make_batch(params, prompts=[[1, 2]] * 7, outputs=[[3]] * 7))
     raw = torch.log_softmax(logits, dim=-1)
-    for row, token_id in enumerate(out.sampled_token_ids):
+    assert out.sampled_logprobs[6] is None and out.sampled_ranks[6] is None
+    for row, token_id in enumerate(out.sampled_token_ids[:6]):
         if params[row].logprobs is None:
             # Only the chosen logprob (via logsumexp, so not bit-identical); no rank computed.
             assert out.sampled_logprobs[row] == pytest.approx(raw[row, token_id].item(), abs=1e-5)

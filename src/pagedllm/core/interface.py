@@ -72,8 +72,9 @@ class SampledToken:
 
     # The sampled token id.
     token_id: int
-    # Log-probability of token_id under the model's raw distribution.
-    logprob: float
+    # Log-probability of token_id under the model's raw distribution; None when the request's
+    # params do not need it (SamplingParams.needs_sampled_logprobs).
+    logprob: float | None
     # 1-based rank of token_id in that distribution; None when logprobs were not asked for.
     rank: int | None
     # The k most likely (token_id, logprob) pairs, most likely first, when logprobs=k was asked.

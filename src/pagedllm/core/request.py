@@ -110,9 +110,12 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
-    def append_token(self, token_id: int, logprob: float) -> None:
+    def append_token(self, token_id: int, logprob: float | None) -> None:
+        """Adds a sampled token (logprob None where the params do not need it: the sum then
+        stays 0 and is not reported)."""
         self._all_token_ids.append(token_id)
-        self.cumulative_logprob += logprob
+        if logprob is not None:
+            self.cumulative_logprob += logprob
         extend_block_hashes(self.block_hashes, self._all_token_ids, self._block_size,
                             self.num_tokens)
 

@@ -21,7 +21,7 @@ class SequenceState:
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: float | None = 0.0  # None where the params do not need it
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -103,6 +103,7 @@ class OutputProcessor:
                     spaces_between_special_tokens=params.spaces_between_special_tokens,
                 ),
                 logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.needs_sampled_logprobs else None,
             )
             for _ in range(params.best_of or params.n)
         ]
@@ -174,7 +175,8 @@ class OutputProcessor:
                       stop_token_id: int | None) -> bool:
         """Adds one token to a sequence; True when it completed a stop string."""
         seq.token_ids.append(sampled.token_id)
-        seq.cumulative_logprob += sampled.logprob
+        if seq.cumulative_logprob is not None:
+            seq.cumulative_logprob += sampled.logprob
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprob_entry(sampled))
         # NOTE: a stop token's text is left out (as vLLM does) unless asked for.

@@ -60,7 +60,8 @@ class SamplerOutput:
     # [num_rows] chosen token id.
     sampled_token_ids: list[int]
     # [num_rows] log_softmax(raw logits)[chosen token]; penalties/temperature not applied.
-    sampled_logprobs: list[float]
+    # None for rows whose params do not need it (SamplingParams.needs_sampled_logprobs).
+    sampled_logprobs: list[float | None]
     # [num_rows] 1-based rank of the chosen token in the raw distribution (1 = most likely);
     # None for rows that did not ask for logprobs (ranking costs a pass over the vocabulary).
     sampled_ranks: list[int | None]
@@ -93,16 +94,21 @@ def sample_seed(seed: int, sample_index: int) -> int:
     return seed_for_position(seed, (1 << 63) + sample_index)
 
 
-def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the first index of the maximum and the logsumexp ([R] int64, [R] float32).
+def argmax_logsumexp(
+    logits: torch.Tensor, with_logsumexp: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row: the first index of the maximum and the logsumexp ([R] int64, [R] float32; None
+    without `with_logsumexp`).
 
-    The fused CPU op reads each row of a float32 [R, V] tensor twice instead of the five
-    passes and temporaries of eager torch; elsewhere torch computes the same.
+    The fused CPU op reads each row of a float32 [R, V] tensor twice (once without the
+    logsumexp) instead of the five passes and temporaries of eager torch; elsewhere torch
+    computes the same.
     """
     ops = native_ops(logits) if logits.dtype == torch.float32 and logits.dim() == 2 else None
     if ops is not None and logits.shape[1] > 0:
-        return ops.argmax_logsumexp(logits)
-    return logits.argmax(dim=-1), torch.logsumexp(logits, dim=-1)
+        argmax, lse = ops.argmax_logsumexp(logits, with_logsumexp)
+        return argmax, lse if with_logsumexp else None
+    return logits.argmax(dim=-1), torch.logsumexp(logits, dim=-1) if with_logsumexp else None
 
 
 class Sampler:
@@ -142,7 +148,8 @@ class Sampler:
         processed = self.process_logits(logits, batch)  # [R, V]
         greedy_ids = logsumexp = None
         if processed is logits:  # all greedy, nothing applied: one pass gives both reductions
-            greedy_ids, logsumexp = argmax_logsumexp(logits)
+            wanted = any(p.logprobs is None and p.needs_sampled_logprobs for p in batch.params)
+            greedy_ids, logsumexp = argmax_logsumexp(logits, with_logsumexp=wanted)
         token_ids = self._pick_tokens(processed, batch, greedy_ids)  # [R]
         return self._gather_logprobs(logits, token_ids, batch.params, logsumexp)
 
@@ -276,21 +283,27 @@ class Sampler:
         params: list[SamplingParams],
         logsumexp: torch.Tensor | None = None,
     ) -> SamplerOutput:
-        """Log-probabilities of the chosen tokens under the raw logits.
+        """Log-probabilities of the chosen tokens under the raw logits, for the rows that need
+        them (SamplingParams.needs_sampled_logprobs; None for the others).
 
         A full log_softmax (with ranks and top-k) runs only over the rows that asked for
-        logprobs; the other rows need just the chosen token's logprob (for cumulative_logprob),
+        logprobs; best_of rows need just the chosen token's logprob (for cumulative_logprob),
         which logsumexp (given, or computed here) yields without a [R, V] temporary.
         """
         num_rows = len(params)
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if len(rows) == num_rows:  # every row gets its logprob from the log_softmax below
-            chosen = [0.0] * num_rows
-        else:
+        chosen: list[float | None] = [None] * num_rows
+        lse_rows = [i for i, p in enumerate(params)
+                    if p.logprobs is None and p.needs_sampled_logprobs]
+        if lse_rows:
+            index = torch.tensor(lse_rows, device=logits.device)
+            chosen_logits = logits[index].gather(1, token_ids[index].unsqueeze(1)).squeeze(1)
             if logsumexp is None:
-                logsumexp = argmax_logsumexp(logits)[1]
-            chosen_logits = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [R]
-            chosen = (chosen_logits - logsumexp).tolist()
+                row_lse = argmax_logsumexp(logits[index])[1]
+            else:
+                row_lse = logsumexp[index]
+            for row, value in zip(lse_rows, (chosen_logits - row_lse).tolist()):
+                chosen[row] = value
         ranks: list[int | None] = [None] * num_rows
         top_logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
         if rows:

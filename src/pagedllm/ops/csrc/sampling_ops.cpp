@@ -1,9 +1,10 @@
 // The sampler's per-row reductions over the vocabulary in one op: argmax and logsumexp.
 //
-// Every step needs, for each row, the greedy token (argmax) and the chosen token's logprob
-// (logit - logsumexp). Eager torch computes logsumexp as max, subtract, exp, sum, log with a
+// Every step needs, for each row, the greedy token (argmax) and, where the request needs it
+// (logprobs, best_of), the chosen token's logprob (logit - logsumexp). Eager torch computes logsumexp as max, subtract, exp, sum, log with a
 // [rows, vocab] temporary for each, which cost about a tenth of a batch-64 decode step here;
-// this reads each row twice (max, then sum of exp), the second time from cache.
+// this reads each row twice (max, then sum of exp), the second time from cache, and skips the
+// exps when no row needs them.
 //
 // Semantics follow torch: argmax is the first index of the maximum, a NaN counts as the
 // maximum (its first index wins) and makes the row's logsumexp NaN; an all -inf row has
@@ -27,6 +28,7 @@ using vec::vfloat;
 // Rows per OpenMP task: a row is a whole vocabulary (tens of thousands of values).
 constexpr int64_t kGrain = 1;
 
+// lse: null to skip the logsumexp (its pass of exps).
 void row_argmax_logsumexp(const float* x, int64_t n, int64_t* argmax, float* lse) {
   // Pass 1: the maximum with the first index holding it (per lane, then across lanes: a
   // scalar search for the maximum's first index took half a vocabulary per row on average),
@@ -58,10 +60,11 @@ void row_argmax_logsumexp(const float* x, int64_t n, int64_t* argmax, float* lse
     first = 0;
     while (x[first] == x[first]) ++first;
     *argmax = first;
-    *lse = std::numeric_limits<float>::quiet_NaN();
+    if (lse) *lse = std::numeric_limits<float>::quiet_NaN();
     return;
   }
   *argmax = first;
+  if (!lse) return;
   if (m == -vec::kInf || m == vec::kInf) {  // all masked, or an infinite logit dominates
     *lse = m;
     return;
@@ -77,21 +80,24 @@ void row_argmax_logsumexp(const float* x, int64_t n, int64_t* argmax, float* lse
 }
 
 // logits: [rows, vocab] float32 with a contiguous last dim -> (argmax int64 [rows],
-// logsumexp float32 [rows]).
-std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
+// logsumexp float32 [rows], or [0] without with_logsumexp).
+std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits,
+                                                    bool with_logsumexp) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 &&
                   logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
               "logits must be a 2-D float32 CPU tensor with a contiguous last dim");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab > 0, "logits must have at least one column");
   at::Tensor argmax = at::empty({rows}, logits.options().dtype(at::kLong));
-  at::Tensor lse = at::empty({rows}, logits.options());
+  at::Tensor lse = at::empty({with_logsumexp ? rows : 0}, logits.options());
   const float* x = logits.data_ptr<float>();
   const int64_t stride = logits.stride(0);
   int64_t* am = argmax.data_ptr<int64_t>();
-  float* ls = lse.data_ptr<float>();
+  float* ls = with_logsumexp ? lse.data_ptr<float>() : nullptr;
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) row_argmax_logsumexp(x + r * stride, vocab, am + r, ls + r);
+    for (int64_t r = begin; r < end; ++r) {
+      row_argmax_logsumexp(x + r * stride, vocab, am + r, ls ? ls + r : nullptr);
+    }
   });
   return {argmax, lse};
 }
@@ -100,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
 }  // namespace pagedllm
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
-  m.def("argmax_logsumexp(Tensor logits) -> (Tensor, Tensor)");
+  m.def("argmax_logsumexp(Tensor logits, bool with_logsumexp=True) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
