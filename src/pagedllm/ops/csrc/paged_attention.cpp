@@ -906,6 +906,51 @@ inline void dot_pv_row(float* acc, int d, float corr, const float* p, const bf16
   }
 }
 
+// dot_pv_chunks for R rows at once (row r: acc + r * d, corr[r], weights w[r]; CN chunks from
+// c0), so that each V load serves R rows instead of one. Every row runs the products it would
+// alone, in the same order, plus pairs past its own keys, whose weights softmax_row stored as 0.
+template <int R, int CN>
+inline void dot_pv_rows_chunks(float* acc, int d, int d2, int c0, const float* corr,
+                               const uint32_t (*w)[kKeyTile / 2], const bf16_t* vpair,
+                               int pairs) {
+  __m512 lo[R][CN], hi[R][CN];
+  for (int r = 0; r < R; ++r) {
+    const __m512 cr = _mm512_set1_ps(corr[r]);
+    for (int c = 0; c < CN; ++c) {
+      lo[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * d + 32 * (c0 + c)), cr);
+      hi[r][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * d + 32 * (c0 + c) + 16), cr);
+    }
+  }
+  for (int j = 0; j < pairs; ++j) {
+    const bf16_t* vj = vpair + (j * d2 + c0) * 64;
+    __m512bh vl[CN], vh[CN];
+    for (int c = 0; c < CN; ++c) vl[c] = load_bh(vj + 64 * c), vh[c] = load_bh(vj + 64 * c + 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh pw = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[r][j]));
+      for (int c = 0; c < CN; ++c) {
+        lo[r][c] = _mm512_dpbf16_ps(lo[r][c], pw, vl[c]);
+        hi[r][c] = _mm512_dpbf16_ps(hi[r][c], pw, vh[c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < CN; ++c) {
+      _mm512_storeu_ps(acc + r * d + 32 * (c0 + c), lo[r][c]);
+      _mm512_storeu_ps(acc + r * d + 32 * (c0 + c) + 16, hi[r][c]);
+    }
+  }
+}
+
+// acc = acc * corr + p @ V for 4 rows over the tile's first `pairs` key pairs (as dot_pv_row
+// does for one row), two chunks at a time.
+inline void dot_pv_4rows(float* acc, int d, const float* corr, const uint32_t (*w)[kKeyTile / 2],
+                         const bf16_t* vpair, int pairs) {
+  const int d2 = d / 32;
+  int c0 = 0;
+  for (; c0 + 2 <= d2; c0 += 2) dot_pv_rows_chunks<4, 2>(acc, d, d2, c0, corr, w, vpair, pairs);
+  if (c0 < d2) dot_pv_rows_chunks<4, 1>(acc, d, d2, c0, corr, w, vpair, pairs);
+}
+
 // Whether run_dot_item applies: as dot_decode_applies, for items of one kv head.
 inline bool dot_item_applies(const Params& p, const WorkItem& it) {
   return dot_decode_applies(p) && it.h_end - it.h_begin == 1;
@@ -947,13 +992,27 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
     }
     float* s = sc.s.data();
     dot_scores_all_rows(qb, ir.rows, d, kpair, p.scale, s);
-    for (int r = 0; r < ir.rows; ++r) {
-      // A row sees the keys up to its own token's position.
-      const int64_t nv = std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1);
-      if (nv <= 0) continue;
-      const float corr = softmax_row(s + r * kKeyTile, static_cast<int>(nv), sc.m[r], sc.l[r]);
-      dot_pv_row(sc.acc.data() + r * d, d, corr, s + r * kKeyTile, vpair,
-                 static_cast<int>((nv + 1) / 2));
+    // A row sees the keys up to its own token's position; rows go by token, so the rows that
+    // see none of this tile come first.
+    const auto visible = [&](int r) {
+      return static_cast<int>(std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1));
+    };
+    int r = 0;
+    while (r < ir.rows && visible(r) <= 0) ++r;
+    for (; r + 4 <= ir.rows; r += 4) {  // four rows share each V load
+      float corr[4];
+      alignas(64) uint32_t w[4][kKeyTile / 2];
+      for (int i = 0; i < 4; ++i) {
+        float* si = s + (r + i) * kKeyTile;
+        corr[i] = softmax_row(si, visible(r + i), sc.m[r + i], sc.l[r + i]);
+        weight_pairs(si, w[i]);
+      }
+      dot_pv_4rows(sc.acc.data() + r * d, d, corr, w, vpair, (visible(r + 3) + 1) / 2);
+    }
+    for (; r < ir.rows; ++r) {
+      const int nv = visible(r);
+      const float corr = softmax_row(s + r * kKeyTile, nv, sc.m[r], sc.l[r]);
+      dot_pv_row(sc.acc.data() + r * d, d, corr, s + r * kKeyTile, vpair, (nv + 1) / 2);
     }
   });
   unpermute_acc(sc.acc.data(), ir.rows, d);
