@@ -864,51 +864,11 @@ inline void dot_scores_all_rows(const bf16_t* q, int rows, int d, const uint32_t
   }
 }
 
-// acc[32 * c0 .. + 32 * CN] = acc * corr + p @ V over the tile's key pairs for CN chunks (a
-// compile-time count: the accumulators stay in registers); w: the weights in pairs.
-template <int CN>
-inline void dot_pv_chunks(float* acc, int d2, int c0, __m512 corr, const uint32_t* w,
-                          const bf16_t* vpair, int pairs) {
-  __m512 lo[CN], hi[CN];
-  for (int c = 0; c < CN; ++c) {
-    lo[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * (c0 + c)), corr);
-    hi[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 32 * (c0 + c) + 16), corr);
-  }
-  for (int j = 0; j < pairs; ++j) {
-    const __m512bh pw = (__m512bh)_mm512_set1_epi32(static_cast<int>(w[j]));
-    const bf16_t* vj = vpair + (j * d2 + c0) * 64;
-    for (int c = 0; c < CN; ++c) {
-      lo[c] = _mm512_dpbf16_ps(lo[c], pw, load_bh(vj + 64 * c));
-      hi[c] = _mm512_dpbf16_ps(hi[c], pw, load_bh(vj + 64 * c + 32));
-    }
-  }
-  for (int c = 0; c < CN; ++c) {
-    _mm512_storeu_ps(acc + 32 * (c0 + c), lo[c]);
-    _mm512_storeu_ps(acc + 32 * (c0 + c) + 16, hi[c]);
-  }
-}
-
-// acc = acc * corr + p @ V for one row over the tile's key pairs (vpair: pair j, chunk c at
-// vpair + (j * d2 + c) * 64 as [lo | hi]; acc chunks permuted as in dot_decode_pv).
-inline void dot_pv_row(float* acc, int d, float corr, const float* p, const bf16_t* vpair,
-                       int pairs) {
-  alignas(64) uint32_t w[kKeyTile / 2];
-  weight_pairs(p, w);
-  const __m512 cv = _mm512_set1_ps(corr);
-  const int d2 = d / 32;
-  int c0 = 0;
-  for (; c0 + 4 <= d2; c0 += 4) dot_pv_chunks<4>(acc, d2, c0, cv, w, vpair, pairs);
-  switch (d2 - c0) {
-    case 1: return dot_pv_chunks<1>(acc, d2, c0, cv, w, vpair, pairs);
-    case 2: return dot_pv_chunks<2>(acc, d2, c0, cv, w, vpair, pairs);
-    case 3: return dot_pv_chunks<3>(acc, d2, c0, cv, w, vpair, pairs);
-    default: return;
-  }
-}
-
-// dot_pv_chunks for R rows at once (row r: acc + r * d, corr[r], weights w[r]; CN chunks from
-// c0), so that each V load serves R rows instead of one. Every row runs the products it would
-// alone, in the same order, plus pairs past its own keys, whose weights softmax_row stored as 0.
+// acc[r * d + 32 * c0 .. + 32 * CN] = acc * corr[r] + p_r @ V over the tile's first `pairs`
+// key pairs for R rows (weights w[r] in pairs; vpair as below; acc chunks permuted as in
+// dot_decode_pv), CN chunks from c0: compile-time counts, so the accumulators stay in
+// registers, and each V load serves the R rows. Each row runs the products it would alone, in
+// the same order, plus pairs past its own keys, whose weights softmax_row stored as 0.
 template <int R, int CN>
 inline void dot_pv_rows_chunks(float* acc, int d, int d2, int c0, const float* corr,
                                const uint32_t (*w)[kKeyTile / 2], const bf16_t* vpair,
@@ -938,6 +898,23 @@ inline void dot_pv_rows_chunks(float* acc, int d, int d2, int c0, const float* c
       _mm512_storeu_ps(acc + r * d + 32 * (c0 + c), lo[r][c]);
       _mm512_storeu_ps(acc + r * d + 32 * (c0 + c) + 16, hi[r][c]);
     }
+  }
+}
+
+// acc = acc * corr + p @ V for one row over the tile's key pairs (vpair: pair j, chunk c at
+// vpair + (j * d2 + c) * 64 as [lo | hi]; acc chunks permuted as in dot_decode_pv).
+inline void dot_pv_row(float* acc, int d, float corr, const float* p, const bf16_t* vpair,
+                       int pairs) {
+  alignas(64) uint32_t w[1][kKeyTile / 2];
+  weight_pairs(p, w[0]);
+  const int d2 = d / 32;
+  int c0 = 0;
+  for (; c0 + 4 <= d2; c0 += 4) dot_pv_rows_chunks<1, 4>(acc, d, d2, c0, &corr, w, vpair, pairs);
+  switch (d2 - c0) {
+    case 1: return dot_pv_rows_chunks<1, 1>(acc, d, d2, c0, &corr, w, vpair, pairs);
+    case 2: return dot_pv_rows_chunks<1, 2>(acc, d, d2, c0, &corr, w, vpair, pairs);
+    case 3: return dot_pv_rows_chunks<1, 3>(acc, d, d2, c0, &corr, w, vpair, pairs);
+    default: return;
   }
 }
 
