@@ -146,12 +146,12 @@ class Sampler:
         )
         logits = logits.float()
         processed = self.process_logits(logits, batch)  # [R, V]
-        greedy_ids = logsumexp = None
-        if processed is logits:  # all greedy, nothing applied: one pass gives both reductions
-            wanted = any(p.logprobs is None and p.needs_sampled_logprobs for p in batch.params)
-            greedy_ids, logsumexp = argmax_logsumexp(logits, with_logsumexp=wanted)
+        greedy_ids = None
+        if processed is logits:  # all greedy, nothing applied: the native argmax, without the
+            # logsumexp (greedy rows need no chosen logprob beyond what `logprobs` computes)
+            greedy_ids = argmax_logsumexp(logits, with_logsumexp=False)[0]
         token_ids = self._pick_tokens(processed, batch, greedy_ids)  # [R]
-        return self._gather_logprobs(logits, token_ids, batch.params, logsumexp)
+        return self._gather_logprobs(logits, token_ids, batch.params)
 
     def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Returns float32 logits with bias, penalties and min_tokens applied.
@@ -281,14 +281,13 @@ class Sampler:
         logits: torch.Tensor,
         token_ids: torch.Tensor,
         params: list[SamplingParams],
-        logsumexp: torch.Tensor | None = None,
     ) -> SamplerOutput:
         """Log-probabilities of the chosen tokens under the raw logits, for the rows that need
         them (SamplingParams.needs_sampled_logprobs; None for the others).
 
         A full log_softmax (with ranks and top-k) runs only over the rows that asked for
         logprobs; best_of rows need just the chosen token's logprob (for cumulative_logprob),
-        which logsumexp (given, or computed here) yields without a [R, V] temporary.
+        which their logsumexp yields without a [R, V] temporary.
         """
         num_rows = len(params)
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -297,12 +296,9 @@ class Sampler:
                     if p.logprobs is None and p.needs_sampled_logprobs]
         if lse_rows:
             index = torch.tensor(lse_rows, device=logits.device)
-            chosen_logits = logits[index].gather(1, token_ids[index].unsqueeze(1)).squeeze(1)
-            if logsumexp is None:
-                row_lse = argmax_logsumexp(logits[index])[1]
-            else:
-                row_lse = logsumexp[index]
-            for row, value in zip(lse_rows, (chosen_logits - row_lse).tolist()):
+            sub = logits[index]
+            chosen_logits = sub.gather(1, token_ids[index].unsqueeze(1)).squeeze(1)
+            for row, value in zip(lse_rows, (chosen_logits - argmax_logsumexp(sub)[1]).tolist()):
                 chosen[row] = value
         ranks: list[int | None] = [None] * num_rows
         top_logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows

@@ -13,9 +13,9 @@ namespace pagedllm {
 // Runs fn(state, item) for items 0 .. n - 1 on num_threads threads (state: what make_state()
 // returned to that thread, once per thread), each starting on its own contiguous share and
 // walking it in order; a thread done with its share takes items from the end of the share with
-// the most left. Items are a GEMM's panels, which lie one after another
-// in memory: each thread streams its weights in order (the hardware prefetchers follow), and a
-// thread held up by another process only loses the items it has not reached.
+// the most left. Items are a GEMM's panels, which lie one after another in memory: each thread
+// streams its weights in order (the hardware prefetchers follow), and a thread held up by
+// another process only loses the items it has not reached.
 //
 // NOTE: same-process A/B on a 2-core Zen 4 (SmolLM2's 120 projections, 30 layers' weights
 // streamed from memory) against OpenMP's dynamic one-item deal: 1-4 rows 12-14% faster (24.9

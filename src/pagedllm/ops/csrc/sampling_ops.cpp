@@ -1,10 +1,10 @@
 // The sampler's per-row reductions over the vocabulary in one op: argmax and logsumexp.
 //
 // Every step needs, for each row, the greedy token (argmax) and, where the request needs it
-// (logprobs, best_of), the chosen token's logprob (logit - logsumexp). Eager torch computes logsumexp as max, subtract, exp, sum, log with a
-// [rows, vocab] temporary for each, which cost about a tenth of a batch-64 decode step here;
-// this reads each row twice (max, then sum of exp), the second time from cache, and skips the
-// exps when no row needs them.
+// (logprobs, best_of), the chosen token's logprob (logit - logsumexp). Eager torch computes
+// logsumexp as max, subtract, exp, sum, log with a [rows, vocab] temporary for each, which
+// cost about a tenth of a batch-64 decode step here; this reads each row twice (max, then sum
+// of exp), the second time from cache, and skips the exps when the caller needs no logsumexp.
 //
 // Semantics follow torch: argmax is the first index of the maximum, a NaN counts as the
 // maximum (its first index wins) and makes the row's logsumexp NaN; an all -inf row has
@@ -47,11 +47,12 @@ void row_argmax_logsumexp(const float* x, int64_t n, int64_t* argmax, float* lse
   bool has_nan = false;
   for (int l = 0; l < kLanes; ++l) has_nan |= nan_lanes[l] != 0;
   float m = vec::hmax(vm);
-  int64_t first = n;  // of the maximum m among the lanes (0 when every value is -inf)
+  // The first index of m among the lanes holding it (some lane does; all, with index 0,
+  // when every value so far is -inf).
+  int64_t first = n;
   for (int l = 0; l < kLanes; ++l) {
     if (vm[l] == m) first = std::min<int64_t>(first, at[l]);
   }
-  if (first == n) first = 0;
   for (; i < n; ++i) {
     has_nan |= x[i] != x[i];
     if (x[i] > m) m = x[i], first = i;
