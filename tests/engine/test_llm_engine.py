@@ -89,6 +89,33 @@ def test_stop_strings_cut_the_text_exactly(llm):
     assert_all_blocks_free(llm)
 
 
+def test_min_tokens_holds_stop_strings_back(llm):
+    """As vLLM has it: a stop string ends nothing before min_tokens tokens; from then on, only
+    text added after that point is searched."""
+    prompt = prompts_of(1, seed=13)[0]
+    base = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    stop = base.text[5:9]
+    cut = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                              stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop"
+    min_tokens = len(cut.token_ids) + 2
+    held = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                               stop=[stop], min_tokens=min_tokens),
+                        use_tqdm=False)[0].outputs[0]
+    # Same greedy tokens, no stop before min_tokens; where the text checked after it (its
+    # last min_tokens-th token's text on) holds the stop string again, it stops there.
+    assert held.token_ids == base.token_ids[: len(held.token_ids)]
+    assert len(held.token_ids) > min_tokens
+    checked_from = len(llm.get_tokenizer().decode(base.token_ids[:min_tokens]))
+    later = base.text.find(stop, checked_from - len(stop) + 1)
+    if later == -1:
+        assert held.finish_reason == "length" and held.text == base.text
+    else:
+        assert held.finish_reason == "stop" and held.text == base.text[:later]
+    assert_all_blocks_free(llm)
+
+
 def test_stop_token_ids_and_max_tokens(llm):
     prompt = prompts_of(1, seed=14)[0]
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -229,6 +256,23 @@ def test_generate_rejects_a_request_larger_than_the_whole_cache(tiny_dir):
     out = small.generate({"prompt_token_ids": [5] * 10},
                          SamplingParams(max_tokens=54, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 54
+
+
+def test_max_tokens_none_runs_as_far_as_the_cache_holds(tiny_dir):
+    """Without max_tokens a request generates to the end of the context, or, with a cache
+    smaller than the context, as far as the whole cache takes it (instead of being refused)."""
+    small = LLM(str(tiny_dir), num_kv_blocks=8, block_size=8)  # 64 slots, context 512
+    prompt = {"prompt_token_ids": [5] * 10}
+    out = small.generate(prompt, SamplingParams(max_tokens=None, ignore_eos=True),
+                         use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 54
+    assert out[0].outputs[0].finish_reason == "length"
+    # Two samples share the prompt's 2 blocks; each may fill its own and copy the shared tail:
+    # (8 - 2) // 2 - 1 = 2 blocks of its own, 16 tokens.
+    out = small.generate(prompt, SamplingParams(n=2, temperature=1.0, max_tokens=None,
+                                                ignore_eos=True), use_tqdm=False)
+    assert [len(o.token_ids) for o in out[0].outputs] == [16, 16]
+    assert_all_blocks_free(small)
 
 
 def test_groups_that_could_never_be_scheduled_are_refused(tiny_dir):

@@ -99,6 +99,36 @@ def test_preemption_gives_identical_outputs(tiny_dir, mode):
     assert stats.num_free_cpu_blocks == stats.num_cpu_blocks
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_a_group_preempted_by_recompute_fits_when_it_comes_back(tiny_dir, prefix_caching):
+    """Recomputed, the samples of a group share nothing: 3 samples of 20 + 16 tokens need 15
+    blocks, more than a 12-block cache, though sharing the prompt they need 12. Such a group
+    is refused at the call (it could wait forever after a preemption, and everything behind
+    it); one that fits unshared comes back and ends as it would have alone."""
+    older = ({"prompt_token_ids": [5] * 48}, SamplingParams(temperature=0, max_tokens=24,
+                                                           ignore_eos=True))
+    group = {"prompt_token_ids": list(range(10, 30))}
+    tight = LLM(str(tiny_dir), num_kv_blocks=12, block_size=8,
+                enable_prefix_caching=prefix_caching)
+    too_wide = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=16, ignore_eos=True)
+    with pytest.raises(ValueError, match="3 sequences of up to 16 .*120 KV cache slots"):
+        tight.llm_engine.add_request("too-wide", group, too_wide)
+    params = SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=12, ignore_eos=True)
+    expected = completions(LLM(str(tiny_dir), num_kv_blocks=64, block_size=8).generate(
+        [older[0], group], [older[1], params], use_tqdm=False))
+    engine = tight.llm_engine
+    engine.add_request("older", *older)
+    engine.add_request("group", group, params)
+    finished = {}
+    for _ in range(200):  # a bounded loop: a group that never comes back fails, not hangs
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+        if not engine.has_unfinished_requests():
+            break
+    assert set(finished) == {"older", "group"}
+    assert engine.get_stats().num_preemptions > 0
+    assert completions([finished["older"], finished["group"]]) == expected
+
+
 def test_swap_falls_back_to_recompute_when_host_pool_is_full(tiny_dir):
     prompts = prompts_of(8, 4, max_len=40)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

@@ -91,8 +91,28 @@ def test_smollm2_beams_match_transformers(smollm2_dir):
             assert output.sequences[0].text.startswith(text)
 
 
+def test_extreme_length_penalties_saturate_instead_of_failing(tiny_dir):
+    """12 ** 400 overflows a float and 12 ** -400 is 0: scores saturate (to -0.0, -inf), and
+    beams of one length keep the order of their log-probabilities, as with any penalty."""
+    llm = LLM(str(tiny_dir), num_kv_blocks=256, block_size=4)
+    prompt = {"prompt_token_ids": [7, 300, 41, 99]}
+
+    def beams(length_penalty: float) -> list[list[int]]:
+        params = BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True,
+                                  length_penalty=length_penalty)
+        return [seq.tokens for seq in llm.beam_search(prompt, params)[0].sequences]
+
+    assert beams(400.0) == beams(-400.0) == beams(1.0)
+    assert llm.llm_engine.get_stats().num_free_blocks == 256
+
+
 def test_beam_search_params_are_checked():
     with pytest.raises(ValueError, match="beam_width"):
         BeamSearchParams(beam_width=0, max_tokens=4)
+    with pytest.raises(ValueError, match="beam_width"):
+        BeamSearchParams(beam_width=True, max_tokens=4)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="length_penalty"):
+            BeamSearchParams(beam_width=2, max_tokens=4, length_penalty=bad)
     with pytest.raises(ValueError, match="temperature"):
         BeamSearchParams(beam_width=2, max_tokens=4, temperature=0.5)

@@ -182,6 +182,17 @@ def test_greedy_is_argmax_with_lowest_id_on_ties() -> None:
     assert out.sampled_token_ids[3] == 7
 
 
+@pytest.mark.parametrize("bias, temperature", [(1e39, 1.0), (1e37, 0.01), (3e38, 0.5)])
+def test_a_bias_past_float32_still_picks_its_token(bias: float, temperature: float) -> None:
+    """A finite bias can overflow float32 when added or divided by the temperature; the
+    token must still win (an inf logit would make the softmax NaN and pick token 0)."""
+    logits = random_logits(4, 100, seed=2)
+    params = [SamplingParams(temperature=temperature, seed=row, logit_bias={7: bias})
+              for row in range(4)]
+    out = Sampler(seed=0)(logits, make_batch(params))
+    assert out.sampled_token_ids == [7, 7, 7, 7]
+
+
 @pytest.mark.parametrize("seed", [None, 11])
 def test_top_k_1_equals_greedy(seed: int | None) -> None:
     logits = random_logits(64, 500, seed=1)

@@ -11,6 +11,7 @@ longer beat the worst of them (transformers' `early_stopping=False` heuristic).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Score of an empty finished slot and of a masked candidate (as transformers uses).
@@ -33,17 +34,21 @@ class BeamSearchParams:
     length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+        if not isinstance(self.beam_width, int) or isinstance(self.beam_width, bool) \
+                or self.beam_width < 1:
             raise ValueError(f"beam_width must be an int >= 1, got {self.beam_width!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) \
+                or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if self.temperature != 0.0:
             raise ValueError(
                 f"temperature must be 0.0 for beam search (raw log-probabilities), "
                 f"got {self.temperature!r}"
             )
-        if not isinstance(self.length_penalty, (int, float)):
-            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+        if (not isinstance(self.length_penalty, (int, float))
+                or isinstance(self.length_penalty, bool) or not math.isfinite(self.length_penalty)):
+            raise ValueError(f"length_penalty must be a finite number, got "
+                             f"{self.length_penalty!r}")
 
 
 @dataclass
@@ -108,12 +113,12 @@ class BeamState:
         ends = [self._ends(c.token_id, new_length) for c in candidates]
 
         if self.improvement_possible:
-            penalty = new_length ** self.params.length_penalty
             for rank, (cand, end) in enumerate(zip(candidates, ends)):
                 if end and rank < width:
+                    score = self._score(cand.cumulative_logprob, new_length)
                     self.finished.append(
                         Hypothesis(beam_tokens[cand.parent] + [cand.token_id],
-                                   cand.cumulative_logprob, cand.cumulative_logprob / penalty)
+                                   cand.cumulative_logprob, score)
                     )
             self.finished.sort(key=lambda h: h.score, reverse=True)
             del self.finished[width:]
@@ -121,10 +126,21 @@ class BeamState:
         continuations = [c for c, end in zip(candidates, ends) if not end][:width]
         if continuations and len(self.finished) == width:
             best_running = continuations[0].cumulative_logprob
-            possible = best_running / (new_length ** self.params.length_penalty)
+            possible = self._score(best_running, new_length)
             self.improvement_possible &= possible > self.finished[-1].score
         done = not continuations or not self.improvement_possible
         return BeamStepResult(continuations, done)
+
+    def _score(self, cumulative_logprob: float, length: int) -> float:
+        """cumulative_logprob / length ** length_penalty (transformers' score), saturating
+        where a large |length_penalty| overflows or underflows the power."""
+        try:
+            divisor = length ** self.params.length_penalty
+        except OverflowError:
+            divisor = math.inf
+        if divisor == 0.0:
+            return -math.inf if cumulative_logprob < 0 else 0.0
+        return cumulative_logprob / divisor
 
     def _ends(self, token_id: int, new_length: int) -> bool:
         if new_length >= self.params.max_tokens:

@@ -79,11 +79,12 @@ class IncrementalDetokenizer:
             clean_up_tokenization_spaces=False,
         )
 
-    def add_token(self, token_id: int) -> str | None:
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
         """Appends a token; returns the stop string it completed, if any.
 
         After a stop, `text` ends before the stop string (or after it, with
-        include_stop_str_in_output).
+        include_stop_str_in_output). Without `check_stop` (min_tokens not reached yet) the text
+        grows but no stop string ends it; later checks look only at text added from then on.
         """
         self._token_ids.append(token_id)
         prefix_text = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
@@ -95,7 +96,7 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._token_ids)
         old_len = len(self.text)
         self.text += delta
-        return self._find_stop(old_len)
+        return self._find_stop(old_len) if check_stop else None
 
     def _find_stop(self, old_len: int) -> str | None:
         """Cuts the text at the earliest stop string that ends inside the new characters."""

@@ -18,8 +18,18 @@ PromptType = str | dict[str, Any]
 class ProcessedPrompt:
     prompt: str | None
     prompt_token_ids: list[int]
-    # max_tokens after clamping to the room left in the context.
+    # max_tokens after clamping to the room left in the context (see default_max_tokens when
+    # the request gave none).
     max_tokens: int
+
+
+class RequestFieldError(ValueError):
+    """A refusal caused by a setting rather than the prompt: `field` names the setting (a
+    server answers with it as the error's param)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InputProcessor:
@@ -68,44 +78,65 @@ class InputProcessor:
                 f"prompt has {num_prompt} tokens but max_model_len is {self.max_model_len}: "
                 "shorten the prompt (it must leave room for at least one generated token)"
             )
-        room = self.max_model_len - num_prompt
-        max_tokens = room if sampling_params.max_tokens is None else min(
-            sampling_params.max_tokens, room
-        )
+        if width is None:
+            width = sampling_params.best_of or sampling_params.n
+        if sampling_params.max_tokens is None:
+            max_tokens = self.default_max_tokens(num_prompt, width)
+        else:
+            max_tokens = min(sampling_params.max_tokens, self.max_model_len - num_prompt)
         if num_prompt + max_tokens > self.kv_capacity_tokens:
-            raise ValueError(
+            message = (
                 f"request needs {num_prompt + max_tokens} KV cache slots ({num_prompt} prompt + "
                 f"{max_tokens} generated) but the whole cache holds {self.kv_capacity_tokens}: "
                 "raise num_kv_blocks or kv_cache_memory_bytes, or lower max_tokens"
             )
-        if width is None:
-            width = sampling_params.best_of or sampling_params.n
+            if sampling_params.max_tokens is None:  # the prompt alone fills the cache
+                raise ValueError(message)
+            raise RequestFieldError(message, "max_tokens")
         self._check_fits(num_prompt, max_tokens, width)
         return ProcessedPrompt(prompt=text, prompt_token_ids=list(token_ids), max_tokens=max_tokens)
 
     def _check_fits(self, num_prompt: int, max_tokens: int, width: int) -> None:
         """A sequence group is scheduled whole, so one that can never fit would wait forever."""
         if self.max_num_seqs is not None and width > self.max_num_seqs:
-            raise ValueError(
+            raise RequestFieldError(
                 f"request runs {width} sequences at once (n / best_of / beam width) but "
-                f"max_num_seqs is {self.max_num_seqs}: lower it or raise max_num_seqs"
+                f"max_num_seqs is {self.max_num_seqs}: lower it or raise max_num_seqs", "n"
             )
         if width == 1:
             return
         slots = self.worst_case_slots(num_prompt, max_tokens, width)
         if slots > self.kv_capacity_tokens:
-            raise ValueError(
+            raise RequestFieldError(
                 f"{width} sequences of up to {max_tokens} generated tokens may need "
                 f"{slots} KV cache slots but the whole cache holds "
                 f"{self.kv_capacity_tokens}: lower n / best_of / beam width or max_tokens, or "
-                "raise num_kv_blocks or kv_cache_memory_bytes"
+                "raise num_kv_blocks or kv_cache_memory_bytes", "n"
             )
 
+    def default_max_tokens(self, num_prompt: int, width: int) -> int:
+        """max_tokens when a request gives none: to the end of the context, or as far as the
+        whole KV cache can take `width` sequences of this prompt (worst_case_slots), whichever
+        comes first (at least 1: a request that cannot fit even that is refused by the checks)."""
+        room = self.max_model_len - num_prompt
+        num_blocks, bs = self.kv_capacity_tokens // self.block_size, self.block_size
+        fits = num_blocks * bs - num_prompt  # one sequence alone
+        if width > 1:
+            shared = ((num_blocks - -(-num_prompt // bs)) // width - 1) * bs
+            fits = min(shared, num_blocks // width * bs - num_prompt)
+        return max(min(room, fits), 1)
+
     def worst_case_slots(self, num_prompt: int, max_tokens: int, width: int) -> int:
-        """KV slots a group of `width` sequences may hold at most: they share only the
-        prompt's blocks, and each fills its own blocks plus one copied-on-write tail."""
+        """KV slots a group of `width` sequences may hold at most. Running, they share only
+        the prompt's blocks, and each fills its own blocks plus one copied-on-write tail;
+        preempted by recompute, they come back as `width` sequences of their own (nothing
+        shared), and the whole group must fit at once to run again."""
         bs = self.block_size
-        return (-(-num_prompt // bs) + width * (-(-max_tokens // bs) + 1)) * bs
+        shared = -(-num_prompt // bs) + width * (-(-max_tokens // bs) + 1)
+        if width == 1:
+            return shared * bs
+        unshared = width * -(-(num_prompt + max_tokens) // bs)
+        return max(shared, unshared) * bs
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -182,7 +182,10 @@ class OutputProcessor:
         # NOTE: a stop token's text is left out (as vLLM does) unless asked for.
         if stop_token_id == sampled.token_id and not params.include_stop_str_in_output:
             return False
-        stop_str = seq.detokenizer.add_token(sampled.token_id)
+        # NOTE: stop strings count only past min_tokens, as vLLM has it (EOS and stop token ids
+        # are masked until then by the sampler).
+        stop_str = seq.detokenizer.add_token(sampled.token_id,
+                                             check_stop=len(seq.token_ids) > params.min_tokens)
         if stop_str is None:
             return False
         seq.finish_reason = "stop"

@@ -229,6 +229,10 @@ class Sampler:
         sub = logits if all_sampled else logits[index]  # [S, V]
         temps = torch.tensor([p.temperature for p in sampled], device=device)
         sub.div_(temps.unsqueeze(1))
+        if any(p.logit_bias for p in sampled):
+            # NOTE: a large bias overflows float32 (when added, or divided by a low
+            # temperature); +inf would turn the softmax into NaN, the largest float does not.
+            sub.clamp_(max=torch.finfo(sub.dtype).max)
 
         top_k = [p.top_k for p in sampled] if any(p.top_k > 0 for p in sampled) else None
         top_p = [p.top_p for p in sampled] if any(p.top_p < 1.0 for p in sampled) else None
