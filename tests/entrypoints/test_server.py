@@ -548,6 +548,22 @@ ERROR_CASES = [
     ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],
                                     logprobs=True, top_logprobs=-1), 400, "top_logprobs",
      ["logprobs"]),
+    ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],
+                                    logprobs=True, top_logprobs=21), 400, "top_logprobs",
+     ["top_logprobs", "20"]),
+    # JSON can carry a lone surrogate ("\ud800"), which no tokenizer or UTF-8 encoder takes.
+    ("/v1/completions", greedy(prompt="hi \ud800"), 400, "prompt", ["prompt", "surrogate"]),
+    ("/v1/completions", greedy(prompt=["ok", "\udfff"]), 400, "prompt", ["prompt[1]"]),
+    ("/v1/completions", {"model": "x\udfff", "prompt": "hi"}, 400, "model", ["surrogate"]),
+    ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "\ud83d"}]}]), 400, "messages",
+     ["messages[0].content[0].text", "surrogate"]),
+    ("/tokenize", {"prompt": "\ud800"}, 400, "prompt", ["surrogate"]),
+    ("/v1/completions", greedy(prompt=[True, False]), 400, "prompt", ["integer"]),
+    ("/v1/completions", greedy(prompt="hi", stream_options={"include_usage": True}), 400,
+     "stream_options", ["stream"]),
+    ("/v1/completions", greedy(prompt="hi", n=1000, temperature=1), 400, "n",
+     ["max_num_seqs"]),
 ]
 
 

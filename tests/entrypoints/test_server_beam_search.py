@@ -121,6 +121,23 @@ def test_chat_beams_equal_offline_beam_search_and_stream_whole(server, client, l
     assert beams == [(k, text, reason) for k, (text, reason, _) in enumerate(expected)]
 
 
+def test_chat_beams_without_max_tokens_run_as_far_as_the_cache_takes_them(server, client, llm):
+    # 4 beams to the end of the 512-token context could need 4 x 30 blocks; the cache has 64,
+    # so the default max_tokens is what the search's worst case fits: 4 beams recomputed on
+    # their own after a preemption, 4 x (34 + 222) / 16 = 64 blocks.
+    messages = [{"role": "user", "content": "Name three colours."}]
+    _, tokens = request_json("POST", server.url + "/tokenize", {"messages": messages})
+    assert tokens["count"] == 34
+    expected = offline_beams(llm, tokens["tokens"], BeamSearchParams(
+        beam_width=4, max_tokens=222, ignore_eos=True))
+    reply = client.chat.completions.create(model=NAME, messages=messages, n=4, temperature=0,
+                                           extra_body={"use_beam_search": True,
+                                                       "ignore_eos": True})
+    assert [(c.message.content, c.finish_reason) for c in reply.choices] == [
+        (text, reason) for text, reason, _ in expected]
+    assert reply.usage.completion_tokens == 4 * 222
+
+
 def test_streamed_completion_beams_come_whole(client, llm):
     params = BeamSearchParams(beam_width=2, max_tokens=6)
     expected = offline_beams(llm, PROMPTS[0], params)
@@ -221,7 +238,6 @@ ERROR_CASES = [
     # 4 beams of 300 tokens may need 1 + 4 x 20 blocks; the cache has 64.
     ("/v1/completions", beam_body(prompt="hi", n=4, max_tokens=300), "max_tokens",
      ["n=4", "max_tokens=300", "1296", "1024"]),
-    ("/v1/chat/completions", beam_body(messages=CHAT, n=4), "max_tokens", ["1024"]),
     # The usual checks still apply.
     ("/v1/completions", beam_body(prompt="hi", max_tokens=600), "max_tokens", ["512"]),
 ]

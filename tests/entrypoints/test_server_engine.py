@@ -212,8 +212,14 @@ def test_shutdown_ends_open_streams_with_abort():
 
 class _StubTokenizer:
     chat_template = None
+    # Set by a test: encode() says it started, then waits for `release` (shared by copies).
+    entered: threading.Event | None = None
+    release: threading.Event | None = None
 
     def encode(self, text: str, **_) -> list[int]:
+        if self.entered is not None and self.release is not None:
+            self.entered.set()
+            assert self.release.wait(timeout=30)
         return [ord(c) % 100 for c in text]
 
     def decode(self, ids: list[int], **_) -> str:
@@ -242,6 +248,7 @@ def app_server():
     metrics = ServerMetrics("fake")
     engine = AsyncLLMEngine(fake, metrics.observe)
     app = build_app(engine, _StubTokenizer(), ["fake"], "/nowhere", metrics=metrics)
+    fake.server_engine = engine  # for tests that shut it down
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -281,3 +288,41 @@ def test_dead_engine_gives_503_and_errors_instead_of_hanging(app_server):
     assert status == 503 and body["error"]["type"]
     status, body = _get(url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 4})
     assert status == 503
+
+
+def test_prompt_tokenization_does_not_hold_up_the_event_loop(app_server):
+    """A long prompt takes seconds to encode; meanwhile /health and other requests answer."""
+    url, _ = app_server
+    _StubTokenizer.entered, _StubTokenizer.release = threading.Event(), threading.Event()
+    try:
+        result: list = []
+        worker = threading.Thread(target=lambda: result.append(
+            _get(url + "/v1/completions", {"prompt": "slow to encode", "max_tokens": 2})))
+        worker.start()
+        assert _StubTokenizer.entered.wait(timeout=10)  # the encode has started and waits
+        assert _get(url + "/health", timeout=5) == (200, {})
+        status, body = _get(url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2},
+                            timeout=5)
+        assert status == 200 and body["choices"][0]["text"] == "xx"
+        _StubTokenizer.release.set()
+        worker.join(timeout=10)
+        assert result and result[0][0] == 200
+    finally:
+        _StubTokenizer.entered = _StubTokenizer.release = None
+
+
+def test_shutdown_answers_a_waiting_non_streamed_request_with_503(app_server):
+    """A whole answer cut short by shutdown is no answer: a client that never reads
+    finish_reason must not take it for a complete one."""
+    url, fake = app_server
+    fake.step_delay_s = 0.05
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(
+        _get(url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 60})))
+    worker.start()
+    while fake.num_steps < 2:
+        time.sleep(0.01)
+    fake.server_engine.begin_shutdown()
+    worker.join(timeout=10)
+    status, body = result[0]
+    assert status == 503 and "shutting down" in body["error"]["message"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import secrets
 import signal
@@ -38,7 +39,7 @@ from pagedllm.entrypoints.openai.protocol import (
 )
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from pagedllm.entrypoints.openai.serving_engine import OpenAIServingModels
+from pagedllm.entrypoints.openai.serving_engine import OpenAIServingModels, PromptTokenizer
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.metrics import ServerMetrics
 
@@ -75,9 +76,17 @@ async def require_api_key(request: Request) -> None:
         raise _Unauthorized()
 
 
+class _ErrorJSONResponse(JSONResponse):
+    """Error bodies in ASCII JSON: a message that quotes the request (a model name, say) can
+    hold text that UTF-8 cannot encode, and the error must still go out."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def to_response(result: Any) -> Response:
     if isinstance(result, ErrorResponse):
-        return JSONResponse(result.model_dump(), status_code=result.status_code)
+        return _ErrorJSONResponse(result.model_dump(), status_code=result.status_code)
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump())
     if isinstance(result, AsyncIterator):
@@ -144,7 +153,7 @@ async def metrics(raw_request: Request) -> Response:
 
 @router.post("/tokenize")
 async def tokenize(request: TokenizeRequest, raw_request: Request) -> Response:
-    return to_response(_state(raw_request).tokenization.tokenize(request))
+    return to_response(await _state(raw_request).tokenization.tokenize(request))
 
 
 @router.post("/detokenize")
@@ -176,7 +185,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             return f"the request body is not valid JSON: {error.get('ctx', {}).get('error')}", None
         loc = [str(x) for x in error.get("loc", ()) if x != "body"]
         where = ".".join(loc)
-        param = param or (loc[0] if loc else None)
+        param = param or (loc[0] if loc else error.get("ctx", {}).get("param"))
         parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
     return "; ".join(parts) or "invalid request", param
 
@@ -214,12 +223,15 @@ def build_app(
 ) -> FastAPI:
     """The app for one engine; its lifespan starts and stops the engine thread."""
 
+    prompt_tokenizer = PromptTokenizer(tokenizer)  # one worker thread for every endpoint
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         try:
             yield
         finally:
+            prompt_tokenizer.shutdown()
             await engine.shutdown()
 
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
@@ -227,9 +239,10 @@ def build_app(
     app.state.server = ServerState(
         engine=engine,
         models=models,
-        completion=OpenAIServingCompletion(engine, models, tokenizer),
-        chat=OpenAIServingChat(engine, models, tokenizer, chat_template),
-        tokenization=OpenAIServingTokenization(models, tokenizer, chat_template),
+        completion=OpenAIServingCompletion(engine, models, tokenizer, prompt_tokenizer),
+        chat=OpenAIServingChat(engine, models, tokenizer, chat_template, prompt_tokenizer),
+        tokenization=OpenAIServingTokenization(models, tokenizer, chat_template,
+                                               prompt_tokenizer),
         metrics=metrics,
         api_key=api_key,
     )

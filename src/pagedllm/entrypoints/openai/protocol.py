@@ -10,7 +10,8 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 
 def random_id(prefix: str) -> str:
@@ -19,6 +20,50 @@ def random_id(prefix: str) -> str:
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def _check_unicode(body: Any) -> None:
+    """Raises a validation error (a 400 naming the field) at the first string holding a lone surrogate (JSON can carry one as
+    "\\ud800"; no tokenizer or UTF-8 encoder can take it). Iterative: bodies nest freely."""
+    # (value, its path as a tuple of keys and indices); only strings and containers are pushed.
+    stack: list[tuple[Any, tuple]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path)
+                if isinstance(item, (str, dict, list)):
+                    stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, index)) for index, item in enumerate(value)
+                         if isinstance(item, (str, dict, list)))
+
+
+def _check_text(text: Any, path: tuple) -> None:
+    if not isinstance(text, str):
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "{where}: the text is not valid Unicode: it holds a lone surrogate at character "
+            "{start}",
+            {"where": where or "the body", "start": exc.start, "param": path[0] if path else None},
+        ) from None
+
+
+class RequestBody(OpenAIBaseModel):
+    """A request body: every string in it must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_unicode(data)
+        return data
 
 
 # ---- errors -------------------------------------------------------------------------------
@@ -68,7 +113,7 @@ class UsageInfo(OpenAIBaseModel):
     total_tokens: int = 0
 
 
-class SamplingExtras(OpenAIBaseModel):
+class SamplingExtras(RequestBody):
     """vLLM's sampling extensions, accepted by both completion endpoints (via `extra_body`)."""
 
     top_k: int | None = None
@@ -76,7 +121,7 @@ class SamplingExtras(OpenAIBaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -91,7 +136,8 @@ class SamplingExtras(OpenAIBaseModel):
 class CompletionRequest(SamplingExtras):
     model: str | None = None
     # A string, a list of strings, token ids, or a list of token-id lists.
-    prompt: list[int] | list[list[int]] | str | list[str]
+    # NOTE: strict ints: JSON true/false are not token ids.
+    prompt: list[StrictInt] | list[list[StrictInt]] | str | list[str]
     best_of: int | None = None
     echo: bool = False
     frequency_penalty: float = 0.0
@@ -256,7 +302,7 @@ class ModelList(OpenAIBaseModel):
     data: list[ModelCard] = Field(default_factory=list)
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(RequestBody):
     """Either `prompt` (plain text) or `messages` (run through the chat template)."""
 
     model: str | None = None
@@ -274,9 +320,9 @@ class TokenizeResponse(OpenAIBaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[StrictInt]
 
 
 class DetokenizeResponse(OpenAIBaseModel):

@@ -24,10 +24,14 @@ from pagedllm.entrypoints.openai.protocol import (
     random_id,
 )
 from pagedllm.entrypoints.openai.serving_engine import (
+    MAX_LOGPROBS,
     SSE_DONE,
     OpenAIServing,
     OpenAIServingModels,
+    PromptTokenizer,
     RequestError,
+    aborted_error,
+    check_stream_options,
     error_from_exception,
     sse,
 )
@@ -93,8 +97,9 @@ class OpenAIServingChat(OpenAIServing):
         models: OpenAIServingModels,
         tokenizer: PreTrainedTokenizerBase,
         chat_template: str | None = None,
+        prompt_tokenizer: PromptTokenizer | None = None,
     ) -> None:
-        super().__init__(engine, models, tokenizer)
+        super().__init__(engine, models, tokenizer, prompt_tokenizer)
         self.chat_template = chat_template
 
     async def create_chat_completion(
@@ -105,9 +110,9 @@ class OpenAIServingChat(OpenAIServing):
             return error
         try:
             params = self._sampling_params(request)
-            token_ids = render_messages(self.tokenizer, request.messages, self.chat_template,
-                                        request.add_generation_prompt,
-                                        request.chat_template_kwargs)
+            token_ids = await self.prompt_tokenizer.run(
+                render_messages, request.messages, self.chat_template,
+                request.add_generation_prompt, request.chat_template_kwargs)
             self.check_prompt(token_ids, params, "messages", param="messages")
             engine_params = self.engine_params(request, params, request.n, len(token_ids))
         except ValueError as exc:
@@ -127,8 +132,12 @@ class OpenAIServingChat(OpenAIServing):
                 "(JSON mode or JSON schema); drop response_format", param="response_format")
         if request.tools:
             raise RequestError("tools are not supported by this server", param="tools")
+        check_stream_options(request.stream, request.stream_options)
         if request.top_logprobs is not None and not request.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        if request.top_logprobs is not None and request.top_logprobs > MAX_LOGPROBS:
+            raise RequestError(f"top_logprobs must be at most {MAX_LOGPROBS}, got "
+                               f"{request.top_logprobs}", param="top_logprobs")
         max_tokens = request.max_completion_tokens
         if max_tokens is None:
             max_tokens = request.max_tokens
@@ -154,6 +163,9 @@ class OpenAIServingChat(OpenAIServing):
         except (ValueError, RuntimeError) as exc:
             return error_from_exception(exc)
         assert final is not None
+        aborted = aborted_error([final])
+        if aborted is not None:
+            return aborted
         choices = [
             ChatCompletionChoice(
                 index=completion.index,

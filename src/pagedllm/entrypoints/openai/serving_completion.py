@@ -19,6 +19,9 @@ from pagedllm.entrypoints.openai.serving_engine import (
     SSE_DONE,
     OpenAIServing,
     RequestError,
+    aborted_error,
+    check_stream_options,
+    encode_prompts,
     error_from_exception,
     merge_async_iterators,
     sse,
@@ -45,7 +48,7 @@ class OpenAIServingCompletion(OpenAIServing):
             return error
         try:
             params = self._sampling_params(request)
-            prompts = self._tokenize_prompts(request.prompt)
+            prompts = await self._tokenize_prompts(request.prompt)
             for index, (_, token_ids) in enumerate(prompts):
                 where = "prompt" if len(prompts) == 1 else f"prompt at index {index}"
                 self.check_prompt(token_ids, params, where, param="prompt")
@@ -70,6 +73,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                 merge_async_iterators(generators))
 
     def _sampling_params(self, request: CompletionRequest) -> SamplingParams:
+        check_stream_options(request.stream, request.stream_options)
         if request.suffix is not None:
             raise RequestError("suffix is not supported", param="suffix")
         if request.echo and request.logprobs is not None:
@@ -85,13 +89,14 @@ class OpenAIServingCompletion(OpenAIServing):
             frequency_penalty=request.frequency_penalty, logit_bias=request.logit_bias,
         )
 
-    def _tokenize_prompts(self, prompt: str | list) -> list[Prompt]:
+    async def _tokenize_prompts(self, prompt: str | list) -> list[Prompt]:
         if isinstance(prompt, str):
-            return [(prompt, self.tokenizer.encode(prompt))]
-        if not prompt:
+            prompt = [prompt]
+        elif not prompt:
             raise RequestError("the prompt is empty: give at least one token", param="prompt")
         if isinstance(prompt[0], str):
-            return [(text, self.tokenizer.encode(text)) for text in prompt]
+            token_ids = await self.prompt_tokenizer.run(encode_prompts, prompt)
+            return list(zip(prompt, token_ids))
         if isinstance(prompt[0], int):
             prompt = [prompt]
         return [(None, list(ids)) for ids in prompt]
@@ -111,6 +116,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 final[index] = output
         except (ValueError, RuntimeError) as exc:
             return error_from_exception(exc)
+        aborted = aborted_error([output for output in final if output is not None])
+        if aborted is not None:
+            return aborted
         choices = []
         usage = UsageInfo()
         for index, output in enumerate(final):

@@ -8,8 +8,11 @@ bad request is answered with a 400 and never touches the engine.
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,7 +27,7 @@ from pagedllm.entrypoints.openai.protocol import (
     SamplingExtras,
     make_error,
 )
-from pagedllm.outputs import CompletionOutput, Logprob
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -62,6 +65,22 @@ def error_from_exception(exc: BaseException, param_names: dict[str, str] | None 
         if first in _SAMPLING_FIELDS:
             param = (param_names or {}).get(first, first)
     return make_error(message, 400, param=param)
+
+
+def aborted_error(outputs: list[RequestOutput]) -> ErrorResponse | None:
+    """A 503 when a whole (non-streamed) answer holds a choice the server aborted: a client
+    that never reads finish_reason must not take a cut-off answer for a complete one. Only the
+    server aborts a request whose client still waits: at shutdown."""
+    if any(c.finish_reason == "abort" for output in outputs for c in output.outputs):
+        return make_error("the request was aborted before it finished: the server is "
+                          "shutting down", 503)
+    return None
+
+
+def check_stream_options(stream: bool, stream_options: object | None) -> None:
+    if stream_options is not None and not stream:
+        raise RequestError("stream_options can only be given with stream=true",
+                           param="stream_options")
 
 
 def sse(payload: BaseModel) -> str:
@@ -148,6 +167,38 @@ class OpenAIServingModels:
         ])
 
 
+class PromptTokenizer:
+    """Encodes prompts and renders chat templates off the event loop: one call at a time, on
+    one worker thread, with a tokenizer of its own.
+
+    A long prompt takes seconds to encode (6 MB of text about 4 s here); on the loop, every
+    stream and /health would stall meanwhile. The fast tokenizer releases the GIL while it
+    encodes, so the loop runs on. Its own copy, because a fast tokenizer used from two threads
+    at once can fail with "Already borrowed", and the loop keeps decoding with the original.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedllm-tokenize")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(tokenizer, *args) on the worker thread."""
+        call = functools.partial(fn, self.tokenizer, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                   add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each text; a text the tokenizer cannot take is the request's error."""
+    try:
+        return [tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+    except Exception as exc:  # noqa: BLE001 - whatever the tokenizer refuses, the user sent
+        raise RequestError(f"the prompt could not be tokenized: {exc}", param="prompt") from None
+
+
 class OpenAIServing:
     """Base of the endpoint handlers."""
 
@@ -156,12 +207,14 @@ class OpenAIServing:
         engine: AsyncLLMEngine,
         models: OpenAIServingModels,
         tokenizer: PreTrainedTokenizerBase,
+        prompt_tokenizer: PromptTokenizer | None = None,
     ) -> None:
         self.engine = engine
         self.models = models
         # NOTE: the frontend has its own tokenizer: the engine thread detokenizes with the
         # engine's, and a fast tokenizer used from two threads can fail with "Already borrowed".
         self.tokenizer = tokenizer
+        self.prompt_tokenizer = prompt_tokenizer or PromptTokenizer(tokenizer)
         self.max_model_len = models.max_model_len
         # Only called with token-id prompts, for which it is pure (no tokenizer, no state).
         self._input_processor = engine.engine.input_processor
@@ -237,8 +290,8 @@ class OpenAIServing:
         if not request.use_beam_search:
             return params
         max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.max_model_len - num_prompt_tokens  # as the engine clamps it
+        if max_tokens is None:  # as the engine picks it
+            max_tokens = self._input_processor.default_max_tokens(num_prompt_tokens, n)
         # NOTE: the engine refuses this too; checked here to name the HTTP fields. A search
         # that cannot fit in the whole cache would preempt itself forever.
         slots = self._input_processor.worst_case_slots(num_prompt_tokens, max_tokens, n)
@@ -281,8 +334,8 @@ class OpenAIServing:
             )
         try:
             self._input_processor.process({"prompt_token_ids": token_ids}, params)
-        except ValueError as exc:
-            raise RequestError(str(exc), param=param) from None
+        except ValueError as exc:  # a RequestFieldError names the setting to blame instead
+            raise RequestError(str(exc), param=getattr(exc, "field", param)) from None
 
     # ---- log-probabilities ---------------------------------------------------------------
 
@@ -364,13 +417,18 @@ def _clamp(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB) if not math.isnan(logprob) else MIN_LOGPROB
 
 
+# OpenAI's range for a logit_bias value; vLLM clamps into it too.
+MAX_LOGIT_BIAS = 100.0
+
+
 def _parse_logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
     if logit_bias is None:
         return None
     parsed = {}
     for key, value in logit_bias.items():
         try:
-            parsed[int(key)] = value
+            parsed[int(key)] = (min(max(value, -MAX_LOGIT_BIAS), MAX_LOGIT_BIAS)
+                                if math.isfinite(value) else value)
         except ValueError:
             raise RequestError(
                 f"logit_bias keys must be token ids (integers as strings), got {key!r}",

@@ -12,18 +12,22 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_chat import render_messages
 from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIServingModels,
+    PromptTokenizer,
     RequestError,
+    encode_prompts,
     error_from_exception,
 )
 
 
 class OpenAIServingTokenization:
-    def __init__(self, models: OpenAIServingModels, tokenizer, chat_template: str | None) -> None:
+    def __init__(self, models: OpenAIServingModels, tokenizer, chat_template: str | None,
+                 prompt_tokenizer: PromptTokenizer | None = None) -> None:
         self.models = models
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        self.prompt_tokenizer = prompt_tokenizer or PromptTokenizer(tokenizer)
 
-    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse | ErrorResponse:
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse | ErrorResponse:
         error = self.models.check_model(request.model)
         if error is not None:
             return error
@@ -31,11 +35,12 @@ class OpenAIServingTokenization:
             if (request.prompt is None) == (request.messages is None):
                 raise RequestError("give exactly one of prompt and messages", param="prompt")
             if request.messages is not None:
-                tokens = render_messages(self.tokenizer, request.messages, self.chat_template,
-                                         request.add_generation_prompt)
+                tokens = await self.prompt_tokenizer.run(
+                    render_messages, request.messages, self.chat_template,
+                    request.add_generation_prompt)
             else:
-                tokens = self.tokenizer.encode(request.prompt,
-                                               add_special_tokens=request.add_special_tokens)
+                tokens = (await self.prompt_tokenizer.run(
+                    encode_prompts, [request.prompt], request.add_special_tokens))[0]
         except ValueError as exc:
             return error_from_exception(exc)
         token_strs = (self.tokenizer.convert_ids_to_tokens(tokens)
