@@ -52,6 +52,19 @@ def test_chat_uses_the_chat_template(llm):
         messages, add_generation_prompt=True, tokenize=True, return_dict=False
     )
     assert out.prompt_token_ids == list(expected_prompt)
+    assert out.prompt == tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                       tokenize=False)
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"  # the instruct model ends its turn
     assert out.outputs[0].token_ids[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("bad", [
+    [{"role": "user"}],  # no content
+    [{"content": "no role"}],
+    [[("role", "user")]],  # not a mapping
+])
+def test_chat_refuses_a_conversation_the_template_cannot_render(llm, bad):
+    ok = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(ValueError, match="conversation 1: the chat template failed"):
+        llm.chat([ok, bad], SamplingParams(max_tokens=2), use_tqdm=False)

@@ -116,21 +116,30 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template to each conversation, then generates."""
+        """Applies the tokenizer's chat template to each conversation, then generates.
+
+        Each output's `prompt` is the rendered conversation (as vLLM gives it). A conversation
+        the template cannot render is a ValueError naming it.
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
         if chat_template is None and not tokenizer.chat_template:
             raise ValueError("the model's tokenizer has no chat template: pass chat_template")
         prompts = []
-        for conversation in conversations:
-            token_ids = tokenizer.apply_chat_template(
-                list(conversation),
-                chat_template=chat_template,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=True,
-                return_dict=False,
-            )
-            prompts.append({"prompt_token_ids": list(token_ids)})
+        for index, conversation in enumerate(conversations):
+            try:
+                text = tokenizer.apply_chat_template(
+                    list(conversation),
+                    chat_template=chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    tokenize=False,
+                )
+                # NOTE: the template writes the special tokens itself (what tokenize=True does).
+                token_ids = tokenizer.encode(text, add_special_tokens=False)
+            except Exception as exc:  # noqa: BLE001 - a template's errors are the caller's
+                raise ValueError(f"conversation {index}: the chat template failed: "
+                                 f"{type(exc).__name__}: {exc}") from None
+            prompts.append({"prompt": text, "prompt_token_ids": token_ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def beam_search(
