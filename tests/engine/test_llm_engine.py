@@ -258,10 +258,13 @@ def test_generate_rejects_a_request_larger_than_the_whole_cache(tiny_dir):
     assert len(out[0].outputs[0].token_ids) == 54
 
 
-def test_max_tokens_none_runs_as_far_as_the_cache_holds(tiny_dir):
+def test_max_tokens_none_runs_as_far_as_the_cache_holds(tiny_dir, caplog):
     """Without max_tokens a request generates to the end of the context, or, with a cache
-    smaller than the context, as far as the whole cache takes it (instead of being refused)."""
-    small = LLM(str(tiny_dir), num_kv_blocks=8, block_size=8)  # 64 slots, context 512
+    smaller than the context, as far as the whole cache takes it (instead of being refused);
+    the engine says so when it starts."""
+    with caplog.at_level("WARNING", logger="pagedllm.engine.llm_engine"):
+        small = LLM(str(tiny_dir), num_kv_blocks=8, block_size=8)  # 64 slots, context 512
+    assert "the KV cache holds 64 tokens, fewer than max_model_len (512)" in caplog.text
     prompt = {"prompt_token_ids": [5] * 10}
     out = small.generate(prompt, SamplingParams(max_tokens=None, ignore_eos=True),
                          use_tqdm=False)

@@ -116,6 +116,12 @@ class LLMEngine:
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
         )
+        if num_blocks * config.block_size < self.max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens, fewer than max_model_len (%d): no request can "
+                "use more (without max_tokens, one stops there); raise num_kv_blocks or "
+                "kv_cache_memory_bytes, or lower max_model_len",
+                num_blocks * config.block_size, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
         eos = self.tokenizer.eos_token_id
         if eos is None:
