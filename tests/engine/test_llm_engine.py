@@ -302,6 +302,39 @@ def test_groups_that_could_never_be_scheduled_are_refused(tiny_dir):
     assert_all_blocks_free(small)
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"model": 123}, "model must be a path"),
+    ({"block_size": True}, "block_size"),
+    ({"enable_prefix_caching": "no"}, "enable_prefix_caching"),
+    ({"swap_space": float("nan")}, "swap_space"),
+    ({"swap_space": 10**6}, "GiB of host memory"),
+    ({"num_kv_blocks": 10**9}, "GiB of host memory"),
+])
+def test_engine_settings_the_host_cannot_hold_or_take_are_refused(tiny_dir, settings, message):
+    """Pools are written in full at start: one larger than the host's memory would grow until
+    the OOM killer ended the process, so it is refused before anything is allocated."""
+    kwargs = {"model": str(tiny_dir), **settings}
+    with pytest.raises(ValueError, match=message):
+        LLM(**kwargs)
+
+
+def test_unreadable_model_directories_say_what_is_wrong(tiny_dir, tmp_path):
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_dir, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="model.safetensors.* cannot be read"):
+        LLM(str(corrupt))
+    untokenized = tmp_path / "untokenized"
+    shutil.copytree(tiny_dir, untokenized)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (untokenized / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no tokenizer in"):
+        LLM(str(untokenized))
+
+
 def test_invalid_sampling_params_name_the_field():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)

@@ -48,6 +48,10 @@ def test_generate_with_a_model_directory_matches_the_library(tiny_llama_factory)
         (["generate", "hi", "--max-tokens", "many"], "invalid int value"),
         (["generate"], "required"),
         (["frobnicate"], "invalid choice"),
+        (["generate", "hi", "--swap-space", "inf"], "swap_space"),
+        (["generate", "hi", "--num-kv-blocks", "1000000000"], "GiB of host memory"),
+        (["serve", "--chat-template", "./no_such_template.jinja"], "not a file"),
+        (["serve", "--port", "-1"], "cannot listen"),
     ],
 )
 def test_bad_input_prints_one_line_and_exits_non_zero(args, message):

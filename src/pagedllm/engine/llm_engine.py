@@ -27,6 +27,9 @@ from pagedllm.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
 
+# Files any Hugging Face tokenizer loads from (fast, SentencePiece, BPE vocabularies).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
 
 @dataclass
 class EngineStats:
@@ -80,6 +83,9 @@ class LLMEngine:
         self.model_dir = model_dir
         hf_config = load_config(model_dir)
         self.hf_config = hf_config
+        if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
+            raise ValueError(f"no tokenizer in {str(model_dir)!r}: it needs one of "
+                             f"{', '.join(_TOKENIZER_FILES)} beside the weights")
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             model_dir, local_files_only=True
         )

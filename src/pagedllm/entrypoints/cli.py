@@ -127,6 +127,10 @@ def _serve(args: argparse.Namespace) -> int:
     chat_template = args.chat_template
     if chat_template is not None and Path(chat_template).is_file():
         chat_template = Path(chat_template).read_text()
+    elif chat_template is not None and "{" not in chat_template:
+        # NOTE: as vLLM: text without a Jinja tag was meant as a file's path.
+        raise ValueError(f"--chat-template {chat_template!r} is not a file (and not a template: "
+                         "it has no Jinja tag)")
     run_server(
         _engine_kwargs(args, model),
         host=args.host,

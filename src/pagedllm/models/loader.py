@@ -53,7 +53,12 @@ def _checkpoint_tensors(model_dir: Path):
     if not files:
         raise ValueError(f"no *.safetensors weights in {str(model_dir)!r}")
     for path in files:
-        with safe_open(path, framework="pt") as f:
+        try:
+            handle = safe_open(path, framework="pt")
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type, or an OSError
+            raise ValueError(f"weights file {str(path)!r} cannot be read (corrupt or "
+                             f"truncated?): {exc}") from None
+        with handle as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
 

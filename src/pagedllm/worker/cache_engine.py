@@ -80,6 +80,23 @@ def choose_num_blocks(
     return num_blocks
 
 
+def check_host_memory(spec: KVCacheSpec, num_blocks: int, num_cpu_blocks: int,
+                      device: torch.device) -> None:
+    """Refuses block pools the host cannot hold. They are written in full at start (so that no
+    step faults their pages in), so an oversized pool would grow until the kernel's OOM killer
+    ended the process, with no word said."""
+    device_bytes = num_blocks * spec.bytes_per_block if device.type == "cpu" else 0
+    swap_bytes = num_cpu_blocks * spec.bytes_per_block
+    available = available_memory_bytes()
+    if device_bytes + swap_bytes > available:
+        raise ValueError(
+            f"the KV cache needs {(device_bytes + swap_bytes) / 2**30:.1f} GiB of host memory "
+            f"({device_bytes / 2**30:.1f} GiB for {num_blocks} blocks on {device.type}, "
+            f"{swap_bytes / 2**30:.1f} GiB of swap space) but {available / 2**30:.1f} GiB is "
+            "available: lower num_kv_blocks, kv_cache_memory_bytes or swap_space"
+        )
+
+
 class CacheEngine:
     """Allocates every layer's device block pool (and host pool for swapping) at start, and
     moves blocks between and within them; nothing is allocated per step."""

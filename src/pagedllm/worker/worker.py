@@ -12,7 +12,12 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
 from pagedllm.models.loader import build_model
 from pagedllm.profiler import StepProfiler
-from pagedllm.worker.cache_engine import CacheEngine, KVCacheSpec, choose_num_blocks
+from pagedllm.worker.cache_engine import (
+    CacheEngine,
+    KVCacheSpec,
+    check_host_memory,
+    choose_num_blocks,
+)
 from pagedllm.worker.host_memory import HugePageArena, keep_freed_buffers
 from pagedllm.worker.model_runner import ModelRunner
 
@@ -51,6 +56,7 @@ class Worker:
             spec, config.num_kv_blocks, config.kv_cache_memory_bytes, self.device
         )
         num_cpu_blocks = int(config.swap_space * 2**30) // spec.bytes_per_block
+        check_host_memory(spec, num_blocks, num_cpu_blocks, self.device)
         self.cache_engine = CacheEngine(spec, num_blocks, backend, self.device, num_cpu_blocks)
         self.profiler = profiler or StepProfiler()
         self.runner = ModelRunner(
