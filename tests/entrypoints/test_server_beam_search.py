@@ -153,7 +153,8 @@ def test_streamed_completion_beams_come_whole(client, llm):
 # ---- concurrency and aborts --------------------------------------------------------------------
 
 def test_normal_request_is_served_while_a_beam_search_runs(server, llm):
-    beam_params = BeamSearchParams(beam_width=4, max_tokens=24, ignore_eos=True)
+    # NOTE: long enough (about 0.3 s here on a quiet machine) that "alongside" means something.
+    beam_params = BeamSearchParams(beam_width=4, max_tokens=160, ignore_eos=True)
     expected_beams = offline_beams(llm, PROMPTS[1], beam_params)
     normal_prompt = [4000, 4100, 4200, 4300]
     [expected_normal] = llm.generate({"prompt_token_ids": normal_prompt},
@@ -166,7 +167,7 @@ def test_normal_request_is_served_while_a_beam_search_runs(server, llm):
 
         async def beam_search() -> tuple[list[str], float]:
             reply = await client.completions.create(
-                model=NAME, prompt=PROMPTS[1], n=4, max_tokens=24,
+                model=NAME, prompt=PROMPTS[1], n=4, max_tokens=160,
                 extra_body={"use_beam_search": True, "ignore_eos": True})
             return [c.text for c in reply.choices], time.monotonic()
 
@@ -195,7 +196,8 @@ def test_normal_request_is_served_while_a_beam_search_runs(server, llm):
 
 def test_client_gone_before_the_beams_frees_the_search(server):
     num_aborts = server.metrics().get(ABORTS, 0)
-    impatient = server.client(timeout=0.5)
+    # NOTE: the search takes about 0.35 s on a quiet machine; the client leaves well before.
+    impatient = server.client(timeout=0.1)
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(model=NAME, prompt=PROMPTS[0], n=4, max_tokens=200,
                                      extra_body={"use_beam_search": True, "ignore_eos": True})
