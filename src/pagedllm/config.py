@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.validation import is_int, is_number
+
 _DTYPES = {
     "auto": None,
     "float32": torch.float32,
@@ -16,10 +18,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -64,11 +62,11 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
         for name in ("enable_prefix_caching", "profile"):
             if not isinstance(getattr(self, name), bool):
@@ -77,12 +75,11 @@ class EngineConfig:
             raise ValueError(
                 f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
             )
-        if (not isinstance(self.swap_space, (int, float)) or isinstance(self.swap_space, bool)
-                or not 0 <= self.swap_space < math.inf):
+        if not is_number(self.swap_space) or not 0 <= self.swap_space < math.inf:
             raise ValueError(f"swap_space must be a finite number of GiB >= 0, got "
                              f"{self.swap_space!r}")
         self._verify_device()
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     def _verify_device(self) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pagedllm.validation import is_int, is_number
+
 # Score of an empty finished slot and of a masked candidate (as transformers uses).
 _MASKED = -1.0e9
 
@@ -34,19 +36,16 @@ class BeamSearchParams:
     length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beam_width, int) or isinstance(self.beam_width, bool) \
-                or self.beam_width < 1:
+        if not is_int(self.beam_width) or self.beam_width < 1:
             raise ValueError(f"beam_width must be an int >= 1, got {self.beam_width!r}")
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) \
-                or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if self.temperature != 0.0:
             raise ValueError(
                 f"temperature must be 0.0 for beam search (raw log-probabilities), "
                 f"got {self.temperature!r}"
             )
-        if (not isinstance(self.length_penalty, (int, float))
-                or isinstance(self.length_penalty, bool) or not math.isfinite(self.length_penalty)):
+        if not is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got "
                              f"{self.length_penalty!r}")
 

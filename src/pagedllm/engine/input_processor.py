@@ -115,16 +115,25 @@ class InputProcessor:
             )
 
     def default_max_tokens(self, num_prompt: int, width: int) -> int:
-        """max_tokens when a request gives none: to the end of the context, or as far as the
-        whole KV cache can take `width` sequences of this prompt (worst_case_slots), whichever
-        comes first (at least 1: a request that cannot fit even that is refused by the checks)."""
-        room = self.max_model_len - num_prompt
-        num_blocks, bs = self.kv_capacity_tokens // self.block_size, self.block_size
-        fits = num_blocks * bs - num_prompt  # one sequence alone
-        if width > 1:
-            shared = ((num_blocks - -(-num_prompt // bs)) // width - 1) * bs
-            fits = min(shared, num_blocks // width * bs - num_prompt)
-        return max(min(room, fits), 1)
+        """max_tokens when a request gives none: to the end of the context, or the most the
+        whole KV cache takes for `width` sequences of this prompt (the checks' own bounds),
+        whichever comes first (at least 1: a request that cannot fit even that is refused by
+        the checks)."""
+        low, high = 1, self.max_model_len - num_prompt  # the largest fitting value, by bisection
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self._fits(num_prompt, mid, width):
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    def _fits(self, num_prompt: int, max_tokens: int, width: int) -> bool:
+        """Whether the cache checks of `process` and `_check_fits` pass."""
+        if num_prompt + max_tokens > self.kv_capacity_tokens:
+            return False
+        return width == 1 or (
+            self.worst_case_slots(num_prompt, max_tokens, width) <= self.kv_capacity_tokens)
 
     def worst_case_slots(self, num_prompt: int, max_tokens: int, width: int) -> int:
         """KV slots a group of `width` sequences may hold at most. Running, they share only
