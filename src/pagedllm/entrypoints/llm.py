@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.beam_search import BeamSearchParams
-from pagedllm.engine.input_processor import PromptType
+from pagedllm.engine.input_processor import PromptType, render_chat
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -128,17 +128,10 @@ class LLM:
         prompts = []
         for index, conversation in enumerate(conversations):
             try:
-                text = tokenizer.apply_chat_template(
-                    list(conversation),
-                    chat_template=chat_template,
-                    add_generation_prompt=add_generation_prompt,
-                    tokenize=False,
-                )
-                # NOTE: the template writes the special tokens itself (what tokenize=True does).
-                token_ids = tokenizer.encode(text, add_special_tokens=False)
-            except Exception as exc:  # noqa: BLE001 - a template's errors are the caller's
-                raise ValueError(f"conversation {index}: the chat template failed: "
-                                 f"{type(exc).__name__}: {exc}") from None
+                text, token_ids = render_chat(tokenizer, list(conversation), chat_template,
+                                              add_generation_prompt)
+            except ValueError as exc:
+                raise ValueError(f"conversation {index}: {exc}") from None
             prompts.append({"prompt": text, "prompt_token_ids": token_ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 

@@ -7,6 +7,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from pagedllm.engine.input_processor import render_chat
+from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -28,7 +30,6 @@ from pagedllm.entrypoints.openai.serving_engine import (
     SSE_DONE,
     OpenAIServing,
     OpenAIServingModels,
-    PromptTokenizer,
     RequestError,
     aborted_error,
     check_stream_options,
@@ -74,14 +75,11 @@ def render_messages(
         role = "system" if message.role == "developer" else message.role
         conversation.append({"role": role, "content": content or ""})
     try:
-        token_ids = tokenizer.apply_chat_template(
-            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-            tokenize=True, return_dict=False, **(template_kwargs or {}),
-        )
-    except Exception as exc:  # noqa: BLE001 - template errors are the user's to fix
-        raise RequestError(f"the chat template failed on these messages: {exc}",
-                           param="messages") from None
-    return list(token_ids)
+        _, token_ids = render_chat(tokenizer, conversation, chat_template,
+                                   add_generation_prompt, template_kwargs)
+    except ValueError as exc:
+        raise RequestError(f"{exc} (on these messages)", param="messages") from None
+    return token_ids
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -96,8 +94,8 @@ class OpenAIServingChat(OpenAIServing):
         engine: AsyncLLMEngine,
         models: OpenAIServingModels,
         tokenizer: PreTrainedTokenizerBase,
-        chat_template: str | None = None,
-        prompt_tokenizer: PromptTokenizer | None = None,
+        chat_template: str | None,
+        prompt_tokenizer: PromptTokenizer,
     ) -> None:
         super().__init__(engine, models, tokenizer, prompt_tokenizer)
         self.chat_template = chat_template

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from pagedllm.entrypoints.openai.prompt_tokenizer import encode_prompts
 from pagedllm.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -21,7 +22,6 @@ from pagedllm.entrypoints.openai.serving_engine import (
     RequestError,
     aborted_error,
     check_stream_options,
-    encode_prompts,
     error_from_exception,
     merge_async_iterators,
     sse,

@@ -8,11 +8,8 @@ bad request is answered with a 400 and never touches the engine.
 from __future__ import annotations
 
 import asyncio
-import copy
-import functools
 import math
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,6 +29,8 @@ from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 
 T = TypeVar("T")
 
@@ -167,38 +166,6 @@ class OpenAIServingModels:
         ])
 
 
-class PromptTokenizer:
-    """Encodes prompts and renders chat templates off the event loop: one call at a time, on
-    one worker thread, with a tokenizer of its own.
-
-    A long prompt takes seconds to encode (6 MB of text about 4 s here); on the loop, every
-    stream and /health would stall meanwhile. The fast tokenizer releases the GIL while it
-    encodes, so the loop runs on. Its own copy, because a fast tokenizer used from two threads
-    at once can fail with "Already borrowed", and the loop keeps decoding with the original.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.tokenizer = copy.deepcopy(tokenizer)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedllm-tokenize")
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(tokenizer, *args) on the worker thread."""
-        call = functools.partial(fn, self.tokenizer, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str],
-                   add_special_tokens: bool = True) -> list[list[int]]:
-    """Token ids of each text; a text the tokenizer cannot take is the request's error."""
-    try:
-        return [tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts]
-    except Exception as exc:  # noqa: BLE001 - whatever the tokenizer refuses, the user sent
-        raise RequestError(f"the prompt could not be tokenized: {exc}", param="prompt") from None
-
-
 class OpenAIServing:
     """Base of the endpoint handlers."""
 
@@ -207,14 +174,14 @@ class OpenAIServing:
         engine: AsyncLLMEngine,
         models: OpenAIServingModels,
         tokenizer: PreTrainedTokenizerBase,
-        prompt_tokenizer: PromptTokenizer | None = None,
+        prompt_tokenizer: PromptTokenizer,
     ) -> None:
         self.engine = engine
         self.models = models
         # NOTE: the frontend has its own tokenizer: the engine thread detokenizes with the
         # engine's, and a fast tokenizer used from two threads can fail with "Already borrowed".
         self.tokenizer = tokenizer
-        self.prompt_tokenizer = prompt_tokenizer or PromptTokenizer(tokenizer)
+        self.prompt_tokenizer = prompt_tokenizer
         self.max_model_len = models.max_model_len
         # Only called with token-id prompts, for which it is pure (no tokenizer, no state).
         self._input_processor = engine.engine.input_processor

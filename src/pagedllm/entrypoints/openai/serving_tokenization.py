@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer, encode_prompts
 from pagedllm.entrypoints.openai.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -12,20 +13,18 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_chat import render_messages
 from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIServingModels,
-    PromptTokenizer,
     RequestError,
-    encode_prompts,
     error_from_exception,
 )
 
 
 class OpenAIServingTokenization:
     def __init__(self, models: OpenAIServingModels, tokenizer, chat_template: str | None,
-                 prompt_tokenizer: PromptTokenizer | None = None) -> None:
+                 prompt_tokenizer: PromptTokenizer) -> None:
         self.models = models
         self.tokenizer = tokenizer
         self.chat_template = chat_template
-        self.prompt_tokenizer = prompt_tokenizer or PromptTokenizer(tokenizer)
+        self.prompt_tokenizer = prompt_tokenizer
 
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse | ErrorResponse:
         error = self.models.check_model(request.model)
