@@ -23,8 +23,9 @@ class OpenAIBaseModel(BaseModel):
 
 
 def _check_unicode(body: Any) -> None:
-    """Raises a validation error (a 400 naming the field) at the first string holding a lone surrogate (JSON can carry one as
-    "\\ud800"; no tokenizer or UTF-8 encoder can take it). Iterative: bodies nest freely."""
+    """Raises a validation error (a 400 naming the field) at the first string holding a lone
+    surrogate (JSON can carry one as "\\ud800"; no tokenizer or UTF-8 encoder can take it).
+    Iterative: bodies nest freely."""
     # (value, its path as a tuple of keys and indices); only strings and containers are pushed.
     stack: list[tuple[Any, tuple]] = [(body, ())]
     while stack:
