@@ -24,12 +24,12 @@ class ProcessedPrompt:
 
 
 class RequestFieldError(ValueError):
-    """A refusal caused by a setting rather than the prompt: `field` names the setting (a
-    server answers with it as the error's param)."""
+    """A refusal caused by one request field: `param` names it (a server answers with it as
+    the error's param)."""
 
-    def __init__(self, message: str, field: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
-        self.field = field
+        self.param = param
 
 
 class InputProcessor:
@@ -163,23 +163,3 @@ class InputProcessor:
             f"got {type(prompt).__name__}"
         )
 
-
-def render_chat(
-    tokenizer: PreTrainedTokenizerBase,
-    conversation: list[dict[str, Any]],
-    chat_template: str | None,
-    add_generation_prompt: bool = True,
-    template_kwargs: dict[str, Any] | None = None,
-) -> tuple[str, list[int]]:
-    """A conversation as the chat template renders it, and its token ids: the text encoded
-    without added special tokens (the template writes its own, as tokenize=True does). A
-    template that fails on the conversation is a ValueError saying why."""
-    try:
-        text = tokenizer.apply_chat_template(
-            conversation, chat_template=chat_template,
-            add_generation_prompt=add_generation_prompt, tokenize=False,
-            **(template_kwargs or {}),
-        )
-        return text, tokenizer.encode(text, add_special_tokens=False)
-    except Exception as exc:  # noqa: BLE001 - a template's errors are the caller's to fix
-        raise ValueError(f"the chat template failed: {type(exc).__name__}: {exc}") from None

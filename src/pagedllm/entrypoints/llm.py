@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.beam_search import BeamSearchParams
-from pagedllm.engine.input_processor import PromptType, render_chat
+from pagedllm.engine.input_processor import PromptType
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 

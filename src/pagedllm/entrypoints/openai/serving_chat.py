@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from pagedllm.engine.input_processor import render_chat
+from pagedllm.entrypoints.chat_utils import render_messages
 from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionChoice,
@@ -16,7 +16,6 @@ from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
     ChatLogprobs,
-    ChatMessage,
     ChatMessageOut,
     ChatTokenLogprob,
     ChatTopLogprob,
@@ -46,40 +45,6 @@ if TYPE_CHECKING:
 
 # SamplingParams field -> the chat request field a user sets for it.
 _CHAT_PARAM_NAMES = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"}
-
-
-def render_messages(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[ChatMessage],
-    chat_template: str | None,
-    add_generation_prompt: bool = True,
-    template_kwargs: dict | None = None,
-) -> list[int]:
-    """Token ids of a conversation under the chat template; ValueError names what is wrong."""
-    if chat_template is None and not tokenizer.chat_template:
-        raise RequestError("the model's tokenizer has no chat template: start the server with "
-                           "--chat-template", param="messages")
-    conversation = []
-    for index, message in enumerate(messages):
-        content = message.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise RequestError(
-                        f"messages[{index}]: content part of type {part.type!r} is not "
-                        "supported; only text parts are", param="messages")
-                texts.append(part.text)
-            content = "\n".join(texts)
-        # NOTE: "developer" is OpenAI's newer name for "system"; templates know only the latter.
-        role = "system" if message.role == "developer" else message.role
-        conversation.append({"role": role, "content": content or ""})
-    try:
-        _, token_ids = render_chat(tokenizer, conversation, chat_template,
-                                   add_generation_prompt, template_kwargs)
-    except ValueError as exc:
-        raise RequestError(f"{exc} (on these messages)", param="messages") from None
-    return token_ids
 
 
 class OpenAIServingChat(OpenAIServing):

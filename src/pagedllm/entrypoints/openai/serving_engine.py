@@ -302,7 +302,7 @@ class OpenAIServing:
         try:
             self._input_processor.process({"prompt_token_ids": token_ids}, params)
         except ValueError as exc:  # a RequestFieldError names the setting to blame instead
-            raise RequestError(str(exc), param=getattr(exc, "field", param)) from None
+            raise RequestError(str(exc), param=getattr(exc, "param", None) or param) from None
 
     # ---- log-probabilities ---------------------------------------------------------------
 

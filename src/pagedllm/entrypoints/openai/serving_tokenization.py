@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pagedllm.entrypoints.chat_utils import render_messages
 from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer, encode_prompts
 from pagedllm.entrypoints.openai.protocol import (
     DetokenizeRequest,
@@ -10,7 +11,6 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from pagedllm.entrypoints.openai.serving_chat import render_messages
 from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIServingModels,
     RequestError,
