@@ -23,7 +23,7 @@ from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedllm.engine.input_processor import InputProcessor
 from pagedllm.engine.llm_engine import EngineStats
 from pagedllm.entrypoints.openai.api_server import build_app
-from pagedllm.metrics import ServerMetrics
+from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 

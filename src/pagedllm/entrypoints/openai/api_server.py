@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagedllm
 from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -42,7 +43,6 @@ from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_engine import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
-from pagedllm.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def build_app(
             await engine.shutdown()
 
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
-    models = OpenAIServingModels(served_model_names, model_root, engine.engine.max_model_len)
+    models = OpenAIServingModels(served_model_names, model_root, engine.max_model_len)
     app.state.server = ServerState(
         engine=engine,
         models=models,

@@ -6,7 +6,6 @@ Names follow vLLM's with the `pagedllm:` prefix; counters get prometheus' `_tota
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -27,24 +26,15 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 120.0, 240.0, 480.0)
 
 
-def _has_field(cls: type, name: str) -> bool:
-    return any(f.name == name for f in dataclasses.fields(cls))
-
-
 class ServerMetrics:
     """The server's metrics; `observe` is the engine thread's StepListener.
 
     Gauges mirror the latest EngineStats; counters advance by the change of the engine's
     monotonic totals, so they stay correct however often `observe` runs. Latency histograms
     are observed once per finished request from its RequestOutput timestamps.
-
-    NOTE: EngineStats may gain `num_swapped`, `prefix_cache_queries` and `prefix_cache_hits`
-    (swap and prefix caching); their metrics exist only when the dataclass has those fields.
     """
 
     def __init__(self, model_name: str, log_interval_s: float = 5.0) -> None:
-        from pagedllm.engine.llm_engine import EngineStats
-
         self.registry = CollectorRegistry()
         self.log_interval_s = log_interval_s
         labels = ["model_name"]
@@ -77,16 +67,12 @@ class ServerMetrics:
                               "Mean time between output tokens, per request.", _TPOT_BUCKETS)
         self.e2e = histogram("pagedllm:e2e_request_latency_seconds",
                              "Arrival to last token.", _E2E_BUCKETS)
-        self.num_swapped = self.prefix_queries = self.prefix_hits = None
-        if _has_field(EngineStats, "num_swapped"):
-            self.num_swapped = gauge("pagedllm:num_requests_swapped",
-                                     "Requests whose KV blocks are swapped out to CPU memory.")
-        if _has_field(EngineStats, "prefix_cache_queries"):
-            self.prefix_queries = counter("pagedllm:prefix_cache_queries",
-                                          "Prompt tokens looked up in the prefix cache.")
-        if _has_field(EngineStats, "prefix_cache_hits"):
-            self.prefix_hits = counter("pagedllm:prefix_cache_hits",
-                                       "Prompt tokens found in the prefix cache.")
+        self.num_swapped = gauge("pagedllm:num_requests_swapped",
+                                 "Requests whose KV blocks are swapped out to CPU memory.")
+        self.prefix_queries = counter("pagedllm:prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("pagedllm:prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache.")
         # Last seen engine totals, for counter deltas.
         self._last_totals: dict[str, int] = {}
         # Requests that produced a first token and are not finished yet.
@@ -109,14 +95,9 @@ class ServerMetrics:
         num_generated = self._delta("num_generation_tokens", stats.num_generation_tokens)
         self.generation_tokens.inc(num_generated)
         self._log_generation_tokens += num_generated
-        if self.num_swapped is not None:
-            self.num_swapped.set(stats.num_swapped)  # type: ignore[attr-defined]
-        if self.prefix_queries is not None:
-            self.prefix_queries.inc(self._delta("prefix_cache_queries",
-                                                stats.prefix_cache_queries))  # type: ignore
-        if self.prefix_hits is not None:
-            self.prefix_hits.inc(self._delta("prefix_cache_hits",
-                                             stats.prefix_cache_hits))  # type: ignore
+        self.num_swapped.set(stats.num_swapped)
+        self.prefix_queries.inc(self._delta("prefix_cache_queries", stats.prefix_cache_queries))
+        self.prefix_hits.inc(self._delta("prefix_cache_hits", stats.prefix_cache_hits))
         for output in outputs:
             self._observe_request(output)
         self._maybe_log(stats)
@@ -154,19 +135,17 @@ class ServerMetrics:
         elapsed = now - self._last_log
         if elapsed < self.log_interval_s:
             return
-        num_swapped = getattr(stats, "num_swapped", 0)
-        busy = stats.num_running or stats.num_waiting or num_swapped
+        busy = stats.num_running or stats.num_waiting or stats.num_swapped
         if busy or self._log_prompt_tokens or self._log_generation_tokens:
             used = stats.num_blocks - stats.num_free_blocks
-            swapped = f"Swapped: {num_swapped} reqs, " if self.num_swapped is not None else ""
             logger.info(
                 "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
-                "Running: %d reqs, Waiting: %d reqs, %sKV cache usage: %.1f%%",
+                "Running: %d reqs, Waiting: %d reqs, Swapped: %d reqs, KV cache usage: %.1f%%",
                 self._log_prompt_tokens / elapsed,
                 self._log_generation_tokens / elapsed,
                 stats.num_running,
                 stats.num_waiting,
-                swapped,
+                stats.num_swapped,
                 100.0 * used / stats.num_blocks if stats.num_blocks else 0.0,
             )
         self._last_log = now
