@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
-_spec = importlib.util.spec_from_file_location("throughput_benchmark", _DIR / "throughput.py")
-throughput = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(throughput)
+from pagedllm.benchmarks import throughput
+from pagedllm.benchmarks.workloads import make_requests, round_requests
 
 
 def _round(elapsed: float) -> dict:
@@ -43,12 +38,11 @@ def test_engines_take_turns_over_rounds(tiny_llama_factory, tmp_path, monkeypatc
     out = tmp_path / "throughput.json"
     monkeypatch.setattr(throughput, "measure_matmul_peak",
                         lambda: {"float32": {"torch.matmul": 100.0}})
-    monkeypatch.setattr(sys, "argv", [
-        "throughput.py", "--engines", "pagedllm:float32", "transformers:float32",
+    assert throughput.main([
+        "--engines", "pagedllm:float32", "transformers:float32",
         "--workload", "single", "--rounds", "2", "--transformers-batch-sizes", "1",
         "--vllm-python", str(tmp_path / "no-such-python"), "--model", str(model),
-        "--out", str(out)])
-    throughput.main()
+        "--output-json", str(out), "--disable-tqdm"]) == 0
     text = capfd.readouterr().out
     turns = [line for line in text.splitlines() if line.startswith("--- ") and " on " in line]
     assert turns == ["--- pagedllm (float32) on single ---",
@@ -65,9 +59,6 @@ def test_engines_take_turns_over_rounds(tiny_llama_factory, tmp_path, monkeypatc
 
 
 def test_later_rounds_draw_fresh_prompts_of_the_same_lengths():
-    sys.path.insert(0, str(_DIR))
-    from workloads import make_requests, round_requests
-
     first = make_requests("sharegpt-like", 8)
     assert [r.prompt_token_ids for r in round_requests("sharegpt-like", 8, 0)] == \
         [r.prompt_token_ids for r in first]

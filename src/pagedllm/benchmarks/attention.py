@@ -7,8 +7,10 @@ K/V into their slots, as in the engine; SDPA gets K/V already contiguous per seq
 as [B, H, L, D] with enable_gqa. Achieved GB/s counts the K/V bytes each call must read, against
 the memory bandwidth measured in the same run (best of a large tensor sum and copy).
 
-    python benchmarks/attention.py            # full grid, ~3 minutes on 2 cores
-    python benchmarks/attention.py --quick    # a few points
+    python -m pagedllm.benchmarks.attention            # full grid, ~3 minutes on 2 cores
+    python -m pagedllm.benchmarks.attention --quick    # a few points
+
+Writes benchmarks/results/attention.json under the working directory unless --out names a file.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ import torch.nn.functional as F
 
 from pagedllm.attention import build_attention_metadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention
-from pagedllm.ops import cpu_ops, cpu_ops_error
 from pagedllm.attention.torch_paged import TorchPagedAttention
+from pagedllm.ops import cpu_ops, cpu_ops_error
 from pagedllm.worker.host_memory import huge_page_zeros
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("benchmarks", "results")  # under the working directory, not the package
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 9, 3, 64, 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

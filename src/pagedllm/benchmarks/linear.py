@@ -16,25 +16,25 @@ memory as in the model, not from cache) with
   for bf16 weights there,
 and reports milliseconds per pass, GFLOP/s and the weight bytes read per second.
 
-    python benchmarks/linear.py [--rows 1 2 4 8 16 64 2048] [--out PATH]
+    python -m pagedllm.benchmarks.linear [--rows 1 2 4 8 16 64 2048] [--out PATH]
+
+Writes benchmarks/results/linear.json under the working directory unless --out names a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
+from pagedllm.layers.linear import FEW_ROWS, onednn_has_gemm
+from pagedllm.ops import cpu_ops, cpu_ops_error
 
-from pagedllm.layers.linear import FEW_ROWS, onednn_has_gemm  # noqa: E402
-from pagedllm.ops import cpu_ops, cpu_ops_error  # noqa: E402
+RESULTS = Path("benchmarks", "results")  # under the working directory, not the package
 
 NUM_LAYERS = 30
 # SmolLM2-135M: (out, in) of qkv, o, gate_up, down.
@@ -54,7 +54,7 @@ def best_time(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 2048])
-    parser.add_argument("--out", default=str(HERE / "results" / "linear.json"))
+    parser.add_argument("--out", default=str(RESULTS / "linear.json"))
     args = parser.parse_args()
     ops = cpu_ops()
     if ops is None:

@@ -8,29 +8,26 @@
 3. Prefix caching: throughput with a shared 1-shot and 5-shot prefix, caching on versus off.
 4. Swap versus recompute preemption under the same memory pressure, block sizes 8 to 64.
 
-    python benchmarks/memory.py            # under 10 minutes on 2 cores
-    python benchmarks/memory.py --quick    # half the sizes
-Prints tables, writes benchmarks/results/memory.json and PNG charts in docs/images/.
+    python -m pagedllm.benchmarks.memory            # under 10 minutes on 2 cores
+    python -m pagedllm.benchmarks.memory --quick    # half the sizes
+Prints tables, writes benchmarks/results/memory.json and PNG charts in docs/images/ (both under
+the working directory; --out and --images name others).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
+from pagedllm import LLM, BeamSearchParams, SamplingParams
+from pagedllm.benchmarks.workloads import sharegpt_like_workload
+from pagedllm.models.default_model import resolve_model_path
 
-from workloads import sharegpt_like_workload  # noqa: E402
-
-from pagedllm import LLM, BeamSearchParams, SamplingParams  # noqa: E402
-from pagedllm.models.default_model import resolve_model_path  # noqa: E402
+RESULTS = Path("benchmarks", "results")  # under the working directory, not the package
 
 
 def engine(model: str, **kwargs) -> LLM:
@@ -193,8 +190,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller runs")
     parser.add_argument("--model", default=None)
     parser.add_argument("--parts", default="1,2,3,4", help="which measurements, e.g. 1,3")
-    parser.add_argument("--out", default=str(HERE / "results" / "memory.json"))
-    parser.add_argument("--images", default=str(HERE.parent / "docs" / "images"))
+    parser.add_argument("--out", default=str(RESULTS / "memory.json"))
+    parser.add_argument("--images", default=str(Path("docs", "images")))
     args = parser.parse_args()
     model = args.model or str(resolve_model_path(None))
     # NOTE: the default sizes keep the whole run under 10 minutes on 2 cores.
@@ -256,8 +253,9 @@ def run_prefix(model: str, scale: float, images: Path, results: dict) -> None:
     for shots in (1, 5):
         r = measure_prefix(model, shots, num_requests=int(32 * scale))
         results["prefix"][f"{shots}-shot"] = r
-        print(f"{shots}-shot   {r['off']['requests_per_s']:>10.2f} {r['on']['requests_per_s']:>10.2f}"
-              f" {r['speedup']:>7.2f}x {r['on']['prefix_hit_rate']:>8.1%}")
+        print(f"{shots}-shot   {r['off']['requests_per_s']:>10.2f} "
+              f"{r['on']['requests_per_s']:>10.2f} {r['speedup']:>7.2f}x "
+              f"{r['on']['prefix_hit_rate']:>8.1%}")
     bar_chart(images / "memory_prefix.png", "Prefix caching speed-up", ["1-shot", "5-shot"],
               {"speedup": [results["prefix"][k]["speedup"] for k in ("1-shot", "5-shot")]},
               "x throughput")
@@ -272,8 +270,9 @@ def run_preemption(model: str, scale: float, images: Path, results: dict) -> Non
         for mode in ("recompute", "swap"):
             r = measure_preemption(model, block_size, mode, num_requests=int(16 * scale))
             results["preemption"][f"{block_size}/{mode}"] = r
-            print(f"{block_size:>5} {mode:<10} {r['seconds']:>8.1f} {r['output_tokens_per_s']:>10.1f}"
-                  f" {r['preemptions']:>8} {r['swap_outs']:>9} {r['tokens_computed']:>16}")
+            print(f"{block_size:>5} {mode:<10} {r['seconds']:>8.1f} "
+                  f"{r['output_tokens_per_s']:>10.1f} {r['preemptions']:>8} {r['swap_outs']:>9} "
+                  f"{r['tokens_computed']:>16}")
     bar_chart(images / "memory_preemption.png", "Swap vs recompute", ["8", "16", "32", "64"],
               {mode: [results["preemption"][f"{b}/{mode}"]["output_tokens_per_s"]
                       for b in (8, 16, 32, 64)] for mode in ("recompute", "swap")},

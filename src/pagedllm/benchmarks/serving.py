@@ -5,17 +5,20 @@ no rate is served from the prefix cache of the one before) arrive as a Poisson
 process (or a burstier gamma process) at each request rate, streaming from /v1/completions of
 an OpenAI-compatible server on 127.0.0.1. It reports throughput, TTFT / TPOT / ITL / end-to-end
 latency (mean, median, p99) and the paper's normalized latency (mean of latency / output
-tokens), writes JSON, and draws normalized latency against request rate for every server on one
-PNG (needs matplotlib: `pip install matplotlib`).
+tokens), writes JSON (--output-json, default benchmarks/results/serving.json under the working
+directory), and draws normalized latency against request rate for every server on one PNG
+(needs matplotlib: `pip install matplotlib`).
 
-    python benchmarks/serving.py --quick
-    python benchmarks/serving.py --request-rates 0.25 0.5 1 2 --num-prompts 100
-    python benchmarks/serving.py --vllm-python /path/to/vllm-venv/bin/python   # adds vLLM
-    python benchmarks/serving.py --servers pagedllm:bfloat16 vllm:float32 --vllm-python ...
-    python benchmarks/serving.py --base-url http://127.0.0.1:8000 --label mine  # running server
-    python benchmarks/serving.py --merge a.json b.json --out both.json  # earlier runs, together
+    pagedllm bench serve --quick
+    pagedllm bench serve --request-rates 0.25 0.5 1 2 --num-prompts 100
+    pagedllm bench serve --vllm-python /path/to/vllm-venv/bin/python   # adds vLLM
+    pagedllm bench serve --servers pagedllm:bfloat16 vllm:float32 --vllm-python ...
+    pagedllm bench serve --base-url http://127.0.0.1:8000 --label mine  # running server
+    pagedllm bench serve --merge a.json b.json --output-json both.json  # earlier runs, together
 
-Servers it launches run one after another on free 127.0.0.1 ports and are stopped with SIGTERM.
+(or `python -m pagedllm.benchmarks.serving ...`). Servers it launches run one after another on
+free 127.0.0.1 ports and are stopped with SIGTERM. The load generator is serving_client.py, the
+statistics and the table serving_summary.py.
 """
 
 from __future__ import annotations
@@ -34,138 +37,28 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from workloads import BenchRequest, sharegpt_like_workload, with_fresh_prompts  # noqa: E402
+from pagedllm.benchmarks.package_path import with_pagedllm_on_path
+from pagedllm.benchmarks.serving_client import run_rate
+from pagedllm.benchmarks.serving_summary import (
+    compare_sustained,
+    finite_for_json,
+    nan_for_null,
+    plot,
+    print_sustained,
+    print_table,
+    summarize,
+)
+from pagedllm.benchmarks.workloads import BenchRequest, sharegpt_like_workload, with_fresh_prompts
 
-RESULTS = HERE / "results"
+RESULTS = Path("benchmarks", "results")  # under the working directory, not the package
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 SERVED_NAME = "bench"
 
-
-@dataclass
-class RequestResult:
-    prompt_len: int
-    ok: bool = False
-    error: str | None = None
-    ttft: float = 0.0
-    latency: float = 0.0
-    num_output_tokens: int = 0
-    # Gaps between consecutive content chunks after the first.
-    itl: list[float] = field(default_factory=list)
-
-
-# ---- traffic ----------------------------------------------------------------------------------
-
-def arrival_gaps(num: int, rate: float, burstiness: float, seed: int) -> list[float]:
-    """Seconds before each request. Gamma gaps with mean 1/rate; shape 1 is Poisson, < 1 is
-    burstier. An infinite rate sends everything at once."""
-    if math.isinf(rate):
-        return [0.0] * num
-    rng = np.random.default_rng(seed)
-    return rng.gamma(burstiness, 1.0 / (rate * burstiness), num).tolist()
-
-
-async def send_one(client, url: str, model: str, request: BenchRequest,
-                   ignore_eos: bool) -> RequestResult:
-    import httpx2
-
-    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
-            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
-    if ignore_eos:
-        body["ignore_eos"] = True
-    result = RequestResult(prompt_len=len(request.prompt_token_ids))
-    start = last = time.perf_counter()
-    num_chunks = 0
-    try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                result.error = f"HTTP {response.status_code}: {response.text[:200]}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[len("data: "):])
-                if "error" in chunk:
-                    result.error = str(chunk["error"])
-                    return result
-                now = time.perf_counter()
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    if num_chunks == 0:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-                    num_chunks += 1
-                if chunk.get("usage"):
-                    result.num_output_tokens = chunk["usage"]["completion_tokens"]
-    except httpx2.HTTPError as exc:
-        result.error = repr(exc)
-        return result
-    result.latency = time.perf_counter() - start
-    result.num_output_tokens = result.num_output_tokens or num_chunks
-    result.ok = num_chunks > 0
-    return result
-
-
-async def run_rate(base_url: str, model: str, requests: list[BenchRequest], rate: float,
-                   burstiness: float, seed: int, ignore_eos: bool
-                   ) -> tuple[list[RequestResult], float]:
-    import httpx2
-
-    url = base_url.rstrip("/") + "/v1/completions"
-    gaps = arrival_gaps(len(requests), rate, burstiness, seed)
-    limits = httpx2.Limits(max_connections=len(requests) + 1,
-                           max_keepalive_connections=len(requests) + 1)
-    async with httpx2.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
-        start = time.perf_counter()
-        tasks = []
-        for gap, request in zip(gaps, requests):
-            await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(send_one(client, url, model, request, ignore_eos)))
-        results = await asyncio.gather(*tasks)
-        return list(results), time.perf_counter() - start
-
-
-def summarize(results: list[RequestResult], duration: float) -> dict:
-    done = [r for r in results if r.ok]
-
-    def stats(values: list[float], scale: float = 1.0) -> dict:
-        if not values:
-            return {"mean": float("nan"), "median": float("nan"), "p99": float("nan")}
-        arr = np.asarray(values) * scale
-        return {"mean": float(arr.mean()), "median": float(np.median(arr)),
-                "p99": float(np.percentile(arr, 99))}
-
-    num_output = sum(r.num_output_tokens for r in done)
-    tpots = [(r.latency - r.ttft) / (r.num_output_tokens - 1) for r in done
-             if r.num_output_tokens > 1]
-    return {
-        "num_requests": len(results),
-        "num_completed": len(done),
-        "errors": sorted({r.error for r in results if r.error})[:5],
-        "duration_s": duration,
-        "prompt_tokens": sum(r.prompt_len for r in done),
-        "output_tokens": num_output,
-        "request_throughput": len(done) / duration,
-        "output_throughput": num_output / duration,
-        "ttft_ms": stats([r.ttft for r in done], 1e3),
-        "tpot_ms": stats(tpots, 1e3),
-        "itl_ms": stats([gap for r in done for gap in r.itl], 1e3),
-        "e2e_latency_s": stats([r.latency for r in done]),
-        "normalized_latency_s_per_token": float(np.mean(
-            [r.latency / r.num_output_tokens for r in done if r.num_output_tokens]))
-        if done else float("nan"),
-    }
-
-
-# ---- servers ----------------------------------------------------------------------------------
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -228,8 +121,8 @@ def launch(name: str, dtype: str, args: argparse.Namespace, log_dir: Path) -> La
         cmd = [sys.executable, "-m", "pagedllm", "serve", args.model, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", dtype, "--served-model-name", SERVED_NAME,
                "--uvicorn-log-level", "warning", *args.pagedllm_args.split()]
-        env = {"PYTHONPATH": str(HERE.parent / "src") + os.pathsep
-               + os.environ.get("PYTHONPATH", ""), "TOKENIZERS_PARALLELISM": "false"}
+        env = with_pagedllm_on_path({"PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+                                     "TOKENIZERS_PARALLELISM": "false"})
     elif name == "vllm":
         # Its best setting on a small CPU: both cores compute (none reserved for the frontend);
         # half the host memory for it, since its 0.92 default fails next to other processes.
@@ -251,167 +144,38 @@ def served_model_name(base_url: str) -> str:
     return json.loads(body)["data"][0]["id"]
 
 
-# ---- the sweep --------------------------------------------------------------------------------
-
 def bench_server(label: str, base_url: str, model: str, args: argparse.Namespace,
                  requests: list[BenchRequest]) -> list[dict]:
+    """One server through every rate of --request-rates, after a one-request warm-up."""
     warmup = BenchRequest(requests[0].prompt_token_ids[:8], 4)
     asyncio.run(run_rate(base_url, model, [warmup], math.inf, 1.0, 0, args.ignore_eos))
     rows = []
     for index, rate in enumerate(args.request_rates):
-        print(f"    {label}: {len(requests)} requests at {rate} req/s ...", flush=True)
         # New prompt ids (same lengths) at every rate: the same prompts again would be prefill
         # served from the prefix cache of the previous rate. Every server gets the same ones.
         prompts = with_fresh_prompts(requests, args.vocab_size, seed=args.seed + 1 + index)
-        results, duration = asyncio.run(run_rate(base_url, model, prompts, rate,
-                                                 args.burstiness, args.seed, args.ignore_eos))
+        if args.disable_tqdm:
+            print(f"    {label}: {len(requests)} requests at {rate} req/s ...", flush=True)
+        with tqdm(total=len(prompts), unit="req", desc=f"{label} at {rate:g} req/s",
+                  disable=args.disable_tqdm) as progress:
+            results, duration = asyncio.run(run_rate(base_url, model, prompts, rate,
+                                                     args.burstiness, args.seed, args.ignore_eos,
+                                                     progress))
         rows.append({"server": label, "request_rate": rate, **summarize(results, duration)})
         if rows[-1]["errors"]:
-            print(f"    errors: {rows[-1]['errors']}", flush=True)
+            tqdm.write(f"    errors: {rows[-1]['errors']}")
     return rows
-
-
-def print_table(rows: list[dict]) -> None:
-    def triple(d: dict, fmt: str = ".0f") -> str:
-        return f"{d['mean']:{fmt}}/{d['median']:{fmt}}/{d['p99']:{fmt}}"
-
-    header = (f"{'server':<9} {'rate':>5} {'done':>5} {'req/s':>6} {'out tok/s':>9} "
-              f"{'TTFT ms':>15} {'TPOT ms':>12} {'ITL ms':>12} {'E2E s':>15} {'norm s/tok':>10}")
-    print("\n" + header)
-    print("-" * len(header))
-    for r in rows:
-        done = f"{r['num_completed']}/{r['num_requests']}"
-        print(f"{r['server']:<9} {r['request_rate']:>5g} {done:>5} "
-              f"{r['request_throughput']:>6.2f} {r['output_throughput']:>9.1f} "
-              f"{triple(r['ttft_ms']):>15} {triple(r['tpot_ms']):>12} "
-              f"{triple(r['itl_ms']):>12} {triple(r['e2e_latency_s'], '.2f'):>15} "
-              f"{r['normalized_latency_s_per_token']:>10.3f}")
-    print("(latencies: mean/median/p99; norm = mean of latency / output tokens)")
-
-
-def sustained_rate(points: list[tuple[float, float]], limit: float) -> tuple[float, bool]:
-    """The highest request rate at which a latency curve is still at or below `limit`,
-    interpolated linearly towards the next measured rate, and whether the curve rises above
-    `limit` within the measured rates.
-
-    `points` are (rate, normalized latency) sorted by rate. The last point at or below the limit
-    counts, not the first one above it, so one noisy point at a low rate does not hide a curve
-    that stays low; a curve that never rises above gives its highest rate (the server sustains
-    at least that), one above it everywhere gives 0.
-    """
-    below = [i for i, (_, latency) in enumerate(points) if latency <= limit]
-    if not below:
-        return 0.0, True
-    i = below[-1]
-    if i == len(points) - 1:
-        return points[i][0], False
-    (r0, l0), (r1, l1) = points[i], points[i + 1]
-    return r0 + (limit - l0) / (l1 - l0) * (r1 - r0), True
-
-
-def latency_curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """Per server, (request rate, normalized latency) at its finite rates, sorted by rate."""
-    curves = {}
-    for server in dict.fromkeys(r["server"] for r in rows):
-        points = sorted((r["request_rate"], r["normalized_latency_s_per_token"]) for r in rows
-                        if r["server"] == server and math.isfinite(r["request_rate"])
-                        and math.isfinite(r["normalized_latency_s_per_token"]))
-        if points:
-            curves[server] = points
-    return curves
-
-
-def compare_sustained(rows: list[dict], factor: float) -> list[dict]:
-    """Figure 12 read as numbers: for each server's latency limit (`factor` x its normalized
-    latency at its lowest rate, where its latency "explodes"), the rate every server sustains
-    under that same limit."""
-    curves = latency_curves(rows)
-    comparisons = []
-    for reference, points in curves.items():
-        limit = factor * points[0][1]
-        rates = {}
-        for server, curve in curves.items():
-            rate, crossed = sustained_rate(curve, limit)
-            rates[server] = {"rate": rate, "crossed": crossed, "lowest_rate": curve[0][0]}
-        comparisons.append({"reference": reference, "limit_s_per_token": limit, "rates": rates})
-    return comparisons
-
-
-def sustained_text(entry: dict) -> str:
-    """One server's sustained rate as read: '>=' when its curve never rises above the limit,
-    'below' its lowest measured rate when it is above the limit everywhere."""
-    if entry["rate"] == 0.0 and entry["crossed"]:
-        return f"below {entry['lowest_rate']:g}"
-    return f"{'' if entry['crossed'] else '>='}{entry['rate']:.2f}"
-
-
-def print_sustained(comparisons: list[dict], factor: float) -> None:
-    print(f"\nSustained request rate: the highest rate at which normalized latency stays at or "
-          f"below {factor:g}x a server's own at its lowest rate (interpolated; '>=': it never "
-          "rises above within the measured rates)")
-    for c in comparisons:
-        parts = [f"{server} {sustained_text(v)}" for server, v in c["rates"].items()]
-        print(f"  limit {c['limit_s_per_token']:.3f} s/token ({factor:g}x {c['reference']}): "
-              + ", ".join(parts) + " req/s")
-
-
-def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): no chart drawn")
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for server, points in latency_curves(rows).items():
-        ax.plot(*zip(*points), marker="o", label=server)
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("normalized latency (s/token)")
-    ax.set_title("Normalized latency vs request rate (ShareGPT-like lengths)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def _finite(value):
-    """NaN (no data, e.g. TPOT of one-token requests) becomes null and infinity (the all-at-once
-    request rate) "inf": JSON has neither."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _nan_for_null(value):
-    """The inverse of _finite, for results read back from JSON."""
-    if value is None:
-        return float("nan")
-    if isinstance(value, dict):
-        return {k: _nan_for_null(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_for_null(v) for v in value]
-    return value
 
 
 def check_local(url: str) -> str:
     host = urllib.parse.urlparse(url).hostname
     if host not in LOCAL_HOSTS:
-        raise SystemExit(f"error: --base-url must be on this machine (127.0.0.1), got {url}")
+        raise argparse.ArgumentTypeError(f"must be on this machine (127.0.0.1), got {url}")
     return url
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of `pagedllm bench serve`."""
     parser.add_argument("--servers", nargs="+", default=["pagedllm"],
                         help="servers to launch, one after another: pagedllm or vllm, optionally "
                              "with a dtype (vllm:float32); --dtype otherwise")
@@ -443,29 +207,40 @@ def main() -> None:
                         help="latency counts as exploded at this multiple of its low-rate value")
     parser.add_argument("--quick", action="store_true",
                         help="a small sweep (short requests, three rates): about 1-2 minutes")
-    parser.add_argument("--out", default=str(RESULTS / "serving.json"))
-    parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    parser.add_argument("--output-json", "--out", dest="output_json",
+                        default=str(RESULTS / "serving.json"),
+                        help="where the results go (default: %(default)s)")
+    parser.add_argument("--plot", default=None,
+                        help="PNG path (default: --output-json with .png)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="benchmark nothing: read the results of earlier runs, then print, "
                              "write and plot them together")
-    args = parser.parse_args()
-    if args.merge:
-        rows = [_nan_for_null(row) for path in args.merge
-                for row in json.loads(Path(path).read_text())["results"]]
-        report(rows, {"merged": args.merge}, {}, args)
-        return
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
 
-    if args.quick:
-        args.num_prompts, args.request_rates = 12, [0.5, 1.0, 2.0]
-        args.mean_input_len, args.mean_output_len, args.max_total_len = 40, 24, 128
+
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError for a bad --servers entry."""
     for spec in args.servers:
         name, _, dtype = spec.partition(":")
         if name not in ("pagedllm", "vllm") or dtype not in ("", "float32", "bfloat16"):
-            parser.error(f"bad server {spec!r}: pagedllm or vllm[:float32|bfloat16]")
+            raise ValueError(f"bad server {spec!r}: pagedllm or vllm[:float32|bfloat16]")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark of parsed flags (add_cli_args); prints the tables, writes the JSON."""
+    if args.merge:
+        rows = [nan_for_null(row) for path in args.merge
+                for row in json.loads(Path(path).read_text())["results"]]
+        report(rows, {"merged": args.merge}, {}, args)
+        return 0
+
+    check_args(args)
+    if args.quick:
+        args.num_prompts, args.request_rates = 12, [0.5, 1.0, 2.0]
+        args.mean_input_len, args.mean_output_len, args.max_total_len = 40, 24, 128
     if args.vllm_python and not any(s.startswith("vllm") for s in args.servers):
         args.servers.append("vllm")
     if args.model is None and args.base_url is None:
-        sys.path.insert(0, str(HERE.parent / "src"))
         from pagedllm.models.default_model import resolve_model_path
 
         args.model = str(resolve_model_path(None))
@@ -497,28 +272,51 @@ def main() -> None:
             finally:
                 server.stop()
     if not rows:
-        raise SystemExit("no server was benchmarked")
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "plot", "merge")}
-    report(rows, config, startup, args)
+        print("no server was benchmarked", file=sys.stderr)
+        return 1
+    report(rows, _config(args), startup, args)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """The benchmark's own settings, for the JSON: not where its outputs go, and none of the
+    flags of a command around it (`pagedllm bench serve` parses more than add_cli_args)."""
+    own = argparse.ArgumentParser(add_help=False)
+    add_cli_args(own)
+    names = {action.dest for action in own._actions}
+    return {k: v for k, v in vars(args).items()
+            if k in names and k not in ("output_json", "plot", "merge", "disable_tqdm")}
 
 
 def report(rows: list[dict], config: dict, startup: dict[str, float],
            args: argparse.Namespace) -> None:
-    """Prints the table and the sustained rates, writes the JSON (--out) and the chart."""
+    """Prints the table and the sustained rates, writes the JSON (--output-json) and the chart."""
     for row in rows:  # read back from JSON, an all-at-once rate is "inf"
         row["request_rate"] = float(row["request_rate"])
     print_table(rows)
     sustained = compare_sustained(rows, args.explode_factor)
     print_sustained(sustained, args.explode_factor)
-    out = Path(args.out)
+    out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_finite({"config": config, "startup_s": startup,
-                                       "results": rows, "sustained": sustained}), indent=2))
+    out.write_text(json.dumps(finite_for_json({"config": config, "startup_s": startup,
+                                               "results": rows, "sustained": sustained}),
+                              indent=2))
     print(f"\nwrote {out}")
     plot_path = Path(args.plot) if args.plot else out.with_suffix(".png")
     if plot(rows, plot_path):
         print(f"wrote {plot_path}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run(args)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,15 +1,19 @@
 """Offline throughput, like `vllm bench throughput`: pagedllm and its peers on the same requests.
 
-Each engine runs in its own subprocess (throughput_runner.py), started one after another so
+Each engine runs in its own subprocess (`python -m pagedllm.benchmarks.throughput_runner`, vLLM
+under its own virtualenv's python), started one after another so
 that start-up time and peak RSS are its own, and kept loaded. Then, for each of --rounds
 rounds, every workload runs on every engine in turn (the order rotating each round), so a
 slow minute on this shared machine lands on one round of every engine instead of on one
 engine's whole pass; each engine's row is its median round (three rounds by default;
 `--rounds 1` is one pass per engine: quicker, noisier).
 
-    python benchmarks/throughput.py --workload fixed sharegpt-like single --dtype bfloat16
-    python benchmarks/throughput.py --engines pagedllm:bfloat16 pagedllm:float32 \
+    pagedllm bench throughput --workload fixed sharegpt-like single --dtype bfloat16
+    pagedllm bench throughput --engines pagedllm:bfloat16 pagedllm:float32 \
         transformers:float32 vllm:float32 --vllm-python /path/venv/bin/python --rounds 1
+
+(or `python -m pagedllm.benchmarks.throughput ...`). Prints a table and writes JSON to
+--output-json (default benchmarks/results/throughput.json under the working directory).
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from tqdm import tqdm
+
+from pagedllm.benchmarks.package_path import with_pagedllm_on_path
+
+RESULTS = Path("benchmarks", "results")  # under the working directory, not the package
 
 
 class EngineProcess:
@@ -31,14 +38,16 @@ class EngineProcess:
     def __init__(self, engine: str, dtype: str, python: str, args: argparse.Namespace) -> None:
         self.engine, self.dtype = engine, dtype
         read_fd, write_fd = os.pipe()
-        cmd = [python, str(HERE / "throughput_runner.py"), "--engine", engine, "--dtype", dtype,
-               "--num-requests", str(args.num_requests or 0), "--model", args.model,
+        cmd = [python, "-m", "pagedllm.benchmarks.throughput_runner", "--engine", engine,
+               "--dtype", dtype, "--num-requests", str(args.num_requests or 0),
+               "--model", args.model,
                "--transformers-batch-sizes", *map(str, args.transformers_batch_sizes),
                "--result-fd", str(write_fd)]
-        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false"}
-        env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
-        print(f"--- starting {engine} ({dtype}) ---", flush=True)
+        # NOTE: vLLM's virtualenv has no pagedllm: the runner imports this one (package_path.py).
+        env = with_pagedllm_on_path({
+            **os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false"})
+        tqdm.write(f"--- starting {engine} ({dtype}) ---")
         self.results = os.fdopen(read_fd)
         try:
             self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, text=True,
@@ -62,7 +71,7 @@ class EngineProcess:
             return {"error": self.ready["error"]}
         if self.proc.poll() is not None:
             return {"error": f"exit {self.proc.returncode}"}
-        print(f"--- {self.engine} ({self.dtype}) on {workload} ---", flush=True)
+        tqdm.write(f"--- {self.engine} ({self.dtype}) on {workload} ---")
         try:
             self.proc.stdin.write(f"{workload} {round_index}\n")
             self.proc.stdin.flush()
@@ -146,7 +155,8 @@ def workload_flops(model_dir: str, requests) -> float:
     heads = config["num_attention_heads"]
     head_size = config.get("head_dim") or hidden // heads
     kv = config.get("num_key_value_heads", heads) * head_size
-    per_layer = hidden * (heads * head_size + 2 * kv) + heads * head_size * hidden + 3 * hidden * inter
+    per_layer = (hidden * (heads * head_size + 2 * kv) + heads * head_size * hidden
+                 + 3 * hidden * inter)
     per_token = 2 * per_layer * config["num_hidden_layers"]
     lm_head = 2 * hidden * config["vocab_size"]
     prompt = sum(len(r.prompt_token_ids) for r in requests)
@@ -204,8 +214,8 @@ def print_rounds(rows: list[dict]) -> None:
               + ", ".join(cells))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of `pagedllm bench throughput`."""
     parser.add_argument("--workload", nargs="+", default=["fixed"],
                         choices=["fixed", "sharegpt-like", "single"])
     parser.add_argument("--engines", nargs="+", default=["pagedllm", "transformers"],
@@ -224,24 +234,35 @@ def main() -> None:
                              "leaves a slow minute on one engine's whole figure)")
     parser.add_argument("--transformers-batch-sizes", type=int, nargs="+", default=[32, 64],
                         help="static batch sizes transformers tries (its best counts)")
-    parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
-    args = parser.parse_args()
+    parser.add_argument("--output-json", "--out", dest="output_json",
+                        default=str(RESULTS / "throughput.json"),
+                        help="where the results go (default: %(default)s)")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+
+
+def check_args(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The (engine, dtype) pairs to run; ValueError for a bad flag."""
     if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+        raise ValueError("--rounds must be at least 1")
     specs = [tuple(e.split(":", 1)) if ":" in e else (e, args.dtype) for e in args.engines]
     for engine, dtype in specs:
         if engine not in ("pagedllm", "transformers", "vllm") or dtype not in ("float32",
                                                                                  "bfloat16"):
-            parser.error(f"bad engine spec {engine}:{dtype}")
+            raise ValueError(f"bad engine spec {engine}:{dtype}: pagedllm, transformers or "
+                             "vllm, optionally :float32 or :bfloat16")
     if args.vllm_python and not any(engine == "vllm" for engine, _ in specs):
         specs.append(("vllm", args.dtype))
-    sys.path.insert(0, str(HERE.parent / "src"))
-    sys.path.insert(0, str(HERE))
+    return specs
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark of parsed flags (add_cli_args); prints the table, writes the JSON."""
+    specs = check_args(args)
     if args.model is None:
         from pagedllm.models.default_model import resolve_model_path
 
         args.model = str(resolve_model_path(None))
-    from workloads import make_requests
+    from pagedllm.benchmarks.workloads import make_requests
 
     peaks = {"before": measure_matmul_peak()}
     print("matmul peak GFLOP/s, before the engines:", json.dumps(peaks["before"]))
@@ -254,15 +275,19 @@ def main() -> None:
         engines.append(EngineProcess(engine, dtype, python, args))
     rounds: dict[tuple[int, str], list[dict]] = {(i, w): [] for i in range(len(engines))
                                                  for w in args.workload}
+    progress = tqdm(total=args.rounds * len(args.workload) * len(engines), unit="run",
+                    desc="engine runs", disable=args.disable_tqdm)
     try:
         for round_index in range(args.rounds):
             for workload in args.workload:
                 for k in range(len(engines)):
                     i = (k + round_index) % len(engines)
                     rounds[i, workload].append(engines[i].run(workload, round_index))
+                    progress.update(1)
             if round_index + 1 < args.rounds:
                 peaks[f"after round {round_index + 1}"] = measure_matmul_peak()
     finally:
+        progress.close()
         for e in engines:
             e.close()
     rows = [summarize(e.engine, e.dtype, w, e.ready, rounds[i, w])
@@ -282,12 +307,25 @@ def main() -> None:
           + ", ".join(f"{k} {v:.0f}" for k, v in limits.items()))
     print_table(rows, limits)
     print_rounds(rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(
+    out = Path(args.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(
         {"matmul_peak_gflops": peaks, "arithmetic_limit_output_tok_s": limits, "results": rows},
         indent=2))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out}")
+    return 0 if any("error" not in r for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Hosts one engine for throughput.py: starts it once, then runs the workloads it is sent.
+"""Hosts one engine for `pagedllm bench throughput`: starts it once, then runs the workloads it
+is sent. Run as `python -m pagedllm.benchmarks.throughput_runner` by throughput.py, never by hand.
 
 Protocol: commands "<workload> <round>" arrive one per line on stdin (the round picks the
 prompts: workloads.round_requests); after start-up (and one warm-up token) and after every
@@ -6,7 +7,9 @@ workload, one JSON line goes to the file descriptor given by --result-fd (not st
 engines log). The engine stays loaded between workloads, so throughput.py can interleave
 engines round by round on a noisy machine.
 
-It must also run under a vLLM virtualenv, so it imports only what that engine needs.
+It must also run under a vLLM virtualenv, where pagedllm is not installed (throughput.py puts
+a folder holding only this package on its PYTHONPATH: package_path.py), so it imports nothing
+of pagedllm beyond `pagedllm.benchmarks.workloads` (numpy) unless it hosts pagedllm itself.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ import resource  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, round_requests  # noqa: E402
+from pagedllm.benchmarks.workloads import WORKLOADS, BenchRequest, round_requests  # noqa: E402
 
 
 def peak_rss_gib() -> float:
@@ -113,8 +115,6 @@ class TransformersStatic:
                              min_new_tokens=new, do_sample=False, pad_token_id=0)
 
     def first_token(self) -> None:
-        from workloads import BenchRequest
-
         self._generate([BenchRequest(_warm_prompt(), 1)])
 
     def run(self, requests) -> tuple[float, int]:

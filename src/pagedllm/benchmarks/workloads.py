@@ -1,4 +1,5 @@
-"""Seeded request workloads shared by the benchmarks: random prompt token ids, fixed output lengths."""
+"""Seeded request workloads shared by the benchmarks: random prompt token ids, fixed output
+lengths."""
 
 from __future__ import annotations
 
