@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import struct
 from collections.abc import Sequence
+from hashlib import blake2b
+
+# Hashes are 64-bit unsigned ints: small to store and compare, and a collision only costs a
+# prefix-cache miss (see hash_block_tokens).
+_DIGEST_SIZE = 8
 
 # Hash of the (empty) parent of a sequence's first block.
-ROOT_HASH = hash(("pagedllm", "root"))
+ROOT_HASH = int.from_bytes(blake2b(b"pagedllm/root", digest_size=_DIGEST_SIZE).digest(), "little")
+
+
+@functools.cache
+def _packer(num_tokens: int) -> struct.Struct:
+    """Little-endian layout of one block's hash input: parent hash (uint64), tokens (int64)."""
+    return struct.Struct(f"<Q{num_tokens}q")
 
 
 def hash_block_tokens(
@@ -13,11 +26,18 @@ def hash_block_tokens(
 ) -> int:
     """Hash of one full block, chained over its parent's hash.
 
-    NOTE: Python's hash of a tuple of ints is deterministic across processes (no salt), and a
-    hit is always confirmed against the stored tokens, so a collision costs a miss, never
+    blake2b over the parent hash and the token ids packed as little-endian 64-bit ints, then
+    the repr of `extra_keys` (which must be ints, strings or tuples of them: a stable repr).
+
+    NOTE: unlike Python's `hash()` of a string (salted per process by PYTHONHASHSEED), this is
+    the same in every process, on every run and on every machine. A hit is always confirmed
+    against the stored tokens and parent (BlockPool.lookup), so a collision costs a miss, never
     wrong text.
     """
-    return hash((parent_hash, tuple(token_ids), extra_keys))
+    data = _packer(len(token_ids)).pack(parent_hash, *token_ids)
+    if extra_keys:
+        data += repr(extra_keys).encode()
+    return int.from_bytes(blake2b(data, digest_size=_DIGEST_SIZE).digest(), "little")
 
 
 def extend_block_hashes(
