@@ -17,15 +17,21 @@ logger = logging.getLogger(__name__)
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
+    """Reads the config; one whose architecture pagedllm lacks fails here, before any weights."""
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
         raise ValueError(
             f"model path {str(model_dir)!r} is not a Hugging Face model directory "
             "(a folder with config.json and *.safetensors) nor a .gguf file"
         )
     try:
-        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # transformers raises many types for unreadable configs
         raise ValueError(f"cannot read the config of {str(model_dir)!r}: {exc}") from exc
+    try:
+        get_model_class(config.architectures)
+    except ValueError as exc:
+        raise ValueError(f"model {str(model_dir)!r}: {exc}") from None
+    return config
 
 
 def build_model(
@@ -37,7 +43,7 @@ def build_model(
     device: torch.device,
 ) -> nn.Module:
     """Builds the model without random init, then fills every parameter from the checkpoint."""
-    model_cls = get_model_class(getattr(config, "architectures", None))
+    model_cls = get_model_class(config.architectures)
     with torch.device("meta"):
         model = model_cls(config, backend, max_position)
     model.to_empty(device=device)

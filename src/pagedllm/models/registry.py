@@ -17,11 +17,22 @@ def supported_architectures() -> list[str]:
 
 
 def get_model_class(architectures: list[str] | None) -> type[nn.Module]:
-    for arch in architectures or ["LlamaForCausalLM"]:
+    """The class of the first supported name in a config's `architectures`.
+
+    A config without `architectures` is refused like an unknown one: guessing a class would
+    load weights into a model they were not made for.
+    """
+    supported = ", ".join(supported_architectures())
+    if not architectures:
+        raise ValueError(
+            'the config names no architecture ("architectures" is missing or empty), so '
+            f"pagedllm cannot pick a model class: set it to one of: {supported}"
+        )
+    for arch in architectures:
         if arch in _MODELS:
             module_name, class_name = _MODELS[arch].split(":")
             return getattr(importlib.import_module(module_name), class_name)
     raise ValueError(
-        f"model architecture {architectures} is not supported; "
-        f"supported: {', '.join(supported_architectures())}"
+        f"model architecture {', '.join(map(str, architectures))} is not supported; "
+        f"supported: {supported}"
     )
