@@ -13,7 +13,8 @@ SAMPLING_EPS = 1e-5
 
 
 class SamplingType(enum.IntEnum):
-    """How the sampler picks a row's token; the order groups rows cheaply."""
+    """How the sampler picks a row's token: the argmax (temperature below SAMPLING_EPS), a draw
+    from the sampler's shared generator, or a draw seeded by the request's own `seed`."""
 
     GREEDY = 0
     RANDOM = 1
