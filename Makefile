@@ -35,12 +35,12 @@ test-slow: setup
 
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
-	$(PY) benchmarks/throughput.py --workload fixed sharegpt-like
-	$(PY) benchmarks/memory.py
+	$(VENV)/bin/pagedllm bench throughput --workload fixed sharegpt-like
+	$(PY) -m pagedllm.benchmarks.memory
 
 bench-serving: setup
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
-	$(PY) benchmarks/serving.py
+	$(VENV)/bin/pagedllm bench serve
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
