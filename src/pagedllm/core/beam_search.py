@@ -12,6 +12,7 @@ longer beat the worst of them (transformers' `early_stopping=False` heuristic).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pagedllm.validation import is_int, is_number
@@ -57,6 +58,8 @@ class Hypothesis:
     token_ids: list[int]
     cumulative_logprob: float
     score: float
+    # "stop" when the last token is EOS, else "length": the one place a beam's reason is set.
+    finish_reason: str
 
 
 @dataclass
@@ -89,7 +92,7 @@ class BeamState:
     def step(
         self,
         beam_logprobs: list[float],
-        beam_tokens: list[list[int]],
+        beam_tokens: list[Sequence[int]],
         offers: list[list[tuple[int, float]]],
         num_generated: int,
     ) -> BeamStepResult:
@@ -115,9 +118,10 @@ class BeamState:
             for rank, (cand, end) in enumerate(zip(candidates, ends)):
                 if end and rank < width:
                     score = self._score(cand.cumulative_logprob, new_length)
+                    reason = "stop" if cand.token_id == self.eos_token_id else "length"
                     self.finished.append(
-                        Hypothesis(beam_tokens[cand.parent] + [cand.token_id],
-                                   cand.cumulative_logprob, score)
+                        Hypothesis([*beam_tokens[cand.parent], cand.token_id],
+                                   cand.cumulative_logprob, score, reason)
                     )
             self.finished.sort(key=lambda h: h.score, reverse=True)
             del self.finished[width:]

@@ -233,7 +233,7 @@ class Scheduler:
         )
         if result.done:
             hypotheses = request.beam.best()
-            ended_by_eos = bool(hypotheses) and hypotheses[0].token_ids[-1] == request.eos_token_id
+            ended_by_eos = bool(hypotheses) and hypotheses[0].finish_reason == "stop"
             status = (RequestStatus.FINISHED_STOPPED if ended_by_eos
                       else RequestStatus.FINISHED_LENGTH)
             for seq in request.live_seqs():

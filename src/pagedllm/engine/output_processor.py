@@ -194,14 +194,13 @@ class OutputProcessor:
 
     def _beam_output(self, index: int, beam: Hypothesis, params: SamplingParams
                      ) -> CompletionOutput:
-        eos = self.tokenizer.eos_token_id
         return CompletionOutput(
             index=index,
             text=self.tokenizer.decode(beam.token_ids, skip_special_tokens=True),
             token_ids=list(beam.token_ids),
             cumulative_logprob=beam.cumulative_logprob,
             logprobs=None,
-            finish_reason="stop" if beam.token_ids[-1] == eos else "length",
+            finish_reason=beam.finish_reason,
         )
 
     def _logprob_entry(self, sampled: SampledToken) -> dict[int, Logprob]:
