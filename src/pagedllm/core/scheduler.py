@@ -15,6 +15,7 @@ from pagedllm.core.interface import (
 )
 from pagedllm.core.request import Request, RequestStatus, Sequence
 
+# The preemption modes the scheduler knows: the one list that settings are checked against.
 PREEMPTION_MODES = ("recompute", "swap")
 
 
@@ -33,10 +34,8 @@ class SchedulerConfig:
     preemption_mode: str = "recompute"
 
     def __post_init__(self) -> None:
-        if self.preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(
-                f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"
-            )
+        # The engine's settings check the user's value (ValueError) against the same constant.
+        assert self.preemption_mode in PREEMPTION_MODES, self.preemption_mode
 
 
 @dataclass
