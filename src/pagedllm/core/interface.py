@@ -6,7 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pagedllm.core.stop_checker import min_tokens_stop_ids
+
 if TYPE_CHECKING:
+    from pagedllm.core import request
     from pagedllm.core.beam_search import Hypothesis
     from pagedllm.sampling_params import SamplingParams
 
@@ -31,11 +34,32 @@ class ScheduledRequest:
     sample: bool
     # The request's sampling settings.
     sampling_params: SamplingParams
-    # Read-only views of the request's tokens, for penalties and seeded sampling.
+    # Read-only views of the request's tokens, for penalties and seeded sampling. NOTE: live
+    # (no copy): read them before update_from_output appends this step's token.
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     # Token ids forbidden this step because min_tokens is not reached yet (EOS, stop ids).
     min_tokens_stop_ids: list[int]
+
+    @classmethod
+    def from_sequence(
+        cls, seq: request.Sequence, num_new: int, block_table: list[int]
+    ) -> ScheduledRequest:
+        """The next `num_new` tokens of `seq`, from its first token not in the cache."""
+        start = seq.num_computed_tokens
+        return cls(
+            request_id=seq.request.request_id,
+            seq_index=seq.index,
+            seq_id=seq.seq_id,
+            token_ids=seq.all_token_ids[start : start + num_new],
+            start_position=start,
+            block_table=block_table,
+            sample=start + num_new == seq.num_tokens,
+            sampling_params=seq.request.sampling_params,
+            prompt_token_ids=seq.request.prompt_token_ids,
+            output_token_ids=seq.output_token_ids,
+            min_tokens_stop_ids=min_tokens_stop_ids(seq.request, seq),
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -1,6 +1,7 @@
 """Request (a sequence group) and its Sequences: the scheduler's per-request state.
 
-Token lists change only through `Sequence.append_token`; everyone else reads views.
+A sequence's tokens and counters change only through its own methods; everyone else reads
+live views (`TokenView`) and properties.
 """
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ class TokenView(SequenceABC[int]):
         return iter(self._tokens)
 
     def __eq__(self, other: object) -> bool:
-        return list(self._tokens) == list(other) if isinstance(other, SequenceABC) else False
+        """Equal to a list, tuple or view of the same tokens (like list == list)."""
+        if isinstance(other, TokenView):
+            return self._tokens == other._tokens
+        if isinstance(other, list):
+            return self._tokens == other
+        return isinstance(other, SequenceABC) and self._tokens == list(other)
 
     def __repr__(self) -> str:
         return f"TokenView({self._tokens!r})"
@@ -73,25 +79,30 @@ class Sequence:
     `num_tokens` (prompt + generated). A fresh prompt has a gap of the prompt length, a decoding
     sequence a gap of 1, and a sequence preempted by recompute starts again from 0 with its
     generated tokens folded into the prefill.
+
+    The counters and token lists change only through the methods below. `status` follows the
+    request's queue (Request.set_live_status) until `finish` ends the sequence.
     """
 
-    def __init__(self, request: Request, index: int, token_ids: list[int],
+    def __init__(self, request: Request, index: int, token_ids: SequenceABC[int],
                  num_output_tokens: int, block_size: int) -> None:
         self.request = request
         self.index = index
         self.seq_id = f"{request.request_id}#{index}"
         self.status = RequestStatus.WAITING
-        self.num_computed_tokens = 0
-        self.cumulative_logprob = 0.0
-        self.stop_token_id: int | None = None
+        self._num_computed_tokens = 0
+        self._cumulative_logprob = 0.0
+        self._stop_token_id: int | None = None
         self._block_size = block_size
         self._all_token_ids = list(token_ids)
-        self._num_prompt = len(token_ids) - num_output_tokens
+        # NOTE: the generated tokens are kept a second time so that `output_token_ids` is a view
+        # (no copy per step), as the sampler reads it for every decode.
+        self._output_token_ids = self._all_token_ids[len(token_ids) - num_output_tokens :]
         self.all_token_ids = TokenView(self._all_token_ids)
+        self.output_token_ids = TokenView(self._output_token_ids)
         # Hashes of the full blocks of all_token_ids (prefix caching), extended as they fill.
         self.block_hashes: list[int] = []
-        # Leading blocks already offered to the prefix cache (reset when the blocks are freed).
-        self.num_registered_blocks = 0
+        self._num_registered_blocks = 0
         extend_block_hashes(self.block_hashes, self._all_token_ids, block_size, self.num_tokens)
 
     @property
@@ -100,32 +111,78 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self._all_token_ids) - self._num_prompt
+        return len(self._output_token_ids)
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self._all_token_ids[self._num_prompt :]
+    def num_computed_tokens(self) -> int:
+        """Leading tokens whose keys/values are in the cache (computed, or found there)."""
+        return self._num_computed_tokens
+
+    @property
+    def num_registered_blocks(self) -> int:
+        """Leading full blocks already offered to the prefix cache (0 again once freed)."""
+        return self._num_registered_blocks
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return self._cumulative_logprob
+
+    @property
+    def stop_token_id(self) -> int | None:
+        """The EOS or stop token that finished the sequence, if one did."""
+        return self._stop_token_id
 
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    def advance_computed(self, num_tokens: int) -> None:
+        """Counts `num_tokens` more tokens as cached: computed by a step, or a prefix hit."""
+        assert num_tokens >= 0 and self._num_computed_tokens + num_tokens <= self.num_tokens
+        self._num_computed_tokens += num_tokens
+
+    def mark_registered(self, num_blocks: int) -> None:
+        """Records that the first `num_blocks` full blocks are offered to the prefix cache."""
+        assert num_blocks >= self._num_registered_blocks
+        self._num_registered_blocks = num_blocks
+
+    def reset_computed(self) -> None:
+        """Forgets the cache: the blocks were freed (preemption by recompute)."""
+        self._num_computed_tokens = 0
+        self._num_registered_blocks = 0
+
     def append_token(self, token_id: int, logprob: float | None) -> None:
         """Adds a sampled token (logprob None where the params do not need it: the sum then
         stays 0 and is not reported)."""
-        self._all_token_ids.append(token_id)
         if logprob is not None:
-            self.cumulative_logprob += logprob
+            self._cumulative_logprob += logprob
+        self._append(token_id)
+
+    def append_beam_token(self, token_id: int, cumulative_logprob: float) -> None:
+        """Adds the token a beam search step chose, with the beam's new sum (the search adds
+        the token's log-probability itself)."""
+        self._cumulative_logprob = cumulative_logprob
+        self._append(token_id)
+
+    def _append(self, token_id: int) -> None:
+        self._all_token_ids.append(token_id)
+        self._output_token_ids.append(token_id)
         extend_block_hashes(self.block_hashes, self._all_token_ids, self._block_size,
                             self.num_tokens)
+
+    def finish(self, status: RequestStatus, stop_token_id: int | None = None) -> None:
+        """Ends the sequence; `stop_token_id` is the EOS or stop token that ended it, if any."""
+        assert status.is_finished
+        self.status = status
+        self._stop_token_id = stop_token_id
 
     def fork(self, index: int) -> Sequence:
         """A copy with the same tokens and computed state, as a new sample of the request."""
         child = Sequence(self.request, index, self._all_token_ids,
                          self.num_output_tokens, self._block_size)
         child.status = self.status
-        child.num_computed_tokens = self.num_computed_tokens
-        child.cumulative_logprob = self.cumulative_logprob
+        child._num_computed_tokens = self._num_computed_tokens
+        child._cumulative_logprob = self._cumulative_logprob
         return child
 
 
@@ -167,7 +224,7 @@ class Request:
         self.beam = BeamState(beam_search, eos_token_id) if beam_search is not None else None
         self.beam_seqs: list[Sequence] = list(self.seqs)
         # Beam index -> its next-token offers, gathered until every running beam has sampled.
-        self.beam_offers: dict[int, list[tuple[int, float]]] = {}
+        self._beam_offers: dict[int, list[tuple[int, float]]] = {}
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -188,18 +245,40 @@ class Request:
     def live_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished]
 
+    def set_live_status(self, status: RequestStatus) -> None:
+        """Moves the request and its live sequences between the scheduler's queues."""
+        assert not status.is_finished, "sequences end through Sequence.finish"
+        self.status = status
+        for seq in self.live_seqs():
+            seq.status = status
+
+    def fork_seq(self, parent: Sequence) -> Sequence:
+        """Adds a new sequence copied from `parent` (its blocks are the caller's to share)."""
+        child = parent.fork(len(self.seqs))
+        self.seqs.append(child)
+        return child
+
     def prefill_limit(self, seq: Sequence) -> int:
         """How far `seq` may be computed now: short of the last prompt token until forked."""
         if self.is_forked:
             return seq.num_tokens
         return seq.num_tokens - 1
 
-    def min_tokens_stop_ids(self, seq: Sequence) -> list[int]:
-        """Token ids that may not be sampled yet because `min_tokens` is not reached."""
-        params = self.sampling_params
-        if seq.num_output_tokens >= params.min_tokens:
-            return []
-        ids = list(params.stop_token_ids or ())
-        if self.eos_token_id is not None and not params.ignore_eos:
-            ids.append(self.eos_token_id)
-        return ids
+    def add_beam_offer(self, seq: Sequence, offers: list[tuple[int, float]]) -> bool:
+        """Keeps a beam's next-token offers; True once every running beam has offered.
+
+        NOTE: a beam that sampled waits (its gap is 0) until every beam has sampled, which may
+        take several steps when prefills are chunked.
+        """
+        self._beam_offers[seq.index] = offers
+        return all(beam.index in self._beam_offers for beam in self.beam_seqs)
+
+    def take_beam_offers(self) -> list[list[tuple[int, float]]]:
+        """The offers of every running beam, in beam order, for one beam search step."""
+        offers = [self._beam_offers[beam.index] for beam in self.beam_seqs]
+        self._beam_offers = {}
+        return offers
+
+    def drop_beam_offers(self) -> None:
+        """Forgets the offers gathered so far: the beams were preempted and will sample anew."""
+        self._beam_offers = {}

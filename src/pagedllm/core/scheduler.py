@@ -6,6 +6,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
+from pagedllm.core.beam_step import beam_step
 from pagedllm.core.block_manager import BlockManager
 from pagedllm.core.interface import (
     ModelRunnerOutput,
@@ -14,6 +15,7 @@ from pagedllm.core.interface import (
     SchedulerOutput,
 )
 from pagedllm.core.request import Request, RequestStatus, Sequence
+from pagedllm.core.stop_checker import check_stop
 
 # The preemption modes the scheduler knows: the one list that settings are checked against.
 PREEMPTION_MODES = ("recompute", "swap")
@@ -95,9 +97,9 @@ class Scheduler:
         if request is not None and not request.seqs[seq_index].is_finished:
             self._finish_seq(request.seqs[seq_index], status)
 
-    def _finish_seq(self, seq: Sequence, status: RequestStatus) -> None:
-        assert status.is_finished
-        seq.status = status
+    def _finish_seq(self, seq: Sequence, status: RequestStatus,
+                    stop_token_id: int | None = None) -> None:
+        seq.finish(status, stop_token_id)
         self.block_manager.free(seq.seq_id)
         request = seq.request
         if request.live_seqs():
@@ -177,7 +179,7 @@ class Scheduler:
     ) -> list[RequestUpdate]:
         """Advances computed tokens, appends sampled tokens and finishes sequences that stop."""
         updates: list[RequestUpdate] = []
-        beam_requests: dict[str, Request] = {}
+        beam_requests: dict[str, Request] = {}  # every beam has offered: ready to step
         for item in scheduler_output.scheduled:
             request = self.requests.get(item.request_id)
             if request is None:  # finished while the step ran (abort)
@@ -185,80 +187,38 @@ class Scheduler:
             seq = request.seqs[item.seq_index]
             if seq.is_finished:
                 continue
-            seq.num_computed_tokens += item.num_tokens
-            seq.num_registered_blocks = self.block_manager.cache_full_blocks(
+            seq.advance_computed(item.num_tokens)
+            seq.mark_registered(self.block_manager.cache_full_blocks(
                 seq.seq_id, seq.block_hashes, seq.all_token_ids, seq.num_computed_tokens,
                 seq.num_registered_blocks,
-            )
+            ))
             sampled = runner_output.sampled.get(item.seq_id)
             if sampled is None:
                 continue
             if request.beam is not None:
-                # NOTE: a beam that sampled waits (its gap is 0) until every beam has sampled,
-                # which may take several steps when prefills are chunked.
-                request.beam_offers[seq.index] = sampled.top_logprobs
-                beam_requests[request.request_id] = request
+                if request.add_beam_offer(seq, sampled.top_logprobs):
+                    beam_requests[request.request_id] = request
                 continue
             seq.append_token(sampled.token_id, sampled.logprob)
-            status = self._check_stop(request, seq, sampled.token_id)
-            if status is not None:
-                self._finish_seq(seq, status)
+            stop = check_stop(request, seq, self.config.max_model_len)
+            if stop is not None:
+                self._finish_seq(seq, stop.status, stop.token_id)
             updates.append(
                 RequestUpdate(
                     request_id=request.request_id,
                     seq_index=seq.index,
                     new_tokens=[sampled],
-                    finish_reason=status.finish_reason if status is not None else None,
+                    finish_reason=stop.status.finish_reason if stop is not None else None,
                     stop_token_id=seq.stop_token_id,
                 )
             )
         for request in beam_requests.values():
-            if all(seq.index in request.beam_offers for seq in request.beam_seqs):
-                update = self._beam_step(request, request.beam_offers)
-                request.beam_offers = {}
-                if update is not None:
-                    updates.append(update)
-        return updates
-
-    def _beam_step(self, request: Request, offers: dict[int, list[tuple[int, float]]]
-                   ) -> RequestUpdate | None:
-        """Picks the next beams: forks parents chosen more than once, drops unchosen ones."""
-        beams = request.beam_seqs
-        result = request.beam.step(
-            [seq.cumulative_logprob for seq in beams],
-            [seq.output_token_ids for seq in beams],
-            [offers[seq.index] for seq in beams],
-            beams[0].num_output_tokens,
-        )
-        if result.done:
-            hypotheses = request.beam.best()
-            ended_by_eos = bool(hypotheses) and hypotheses[0].finish_reason == "stop"
-            status = (RequestStatus.FINISHED_STOPPED if ended_by_eos
-                      else RequestStatus.FINISHED_LENGTH)
-            for seq in request.live_seqs():
+            outcome = beam_step(request, self.block_manager)
+            for seq, status in outcome.to_finish:
                 self._finish_seq(seq, status)
-            return RequestUpdate(request.request_id, 0, [], status.finish_reason, beams=hypotheses)
-        # Forks first, from parents that have not taken their own next token yet.
-        chosen: list[Sequence] = []
-        used: set[int] = set()
-        for cand in result.continuations:
-            parent = beams[cand.parent]
-            if cand.parent in used:
-                child = parent.fork(len(request.seqs))
-                self.block_manager.fork(parent.seq_id, child.seq_id)
-                request.seqs.append(child)
-                chosen.append(child)
-            else:
-                used.add(cand.parent)
-                chosen.append(parent)
-        for seq, cand in zip(chosen, result.continuations):
-            seq.append_token(cand.token_id, 0.0)
-            seq.cumulative_logprob = cand.cumulative_logprob
-        for position, seq in enumerate(beams):
-            if position not in used:
-                self._finish_seq(seq, RequestStatus.FINISHED_ABORTED)
-        request.beam_seqs = chosen
-        return None
+            if outcome.update is not None:
+                updates.append(outcome.update)
+        return updates
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -305,11 +265,12 @@ class Scheduler:
             if hit is not None:
                 manager.record_prefix_query(seq.num_tokens, start)
                 manager.attach_prefix(seq.seq_id, hit)
-                seq.num_computed_tokens = start
+                seq.advance_computed(start)  # the hit's tokens are cached: nothing to compute
         for seq, start, num_new, _ in wants:
             plan.copies.extend(manager.allocate_slots(seq.seq_id, start, num_new))
             if num_new:
-                plan.items.append(self._make_scheduled(request, seq, num_new))
+                table = manager.get_block_table(seq.seq_id)
+                plan.items.append(ScheduledRequest.from_sequence(seq, num_new, table))
         return plan
 
     def _commit(self, plan: _GroupPlan, out: SchedulerOutput, budget: int) -> int:
@@ -328,33 +289,13 @@ class Scheduler:
         if parent.num_computed_tokens == 0 and not self.block_manager.has_blocks(parent.seq_id):
             # A one-token prompt (or nothing cached): children start with empty tables.
             self.block_manager.allocate_slots(parent.seq_id, 0, 0)
-        for index in range(1, request.best_of):
-            child = parent.fork(index)
+        for _ in range(1, request.best_of):
+            child = request.fork_seq(parent)
             self.block_manager.fork(parent.seq_id, child.seq_id)
-            request.seqs.append(child)
-
-    def _make_scheduled(self, request: Request, seq: Sequence, num_new: int) -> ScheduledRequest:
-        start = seq.num_computed_tokens
-        return ScheduledRequest(
-            request_id=request.request_id,
-            seq_index=seq.index,
-            seq_id=seq.seq_id,
-            token_ids=seq.all_token_ids[start : start + num_new],
-            start_position=start,
-            block_table=self.block_manager.get_block_table(seq.seq_id),
-            sample=start + num_new == seq.num_tokens,
-            sampling_params=request.sampling_params,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
-            min_tokens_stop_ids=request.min_tokens_stop_ids(seq),
-        )
 
     def _set_running(self, request: Request) -> None:
-        request.status = RequestStatus.RUNNING
-        for seq in request.live_seqs():
-            seq.status = RequestStatus.RUNNING
-        keys = [r.arrival_index for r in self.running]
-        self.running.insert(bisect.bisect(keys, request.arrival_index), request)
+        request.set_live_status(RequestStatus.RUNNING)
+        _insert_by_arrival(self.running, request)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Preempts a whole request: swap out all its sequences at once, or free them."""
@@ -371,27 +312,14 @@ class Scheduler:
         else:
             for seq in seqs:
                 self.block_manager.free(seq.seq_id)
-                seq.num_computed_tokens = 0
-                seq.num_registered_blocks = 0
-            request.beam_offers = {}
+                seq.reset_computed()
+            request.drop_beam_offers()
             status, queue = RequestStatus.WAITING, self.waiting
-        request.status = status
-        for seq in seqs:
-            seq.status = status
-        keys = [r.arrival_index for r in queue]
-        queue.insert(bisect.bisect(keys, request.arrival_index), request)
+        request.set_live_status(status)
+        _insert_by_arrival(queue, request)
 
-    def _check_stop(self, request: Request, seq: Sequence, token_id: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if seq.num_output_tokens >= params.min_tokens:
-            if token_id == request.eos_token_id and not params.ignore_eos:
-                seq.stop_token_id = token_id
-                return RequestStatus.FINISHED_STOPPED
-            if params.stop_token_ids and token_id in params.stop_token_ids:
-                seq.stop_token_id = token_id
-                return RequestStatus.FINISHED_STOPPED
-        if seq.num_output_tokens >= request.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if seq.num_tokens >= self.config.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+
+def _insert_by_arrival(queue: list[Request] | deque[Request], request: Request) -> None:
+    """Inserts `request` where it keeps `queue` sorted by arrival."""
+    keys = [r.arrival_index for r in queue]
+    queue.insert(bisect.bisect(keys, request.arrival_index), request)
