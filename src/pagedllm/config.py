@@ -1,59 +1,109 @@
-"""Engine configuration: user-facing arguments, checked once with errors that say what to change."""
+"""Engine configuration: user-facing arguments, checked once with errors that say what to change.
+
+Imports no torch at module level, so the command line builds its flags from it quickly."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import Field, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from pagedllm.core.scheduler import PREEMPTION_MODES
 from pagedllm.validation import is_int, is_number
 
+if TYPE_CHECKING:
+    import torch
+
+# dtype names -> torch dtype names (None: decided by the device).
 _DTYPES = {
     "auto": None,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
+
+
+def setting(default: Any, help: str, choices: Sequence[str] | None = None,
+            flag: bool = True) -> Any:
+    """A field of EngineConfig: its default, and the help text and choices its `--flag` shows
+    (`flag=False`: a keyword of `LLM` without a command-line flag)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 @dataclass
 class EngineConfig:
-    """Every knob of the engine, with vLLM's names where vLLM has one."""
+    """Every setting of the engine, with vLLM's names where vLLM has one.
 
-    # A Hugging Face directory, a .gguf file, or None for the shipped SmolLM2-135M-Instruct.
-    model: str | None = None
-    # "auto" (float32 on CPU), "float32" or "bfloat16": weights, activations and KV cache.
-    dtype: str = "auto"
-    # Tokens per KV block.
-    block_size: int = 16
-    # Size of the KV pool in blocks; overrides kv_cache_memory_bytes.
-    num_kv_blocks: int | None = None
-    # Size of the KV pool in bytes; None = a slice of free RAM (see worker.cache_engine).
-    kv_cache_memory_bytes: int | None = None
-    # Most requests running at once.
-    max_num_seqs: int = 256
-    # Most tokens in one forward pass; longer prompts are prefilled in chunks.
-    max_num_batched_tokens: int = 2048
-    # Context length; None = the model's max_position_embeddings.
-    max_model_len: int | None = None
-    # Seed of the sampler's generator for requests without their own seed.
-    seed: int = 0
-    # "recompute" or "swap": what happens to a request preempted for lack of blocks.
-    preemption_mode: str = "recompute"
-    # Host memory for swapped-out blocks, in GiB (0 = no swapping; swap falls back to recompute).
-    swap_space: float = 0.0
-    # Reuse the KV blocks of earlier requests that share a prefix (automatic prefix caching).
-    enable_prefix_caching: bool = True
-    # Attention backend name (see pagedllm.attention.registry); None = the default.
-    attention_backend: str | None = None
-    # "cpu" or another torch device string.
-    device: str = "cpu"
-    # Time each step's parts (see pagedllm.profiler); costs a little per step.
-    profile: bool = False
+    The one place where a setting, its default, its check and its help text live: `LLM`'s
+    keyword arguments and the `--flags` of `pagedllm generate`, `serve` and `bench` are made
+    from these fields (`add_cli_args`, `from_cli_args`), so a new setting is one field here
+    (and its check in `__post_init__`).
+    """
+
+    model: str | None = setting(
+        None, "Hugging Face model directory or .gguf file (default: the shipped "
+        "SmolLM2-135M-Instruct)")
+    dtype: str = setting(
+        "auto", "weights, activations and KV cache: auto (float32 on CPU), float32 or bfloat16",
+        choices=("auto", "float32", "bfloat16"))
+    block_size: int = setting(16, "tokens per KV cache block")
+    num_kv_blocks: int | None = setting(
+        None, "size of the KV cache in blocks (overrides --kv-cache-memory-bytes)")
+    kv_cache_memory_bytes: int | None = setting(
+        None, "size of the KV cache in bytes (default: 20% of available memory, at most 4 GiB;"
+        " 80% of free GPU memory on CUDA)")
+    max_num_seqs: int = setting(256, "most requests running at once")
+    max_num_batched_tokens: int = setting(
+        2048, "most tokens in one forward pass; longer prompts are prefilled in chunks")
+    max_model_len: int | None = setting(
+        None, "context length (default: the model's max_position_embeddings)")
+    seed: int = setting(0, "seed of the sampler for requests without a seed of their own")
+    preemption_mode: str = setting(
+        "recompute", "what happens to a request preempted for lack of KV blocks",
+        choices=PREEMPTION_MODES)
+    swap_space: float = setting(
+        0.0, "GiB of host memory for swapped-out KV blocks (0: no swapping; swap then falls "
+        "back to recompute)")
+    enable_prefix_caching: bool = setting(
+        True, "reuse the KV blocks of earlier requests that share a prefix")
+    attention_backend: str | None = setting(
+        None, "attention backend (see pagedllm.attention.registry; default: the fused CPU "
+        "kernel on CPU)")
+    device: str = setting("cpu", "torch device: cpu, or cuda[:N]")
+    profile: bool = setting(
+        False, "time each step's parts (pagedllm generate prints the breakdown to stderr); "
+        "costs a little per step")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -> None:
+        """Adds a `--flag` for every setting (vLLM's EngineArgs.add_cli_args), each with its
+        default and help; bools take `--x` / `--no-x`. `skip` names fields the caller adds
+        its own way."""
+        group = parser.add_argument_group("engine")
+        for f in fields(cls):
+            if f.name in skip or not f.metadata["flag"]:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind = _flag_type(f)
+            help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                   default=f.default, help=help_text)
+            else:
+                if f.default is not None:
+                    help_text += f" (default: {f.default})"
+                group.add_argument(flag, type=kind, default=f.default, help=help_text,
+                                   choices=f.metadata["choices"])
+
+    @classmethod
+    def kwargs_from_cli_args(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """The settings among parsed flags, as keyword arguments of EngineConfig or `LLM`."""
+        return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
     def __post_init__(self) -> None:
         if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
@@ -71,10 +121,9 @@ class EngineConfig:
         for name in ("enable_prefix_caching", "profile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.preemption_mode not in ("recompute", "swap"):
-            raise ValueError(
-                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
-            )
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
+                             f"got {self.preemption_mode!r}")
         if not is_number(self.swap_space) or not 0 <= self.swap_space < math.inf:
             raise ValueError(f"swap_space must be a finite number of GiB >= 0, got "
                              f"{self.swap_space!r}")
@@ -83,6 +132,8 @@ class EngineConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     def _verify_device(self) -> None:
+        import torch
+
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a string such as 'cpu' or 'cuda', "
                              f"got {self.device!r}")
@@ -99,4 +150,18 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype] or torch.float32
+        import torch
+
+        return getattr(torch, _DTYPES[self.dtype] or "float32")
+
+
+# The flag types of the settings' annotations (which are strings under `from __future__ import
+# annotations`); `X | None` takes X's.
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _flag_type(f: Field) -> type:
+    name = str(f.type).replace(" | None", "")
+    if name not in _FLAG_TYPES:
+        raise TypeError(f"EngineConfig.{f.name}: no command-line type for {f.type!r}")
+    return _FLAG_TYPES[name]

@@ -383,3 +383,40 @@ def test_profile_breaks_each_step_down(tiny_dir):
     assert seconds["forward"] >= seconds["attention block"] + seconds["mlp"]
     assert seconds["step"] >= seconds["forward"]
     assert "attention block" in profiler.report()
+
+
+def test_a_prompt_is_encoded_once_and_checked_once(tiny_llama_factory, monkeypatch):
+    # The tokenizer's full vocabulary, so text prompts are valid.
+    llm = LLM(str(tiny_llama_factory(num_heads=4, num_kv_heads=2, vocab_size=49152)),
+              num_kv_blocks=16)
+    engine = llm.llm_engine
+    tokenizer = engine.get_tokenizer()
+    encoded: list[str] = []
+    checked: list[object] = []
+    real_encode, real_process = tokenizer.encode, engine.input_processor.process
+
+    def counting_encode(text, *args, **kwargs):
+        encoded.append(text)
+        return real_encode(text, *args, **kwargs)
+
+    def counting_process(prompt, *args, **kwargs):
+        checked.append(prompt)
+        return real_process(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", counting_encode)
+    monkeypatch.setattr(engine.input_processor, "process", counting_process)
+    prompts = ["The quick brown fox", "jumps over the lazy dog"]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=3), use_tqdm=False)
+    assert encoded == prompts
+    assert checked == prompts
+    assert [o.prompt_token_ids for o in outputs] == [real_encode(p) for p in prompts]
+    # A ProcessedRequest is queued as it is: no second check.
+    processed = engine.process_inputs("one more", SamplingParams(max_tokens=2))
+    checked.clear()
+    engine.add_request("pre-processed", processed)
+    assert checked == []
+    with pytest.raises(ValueError, match="carries its own params"):
+        engine.add_request("twice", processed, SamplingParams())
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_all_blocks_free(llm)

@@ -20,7 +20,8 @@ import pytest
 import uvicorn
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
-from pagedllm.engine.input_processor import InputProcessor
+from pagedllm.config import EngineConfig
+from pagedllm.engine.input_processor import InputProcessor, ProcessedRequest
 from pagedllm.engine.llm_engine import EngineStats
 from pagedllm.entrypoints.openai.api_server import build_app
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
@@ -34,6 +35,7 @@ class FakeLLMEngine:
     """Each running request gains token 7 per step and finishes at `max_tokens`."""
 
     max_model_len = 64
+    config = EngineConfig(max_num_seqs=8)
 
     def __init__(self) -> None:
         self.input_processor = InputProcessor(None, vocab_size=100, max_model_len=64,
@@ -50,7 +52,8 @@ class FakeLLMEngine:
 
     def add_request(self, request_id, prompt, params, arrival_time=None) -> None:
         self._touch()
-        processed = self.input_processor.process(prompt, params)
+        processed = (prompt if isinstance(prompt, ProcessedRequest)
+                     else self.input_processor.process(prompt, params))
         self.requests[request_id] = ([], processed.max_tokens)
 
     def step(self) -> list[RequestOutput]:
@@ -228,6 +231,9 @@ class _StubTokenizer:
     def __len__(self) -> int:
         return 100
 
+    def apply_chat_template(self, conversation, add_generation_prompt=True, **_) -> str:
+        return "".join(m["content"] for m in conversation)
+
 
 def _get(url: str, body: dict | None = None, timeout: float = 10) -> tuple[int, dict]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -326,3 +332,23 @@ def test_shutdown_answers_a_waiting_non_streamed_request_with_503(app_server):
     worker.join(timeout=10)
     status, body = result[0]
     assert status == 503 and "shutting down" in body["error"]["message"]
+
+
+def test_a_chat_request_is_checked_once(app_server, monkeypatch):
+    """The handler checks the rendered prompt with the engine's input processor on the event
+    loop; the engine queues that ProcessedRequest without checking it again."""
+    url, fake = app_server
+    monkeypatch.setattr(_StubTokenizer, "chat_template", "{{ stub }}")
+    checked, added = [], []
+    real_process, real_add = fake.input_processor.process, fake.add_request
+    monkeypatch.setattr(fake.input_processor, "process",
+                        lambda *a, **k: checked.append(a) or real_process(*a, **k))
+    monkeypatch.setattr(fake, "add_request",
+                        lambda rid, prompt, *a, **k: added.append(prompt) or real_add(
+                            rid, prompt, *a, **k))
+    status, body = _get(url + "/v1/chat/completions", {
+        "model": "fake", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and body["choices"][0]["message"]["content"] == "xx"
+    assert len(checked) == 1
+    assert len(added) == 1 and isinstance(added[0], ProcessedRequest)
+    assert added[0].prompt_token_ids == _StubTokenizer().encode("hi")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.core.beam_search import BeamSearchParams
+from pagedllm.engine.input_processor import ProcessedRequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -43,9 +44,10 @@ class EngineDeadError(RuntimeError):
 @dataclass
 class _Add:
     request_id: str
-    prompt: PromptType
-    # BeamSearchParams make it a beam search (LLMEngine.add_beam_search_request).
-    params: SamplingParams | BeamSearchParams
+    # A ProcessedRequest (then params is None), or a prompt to check with params;
+    # BeamSearchParams make it a beam search.
+    prompt: PromptType | ProcessedRequest
+    params: SamplingParams | BeamSearchParams | None
     arrival_time: float
     # Resolved on the loop once the engine accepted (None) or refused (the exception) it.
     accepted: asyncio.Future
@@ -136,15 +138,42 @@ class AsyncLLMEngine:
             await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout_s)
         self._fail_all(EngineDeadError("the server is shutting down"))
 
+    # ---- what the frontend may read (any thread) ------------------------------------------
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.config.max_num_seqs
+
+    def process_inputs(self, prompt_token_ids: list[int],
+                       params: SamplingParams | BeamSearchParams,
+                       prompt: str | None = None, **options: Any) -> ProcessedRequest:
+        """Checks a tokenized request on the caller's thread (a ValueError, a
+        RequestFieldError naming the field, says why); `generate` takes the result as it is,
+        so the engine thread does not check it again. Token ids only: the engine's tokenizer
+        belongs to the engine thread (see InputProcessor.process for `options`)."""
+        return self.engine.input_processor.process(
+            {"prompt_token_ids": prompt_token_ids, "prompt": prompt}, params, **options)
+
+    def default_max_tokens(self, num_prompt_tokens: int, width: int) -> int:
+        """The max_tokens the engine picks for a request that gives none."""
+        return self.engine.input_processor.default_max_tokens(num_prompt_tokens, width)
+
     # ---- requests (loop thread) ----------------------------------------------------------
 
     async def generate(
-        self, prompt: PromptType, params: SamplingParams | BeamSearchParams, request_id: str
+        self, prompt: PromptType | ProcessedRequest,
+        params: SamplingParams | BeamSearchParams | None, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """Submits a request and yields its cumulative outputs until it finishes.
 
-        With BeamSearchParams the request is a beam search: it yields one output, when the
-        search ends, whose `outputs` are the beams, best first (or one "abort" output).
+        `prompt` is a ProcessedRequest from `process_inputs` (with params None), or a prompt
+        the engine thread checks with `params`. A beam search (BeamSearchParams) yields one
+        output, when the search ends, whose `outputs` are the beams, best first (or one
+        "abort" output).
 
         The first `__anext__` raises the engine's ValueError if it refuses the request, or
         EngineDeadError. Closing or cancelling the generator early aborts the request, which
@@ -165,8 +194,9 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._post(_Abort(request_id))
 
-    def _submit(self, prompt: PromptType, params: SamplingParams | BeamSearchParams,
-                request_id: str) -> RequestStream:
+    def _submit(self, prompt: PromptType | ProcessedRequest,
+                params: SamplingParams | BeamSearchParams | None, request_id: str
+                ) -> RequestStream:
         if self._dead is not None:
             raise EngineDeadError(f"the engine is not running: {self._dead}")
         if request_id in self._streams:
@@ -244,13 +274,8 @@ class AsyncLLMEngine:
                 continue
             error: BaseException | None = None
             try:
-                if isinstance(item.params, BeamSearchParams):
-                    # NOTE: takes no arrival time; the engine stamps it when it queues the search.
-                    self.engine.add_beam_search_request(item.request_id, item.prompt, item.params)
-                else:
-                    self.engine.add_request(
-                        item.request_id, item.prompt, item.params, arrival_time=item.arrival_time
-                    )
+                self.engine.add_request(item.request_id, item.prompt, item.params,
+                                        arrival_time=item.arrival_time)
                 live.add(item.request_id)
             except ValueError as exc:
                 error = exc

@@ -1,13 +1,18 @@
-"""Turns a user prompt into checked token ids before anything is queued."""
+"""Turns a user prompt into checked token ids before anything is queued: the one place where
+a request is tokenized and validated (the offline API, the engine and the server all call
+`InputProcessor.process` once per request)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedTokenizerBase
-
+from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # What `generate` and `add_request` accept: a string, or {"prompt_token_ids": [...]}
 # (optionally with "prompt" for display), or {"prompt": "..."}.
@@ -15,12 +20,20 @@ PromptType = str | dict[str, Any]
 
 
 @dataclass
-class ProcessedPrompt:
+class ProcessedRequest:
+    """A request as the engine queues it: checked once, tokenized once. `LLMEngine.add_request`
+    takes one as it is (vLLM's EngineCoreRequest plays this part)."""
+
+    # The prompt's text where it had one (for display), and its token ids.
     prompt: str | None
     prompt_token_ids: list[int]
+    # What the engine samples with; for a beam search, the greedy settings its steps use.
+    sampling_params: SamplingParams
     # max_tokens after clamping to the room left in the context (see default_max_tokens when
     # the request gave none).
     max_tokens: int
+    # Set for a beam search (its max_tokens clamped as above).
+    beam_search: BeamSearchParams | None = None
 
 
 class RequestFieldError(ValueError):
@@ -52,51 +65,92 @@ class InputProcessor:
         self.max_num_seqs = max_num_seqs
 
     def process(
-        self, prompt: PromptType, sampling_params: SamplingParams, width: int | None = None
-    ) -> ProcessedPrompt:
-        """Validates one request; `width` is how many sequences it runs at once (default:
-        best_of or n; the beam width for beam search)."""
-        if not isinstance(sampling_params, SamplingParams):
-            raise ValueError(
-                f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}"
-            )
-        sampling_params.verify_token_ids(self.vocab_size)
-        text, token_ids = self._tokenize(prompt)
-        if not token_ids:
-            raise ValueError("prompt is empty: give at least one token")
-        for position, token_id in enumerate(token_ids):
-            if not isinstance(token_id, int) or isinstance(token_id, bool):
-                raise ValueError(f"prompt token at position {position} is not an integer")
-            if not 0 <= token_id < self.vocab_size:
-                raise ValueError(
-                    f"prompt token id {token_id} at position {position} is outside the "
-                    f"vocabulary [0, {self.vocab_size})"
-                )
-        num_prompt = len(token_ids)
-        if num_prompt >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {num_prompt} tokens but max_model_len is {self.max_model_len}: "
-                "shorten the prompt (it must leave room for at least one generated token)"
-            )
-        if width is None:
-            width = sampling_params.best_of or sampling_params.n
-        if sampling_params.max_tokens is None:
-            max_tokens = self.default_max_tokens(num_prompt, width)
+        self,
+        prompt: PromptType,
+        params: SamplingParams | BeamSearchParams,
+        *,
+        refuse_past_context: bool = False,
+        where: str = "prompt",
+        param: str = "prompt",
+    ) -> ProcessedRequest:
+        """Checks one request and tokenizes its prompt; every problem is a RequestFieldError.
+
+        Args:
+            params: SamplingParams, or BeamSearchParams for a beam search.
+            refuse_past_context: refuse a max_tokens that runs past max_model_len (as an
+                OpenAI server does) instead of clamping it (as the offline API does).
+            where: how messages name the prompt ("prompt", "prompt at index 2", "messages").
+            param: the request field a problem with the prompt is blamed on.
+        """
+        beam_search = params if isinstance(params, BeamSearchParams) else None
+        if beam_search is not None:
+            # NOTE: the sampler is asked for the 2 x beam_width best raw log-probabilities of
+            # each beam; EOS and length are judged by the beam search itself.
+            width = beam_search.beam_width
+            sampling_params = SamplingParams(
+                temperature=0.0, max_tokens=beam_search.max_tokens,
+                logprobs=2 * beam_search.beam_width, ignore_eos=True)
+        elif isinstance(params, SamplingParams):
+            sampling_params = params
+            width = params.best_of or params.n
         else:
-            max_tokens = min(sampling_params.max_tokens, self.max_model_len - num_prompt)
+            raise ValueError(f"sampling_params must be a SamplingParams (or BeamSearchParams), "
+                             f"got {type(params).__name__}")
+        try:
+            sampling_params.verify_token_ids(self.vocab_size)
+        except ValueError as exc:
+            in_stop = any(i >= self.vocab_size for i in sampling_params.stop_token_ids or ())
+            raise RequestFieldError(str(exc), "stop_token_ids" if in_stop else "logit_bias"
+                                    ) from None
+        text, token_ids = self._tokenize(prompt)
+        self._check_prompt(token_ids, where, param)
+        num_prompt = len(token_ids)
+        room = self.max_model_len - num_prompt
+        requested = sampling_params.max_tokens
+        if requested is None:
+            max_tokens = self.default_max_tokens(num_prompt, width)
+        elif requested > room and refuse_past_context:
+            raise RequestFieldError(
+                f"This model's maximum context length (max_model_len) is {self.max_model_len} "
+                f"tokens. However, you requested {num_prompt + requested} tokens ({num_prompt} "
+                f"in the {where}, {requested} in the completion). Please reduce the length of "
+                f"the {where} or the completion.", "max_tokens")
+        else:
+            max_tokens = min(requested, room)
         if num_prompt + max_tokens > self.kv_capacity_tokens:
             message = (
                 f"request needs {num_prompt + max_tokens} KV cache slots ({num_prompt} prompt + "
                 f"{max_tokens} generated) but the whole cache holds {self.kv_capacity_tokens}: "
                 "raise num_kv_blocks or kv_cache_memory_bytes, or lower max_tokens"
             )
-            if sampling_params.max_tokens is None:  # the prompt alone fills the cache
-                raise ValueError(message)
-            raise RequestFieldError(message, "max_tokens")
-        self._check_fits(num_prompt, max_tokens, width)
-        return ProcessedPrompt(prompt=text, prompt_token_ids=list(token_ids), max_tokens=max_tokens)
+            # Without max_tokens, the prompt alone fills the cache.
+            raise RequestFieldError(message, param if requested is None else "max_tokens")
+        self._check_fits(num_prompt, max_tokens, width, beam_search is not None)
+        if beam_search is not None and max_tokens < beam_search.max_tokens:
+            beam_search = dataclasses.replace(beam_search, max_tokens=max_tokens)
+        return ProcessedRequest(prompt=text, prompt_token_ids=list(token_ids),
+                                sampling_params=sampling_params, max_tokens=max_tokens,
+                                beam_search=beam_search)
 
-    def _check_fits(self, num_prompt: int, max_tokens: int, width: int) -> None:
+    def _check_prompt(self, token_ids: list[int], where: str, param: str) -> None:
+        if not token_ids:
+            raise RequestFieldError(f"the {where} is empty: give at least one token", param)
+        for position, token_id in enumerate(token_ids):
+            if not isinstance(token_id, int) or isinstance(token_id, bool):
+                raise RequestFieldError(
+                    f"{where} token at position {position} is not an integer", param)
+            if not 0 <= token_id < self.vocab_size:
+                raise RequestFieldError(
+                    f"{where} token id {token_id} at position {position} is outside the "
+                    f"vocabulary [0, {self.vocab_size})", param)
+        if len(token_ids) >= self.max_model_len:
+            raise RequestFieldError(
+                f"This model's maximum context length (max_model_len) is {self.max_model_len} "
+                f"tokens. However, the {where} has {len(token_ids)} tokens, which leaves no "
+                f"room to generate. Please reduce the length of the {where}.", param)
+
+    def _check_fits(self, num_prompt: int, max_tokens: int, width: int, is_beam_search: bool
+                    ) -> None:
         """A sequence group is scheduled whole, so one that can never fit would wait forever."""
         if self.max_num_seqs is not None and width > self.max_num_seqs:
             raise RequestFieldError(
@@ -108,10 +162,12 @@ class InputProcessor:
         slots = self.worst_case_slots(num_prompt, max_tokens, width)
         if slots > self.kv_capacity_tokens:
             raise RequestFieldError(
-                f"{width} sequences of up to {max_tokens} generated tokens may need "
-                f"{slots} KV cache slots but the whole cache holds "
-                f"{self.kv_capacity_tokens}: lower n / best_of / beam width or max_tokens, or "
-                "raise num_kv_blocks or kv_cache_memory_bytes", "n"
+                f"{width} sequences of up to {max_tokens} generated tokens (n={width}, "
+                f"max_tokens={max_tokens}) may need {slots} KV cache slots but the whole cache "
+                f"holds {self.kv_capacity_tokens}: lower n / best_of / beam width or max_tokens, "
+                "or raise num_kv_blocks or kv_cache_memory_bytes",
+                # NOTE: a beam search's width is its point; its length is what to lower.
+                "max_tokens" if is_beam_search else "n",
             )
 
     def default_max_tokens(self, num_prompt: int, width: int) -> int:

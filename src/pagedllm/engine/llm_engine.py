@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
@@ -16,7 +15,7 @@ from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.core.block_manager import BlockManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler, SchedulerConfig
-from pagedllm.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from pagedllm.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.models.default_model import resolve_model_path
 from pagedllm.models.loader import load_config
@@ -151,53 +150,59 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: PromptType,
-        sampling_params: SamplingParams | None = None,
+        prompt: PromptType | ProcessedRequest,
+        params: SamplingParams | BeamSearchParams | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queues a request; a bad one raises ValueError and leaves the engine untouched."""
-        self._check_request_id(request_id)
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        processed = self.input_processor.process(prompt, params)
-        self._queue(request_id, processed, params, arrival_time)
+        """Queues a request; a bad one raises ValueError and leaves the engine untouched.
 
-    def _queue(self, request_id: str, processed: ProcessedPrompt, params: SamplingParams,
-               arrival_time: float | None, beam_search: BeamSearchParams | None = None) -> None:
+        `prompt` is a user prompt, checked and tokenized here with `params` (SamplingParams,
+        by default `SamplingParams()`; or BeamSearchParams), or a ProcessedRequest that
+        `process_inputs` already made, queued as it is (then `params` must be None). A beam
+        search yields one output, with every beam, when it finishes.
+        """
+        self._check_request_id(request_id)
+        if isinstance(prompt, ProcessedRequest):
+            if params is not None:
+                raise ValueError("a ProcessedRequest carries its own params: pass None")
+            processed = prompt
+        else:
+            processed = self.process_inputs(prompt, params)
         self.scheduler.add_request(
             Request(
                 request_id=request_id,
                 prompt_token_ids=processed.prompt_token_ids,
-                sampling_params=params,
+                sampling_params=processed.sampling_params,
                 arrival_index=next(self._arrival_counter),
                 max_tokens=processed.max_tokens,
                 eos_token_id=self.eos_token_id,
                 block_size=self.config.block_size,
-                beam_search=beam_search,
+                beam_search=processed.beam_search,
             )
         )
         self.output_processor.add_request(
             request_id,
             processed.prompt,
             processed.prompt_token_ids,
-            params,
+            processed.sampling_params,
             arrival_time if arrival_time is not None else time.time(),
         )
+
+    def process_inputs(self, prompt: PromptType,
+                       params: SamplingParams | BeamSearchParams | None = None,
+                       **options) -> ProcessedRequest:
+        """Checks and tokenizes a request without queueing it (see InputProcessor.process for
+        `options`); `add_request` takes the result as it is."""
+        return self.input_processor.process(
+            prompt, params if params is not None else SamplingParams(), **options)
 
     def add_beam_search_request(
         self, request_id: str, prompt: PromptType, params: BeamSearchParams
     ) -> None:
-        """Queues a beam search; its one output, with every beam, comes when it finishes."""
-        self._check_request_id(request_id)
+        """Queues a beam search (`add_request` with BeamSearchParams)."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-        # NOTE: the sampler is asked for the 2 x beam_width best raw log-probabilities of each
-        # beam; EOS and length are judged by the beam search itself.
-        sampling = SamplingParams(temperature=0.0, max_tokens=params.max_tokens,
-                                  logprobs=2 * params.beam_width, ignore_eos=True)
-        processed = self.input_processor.process(prompt, sampling, width=params.beam_width)
-        if processed.max_tokens < params.max_tokens:
-            params = dataclasses.replace(params, max_tokens=processed.max_tokens)
-        self._queue(request_id, processed, sampling, None, beam_search=params)
+        self.add_request(request_id, prompt, params)
 
     def _check_request_id(self, request_id: str) -> None:
         if not isinstance(request_id, str) or not request_id:

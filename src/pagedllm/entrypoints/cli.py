@@ -1,5 +1,6 @@
-"""The `pagedllm` command: `pagedllm generate "PROMPT"` prints a completion; `pagedllm serve`
-runs the OpenAI-compatible server."""
+"""The `pagedllm` command: `pagedllm generate "PROMPT"` prints a completion, `pagedllm serve`
+runs the OpenAI-compatible server, `pagedllm bench` measures. Engine flags come from
+EngineConfig's fields."""
 
 from __future__ import annotations
 
@@ -9,56 +10,15 @@ import os
 import sys
 from pathlib import Path
 
+from pagedllm.benchmarks.cli import add_bench_parser, run_bench
+from pagedllm.config import EngineConfig
+
 
 class _OneLineParser(argparse.ArgumentParser):
     """Reports a bad argument as one line (no usage dump) and exits with status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"pagedllm: error: {message} (see --help)\n")
-
-
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="HF model directory or .gguf file (default: shipped SmolLM2-135M)")
-    _add_engine_options(parser)
-
-
-def _add_engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
-    parser.add_argument("--swap-space", type=float, default=0.0,
-                        help="GiB of host memory for swapped-out KV blocks")
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=True)
-    parser.add_argument("--attention-backend", default=None)
-    parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
-
-
-def _engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
-    """The engine arguments of `generate` and `serve`, from their shared flags."""
-    return dict(
-        model=model,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-        preemption_mode=args.preemption_mode,
-        swap_space=args.swap_space,
-        enable_prefix_caching=args.enable_prefix_caching,
-        attention_backend=args.attention_backend,
-        device=args.device,
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,14 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--profile", action="store_true",
-                     help="print a per-step time breakdown to stderr")
-    _add_engine_args(gen)
+    EngineConfig.add_cli_args(gen)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                        help="HF model directory or .gguf file (default: shipped SmolLM2-135M)")
-    serve.add_argument("--model", default=None, help="the same as MODEL")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -93,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.add_argument("--log-stats-interval", type=float, default=5.0,
                        help="seconds between throughput log lines while busy")
-    _add_engine_options(serve)
+    EngineConfig.add_cli_args(serve)
+    add_bench_parser(sub)
     return parser
 
 
@@ -107,7 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed if args.temperature > 0 else None,
     )
-    llm = LLM(**_engine_kwargs(args, args.model), profile=args.profile)
+    llm = LLM(**EngineConfig.kwargs_from_cli_args(args))
     if args.chat:
         outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
     else:
@@ -132,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--chat-template {chat_template!r} is not a file (and not a template: "
                          "it has no Jinja tag)")
     run_server(
-        _engine_kwargs(args, model),
+        {**EngineConfig.kwargs_from_cli_args(args), "model": model},
         host=args.host,
         port=args.port,
         served_model_names=args.served_model_name,
@@ -165,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bench":
+            return run_bench(args)
     except (ValueError, OSError) as exc:
         print(f"pagedllm: error: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import itertools
 import time
 from collections.abc import Sequence
@@ -12,13 +14,14 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.beam_search import BeamSearchParams
-from pagedllm.engine.input_processor import PromptType
+from pagedllm.engine.input_processor import ProcessedRequest, PromptType
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 ChatMessages = list[dict[str, Any]]
+_SETTINGS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 @dataclass
@@ -41,43 +44,15 @@ class BeamSearchOutput:
 class LLM:
     """Batch generation over an LLMEngine: submit everything, step until done, return in order."""
 
-    def __init__(
-        self,
-        model: str | None = None,
-        dtype: str = "auto",
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory_bytes: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        max_model_len: int | None = None,
-        seed: int = 0,
-        preemption_mode: str = "recompute",
-        swap_space: float = 0.0,
-        enable_prefix_caching: bool = True,
-        attention_backend: str | None = None,
-        device: str = "cpu",
-        profile: bool = False,
-    ) -> None:
-        self.llm_engine = LLMEngine(
-            EngineConfig(
-                model=model,
-                dtype=dtype,
-                block_size=block_size,
-                num_kv_blocks=num_kv_blocks,
-                kv_cache_memory_bytes=kv_cache_memory_bytes,
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_model_len=max_model_len,
-                seed=seed,
-                preemption_mode=preemption_mode,
-                swap_space=swap_space,
-                enable_prefix_caching=enable_prefix_caching,
-                attention_backend=attention_backend,
-                device=device,
-                profile=profile,
-            )
-        )
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        """`model` and any EngineConfig setting as keywords (`dtype`, `block_size`,
+        `num_kv_blocks`, ...: see `pagedllm.config.EngineConfig` for each one's default and
+        meaning); an unknown keyword is a TypeError naming it."""
+        unknown = sorted(set(kwargs) - _SETTINGS)
+        if unknown:
+            raise TypeError(f"LLM got unknown keyword arguments {unknown}; the engine's "
+                            f"settings are {', '.join(sorted(_SETTINGS))}")
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
@@ -98,16 +73,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params_list = self._params_per_prompt(sampling_params, len(prompts))
-        engine = self.llm_engine
-        for index, (prompt, params) in enumerate(zip(prompts, params_list)):
-            try:
-                engine.input_processor.process(prompt, params)
-            except ValueError as exc:
-                raise ValueError(f"prompt {index}: {exc}") from None
-        request_ids = [f"offline-{next(self._request_counter)}" for _ in prompts]
-        for request_id, prompt, params in zip(request_ids, prompts, params_list):
-            engine.add_request(request_id, prompt, params)
-        return self._run_engine(request_ids, use_tqdm)
+        return self._add_and_run(self._process_all(prompts, params_list), "offline", use_tqdm)
 
     def chat(
         self,
@@ -143,22 +109,15 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[BeamSearchOutput]:
         """Beam search for each prompt; beams share KV blocks and fork by copy-on-write."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
-        engine = self.llm_engine
-        check = SamplingParams(temperature=0.0, max_tokens=params.max_tokens)
-        for index, prompt in enumerate(prompts):
-            try:
-                engine.input_processor.process(prompt, check, width=params.beam_width)
-            except ValueError as exc:
-                raise ValueError(f"prompt {index}: {exc}") from None
-        request_ids = [f"beam-{next(self._request_counter)}" for _ in prompts]
-        for request_id, prompt in zip(request_ids, prompts):
-            engine.add_beam_search_request(request_id, prompt, params)
+        processed = self._process_all(prompts, [params] * len(prompts))
         tokenizer = self.get_tokenizer()
         results = []
-        for output in self._run_engine(request_ids, use_tqdm):
+        for output in self._add_and_run(processed, "beam", use_tqdm):
             prompt_ids = list(output.prompt_token_ids)
             results.append(BeamSearchOutput([
                 BeamSearchSequence(
@@ -187,8 +146,26 @@ class LLM:
             )
         return params_list
 
-    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _process_all(self, prompts: list[PromptType],
+                     params_list: Sequence[SamplingParams | BeamSearchParams]
+                     ) -> list[ProcessedRequest]:
+        """Checks and tokenizes every prompt before any is queued: a bad one raises ValueError
+        naming its index, and nothing is queued."""
+        processed = []
+        for index, (prompt, params) in enumerate(zip(prompts, params_list)):
+            try:
+                processed.append(self.llm_engine.process_inputs(prompt, params))
+            except ValueError as exc:
+                raise ValueError(f"prompt {index}: {exc}") from None
+        return processed
+
+    def _add_and_run(self, processed: list[ProcessedRequest], kind: str, use_tqdm: bool
+                     ) -> list[RequestOutput]:
+        """Queues the processed requests as they are and steps until all have finished."""
         engine = self.llm_engine
+        request_ids = [f"{kind}-{next(self._request_counter)}" for _ in processed]
+        for request_id, request in zip(request_ids, processed):
+            engine.add_request(request_id, request)
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         start = time.perf_counter()
@@ -210,3 +187,17 @@ class LLM:
         finally:
             bar.close()
         return [finished[r] for r in request_ids]
+
+
+def _signature_from_settings() -> inspect.Signature:
+    """LLM's signature as `help(LLM)` and editors show it: self, then every EngineConfig
+    setting by keyword, with its default (the fields are the one source)."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for f in dataclasses.fields(EngineConfig):
+        kind = (inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name == "model"
+                else inspect.Parameter.KEYWORD_ONLY)
+        params.append(inspect.Parameter(f.name, kind, default=f.default, annotation=f.type))
+    return inspect.Signature(params, return_annotation=None)
+
+
+LLM.__init__.__signature__ = _signature_from_settings()  # type: ignore[attr-defined]

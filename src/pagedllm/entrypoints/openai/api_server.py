@@ -236,7 +236,7 @@ def build_app(
             await engine.shutdown()
 
     app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
-    models = OpenAIServingModels(served_model_names, model_root, engine.engine.max_model_len)
+    models = OpenAIServingModels(served_model_names, model_root, engine.max_model_len)
     app.state.server = ServerState(
         engine=engine,
         models=models,

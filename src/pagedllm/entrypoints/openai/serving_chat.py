@@ -76,13 +76,12 @@ class OpenAIServingChat(OpenAIServing):
             token_ids = await self.prompt_tokenizer.run(
                 render_messages, request.messages, self.chat_template,
                 request.add_generation_prompt, request.chat_template_kwargs)
-            self.check_prompt(token_ids, params, "messages", param="messages")
-            engine_params = self.engine_params(request, params, request.n, len(token_ids))
+            processed = self.process_prompt(request, params, request.n, token_ids, None,
+                                            "messages", param="messages")
         except ValueError as exc:
             return error_from_exception(exc, _CHAT_PARAM_NAMES)
         request_id = random_id("chatcmpl")
-        results = self.engine.generate({"prompt_token_ids": token_ids}, engine_params,
-                                       request_id)
+        results = self.engine.generate(processed, None, request_id)
         model = self.models.model_name(request.model)
         if request.stream:
             return self._stream(request, request_id, model, params, results)

@@ -49,19 +49,16 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             params = self._sampling_params(request)
             prompts = await self._tokenize_prompts(request.prompt)
-            for index, (_, token_ids) in enumerate(prompts):
-                where = "prompt" if len(prompts) == 1 else f"prompt at index {index}"
-                self.check_prompt(token_ids, params, where, param="prompt")
-            engine_params = [self.engine_params(request, params, request.n, len(ids))
-                             for _, ids in prompts]
+            processed = [
+                self.process_prompt(request, params, request.n, token_ids, text,
+                                    "prompt" if len(prompts) == 1 else f"prompt at index {i}",
+                                    param="prompt")
+                for i, (text, token_ids) in enumerate(prompts)]
         except ValueError as exc:
             return error_from_exception(exc)
         request_id = random_id("cmpl")
-        generators = [
-            self.engine.generate({"prompt_token_ids": ids, "prompt": text}, engine_params[i],
-                                 f"{request_id}-{i}")
-            for i, (text, ids) in enumerate(prompts)
-        ]
+        generators = [self.engine.generate(p, None, f"{request_id}-{i}")
+                      for i, p in enumerate(processed)]
         if request.echo:
             prompts = [(text if text is not None else self.tokenizer.decode(ids), ids)
                        for text, ids in prompts]

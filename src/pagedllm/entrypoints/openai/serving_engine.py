@@ -30,6 +30,8 @@ from pagedllm.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from pagedllm.engine.input_processor import ProcessedRequest
+
     from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 
 T = TypeVar("T")
@@ -183,9 +185,6 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.prompt_tokenizer = prompt_tokenizer
         self.max_model_len = models.max_model_len
-        # Only called with token-id prompts, for which it is pure (no tokenizer, no state).
-        self._input_processor = engine.engine.input_processor
-        self._vocab_size = self._input_processor.vocab_size
 
     # ---- sampling params -----------------------------------------------------------------
 
@@ -207,12 +206,12 @@ class OpenAIServing:
     ) -> SamplingParams:
         """Raises ValueError (400) naming the offending field.
 
-        With `use_beam_search` the result only checks the prompt and the length: the beams
-        come from `engine_params`, and `n` is the beam width, not a number of samples.
+        With `use_beam_search` the result only carries the length: the beams come from
+        `process_prompt`, and `n` is the beam width, not a number of samples.
         """
         if request.use_beam_search:
             _check_beam_search(request, n, best_of, temperature, top_p, logprobs,
-                               self.engine.engine.config.max_num_seqs)
+                               self.engine.max_num_seqs)
             n, best_of, temperature = 1, None, 0.0
         if logprobs is not None and logprobs > MAX_LOGPROBS:
             raise RequestError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}",
@@ -242,67 +241,31 @@ class OpenAIServing:
         if best_of is not None:
             kwargs["best_of"] = best_of
         params = SamplingParams(**kwargs)
-        try:
-            params.verify_token_ids(self._vocab_size)
-        except ValueError as exc:
-            in_stop = any(i >= self._vocab_size for i in params.stop_token_ids or ())
-            raise RequestError(str(exc), "stop_token_ids" if in_stop else "logit_bias") from None
         if request.use_beam_search:
             _check_no_sampling_fields(params)
         return params
 
-    def engine_params(self, request: SamplingExtras, params: SamplingParams, n: int,
-                      num_prompt_tokens: int) -> SamplingParams | BeamSearchParams:
-        """What the engine gets for one prompt: `params`, or the beam search they stand for."""
-        if not request.use_beam_search:
-            return params
-        max_tokens = params.max_tokens
-        if max_tokens is None:  # as the engine picks it
-            max_tokens = self._input_processor.default_max_tokens(num_prompt_tokens, n)
-        # NOTE: the engine refuses this too; checked here to name the HTTP fields. A search
-        # that cannot fit in the whole cache would preempt itself forever.
-        slots = self._input_processor.worst_case_slots(num_prompt_tokens, max_tokens, n)
-        capacity = self._input_processor.kv_capacity_tokens
-        if slots > capacity:
-            raise RequestError(
-                f"a beam search of width n={n} with max_tokens={max_tokens} may need "
-                f"{slots} KV cache slots but the whole cache holds {capacity}: "
-                "lower n or max_tokens", param="max_tokens")
-        return BeamSearchParams(beam_width=n, max_tokens=max_tokens,
-                                ignore_eos=request.ignore_eos,
-                                length_penalty=request.length_penalty)
+    def process_prompt(self, request: SamplingExtras, params: SamplingParams, n: int,
+                       token_ids: list[int], text: str | None, where: str, param: str
+                       ) -> ProcessedRequest:
+        """The one check of a prompt with its settings, made by the engine's input processor
+        here, on the event loop, so a bad request is answered 400 before it reaches the engine
+        thread (which queues the result without checking again).
 
-    # ---- prompts -------------------------------------------------------------------------
-
-    def check_prompt(self, token_ids: list[int], params: SamplingParams, where: str,
-                     param: str) -> None:
-        """Raises ValueError (400) unless the engine will accept this prompt with these params.
-
-        `where` names the prompt in messages ("prompt", "messages"); `param` is the field blamed.
+        With `use_beam_search` the request becomes the beam search `params` stand for.
+        `where` names the prompt in messages ("prompt", "messages"); `param` is the field
+        blamed for problems with the prompt itself.
         """
-        num_prompt = len(token_ids)
-        if num_prompt == 0:
-            raise RequestError(f"the {where} is empty: give at least one token", param=param)
-        limit = self.max_model_len
-        if num_prompt >= limit:
-            raise RequestError(
-                f"This model's maximum context length is {limit} tokens. However, the {where} "
-                f"has {num_prompt} tokens, which leaves no room to generate. Please reduce the "
-                f"length of the {where}.",
-                param=param,
-            )
-        if params.max_tokens is not None and num_prompt + params.max_tokens > limit:
-            raise RequestError(
-                f"This model's maximum context length is {limit} tokens. However, you "
-                f"requested {num_prompt + params.max_tokens} tokens ({num_prompt} in the "
-                f"{where}, {params.max_tokens} in the completion). Please reduce the length of "
-                f"the {where} or the completion.",
-                param="max_tokens",
-            )
-        try:
-            self._input_processor.process({"prompt_token_ids": token_ids}, params)
-        except ValueError as exc:  # a RequestFieldError names the setting to blame instead
-            raise RequestError(str(exc), param=getattr(exc, "param", None) or param) from None
+        engine_params: SamplingParams | BeamSearchParams = params
+        if request.use_beam_search:
+            max_tokens = params.max_tokens
+            if max_tokens is None:  # as the engine picks it
+                max_tokens = self.engine.default_max_tokens(len(token_ids), n)
+            engine_params = BeamSearchParams(beam_width=n, max_tokens=max_tokens,
+                                             ignore_eos=request.ignore_eos,
+                                             length_penalty=request.length_penalty)
+        return self.engine.process_inputs(token_ids, engine_params, text,
+                                          refuse_past_context=True, where=where, param=param)
 
     # ---- log-probabilities ---------------------------------------------------------------
 
