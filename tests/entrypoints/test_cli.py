@@ -68,3 +68,11 @@ def test_prompt_longer_than_the_context_is_one_line(tiny_llama_factory):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "max_model_len" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("command", ["throughput", "latency", "serve"])
+def test_bench_help_through_the_pagedllm_command(command):
+    result = run_cli("bench", command, "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: pagedllm bench {command}")
+    assert "--output-json" in result.stdout

@@ -29,16 +29,15 @@ import numpy as np
 from tqdm import tqdm
 
 from pagedllm.benchmarks.workloads import random_prompt
+from pagedllm.config import EngineConfig
 
 RESULTS = Path("benchmarks", "results")  # under the working directory, not the package
 PERCENTILES = (10, 25, 50, 75, 90, 99)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """The flags of `pagedllm bench latency`."""
-    parser.add_argument("--model", default=None,
-                        help="HF model directory or .gguf file (default: shipped SmolLM2-135M)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    """The flags of `pagedllm bench latency`: the workload's, then every engine setting's
+    (EngineConfig's; --seed is the prompts' seed here, the sampler's does not matter greedy)."""
     parser.add_argument("--input-len", type=int, default=32, help="prompt tokens per request")
     parser.add_argument("--output-len", type=int, default=128,
                         help="generated tokens per request")
@@ -50,6 +49,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", default=str(RESULTS / "latency.json"),
                         help="where the results go (default: %(default)s)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
+    EngineConfig.add_cli_args(parser, skip=("seed",))
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -63,7 +63,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The `LLM` keyword arguments of the flags."""
-    return {"model": args.model, "dtype": args.dtype}
+    kwargs = EngineConfig.kwargs_from_cli_args(args)
+    del kwargs["seed"]  # the prompts' seed
+    return kwargs
 
 
 def summarize(latencies: list[float], num_output: int) -> dict:
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
           f"{args.output_len} output tokens), {args.num_iters} calls after "
           f"{args.num_iters_warmup} warm-up")
     print_table(result, num_output)
-    config = {"model": args.model, "dtype": args.dtype, "input_len": args.input_len,
+    config = {**engine_kwargs(args), "input_len": args.input_len,
               "output_len": args.output_len, "batch_size": args.batch_size,
               "num_iters_warmup": args.num_iters_warmup, "num_iters": args.num_iters,
               "seed": args.seed}
