@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from types import ModuleType
 
 # sub-command -> (module, one-line help)
 BENCHMARKS = {
@@ -47,4 +48,17 @@ def run_bench(args: argparse.Namespace) -> int:
     """
     module = importlib.import_module(BENCHMARKS[args.bench_command][0])
     module.check_args(args)
+    return module.run(args)
+
+
+def run_standalone(module: ModuleType, argv: list[str] | None) -> int:
+    """`python -m pagedllm.benchmarks.NAME`: one benchmark module's flags, checks and run,
+    without the `bench` sub-command around them."""
+    parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
+    module.add_cli_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        module.check_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     return module.run(args)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pagedllm.benchmarks.cli import run_standalone
 from pagedllm.benchmarks.workloads import random_prompt
 from pagedllm.config import EngineConfig
 
@@ -135,14 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_cli_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return run(args)
+    return run_standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pagedllm.benchmarks.cli import run_standalone
 from pagedllm.benchmarks.package_path import with_pagedllm_on_path
 from pagedllm.benchmarks.serving_client import run_rate
 from pagedllm.benchmarks.serving_summary import (
@@ -308,14 +309,7 @@ def report(rows: list[dict], config: dict, startup: dict[str, float],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_cli_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return run(args)
+    return run_standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

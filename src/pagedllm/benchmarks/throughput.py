@@ -317,14 +317,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_cli_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return run(args)
+    from pagedllm.benchmarks.cli import run_standalone
+
+    return run_standalone(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
