@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pagedllm.entrypoints.openai.serving_engine import RequestError
+from pagedllm.engine.input_processor import RequestFieldError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,4 +46,5 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str],
     try:
         return [tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts]
     except Exception as exc:  # noqa: BLE001 - whatever the tokenizer refuses, the user sent
-        raise RequestError(f"the prompt could not be tokenized: {exc}", param="prompt") from None
+        raise RequestFieldError(f"the prompt could not be tokenized: {exc}",
+                                param="prompt") from None

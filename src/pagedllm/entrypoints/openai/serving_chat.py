@@ -7,7 +7,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from pagedllm.engine.input_processor import RequestFieldError
 from pagedllm.entrypoints.chat_utils import render_messages
+from pagedllm.entrypoints.openai.errors import aborted_error, error_from_exception
 from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionChoice,
@@ -29,10 +31,7 @@ from pagedllm.entrypoints.openai.serving_engine import (
     SSE_DONE,
     OpenAIServing,
     OpenAIServingModels,
-    RequestError,
-    aborted_error,
     check_stream_options,
-    error_from_exception,
     sse,
 )
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -89,17 +88,18 @@ class OpenAIServingChat(OpenAIServing):
 
     def _sampling_params(self, request: ChatCompletionRequest) -> SamplingParams:
         if request.response_format is not None and request.response_format.get("type") != "text":
-            raise RequestError(
+            raise RequestFieldError(
                 "response_format is not supported: this server has no structured output "
                 "(JSON mode or JSON schema); drop response_format", param="response_format")
         if request.tools:
-            raise RequestError("tools are not supported by this server", param="tools")
+            raise RequestFieldError("tools are not supported by this server", param="tools")
         check_stream_options(request.stream, request.stream_options)
         if request.top_logprobs is not None and not request.logprobs:
-            raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+            raise RequestFieldError("top_logprobs needs logprobs=true",
+                                    param="top_logprobs")
         if request.top_logprobs is not None and request.top_logprobs > MAX_LOGPROBS:
-            raise RequestError(f"top_logprobs must be at most {MAX_LOGPROBS}, got "
-                               f"{request.top_logprobs}", param="top_logprobs")
+            raise RequestFieldError(f"top_logprobs must be at most {MAX_LOGPROBS}, got "
+                                    f"{request.top_logprobs}", param="top_logprobs")
         max_tokens = request.max_completion_tokens
         if max_tokens is None:
             max_tokens = request.max_tokens

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from pagedllm.engine.input_processor import RequestFieldError
+from pagedllm.entrypoints.openai.errors import aborted_error, error_from_exception
 from pagedllm.entrypoints.openai.prompt_tokenizer import encode_prompts
 from pagedllm.entrypoints.openai.protocol import (
     CompletionLogProbs,
@@ -19,10 +21,7 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_engine import (
     SSE_DONE,
     OpenAIServing,
-    RequestError,
-    aborted_error,
     check_stream_options,
-    error_from_exception,
     merge_async_iterators,
     sse,
 )
@@ -72,13 +71,13 @@ class OpenAIServingCompletion(OpenAIServing):
     def _sampling_params(self, request: CompletionRequest) -> SamplingParams:
         check_stream_options(request.stream, request.stream_options)
         if request.suffix is not None:
-            raise RequestError("suffix is not supported", param="suffix")
+            raise RequestFieldError("suffix is not supported", param="suffix")
         if request.echo and request.logprobs is not None:
-            raise RequestError("echo with logprobs is not supported: the engine does not "
-                               "compute prompt log-probabilities", param="echo")
+            raise RequestFieldError("echo with logprobs is not supported: the engine does "
+                                    "not compute prompt log-probabilities", param="echo")
         if (request.stream and not request.use_beam_search and request.best_of is not None
                 and request.best_of != request.n):
-            raise RequestError("best_of must equal n when streaming", param="best_of")
+            raise RequestFieldError("best_of must equal n when streaming", param="best_of")
         return self.build_sampling_params(
             request, n=request.n, best_of=request.best_of, max_tokens=request.max_tokens,
             logprobs=request.logprobs, temperature=request.temperature, top_p=request.top_p,
@@ -90,7 +89,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if isinstance(prompt, str):
             prompt = [prompt]
         elif not prompt:
-            raise RequestError("the prompt is empty: give at least one token", param="prompt")
+            raise RequestFieldError("the prompt is empty: give at least one token",
+                                    param="prompt")
         if isinstance(prompt[0], str):
             token_ids = await self.prompt_tokenizer.run(encode_prompts, prompt)
             return list(zip(prompt, token_ids))

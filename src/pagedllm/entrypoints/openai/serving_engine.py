@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
-from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
 from pagedllm.core.beam_search import BeamSearchParams
-from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.engine.input_processor import RequestFieldError
 from pagedllm.entrypoints.openai.protocol import (
     ErrorResponse,
     ModelCard,
@@ -24,14 +24,13 @@ from pagedllm.entrypoints.openai.protocol import (
     SamplingExtras,
     make_error,
 )
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.outputs import CompletionOutput, Logprob
 from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from pagedllm.engine.input_processor import ProcessedRequest
-
     from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 
 T = TypeVar("T")
@@ -40,48 +39,12 @@ T = TypeVar("T")
 MAX_LOGPROBS = 20
 # JSON has no -inf; masked tokens report this instead (as vLLM does).
 MIN_LOGPROB = -9999.0
-_SAMPLING_FIELDS = {f.name for f in dataclass_fields(SamplingParams)}
-
-
-class RequestError(ValueError):
-    """A request problem found by the server itself, with the request field to blame."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def error_from_exception(exc: BaseException, param_names: dict[str, str] | None = None
-                         ) -> ErrorResponse:
-    """Maps a refusal to an OpenAI error: ValueError -> 400 (naming the field), dead -> 503."""
-    if isinstance(exc, EngineDeadError):
-        return make_error(str(exc), 503)
-    if not isinstance(exc, ValueError):
-        return make_error(f"internal error: {exc!r}", 500)
-    message = str(exc)
-    param = getattr(exc, "param", None)
-    if param is None:
-        # NOTE: SamplingParams' messages start with the field name ("temperature must be ...").
-        first = message.split(" ", 1)[0]
-        if first in _SAMPLING_FIELDS:
-            param = (param_names or {}).get(first, first)
-    return make_error(message, 400, param=param)
-
-
-def aborted_error(outputs: list[RequestOutput]) -> ErrorResponse | None:
-    """A 503 when a whole (non-streamed) answer holds a choice the server aborted: a client
-    that never reads finish_reason must not take a cut-off answer for a complete one. Only the
-    server aborts a request whose client still waits: at shutdown."""
-    if any(c.finish_reason == "abort" for output in outputs for c in output.outputs):
-        return make_error("the request was aborted before it finished: the server is "
-                          "shutting down", 503)
-    return None
 
 
 def check_stream_options(stream: bool, stream_options: object | None) -> None:
     if stream_options is not None and not stream:
-        raise RequestError("stream_options can only be given with stream=true",
-                           param="stream_options")
+        raise RequestFieldError("stream_options can only be given with stream=true",
+                                param="stream_options")
 
 
 def sse(payload: BaseModel) -> str:
@@ -214,8 +177,8 @@ class OpenAIServing:
                                self.engine.max_num_seqs)
             n, best_of, temperature = 1, None, 0.0
         if logprobs is not None and logprobs > MAX_LOGPROBS:
-            raise RequestError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}",
-                               param="logprobs")
+            raise RequestFieldError(
+                f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}", param="logprobs")
         kwargs: dict[str, Any] = {
             "n": n,
             "presence_penalty": presence_penalty,
@@ -300,20 +263,23 @@ def _check_beam_search(request: SamplingExtras, n: int, best_of: int | None,
     if not 1 <= n <= max_num_seqs:
         # NOTE: every beam is a sequence; a search wider than max_num_seqs would wait forever
         # at the head of the queue, and every request behind it would wait with it.
-        raise RequestError(f"n is the beam width with use_beam_search and must be in "
-                           f"[1, {max_num_seqs}] (the server's max_num_seqs), got {n}", param="n")
+        raise RequestFieldError(
+            f"n is the beam width with use_beam_search and must be in [1, {max_num_seqs}] "
+            f"(the server's max_num_seqs), got {n}", param="n")
     if temperature not in (None, 0):
-        raise RequestError(f"temperature must be 0 or omitted with use_beam_search (beams are "
-                           f"ranked by raw log-probabilities), got {temperature}",
-                           param="temperature")
+        raise RequestFieldError(
+            f"temperature must be 0 or omitted with use_beam_search (beams are ranked by raw "
+            f"log-probabilities), got {temperature}", param="temperature")
     if best_of is not None:
-        raise RequestError("best_of is not supported with use_beam_search: n is the beam width "
-                           "and all n beams are returned, best first", param="best_of")
+        raise RequestFieldError(
+            "best_of is not supported with use_beam_search: n is the beam width and all n "
+            "beams are returned, best first", param="best_of")
     if logprobs is not None:
-        raise RequestError("logprobs are not supported with use_beam_search", param="logprobs")
+        raise RequestFieldError("logprobs are not supported with use_beam_search",
+                                param="logprobs")
     if not math.isfinite(request.length_penalty):
-        raise RequestError(f"length_penalty must be finite, got {request.length_penalty}",
-                           param="length_penalty")
+        raise RequestFieldError(f"length_penalty must be finite, got {request.length_penalty}",
+                                param="length_penalty")
     # NOTE: checked here, as sent: greedy SamplingParams reset the filters to off.
     filters = {"top_p": (top_p, (None, 1)), "top_k": (request.top_k, (None, 0, -1)),
                "min_p": (request.min_p, (None, 0))}
@@ -337,10 +303,10 @@ def _check_no_sampling_fields(params: SamplingParams) -> None:
             raise _not_with_beam_search(name)
 
 
-def _not_with_beam_search(name: str) -> RequestError:
-    return RequestError(f"{name} is not supported with use_beam_search: beams are ranked by raw "
-                        f"log-probabilities and end only at EOS or max_tokens; drop {name}",
-                        param=name)
+def _not_with_beam_search(name: str) -> RequestFieldError:
+    return RequestFieldError(
+        f"{name} is not supported with use_beam_search: beams are ranked by raw "
+        f"log-probabilities and end only at EOS or max_tokens; drop {name}", param=name)
 
 
 def _clamp(logprob: float) -> float:
@@ -360,7 +326,7 @@ def _parse_logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float] |
             parsed[int(key)] = (min(max(value, -MAX_LOGIT_BIAS), MAX_LOGIT_BIAS)
                                 if math.isfinite(value) else value)
         except ValueError:
-            raise RequestError(
+            raise RequestFieldError(
                 f"logit_bias keys must be token ids (integers as strings), got {key!r}",
                 param="logit_bias",
             ) from None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from pagedllm.engine.input_processor import RequestFieldError
 from pagedllm.entrypoints.chat_utils import render_messages
+from pagedllm.entrypoints.openai.errors import error_from_exception
 from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer, encode_prompts
 from pagedllm.entrypoints.openai.protocol import (
     DetokenizeRequest,
@@ -11,11 +13,7 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from pagedllm.entrypoints.openai.serving_engine import (
-    OpenAIServingModels,
-    RequestError,
-    error_from_exception,
-)
+from pagedllm.entrypoints.openai.serving_engine import OpenAIServingModels
 
 
 class OpenAIServingTokenization:
@@ -32,7 +30,8 @@ class OpenAIServingTokenization:
             return error
         try:
             if (request.prompt is None) == (request.messages is None):
-                raise RequestError("give exactly one of prompt and messages", param="prompt")
+                raise RequestFieldError("give exactly one of prompt and messages",
+                                        param="prompt")
             if request.messages is not None:
                 tokens = await self.prompt_tokenizer.run(
                     render_messages, request.messages, self.chat_template,
@@ -54,7 +53,7 @@ class OpenAIServingTokenization:
         vocab_size = len(self.tokenizer)
         bad = [t for t in request.tokens if not 0 <= t < vocab_size]
         if bad:
-            return error_from_exception(RequestError(
+            return error_from_exception(RequestFieldError(
                 f"token ids {bad[:10]} are outside the vocabulary [0, {vocab_size})",
                 param="tokens"))
         return DetokenizeResponse(prompt=self.tokenizer.decode(request.tokens))
