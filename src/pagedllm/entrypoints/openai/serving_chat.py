@@ -28,12 +28,11 @@ from pagedllm.entrypoints.openai.protocol import (
 )
 from pagedllm.entrypoints.openai.serving_engine import (
     MAX_LOGPROBS,
-    SSE_DONE,
     OpenAIServing,
     OpenAIServingModels,
     check_stream_options,
-    sse,
 )
+from pagedllm.entrypoints.openai.streaming import SSE_DONE, sse
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 

@@ -18,13 +18,8 @@ from pagedllm.entrypoints.openai.protocol import (
     UsageInfo,
     random_id,
 )
-from pagedllm.entrypoints.openai.serving_engine import (
-    SSE_DONE,
-    OpenAIServing,
-    check_stream_options,
-    merge_async_iterators,
-    sse,
-)
+from pagedllm.entrypoints.openai.serving_engine import OpenAIServing, check_stream_options
+from pagedllm.entrypoints.openai.streaming import SSE_DONE, merge_async_iterators, sse
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 

@@ -7,12 +7,8 @@ bad request is answered with a 400 and never touches the engine.
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.engine.async_engine import AsyncLLMEngine
@@ -33,8 +29,6 @@ if TYPE_CHECKING:
     from pagedllm.engine.input_processor import ProcessedRequest
     from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 
-T = TypeVar("T")
-
 # Most top log-probabilities a request may ask for per token (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
 # JSON has no -inf; masked tokens report this instead (as vLLM does).
@@ -45,62 +39,6 @@ def check_stream_options(stream: bool, stream_options: object | None) -> None:
     if stream_options is not None and not stream:
         raise RequestFieldError("stream_options can only be given with stream=true",
                                 param="stream_options")
-
-
-def sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json()}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-
-
-async def merge_async_iterators(
-    iterators: list[AsyncIterator[T]],
-) -> AsyncIterator[tuple[int, T]]:
-    """Yields (index, item) from several async iterators as items arrive.
-
-    Closing or cancelling the merge closes every source, so requests are aborted at once.
-    """
-    if len(iterators) == 1:
-        try:
-            async for item in iterators[0]:
-                yield 0, item
-        finally:
-            await _close(iterators[0])
-        return
-    queue: asyncio.Queue[tuple[int, Any] | None] = asyncio.Queue()
-    _end = object()
-
-    async def drain(index: int, iterator: AsyncIterator[T]) -> None:
-        try:
-            async for item in iterator:
-                await queue.put((index, item))
-            await queue.put((index, _end))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            await queue.put((index, exc))
-
-    tasks = [asyncio.create_task(drain(i, it)) for i, it in enumerate(iterators)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is _end:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        # NOTE: cancelling a task closes its source generator inside the task, which aborts
-        # the request; no await is needed here, so this also works inside a cancelled scope.
-        for task in tasks:
-            task.cancel()
-
-
-async def _close(iterator: AsyncIterator[Any]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 class OpenAIServingModels:
