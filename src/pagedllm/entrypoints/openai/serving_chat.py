@@ -29,9 +29,9 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_engine import (
     MAX_LOGPROBS,
     OpenAIServing,
-    OpenAIServingModels,
     check_stream_options,
 )
+from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.streaming import SSE_DONE, sse
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams

@@ -13,13 +13,8 @@ from typing import TYPE_CHECKING, Any
 from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.engine.input_processor import RequestFieldError
-from pagedllm.entrypoints.openai.protocol import (
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-    SamplingExtras,
-    make_error,
-)
+from pagedllm.entrypoints.openai.protocol import SamplingExtras
+from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.outputs import CompletionOutput, Logprob
 from pagedllm.sampling_params import SamplingParams
 
@@ -39,34 +34,6 @@ def check_stream_options(stream: bool, stream_options: object | None) -> None:
     if stream_options is not None and not stream:
         raise RequestFieldError("stream_options can only be given with stream=true",
                                 param="stream_options")
-
-
-class OpenAIServingModels:
-    """The names the model is served under; a request naming another model gets a 404."""
-
-    def __init__(self, served_model_names: list[str], root: str, max_model_len: int) -> None:
-        assert served_model_names
-        self.served_model_names = served_model_names
-        self.root = root
-        self.max_model_len = max_model_len
-
-    def check_model(self, name: str | None) -> ErrorResponse | None:
-        if name is None or name in self.served_model_names:
-            return None
-        return make_error(
-            f"The model `{name}` does not exist; this server serves "
-            f"{', '.join(repr(n) for n in self.served_model_names)}.",
-            404, param="model", code="model_not_found",
-        )
-
-    def model_name(self, name: str | None) -> str:
-        return name or self.served_model_names[0]
-
-    def list_models(self) -> ModelList:
-        return ModelList(data=[
-            ModelCard(id=name, root=self.root, max_model_len=self.max_model_len)
-            for name in self.served_model_names
-        ])
 
 
 class OpenAIServing:

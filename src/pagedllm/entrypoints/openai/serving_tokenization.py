@@ -13,7 +13,7 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from pagedllm.entrypoints.openai.serving_engine import OpenAIServingModels
+from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 
 
 class OpenAIServingTokenization:
