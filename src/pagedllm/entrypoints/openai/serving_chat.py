@@ -26,11 +26,13 @@ from pagedllm.entrypoints.openai.protocol import (
     UsageInfo,
     random_id,
 )
-from pagedllm.entrypoints.openai.serving_engine import (
+from pagedllm.entrypoints.openai.request_params import (
     MAX_LOGPROBS,
-    OpenAIServing,
+    build_sampling_params,
     check_stream_options,
+    process_prompt,
 )
+from pagedllm.entrypoints.openai.serving_engine import OpenAIServing
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.streaming import SSE_DONE, sse
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -74,8 +76,8 @@ class OpenAIServingChat(OpenAIServing):
             token_ids = await self.prompt_tokenizer.run(
                 render_messages, request.messages, self.chat_template,
                 request.add_generation_prompt, request.chat_template_kwargs)
-            processed = self.process_prompt(request, params, request.n, token_ids, None,
-                                            "messages", param="messages")
+            processed = process_prompt(self.engine, request, params, request.n, token_ids,
+                                       None, "messages", param="messages")
         except ValueError as exc:
             return error_from_exception(exc, _CHAT_PARAM_NAMES)
         request_id = random_id("chatcmpl")
@@ -102,8 +104,8 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = request.max_completion_tokens
         if max_tokens is None:
             max_tokens = request.max_tokens
-        return self.build_sampling_params(
-            request, n=request.n, max_tokens=max_tokens,
+        return build_sampling_params(
+            request, max_num_seqs=self.engine.max_num_seqs, n=request.n, max_tokens=max_tokens,
             logprobs=(request.top_logprobs or 0) if request.logprobs else None,
             temperature=request.temperature, top_p=request.top_p, seed=request.seed,
             stop=request.stop, presence_penalty=request.presence_penalty,

@@ -18,7 +18,12 @@ from pagedllm.entrypoints.openai.protocol import (
     UsageInfo,
     random_id,
 )
-from pagedllm.entrypoints.openai.serving_engine import OpenAIServing, check_stream_options
+from pagedllm.entrypoints.openai.request_params import (
+    build_sampling_params,
+    check_stream_options,
+    process_prompt,
+)
+from pagedllm.entrypoints.openai.serving_engine import OpenAIServing
 from pagedllm.entrypoints.openai.streaming import SSE_DONE, merge_async_iterators, sse
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -44,9 +49,9 @@ class OpenAIServingCompletion(OpenAIServing):
             params = self._sampling_params(request)
             prompts = await self._tokenize_prompts(request.prompt)
             processed = [
-                self.process_prompt(request, params, request.n, token_ids, text,
-                                    "prompt" if len(prompts) == 1 else f"prompt at index {i}",
-                                    param="prompt")
+                process_prompt(self.engine, request, params, request.n, token_ids, text,
+                               "prompt" if len(prompts) == 1 else f"prompt at index {i}",
+                               param="prompt")
                 for i, (text, token_ids) in enumerate(prompts)]
         except ValueError as exc:
             return error_from_exception(exc)
@@ -73,8 +78,9 @@ class OpenAIServingCompletion(OpenAIServing):
         if (request.stream and not request.use_beam_search and request.best_of is not None
                 and request.best_of != request.n):
             raise RequestFieldError("best_of must equal n when streaming", param="best_of")
-        return self.build_sampling_params(
-            request, n=request.n, best_of=request.best_of, max_tokens=request.max_tokens,
+        return build_sampling_params(
+            request, max_num_seqs=self.engine.max_num_seqs, n=request.n, best_of=request.best_of,
+            max_tokens=request.max_tokens,
             logprobs=request.logprobs, temperature=request.temperature, top_p=request.top_p,
             seed=request.seed, stop=request.stop, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, logit_bias=request.logit_bias,

@@ -1,0 +1,179 @@
+"""Request fields -> what the engine takes: the checked SamplingParams (or beam search) of a
+request, and the one check of each prompt, both on the event loop so that a bad request is
+answered with a 400 and never reaches the engine thread."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from pagedllm.core.beam_search import BeamSearchParams
+from pagedllm.engine.input_processor import RequestFieldError
+from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.engine.async_engine import AsyncLLMEngine
+    from pagedllm.engine.input_processor import ProcessedRequest
+    from pagedllm.entrypoints.openai.protocol import SamplingExtras
+
+# Most top log-probabilities a request may ask for per token (vLLM's default max_logprobs).
+MAX_LOGPROBS = 20
+# OpenAI's range for a logit_bias value; vLLM clamps into it too.
+MAX_LOGIT_BIAS = 100.0
+
+
+def check_stream_options(stream: bool, stream_options: object | None) -> None:
+    if stream_options is not None and not stream:
+        raise RequestFieldError("stream_options can only be given with stream=true",
+                                param="stream_options")
+
+
+def build_sampling_params(
+    request: SamplingExtras,
+    *,
+    max_num_seqs: int,
+    n: int,
+    max_tokens: int | None,
+    logprobs: int | None,
+    best_of: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | list[str] | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[str, float] | None = None,
+) -> SamplingParams:
+    """Raises ValueError (400) naming the offending field.
+
+    With `use_beam_search` the result only carries the length: the beams come from
+    `process_prompt`, and `n` is the beam width (at most the engine's `max_num_seqs`), not a
+    number of samples.
+    """
+    if request.use_beam_search:
+        _check_beam_search(request, n, best_of, temperature, top_p, logprobs, max_num_seqs)
+        n, best_of, temperature = 1, None, 0.0
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise RequestFieldError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}",
+                                param="logprobs")
+    kwargs: dict[str, Any] = {
+        "n": n,
+        "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
+        "repetition_penalty": (1.0 if request.repetition_penalty is None
+                               else request.repetition_penalty),
+        "temperature": 1.0 if temperature is None else temperature,
+        "top_p": 1.0 if top_p is None else top_p,
+        "top_k": 0 if request.top_k is None else request.top_k,
+        "min_p": 0.0 if request.min_p is None else request.min_p,
+        "seed": seed,
+        "stop": stop,
+        "stop_token_ids": request.stop_token_ids,
+        "ignore_eos": request.ignore_eos,
+        "max_tokens": max_tokens,
+        "min_tokens": request.min_tokens,
+        "logprobs": logprobs,
+        "include_stop_str_in_output": request.include_stop_str_in_output,
+        "skip_special_tokens": request.skip_special_tokens,
+        "spaces_between_special_tokens": request.spaces_between_special_tokens,
+        "logit_bias": _parse_logit_bias(logit_bias),
+    }
+    if best_of is not None:
+        kwargs["best_of"] = best_of
+    params = SamplingParams(**kwargs)
+    if request.use_beam_search:
+        _check_no_sampling_fields(params)
+    return params
+
+
+def process_prompt(engine: AsyncLLMEngine, request: SamplingExtras, params: SamplingParams,
+                   n: int, token_ids: list[int], text: str | None, where: str, param: str
+                   ) -> ProcessedRequest:
+    """The one check of a prompt with its settings, made by the engine's input processor
+    here, on the event loop, so a bad request is answered 400 before it reaches the engine
+    thread (which queues the result without checking again).
+
+    With `use_beam_search` the request becomes the beam search `params` stand for.
+    `where` names the prompt in messages ("prompt", "messages"); `param` is the field
+    blamed for problems with the prompt itself.
+    """
+    engine_params: SamplingParams | BeamSearchParams = params
+    if request.use_beam_search:
+        max_tokens = params.max_tokens
+        if max_tokens is None:  # as the engine picks it
+            max_tokens = engine.default_max_tokens(len(token_ids), n)
+        engine_params = BeamSearchParams(beam_width=n, max_tokens=max_tokens,
+                                         ignore_eos=request.ignore_eos,
+                                         length_penalty=request.length_penalty)
+    return engine.process_inputs(token_ids, engine_params, text,
+                                 refuse_past_context=True, where=where, param=param)
+
+
+def _check_beam_search(request: SamplingExtras, n: int, best_of: int | None,
+                       temperature: float | None, top_p: float | None, logprobs: int | None,
+                       max_num_seqs: int) -> None:
+    """Refuses beam-search requests that make no sense: beams are ranked by the model's raw
+    log-probabilities, and the beams carry no per-token log-probabilities."""
+    if not 1 <= n <= max_num_seqs:
+        # NOTE: every beam is a sequence; a search wider than max_num_seqs would wait forever
+        # at the head of the queue, and every request behind it would wait with it.
+        raise RequestFieldError(
+            f"n is the beam width with use_beam_search and must be in [1, {max_num_seqs}] "
+            f"(the server's max_num_seqs), got {n}", param="n")
+    if temperature not in (None, 0):
+        raise RequestFieldError(
+            f"temperature must be 0 or omitted with use_beam_search (beams are ranked by raw "
+            f"log-probabilities), got {temperature}", param="temperature")
+    if best_of is not None:
+        raise RequestFieldError(
+            "best_of is not supported with use_beam_search: n is the beam width and all n "
+            "beams are returned, best first", param="best_of")
+    if logprobs is not None:
+        raise RequestFieldError("logprobs are not supported with use_beam_search",
+                                param="logprobs")
+    if not math.isfinite(request.length_penalty):
+        raise RequestFieldError(f"length_penalty must be finite, got {request.length_penalty}",
+                                param="length_penalty")
+    # NOTE: checked here, as sent: greedy SamplingParams reset the filters to off.
+    filters = {"top_p": (top_p, (None, 1)), "top_k": (request.top_k, (None, 0, -1)),
+               "min_p": (request.min_p, (None, 0))}
+    for name, (value, neutral) in filters.items():
+        if value not in neutral:
+            raise _not_with_beam_search(name)
+
+
+# The other SamplingParams fields that would change which beams win or where they end, with
+# their neutral values (the only ones beam search accepts).
+_BEAM_NEUTRAL = {
+    "presence_penalty": (0.0,), "frequency_penalty": (0.0,), "repetition_penalty": (1.0,),
+    "logit_bias": (None, {}), "stop": (None, []), "stop_token_ids": (None, []),
+    "min_tokens": (0,),
+}
+
+
+def _check_no_sampling_fields(params: SamplingParams) -> None:
+    for name, neutral in _BEAM_NEUTRAL.items():
+        if getattr(params, name) not in neutral:
+            raise _not_with_beam_search(name)
+
+
+def _not_with_beam_search(name: str) -> RequestFieldError:
+    return RequestFieldError(
+        f"{name} is not supported with use_beam_search: beams are ranked by raw "
+        f"log-probabilities and end only at EOS or max_tokens; drop {name}", param=name)
+
+
+def _parse_logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    if logit_bias is None:
+        return None
+    parsed = {}
+    for key, value in logit_bias.items():
+        try:
+            parsed[int(key)] = (min(max(value, -MAX_LOGIT_BIAS), MAX_LOGIT_BIAS)
+                                if math.isfinite(value) else value)
+        except ValueError:
+            raise RequestFieldError(
+                f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                param="logit_bias",
+            ) from None
+    return parsed
