@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from pagedllm.engine.input_processor import RequestFieldError
 from pagedllm.entrypoints.chat_utils import render_messages
 from pagedllm.entrypoints.openai.errors import aborted_error, error_from_exception
+from pagedllm.entrypoints.openai.logprobs import iter_logprobs
 from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionChoice,
@@ -204,7 +205,8 @@ class OpenAIServingChat(OpenAIServing):
         if params.logprobs is None:
             return None
         content = []
-        for text, logprob, top in self.iter_logprobs(completion, start, params.logprobs):
+        for text, logprob, top in iter_logprobs(self.tokenizer, completion, start,
+                                                params.logprobs):
             content.append(ChatTokenLogprob(
                 token=text,
                 logprob=logprob if logprob is not None else 0.0,

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from pagedllm.engine.input_processor import RequestFieldError
 from pagedllm.entrypoints.openai.errors import aborted_error, error_from_exception
+from pagedllm.entrypoints.openai.logprobs import iter_logprobs
 from pagedllm.entrypoints.openai.prompt_tokenizer import encode_prompts
 from pagedllm.entrypoints.openai.protocol import (
     CompletionLogProbs,
@@ -195,7 +196,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if params.logprobs is None:
             return None
         result = CompletionLogProbs()
-        for text, logprob, top in self.iter_logprobs(completion, start, params.logprobs):
+        for text, logprob, top in iter_logprobs(self.tokenizer, completion, start,
+                                                params.logprobs):
             result.tokens.append(text)
             result.token_logprobs.append(logprob)
             top_dict = dict(top)
