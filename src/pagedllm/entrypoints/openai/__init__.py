@@ -1,2 +1,1 @@
-"""The OpenAI-compatible server: `api_server` (routes, uvicorn), `protocol` (pydantic bodies),
-`serving_*` (one handler class per endpoint family)."""
+"""The OpenAI-compatible server: `api_server` routes each endpoint to its `serving_*` handler."""

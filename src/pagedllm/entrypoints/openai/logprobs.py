@@ -1,5 +1,4 @@
-"""Log-probabilities as the endpoints report them: per token, its text, its (JSON-safe)
-logprob and its top alternatives by rank."""
+"""Log-probabilities as endpoints report them: token text, JSON-safe logprob, top-N by rank."""
 
 from __future__ import annotations
 

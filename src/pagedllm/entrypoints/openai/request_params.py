@@ -1,6 +1,8 @@
-"""Request fields -> what the engine takes: the checked SamplingParams (or beam search) of a
-request, and the one check of each prompt, both on the event loop so that a bad request is
-answered with a 400 and never reaches the engine thread."""
+"""Request fields -> what the engine takes: checked SamplingParams (or beam search) and prompts.
+
+Both checks run on the event loop, so a bad request is answered with a 400 and never reaches
+the engine thread.
+"""
 
 from __future__ import annotations
 

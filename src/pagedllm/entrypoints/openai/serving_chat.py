@@ -1,5 +1,4 @@
-"""POST /v1/chat/completions: messages through the model's chat template, then one engine
-request."""
+"""POST /v1/chat/completions: messages through the chat template, then one engine request."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The base of the generating handlers (completions, chat): the engine, the served model names
-and the two tokenizers that every one of them holds."""
+"""OpenAIServing, the base of the generating handlers: their engine, model names, tokenizers."""
 
 from __future__ import annotations
 

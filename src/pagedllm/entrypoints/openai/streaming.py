@@ -1,5 +1,4 @@
-"""Server-sent events: the `data:` framing of stream chunks, and the merge of several requests'
-output streams into one."""
+"""Server-sent events: the `data:` framing of chunks, and the merge of several output streams."""
 
 from __future__ import annotations
 
