@@ -74,3 +74,57 @@ def _first_diff(a: list[int], b: list[int]) -> int:
         if x != y:
             return i
     return min(len(a), len(b))
+
+
+# The files of the shipped tokenizer that tiny models take (as conftest's tiny Llama does).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja")
+
+
+def save_tiny_model(model, path: Path, tokenizer_dir: Path, std: float = 0.3,
+                    seed: int = 0) -> Path:
+    """Draws random weights for a transformers model and saves it (safetensors) with the
+    shipped tokenizer into `path`.
+
+    Matrices get N(0, std); norm weights N(1, 0.2) and biases N(0, 0.2), so that the norms'
+    affine parts and the biases are exercised too. NOTE: std 0.3 keeps greedy decoding of the
+    tiny GPT-2 and OPT configs varied (with 0.15, an OPT repeats one token) and its top-2
+    margins far above fp32 rounding.
+    """
+    import shutil
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+            elif name.endswith("weight"):
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    model.eval().save_pretrained(path)
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
+def greedy_token_ids(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """pagedllm's greedy continuation of all prompts, run as one `generate` call."""
+    from pagedllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outputs = llm.generate(token_prompts(prompts), params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@torch.inference_mode()
+def check_within_top_n(model, prompts: list[list[int]], outputs: list[list[int]],
+                       n: int = 3) -> None:
+    """Each generated token is among the reference's `n` most likely at its step, given the
+    same prefix (the reference is teacher-forced on the generated tokens)."""
+    for i, (prompt, tokens) in enumerate(zip(prompts, outputs)):
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+        top = logits.float().topk(n).indices.tolist()
+        for step, token in enumerate(tokens):
+            assert token in top[step], f"request {i}, step {step}: {token} not in {top[step]}"

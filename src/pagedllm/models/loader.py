@@ -1,8 +1,13 @@
-"""Loads a Llama-family Hugging Face directory (config + safetensors) into our model classes."""
+"""Loads a Hugging Face directory (config + safetensors) into the model class its config names.
+
+The loader reads files; each model maps the checkpoint's names onto its parameters itself
+(`load_weights`, see models/interface.py).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -11,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
+from pagedllm.models.interface import CausalLMBase, WeightMapping, load_mapped_weights
 from pagedllm.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -54,10 +60,7 @@ def build_model(
     return model.to(dtype).eval()
 
 
-def _checkpoint_tensors(model_dir: Path):
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors weights in {str(model_dir)!r}")
+def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         try:
             handle = safe_open(path, framework="pt")
@@ -70,55 +73,28 @@ def _checkpoint_tensors(model_dir: Path):
 
 
 def load_weights(model: nn.Module, model_dir: Path) -> None:
-    """Copies checkpoint tensors into the model, packing q/k/v and gate/up into fused weights.
+    """Fills the model from the directory's safetensors through its own name mapping.
 
-    NOTE: checkpoint names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`); ours
-    drop the `model.` prefix and fuse projections listed in the model's `packed_modules`.
+    Any mismatch between config and weights (a tensor with no place, a wrong shape, a
+    parameter no tensor fills) is a ValueError naming the tensor and the directory.
     """
-    params = dict(model.named_parameters())
-    packed = getattr(model, "packed_modules", {})
-    loaded: set[str] = set()
-    for name, tensor in _checkpoint_tensors(model_dir):
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        if name == "lm_head.weight" and getattr(model, "lm_head", None) is None:
-            continue  # tied embeddings: the head reuses embed_tokens
-        name = name.removeprefix("model.")
-        parts = name.split(".")
-        shard = None
-        for i, part in enumerate(parts):
-            if part in packed:
-                fused, shard = packed[part]
-                parts[i] = fused
-                break
-        target = ".".join(parts)
-        if target not in params:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
-        param = params[target]
-        with torch.no_grad():
-            if shard is None:
-                _copy_checked(param.data, tensor, name)
-            else:
-                module = model.get_submodule(target.rsplit(".", 1)[0])
-                sizes = module.shard_sizes
-                offset = sum(sizes[:shard])
-                _copy_checked(param.data.narrow(0, offset, sizes[shard]), tensor, name)
-        loaded.add(f"{target}#{shard}")
-    expected = set()
-    for target, param in params.items():
-        module_name = target.rsplit(".", 1)[0]
-        module = model.get_submodule(module_name) if "." in target else model
-        sizes = getattr(module, "shard_sizes", None)
-        for shard in range(len(sizes)) if sizes else [None]:
-            expected.add(f"{target}#{shard}")
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(f"checkpoint in {str(model_dir)!r} lacks weights: {missing[:5]}")
-
-
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(
-            f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
-        )
-    dst.copy_(src)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {str(model_dir)!r}")
+    weights = _checkpoint_tensors(files)
+    try:
+        if isinstance(model, CausalLMBase):
+            loaded = model.load_weights(weights)
+        else:
+            # NOTE: LlamaForCausalLM predates the model interface: it has no load_weights, so
+            # its names map as they always have (drop `model.`, pack its `packed_modules`).
+            mapping = WeightMapping(prefixes={"model.": ""},
+                                    packed_modules=type(model).packed_modules,
+                                    ignored_suffixes=("rotary_emb.inv_freq",))
+            loaded = load_mapped_weights(model, weights, mapping)
+    except ValueError as exc:
+        raise ValueError(f"model {str(model_dir)!r}: {exc}") from None
+    unfilled = sorted(set(dict(model.named_parameters())) - loaded)
+    if unfilled:  # a family's own load_weights that skipped a parameter
+        raise ValueError(f"model {str(model_dir)!r}: {type(model).__name__}.load_weights "
+                         f"left parameters unfilled: {unfilled[:5]}")

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from pagedllm.models.interface import CausalLM
 
 # Lazy: a model module is imported only when a checkpoint of its architecture is loaded.
+# Every class implements the `CausalLM` interface (models/interface.py).
 _MODELS = {
     "LlamaForCausalLM": "pagedllm.models.llama:LlamaForCausalLM",
+    "GPT2LMHeadModel": "pagedllm.models.gpt2:GPT2LMHeadModel",
+    "OPTForCausalLM": "pagedllm.models.opt:OPTForCausalLM",
 }
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+    """The architectures pagedllm serves, in the order they were added."""
+    return list(_MODELS)
 
 
-def get_model_class(architectures: list[str] | None) -> type[nn.Module]:
+def get_model_class(architectures: list[str] | None) -> type[CausalLM]:
     """The class of the first supported name in a config's `architectures`.
 
     A config without `architectures` is refused like an unknown one: guessing a class would
