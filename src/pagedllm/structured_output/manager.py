@@ -1,0 +1,88 @@
+"""StructuredOutputManager: checks constraints where requests are checked, and compiles each
+distinct one once, on its own threads (a cache keyed by the constraint)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from pagedllm.structured_output.backend import (
+    StructuredOutputBackend,
+    StructuredOutputGrammar,
+    make_backend,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from pagedllm.sampling_params import StructuredOutputsParams
+
+# What makes two constraints compile to the same grammar: (constraint, its text, whitespace
+# options).
+GrammarKey = tuple[str, str, bool, str | None]
+
+
+def grammar_key(params: StructuredOutputsParams) -> GrammarKey:
+    constraint = params.constraint
+    value = getattr(params, constraint)
+    if constraint == "json_object":
+        text = ""
+    elif isinstance(value, str):
+        text = value
+    else:
+        # NOTE: keys keep their order: a schema's property order is the order they are generated in.
+        text = json.dumps(value)
+    return constraint, text, params.disable_any_whitespace, params.whitespace_pattern
+
+
+class StructuredOutputManager:
+    """The engine's grammar compiler.
+
+    `compile` validates a constraint on the caller's thread (a ValueError naming the field) and
+    returns a Future of its compiled grammar, shared by every request with the same constraint.
+    The grammar the Future holds is a template in its initial state: each sequence takes a
+    `copy()` and advances that. Compiling runs on `num_threads` threads of its own, so a slow
+    grammar stalls neither the engine loop nor the server's event loop; the request waits in
+    the scheduler until its Future is done, and the others keep running.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int,
+                 backend: str = "guidance", num_threads: int = 2, max_cached: int = 256) -> None:
+        self.backend: StructuredOutputBackend = make_backend(backend, tokenizer, vocab_size)
+        self.max_cached = max_cached
+        self._num_threads = num_threads
+        self._executor: ThreadPoolExecutor | None = None
+        self._cache: OrderedDict[GrammarKey, Future[StructuredOutputGrammar]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.num_compiles = 0
+
+    def compile(self, params: StructuredOutputsParams) -> Future[StructuredOutputGrammar]:
+        """The compile of `params`' constraint: from the cache, or validated and submitted."""
+        key = grammar_key(params)
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None:
+                self._cache.move_to_end(key)
+                return future
+        self.backend.validate(params)
+        with self._lock:
+            future = self._cache.get(key)  # another thread may have added it meanwhile
+            if future is None:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(self._num_threads,
+                                                        thread_name_prefix="pagedllm-grammar")
+                future = self._executor.submit(self.backend.compile, params)
+                self.num_compiles += 1
+                self._cache[key] = future
+                while len(self._cache) > self.max_cached:
+                    self._cache.popitem(last=False)
+            return future
+
+    def shutdown(self) -> None:
+        """Stops the compile threads once their work is done (pending compiles are dropped)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
