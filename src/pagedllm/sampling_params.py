@@ -105,9 +105,13 @@ class StructuredOutputsParams:
                 raise ValueError(f"structured_outputs.choice must hold at least one string, "
                                  f"each non-empty; got {self.choice!r}")
             self.choice = list(self.choice)
-        if self.json_object not in (None, True):
-            raise ValueError(f"structured_outputs.json_object must be True or None, got "
+        if not (self.json_object is None or isinstance(self.json_object, bool)):
+            raise ValueError(f"structured_outputs.json_object must be a bool or None, got "
                              f"{self.json_object!r}")
+        self.json_object = self.json_object or None
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError(f"structured_outputs.disable_any_whitespace must be a bool, got "
+                             f"{self.disable_any_whitespace!r}")
         if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
             raise ValueError(f"structured_outputs.whitespace_pattern must be a string, got "
                              f"{self.whitespace_pattern!r}")

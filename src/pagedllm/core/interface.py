@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from pagedllm.core.stop_checker import min_tokens_stop_ids
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from pagedllm.core import request
     from pagedllm.core.beam_search import Hypothesis
     from pagedllm.sampling_params import SamplingParams
@@ -82,6 +84,11 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # Structured outputs: [rows that sample, ceil(vocab / 32)] int32, row i for the i-th item
+    # of `scheduled` with sample=True. Bit j of word w allows token 32 * w + j; an
+    # unconstrained row is all ones (-1). None when no row is constrained. The model runner
+    # masks the logits with it before the sampler.
+    grammar_bitmask: np.ndarray | None = None
 
     @property
     def is_empty(self) -> bool:

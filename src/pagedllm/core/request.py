@@ -14,7 +14,10 @@ from pagedllm.core.beam_search import BeamSearchParams, BeamState
 from pagedllm.core.block_hash import extend_block_hashes
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from pagedllm.sampling_params import SamplingParams
+    from pagedllm.structured_output.backend import StructuredOutputGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -82,6 +85,10 @@ class Sequence:
 
     The counters and token lists change only through the methods below. `status` follows the
     request's queue (Request.set_live_status) until `finish` ends the sequence.
+
+    A constrained sequence holds its own grammar, advanced by every token it appends, so the
+    grammar always stands at the end of `output_token_ids`: preemption (by swap or recompute,
+    which keeps the generated tokens) leaves it right.
     """
 
     def __init__(self, request: Request, index: int, token_ids: SequenceABC[int],
@@ -103,6 +110,7 @@ class Sequence:
         # Hashes of the full blocks of all_token_ids (prefix caching), extended as they fill.
         self.block_hashes: list[int] = []
         self._num_registered_blocks = 0
+        self._grammar: StructuredOutputGrammar | None = None
         extend_block_hashes(self.block_hashes, self._all_token_ids, block_size, self.num_tokens)
 
     @property
@@ -136,6 +144,16 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def grammar(self) -> StructuredOutputGrammar | None:
+        """The sequence's grammar state, for its bitmask (None when unconstrained)."""
+        return self._grammar
+
+    def init_grammar(self, grammar: StructuredOutputGrammar) -> None:
+        """Constrains the sequence from its first generated token on."""
+        assert self._grammar is None and self.num_output_tokens == 0
+        self._grammar = grammar
+
     def advance_computed(self, num_tokens: int) -> None:
         """Counts `num_tokens` more tokens as cached: computed by a step, or a prefix hit."""
         assert num_tokens >= 0 and self._num_computed_tokens + num_tokens <= self.num_tokens
@@ -165,6 +183,8 @@ class Sequence:
         self._append(token_id)
 
     def _append(self, token_id: int) -> None:
+        if self._grammar is not None:
+            self._grammar.accept_tokens((token_id,))
         self._all_token_ids.append(token_id)
         self._output_token_ids.append(token_id)
         extend_block_hashes(self.block_hashes, self._all_token_ids, self._block_size,
@@ -183,6 +203,8 @@ class Sequence:
         child.status = self.status
         child._num_computed_tokens = self._num_computed_tokens
         child._cumulative_logprob = self._cumulative_logprob
+        if self._grammar is not None:
+            child._grammar = self._grammar.copy()
         return child
 
 
@@ -225,6 +247,15 @@ class Request:
         self.beam_seqs: list[Sequence] = list(self.seqs)
         # Beam index -> its next-token offers, gathered until every running beam has sampled.
         self._beam_offers: dict[int, list[tuple[int, float]]] = {}
+        # Structured outputs: the compile of the request's constraint until it is done and
+        # every sequence holds its own copy (then None).
+        structured = sampling_params.structured_outputs
+        self.is_structured = structured is not None
+        self._compiled: Future[StructuredOutputGrammar] | None = None
+        if structured is not None:
+            assert structured.compiled is not None, (
+                "a constrained request comes through InputProcessor.process, which compiles it")
+            self._compiled = structured.compiled
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -241,6 +272,24 @@ class Request:
         if self.beam is not None:
             return self.beam.params.beam_width
         return len(self.live_seqs()) if self.is_forked else self.best_of
+
+    @property
+    def pending_grammar(self) -> Future[StructuredOutputGrammar] | None:
+        """The grammar compile the request still waits for, if any."""
+        return self._compiled
+
+    def grammar_ready(self) -> bool:
+        """Whether the request may run: it is unconstrained, or its grammar has compiled (then
+        each sequence gets its own copy of it, here, once)."""
+        if self._compiled is None:
+            return True
+        if not self._compiled.done():
+            return False
+        template = self._compiled.result()
+        for seq in self.seqs:
+            seq.init_grammar(template.copy())
+        self._compiled = None
+        return True
 
     def live_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished]

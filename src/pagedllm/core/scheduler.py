@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from pagedllm.core.beam_step import beam_step
 from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.grammar_mask import build_grammar_bitmask, wait_for_grammars
 from pagedllm.core.interface import (
     ModelRunnerOutput,
     RequestUpdate,
@@ -19,6 +20,8 @@ from pagedllm.core.stop_checker import check_stop
 
 # The preemption modes the scheduler knows: the one list that settings are checked against.
 PREEMPTION_MODES = ("recompute", "swap")
+# Longest a step with nothing to run waits for a grammar compile before it returns (empty).
+GRAMMAR_WAIT_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ class Scheduler:
       2. If nothing was preempted, SWAPPED requests come back in arrival order, then WAITING
          requests are admitted in arrival order while the budget, `max_num_seqs` and the free
          blocks allow; the first that does not fit stops admission, so none overtakes an older one.
+         The exception: a constrained request whose grammar is still compiling is passed over
+         (it keeps its place) and the requests behind it go ahead.
+      3. The constrained sequences that sample get their grammar's bitmask in the output.
 
     Invariant: `running`, `swapped` and `waiting` are each sorted by arrival.
     """
@@ -73,6 +79,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_swap_outs = 0
+        # Live requests under a structured-output constraint (no bitmask work without one).
+        self._num_structured = 0
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -81,6 +89,7 @@ class Scheduler:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._num_structured += request.is_structured
 
     def finish_request(self, request_id: str, status: RequestStatus) -> bool:
         """Ends a live request and every sequence of it (abort)."""
@@ -105,6 +114,7 @@ class Scheduler:
         if request.live_seqs():
             return
         del self.requests[request.request_id]
+        self._num_structured -= request.is_structured
         queue = {RequestStatus.RUNNING: self.running, RequestStatus.SWAPPED: self.swapped,
                  RequestStatus.WAITING: self.waiting}[request.status]
         queue.remove(request)
@@ -162,8 +172,12 @@ class Scheduler:
             if plan is not None:
                 budget = self._commit(plan, out, budget)
 
+        compiling: list[Request] = []  # passed over: their grammars are not ready
         while not preempted and self.waiting and budget > 0:
             request = self.waiting[0]
+            if not request.grammar_ready():
+                compiling.append(self.waiting.popleft())
+                continue
             if self._num_running_seqs() + request.num_seqs_reserved > self.config.max_num_seqs:
                 break
             plan = self._plan_group(request, budget, out, can_preempt=False)
@@ -172,6 +186,12 @@ class Scheduler:
             self.waiting.popleft()
             self._set_running(request)
             budget = self._commit(plan, out, budget)
+        self.waiting.extendleft(reversed(compiling))
+        if self._num_structured:
+            out.grammar_bitmask = build_grammar_bitmask(out.scheduled, self.requests)
+        if out.is_empty and compiling:
+            # NOTE: otherwise the engine loop would spin on empty steps while grammars compile.
+            wait_for_grammars([r.pending_grammar for r in compiling], GRAMMAR_WAIT_S)
         return out
 
     def update_from_output(

@@ -4,6 +4,7 @@ a request is tokenized and validated (the offline API, the engine and the server
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,8 @@ from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from pagedllm.structured_output.manager import StructuredOutputManager
 
 # What `generate` and `add_request` accept: a string, or {"prompt_token_ids": [...]}
 # (optionally with "prompt" for display), or {"prompt": "..."}.
@@ -27,7 +30,8 @@ class ProcessedRequest:
     # The prompt's text where it had one (for display), and its token ids.
     prompt: str | None
     prompt_token_ids: list[int]
-    # What the engine samples with; for a beam search, the greedy settings its steps use.
+    # What the engine samples with; for a beam search, the greedy settings its steps use. A
+    # constrained request's is a copy whose structured_outputs carries the compile.
     sampling_params: SamplingParams
     # max_tokens after clamping to the room left in the context (see default_max_tokens when
     # the request gave none).
@@ -63,6 +67,16 @@ class InputProcessor:
         self.kv_capacity_tokens = kv_capacity_tokens
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
+        self._structured_output: StructuredOutputManager | None = None
+
+    @property
+    def structured_output(self) -> StructuredOutputManager:
+        """The grammar compiler, made on the first constrained request."""
+        if self._structured_output is None:
+            from pagedllm.structured_output.manager import StructuredOutputManager
+
+            self._structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size)
+        return self._structured_output
 
     def process(
         self,
@@ -72,6 +86,7 @@ class InputProcessor:
         refuse_past_context: bool = False,
         where: str = "prompt",
         param: str = "prompt",
+        structured_param: str = "structured_outputs",
     ) -> ProcessedRequest:
         """Checks one request and tokenizes its prompt; every problem is a RequestFieldError.
 
@@ -81,6 +96,7 @@ class InputProcessor:
                 OpenAI server does) instead of clamping it (as the offline API does).
             where: how messages name the prompt ("prompt", "prompt at index 2", "messages").
             param: the request field a problem with the prompt is blamed on.
+            structured_param: the field a bad constraint (structured_outputs) is blamed on.
         """
         beam_search = params if isinstance(params, BeamSearchParams) else None
         if beam_search is not None:
@@ -128,9 +144,26 @@ class InputProcessor:
         self._check_fits(num_prompt, max_tokens, width, beam_search is not None)
         if beam_search is not None and max_tokens < beam_search.max_tokens:
             beam_search = dataclasses.replace(beam_search, max_tokens=max_tokens)
+        if sampling_params.structured_outputs is not None:
+            sampling_params = self._compile(sampling_params, structured_param)
         return ProcessedRequest(prompt=text, prompt_token_ids=list(token_ids),
                                 sampling_params=sampling_params, max_tokens=max_tokens,
                                 beam_search=beam_search)
+
+    def _compile(self, params: SamplingParams, param: str) -> SamplingParams:
+        """Validates the constraint (a RequestFieldError naming `param`) and starts its
+        compile; returns a copy of `params` that carries it (the caller's stays as it was)."""
+        structured = params.structured_outputs
+        try:
+            compiled = self.structured_output.compile(structured)
+        except ValueError as exc:
+            message, name = str(exc), f"structured_outputs.{structured.constraint}"
+            if param != "structured_outputs" and message.startswith(name):
+                message = param + message[len(name):]  # e.g. "response_format is invalid: ..."
+            raise RequestFieldError(message, param) from None
+        params = copy.copy(params)
+        params.structured_outputs = structured.with_compiled(compiled)
+        return params
 
     def _check_prompt(self, token_ids: list[int], where: str, param: str) -> None:
         if not token_ids:

@@ -15,6 +15,7 @@ from pagedllm.core.interface import (
 )
 from pagedllm.profiler import StepProfiler
 from pagedllm.sample.sampler import Sampler, SamplingBatch
+from pagedllm.structured_output.bitmask import apply_grammar_bitmask
 
 
 class ModelRunner:
@@ -81,6 +82,8 @@ class ModelRunner:
         rows = torch.tensor([int(query_ends[i]) - 1 for i, _ in sampled_items], device=self.device)
         with profiler.section("lm head"):
             logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab] float32
+        if scheduler_output.grammar_bitmask is not None:  # structured outputs: forbidden -> -inf
+            apply_grammar_bitmask(logits, scheduler_output.grammar_bitmask)
         batch = SamplingBatch(
             params=[s.sampling_params for _, s in sampled_items],
             prompt_token_ids=[s.prompt_token_ids for _, s in sampled_items],
