@@ -8,7 +8,6 @@ import ast
 import json
 import re
 import threading
-import time
 
 import jsonschema
 import pytest

@@ -12,6 +12,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,8 +21,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -421,6 +424,107 @@ def test_chat_answer_from_smollm2(smol_server):
     assert content == reply.choices[0].message.content
 
 
+# ---- structured outputs -----------------------------------------------------------------------
+
+# Every string bounded, no free-form number, no extra property: even the random tiny model
+# completes it within max_tokens.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Z][a-z]{1,11}$"},
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "role": {"enum": ["engineer", "artist", "doctor"]},
+        "skills": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{2,8}$"},
+                   "minItems": 1, "maxItems": 3},
+        "address": {"type": "object", "properties": {
+            "city": {"type": "string", "pattern": "^[A-Z][a-z]{1,12}$"},
+            "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["city"], "additionalProperties": False},
+        "nickname": {"type": "string", "maxLength": 10},
+    },
+    "required": ["name", "age", "role", "skills", "address"],
+    "additionalProperties": False,
+}
+DATE = r"(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+
+
+def compact_json(schema: dict) -> dict:
+    """vLLM's structured_outputs body field: JSON without free whitespace (the random tiny model
+    would otherwise fill every gap the grammar allows with it)."""
+    return {"structured_outputs": {"json": schema, "disable_any_whitespace": True}}
+
+
+def test_structured_outputs_with_the_openai_client(client):
+    reply = client.completions.create(prompt="Date:", max_tokens=32, n=2, temperature=1.0,
+                                      model=TINY_NAME,
+                                      extra_body={"structured_outputs": {"regex": DATE}})
+    for choice in reply.choices:
+        assert re.fullmatch(DATE, choice.text) and choice.finish_reason == "stop", choice
+    body = dict(prompt="Pick:", max_tokens=16, extra_body={"structured_outputs": {
+        "choice": ["left", "right", "straight on"]}}, **greedy())
+    text = client.completions.create(**body).choices[0].text
+    assert text in ("left", "right", "straight on")
+    assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **body)
+                   ) == text
+    colors = {"type": "json_schema", "json_schema": {
+        "name": "color", "schema": {"enum": ["red", "green", "blue"]}, "strict": True}}
+    for format_ in (colors, {"type": "text"}):
+        chat = client.chat.completions.create(
+            messages=[{"role": "user", "content": "A color?"}], max_tokens=8,
+            response_format=format_, **greedy())
+        if format_["type"] == "json_schema":
+            assert json.loads(chat.choices[0].message.content) in ("red", "green", "blue")
+    grammar = 'start: "(" NUMBER ("+" NUMBER)* ")"\nNUMBER: /[1-9][0-9]?/'
+    streamed = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Sum?"}], max_tokens=24, stream=True,
+        extra_body={"structured_outputs": {"grammar": grammar}}, **greedy())
+    content = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", content) or (
+        re.fullmatch(r"\([0-9+]*", content)), content  # complete, or cut by max_tokens
+
+
+def test_16_concurrent_json_schema_requests_validate(server):
+    client = server.client()
+
+    def ask(i: int) -> tuple[str, str]:
+        if i % 2:
+            reply = client.completions.create(
+                prompt=f"Person {i} as JSON:", max_tokens=160, temperature=1.0,
+                model=TINY_NAME, extra_body=compact_json(PERSON_SCHEMA))
+            return reply.choices[0].text, reply.choices[0].finish_reason
+        reply = client.chat.completions.create(
+            messages=[{"role": "user", "content": f"Person {i} as JSON"}], max_tokens=160,
+            temperature=1.0, model=TINY_NAME, extra_body=compact_json(PERSON_SCHEMA))
+        return reply.choices[0].message.content, reply.choices[0].finish_reason
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    for text, finish_reason in answers:
+        assert finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+    server.wait_idle()
+
+
+def test_response_format_from_smollm2(smol_server):
+    client = smol_server.client()
+    messages = [{"role": "user", "content": "Describe a software engineer named Ada as JSON."}]
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person",
+                                                            "schema": PERSON_SCHEMA}}
+    reply = client.chat.completions.create(model="smol", messages=messages, max_tokens=200,
+                                           temperature=0, response_format=schema_format)
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON_SCHEMA)
+    streamed = client.chat.completions.create(model="smol", messages=messages, max_tokens=200,
+                                              temperature=0, response_format=schema_format,
+                                              stream=True)
+    content = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert content == reply.choices[0].message.content
+    reply = client.completions.create(model="smol", prompt="A JSON object about cats:",
+                                      max_tokens=200, temperature=0,
+                                      extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(reply.choices[0].text), dict)
+
+
 # ---- load, preemption, disconnects --------------------------------------------------------------
 
 def test_64_concurrent_streams_with_preemption(server):
@@ -533,9 +637,35 @@ ERROR_CASES = [
     ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400, "messages",
      ["image_url"]),
+    # Structured outputs: a bad constraint, or two, is refused naming the field.
     ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],
-                                    response_format={"type": "json_object"}), 400,
-     "response_format", ["response_format"]),
+                                    response_format={"type": "json_schema", "json_schema": {
+                                        "name": "x", "schema": {"type": "strnig"}}}), 400,
+     "response_format", ["response_format is invalid", "strnig"]),
+    ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],
+                                    response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "x"}}), 400,
+     "response_format", ["json_schema.schema"]),
+    ("/v1/completions", greedy(prompt="hi", response_format={"type": "xml"}), 400,
+     "response_format", ["xml"]),
+    ("/v1/completions", greedy(prompt="hi", structured_outputs={"regex": "([a-z"}), 400,
+     "structured_outputs", ["structured_outputs.regex is invalid"]),
+    ("/v1/completions", greedy(prompt="hi", structured_outputs={
+        "json": {"type": "object", "dependentSchemas": {"a": {}}}}), 400,
+     "structured_outputs", ["dependentSchemas"]),
+    ("/v1/completions", greedy(prompt="hi", structured_outputs={"grammar": "start: nope"}), 400,
+     "structured_outputs", ["structured_outputs.grammar is invalid", "nope"]),
+    ("/v1/completions", greedy(prompt="hi", structured_outputs={"regex": "a", "choice": ["b"]}),
+     400, "structured_outputs", ["exactly one", "regex and choice"]),
+    ("/v1/completions", greedy(prompt="hi", structured_outputs={"regexp": "a"}), 400,
+     "structured_outputs", ["regexp"]),
+    ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],
+                                    response_format={"type": "json_object"},
+                                    structured_outputs={"regex": "a"}), 400,
+     "structured_outputs", ["response_format and structured_outputs"]),
+    ("/v1/completions", greedy(prompt="hi", use_beam_search=True, n=2,
+                               response_format={"type": "json_object"}), 400,
+     "response_format", ["use_beam_search"]),
     ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],
                                     max_completion_tokens=10**4), 400, "max_tokens", ["512"]),
     ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],

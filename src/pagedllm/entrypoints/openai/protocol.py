@@ -115,7 +115,8 @@ class UsageInfo(OpenAIBaseModel):
 
 
 class SamplingExtras(RequestBody):
-    """vLLM's sampling extensions, accepted by both completion endpoints (via `extra_body`)."""
+    """vLLM's sampling extensions, accepted by both completion endpoints (via `extra_body`),
+    and the fields both endpoints share."""
 
     top_k: int | None = None
     min_p: float | None = None
@@ -130,6 +131,11 @@ class SamplingExtras(RequestBody):
     # first; finished beams are ranked by cumulative logprob / length ** length_penalty.
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # A constraint on the output: OpenAI's `{"type": "json_object"}` or `{"type":
+    # "json_schema", "json_schema": {"name", "schema", "strict"}}` ("text" is none), or
+    # vLLM's `structured_outputs` (StructuredOutputsParams' fields); at most one of the two.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 # ---- /v1/completions ----------------------------------------------------------------------
@@ -210,7 +216,6 @@ class ChatCompletionRequest(SamplingExtras):
     max_completion_tokens: int | None = None
     n: int = 1
     presence_penalty: float = 0.0
-    response_format: dict[str, Any] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False

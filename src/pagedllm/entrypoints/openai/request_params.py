@@ -7,11 +7,12 @@ the engine thread.
 from __future__ import annotations
 
 import math
+from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.engine.input_processor import RequestFieldError
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from pagedllm.engine.async_engine import AsyncLLMEngine
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 MAX_LOGPROBS = 20
 # OpenAI's range for a logit_bias value; vLLM clamps into it too.
 MAX_LOGIT_BIAS = 100.0
+# The keys `structured_outputs` takes (StructuredOutputsParams' public fields).
+_STRUCTURED_FIELDS = tuple(f.name for f in dataclass_fields(StructuredOutputsParams)
+                           if not f.name.startswith("_"))
 
 
 def check_stream_options(stream: bool, stream_options: object | None) -> None:
@@ -52,7 +56,13 @@ def build_sampling_params(
     `process_prompt`, and `n` is the beam width (at most the engine's `max_num_seqs`), not a
     number of samples.
     """
+    structured = structured_outputs_of(request)
     if request.use_beam_search:
+        if structured is not None:
+            param = structured_param_of(request)
+            raise RequestFieldError(f"{param} is not supported with use_beam_search: beams are "
+                                    f"ranked by raw log-probabilities; drop one of them",
+                                    param=param)
         _check_beam_search(request, n, best_of, temperature, top_p, logprobs, max_num_seqs)
         n, best_of, temperature = 1, None, 0.0
     if logprobs is not None and logprobs > MAX_LOGPROBS:
@@ -79,6 +89,7 @@ def build_sampling_params(
         "skip_special_tokens": request.skip_special_tokens,
         "spaces_between_special_tokens": request.spaces_between_special_tokens,
         "logit_bias": _parse_logit_bias(logit_bias),
+        "structured_outputs": structured,
     }
     if best_of is not None:
         kwargs["best_of"] = best_of
@@ -108,7 +119,57 @@ def process_prompt(engine: AsyncLLMEngine, request: SamplingExtras, params: Samp
                                          ignore_eos=request.ignore_eos,
                                          length_penalty=request.length_penalty)
     return engine.process_inputs(token_ids, engine_params, text,
-                                 refuse_past_context=True, where=where, param=param)
+                                 refuse_past_context=True, where=where, param=param,
+                                 structured_param=structured_param_of(request))
+
+
+def structured_outputs_of(request: SamplingExtras) -> StructuredOutputsParams | None:
+    """The request's constraint on its output, from `response_format` or `structured_outputs`
+    (at most one); a bad one is a RequestFieldError naming the field."""
+    from_format = _from_response_format(request.response_format)
+    given = request.structured_outputs
+    if given is None:
+        return from_format
+    if from_format is not None:
+        raise RequestFieldError("response_format and structured_outputs both constrain the "
+                                "output: give one of them", param="structured_outputs")
+    unknown = sorted(set(given) - set(_STRUCTURED_FIELDS))
+    if unknown:
+        raise RequestFieldError(f"structured_outputs has unknown keys {unknown}; it takes "
+                                f"{', '.join(_STRUCTURED_FIELDS)}", param="structured_outputs")
+    try:
+        return StructuredOutputsParams(**given)
+    except ValueError as exc:
+        raise RequestFieldError(str(exc), param="structured_outputs") from None
+
+
+def structured_param_of(request: SamplingExtras) -> str:
+    """The field a bad constraint is blamed on."""
+    return "structured_outputs" if request.structured_outputs is not None else "response_format"
+
+
+def _from_response_format(response_format: dict[str, Any] | None
+                          ) -> StructuredOutputsParams | None:
+    """OpenAI's response_format: "text" (no constraint), "json_object" (any JSON object) or
+    "json_schema" (`{"json_schema": {"name": ..., "schema": {...}, "strict": ...}}`)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise RequestFieldError(
+                'response_format of type "json_schema" needs json_schema.schema, a JSON schema '
+                '(an object): {"type": "json_schema", "json_schema": {"name": ..., "schema": '
+                '{...}}}', param="response_format")
+        return StructuredOutputsParams(json=schema)
+    raise RequestFieldError(f"response_format.type must be one of text, json_object, "
+                            f"json_schema; got {kind!r}", param="response_format")
 
 
 def _check_beam_search(request: SamplingExtras, n: int, best_of: int | None,

@@ -88,10 +88,6 @@ class OpenAIServingChat(OpenAIServing):
         return await self._full(request_id, model, params, results)
 
     def _sampling_params(self, request: ChatCompletionRequest) -> SamplingParams:
-        if request.response_format is not None and request.response_format.get("type") != "text":
-            raise RequestFieldError(
-                "response_format is not supported: this server has no structured output "
-                "(JSON mode or JSON schema); drop response_format", param="response_format")
         if request.tools:
             raise RequestFieldError("tools are not supported by this server", param="tools")
         check_stream_options(request.stream, request.stream_options)
