@@ -156,3 +156,19 @@ def test_each_constraint_compiles_once_on_the_compile_thread(tokenizer):
 def test_unknown_backend_is_a_value_error(tokenizer):
     with pytest.raises(ValueError, match="guidance"):
         make_backend("nope", tokenizer, VOCAB)
+
+
+def test_a_compile_that_fails_leaves_eos_alone(tokenizer, caplog):
+    manager = StructuredOutputManager(tokenizer, VOCAB)
+
+    def broken(params):
+        raise RuntimeError("no tables")
+
+    manager.backend.compile = broken
+    try:
+        grammar = manager.compile(StructuredOutputsParams(regex="a+")).result(timeout=60).copy()
+    finally:
+        manager.shutdown()
+    assert "failed to compile" in caplog.text
+    assert allowed(grammar).tolist() == [tokenizer.eos_token_id]
+    assert grammar.is_terminated() and grammar.error

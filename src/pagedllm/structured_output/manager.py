@@ -4,6 +4,7 @@ distinct one once, on its own threads (a cache keyed by the constraint)."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,9 +17,12 @@ from pagedllm.structured_output.backend import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     from transformers import PreTrainedTokenizerBase
 
     from pagedllm.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
 
 # What makes two constraints compile to the same grammar: (constraint, its text, whitespace
 # options).
@@ -74,15 +78,61 @@ class StructuredOutputManager:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(self._num_threads,
                                                         thread_name_prefix="pagedllm-grammar")
-                future = self._executor.submit(self.backend.compile, params)
+                future = self._executor.submit(self._compile, params)
                 self.num_compiles += 1
                 self._cache[key] = future
                 while len(self._cache) > self.max_cached:
                     self._cache.popitem(last=False)
             return future
 
+    def _compile(self, params: StructuredOutputsParams) -> StructuredOutputGrammar:
+        try:
+            return self.backend.compile(params)
+        except Exception:
+            # NOTE: the backend failed where it should not (its tokenizer tables, say): the
+            # request then ends at once instead of the engine loop raising for it.
+            logger.exception("structured_outputs.%s failed to compile", params.constraint)
+            eos = self.backend.tokenizer.eos_token_id
+            return EosOnlyGrammar(self.backend.vocab_size, eos if eos is not None else 0)
+
     def shutdown(self) -> None:
         """Stops the compile threads once their work is done (pending compiles are dropped)."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+class EosOnlyGrammar(StructuredOutputGrammar):
+    """A grammar that failed to compile: it allows EOS alone, so its request ends at once."""
+
+    def __init__(self, vocab_size: int, eos_token_id: int) -> None:
+        self._vocab_size = vocab_size
+        self._eos_token_id = eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def accept_tokens(self, tokens) -> bool:
+        return all(token == self._eos_token_id for token in tokens)
+
+    def validate_tokens(self, tokens) -> int:
+        return 0
+
+    def rollback(self, num_tokens: int) -> None:
+        pass
+
+    def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
+        bitmask[row] = 0
+        word, bit = divmod(self._eos_token_id, 32)
+        bitmask[row, word] = (1 << bit) - (1 << 32 if bit == 31 else 0)  # int32: bit 31 < 0
+
+    def is_terminated(self) -> bool:
+        return True
+
+    def copy(self) -> EosOnlyGrammar:
+        return self
+
+    @property
+    def error(self) -> str | None:
+        return "the grammar failed to compile"
