@@ -5,6 +5,7 @@ Imports no torch at module level, so the command line builds its flags from it q
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -12,6 +13,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.core.scheduler import PREEMPTION_MODES
+from pagedllm.executor.abstract import DISTRIBUTED_EXECUTOR_BACKENDS
 from pagedllm.validation import is_int, is_number
 
 if TYPE_CHECKING:
@@ -75,6 +77,12 @@ class EngineConfig:
         None, "attention backend (see pagedllm.attention.registry; default: the fused CPU "
         "kernel on CPU)")
     device: str = setting("cpu", "torch device: cpu, or cuda[:N]")
+    tensor_parallel_size: int = setting(
+        1, "ranks that split every layer (tensor parallelism; not implemented yet in this "
+        "build: 1)")
+    distributed_executor_backend: str | None = setting(
+        None, "how ranks run: uni (in the engine's process), mp (one worker process per rank) "
+        "or ray (default: uni at one rank, mp above)", choices=DISTRIBUTED_EXECUTOR_BACKENDS)
     profile: bool = setting(
         False, "time each step's parts (pagedllm generate prints the breakdown to stderr); "
         "costs a little per step")
@@ -128,6 +136,7 @@ class EngineConfig:
             raise ValueError(f"swap_space must be a finite number of GiB >= 0, got "
                              f"{self.swap_space!r}")
         self._verify_device()
+        self._verify_parallel()
         if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -147,6 +156,28 @@ class EngineConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA device "
                              f"(this torch build: {torch.__version__})")
+
+    def _verify_parallel(self) -> None:
+        size, backend = self.tensor_parallel_size, self.distributed_executor_backend
+        if not is_int(size) or size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
+        if backend is not None and backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of "
+                             f"{', '.join(DISTRIBUTED_EXECUTOR_BACKENDS)} or None, got "
+                             f"{backend!r}")
+        if backend == "uni" and size > 1:
+            raise ValueError(f"distributed_executor_backend='uni' runs one rank in the "
+                             f"engine's process, but tensor_parallel_size={size}: use 'mp'")
+        if backend == "ray":
+            if importlib.util.find_spec("ray") is None:
+                raise ValueError("distributed_executor_backend='ray' needs Ray, which is not "
+                                 "installed: pip install pagedllm[ray]")
+            raise ValueError("distributed_executor_backend='ray' is not implemented yet in "
+                             "this build: use 'mp' (worker processes on this host)")
+        if size > 1:
+            raise ValueError(f"tensor_parallel_size={size}: tensor parallelism is not "
+                             f"implemented yet in this build; use 1 (the 'mp' backend runs "
+                             f"that rank in a worker process)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -17,12 +17,12 @@ from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler, SchedulerConfig
 from pagedllm.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
 from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.executor import Executor, build_executor
 from pagedllm.models.default_model import resolve_model_path
 from pagedllm.models.loader import load_config
 from pagedllm.outputs import RequestOutput
 from pagedllm.profiler import StepProfiler
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class LLMEngine:
     """The synchronous engine under `LLM` and the server.
 
     The request travels one way: InputProcessor (checks, tokens) -> Scheduler (blocks, budget)
-    -> Worker (forward, sampling) -> Scheduler.update_from_output (tokens, token stops) ->
-    OutputProcessor (text, stop strings) -> RequestOutput.
+    -> Executor (forward and sampling, on its ranks) -> Scheduler.update_from_output (tokens,
+    token stops) -> OutputProcessor (text, stop strings) -> RequestOutput.
     """
 
     def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
@@ -96,12 +96,13 @@ class LLMEngine:
             )
         self.max_model_len = config.max_model_len or model_max
         self.profiler = StepProfiler(enabled=config.profile)
-        self.worker = Worker(config, hf_config, model_dir, self.max_model_len, self.profiler)
-        num_blocks = self.worker.num_kv_blocks
+        self.model_executor: Executor = build_executor(
+            config, hf_config, model_dir, self.max_model_len, self.profiler)
+        num_blocks = self.model_executor.num_kv_blocks
         self.block_manager = BlockManager(
             num_blocks,
             config.block_size,
-            num_cpu_blocks=self.worker.num_cpu_blocks,
+            num_cpu_blocks=self.model_executor.num_cpu_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.scheduler = Scheduler(
@@ -143,6 +144,20 @@ class LLMEngine:
             config.torch_dtype,
             self.max_model_len,
         )
+
+    @property
+    def worker(self):
+        """The in-process Worker of the `uni` backend (tests and tools inspect its model and
+        cache); the `mp` backend's workers live in other processes."""
+        worker = getattr(self.model_executor, "driver_worker", None)
+        if worker is None:
+            raise AttributeError(f"{type(self.model_executor).__name__} runs its workers in "
+                                 f"other processes: use model_executor.collective_rpc")
+        return worker
+
+    def shutdown(self) -> None:
+        """Stops the executor's worker processes, if any; the engine cannot step afterwards."""
+        self.model_executor.shutdown()
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.tokenizer
@@ -236,7 +251,8 @@ class LLMEngine:
                 scheduler_output = self.scheduler.schedule()
             if scheduler_output.is_empty:
                 return []
-            runner_output = self.worker.execute_model(scheduler_output)
+            runner_output = self.model_executor.execute_model(
+                scheduler_output, self.scheduler.requests)
             with profiler.section("update"):
                 updates = self.scheduler.update_from_output(scheduler_output, runner_output)
             with profiler.section("output processing"):

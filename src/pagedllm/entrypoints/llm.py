@@ -8,7 +8,7 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -19,6 +19,9 @@ from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 ChatMessages = list[dict[str, Any]]
 _SETTINGS = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -57,6 +60,18 @@ class LLM:
 
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
+
+    def shutdown(self) -> None:
+        """Stops the engine's worker processes (`distributed_executor_backend="mp"`); safe to
+        call twice. Interpreter exit does the same for an LLM still open, and so does leaving
+        `with LLM(...) as llm:`."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def generate(
         self,
