@@ -31,10 +31,12 @@ _DTYPES = {
 
 
 def setting(default: Any, help: str, choices: Sequence[str] | None = None,
-            flag: bool = True) -> Any:
-    """A field of EngineConfig: its default, and the help text and choices its `--flag` shows
-    (`flag=False`: a keyword of `LLM` without a command-line flag)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+            flag: bool = True, aliases: Sequence[str] = ()) -> Any:
+    """A field of EngineConfig: its default, and the help text, choices and short `aliases`
+    (vLLM's, such as -tp) its `--flag` shows (`flag=False`: a keyword of `LLM` without a
+    command-line flag)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag,
+                                            "aliases": tuple(aliases)})
 
 
 @dataclass
@@ -79,7 +81,7 @@ class EngineConfig:
     device: str = setting("cpu", "torch device: cpu, or cuda[:N]")
     tensor_parallel_size: int = setting(
         1, "ranks that split every layer (tensor parallelism; not implemented yet in this "
-        "build: 1)")
+        "build: 1)", aliases=("-tp",))
     distributed_executor_backend: str | None = setting(
         None, "how ranks run: uni (in the engine's process), mp (one worker process per rank) "
         "or ray (default: uni at one rank, mp above)", choices=DISTRIBUTED_EXECUTOR_BACKENDS)
@@ -96,16 +98,16 @@ class EngineConfig:
         for f in fields(cls):
             if f.name in skip or not f.metadata["flag"]:
                 continue
-            flag = "--" + f.name.replace("_", "-")
+            flags = ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
             kind = _flag_type(f)
             help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
             if kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction,
                                    default=f.default, help=help_text)
             else:
                 if f.default is not None:
                     help_text += f" (default: {f.default})"
-                group.add_argument(flag, type=kind, default=f.default, help=help_text,
+                group.add_argument(*flags, type=kind, default=f.default, help=help_text,
                                    choices=f.metadata["choices"])
 
     @classmethod

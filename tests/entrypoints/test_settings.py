@@ -56,6 +56,11 @@ def test_parsed_flags_become_the_same_config():
     assert EngineConfig(**EngineConfig.kwargs_from_cli_args(defaults)) == EngineConfig()
 
 
+def test_short_aliases_as_vllm_has_them():
+    args = build_parser().parse_args(["serve", "-tp", "1"])
+    assert args.tensor_parallel_size == 1
+
+
 def test_a_flag_choice_outside_the_settings_check_is_refused():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--preemption-mode", "drop"])

@@ -10,6 +10,9 @@ it (one, in a decode), and its block table only where it changed.
 
 `StepEncoder` (driver) turns a SchedulerOutput into a `StepMessage`; `StepDecoder` (rank)
 turns it back into the SchedulerOutput the ModelRunner takes, equal field by field.
+
+NOTE: a little over the package's ~350 lines on purpose: the two sides of one wire format
+stay in one module, so a field cannot be encoded one way and decoded another.
 """
 
 from __future__ import annotations
