@@ -191,9 +191,10 @@ def servers(tiny_dir, smollm2_dir, tmp_path_factory):
     procs = {
         "main": ServerProcess(tiny_dir, logs / "main.log", *tiny_args,
                               "--log-stats-interval", "1"),
-        # Also the one with a --chat-template.
+        # Also the one with a --chat-template, and with auto tool choice.
         "keyed": ServerProcess(tiny_dir, logs / "keyed.log", *tiny_args, "--api-key", API_KEY,
-                               "--chat-template", str(logs / "template.jinja")),
+                               "--chat-template", str(logs / "template.jinja"),
+                               "--enable-auto-tool-choice", "--tool-call-parser", "hermes"),
         # The key from the environment this time.
         "doomed": ServerProcess(tiny_dir, logs / "doomed.log", *tiny_args,
                                 env={"PAGEDLLM_API_KEY": API_KEY}),
@@ -525,6 +526,86 @@ def test_response_format_from_smollm2(smol_server):
     assert isinstance(json.loads(reply.choices[0].text), dict)
 
 
+# ---- tools --------------------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "pattern": "^[A-Z][a-z]{1,10}$"}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+TOOL_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL,
+                                                                           TIME_TOOL)}
+
+
+def streamed_calls(chunks) -> tuple[list[tuple[str, str, str]], str | None, str]:
+    """(id, name, joined arguments) per streamed call, the last finish_reason, the content."""
+    calls: dict[int, list[str]] = {}
+    finish_reason, content = None, ""
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            finish_reason = choice.finish_reason or finish_reason
+            for call in choice.delta.tool_calls or ():
+                entry = calls.setdefault(call.index, ["", "", ""])
+                entry[0] += call.id or ""
+                entry[1] += (call.function.name or "") if call.function else ""
+                entry[2] += (call.function.arguments or "") if call.function else ""
+    return [tuple(calls[i]) for i in sorted(calls)], finish_reason, content
+
+
+def test_tool_choice_required_and_named_function(client):
+    body = dict(messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                tools=[WEATHER_TOOL, TIME_TOOL], max_tokens=64, parallel_tool_calls=False,
+                **greedy())
+    for tool_choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        reply = client.chat.completions.create(tool_choice=tool_choice, **body)
+        choice = reply.choices[0]
+        assert choice.finish_reason == ("tool_calls" if tool_choice == "required" else "stop")
+        assert choice.message.content is None and len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0]
+        assert call.type == "function" and call.id.startswith("call_")
+        if tool_choice != "required":
+            assert call.function.name == "get_time"
+        jsonschema.validate(json.loads(call.function.arguments), TOOL_SCHEMAS[call.function.name])
+        calls, finish_reason, content = streamed_calls(client.chat.completions.create(
+            tool_choice=tool_choice, stream=True, **body))
+        assert [(name, args) for _, name, args in calls] == [
+            (call.function.name, call.function.arguments)]
+        assert calls[0][0].startswith("call_") and finish_reason == choice.finish_reason
+        assert content == ""
+    reply = client.chat.completions.create(tool_choice="none", **body)
+    assert not reply.choices[0].message.tool_calls
+    assert isinstance(reply.choices[0].message.content, str)
+
+
+def test_auto_tool_choice_parses_the_models_calls(keyed_server):
+    client = keyed_server.client(api_key=API_KEY)
+    # The tiny model is made to write a Hermes call (as a model trained for it would).
+    text = ('Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", '
+            '"unit": "c"}}</tool_call>')
+    body = dict(messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                tools=[WEATHER_TOOL, TIME_TOOL], max_tokens=64,
+                extra_body={"structured_outputs": {"choice": [text]}}, **greedy())
+    reply = client.chat.completions.create(**body)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in choice.message.tool_calls] == [("get_weather", {"city": "Oslo", "unit": "c"})]
+    calls, finish_reason, content = streamed_calls(client.chat.completions.create(stream=True,
+                                                                                  **body))
+    assert content.strip() == "Checking." and finish_reason == "tool_calls"
+    assert [(name, json.loads(args)) for _, name, args in calls] == [
+        ("get_weather", {"city": "Oslo", "unit": "c"})]
+    # Without a call in the text, the answer is plain content.
+    plain = client.chat.completions.create(**{**body, "extra_body": {
+        "structured_outputs": {"choice": ["Sunny."]}}})
+    assert plain.choices[0].message.content == "Sunny."
+    assert not plain.choices[0].message.tool_calls and plain.choices[0].finish_reason == "stop"
+
+
 # ---- load, preemption, disconnects --------------------------------------------------------------
 
 def test_64_concurrent_streams_with_preemption(server):
@@ -666,6 +747,21 @@ ERROR_CASES = [
     ("/v1/completions", greedy(prompt="hi", use_beam_search=True, n=2,
                                response_format={"type": "json_object"}), 400,
      "response_format", ["use_beam_search"]),
+    # Tools: "auto" needs the server's flags; a missing function; two constraints.
+    ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],
+                                    tools=[WEATHER_TOOL]), 400, "tool_choice",
+     ["--enable-auto-tool-choice"]),
+    ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],
+                                    tools=[WEATHER_TOOL], tool_choice={
+                                        "type": "function", "function": {"name": "nope"}}),
+     400, "tool_choice", ["nope"]),
+    ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],
+                                    tools=[WEATHER_TOOL], tool_choice="required",
+                                    response_format={"type": "json_object"}), 400,
+     "tool_choice", ["both constrain"]),
+    ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}], tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "strnig"}}}],
+                                    tool_choice="required"), 400, "tools", ["strnig"]),
     ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],
                                     max_completion_tokens=10**4), 400, "max_tokens", ["512"]),
     ("/v1/chat/completions", greedy(messages=[{"role": "user", "content": "x"}],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pagedllm.benchmarks.cli import add_bench_parser, run_bench
 from pagedllm.config import EngineConfig
+from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -50,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.add_argument("--log-stats-interval", type=float, default=5.0,
                        help="seconds between throughput log lines while busy")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='parse the model\'s own tool calls (chat tool_choice "auto"); needs '
+                            "--tool-call-parser")
+    serve.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                       help="the format the model writes tool calls in (hermes: "
+                            "<tool_call>{...}</tool_call>)")
     EngineConfig.add_cli_args(serve)
     add_bench_parser(sub)
     return parser
@@ -98,6 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
         chat_template=chat_template,
         uvicorn_log_level=args.uvicorn_log_level,
         log_stats_interval_s=args.log_stats_interval,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
     # NOTE: the server has stopped cleanly (streams ended, engine thread joined, socket
     # closed). Tearing down torch at interpreter exit takes seconds on small machines, and a

@@ -43,6 +43,7 @@ from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS, ToolParser, get_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -221,8 +222,10 @@ def build_app(
     api_key: str | None = None,
     chat_template: str | None = None,
     metrics: ServerMetrics | None = None,
+    tool_parser: ToolParser | None = None,
 ) -> FastAPI:
-    """The app for one engine; its lifespan starts and stops the engine thread."""
+    """The app for one engine; its lifespan starts and stops the engine thread. `tool_parser`
+    parses the model's own tool calls (tool_choice "auto"); None refuses "auto"."""
 
     prompt_tokenizer = PromptTokenizer(tokenizer)  # one worker thread for every endpoint
 
@@ -241,7 +244,8 @@ def build_app(
         engine=engine,
         models=models,
         completion=OpenAIServingCompletion(engine, models, tokenizer, prompt_tokenizer),
-        chat=OpenAIServingChat(engine, models, tokenizer, chat_template, prompt_tokenizer),
+        chat=OpenAIServingChat(engine, models, tokenizer, chat_template, prompt_tokenizer,
+                               tool_parser),
         tokenization=OpenAIServingTokenization(models, tokenizer, chat_template,
                                                prompt_tokenizer),
         metrics=metrics,
@@ -299,11 +303,20 @@ def run_server(
     chat_template: str | None = None,
     uvicorn_log_level: str = "info",
     log_stats_interval_s: float = 5.0,
+    enable_auto_tool_choice: bool = False,
+    tool_call_parser: str | None = None,
 ) -> None:
     """Loads the engine and serves until SIGINT/SIGTERM. Bad settings raise ValueError/OSError."""
     from transformers import AutoTokenizer
 
     from pagedllm.engine.llm_engine import LLMEngine
+
+    tool_parser = None
+    if enable_auto_tool_choice:
+        if tool_call_parser is None:
+            raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of "
+                             f"{', '.join(TOOL_PARSERS)})")
+        tool_parser = get_tool_parser(tool_call_parser)
 
     sock = bind_socket(host, port)
     try:
@@ -314,7 +327,8 @@ def run_server(
         server_metrics = ServerMetrics(names[0], log_interval_s=log_stats_interval_s)
         engine = AsyncLLMEngine(llm_engine, server_metrics.observe)
         app = build_app(engine, tokenizer, names, str(llm_engine.model_dir), api_key=api_key,
-                        chat_template=chat_template, metrics=server_metrics)
+                        chat_template=chat_template, metrics=server_metrics,
+                        tool_parser=tool_parser)
         config = uvicorn.Config(app, log_level=uvicorn_log_level, timeout_graceful_shutdown=5,
                                 timeout_keep_alive=5)
         server = _Server(config, on_exit=engine.begin_shutdown)

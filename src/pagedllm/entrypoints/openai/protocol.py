@@ -200,9 +200,12 @@ class ContentPart(OpenAIBaseModel):
 
 
 class ChatMessage(OpenAIBaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # An assistant turn's calls, and the call a "tool" turn answers.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(SamplingExtras):
@@ -222,22 +225,63 @@ class ChatCompletionRequest(SamplingExtras):
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
+    # OpenAI's function tools: [{"type": "function", "function": {"name", "description",
+    # "parameters"}}]; tool_choice "none", "auto", "required" or {"type": "function",
+    # "function": {"name": ...}} (default "auto" with tools, else "none").
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     user: str | None = None
     # vLLM's extensions for the chat template.
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    # The arguments as JSON text.
+    arguments: str
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    # None when the message is only tool calls.
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """A piece of a streamed call: the first carries id, type and name; the rest, arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class DeltaMessage(OpenAIBaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_nulls(self, handler: Any) -> dict[str, Any]:

@@ -49,17 +49,27 @@ def build_sampling_params(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     logit_bias: dict[str, float] | None = None,
+    tool_constraint: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """Raises ValueError (400) naming the offending field.
+
+    `tool_constraint` is the grammar of chat's tool_choice ("required" or a named function),
+    which takes the place of response_format / structured_outputs.
 
     With `use_beam_search` the result only carries the length: the beams come from
     `process_prompt`, and `n` is the beam width (at most the engine's `max_num_seqs`), not a
     number of samples.
     """
     structured = structured_outputs_of(request)
+    if tool_constraint is not None:
+        if structured is not None:
+            raise RequestFieldError(f"tool_choice and {structured_param_of(request)} both "
+                                    f"constrain the output: give one of them",
+                                    param="tool_choice")
+        structured = tool_constraint
     if request.use_beam_search:
         if structured is not None:
-            param = structured_param_of(request)
+            param = "tool_choice" if tool_constraint is not None else structured_param_of(request)
             raise RequestFieldError(f"{param} is not supported with use_beam_search: beams are "
                                     f"ranked by raw log-probabilities; drop one of them",
                                     param=param)
@@ -100,15 +110,16 @@ def build_sampling_params(
 
 
 def process_prompt(engine: AsyncLLMEngine, request: SamplingExtras, params: SamplingParams,
-                   n: int, token_ids: list[int], text: str | None, where: str, param: str
-                   ) -> ProcessedRequest:
+                   n: int, token_ids: list[int], text: str | None, where: str, param: str,
+                   structured_param: str | None = None) -> ProcessedRequest:
     """The one check of a prompt with its settings, made by the engine's input processor
     here, on the event loop, so a bad request is answered 400 before it reaches the engine
     thread (which queues the result without checking again).
 
     With `use_beam_search` the request becomes the beam search `params` stand for.
     `where` names the prompt in messages ("prompt", "messages"); `param` is the field
-    blamed for problems with the prompt itself.
+    blamed for problems with the prompt itself, `structured_param` (by default the one the
+    request's constraint came from) for a bad constraint.
     """
     engine_params: SamplingParams | BeamSearchParams = params
     if request.use_beam_search:
@@ -120,7 +131,7 @@ def process_prompt(engine: AsyncLLMEngine, request: SamplingExtras, params: Samp
                                          length_penalty=request.length_penalty)
     return engine.process_inputs(token_ids, engine_params, text,
                                  refuse_past_context=True, where=where, param=param,
-                                 structured_param=structured_param_of(request))
+                                 structured_param=structured_param or structured_param_of(request))
 
 
 def structured_outputs_of(request: SamplingExtras) -> StructuredOutputsParams | None:

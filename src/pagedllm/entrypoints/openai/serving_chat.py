@@ -35,6 +35,7 @@ from pagedllm.entrypoints.openai.request_params import (
 from pagedllm.entrypoints.openai.serving_engine import OpenAIServing
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.streaming import SSE_DONE, sse
+from pagedllm.entrypoints.openai.tools import ToolPlan, ToolStream, plan_tools, tool_calls_out
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from pagedllm.engine.async_engine import AsyncLLMEngine
+    from pagedllm.entrypoints.openai.tool_parsers import ToolParser
 
 # SamplingParams field -> the chat request field a user sets for it.
 _CHAT_PARAM_NAMES = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"}
@@ -51,7 +53,9 @@ class OpenAIServingChat(OpenAIServing):
     """One engine request per call; `n` choices come from `RequestOutput.outputs`.
 
     With `use_beam_search` the choices are the `n` beams, best first; a stream sends each beam
-    whole, once the search has ended (as vLLM does).
+    whole, once the search has ended (as vLLM does). With `tools`, a choice may come back as
+    tool calls (see `tools.py`); `tool_parser` parses the model's own calls for tool_choice
+    "auto" (None: "auto" is refused).
     """
 
     def __init__(
@@ -61,9 +65,11 @@ class OpenAIServingChat(OpenAIServing):
         tokenizer: PreTrainedTokenizerBase,
         chat_template: str | None,
         prompt_tokenizer: PromptTokenizer,
+        tool_parser: ToolParser | None = None,
     ) -> None:
         super().__init__(engine, models, tokenizer, prompt_tokenizer)
         self.chat_template = chat_template
+        self.tool_parser = tool_parser
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest
@@ -72,24 +78,28 @@ class OpenAIServingChat(OpenAIServing):
         if error is not None:
             return error
         try:
-            params = self._sampling_params(request)
+            plan = plan_tools(request, self.tool_parser)
+            params = self._sampling_params(request, plan)
+            template_kwargs = request.chat_template_kwargs
+            if request.tools:  # the template shows the model its tools, if it knows how
+                template_kwargs = {"tools": request.tools, **(template_kwargs or {})}
             token_ids = await self.prompt_tokenizer.run(
                 render_messages, request.messages, self.chat_template,
-                request.add_generation_prompt, request.chat_template_kwargs)
-            processed = process_prompt(self.engine, request, params, request.n, token_ids,
-                                       None, "messages", param="messages")
+                request.add_generation_prompt, template_kwargs)
+            processed = process_prompt(
+                self.engine, request, params, request.n, token_ids, None, "messages",
+                param="messages", structured_param="tools" if plan.constraint else None)
         except ValueError as exc:
             return error_from_exception(exc, _CHAT_PARAM_NAMES)
         request_id = random_id("chatcmpl")
         results = self.engine.generate(processed, None, request_id)
         model = self.models.model_name(request.model)
         if request.stream:
-            return self._stream(request, request_id, model, params, results)
-        return await self._full(request_id, model, params, results)
+            return self._stream(request, request_id, model, params, plan, results)
+        return await self._full(request_id, model, params, plan, results)
 
-    def _sampling_params(self, request: ChatCompletionRequest) -> SamplingParams:
-        if request.tools:
-            raise RequestFieldError("tools are not supported by this server", param="tools")
+    def _sampling_params(self, request: ChatCompletionRequest, plan: ToolPlan
+                         ) -> SamplingParams:
         check_stream_options(request.stream, request.stream_options)
         if request.top_logprobs is not None and not request.logprobs:
             raise RequestFieldError("top_logprobs needs logprobs=true",
@@ -106,6 +116,7 @@ class OpenAIServingChat(OpenAIServing):
             temperature=request.temperature, top_p=request.top_p, seed=request.seed,
             stop=request.stop, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, logit_bias=request.logit_bias,
+            tool_constraint=plan.constraint,
         )
 
     async def _full(
@@ -113,6 +124,7 @@ class OpenAIServingChat(OpenAIServing):
         request_id: str,
         model: str,
         params: SamplingParams,
+        plan: ToolPlan,
         results: AsyncIterator[RequestOutput],
     ) -> ChatCompletionResponse | ErrorResponse:
         final: RequestOutput | None = None
@@ -125,16 +137,16 @@ class OpenAIServingChat(OpenAIServing):
         aborted = aborted_error([final])
         if aborted is not None:
             return aborted
-        choices = [
-            ChatCompletionChoice(
+        choices = []
+        for completion in sorted(final.outputs, key=lambda c: c.index):
+            content, calls, finish_reason = plan.finish(completion.text, completion.finish_reason)
+            choices.append(ChatCompletionChoice(
                 index=completion.index,
-                message=ChatMessageOut(content=completion.text),
+                message=ChatMessageOut(content=content, tool_calls=tool_calls_out(calls)),
                 logprobs=self._logprobs(completion, 0, params),
-                finish_reason=completion.finish_reason,
+                finish_reason=finish_reason,
                 stop_reason=completion.stop_reason,
-            )
-            for completion in sorted(final.outputs, key=lambda c: c.index)
-        ]
+            ))
         num_completion = sum(len(c.token_ids) for c in final.outputs)
         usage = UsageInfo(prompt_tokens=len(final.prompt_token_ids),
                           completion_tokens=num_completion,
@@ -147,6 +159,7 @@ class OpenAIServingChat(OpenAIServing):
         request_id: str,
         model: str,
         params: SamplingParams,
+        plan: ToolPlan,
         results: AsyncIterator[RequestOutput],
     ) -> AsyncIterator[str]:
         created = int(time.time())
@@ -160,6 +173,7 @@ class OpenAIServingChat(OpenAIServing):
         num_tokens_sent: dict[int, int] = {}
         num_prompt_tokens = 0
         done: set[int] = set()
+        tools: dict[int, ToolStream] = {}  # per choice, with a tool plan
         try:
             # The role comes first, once per choice, before any token (as OpenAI does).
             for index in range(request.n):
@@ -170,6 +184,13 @@ class OpenAIServingChat(OpenAIServing):
                 for completion in output.outputs:
                     index = completion.index
                     if index in done:
+                        continue
+                    if plan.mode != "none":
+                        for piece in self._tool_chunks(tools.setdefault(index, ToolStream(plan)),
+                                                       completion, num_tokens_sent, params):
+                            yield chunk([piece])
+                        if completion.finish_reason is not None:
+                            done.add(index)
                         continue
                     delta = completion.text[num_chars_sent.get(index, 0):]
                     if not delta and completion.finish_reason is None:
@@ -194,6 +215,23 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             await results.aclose()  # type: ignore[attr-defined]
         yield SSE_DONE
+
+    def _tool_chunks(self, stream: ToolStream, completion: CompletionOutput,
+                     num_tokens_sent: dict[int, int], params: SamplingParams
+                     ) -> list[ChatCompletionStreamChoice]:
+        """A choice's stream pieces under a tool plan; the step's logprobs ride on the first."""
+        deltas, finish_reason = stream.deltas(completion.text, completion.finish_reason)
+        if not deltas and finish_reason is None:
+            return []  # held back (a call may be starting): sent with what follows
+        index = completion.index
+        logprobs = self._logprobs(completion, num_tokens_sent.get(index, 0), params)
+        num_tokens_sent[index] = len(completion.token_ids)
+        deltas = deltas or [DeltaMessage()]
+        return [ChatCompletionStreamChoice(
+            index=index, delta=delta, logprobs=logprobs if i == 0 else None,
+            finish_reason=finish_reason if i == len(deltas) - 1 else None,
+            stop_reason=completion.stop_reason if i == len(deltas) - 1 else None,
+        ) for i, delta in enumerate(deltas)]
 
     def _logprobs(self, completion: CompletionOutput, start: int, params: SamplingParams
                   ) -> ChatLogprobs | None:
