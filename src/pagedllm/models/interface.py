@@ -68,6 +68,11 @@ class CausalLM(Protocol):
         is a ValueError naming the tensor."""
         ...
 
+    def init_buffers(self) -> None:
+        """Fills the buffers that are not weights (rotary tables) once the model, built on the
+        meta device, has real storage."""
+        ...
+
     def pack_weights(self, allocate: Allocate | None = None) -> int:
         """Packs the projections for the CPU paths (CPU only, after loading); returns how many.
         With `allocate`, the packed tensors then move into memory from allocate(shape, dtype)."""
@@ -214,6 +219,10 @@ class CausalLMBase(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         """The token embedding (also the LM head's weight where the head is tied)."""
         raise NotImplementedError
+
+    def init_buffers(self) -> None:
+        """Fills the buffers that are not weights (rotary tables) once the model, built on the
+        meta device, has real storage; nothing by default."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden] -> logits: [num_rows, vocab_size] in float32

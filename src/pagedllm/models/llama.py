@@ -7,16 +7,15 @@ metadata to keep requests apart.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 from torch import nn
 from transformers import LlamaConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
-from pagedllm.layers.linear import Linear, PackedWeight, pack_linear_layers, try_pack
+from pagedllm.layers.linear import Linear
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.models.interface import Allocate, CausalLMBase, WeightMapping
 from pagedllm.models.llama_stack import NativeDecoderStack
 from pagedllm.profiler import StepProfiler
 
@@ -108,7 +107,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLMBase):
     """The model; `forward` returns hidden states and `compute_logits` runs only the rows asked."""
 
     # Checkpoint projection name -> (fused parameter name, shard index).
@@ -119,32 +118,34 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    weight_mapping = WeightMapping(prefixes={"model.": ""}, packed_modules=packed_modules,
+                                   ignored_suffixes=("rotary_emb.inv_freq",))
 
     # Module types timed by the step profiler.
     profiled_modules = {"attention block": LlamaAttention, "mlp": LlamaMLP}
 
     def __init__(self, config: LlamaConfig, backend: AttentionBackend, max_position: int) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         head_size = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
         )
-        rotary = RotaryEmbedding(config, head_size, max_position)
+        self.rotary = RotaryEmbedding(config, head_size, max_position)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, backend) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, self.rotary, backend)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = (
-            None
-            if self.tie_word_embeddings
-            else Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
-        # A packed copy of the tied embedding for the LM head, set by pack_weights().
-        self.tied_lm_head: PackedWeight | None = None
+        if not getattr(config, "tie_word_embeddings", False):
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         # The layers as one native call, set by pack_weights() where every part is native.
         self.native_stack: NativeDecoderStack | None = None
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def init_buffers(self) -> None:
+        self.rotary.init_buffers()
 
     def forward(
         self,
@@ -166,39 +167,12 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [num_rows, hidden_size] -> logits: [num_rows, vocab_size] in float32
-        packed = self.tied_lm_head if self.lm_head is None else self.lm_head.packed
-        if packed is not None:  # fp32 written by the kernel, no conversion pass
-            return packed(hidden, out_dtype=torch.float32)
-        if self.lm_head is not None:
-            return self.lm_head(hidden).float()
-        return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
-
-    def pack_weights(
-        self, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor] | None = None
-    ) -> int:
-        """Packs every projection and the LM head for the CPU paths (CPU only, after loading).
-
-        A tied LM head gets a packed copy; the embedding keeps the plain table for lookups.
-        With `allocate`, the packed tensors then move, one at a time, into memory from
-        allocate(shape, dtype) (the worker's huge pages). Then the layers become one native
-        call where every part of them is native. Returns the number of weights packed.
-        """
-        count = pack_linear_layers(self)
-        if self.lm_head is None:
-            self.tied_lm_head = try_pack(self.embed_tokens.weight)
-            count += self.tied_lm_head is not None
-        if allocate is not None:
-            for packed in self.packed_weights():
-                packed.move_to(allocate)
+    def pack_weights(self, allocate: Allocate | None = None) -> int:
+        """Packs as every model does (CausalLMBase), then makes the layers one native call
+        where every part of them is native."""
+        count = super().pack_weights(allocate)
         self.native_stack = NativeDecoderStack.build(self)
         return count
-
-    def packed_weights(self) -> list[PackedWeight]:
-        """Every packed weight of the model: its projections', then the tied LM head's."""
-        weights = [m.packed for m in self.modules() if isinstance(m, Linear) and m.packed]
-        return weights + ([self.tied_lm_head] if self.tied_lm_head is not None else [])
 
     def attach_profiler(self, profiler: StepProfiler) -> None:
         """Has the native stack time its blocks (as the module hooks name theirs) and parts."""

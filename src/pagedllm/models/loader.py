@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
-from pagedllm.models.interface import CausalLMBase, WeightMapping, load_mapped_weights
+from pagedllm.models.interface import CausalLM
 from pagedllm.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -47,15 +46,13 @@ def build_model(
     max_position: int,
     dtype: torch.dtype,
     device: torch.device,
-) -> nn.Module:
+) -> CausalLM:
     """Builds the model without random init, then fills every parameter from the checkpoint."""
     model_cls = get_model_class(config.architectures)
     with torch.device("meta"):
         model = model_cls(config, backend, max_position)
     model.to_empty(device=device)
-    for module in model.modules():
-        if hasattr(module, "init_buffers"):
-            module.init_buffers()
+    model.init_buffers()
     load_weights(model, model_dir)
     return model.to(dtype).eval()
 
@@ -72,7 +69,7 @@ def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
                 yield name, f.get_tensor(name)
 
 
-def load_weights(model: nn.Module, model_dir: Path) -> None:
+def load_weights(model: CausalLM, model_dir: Path) -> None:
     """Fills the model from the directory's safetensors through its own name mapping.
 
     Any mismatch between config and weights (a tensor with no place, a wrong shape, a
@@ -83,15 +80,7 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
         raise ValueError(f"no *.safetensors weights in {str(model_dir)!r}")
     weights = _checkpoint_tensors(files)
     try:
-        if isinstance(model, CausalLMBase):
-            loaded = model.load_weights(weights)
-        else:
-            # NOTE: LlamaForCausalLM predates the model interface: it has no load_weights, so
-            # its names map as they always have (drop `model.`, pack its `packed_modules`).
-            mapping = WeightMapping(prefixes={"model.": ""},
-                                    packed_modules=type(model).packed_modules,
-                                    ignored_suffixes=("rotary_emb.inv_freq",))
-            loaded = load_mapped_weights(model, weights, mapping)
+        loaded = model.load_weights(weights)
     except ValueError as exc:
         raise ValueError(f"model {str(model_dir)!r}: {exc}") from None
     unfilled = sorted(set(dict(model.named_parameters())) - loaded)

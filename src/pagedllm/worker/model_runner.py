@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from pagedllm.attention.metadata import build_attention_metadata
 from pagedllm.core.interface import (
@@ -13,6 +12,7 @@ from pagedllm.core.interface import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from pagedllm.models.interface import CausalLM
 from pagedllm.profiler import StepProfiler
 from pagedllm.sample.sampler import Sampler, SamplingBatch
 from pagedllm.structured_output.bitmask import apply_grammar_bitmask
@@ -23,7 +23,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: CausalLM,
         kv_caches: list[torch.Tensor],
         block_size: int,
         device: torch.device,
@@ -36,8 +36,8 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(seed=seed)
         self.profiler = profiler or StepProfiler()
-        self.profiler.time_modules(model, getattr(model, "profiled_modules", {}))
-        if self.profiler.enabled and hasattr(model, "attach_profiler"):
+        self.profiler.time_modules(model, model.profiled_modules)
+        if self.profiler.enabled:
             model.attach_profiler(self.profiler)
 
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]):

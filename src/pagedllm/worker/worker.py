@@ -43,7 +43,7 @@ class Worker:
             num_heads, num_kv_heads, head_size, head_size**-0.5, config.block_size
         )
         self.model = build_model(hf_config, model_dir, backend, max_model_len, dtype, self.device)
-        if self.device.type == "cpu" and hasattr(self.model, "pack_weights"):
+        if self.device.type == "cpu":
             self.model.pack_weights(allocate=HugePageArena().empty)
         spec = KVCacheSpec(
             num_layers=hf_config.num_hidden_layers,
