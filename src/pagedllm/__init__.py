@@ -16,6 +16,7 @@ _EXPORTS = {
     "EngineStats": "pagedllm.engine.llm_engine",
     "EngineConfig": "pagedllm.config",
     "SamplingParams": "pagedllm.sampling_params",
+    "StructuredOutputsParams": "pagedllm.sampling_params",
     "BeamSearchParams": "pagedllm.core.beam_search",
     "RequestOutput": "pagedllm.outputs",
     "CompletionOutput": "pagedllm.outputs",
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from pagedllm.engine.llm_engine import EngineStats, LLMEngine
     from pagedllm.entrypoints.llm import LLM
     from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-    from pagedllm.sampling_params import SamplingParams
+    from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str):

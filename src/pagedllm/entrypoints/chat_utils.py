@@ -3,6 +3,7 @@ chat completions endpoint and `/tokenize`."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.engine.input_processor import RequestFieldError
@@ -60,10 +61,30 @@ def render_messages(
             content = "\n".join(texts)
         # NOTE: "developer" is OpenAI's newer name for "system"; templates know only the latter.
         role = "system" if message.role == "developer" else message.role
-        conversation.append({"role": role, "content": content or ""})
+        turn: dict[str, Any] = {"role": role, "content": content or ""}
+        if message.name is not None:
+            turn["name"] = message.name
+        if message.tool_call_id is not None:
+            turn["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            turn["tool_calls"] = [_call_for_template(call) for call in message.tool_calls]
+        conversation.append(turn)
     try:
         _, token_ids = render_chat(tokenizer, conversation, chat_template,
                                    add_generation_prompt, template_kwargs)
     except ValueError as exc:
         raise RequestFieldError(f"{exc} (on these messages)", "messages") from None
     return token_ids
+
+
+def _call_for_template(call: dict[str, Any]) -> dict[str, Any]:
+    """An assistant turn's tool call as chat templates read it: OpenAI sends `arguments` as a
+    JSON string, templates (Hermes, Qwen, Llama 3) index it as a mapping, as vLLM hands it."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
