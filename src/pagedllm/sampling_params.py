@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import enum
-import json
 import math
-import numbers
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
-if TYPE_CHECKING:
-    from concurrent.futures import Future
+from pagedllm.structured_output.params import StructuredOutputsParams
+from pagedllm.validation import is_int, is_number
 
 # Temperatures below this are treated as 0 (greedy), as in vLLM.
 SAMPLING_EPS = 1e-5
@@ -23,125 +20,6 @@ class SamplingType(enum.IntEnum):
     GREEDY = 0
     RANDOM = 1
     RANDOM_SEED = 2
-
-
-def _is_int(value: Any) -> bool:
-    # NOTE: bool is an int subclass, but `seed=True` or `top_k=False` is always a mistake.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-# The constraints of StructuredOutputsParams, in the order messages name them.
-_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
-
-
-@dataclass
-class StructuredOutputsParams:
-    """A constraint on the generated text (vLLM's names): set exactly one of `json`, `regex`,
-    `choice`, `grammar` and `json_object`.
-
-    The text is generated under a grammar: at each step only the tokens that keep it a prefix
-    of something the constraint accepts may be sampled, and EOS only where it is complete.
-    Whether a schema, regex or grammar is valid is checked when the request is queued (a
-    ValueError naming the field), because only the engine's grammar backend can tell.
-    """
-
-    json: str | dict[str, Any] | None = None
-    """A JSON schema (a dict, or its JSON text): the output is a JSON value it validates."""
-
-    regex: str | None = None
-    """A regular expression the whole output matches."""
-
-    choice: list[str] | None = None
-    """Non-empty strings: the output is exactly one of them."""
-
-    grammar: str | None = None
-    """A context-free grammar in Lark syntax (llguidance's dialect) or GBNF: the output is a
-    sentence of it."""
-
-    json_object: bool | None = None
-    """True: the output is a JSON object (any keys), as OpenAI's `{"type": "json_object"}`."""
-
-    disable_any_whitespace: bool = False
-    """JSON only: no whitespace between tokens (compact JSON). By default any run of spaces,
-    tabs and newlines may sit between them."""
-
-    whitespace_pattern: str | None = None
-    """JSON only: a regex for the whitespace allowed between tokens, instead of any run."""
-
-    # NOTE: set by the engine's input processor on its own copy (`with_compiled`): the grammar
-    # being compiled for the request. Neither compared, printed nor pickled (ranks only read
-    # the bitmask each step).
-    _compiled: Future | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
-        if len(given) != 1:
-            raise ValueError(
-                f"structured_outputs must set exactly one of {', '.join(_CONSTRAINTS)}; got "
-                f"{' and '.join(given) if given else 'none'}: keep one constraint per request")
-        if isinstance(self.json, str):
-            try:
-                self.json = json.loads(self.json)
-            except ValueError as exc:
-                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
-        if self.json is not None and not isinstance(self.json, (dict, bool)):
-            raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got "
-                             f"{type(self.json).__name__}")
-        if self.regex is not None and not isinstance(self.regex, str):
-            raise ValueError(f"structured_outputs.regex must be a string, got {self.regex!r}")
-        if self.grammar is not None and (not isinstance(self.grammar, str)
-                                         or not self.grammar.strip()):
-            raise ValueError(f"structured_outputs.grammar must be a non-empty string, got "
-                             f"{self.grammar!r}")
-        if self.choice is not None:
-            if isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple)):
-                raise ValueError(f"structured_outputs.choice must be a list of strings, got "
-                                 f"{self.choice!r}")
-            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
-                raise ValueError(f"structured_outputs.choice must hold at least one string, "
-                                 f"each non-empty; got {self.choice!r}")
-            self.choice = list(self.choice)
-        if not (self.json_object is None or isinstance(self.json_object, bool)):
-            raise ValueError(f"structured_outputs.json_object must be a bool or None, got "
-                             f"{self.json_object!r}")
-        self.json_object = self.json_object or None
-        if not isinstance(self.disable_any_whitespace, bool):
-            raise ValueError(f"structured_outputs.disable_any_whitespace must be a bool, got "
-                             f"{self.disable_any_whitespace!r}")
-        if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
-            raise ValueError(f"structured_outputs.whitespace_pattern must be a string, got "
-                             f"{self.whitespace_pattern!r}")
-
-    @property
-    def constraint(self) -> str:
-        """The name of the constraint set: "json", "regex", "choice", "grammar" or
-        "json_object"."""
-        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
-
-    @property
-    def compiled(self) -> Future | None:
-        """The engine's compile of this constraint, on the copy the input processor made."""
-        return self._compiled
-
-    def with_compiled(self, compiled: Future) -> StructuredOutputsParams:
-        """A copy carrying `compiled` (a Future of the backend's grammar object)."""
-        copy = StructuredOutputsParams(**{name: getattr(self, name) for name in _FIELDS})
-        copy._compiled = compiled
-        return copy
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _FIELDS}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _compiled=None)
-
-
-_FIELDS = ("json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace",
-           "whitespace_pattern")
 
 
 @dataclass
@@ -278,9 +156,9 @@ class SamplingParams:
     # ---- validation -----------------------------------------------------------------------
 
     def _verify_counts(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
+        if not is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
-        if self.best_of is not None and (not _is_int(self.best_of) or self.best_of < self.n):
+        if self.best_of is not None and (not is_int(self.best_of) or self.best_of < self.n):
             raise ValueError(
                 f"best_of must be None or an int >= n ({self.n}), got {self.best_of!r}"
             )
@@ -289,42 +167,42 @@ class SamplingParams:
                 f"n and best_of must be 1 with greedy sampling (temperature 0), got "
                 f"n={self.n}, best_of={self.best_of}: raise the temperature or use beam search"
             )
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+        if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs must be an int >= 0 or None, got {self.logprobs!r}")
 
     def _verify_penalties(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             # NOTE: written as `not (a <= x <= b)` so that NaN fails too.
-            if not _is_real(value) or not (-2.0 <= value <= 2.0):
+            if not is_number(value) or not (-2.0 <= value <= 2.0):
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
             setattr(self, name, float(value))
         rep = self.repetition_penalty
-        if not _is_real(rep) or not (rep > 0.0) or math.isinf(rep):
+        if not is_number(rep) or not (rep > 0.0) or math.isinf(rep):
             raise ValueError(f"repetition_penalty must be > 0 and finite, got {rep!r}")
         self.repetition_penalty = float(rep)
 
     def _verify_filters(self) -> None:
         temp = self.temperature
-        if not _is_real(temp) or not (temp >= 0.0) or math.isinf(temp):
+        if not is_number(temp) or not (temp >= 0.0) or math.isinf(temp):
             raise ValueError(f"temperature must be >= 0 and finite, got {temp!r}")
         self.temperature = float(temp)
-        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
+        if not is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         self.top_p = float(self.top_p)
-        if not _is_int(self.top_k) or self.top_k < -1:
+        if not is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 or >= 1 (-1 and 0 mean off), got {self.top_k!r}")
         self.top_k = max(int(self.top_k), 0)
-        if not _is_real(self.min_p) or not (0.0 <= self.min_p <= 1.0):
+        if not is_number(self.min_p) or not (0.0 <= self.min_p <= 1.0):
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         self.min_p = float(self.min_p)
 
     def _verify_lengths(self) -> None:
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
@@ -353,7 +231,7 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of int or None, got {ids!r}")
         ids = list(ids)
         for i in ids:
-            if not _is_int(i) or i < 0:
+            if not is_int(i) or i < 0:
                 raise ValueError(f"stop_token_ids must contain only ints >= 0, got {i!r}")
         self.stop_token_ids = [int(i) for i in ids]
 
@@ -364,9 +242,9 @@ class SamplingParams:
         if not isinstance(bias, dict):
             raise ValueError(f"logit_bias must be a dict[int, float] or None, got {bias!r}")
         for token_id, value in bias.items():
-            if not _is_int(token_id) or token_id < 0:
+            if not is_int(token_id) or token_id < 0:
                 raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token_id!r}")
-            if not _is_real(value) or not math.isfinite(value):
+            if not is_number(value) or not math.isfinite(value):
                 raise ValueError(
                     f"logit_bias values must be finite numbers, got {value!r} for token {token_id}"
                 )
