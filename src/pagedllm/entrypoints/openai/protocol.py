@@ -2,6 +2,9 @@
 
 Requests ignore unknown fields (clients send many optional ones); fields that change the
 meaning of a request and that we cannot honour are declared and refused by the serving layer.
+
+NOTE: past the package's ~350 lines on purpose: it is declarations only, the wire format of
+every endpoint in one place, as OpenAI's API reference is one document.
 """
 
 from __future__ import annotations
