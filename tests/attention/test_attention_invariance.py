@@ -108,9 +108,6 @@ SHAPES = [(9, 3, 64, 16), (9, 3, 64, 5), (4, 4, 32, 16), (8, 1, 128, 16), (6, 2,
 SHAPE_IDS = ["gqa-smollm2", "gqa-smollm2-block5", "mha-32", "mqa-128", "gqa-head20", "group9"]
 
 
-# Until the kernel is fixed: decode scores a key in another order than the prefill GEMM, and
-# a split key range merges its parts differently from the one-pass online softmax.
-@pytest.mark.xfail(reason="the key reduction depends on the work item")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_query_output_does_not_depend_on_how_its_sequence_is_computed(shape, dtype) -> None:

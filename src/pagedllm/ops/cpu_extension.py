@@ -8,7 +8,9 @@ torch and Python versions and this CPU's flags (the build uses -march=native). L
 just load the cached library (a file lock makes concurrent first uses build once). If the build
 fails, a warning is logged once, the failure is recorded in the build directory (so other
 processes do not retry it), and callers take their pure-torch paths instead.
-PAGEDLLM_DISABLE_CPU_KERNEL=1 forces those paths.
+PAGEDLLM_DISABLE_CPU_KERNEL=1 forces those paths. PAGEDLLM_CPU_EXTRA_CFLAGS adds compiler flags
+(and a build of their own), e.g. "-mno-avx512f" to build and test the AVX2 code on an AVX-512
+machine.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unknown-pragmas")
 _LDFLAGS = ("-fopenmp",)
 # Set to 1 to skip the native ops and always take the pure-torch paths.
 DISABLE_ENV = "PAGEDLLM_DISABLE_CPU_KERNEL"
+# Extra compiler flags, split on spaces, after the others (so they can take a feature away).
+EXTRA_CFLAGS_ENV = "PAGEDLLM_CPU_EXTRA_CFLAGS"
+
+
+def _cflags() -> tuple[str, ...]:
+    return (*_CFLAGS, *os.environ.get(EXTRA_CFLAGS_ENV, "").split())
 
 _lock = threading.Lock()
 _load_attempted = False
@@ -102,7 +110,7 @@ def _build_key() -> str:
     except OSError:
         pass
     for part in (
-        *_CFLAGS,
+        *_cflags(),
         *_LDFLAGS,
         torch.__version__,
         sys.version,
@@ -145,7 +153,7 @@ def _build(build_dir: Path, failed: Path) -> None:
         load(
             name=EXTENSION_NAME,
             sources=[str(_CSRC_DIR / source) for source in _SOURCES],
-            extra_cflags=list(_CFLAGS),
+            extra_cflags=list(_cflags()),
             extra_ldflags=list(_LDFLAGS),
             build_directory=str(build_dir),
             is_python_module=False,

@@ -31,6 +31,25 @@
 // context), an item's key range is split and the partial softmax states are merged afterwards
 // (flash-decoding).
 //
+// Batch invariance: a query row's output depends only on its query, its keys and values and
+// the model's shapes, never on the work item that computes it (decode, a short chunk, a tile of
+// a long prefill chunk, a part of a split range), so a request gets the same bits alone or in
+// any batch, prefilled in one chunk or several, with its prefix from the cache or computed. Every
+// item kind reduces a row's keys the same way:
+//   - a score q . k is summed as the decode sums it: per SIMD lane over the head's chunks, then
+//     across lanes in reduce4's tree (reduce16's on the dot-product paths), then the scalar tail
+//     in order; the GEMM forms, which hold keys in lanes, sum the same partial sums in the same
+//     tree (scores_rows_gemm);
+//   - keys go in tiles of kKeyTile logical positions from position 0 with the online softmax,
+//     and p @ V adds the tile's keys in order;
+//   - tiles are grouped in segments of kSegment positions from 0, whose states are merged in
+//     order (merge_state): as an item goes, or, for a split range, after all its parts.
+// The bf16 dot-product paths (AVX512_BF16, head size a multiple of 32) take every item of a
+// bf16 query over a bf16 cache, and the fp32 paths every other; the two differ (the dot paths
+// round q and p to bf16), but a model's dtype picks one for all of its steps.
+// Products are added with explicit FMAs (vec::fma, std::fma): left to the compiler's
+// contraction, acc * corr + p * v may fuse either product, and two copies of one loop may differ.
+//
 // SIMD: see vec.h; head sizes that are not a multiple of the lanes get scalar tails.
 
 #include <ATen/Parallel.h>
@@ -54,7 +73,7 @@ namespace {
 
 constexpr int kKeyTile = 32;        // logical key positions per softmax step
 constexpr int kTileRows = 64;       // query rows (tokens x grouped heads) per item, roughly
-constexpr int kMinSplitKeys = 256;  // never split a key range into parts shorter than this
+constexpr int kSegment = 256;       // keys per segment (see merge_state); a multiple of the tile
 constexpr int kDotMaxRows = 8;      // up to this many rows, score by dot products (no packing)
 constexpr int kChunk = 8;           // accumulator vectors held in registers by the PV loop
 
@@ -75,6 +94,7 @@ struct Params {
   const int64_t* seq_lens;
   float scale;
   int64_t max_rows;  // rows of the largest item: the stride of the partial buffer
+  bool dot_items;    // items of a bf16 query over a bf16 cache take the dot-product paths
 };
 
 struct WorkItem {
@@ -82,12 +102,15 @@ struct WorkItem {
   int32_t h_begin, h_end;  // kv heads
   int32_t q_begin, q_end;  // query tile, offsets within the sequence's new tokens
   int32_t k_begin, k_end;  // logical key positions this item reads
-  int32_t part;            // -1: finish and write the output; else slot in the partial buffer
+  // -1: finish and write the output; else a part of a split range, whose segments' states go
+  // to the partial buffer's slots from this one on.
+  int32_t part;
 };
 
+// A split item: its segments' states lie in slots first_slot .. first_slot + num_slots - 1.
 struct MergeGroup {
   int32_t seq, h_begin, h_end, q_begin, q_end;
-  int32_t first_part, num_parts;
+  int32_t first_slot, num_slots;
 };
 
 // Rows of an item, kv-head-major: row = (h - h_begin) * rows_per_head + token * group + g,
@@ -106,16 +129,19 @@ struct ItemRows {
   }
 };
 
-// Per-thread scratch, sized once per call.
+// Per-thread scratch, sized once per call. acc, m, l: the current segment's softmax state of
+// each row of the item; run_acc, run_m, run_l: its earlier segments' states merged.
 struct Scratch {
-  std::vector<float> q, acc, m, l, s, kt, kbuf, vbuf;
+  std::vector<float> q, acc, m, l, run_acc, run_m, run_l, s, kt, kbuf, vbuf;
   std::vector<const float*> krow, vrow;
   std::vector<bf16_t> qb;       // bf16 query rows (the dot-product paths)
   std::vector<uint32_t> kpair;  // a key tile in pairs of inputs (run_dot_item)
   std::vector<bf16_t> vpair;    // a value tile in pairs of keys (run_dot_item)
   std::vector<const void*> kraw, vraw, next_kraw, next_vraw;
+  int segments_done = 0;  // of the current item
   Scratch(int rows, int d, int span)
-      : q(rows * d), acc(rows * d), m(rows), l(rows), s(rows * kKeyTile), kt(d * kKeyTile),
+      : q(rows * d), acc(rows * d), m(rows), l(rows), run_acc(rows * d), run_m(rows),
+        run_l(rows), s(rows * kKeyTile), kt(d * kKeyTile),
         kbuf(kKeyTile * span), vbuf(kKeyTile * span), krow(kKeyTile), vrow(kKeyTile),
         qb(rows * d), kpair(d / 2 * kKeyTile), vpair(d * kKeyTile),
         kraw(kKeyTile), vraw(kKeyTile), next_kraw(kKeyTile),
@@ -163,6 +189,14 @@ inline void load_key_tile(Scratch& sc, int n, int span) {
   }
 }
 
+// q . k over the head's last d - dv values (past its whole vectors), added to `sum` one at a time
+// with one rounding each: the scalar tail of every score.
+template <typename T>
+inline float score_tail(const float* q, const T* k, int dv, int d, float sum) {
+  for (int i = dv; i < d; ++i) sum = std::fma(q[i], load1(k, i), sum);
+  return sum;
+}
+
 // s[r][t] = q[r] . k[t] for few rows per kv head, four keys at a time, walking each slot's kv
 // heads in memory order. Meanwhile it prefetches the V slots of this tile (when pf_v) and the
 // K slots of the next (next_k, next_n of them), spread over the keys.
@@ -186,27 +220,95 @@ inline void scores_dot(const float* q, const ItemRows& ir, int d, const float* c
         vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
         for (int i = 0; i < dv; i += kLanes) {
           const vfloat qv = load(qr + i);
-          a0 += qv * load(k0 + i);
-          a1 += qv * load(k1 + i);
-          a2 += qv * load(k2 + i);
-          a3 += qv * load(k3 + i);
+          a0 = vec::fma(qv, load(k0 + i), a0);
+          a1 = vec::fma(qv, load(k1 + i), a1);
+          a2 = vec::fma(qv, load(k2 + i), a2);
+          a3 = vec::fma(qv, load(k3 + i), a3);
         }
-        vfloat4 dots = reduce4(a0, a1, a2, a3);
-        for (int i = dv; i < d; ++i) {
-          dots += vfloat4{qr[i] * k0[i], qr[i] * k1[i], qr[i] * k2[i], qr[i] * k3[i]};
-        }
-        std::memcpy(s + r * kKeyTile + t, &dots, sizeof dots);
+        const vfloat4 dots = reduce4(a0, a1, a2, a3);
+        const float* k[4] = {k0, k1, k2, k3};
+        for (int u = 0; u < 4; ++u) s[r * kKeyTile + t + u] = score_tail(qr, k[u], dv, d, dots[u]);
       }
     }
   }
 }
 
+// a[r][j] = lane l's sum of row r's scores over key vector j of a transposed key tile (see
+// scores_rows_gemm).
+template <int R>
+__attribute__((always_inline)) inline void lane_sums(const float* q, int d, int nc,
+                                                     const float* kt, int l,
+                                                     vfloat (*a)[kKeyTile / kLanes]) {
+  constexpr int kV = kKeyTile / kLanes;
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kV; ++j) a[r][j] = vfloat{};
+  for (int c = 0; c < nc; ++c) {
+    const int i = c * kLanes + l;
+    for (int j = 0; j < kV; ++j) {
+      const vfloat kv = load(kt + i * kKeyTile + j * kLanes);
+      for (int r = 0; r < R; ++r) a[r][j] = vec::fma(splat(q[r * d + i]), kv, a[r][j]);
+    }
+  }
+}
+
+// reduce4's b_l (see vec.h): lane l's sums, plus lane l + 8's with 16 lanes.
+template <int R>
+__attribute__((always_inline)) inline void lane_pair_sums(const float* q, int d, int nc,
+                                                          const float* kt, int l,
+                                                          vfloat (*b)[kKeyTile / kLanes]) {
+  constexpr int kV = kKeyTile / kLanes;
+  lane_sums<R>(q, d, nc, kt, l, b);
+  if constexpr (kLanes == 16) {
+    vfloat a8[R][kV];
+    lane_sums<R>(q, d, nc, kt, l + 8, a8);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kV; ++j) b[r][j] += a8[r][j];
+  }
+}
+
+// (b_l + b_{l+1}) + (b_{l+2} + b_{l+3}).
+template <int R>
+__attribute__((always_inline)) inline void lane_quad_sums(const float* q, int d, int nc,
+                                                          const float* kt, int l,
+                                                          vfloat (*out)[kKeyTile / kLanes]) {
+  constexpr int kV = kKeyTile / kLanes;
+  vfloat x[R][kV], y[R][kV], z[R][kV], w[R][kV];
+  lane_pair_sums<R>(q, d, nc, kt, l, x);
+  lane_pair_sums<R>(q, d, nc, kt, l + 1, y);
+  lane_pair_sums<R>(q, d, nc, kt, l + 2, z);
+  lane_pair_sums<R>(q, d, nc, kt, l + 3, w);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kV; ++j) out[r][j] = (x[r][j] + y[r][j]) + (z[r][j] + w[r][j]);
+}
+
+// s[r][0:kKeyTile] for R rows from q (row stride d) over a transposed key tile kt[i][t]: the
+// scores of scores_dot and decode_scores, bit for bit, with keys in lanes. Lane l of a whole
+// vector of q . k there sums q[c * kLanes + l] * k[c * kLanes + l] over c; here that sum for
+// kLanes keys at once is one vector (lane_sums), and they are added as reduce4 adds the lanes
+// (see vec.h), four at a time so that few are live at once.
+template <int R>
+inline void scores_rows_gemm(const float* q, int d, const float* kt, float* s) {
+  constexpr int kV = kKeyTile / kLanes;
+  const int nc = d / kLanes, dv = nc * kLanes;
+  vfloat h0[R][kV], h1[R][kV];
+  lane_quad_sums<R>(q, d, nc, kt, 0, h0);
+  lane_quad_sums<R>(q, d, nc, kt, 4, h1);
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < kV; ++j) {
+      vfloat sum = h0[r][j] + h1[r][j];
+      for (int i = dv; i < d; ++i) {
+        sum = vec::fma(splat(q[r * d + i]), load(kt + i * kKeyTile + j * kLanes), sum);
+      }
+      store(s + r * kKeyTile + j * kLanes, sum);
+    }
+  }
+}
+
 // s[r][0:kKeyTile] = q[r] @ K^T for many rows of one kv head (K rows at krow[t] + head_off):
-// packs K^T once (zero-padded to kKeyTile keys), then sweeps two rows at a time with
-// broadcast FMAs (a rows x kKeyTile x d GEMM).
+// packs K^T once (zero-padded to kKeyTile keys), then scores two rows at a time with
+// broadcast FMAs (a rows x kKeyTile x d GEMM, summed as scores_dot sums; see scores_rows_gemm).
 inline void scores_gemm(const float* q, int rows, int d, const float* const* krow,
                         int head_off, int n, float* kt, float* s) {
-  constexpr int kV = kKeyTile / kLanes;
   for (int t = 0; t < n; ++t) {
     const float* k = krow[t] + head_off;
     for (int i = 0; i < d; ++i) kt[i * kKeyTile + t] = k[i];
@@ -214,33 +316,8 @@ inline void scores_gemm(const float* q, int rows, int d, const float* const* kro
   for (int t = n; t < kKeyTile; ++t)
     for (int i = 0; i < d; ++i) kt[i * kKeyTile + t] = 0.f;
   int r = 0;
-  for (; r + 2 <= rows; r += 2) {
-    const float* q0 = q + r * d;
-    const float* q1 = q0 + d;
-    vfloat a0[kV] = {}, a1[kV] = {};
-    for (int i = 0; i < d; ++i) {
-      const vfloat b0 = splat(q0[i]), b1 = splat(q1[i]);
-      const float* kr = kt + i * kKeyTile;
-      for (int j = 0; j < kV; ++j) {
-        const vfloat kv = load(kr + j * kLanes);
-        a0[j] += b0 * kv;
-        a1[j] += b1 * kv;
-      }
-    }
-    for (int j = 0; j < kV; ++j) {
-      store(s + r * kKeyTile + j * kLanes, a0[j]);
-      store(s + (r + 1) * kKeyTile + j * kLanes, a1[j]);
-    }
-  }
-  if (r < rows) {
-    const float* q0 = q + r * d;
-    vfloat a0[kV] = {};
-    for (int i = 0; i < d; ++i) {
-      const vfloat b0 = splat(q0[i]);
-      for (int j = 0; j < kV; ++j) a0[j] += b0 * load(kt + i * kKeyTile + j * kLanes);
-    }
-    for (int j = 0; j < kV; ++j) store(s + r * kKeyTile + j * kLanes, a0[j]);
-  }
+  for (; r + 2 <= rows; r += 2) scores_rows_gemm<2>(q + r * d, d, kt, s + r * kKeyTile);
+  if (r < rows) scores_rows_gemm<1>(q + r * d, d, kt, s + r * kKeyTile);
 }
 
 // acc[0 : NV * kLanes] = acc * corr + sum_t<nv p[t] * v[t][0 : NV * kLanes], in registers.
@@ -252,7 +329,7 @@ inline void pv_chunk(float* acc, float corr, const float* p, const float* const*
   for (int t = 0; t < nv; ++t) {
     const vfloat pt = splat(p[t]);
     const float* v = vrow[t] + offset;
-    for (int j = 0; j < NV; ++j) a[j] += pt * load(v + j * kLanes);
+    for (int j = 0; j < NV; ++j) a[j] = vec::fma(pt, load(v + j * kLanes), a[j]);
   }
   for (int j = 0; j < NV; ++j) store(acc + j * kLanes, a[j]);
 }
@@ -282,7 +359,7 @@ inline float softmax_row(float* s, int nv, float& m, float& l) {
     sum += e;
   }
   m = m_new;
-  l = l * corr + hsum(sum);
+  l = std::fma(l, corr, hsum(sum));
   return corr;
 }
 
@@ -297,7 +374,7 @@ inline void softmax_pv_row(float* s, int nv, const float* const* vrow, int head_
   for (; i < dv; i += kLanes) pv_chunk<1>(acc + i, corr, s, vrow, nv, head_off + i);
   for (; i < d; ++i) {
     float a = acc[i] * corr;
-    for (int t = 0; t < nv; ++t) a += s[t] * vrow[t][head_off + i];
+    for (int t = 0; t < nv; ++t) a = std::fma(s[t], vrow[t][head_off + i], a);
     acc[i] = a;
   }
 }
@@ -340,7 +417,7 @@ inline void decode_scores(const float* q, int d, const void* const* kslot, int64
       for (int j = 0; j < KS; ++j) kv[j] = load(k[j] + i);
       for (int g = 0; g < G; ++g) {
         const vfloat qv = load(q + g * d + i);
-        for (int j = 0; j < KS; ++j) a[g * KS + j] += qv * kv[j];
+        for (int j = 0; j < KS; ++j) a[g * KS + j] = vec::fma(qv, kv[j], a[g * KS + j]);
       }
     }
     float dots[kPadded];
@@ -348,9 +425,10 @@ inline void decode_scores(const float* q, int d, const void* const* kslot, int64
       const vfloat4 r = reduce4(a[c], a[c + 1], a[c + 2], a[c + 3]);
       std::memcpy(dots + c, &r, sizeof r);
     }
-    for (int i = dv; i < d; ++i) {
+    if (dv < d) {
       for (int g = 0; g < G; ++g)
-        for (int j = 0; j < KS; ++j) dots[g * KS + j] += q[g * d + i] * load1(k[j], i);
+        for (int j = 0; j < KS; ++j)
+          dots[g * KS + j] = score_tail(q + g * d, k[j], dv, d, dots[g * KS + j]);
     }
     for (int g = 0; g < G; ++g)
       for (int j = 0; j < KS && t + j < kKeyTile; ++j) s[g * kKeyTile + t + j] = dots[g * KS + j];
@@ -374,7 +452,7 @@ inline void decode_pv_chunk(float* acc, int d, const float* corr, const float* p
     for (int c = 0; c < C; ++c) vv[c] = load(v[t] + i + c * kLanes);
     for (int g = 0; g < G; ++g) {
       const vfloat pt = splat(p[g * kKeyTile + t]);
-      for (int c = 0; c < C; ++c) a[g][c] += pt * vv[c];
+      for (int c = 0; c < C; ++c) a[g][c] = vec::fma(pt, vv[c], a[g][c]);
     }
   }
   for (int g = 0; g < G; ++g)
@@ -394,7 +472,7 @@ inline void decode_pv(float* acc, int d, const float* corr, const float* p,
   for (; i < d; ++i) {
     for (int g = 0; g < G; ++g) {
       float a = acc[g * d + i] * corr[g];
-      for (int t = 0; t < n; ++t) a += p[g * kKeyTile + t] * load1(v[t], i);
+      for (int t = 0; t < n; ++t) a = std::fma(p[g * kKeyTile + t], load1(v[t], i), a);
       acc[g * d + i] = a;
     }
   }
@@ -443,14 +521,17 @@ inline void store_out_row(const Params& p, int64_t token, int64_t head, const fl
 // for the tile at kb, sc.kraw/sc.vraw hold the addresses of its n K/V slots (at the item's first
 // kv head) and sc.next_kraw/sc.next_vraw those of the next tile's next_n slots: blocks are
 // scattered, so hardware prefetchers miss each block's start, and the body prefetches them.
-template <typename cache_t, typename Body>
-inline void for_each_key_tile(const Params& p, const WorkItem& it, Scratch& sc, Body&& body) {
+// Before the first tile of each segment but the item's first, segment_end() closes the last.
+template <typename cache_t, typename Body, typename SegmentEnd>
+inline void for_each_key_tile(const Params& p, const WorkItem& it, Scratch& sc, Body&& body,
+                              SegmentEnd&& segment_end) {
   const int32_t* table = p.block_tables + it.seq * p.bt_stride;
   const cache_t* k_base = static_cast<const cache_t*>(p.k_cache) + it.h_begin * p.head_size;
   const cache_t* v_base = static_cast<const cache_t*>(p.v_cache) + it.h_begin * p.head_size;
   int n = static_cast<int>(std::min<int64_t>(kKeyTile, it.k_end - it.k_begin));
   tile_rows(p, table, k_base, v_base, it.k_begin, n, sc.kraw.data(), sc.vraw.data());
   for (int64_t kb = it.k_begin; kb < it.k_end; kb += kKeyTile) {
+    if (kb > it.k_begin && kb % kSegment == 0) segment_end();
     const int64_t next_kb = kb + kKeyTile;
     const int next_n = static_cast<int>(std::clamp<int64_t>(it.k_end - next_kb, 0, kKeyTile));
     tile_rows(p, table, k_base, v_base, next_kb, next_n, sc.next_kraw.data(),
@@ -460,6 +541,13 @@ inline void for_each_key_tile(const Params& p, const WorkItem& it, Scratch& sc, 
     std::swap(sc.vraw, sc.next_vraw);
     n = next_n;
   }
+}
+
+// A fresh segment: no key seen by any of the rows.
+inline void reset_segment(Scratch& sc, int rows, int d) {
+  std::fill_n(sc.acc.data(), rows * d, 0.f);
+  std::fill_n(sc.m.data(), rows, -kInf);
+  std::fill_n(sc.l.data(), rows, 0.f);
 }
 
 // Loads the item's query rows and resets its softmax state.
@@ -477,30 +565,88 @@ inline void start_item(const Params& p, const WorkItem& it, const ItemRows& ir, 
   } else {
     load_query_rows(p, it, ir, sc.q.data());
   }
-  std::fill_n(sc.acc.data(), ir.rows * d, 0.f);
-  std::fill_n(sc.m.data(), ir.rows, -kInf);
-  std::fill_n(sc.l.data(), ir.rows, 0.f);
+  reset_segment(sc, ir.rows, d);
+  sc.segments_done = 0;
 }
 
-// Writes the item's rows to the output, or, for a part of a split key range, its softmax
-// state [m, l, acc[0:d]] per row to the partial buffer.
-inline void finish_item(const Params& p, const WorkItem& it, const ItemRows& ir,
-                        const Scratch& sc, float* partial) {
-  const int d = static_cast<int>(p.head_size);
-  if (it.part < 0) {
-    const int64_t tok0 = p.query_start_loc[it.seq] + it.q_begin;
-    for (int r = 0; r < ir.rows; ++r) {
-      store_out_row(p, tok0 + ir.token(r), ir.q_head(r, it.h_begin), sc.acc.data() + r * d,
-                    sc.l[r]);
-    }
+// Merges a segment's softmax state (m2, l2, acc2[0:d]) into the state (m, l, acc) of the
+// segments before it: the one merge of the kernel, so that every split of a row's keys into
+// work items sums the same numbers in the same order. A state with l = 0 saw no key.
+// NOTE: not inlined, so that its arithmetic is one piece of code wherever it is called.
+__attribute__((noinline)) void merge_state(float& m, float& l, float* acc, float m2, float l2,
+                                           const float* acc2, int d) {
+  if (!(l2 > 0.f)) return;
+  if (!(l > 0.f)) {
+    m = m2;
+    l = l2;
+    std::memcpy(acc, acc2, d * sizeof(float));
     return;
   }
-  float* dst = partial + static_cast<int64_t>(it.part) * p.max_rows * (d + 2);
+  const float mx = std::max(m, m2);
+  const float a = std::exp(m - mx), b = std::exp(m2 - mx);
+  l = std::fma(l, a, l2 * b);
+  for (int i = 0; i < d; ++i) acc[i] = std::fma(acc[i], a, acc2[i] * b);
+  m = mx;
+}
+
+// Puts each row of acc (rows x d, chunks as the dot-product paths' p @ V leaves them:
+// see dot_decode_pv) back in value order.
+inline void unpermute_acc(float* acc, int rows, int d) {
+  float tmp[32];
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < d; c += 32) {
+      float* chunk = acc + r * d + c;
+      for (int j = 0; j < 16; ++j) {
+        tmp[8 * (j / 4) + j % 4] = chunk[j];
+        tmp[8 * (j / 4) + 4 + j % 4] = chunk[16 + j];
+      }
+      std::memcpy(chunk, tmp, sizeof tmp);
+    }
+  }
+}
+
+// Closes the item's current segment: a part of a split range writes its rows' states [m, l,
+// acc[0:d]] to the segment's slot of the partial buffer; a whole range merges them into the
+// run state (the first by swapping buffers). `permuted`: acc holds the dot-product paths'
+// chunk order (elementwise merges do not mind; the partial buffer holds value order).
+inline void end_segment(const Params& p, const WorkItem& it, const ItemRows& ir, Scratch& sc,
+                        float* partial, bool permuted, bool reset = true) {
+  const int d = static_cast<int>(p.head_size);
+  if (it.part >= 0) {
+    if (permuted) unpermute_acc(sc.acc.data(), ir.rows, d);
+    const int64_t slot = it.part + sc.segments_done;
+    float* dst = partial + slot * p.max_rows * (d + 2);
+    for (int r = 0; r < ir.rows; ++r) {
+      float* row = dst + r * (d + 2);
+      row[0] = sc.m[r];
+      row[1] = sc.l[r];
+      std::memcpy(row + 2, sc.acc.data() + r * d, d * sizeof(float));
+    }
+  } else if (sc.segments_done == 0) {
+    std::swap(sc.acc, sc.run_acc);
+    std::swap(sc.m, sc.run_m);
+    std::swap(sc.l, sc.run_l);
+  } else {
+    for (int r = 0; r < ir.rows; ++r) {
+      merge_state(sc.run_m[r], sc.run_l[r], sc.run_acc.data() + r * d, sc.m[r], sc.l[r],
+                  sc.acc.data() + r * d, d);
+    }
+  }
+  ++sc.segments_done;
+  if (reset) reset_segment(sc, ir.rows, d);
+}
+
+// Closes the item's last segment, then writes its rows to the output (a whole range).
+inline void finish_item(const Params& p, const WorkItem& it, const ItemRows& ir, Scratch& sc,
+                        float* partial, bool permuted = false) {
+  end_segment(p, it, ir, sc, partial, permuted, /*reset=*/false);
+  if (it.part >= 0) return;
+  const int d = static_cast<int>(p.head_size);
+  if (permuted) unpermute_acc(sc.run_acc.data(), ir.rows, d);
+  const int64_t tok0 = p.query_start_loc[it.seq] + it.q_begin;
   for (int r = 0; r < ir.rows; ++r) {
-    float* row = dst + r * (d + 2);
-    row[0] = sc.m[r];
-    row[1] = sc.l[r];
-    std::memcpy(row + 2, sc.acc.data() + r * d, d * sizeof(float));
+    store_out_row(p, tok0 + ir.token(r), ir.q_head(r, it.h_begin), sc.run_acc.data() + r * d,
+                  sc.run_l[r]);
   }
 }
 
@@ -549,7 +695,7 @@ void run_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float* pa
       }
       decode_pv<G, cache_t>(sc.acc.data() + h * G * d, d, corr, s, sc.vraw.data(), h * d, n);
     }
-  });
+  }, [&] { end_segment(p, it, ir, sc, partial, false); });
   finish_item(p, it, ir, sc, partial);
 }
 
@@ -592,11 +738,12 @@ void run_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) 
       softmax_pv_row(s + r * kKeyTile, static_cast<int>(nv), sc.vrow.data(), ir.head(r) * d, d,
                      sc.m[r], sc.l[r], sc.acc.data() + r * d);
     }
-  });
+  }, [&] { end_segment(p, it, ir, sc, partial, false); });
   finish_item(p, it, ir, sc, partial);
 }
 
-// Combines the partial softmax states of a split item: weights exp(m_k - max m).
+// Merges the segments' states of a split item in order, as an item over the whole range merges
+// them as it goes (end_segment), and writes its rows.
 void merge_group(const Params& p, const MergeGroup& mg, const float* partial, float* tmp) {
   const int d = static_cast<int>(p.head_size);
   const WorkItem it{mg.seq, mg.h_begin, mg.h_end, mg.q_begin, mg.q_end, 0, 0, 0};
@@ -604,19 +751,10 @@ void merge_group(const Params& p, const MergeGroup& mg, const float* partial, fl
   const int64_t stride = p.max_rows * (d + 2);
   const int64_t tok0 = p.query_start_loc[mg.seq] + mg.q_begin;
   for (int r = 0; r < ir.rows; ++r) {
-    float mx = -kInf;
-    for (int k = 0; k < mg.num_parts; ++k) {
-      const float* row = partial + (mg.first_part + k) * stride + r * (d + 2);
-      if (row[1] > 0.f) mx = std::max(mx, row[0]);
-    }
-    float l = 0.f;
-    std::fill_n(tmp, d, 0.f);
-    for (int k = 0; k < mg.num_parts; ++k) {
-      const float* row = partial + (mg.first_part + k) * stride + r * (d + 2);
-      if (!(row[1] > 0.f)) continue;  // no visible key in this part
-      const float w = std::exp(row[0] - mx);
-      l += row[1] * w;
-      for (int i = 0; i < d; ++i) tmp[i] += row[2 + i] * w;
+    float m = -kInf, l = 0.f;
+    for (int k = 0; k < mg.num_slots; ++k) {
+      const float* row = partial + (mg.first_slot + k) * stride + r * (d + 2);
+      merge_state(m, l, tmp, row[0], row[1], row + 2, d);
     }
     store_out_row(p, tok0 + ir.token(r), ir.q_head(r, mg.h_begin), tmp, l);
   }
@@ -774,21 +912,6 @@ inline void dot_decode_pv(float* acc, int d, const float* corr, const float* p,
   }
 }
 
-// Puts each row of acc (rows x d, chunks as dot_decode_pv leaves them) back in value order.
-inline void unpermute_acc(float* acc, int rows, int d) {
-  float tmp[32];
-  for (int r = 0; r < rows; ++r) {
-    for (int c = 0; c < d; c += 32) {
-      float* chunk = acc + r * d + c;
-      for (int j = 0; j < 16; ++j) {
-        tmp[8 * (j / 4) + j % 4] = chunk[j];
-        tmp[8 * (j / 4) + 4 + j % 4] = chunk[16 + j];
-      }
-      std::memcpy(chunk, tmp, sizeof tmp);
-    }
-  }
-}
-
 // Whether the dot-product decode applies: bf16 query and cache, head size a multiple of 32.
 inline bool dot_decode_applies(const Params& p) { return p.q_bf16 && p.head_size % 32 == 0; }
 
@@ -814,9 +937,8 @@ void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float
       }
       dot_decode_pv<G, D2>(sc.acc.data() + h * G * d, d, corr, s, sc.vraw.data(), h * d, n);
     }
-  });
-  unpermute_acc(sc.acc.data(), ir.rows, d);
-  finish_item(p, it, ir, sc, partial);
+  }, [&] { end_segment(p, it, ir, sc, partial, true); });
+  finish_item(p, it, ir, sc, partial, true);
 }
 
 // ---- Longer queries (prefill, chunks) with VDPBF16PS ------------------------------------------
@@ -826,27 +948,45 @@ void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float
 // them), then four rows at a time score all the tile's keys and, after each row's softmax,
 // accumulate p @ V, with the same rounding as the dot-product decode.
 
-// s[r][0:32] = scale * q[r] . k[0:32] for R rows (kpair as above, zero past the keys). R is
-// a compile-time count so that the accumulators stay in registers.
+// s[r][0:32] = scale * q[r] . k[0:32] for R rows (kpair as above, zero past the keys), the
+// bits dot_decode_scores gives: there lane l of a key's accumulator sums the pairs c * 16 + l
+// of the head's chunks c, and reduce16 adds the lanes as (F0 + F2) + (F1 + F3), F_e = (a_e +
+// a_{8+e}) + (a_{4+e} + a_{12+e}); here the same sums go with 16 keys in the lanes. R is a
+// compile-time count so that the accumulators stay in registers.
 template <int R>
 inline void dot_scores_rows(const bf16_t* q, int d, const uint32_t* kpair, __m512 scale,
                             float* s) {
-  __m512 a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
-  for (int i = 0; i < d / 2; ++i) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kpair + i * kKeyTile);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kpair + i * kKeyTile + 16);
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, q + r * d + 2 * i, sizeof pair);
-      const __m512bh qa = (__m512bh)_mm512_set1_epi32(pair);
-      a[r][0] = _mm512_dpbf16_ps(a[r][0], qa, b0);
-      a[r][1] = _mm512_dpbf16_ps(a[r][1], qa, b1);
+  const int d2 = d / 32;
+  // Lane l's sum over the chunks, for the R rows and the 16 keys from key0.
+  const auto lane_sums = [&](int l, int key0, __m512* a) {
+    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+    for (int c = 0; c < d2; ++c) {
+      const int i = c * 16 + l;  // the pair
+      const __m512bh b = (__m512bh)_mm512_loadu_si512(kpair + i * kKeyTile + key0);
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, q + r * d + 2 * i, sizeof pair);
+        a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(pair), b);
+      }
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(s + r * kKeyTile, _mm512_mul_ps(a[r][0], scale));
-    _mm512_storeu_ps(s + r * kKeyTile + 16, _mm512_mul_ps(a[r][1], scale));
+  };
+  for (int key0 = 0; key0 < kKeyTile; key0 += 16) {
+    __m512 f[4][R];
+    for (int e = 0; e < 4; ++e) {
+      __m512 a0[R], a8[R], a4[R], a12[R];
+      lane_sums(e, key0, a0);
+      lane_sums(8 + e, key0, a8);
+      lane_sums(4 + e, key0, a4);
+      lane_sums(12 + e, key0, a12);
+      for (int r = 0; r < R; ++r) {
+        f[e][r] = _mm512_add_ps(_mm512_add_ps(a0[r], a8[r]), _mm512_add_ps(a4[r], a12[r]));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(f[0][r], f[2][r]),
+                                       _mm512_add_ps(f[1][r], f[3][r]));
+      _mm512_storeu_ps(s + r * kKeyTile + key0, _mm512_mul_ps(sum, scale));
+    }
   }
 }
 
@@ -928,9 +1068,10 @@ inline void dot_pv_4rows(float* acc, int d, const float* corr, const uint32_t (*
   if (c0 < d2) dot_pv_rows_chunks<4, 1>(acc, d, d2, c0, corr, w, vpair, pairs);
 }
 
-// Whether run_dot_item applies: as dot_decode_applies, for items of one kv head.
+// Whether run_dot_item applies: the dot-product paths, for items of one kv head (which is every
+// item of those paths past one token: see plan_items).
 inline bool dot_item_applies(const Params& p, const WorkItem& it) {
-  return dot_decode_applies(p) && it.h_end - it.h_begin == 1;
+  return p.dot_items && it.h_end - it.h_begin == 1;
 }
 
 void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
@@ -991,9 +1132,8 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
       const float corr = softmax_row(s + r * kKeyTile, nv, sc.m[r], sc.l[r]);
       dot_pv_row(sc.acc.data() + r * d, d, corr, s + r * kKeyTile, vpair, (nv + 1) / 2);
     }
-  });
-  unpermute_acc(sc.acc.data(), ir.rows, d);
-  finish_item(p, it, ir, sc, partial);
+  }, [&] { end_segment(p, it, ir, sc, partial, true); });
+  finish_item(p, it, ir, sc, partial, true);
 }
 #endif  // __AVX512BF16__
 
@@ -1045,8 +1185,8 @@ template <typename cache_t>
 void run_attention(const Params& p, const std::vector<WorkItem>& items,
                    const std::vector<MergeGroup>& groups, int nt) {
   const int d = static_cast<int>(p.head_size);
-  const int num_parts = groups.empty() ? 0 : groups.back().first_part + groups.back().num_parts;
-  std::vector<float> partial(static_cast<size_t>(num_parts) * p.max_rows * (d + 2));
+  const int num_slots = groups.empty() ? 0 : groups.back().first_slot + groups.back().num_slots;
+  std::vector<float> partial(static_cast<size_t>(num_slots) * p.max_rows * (d + 2));
   const int64_t num_items = static_cast<int64_t>(items.size());
   nt = static_cast<int>(std::min<int64_t>(nt, num_items));
 #pragma omp parallel num_threads(nt)
@@ -1110,7 +1250,8 @@ int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
     const int32_t seq = static_cast<int32_t>(i);
     const int32_t num_cached = static_cast<int32_t>(seq_len - query_len);
     if (query_len == 0) continue;
-    if (query_len * g <= kDotMaxRows) {
+    // The dot-product paths score per kv head past one token (run_dot_item).
+    if (query_len * g <= kDotMaxRows && (query_len == 1 || !p.dot_items)) {
       const int32_t ql = static_cast<int32_t>(query_len);
       items.push_back({seq, 0, kvh, 0, ql, 0, num_cached + ql, -1});
       max_rows = std::max<int64_t>(max_rows, query_len * g * kvh);
@@ -1132,25 +1273,27 @@ int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
   if (num_base > 0 && num_base < 2 * nt) {
     const int64_t want = (8 * nt + num_base - 1) / num_base;
     std::vector<WorkItem> split;
-    int32_t next_part = 0;
+    int32_t next_slot = 0;
     for (const WorkItem& it : items) {
-      const int64_t num_keys = it.k_end - it.k_begin;
-      const int64_t parts = std::min<int64_t>(want, num_keys / kMinSplitKeys);
-      if (parts <= 1) {
+      const int64_t num_segments = (it.k_end - it.k_begin + kSegment - 1) / kSegment;
+      const int64_t parts = std::min<int64_t>(want, num_segments);
+      if (parts <= 1 || it.k_end - it.k_begin < 2 * kSegment) {  // not worth a merge
         split.push_back(it);
         continue;
       }
-      // Parts of whole key tiles: E.g., 1000 keys in 3 parts -> chunk 352 -> 352, 352, 296.
-      const int64_t chunk = ((num_keys + parts - 1) / parts + kKeyTile - 1) / kKeyTile * kKeyTile;
-      MergeGroup mg{it.seq, it.h_begin, it.h_end, it.q_begin, it.q_end, next_part, 0};
+      // Parts of whole segments: E.g., 1000 keys (4 segments) in 3 parts -> 2 segments a part
+      // -> 512, 488.
+      const int64_t chunk = (num_segments + parts - 1) / parts * kSegment;
+      MergeGroup mg{it.seq, it.h_begin, it.h_end, it.q_begin, it.q_end, next_slot,
+                    static_cast<int32_t>(num_segments)};
       for (int64_t kb = it.k_begin; kb < it.k_end; kb += chunk) {
         WorkItem part = it;
         part.k_begin = static_cast<int32_t>(kb);
         part.k_end = static_cast<int32_t>(std::min<int64_t>(it.k_end, kb + chunk));
-        part.part = next_part++;
-        ++mg.num_parts;
+        part.part = static_cast<int32_t>(next_slot + (kb - it.k_begin) / kSegment);
         split.push_back(part);
       }
+      next_slot += mg.num_slots;
       groups.push_back(mg);
     }
     items.swap(split);
@@ -1235,6 +1378,11 @@ void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tenso
   p.query_start_loc = query_start_loc.data_ptr<int64_t>();
   p.seq_lens = seq_lens.data_ptr<int64_t>();
   p.scale = static_cast<float>(scale);
+#if defined(__AVX512BF16__)
+  p.dot_items = cache_dtype == at::kBFloat16 && p.q_bf16 && d % 32 == 0;
+#else
+  p.dot_items = false;
+#endif
 
   std::vector<WorkItem> items;
   std::vector<MergeGroup> groups;

@@ -187,7 +187,26 @@ inline float silu_mul(float g, float u) {
   return round_as<T>(g / (1.0f + std::exp(-g))) * u;
 }
 
-// [sum(a0), sum(a1), sum(a2), sum(a3)]: four horizontal sums in one transposing tree.
+// a * b + c, rounded once, on every lane.
+inline vfloat fma(vfloat a, vfloat b, vfloat c) {
+#if PA_LANES == 16 && defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a),
+                                                  reinterpret_cast<__m512>(b),
+                                                  reinterpret_cast<__m512>(c)));
+#elif PA_LANES == 8 && defined(__FMA__)
+  return reinterpret_cast<vfloat>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a),
+                                                  reinterpret_cast<__m256>(b),
+                                                  reinterpret_cast<__m256>(c)));
+#else
+  vfloat r;
+  for (int i = 0; i < kLanes; ++i) r[i] = std::fma(a[i], b[i], c[i]);
+  return r;
+#endif
+}
+
+// [sum(a0), sum(a1), sum(a2), sum(a3)]: four horizontal sums in one transposing tree. Each sums
+// its vector's lanes l as b_l = a_l (+ a_{l + 8} with 16 lanes), then ((b0 + b1) + (b2 + b3)) +
+// ((b4 + b5) + (b6 + b7)) (the attention kernel's GEMM form adds its partial sums so).
 inline vfloat4 reduce4(vfloat a0, vfloat a1, vfloat a2, vfloat a3) {
   typedef float vfloat8 __attribute__((vector_size(32)));
 #if PA_LANES == 16
