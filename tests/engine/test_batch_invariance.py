@@ -175,18 +175,11 @@ def check_scenarios(model_dir: str, dtype: str, kind: str, seed: int, num_others
     assert not failures, f"{dtype}, {kind}: not invariant in\n" + "\n".join(failures)
 
 
-# Until the kernels are fixed: linear layers pick kernels (and their summation order) by the
-# step's row count, and attention sums a query's keys differently in prefill, chunks, decode
-# and split key ranges.
-NOT_YET = pytest.mark.xfail(reason="kernels whose arithmetic depends on the batch")
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_llama_factory):
     return str(tiny_llama_factory(**TINY))
 
 
-@NOT_YET
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", ["greedy", "seeded"])
 def test_request_is_batch_invariant(tiny_dir, dtype: str, kind: str) -> None:
@@ -208,13 +201,11 @@ def test_beam_search_is_batch_invariant(tiny_dir, dtype: str) -> None:
         (s.tokens, s.cum_logprob) for s in expected.sequences]
 
 
-@NOT_YET
 def test_smollm2_bf16_is_batch_invariant(smollm2_dir) -> None:
     check_scenarios(str(smollm2_dir), "bfloat16", "greedy", seed=2, num_others=4, vocab=49152,
                     target_len=300, scenarios=("crowd", "chunked", "prefix-hit"))
 
 
-@NOT_YET
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("seed", range(4))

@@ -21,11 +21,8 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.layers.linear import (
     DOT_PANELS,
     FP32_PANEL_MAX_ROWS,
-    ONEDNN,
     PANELS,
-    STREAMING,
     dot_kernel_applies,
-    onednn_has_gemm,
 )
 from pagedllm.models.llama import LlamaForCausalLM
 from pagedllm.models.llama_stack import PART_NAMES
@@ -79,14 +76,11 @@ def test_every_step_matches_the_module_path_bit_for_bit(tiny_llama_factory, monk
     one_row_steps = token_prompts(ragged_prompts(1, seed=5, max_len=30))
     llm.generate(one_row_steps, params, use_tqdm=False)
     assert {1, 10, 160} <= set(rows_checked)
-    if dtype == "float32":  # panels up to 128 rows, oneDNN above, on every CPU
-        assert paths == {PANELS, ONEDNN}
-    elif dot_kernel_applies():  # AVX512_BF16: the bf16 dot-product kernel for every batch
+    # Batch invariant: one path for every batch.
+    if dtype == "bfloat16" and dot_kernel_applies():  # AVX512_BF16: the bf16 dot-product kernel
         assert paths == {DOT_PANELS}
-    elif not onednn_has_gemm(torch.bfloat16):  # bf16 weights stay bf16 on panels
+    else:  # panels, in the weights' dtype
         assert paths == {PANELS}
-    else:  # a bf16 GEMM: the streaming kernel up to 8 rows, oneDNN above
-        assert paths == {STREAMING, ONEDNN}
 
 
 def test_stack_is_the_default_and_matches_transformers(tiny_llama_factory, monkeypatch):

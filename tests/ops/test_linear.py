@@ -1,4 +1,9 @@
-"""Packed linear layers (streaming kernel, panel GEMM, oneDNN) against F.linear."""
+"""Packed linear layers (streaming kernel, panel GEMM, oneDNN) against F.linear.
+
+The engine packs its layers batch-invariant (panels or the bf16 dot-product kernel for every
+batch); the row-count paths of `batch_invariant=False` (streaming kernel, oneDNN) are checked
+here too, through PackedWeight's methods and test_each_row_count_takes_its_path.
+"""
 
 from __future__ import annotations
 
@@ -55,16 +60,18 @@ def assert_fp32_sums_close(got: torch.Tensor, x: torch.Tensor, weight: torch.Ten
         f"error up to {(error / bound.clamp_min(1e-300)).max().item():.2f}x the fp32 bound")
 
 
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["invariant", "fastest"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int, bias: bool) -> None:
+def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int, bias: bool,
+                                        batch_invariant: bool) -> None:
     torch.manual_seed(rows)
     # in=100 leaves a tail after the 8-lane steps; out=37 leaves one after the row tiles.
     layer = Linear(100, 37, bias=bias).to(dtype)
     weight = layer.weight.detach().clone()
     bias_t = None if layer.bias is None else layer.bias.detach().clone()
-    assert layer.pack()
+    assert layer.pack(batch_invariant=batch_invariant)
     assert layer.weight.numel() == 0  # the packed copy replaced the plain parameter
     x = torch.randn(rows, 100).to(dtype)
     got = layer(x)
@@ -95,12 +102,14 @@ def test_bf16_layer_takes_other_input_dtypes() -> None:
                                atol=2e-2)
 
 
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["invariant", "fastest"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype) -> None:
+def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype,
+                                       batch_invariant: bool) -> None:
     if cpu_ops() is None:
         pytest.skip("CPU ops unavailable")
     layer = Linear(64, 16, bias=False).to(dtype)
-    layer.pack()
+    layer.pack(batch_invariant=batch_invariant)
     packed = layer.packed
     calls = []
     for name in ("few_rows", "panel", "onednn", "dot"):
@@ -115,11 +124,15 @@ def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype) -
                         else "few_rows" if rows <= packed.stream_max_rows
                         else "panel" if rows <= packed.panel_max_rows else "onednn")
     assert calls == expected
-    if dtype == torch.bfloat16 and dot_kernel_applies():  # one bf16 copy, every batch
+    if dtype == torch.bfloat16 and dot_kernel_applies(batch_invariant):  # one copy, every batch
         assert packed.dot_panels is not None and packed.dot_panels.dtype == torch.bfloat16
         assert packed.plain is None and packed.panels is None and packed.onednn_weight is None
         return
-    if dtype == torch.float32:  # panels for decode batches, oneDNN for prefill
+    if batch_invariant:  # panels (in the weight's dtype) for every batch, and nothing else
+        assert packed.panel_max_rows == float("inf") and packed.onednn_weight is None
+        assert packed.panels.dtype == dtype
+        assert packed.plain is None and packed.stream_max_rows == 0
+    elif dtype == torch.float32:  # panels for decode batches, oneDNN for prefill
         assert (packed.stream_max_rows, packed.panel_max_rows) == (0, FP32_PANEL_MAX_ROWS)
     elif not linear_module.onednn_has_gemm(torch.bfloat16):  # bf16 never widened to fp32
         assert packed.panel_max_rows == float("inf") and packed.onednn_weight is None

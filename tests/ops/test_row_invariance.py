@@ -58,12 +58,6 @@ def packed_linear(in_features: int, out_features: int, dtype: torch.dtype, bias:
     return layer
 
 
-# Until the kernels are fixed: the few-rows passes sum K in other orders than the GEMM, and
-# big fp32 batches (and bf16 ones where oneDNN has a bf16 GEMM) take oneDNN.
-NOT_YET = pytest.mark.xfail(reason="linear paths chosen by row count sum in other orders")
-
-
-@NOT_YET
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 # 576 x 1728: SmolLM2's qkv projection (K a multiple of the chunks); 100 x 37: tails everywhere;
@@ -77,7 +71,6 @@ def test_linear_row_is_batch_invariant(dtype, bias, in_features, out_features) -
     assert_row_invariant(lambda x: layer.packed(x, out_dtype=torch.float32), row)
 
 
-@NOT_YET
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gated_projections_are_batch_invariant(dtype) -> None:
     # SwiGLU: the gate_up projection gated (in its GEMM or by the separate op), and the down

@@ -1,11 +1,20 @@
 """Linear layers whose CPU forward runs on weights packed once, by the fastest path per call.
 
-On CPUs with AVX512_BF16 and no AMX, a bf16 weight takes one path for every batch: pagedllm's
-bf16 dot-product kernel (`ops/csrc/gemm_bf16.cpp`, VDPBF16PS) on the weight packed once in pairs
-of inputs; it beat oneDNN's bf16 GEMM at every row count measured on a Zen 4 (1 to 2048 rows;
-20% at 64). CPUs with AMX keep oneDNN (whose AMX GEMM this kernel was not measured against).
-Elsewhere, three paths, chosen per call by the number of rows (tokens in the step), measured in
-benchmarks/linear.py (docs/benchmarks.md):
+Batch invariance (the default): a row's output must not depend on the other rows of the step
+(issue 29: the same request gives the same tokens alone or in any batch), so every row count
+takes kernels that sum each output over the inputs in one order: pagedllm's own, never oneDNN
+(whose kernels, and so summation orders, change with the row count). Per weight dtype:
+- bf16 on CPUs with AVX512_BF16: the bf16 dot-product kernel (`ops/csrc/gemm_bf16.cpp`,
+  VDPBF16PS) on the weight packed once in pairs of inputs, for every batch; it beat oneDNN's
+  bf16 GEMM at every row count measured on a Zen 4 (1 to 2048 rows; 20% at 64).
+- bf16 elsewhere, and fp32: the panel kernels (`ops/csrc/gemm.cpp`) on the weight packed into
+  column panels in its own dtype, for every batch: sequential passes over the panels up to 8
+  rows, a register-tiled GEMM above, both summing each output over k in order.
+
+With `batch_invariant=False` the paths are chosen per call by the number of rows (tokens in the
+step), the fastest each, measured in benchmarks/linear.py (docs/benchmarks.md). On CPUs with
+AVX512_BF16 and no AMX, a bf16 weight takes the dot-product kernel for every batch; CPUs with
+AMX keep oneDNN (whose AMX GEMM this kernel was not measured against). Elsewhere, three paths:
 - up to `stream_max_rows`: pagedllm's weight-streaming kernel (`ops/csrc/gemv.cpp`) over the
   plain weight (bf16 weights on CPUs with a bf16 GEMM only).
 - up to `panel_max_rows`: pagedllm's panel kernels (`ops/csrc/gemm.cpp`) on the weight packed
@@ -41,7 +50,7 @@ logger = logging.getLogger(__name__)
 # bf16 weight 1.3-1.4x faster than the streaming kernel at 1-4 rows); fp32 weights take panels
 # up to FP32_PANEL_MAX_ROWS (1.35x oneDNN at 64 rows, 0.9x at 256) and oneDNN above.
 FEW_ROWS = 8
-FP32_PANEL_MAX_ROWS = 128
+FP32_PANEL_MAX_ROWS = 128  # without batch invariance
 
 # The paths a 2-D batch can take (numbered as `LinearPath` in ops/csrc/decoder_stack.cpp,
 # which takes the same choice for whole decoder stacks).
@@ -49,10 +58,12 @@ PANELS, STREAMING, ONEDNN, DOT_PANELS = 0, 1, 2, 3
 
 
 @functools.cache
-def dot_kernel_applies() -> bool:
-    """Whether bf16 weights take the dot-product kernel: AVX512_BF16 without AMX."""
+def dot_kernel_applies(batch_invariant: bool = True) -> bool:
+    """Whether bf16 weights take the dot-product kernel: AVX512_BF16 (without AMX, where oneDNN
+    is not ruled out by batch invariance)."""
     ops = cpu_ops()
-    return ops is not None and ops.has_bf16_dot() and not torch.cpu._is_amx_tile_supported()
+    return ops is not None and ops.has_bf16_dot() and (
+        batch_invariant or not torch.cpu._is_amx_tile_supported())
 
 
 @functools.cache
@@ -70,10 +81,12 @@ class PackedWeight:
 
     With `swiglu` (SwiGLU's [gate | up] projection), the dot-product path packs the weight for
     `swiglu()`, which gates in the GEMM's epilogue; the weight then serves only that call.
+    With `batch_invariant` (the default), every row count takes a kernel that sums each output
+    in the same order (see the module docstring).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int,
-                 swiglu: bool = False) -> None:
+                 swiglu: bool = False, batch_invariant: bool = True) -> None:
         weight = weight.detach()
         self.ops = cpu_ops() if weight.dtype in NATIVE_DTYPES else None
         self.out_features = weight.shape[0]
@@ -86,16 +99,17 @@ class PackedWeight:
         # The kernels' fp32 bias (or empty).
         self.plain_bias = torch.empty(0) if bias is None else bias.detach().float().contiguous()
         native = onednn_has_gemm(weight.dtype)
-        if self.ops is not None and weight.dtype == torch.bfloat16 and dot_kernel_applies():
+        bf16 = weight.dtype == torch.bfloat16
+        if self.ops is not None and bf16 and dot_kernel_applies(batch_invariant):
             self.fuses_swiglu = swiglu and weight.shape[0] % 2 == 0
             pack = self.ops.pack_dot_swiglu_panels if self.fuses_swiglu else self.ops.pack_dot_panels
             self.dot_panels = pack(weight)
-        elif self.ops is not None and weight.dtype == torch.bfloat16 and not native:
+        elif self.ops is not None and bf16 and (batch_invariant or not native):
             self.panels = self.ops.pack_panels(weight)
             self.panel_max_rows = math.inf
         elif self.ops is not None and weight.dtype == torch.float32:
             self.panels = self.ops.pack_panels(weight)
-            self.panel_max_rows = FP32_PANEL_MAX_ROWS
+            self.panel_max_rows = math.inf if batch_invariant else FP32_PANEL_MAX_ROWS
         elif self.ops is not None:
             self.plain = weight.contiguous()
             self.stream_max_rows = FEW_ROWS
@@ -146,7 +160,7 @@ class PackedWeight:
         """The path of a 2-D fp32/bf16 batch of `rows` rows: the row-count switch points."""
         if self.dot_panels is not None:
             return DOT_PANELS
-        if rows <= self.stream_max_rows:
+        if self.plain is not None and rows <= self.stream_max_rows:  # (an empty batch too)
             return STREAMING
         if rows <= self.panel_max_rows:
             return PANELS
@@ -230,7 +244,8 @@ def _as_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def try_pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
-             batch_hint: int = 64, swiglu: bool = False) -> PackedWeight | None:
+             batch_hint: int = 64, swiglu: bool = False,
+             batch_invariant: bool = True) -> PackedWeight | None:
     """A PackedWeight for a CPU weight, or None where it cannot be packed (other device, dtype
     or platform): callers then keep F.linear."""
     if (
@@ -240,7 +255,7 @@ def try_pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
     ):
         return None
     try:
-        return PackedWeight(weight.detach(), bias, batch_hint, swiglu)
+        return PackedWeight(weight.detach(), bias, batch_hint, swiglu, batch_invariant)
     except RuntimeError as exc:
         logger.info("keeping F.linear: oneDNN cannot pack a %s weight (%s)", weight.dtype, exc)
         return None
@@ -257,9 +272,9 @@ class Linear(nn.Linear):
     # Set on SwiGLU's [gate | up] projection, whose output is only ever gated (see swiglu()).
     gates_swiglu: bool = False
 
-    def pack(self, batch_hint: int = 64) -> bool:
+    def pack(self, batch_hint: int = 64, batch_invariant: bool = True) -> bool:
         """Packs the weight for the CPU paths; False (and nothing changes) where it cannot."""
-        packed = try_pack(self.weight, self.bias, batch_hint, self.gates_swiglu)
+        packed = try_pack(self.weight, self.bias, batch_hint, self.gates_swiglu, batch_invariant)
         if packed is None:
             return False
         self.packed = packed
@@ -289,6 +304,8 @@ class Linear(nn.Linear):
         return super().forward(silu_and_mul(gate_up))
 
 
-def pack_linear_layers(model: nn.Module, batch_hint: int = 64) -> int:
+def pack_linear_layers(model: nn.Module, batch_hint: int = 64,
+                       batch_invariant: bool = True) -> int:
     """Packs every `Linear` of a loaded CPU model; returns how many were packed."""
-    return sum(m.pack(batch_hint) for m in model.modules() if isinstance(m, Linear))
+    return sum(m.pack(batch_hint, batch_invariant) for m in model.modules()
+               if isinstance(m, Linear))
