@@ -19,9 +19,11 @@ from hf_reference import (
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.layers.linear import (
+    AMX_PANELS,
     DOT_PANELS,
     FP32_PANEL_MAX_ROWS,
     PANELS,
+    amx_kernel_applies,
     dot_kernel_applies,
 )
 from pagedllm.models.llama import LlamaForCausalLM
@@ -77,7 +79,9 @@ def test_every_step_matches_the_module_path_bit_for_bit(tiny_llama_factory, monk
     llm.generate(one_row_steps, params, use_tqdm=False)
     assert {1, 10, 160} <= set(rows_checked)
     # Batch invariant: one path for every batch.
-    if dtype == "bfloat16" and dot_kernel_applies():  # AVX512_BF16: the bf16 dot-product kernel
+    if dtype == "bfloat16" and amx_kernel_applies():  # AMX: the AMX kernel
+        assert paths == {AMX_PANELS}
+    elif dtype == "bfloat16" and dot_kernel_applies():  # AVX512_BF16: the dot-product kernel
         assert paths == {DOT_PANELS}
     else:  # panels, in the weights' dtype
         assert paths == {PANELS}

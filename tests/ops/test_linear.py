@@ -13,11 +13,13 @@ import torch.nn.functional as F
 
 from pagedllm.layers import linear as linear_module
 from pagedllm.layers.linear import (
+    AMX_PANELS,
     DOT_PANELS,
     FEW_ROWS,
     PANELS,
     FP32_PANEL_MAX_ROWS,
     Linear,
+    amx_kernel_applies,
     dot_kernel_applies,
     pack_linear_layers,
 )
@@ -84,7 +86,7 @@ def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int, bias: boo
     assert got_fp32.dtype == torch.float32 and got_fp32.shape == (rows, 37)
     full = F.linear(x.float(), weight.float(), None if bias_t is None else bias_t.float())
     packed = layer.packed
-    unrounded = dtype == torch.float32 or packed.path(rows) in (PANELS, DOT_PANELS)
+    unrounded = dtype == torch.float32 or packed.path(rows) in (PANELS, DOT_PANELS, AMX_PANELS)
     torch.testing.assert_close(got_fp32, full, **(tol if not unrounded else
                                                   {"rtol": 1e-5, "atol": 1e-4}))
 
@@ -112,7 +114,7 @@ def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype,
     layer.pack(batch_invariant=batch_invariant)
     packed = layer.packed
     calls = []
-    for name in ("few_rows", "panel", "onednn", "dot"):
+    for name in ("few_rows", "panel", "onednn", "dot", "amx"):
         real = getattr(packed, name)
         monkeypatch.setattr(
             packed, name, lambda x, *rest, n=name, f=real: calls.append(n) or f(x, *rest)
@@ -120,10 +122,15 @@ def test_each_row_count_takes_its_path(monkeypatch: pytest.MonkeyPatch, dtype,
     expected = []
     for rows in (1, packed.stream_max_rows + 1, min(packed.panel_max_rows, 1000) + 1):
         layer(torch.randn(rows, 64).to(dtype))
-        expected.append("dot" if packed.dot_panels is not None
+        expected.append("amx" if packed.amx_panels is not None
+                        else "dot" if packed.dot_panels is not None
                         else "few_rows" if rows <= packed.stream_max_rows
                         else "panel" if rows <= packed.panel_max_rows else "onednn")
     assert calls == expected
+    if dtype == torch.bfloat16 and amx_kernel_applies(batch_invariant):  # one copy, every batch
+        assert packed.amx_panels is not None and packed.amx_panels.dtype == torch.bfloat16
+        assert packed.plain is None and packed.panels is None and packed.onednn_weight is None
+        return
     if dtype == torch.bfloat16 and dot_kernel_applies(batch_invariant):  # one copy, every batch
         assert packed.dot_panels is not None and packed.dot_panels.dtype == torch.bfloat16
         assert packed.plain is None and packed.panels is None and packed.onednn_weight is None
@@ -227,6 +234,54 @@ def test_dot_kernel_shapes_and_strides() -> None:
                              ops.pack_dot_panels(torch.randn(16, 10).bfloat16()), torch.empty(0))
     with pytest.raises(RuntimeError, match="pack_dot_panels"):
         ops.dot_panel_linear(torch.empty(2, 16), torch.randn(2, 8).bfloat16(),
+                             ops.pack_panels(torch.randn(16, 8).bfloat16()), torch.empty(0))
+
+
+def test_amx_kernel_shapes_and_strides() -> None:
+    ops = cpu_ops()
+    if ops is None or not ops.has_amx():
+        pytest.skip("no AMX kernel on this CPU")
+    torch.manual_seed(0)
+    # Edges: k past and short of a 32-input chunk (zero-padded), n past a 32-column panel;
+    # rows around the 16-row tiles and their pairs; k = 2000 with 300 rows: several row blocks.
+    for n, k in [(1, 1), (15, 7), (32, 64), (33, 65), (100, 600), (24, 2000)]:
+        weight = torch.randn(n, k).bfloat16()
+        bias = torch.randn(n)
+        packed = ops.pack_amx_panels(weight)
+        assert packed.shape == (-(-n // 32), -(-k // 32), 2, 16, 32)
+        for rows in (0, 1, 15, 16, 17, 32, 33, 100, 300):
+            # Rows strided, as a slice of a wider tensor (read in place only when whole tiles).
+            x = torch.randn(rows, k + 64).bfloat16()[:, 3:k + 3]
+            for out_dtype in (torch.bfloat16, torch.float32):
+                out = torch.empty(rows, n, dtype=out_dtype)
+                ops.amx_panel_linear(out, x, packed, bias)
+                if out_dtype == torch.float32:  # sums of exact bf16 products
+                    assert_fp32_sums_close(out, x, weight, bias)
+                else:
+                    full = F.linear(x.float(), weight.float(), bias)
+                    torch.testing.assert_close(out.float(), full.to(out_dtype).float(),
+                                               rtol=1e-2, atol=1e-2)
+            aligned = torch.randn(rows, k).bfloat16()  # read in place (k % 32 == 0, whole tiles)
+            out = torch.empty(rows, n)
+            ops.amx_panel_linear(out, aligned, packed, torch.empty(0))
+            assert_fp32_sums_close(out, aligned, weight)
+            x32 = torch.randn(rows, k)  # fp32 x is rounded to bf16 first
+            out = torch.empty(rows, n)
+            ops.amx_panel_linear(out, x32, packed, torch.empty(0))
+            assert_fp32_sums_close(out, x32.bfloat16(), weight)
+            gate_up = (torch.randn(rows, 2 * k) * 3).bfloat16()  # [gate | up]: the op's output
+            out = torch.empty(rows, n)
+            ops.amx_panel_linear(out, gate_up, packed, bias, True)
+            assert_fp32_sums_close(out, silu_and_mul(gate_up), weight, bias)
+    empty_k = torch.empty(3, 5)  # K = 0: the bias alone
+    ops.amx_panel_linear(empty_k, torch.empty(3, 0).bfloat16(),
+                         ops.pack_amx_panels(torch.empty(5, 0).bfloat16()), torch.arange(5.0))
+    assert torch.equal(empty_k, torch.arange(5.0).expand(3, 5))
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.amx_panel_linear(torch.empty(2, 16), torch.randn(2, 8).bfloat16(),
+                             ops.pack_amx_panels(torch.randn(16, 40).bfloat16()), torch.empty(0))
+    with pytest.raises(RuntimeError, match="pack_amx_panels"):
+        ops.amx_panel_linear(torch.empty(2, 16), torch.randn(2, 8).bfloat16(),
                              ops.pack_panels(torch.randn(16, 8).bfloat16()), torch.empty(0))
 
 

@@ -17,7 +17,14 @@ import torch
 
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention, kernel_applies, kernel_metadata
-from pagedllm.layers.linear import DOT_PANELS, ONEDNN, PANELS, STREAMING, PackedWeight
+from pagedllm.layers.linear import (
+    AMX_PANELS,
+    DOT_PANELS,
+    ONEDNN,
+    PANELS,
+    STREAMING,
+    PackedWeight,
+)
 from pagedllm.ops import NATIVE_DTYPES, cpu_ops
 from pagedllm.profiler import StepProfiler
 
@@ -69,6 +76,7 @@ class NativeDecoderStack:
             STREAMING: lambda p: (p.plain, p.plain_bias),
             ONEDNN: lambda p: (p.onednn_weight, _or_empty(p.bias)),
             DOT_PANELS: lambda p: (p.dot_panels, p.plain_bias),
+            AMX_PANELS: lambda p: (p.amx_panels, p.plain_bias),
         }
         self.weights: dict[int, list[torch.Tensor]] = {}
         for path, form in forms.items():
@@ -110,8 +118,8 @@ class NativeDecoderStack:
             packed.extend(lin.packed for lin in linears)
         if model.norm.weight.dtype not in NATIVE_DTYPES or any(p is None for p in packed):
             return None
-        switch_points = {(p.stream_max_rows, p.panel_max_rows, p.dot_panels is None)
-                         for p in packed}
+        switch_points = {(p.stream_max_rows, p.panel_max_rows, p.dot_panels is None,
+                          p.amx_panels is None) for p in packed}
         if len(switch_points) != 1:
             return None
         # On the dot-product path the op gates in the gate_up GEMM, so every gate_up weight must

@@ -9,8 +9,8 @@ just load the cached library (a file lock makes concurrent first uses build once
 fails, a warning is logged once, the failure is recorded in the build directory (so other
 processes do not retry it), and callers take their pure-torch paths instead.
 PAGEDLLM_DISABLE_CPU_KERNEL=1 forces those paths. PAGEDLLM_CPU_EXTRA_CFLAGS adds compiler flags
-(and a build of their own), e.g. "-mno-avx512f" to build and test the AVX2 code on an AVX-512
-machine.
+(and a build of their own), e.g. "-mno-avx512f -mno-amx-tile" to build and test the AVX2 code
+on an AVX-512 machine with AMX.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ _SOURCES = (
     "gemv.cpp",
     "gemm.cpp",
     "gemm_bf16.cpp",
+    "gemm_amx.cpp",
     "sampling_ops.cpp",
     "decoder_stack.cpp",
 )

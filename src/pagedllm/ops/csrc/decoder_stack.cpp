@@ -29,13 +29,14 @@ namespace {
 constexpr int64_t kTensorsPerLayer = 10;
 
 // How the step's projections run, chosen in Python by PackedWeight.path, as for one layer
-// (pagedllm/layers/linear.py: PANELS, STREAMING, ONEDNN).
+// (pagedllm/layers/linear.py: PANELS, STREAMING, ONEDNN, DOT_PANELS, AMX_PANELS).
 enum LinearPath : int64_t {
   kPanels = 0,     // panel_linear on weights from pack_panels; fp32 bias
   kStreaming = 1,  // linear_few_rows on the row-major weight; fp32 bias
   kOneDnn = 2,     // oneDNN on its reordered weight; bias in the weight's dtype
   kDotPanels = 3,  // dot_panel_linear on weights from pack_dot_panels, gate_up's from
                    // pack_dot_swiglu_panels (gated by dot_swiglu_linear); fp32 bias
+  kAmxPanels = 4,  // amx_panel_linear on weights from pack_amx_panels; fp32 bias
 };
 
 // mkldnn::_linear_pointwise(x, w, b, "none", [], ""), as PackedWeight.onednn calls it.
@@ -54,8 +55,9 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const at
 }
 
 // x @ W.T + b by `path`, into `out` except on oneDNN (which allocates its result); with
-// `gated`, over silu(gate) * up of x = [gate | up]: fused into the panels' packing, else the
-// silu_and_mul op first (into `gated_buffer`), as Linear.after_silu_and_mul does.
+// `gated`, over silu(gate) * up of x = [gate | up]: fused into the panels' packing, the op
+// inside the dot-product and AMX kernels, else the silu_and_mul op first (into
+// `gated_buffer`), as Linear.after_silu_and_mul does.
 at::Tensor project(LinearPath path, at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                    const at::Tensor& bias, bool gated, at::Tensor& gated_buffer) {
   if (path == kPanels) {
@@ -64,6 +66,10 @@ at::Tensor project(LinearPath path, at::Tensor& out, const at::Tensor& x, const 
   }
   if (path == kDotPanels) {
     dot_panel_linear(out, x, weight, bias, gated);
+    return out;
+  }
+  if (path == kAmxPanels) {
+    amx_panel_linear(out, x, weight, bias, gated);
     return out;
   }
   const at::Tensor* input = &x;
@@ -142,7 +148,7 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
                   (seconds->scalar_type() == at::kDouble && seconds->is_contiguous() &&
                    seconds->numel() == kNumParts),
               "seconds must be a contiguous float64 [", kNumParts, "] tensor");
-  TORCH_CHECK(linear_path >= kPanels && linear_path <= kDotPanels, "unknown linear path ",
+  TORCH_CHECK(linear_path >= kPanels && linear_path <= kAmxPanels, "unknown linear path ",
               linear_path);
   const auto path = static_cast<LinearPath>(linear_path);
   const int64_t T = hidden.size(0), H = hidden.size(1);

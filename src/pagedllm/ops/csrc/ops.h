@@ -30,6 +30,10 @@ void dot_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& pac
 void dot_swiglu_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
                        const at::Tensor& bias);
 
+// gemm_amx.cpp: the same with AMX tiles on a weight from pack_amx_panels (AMX CPUs).
+void amx_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
+                      const at::Tensor& bias, bool silu_and_mul);
+
 // gemv.cpp: out = x @ W.T + b streaming a row-major weight (a few rows of x).
 void linear_few_rows(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
                      const at::Tensor& bias);
