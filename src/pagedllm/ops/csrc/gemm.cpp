@@ -83,6 +83,52 @@ void tile(const float* a, const B* b, int64_t kc, float* acc, float* widened) {
   }
 }
 
+// tile<kMr> over two row tiles at once (a0: rows 0-5, a1: rows 6-11 of acc): with AVX-512's 32
+// vector registers, 24 accumulators take each weight vector to 12 rows instead of 6 (fp32,
+// two threads, SmolLM2's 30 layers, measured in turn: 1024 rows 0.93x the time, 16-256 even).
+// Each output's sum is the same as tile's (one chain over k), so a row's bits do not depend
+// on which of the two kernels its tile takes.
+template <bool kAccumulate, typename B>
+void tile12(const float* a0, const float* a1, const B* b, int64_t kc, float* acc,
+            float* widened) {
+  constexpr int R = 2 * kMr;
+  vfloat c0[R], c1[R];
+  for (int r = 0; r < R; ++r) {
+    c0[r] = kAccumulate ? vec::load(acc + r * kPanel) : vfloat{};
+    c1[r] = kAccumulate ? vec::load(acc + r * kPanel + kLanes) : vfloat{};
+  }
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; ++k) {
+    const vfloat b0 = vec::load(b + k * kPanel), b1 = vec::load(b + k * kPanel + kLanes);
+    if constexpr (!std::is_same_v<B, float>) {
+      vec::store(widened + k * kPanel, b0);
+      vec::store(widened + k * kPanel + kLanes, b1);
+    }
+    for (int r = 0; r < kMr; ++r) {
+      const vfloat av = vec::splat(a0[k * kMr + r]);
+      c0[r] = vec::fma(av, b0, c0[r]);
+      c1[r] = vec::fma(av, b1, c1[r]);
+    }
+    for (int r = 0; r < kMr; ++r) {
+      const vfloat av = vec::splat(a1[k * kMr + r]);
+      c0[kMr + r] = vec::fma(av, b0, c0[kMr + r]);
+      c1[kMr + r] = vec::fma(av, b1, c1[kMr + r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    vec::store(acc + r * kPanel, c0[r]);
+    vec::store(acc + r * kPanel + kLanes, c1[r]);
+  }
+}
+
+template <typename B>
+using Tile12Fn = void (*)(const float*, const float*, const B*, int64_t, float*, float*);
+
+template <typename B>
+Tile12Fn<B> tile12_fn(bool accumulate) {
+  return accumulate ? tile12<true, B> : tile12<false, B>;
+}
+
 template <typename B>
 using TileFn = void (*)(const float*, const B*, int64_t, float*, float*);
 
@@ -257,6 +303,19 @@ void run_panels(O* out, int64_t ldo, const XRows<T>& x, const W* packed, const f
         const int64_t rows = std::min<int64_t>(kMr, m_end - m0);
         const float* a = tiles.get() + (m0 * K + k0 * kMr);
         float* tile_acc = buf.acc.data() + (m0 - m_begin) * kPanel;
+        if (kLanes == 16 && m0 + 2 * kMr <= m_end) {  // two whole tiles: tile12
+          for (int64_t i = 0; i < pf_per_tile && pf < next_bytes; ++i, pf += 64) {
+            __builtin_prefetch(next + pf);
+          }
+          const float* a1 = a + kMr * K;
+          if (std::is_same_v<W, float> || m0 == m_begin) {
+            tile12_fn<W>(k0 > 0)(a, a1, chunk_w, kc, tile_acc, buf.chunk.data());
+          } else {
+            tile12_fn<float>(k0 > 0)(a, a1, buf.chunk.data(), kc, tile_acc, nullptr);
+          }
+          m0 += kMr;
+          continue;
+        }
         if (std::is_same_v<W, float> || m0 == m_begin) {
           tile_fn<W>(rows, k0 > 0)(a, chunk_w, kc, tile_acc, buf.chunk.data());
         } else {
