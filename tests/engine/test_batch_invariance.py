@@ -232,3 +232,27 @@ def test_request_is_batch_invariant_randomized(tiny_llama_factory, dtype: str, s
     rng = random.Random(100 + seed)
     check_scenarios(model_dir, dtype, rng.choice(["greedy", "seeded"]), seed=100 + seed,
                     num_others=rng.randint(1, 40), target_len=rng.randint(300, 700))
+
+
+@pytest.mark.slow
+def test_issue_reproductions_give_one_answer(smollm2_dir) -> None:
+    # Issue 29's reproductions, offline: SmolLM2 in bf16 on a 160-block cache. A prefix-cache
+    # hit (the same prompt three times) and other traffic (16 completions alongside) changed
+    # the greedy answer.
+    llm = LLM(str(smollm2_dir), dtype="bfloat16", num_kv_blocks=160, block_size=16)
+    greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=1)
+    poem = "Écris un poème sur la mer 🌊 et le vent:"
+    answers = [Result.of(llm.generate(poem, greedy, use_tqdm=False)[0]) for _ in range(3)]
+    assert answers[1] == answers[0] and answers[2] == answers[0]
+    assert llm.llm_engine.get_stats().prefix_cache_hits > 0
+    press = "The history of the printing press began"
+    alone = Result.of(llm.generate(press, greedy, use_tqdm=False)[0])
+    rng = random.Random(29)
+    words = ["sea", "wind", "history", "paper", "ink", "press", "type", "metal", "book", "city",
+             "river", "light", "music", "science", "war", "peace", "king", "letter", "school"]
+    others = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) for _ in range(16)]
+    crowd = [SamplingParams(temperature=0.8, seed=i, max_tokens=rng.randint(8, 64))
+             for i in range(16)]
+    outputs = llm.generate(others[:8] + [press] + others[8:], crowd[:8] + [greedy] + crowd[8:],
+                           use_tqdm=False)
+    assert Result.of(outputs[8]) == alone
