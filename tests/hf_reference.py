@@ -128,3 +128,23 @@ def check_within_top_n(model, prompts: list[list[int]], outputs: list[list[int]]
         top = logits.float().topk(n).indices.tolist()
         for step, token in enumerate(tokens):
             assert token in top[step], f"request {i}, step {step}: {token} not in {top[step]}"
+
+
+def check_family_against_transformers(model_dir: Path, prompts: list[list[int]],
+                                      max_tokens: int, expected: list[list[int]] | None,
+                                      num_kv_blocks: int, dtype: str = "float32") -> None:
+    """A family's greedy run through `LLM` against transformers, every block back after it:
+    fp32 token for token against `expected` (transformers' greedy tokens), bf16 within
+    transformers' top-3 at every step (`expected` unused). A pool under 200 blocks must
+    preempt; a larger one must not."""
+    from pagedllm import LLM
+
+    llm = LLM(str(model_dir), dtype=dtype, num_kv_blocks=num_kv_blocks, block_size=8)
+    outputs = greedy_token_ids(llm, prompts, max_tokens)
+    if dtype == "float32":
+        check_outputs_equal(expected, outputs)
+    else:
+        check_within_top_n(load_hf_model(model_dir, dtype=torch.bfloat16), prompts, outputs, n=3)
+    stats = llm.llm_engine.get_stats()
+    assert (stats.num_preemptions > 0) == (num_kv_blocks < 200), stats
+    assert stats.num_free_blocks == stats.num_blocks

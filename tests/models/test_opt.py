@@ -5,18 +5,13 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 from hf_reference import (
-    check_outputs_equal,
-    check_within_top_n,
-    greedy_token_ids,
+    check_family_against_transformers,
     hf_greedy,
     load_hf_model,
     ragged_prompts,
     save_tiny_model,
 )
-
-from pagedllm import LLM
 
 CONFIGS = {
     # OPT-125m and up: norms before each block, a final norm; here an untied head without
@@ -54,25 +49,19 @@ def _expected(model_dir) -> list[list[int]]:
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_a_ragged_batch_matches_transformers(opt_dir, name):
     model_dir = opt_dir(name)
-    llm = LLM(str(model_dir), num_kv_blocks=200, block_size=8)
-    check_outputs_equal(_expected(model_dir), greedy_token_ids(llm, PROMPTS, MAX_TOKENS))
-    stats = llm.llm_engine.get_stats()
-    assert stats.num_preemptions == 0 and stats.num_free_blocks == 200
+    check_family_against_transformers(model_dir, PROMPTS, MAX_TOKENS, _expected(model_dir),
+                                      num_kv_blocks=200)
 
 
 def test_preemption_under_a_small_pool_matches_transformers(opt_dir):
     model_dir = opt_dir("norm-after-projected")
     # 24 blocks of 8 tokens: two or three of the up to 92-token requests at a time.
-    llm = LLM(str(model_dir), num_kv_blocks=24, block_size=8)
-    check_outputs_equal(_expected(model_dir), greedy_token_ids(llm, PROMPTS, MAX_TOKENS))
-    stats = llm.llm_engine.get_stats()
-    assert stats.num_preemptions > 0
-    assert stats.num_free_blocks == stats.num_blocks
+    check_family_against_transformers(model_dir, PROMPTS, MAX_TOKENS, _expected(model_dir),
+                                      num_kv_blocks=24)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_bfloat16_stays_within_transformers_top3(opt_dir, name):
     model_dir = opt_dir(name)
-    llm = LLM(str(model_dir), dtype="bfloat16", num_kv_blocks=200, block_size=8)
-    outputs = greedy_token_ids(llm, PROMPTS, MAX_TOKENS)
-    check_within_top_n(load_hf_model(model_dir, dtype=torch.bfloat16), PROMPTS, outputs, n=3)
+    check_family_against_transformers(model_dir, PROMPTS, MAX_TOKENS, None, num_kv_blocks=200,
+                                      dtype="bfloat16")
