@@ -12,11 +12,9 @@ and every output row must equal the reference's bit for bit.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import torch
+from torch_threads import num_threads
 
 from pagedllm.attention import build_attention_metadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention
@@ -27,16 +25,6 @@ from pagedllm.ops import cpu_extension
 def kernel() -> None:
     if cpu_extension.cpu_ops() is None:
         pytest.skip(f"cpu_paged kernel unavailable: {cpu_extension.cpu_ops_error()}")
-
-
-@contextlib.contextmanager
-def num_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class Sequences:

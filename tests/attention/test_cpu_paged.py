@@ -9,12 +9,11 @@ K/V writes must agree. The first run in a fresh cache directory compiles the ker
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from torch_threads import num_threads
 
 from pagedllm.attention import build_attention_metadata, get_attention_backend
 from pagedllm.attention.cpu_paged import CpuPagedAttention
@@ -51,16 +50,6 @@ needs_kernel = pytest.mark.usefixtures("kernel")
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-@contextlib.contextmanager
-def num_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run_both(
