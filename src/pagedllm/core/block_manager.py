@@ -83,6 +83,11 @@ class BlockManager:
         """Blocks summed over all device tables: more than the used blocks when they are shared."""
         return sum(len(t) for t in self._block_tables.values())
 
+    def snapshot_tables(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """Copies of the device and host block tables by sequence id (the KV cache map)."""
+        return ({seq_id: list(t) for seq_id, t in self._block_tables.items()},
+                {seq_id: list(t) for seq_id, t in self._cpu_tables.items()})
+
     # ---- allocation ----------------------------------------------------------------------
 
     def num_blocks_needed(

@@ -62,6 +62,10 @@ class BlockPool:
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 
+    def snapshot(self) -> tuple[list[int], list[int | None]]:
+        """Copies of the reference counts and cached hashes, by block id (the KV cache map)."""
+        return list(self._ref_counts), list(self.block_hash)
+
     def free_block_ids(self) -> list[int]:
         """The free queue in allocation order (front first); for tests and statistics."""
         return list(self._free_queue)
