@@ -174,8 +174,6 @@ class EngineConfig:
             if importlib.util.find_spec("ray") is None:
                 raise ValueError("distributed_executor_backend='ray' needs Ray, which is not "
                                  "installed: pip install pagedllm[ray]")
-            raise ValueError("distributed_executor_backend='ray' is not implemented yet in "
-                             "this build: use 'mp' (worker processes on this host)")
         if size > 1:
             raise ValueError(f"tensor_parallel_size={size}: tensor parallelism is not "
                              f"implemented yet in this build; use 1 (the 'mp' backend runs "

@@ -5,7 +5,7 @@ processes run the model. Backends, chosen by `distributed_executor_backend`:
 
     uni  one Worker in the engine's process (UniProcExecutor)
     mp   one worker process per rank on this host (MultiprocExecutor)
-    ray  Ray actors, for more than one machine (not built yet; the settings refuse it)
+    ray  one Ray actor per rank, on this host or a Ray cluster (RayDistributedExecutor)
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def build_executor(config: EngineConfig, hf_config: PretrainedConfig, model_dir:
         from pagedllm.executor.uniproc import UniProcExecutor as executor_cls
     elif backend == "mp":
         from pagedllm.executor.multiproc import MultiprocExecutor as executor_cls
+    elif backend == "ray":
+        from pagedllm.executor.ray_executor import RayDistributedExecutor as executor_cls
     else:  # EngineConfig refuses the rest before anything starts
         raise ValueError(f"distributed_executor_backend {backend!r} is not available")
     return executor_cls(config, hf_config, model_dir, max_model_len, profiler)

@@ -1,0 +1,354 @@
+"""The `ray` backend: one Ray actor per rank, on this machine or across a Ray cluster.
+
+    driver (engine process)                                 rank r (Ray actor)
+    StepEncoder.encode -> pickle (once) -> actor.execute_model.remote(payload) for every rank
+                                              -> StepDecoder.decode -> Worker.execute_model
+    decode_runner_output <- ray.wait/ray.get <- rows (rank 0), None (the others)
+
+The step message is the `mp` backend's (step_message.py), pickled once by the driver; Ray
+carries it: inlined in each actor call while small, else put once in the object store and
+passed by reference. Actor calls from one caller run in the order they were made, so each rank
+sees the messages in order, as the shared-memory ring guarantees for `mp`.
+
+Where the ranks run: with `RAY_ADDRESS` set (a cluster started by `ray start --head` and
+`ray start --address=...`), the driver joins that cluster; otherwise it starts a local Ray
+instance with just the CPUs the ranks reserve and no dashboard, and stops it at shutdown. The
+ranks reserve one CPU each through a placement group (packed onto as few nodes as hold them).
+
+A rank whose actor dies (killed, out of memory, its node lost) turns into a WorkerDiedError as
+soon as Ray reports it (about a second); the driver never waits on one reference alone, so an
+error from any rank surfaces even while the others are blocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import socket
+import weakref
+from collections.abc import Callable, Container
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from pagedllm.executor.abstract import Executor, call_worker
+from pagedllm.executor.shm_broadcast import WorkerDiedError
+from pagedllm.executor.step_message import (
+    StepDecoder,
+    StepEncoder,
+    StepMessage,
+    decode_runner_output,
+    encode_runner_output,
+)
+from pagedllm.profiler import StepProfiler
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from pagedllm.config import EngineConfig
+    from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+# Messages up to this size travel inside each actor call (Ray inlines arguments below 100 KiB);
+# larger ones (a big first prefill) are put in the object store once, for every rank.
+_INLINE_BYTES = 64 * 1024
+# Seconds to wait for the cluster to grant the ranks' CPUs before refusing to start.
+_PLACEMENT_TIMEOUT_S = 60.0
+# Seconds between looks at the ranks while waiting for an answer (errors arrive at once
+# anyway; this bounds how long a Ctrl-C waits to be seen).
+_POLL_S = 1.0
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an error raised in a rank (chained under the error the driver raises)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+
+    def __str__(self) -> str:
+        return "\n" + self.args[0]
+
+
+class RayWorkerWrapper:
+    """One rank: a Ray actor that builds the Worker and runs the steps the driver sends.
+
+    Wrapped by `ray.remote` where it is started, so this module's class stays plain.
+    """
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.worker: Any = None
+        self.decoder = StepDecoder()
+
+    def node_info(self) -> tuple[str, str, int, int]:
+        """(node id, node ip, pid, cores this process may use)."""
+        return (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
+                os.getpid(), len(os.sched_getaffinity(0)))
+
+    def free_port(self) -> int:
+        """A free TCP port on this rank's node, for the process group's rendezvous."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def start(self, config: EngineConfig, hf_config: PretrainedConfig, model_dir: str,
+              max_model_len: int, num_threads: int, master_addr: str,
+              master_port: int) -> tuple[int, int]:
+        """Joins the ranks' process group, builds the Worker; returns its pool sizes."""
+        import torch
+
+        # Ray sets OMP_NUM_THREADS to the rank's reserved CPUs (1); a rank uses its share of
+        # the node's cores instead, as the `mp` ranks do.
+        torch.set_num_threads(num_threads)
+        init_distributed(self.rank, self.world_size, master_addr, master_port, config.device)
+        from pagedllm.worker.worker import Worker
+
+        self.worker = Worker(config, hf_config, Path(model_dir), max_model_len)
+        return self.worker.num_kv_blocks, self.worker.num_cpu_blocks
+
+    def execute_model(self, payload: bytes) -> Any:
+        scheduler_output = self.decoder.decode(StepMessage.from_wire(pickle.loads(payload)))
+        rows = encode_runner_output(scheduler_output, self.worker.execute_model(scheduler_output))
+        return rows if self.rank == 0 else None
+
+    def rpc(self, method: str | Callable[..., Any], args: tuple,
+            kwargs: dict[str, Any] | None) -> Any:
+        return call_worker(self.worker, method, args, kwargs)
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
+                     device: str) -> None:
+    """Joins the ranks' tensor-parallel group (gloo on CPU, nccl on CUDA) before the Worker is
+    built, as the `mp` ranks do; at one rank there is no group to join."""
+    if world_size == 1:
+        return
+    from pagedllm.distributed.parallel_state import init_tensor_parallel
+
+    init_tensor_parallel(rank, world_size, f"tcp://{master_addr}:{master_port}",
+                         backend="nccl" if device.startswith("cuda") else "gloo")
+
+
+class RayDistributedExecutor(Executor):
+    """Ranks as Ray actors, driven by the same step messages as `mp`.
+
+    Attributes read by benchmarks and tests: `num_steps`, `last_message_bytes`,
+    `total_message_bytes`, `worker_pids`, `owns_ray` (True when this executor started Ray and
+    stops it at shutdown).
+    """
+
+    def __init__(self, config: EngineConfig, hf_config: PretrainedConfig, model_dir: Path,
+                 max_model_len: int, profiler: StepProfiler | None = None) -> None:
+        self.world_size = config.tensor_parallel_size
+        self.profiler = profiler or StepProfiler()
+        self.num_steps = 0
+        self.last_message_bytes = 0
+        self.total_message_bytes = 0
+        self._encoder = StepEncoder()
+        self._dead: str | None = None  # why no step can run any more
+        self._actors: list[Any] = []
+        self._pids: list[int] = []
+        self._nodes: list[str] = []
+        self._placement: list[Any] = []  # the placement group, once made
+        self.owns_ray = False
+        if not ray.is_initialized():
+            self.owns_ray = True
+            _init_ray(self.world_size)
+        # Runs at shutdown(), when the executor is collected, or at interpreter exit.
+        self._finalizer = weakref.finalize(self, _stop_ranks, self._actors, self._placement,
+                                           self.owns_ray)
+        try:
+            self._start(config, hf_config, model_dir, max_model_len)
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info("%d Ray actor(s) ready (pids %s on %s)", self.world_size,
+                    ", ".join(map(str, self._pids)), ", ".join(sorted(set(self._nodes))))
+
+    def _start(self, config: EngineConfig, hf_config: PretrainedConfig, model_dir: Path,
+               max_model_len: int) -> None:
+        group = placement_group([{"CPU": 1}] * self.world_size, strategy="PACK")
+        self._placement.append(group)
+        ready, _ = ray.wait([group.ready()], timeout=_PLACEMENT_TIMEOUT_S)
+        if not ready:
+            raise RuntimeError(
+                f"the Ray cluster did not grant {self.world_size} CPU(s) for the ranks within "
+                f"{_PLACEMENT_TIMEOUT_S:.0f} s (available: {ray.available_resources()}); "
+                f"add nodes or lower tensor_parallel_size")
+        actor_cls = ray.remote(num_cpus=1, max_restarts=0)(RayWorkerWrapper)
+        for rank in range(self.world_size):
+            self._actors.append(actor_cls.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=group, placement_group_bundle_index=rank),
+            ).remote(rank, self.world_size))
+        infos = self._gather([a.node_info.remote() for a in self._actors], "start")
+        self._nodes = [node_ip for _, node_ip, _, _ in infos]
+        self._pids = [pid for _, _, pid, _ in infos]
+        ranks_per_node: dict[str, int] = {}
+        for node_id, *_ in infos:
+            ranks_per_node[node_id] = ranks_per_node.get(node_id, 0) + 1
+        master_addr = infos[0][1]
+        master_port = self._gather([self._actors[0].free_port.remote()], "start")[0]
+        sizes = self._gather([
+            actor.start.remote(config, hf_config, str(model_dir), max_model_len,
+                               max(1, cores // ranks_per_node[node_id]), master_addr,
+                               master_port)
+            for actor, (node_id, _, _, cores) in zip(self._actors, infos)], "start")
+        self._num_kv_blocks = min(num_kv for num_kv, _ in sizes)
+        self._num_cpu_blocks = min(num_cpu for _, num_cpu in sizes)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._num_kv_blocks
+
+    @property
+    def num_cpu_blocks(self) -> int:
+        return self._num_cpu_blocks
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return list(self._pids)
+
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      live_request_ids: Container[str] = ()) -> ModelRunnerOutput:
+        self.check_health()
+        with self.profiler.section("encode step"):
+            try:
+                message = self._encoder.encode(scheduler_output, live_request_ids)
+                payload = pickle.dumps(message.to_wire(), protocol=pickle.HIGHEST_PROTOCOL)
+            except BaseException:
+                self._encoder.forget_all()  # encoded (in part), never sent
+                raise
+        self.num_steps += 1
+        self.last_message_bytes = len(payload)
+        self.total_message_bytes += len(payload)
+        with self.profiler.section("worker step"):
+            refs = self._submit(lambda actor, arg: actor.execute_model.remote(arg), payload)
+            rows = self._gather(refs, "step")[0]
+        return decode_runner_output(scheduler_output, rows)
+
+    def collective_rpc(self, method: str | Callable[..., Any], args: tuple = (),
+                       kwargs: dict[str, Any] | None = None) -> list[Any]:
+        self.check_health()
+        refs = self._submit(lambda actor, _: actor.rpc.remote(method, args, kwargs), None)
+        return self._gather(refs, "rpc")
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise WorkerDiedError(self._dead)
+
+    def shutdown(self) -> None:
+        if self._dead is None:
+            self._dead = "the executor is shut down"
+        self._finalizer()
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _submit(self, call: Callable[[Any, Any], Any], payload: bytes | None) -> list[Any]:
+        """One call per rank, rank 0 first. A message is put in the object store once when it
+        is too large to inline. Interrupted (Ctrl-C) before any call is made, the encoder
+        forgets what it sent; between two calls, the ranks no longer agree and the executor
+        is dead."""
+        arg = payload
+        if payload is not None and len(payload) > _INLINE_BYTES:
+            try:
+                arg = ray.put(payload)
+            except BaseException:
+                self._encoder.forget_all()
+                raise
+        refs: list[Any] = []
+        try:
+            for actor in self._actors:
+                refs.append(call(actor, arg))
+        except BaseException:
+            if refs:
+                self._dead = "a message to the workers was cut off: start a new engine"
+            elif payload is not None:
+                self._encoder.forget_all()
+            raise
+        return refs
+
+    def _gather(self, refs: list[Any], what: str) -> list[Any]:
+        """Every rank's answer, in rank order; the first error from any rank raises at once
+        (a dead actor as WorkerDiedError)."""
+        index = {ref: rank for rank, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        rpc_error: BaseException | None = None
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=_POLL_S)
+            for ref in ready:
+                rank = index[ref]
+                try:
+                    results[rank] = ray.get(ref, timeout=0)
+                except RayActorError as exc:
+                    self._died(rank, what, exc)
+                except RayTaskError as exc:
+                    if what == "rpc":  # the rank keeps running: raised once all answer
+                        rpc_error = rpc_error or _cause(exc)
+                        continue
+                    self._dead = (f"rank {rank} failed {_DURING[what]} ({exc.cause!r}); the "
+                                  f"engine cannot run any more steps: shut it down and start "
+                                  f"a new one")
+                    raise WorkerDiedError(self._dead) from _RemoteTraceback(str(exc))
+                except GetTimeoutError:  # cannot happen for a ready ref; keep waiting
+                    pending.append(ref)
+        if rpc_error is not None:
+            raise rpc_error
+        return results
+
+    def _died(self, rank: int, what: str, exc: BaseException) -> None:
+        pid = f"pid {self._pids[rank]}, " if rank < len(self._pids) else ""
+        node = f"node {self._nodes[rank]}" if rank < len(self._nodes) else "its node"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self._dead = (f"the Ray actor of rank {rank} ({pid}{node}) died {_DURING[what]} "
+                      f"({reason}); the engine cannot run any more steps: shut it down and "
+                      f"start a new one")
+        raise WorkerDiedError(self._dead) from exc
+
+
+_DURING = {"start": "while starting", "step": "during a step", "rpc": "during an rpc"}
+
+
+def _cause(exc: RayTaskError) -> BaseException:
+    """The rank's own error, with its traceback chained as the cause."""
+    cause = exc.cause if isinstance(exc.cause, BaseException) else None
+    if cause is None:
+        cause = RuntimeError(f"a rank raised an error that could not be pickled: {exc}")
+    cause.__cause__ = _RemoteTraceback(str(exc))
+    return cause
+
+
+def _init_ray(world_size: int) -> None:
+    """Joins the cluster at RAY_ADDRESS, or starts a small local one (just the ranks' CPUs,
+    no dashboard, the workers' logs kept out of the driver's output)."""
+    address = os.environ.get("RAY_ADDRESS")
+    common = {"include_dashboard": False, "log_to_driver": False,
+              "configure_logging": False}
+    if address:
+        logger.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address="local", num_cpus=world_size, num_gpus=0, **common)
+
+
+def _stop_ranks(actors: list[Any], placement: list[Any], owns_ray: bool) -> None:
+    """Kills the actors and frees their placement group; stops Ray if this executor started
+    it (the local instance's processes go with it)."""
+    if not ray.is_initialized():
+        return
+    for actor in actors:
+        with contextlib.suppress(Exception):  # already gone
+            ray.kill(actor, no_restart=True)
+    for group in placement:
+        with contextlib.suppress(Exception):  # already gone with its cluster
+            remove_placement_group(group)
+    if owns_ray:
+        ray.shutdown()

@@ -1,0 +1,177 @@
+"""The `ray` backend through the public API: greedy fp32 outputs equal the in-process `uni`
+backend's token for token (ragged batch with swap and recompute preemption, requests added
+mid-decode, n/best_of, beam search, prefix caching); killing the rank's actor mid-generation
+raises a clear error within seconds; shutdown() leaves no Ray process behind.
+
+One local Ray instance (started by the engine) and one actor serve the whole module: starting
+Ray costs seconds. The module ends by killing that actor and shutting the engine down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from test_mp_executor import SETTINGS, completions, prompts_of
+
+from pagedllm import LLM, BeamSearchParams, SamplingParams
+from pagedllm.config import EngineConfig
+
+LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_llama_factory):
+    return tiny_llama_factory(num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def uni(tiny_dir):
+    return LLM(str(tiny_dir), distributed_executor_backend="uni", **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def ray_llm(tiny_dir):
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        pytest.skip("this test starts (and stops) its own local Ray instance")
+    llm = LLM(str(tiny_dir), distributed_executor_backend="ray", **SETTINGS)
+    yield llm
+    llm.shutdown()
+
+
+def ray_processes() -> list[psutil.Process]:
+    """This process's children that belong to Ray (gcs_server, raylet, its workers...)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "ray" in " ".join(
+                    [child.name(), *child.cmdline()]).lower():
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def both(uni: LLM, other: LLM, *args):
+    results = []
+    for llm in (uni, other):
+        before = llm.llm_engine.get_stats()
+        outputs = llm.generate(*args, use_tqdm=False)
+        results.append((completions(outputs), before, llm.llm_engine.get_stats()))
+    return results
+
+
+def test_the_rank_runs_in_a_ray_actor(ray_llm):
+    executor = ray_llm.llm_engine.model_executor
+    assert type(executor).__name__ == "RayDistributedExecutor" and executor.owns_ray
+    (pid,) = executor.worker_pids
+    assert pid != os.getpid() and psutil.pid_exists(pid)
+    assert ray_llm.llm_engine.get_stats().num_blocks == 16
+    assert executor.collective_rpc(getattr, args=("num_kv_blocks",)) == [16]
+    with pytest.raises(AttributeError, match="no_such_method") as info:
+        executor.collective_rpc("no_such_method")
+    assert "RayWorkerWrapper.rpc" in str(info.value.__cause__)  # the actor's traceback
+    executor.check_health()  # an rpc's error leaves the rank running
+
+
+def test_ragged_batch_with_swap_and_recompute_preemption(uni, ray_llm):
+    import random
+
+    rng = random.Random(1)
+    prompts = prompts_of(10, seed=1)
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(8, 40), ignore_eos=True)
+              for _ in prompts]
+    (want, *_), (got, before_r, after_r) = both(uni, ray_llm, prompts, params)
+    assert got == want
+    swaps = after_r.num_swap_outs - before_r.num_swap_outs
+    assert swaps > 0 and after_r.num_preemptions - before_r.num_preemptions > swaps
+    assert after_r.num_free_blocks == after_r.num_blocks
+
+
+def test_requests_added_mid_decode(uni, ray_llm):
+    prompts = prompts_of(6, seed=2, max_len=20)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    results = []
+    for llm in (uni, ray_llm):
+        engine = llm.llm_engine
+        finished = {}
+        for step in range(400):
+            if step % 3 == 0 and step // 3 < len(prompts):
+                engine.add_request(f"mid-{step // 3}", prompts[step // 3], greedy)
+            for output in engine.step():
+                if output.finished:
+                    finished[output.request_id] = output.outputs[0].token_ids
+            if len(finished) == len(prompts):
+                break
+        results.append(finished)
+    assert results[1] == results[0] and len(results[1]) == len(prompts)
+
+
+def test_sampling_beams_and_prefix_caching(uni, ray_llm):
+    prompts = prompts_of(3, seed=3, max_len=20)
+    params = [SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True),
+              SamplingParams(n=2, best_of=3, temperature=0.8, seed=12, max_tokens=10),
+              SamplingParams(temperature=0.7, top_p=0.9, max_tokens=16, ignore_eos=True)]
+    (want, *_), (got, *_) = both(uni, ray_llm, prompts, params)
+    assert got == want and [len(c) for c in got] == [3, 2, 1]
+
+    beams = BeamSearchParams(beam_width=3, max_tokens=10, ignore_eos=True)
+    want, got = (list(llm.beam_search(prompts_of(2, seed=4, max_len=16), beams))
+                 for llm in (uni, ray_llm))
+    assert [[s.tokens for s in o.sequences] for o in got] == \
+           [[s.tokens for s in o.sequences] for o in want]
+
+    shared = list(range(30, 54))  # 3 full blocks
+    prefixed = [{"prompt_token_ids": shared + tail["prompt_token_ids"]}
+                for tail in prompts_of(3, seed=6, max_len=8)]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    both(uni, ray_llm, prefixed, greedy)
+    (want, *_), (got, before, after) = both(uni, ray_llm, prefixed, greedy)
+    assert got == want and after.prefix_cache_hits > before.prefix_cache_hits
+    executor = ray_llm.llm_engine.model_executor
+    assert executor.num_steps > 0 and 0 < executor.last_message_bytes < 4096
+
+
+def test_ray_is_accepted_by_the_settings_when_installed():
+    assert EngineConfig(distributed_executor_backend="ray").distributed_executor_backend == "ray"
+
+
+# NOTE: last in the module: it kills the module's actor and shuts the engine (and Ray) down.
+def test_a_killed_actor_fails_generate_within_seconds_and_shutdown_leaves_no_ray_process(
+        ray_llm):
+    executor = ray_llm.llm_engine.model_executor
+    (pid,) = executor.worker_pids
+    start_steps = executor.num_steps
+    killed_at = []
+
+    def kill_once_generating() -> None:
+        while executor.num_steps < start_steps + 3:
+            time.sleep(0.005)
+        killed_at.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_once_generating, daemon=True).start()
+    prompts = [{"prompt_token_ids": [5 + i, 6, 7, 8]} for i in range(4)]
+    with pytest.raises(RuntimeError, match=rf"Ray actor of rank 0 \(pid {pid}, .*\) died "
+                                           r"during a step"):
+        ray_llm.generate(prompts, LONG, use_tqdm=False)
+    assert time.monotonic() - killed_at[0] < 30
+    assert not ray_llm.llm_engine.has_unfinished_requests()
+    with pytest.raises(RuntimeError, match="died during a step"):  # later calls fail at once
+        ray_llm.generate(prompts[0], use_tqdm=False)
+
+    assert ray_processes(), "the engine's local Ray instance should be running"
+    ray_llm.shutdown()
+    assert not ray.is_initialized()
+    deadline = time.monotonic() + 10
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_processes() == []
+    ray_llm.shutdown()  # twice is fine
