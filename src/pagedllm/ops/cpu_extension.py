@@ -42,8 +42,11 @@ _SOURCES = (
     "gemm_amx.cpp",
     "sampling_ops.cpp",
     "decoder_stack.cpp",
+    "quant_dot.cpp",
+    "quant_gguf.cpp",
+    "quant_int8.cpp",
 )
-_HEADERS = ("vec.h", "ops.h", "deal.h")
+_HEADERS = ("vec.h", "ops.h", "deal.h", "quant.h")
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unknown-pragmas")
 _LDFLAGS = ("-fopenmp",)
 # Set to 1 to skip the native ops and always take the pure-torch paths.

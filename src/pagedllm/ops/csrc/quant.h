@@ -1,0 +1,66 @@
+// Quantized linear layers: weights in GGUF block formats or symmetric per-channel int8, times
+// activations quantized per row on the fly to int8 blocks of 32 (as llama.cpp's Q8_0).
+//
+// Every weight format is read through one "unpacked" form of a weight row: values u[i] in
+// 0..255 with, per half-block of 16 values h, a scale ws[h] and a minimum wm[h] such that
+//   w[i] = ws[h] * (u[i] + zero) + wm[h]
+// (zero a per-format integer: -8 for Q4_0, -128 for Q8_0 and int8, -32 for Q6_K, 0 for the
+// formats with a minimum). The integer dot products run on u and the int8 activations, so one
+// kernel serves every format.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace pagedllm::quant {
+
+// GGML's type ids for the GGUF formats; kInt8Channel is ours (int8 + 128 as bytes, a float
+// scale per row).
+enum Format : int64_t {
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
+  kInt8Channel = 1000,
+};
+
+struct FormatInfo {
+  int64_t block_values;  // values per block (32 or 256)
+  int64_t block_bytes;   // bytes per block
+  int zero;              // the integer added to u (see above)
+  bool has_min;          // wm is not zero
+};
+
+// The format's layout; TORCH_CHECK fails naming the supported formats for any other.
+FormatInfo format_info(int64_t format);
+
+// K rounded up to whole 64-value chunks (the kernels' unit; padding holds zeros).
+inline int64_t padded_k(int64_t K) { return (K + 63) / 64 * 64; }
+
+// A quantized weight [N, K]: row n's bytes at data + n * row_bytes.
+struct Weight {
+  int64_t format;
+  const uint8_t* data;
+  int64_t row_bytes;
+  int64_t N, K;
+  const float* channel_scales;  // kInt8Channel: one per row
+};
+
+// Row n unpacked: u[0:Kp] (zero past K), ws/wm[0:Kp / 16]. Returns u, which for kInt8Channel
+// rows stored padded to Kp is the row itself (nothing copied).
+const uint8_t* unpack_row(const Weight& w, int64_t n, uint8_t* u, float* ws, float* wm);
+
+// Row n as float values w[0:K] (the format's dequantization, the same fp32 arithmetic as the
+// gguf package's).
+void dequantize_row(const Weight& w, int64_t n, float* out);
+
+// out[M, N] (fp32/bf16) = x[M, K] (fp32/bf16) @ W.T + bias (fp32 [N] or empty). With
+// quantize_activations false (a test hook), the rows are multiplied in fp32 with the
+// dequantized weight instead.
+void linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
+            bool quantize_activations);
+
+}  // namespace pagedllm::quant

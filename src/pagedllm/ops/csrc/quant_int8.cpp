@@ -1,0 +1,78 @@
+// Linear layers on symmetric per-output-channel int8 weights (quantization="int8"): W[n, k] =
+// scales[n] * q[n, k] with q in -127..127, stored as q + 128 in bytes, each row padded to whole
+// 64-value chunks (pack_int8_weight), so the quantized kernel (quant_dot.cpp) reads the rows
+// in place.
+
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+
+#include <cmath>
+
+#include "quant.h"
+
+namespace pagedllm::quant {
+
+namespace {
+
+// weight [N, K] fp32/bf16 -> (bytes [N, padded_k(K)] uint8 = q + 128 (128 past K), scales [N]
+// fp32): scale = max |W[n]| / 127, q = W / scale rounded to nearest even.
+std::tuple<at::Tensor, at::Tensor> pack_int8_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 &&
+                  (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "weight must be a 2-D fp32/bf16 CPU tensor");
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const int64_t N = w.size(0), K = w.size(1), Kp = padded_k(K);
+  at::Tensor bytes = at::full({N, Kp}, 128, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({N}, w.options());
+  const float* src = w.data_ptr<float>();
+  uint8_t* dst = bytes.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float amax = 0.0f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(src[n * K + k]));
+      const float s = amax / 127.0f, inv = s != 0.0f ? 1.0f / s : 0.0f;
+      sp[n] = s;
+      for (int64_t k = 0; k < K; ++k) {
+        const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(src[n * K + k] * inv)));
+        dst[n * Kp + k] = static_cast<uint8_t>(static_cast<int>(q) + 128);
+      }
+    }
+  });
+  return {bytes, scales};
+}
+
+// out [M, N] fp32/bf16 = x [M, K] @ W.T + bias; bytes/scales from pack_int8_weight.
+void int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& bytes,
+                 const at::Tensor& scales, const at::Tensor& bias, bool quantize_activations) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(bytes.device().is_cpu() && bytes.dim() == 2 && bytes.scalar_type() == at::kByte &&
+                  bytes.is_contiguous() && bytes.size(1) == padded_k(K),
+              "the int8 weight must come from pack_int8_weight for ", K, " inputs");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.numel() == bytes.size(0),
+              "scales must be contiguous float32 [N]");
+  const Weight w{kInt8Channel, bytes.data_ptr<uint8_t>(), bytes.size(1), bytes.size(0), K,
+                 scales.data_ptr<float>()};
+  linear(out, x, w, bias, quantize_activations);
+}
+
+}  // namespace
+
+}  // namespace pagedllm::quant
+
+TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
+  m.def("pack_int8_weight(Tensor weight) -> (Tensor, Tensor)");
+  m.def(
+      "int8_linear(Tensor(a!) out, Tensor x, Tensor bytes, Tensor scales, Tensor bias, "
+      "bool quantize_activations=True) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
+  m.impl("pack_int8_weight", &pagedllm::quant::pack_int8_weight);
+  m.impl("int8_linear", &pagedllm::quant::int8_linear);
+}
