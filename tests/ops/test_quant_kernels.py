@@ -1,0 +1,195 @@
+"""The quantized linear kernels against the gguf package's dequantization, then a matmul.
+
+Weights are random blocks of each GGUF format (random bytes, scale fields set to sane fp16
+values), so every bit pattern of the quantized values is exercised. With int8 activations the
+kernel must match the matmul of the same activations quantized as the kernel quantizes them
+(per block of 32: scale max|x| / 127, round to nearest even) up to fp32 summation, and the
+unquantized matmul within the bound that activation rounding allows (sum |w| |x - x_q|); with
+activation quantization off (the ops' test hook), the unquantized matmul up to fp32 summation.
+Both integer paths run here: AVX512-VNNI and the forced AVX2 one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
+
+from pagedllm.ops import cpu_ops, cpu_ops_error
+
+ROWS = [1, 3, 8, 64, 300]
+# Byte offsets of each format's fp16 fields within a block (d, then a minimum where it has one).
+HALF_FIELDS = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2],
+               QT.Q6_K: [208]}
+FORMATS = list(HALF_FIELDS)
+
+
+@pytest.fixture(autouse=True)
+def _need_ops() -> None:
+    if cpu_ops() is None:
+        pytest.skip(f"CPU ops unavailable: {cpu_ops_error()}")
+
+
+def isas() -> list[str]:
+    """The integer paths this machine runs: VNNI where the build has it, AVX2 forced."""
+    ops = cpu_ops()
+    best = ops.quant_kernel_isa() if ops is not None else "scalar"
+    return {"avx512_vnni": ["avx512_vnni", "avx2"], "avx2": ["avx2"]}.get(best, ["scalar"])
+
+
+@contextlib.contextmanager
+def kernel_isa(name: str):
+    cpu_ops().set_quant_kernel_isa(name)
+    try:
+        yield
+    finally:
+        cpu_ops().set_quant_kernel_isa("auto")
+
+
+def random_blocks(qtype: QT, n: int, k: int, seed: int) -> np.ndarray:
+    """[n, bytes per row] uint8: random blocks with fp16 scales in [0.002, 0.02]."""
+    rng = np.random.default_rng(seed)
+    values, nbytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n, k // values, nbytes), dtype=np.uint8)
+    for i, offset in enumerate(HALF_FIELDS[qtype]):
+        field = rng.uniform(0.002, 0.02, size=(n, k // values)).astype(np.float16)
+        if qtype == QT.Q4_1 and i == 1:  # Q4_1's minimum: negative, about -8 d
+            field = (-8 * field).astype(np.float16)
+        raw[:, :, offset:offset + 2] = field.view(np.uint8).reshape(n, k // values, 2)
+    return raw.reshape(n, -1)
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel sees it: int8 blocks of 32 (zero-padded) times their scales."""
+    m, k = x.shape
+    padded = torch.nn.functional.pad(x.float(), (0, -k % 32)).view(m, -1, 32)
+    d = padded.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    return (torch.round(padded * inv) * d).view(m, -1)[:, :k]
+
+
+def check_against(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias, quantized: bool):
+    """out against x @ w.T + bias in float64, with the tolerance the mode allows."""
+    x64, w64 = x.double(), w.double()
+    ref = x64 @ w64.T + (0 if bias is None else bias.double())
+    out = out.double()
+    summation = 2e-6 * (x64.abs() @ w64.abs().T) + 1e-6
+    if not quantized:
+        assert ((out - ref).abs() <= summation).all(), (out - ref).abs().max()
+        return
+    xq = quantized_activations(x).double()
+    ref_q = xq @ w64.T + (0 if bias is None else bias.double())
+    assert ((out - ref_q).abs() <= summation).all(), (out - ref_q).abs().max()
+    rounding = (x64 - xq).abs() @ w64.abs().T
+    assert ((out - ref).abs() <= rounding + summation).all()
+
+
+def gguf_linear(x, raw: torch.Tensor, qtype: QT, bias=None, quantize=True, out_dtype=None):
+    out = torch.empty(x.shape[0], raw.shape[0], dtype=out_dtype or x.dtype)
+    empty = torch.empty(0)
+    cpu_ops().gguf_linear(out, x, raw, int(qtype), empty if bias is None else bias, quantize)
+    return out
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+def test_dequantize_rows_equals_gguf(qtype: QT) -> None:
+    raw = random_blocks(qtype, 24, 512, seed=1)
+    ref = torch.from_numpy(dequantize(raw, qtype).astype(np.float32))
+    ids = torch.tensor([5, 0, 23, 5])
+    out = torch.empty(4, 512)
+    cpu_ops().gguf_dequantize_rows(out, torch.from_numpy(raw), int(qtype), ids)
+    assert torch.equal(out, ref[ids])
+    out_bf16 = torch.empty(4, 512, dtype=torch.bfloat16)
+    cpu_ops().gguf_dequantize_rows(out_bf16, torch.from_numpy(raw), int(qtype), ids)
+    assert torch.equal(out_bf16, ref[ids].bfloat16())
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+def test_gguf_linear_equals_dequantize_then_matmul(qtype: QT) -> None:
+    # K = 512 for the 256-value formats; 96 (a half chunk past the last 64) for the others.
+    k = 512 if GGML_QUANT_SIZES[qtype][0] == 256 else 96
+    raw_np = random_blocks(qtype, 37, k, seed=int(qtype))
+    raw = torch.from_numpy(raw_np)
+    w = torch.from_numpy(dequantize(raw_np, qtype).astype(np.float32))
+    gen = torch.Generator().manual_seed(0)
+    bias = torch.randn(37, generator=gen)
+    for isa in isas():
+        with kernel_isa(isa):
+            for rows in ROWS:
+                x = torch.randn(rows, k, generator=gen)
+                x[0, :40] = 0.0  # an all-zero block (scale 0)
+                check_against(gguf_linear(x, raw, qtype, bias), x, w, bias, quantized=True)
+                check_against(gguf_linear(x, raw, qtype, bias, quantize=False), x, w, bias,
+                              quantized=False)
+                # Batch invariance: a row's bits are the same alone.
+                out = gguf_linear(x, raw, qtype, bias)
+                for i in {0, rows // 2, rows - 1}:
+                    assert torch.equal(gguf_linear(x[i:i + 1], raw, qtype, bias)[0], out[i])
+
+
+def test_bf16_activations_and_outputs() -> None:
+    raw_np = random_blocks(QT.Q4_1, 50, 576, seed=3)
+    raw = torch.from_numpy(raw_np)
+    w = torch.from_numpy(dequantize(raw_np, QT.Q4_1).astype(np.float32))
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(1)).bfloat16()
+    out32 = gguf_linear(x, raw, QT.Q4_1, out_dtype=torch.float32)
+    check_against(out32, x.float(), w, None, quantized=True)
+    assert torch.equal(gguf_linear(x, raw, QT.Q4_1), out32.bfloat16())
+    # A strided x (a view into wider rows) gives the same result.
+    wide = torch.zeros(9, 700, dtype=torch.bfloat16)
+    wide[:, 7:583] = x
+    assert torch.equal(gguf_linear(wide[:, 7:583], raw, QT.Q4_1, out_dtype=torch.float32), out32)
+
+
+def test_int8_linear_equals_dequantize_then_matmul() -> None:
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(45, 100, generator=gen)
+    weight[3] = 0.0  # a zero row: scale 0
+    q, scales = cpu_ops().pack_int8_weight(weight)
+    assert q.shape == (45, 128) and q.dtype == torch.uint8
+    expected_scales = weight.abs().amax(1) / 127
+    assert torch.equal(scales, expected_scales)
+    inv = torch.where(expected_scales == 0, 0, 1 / expected_scales)
+    expected_q = torch.round(weight * inv[:, None]).clamp(-127, 127)
+    assert torch.equal(q[:, :100].int() - 128, expected_q.int())
+    w = expected_q * scales[:, None]
+    bias = torch.randn(45, generator=gen)
+    for isa in isas():
+        with kernel_isa(isa):
+            for rows in ROWS:
+                x = torch.randn(rows, 100, generator=gen)
+                for quantize in (True, False):
+                    out = torch.empty(rows, 45)
+                    cpu_ops().int8_linear(out, x, q, scales, bias, quantize)
+                    check_against(out, x, w, bias, quantized=quantize)
+
+
+def test_isa_paths_agree_on_integer_sums() -> None:
+    """VNNI and AVX2 sum the same integers; only the fp32 accumulation order differs."""
+    raw_np = random_blocks(QT.Q8_0, 16, 256, seed=5)
+    raw = torch.from_numpy(raw_np)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2))
+    results = []
+    for isa in isas():
+        with kernel_isa(isa):
+            results.append(gguf_linear(x, raw, QT.Q8_0))
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-6, atol=1e-5)
+
+
+def test_bad_input_dimension_is_refused() -> None:
+    raw = torch.from_numpy(random_blocks(QT.Q8_0, 4, 64, seed=6))
+    with pytest.raises(RuntimeError, match="not a multiple of this format's block of 32"):
+        gguf_linear(torch.randn(2, 48), raw[:, :51], QT.Q8_0)
+    raw_k = torch.from_numpy(random_blocks(QT.Q4_K, 4, 256, seed=7))
+    with pytest.raises(RuntimeError, match="not a multiple of this format's block of 256"):
+        gguf_linear(torch.randn(2, 288), raw_k, QT.Q4_K)
+    with pytest.raises(RuntimeError, match="a weight row has 68 bytes; 96 inputs"):
+        gguf_linear(torch.randn(2, 96), raw, QT.Q8_0)
+    with pytest.raises(RuntimeError, match="unsupported quantized format 6"):
+        gguf_linear(torch.randn(2, 64), raw, QT.Q5_0)
