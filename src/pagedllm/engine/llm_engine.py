@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pagedllm.config import EngineConfig
 from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.kv_cache_snapshot import KVCacheSnapshot, snapshot_kv_cache
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler, SchedulerConfig
 from pagedllm.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
@@ -288,3 +289,8 @@ class LLMEngine:
             num_tokens_computed=self._num_tokens_computed,
             num_generation_tokens=self._num_generation_tokens,
         )
+
+    def get_kv_cache_snapshot(self) -> tuple[KVCacheSnapshot, EngineStats]:
+        """Every KV block and its holders, with the stats of the same moment (between steps)."""
+        snapshot = snapshot_kv_cache(self.scheduler, self.block_manager, self.profiler.num_steps)
+        return snapshot, self.get_stats()

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagedllm
 from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.entrypoints.openai import web_page
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 from pagedllm.entrypoints.openai.protocol import (
@@ -59,6 +60,7 @@ class ServerState:
     tokenization: OpenAIServingTokenization
     metrics: ServerMetrics | None
     api_key: str | None
+    history: web_page.StatsHistory | None = None
 
 
 class _Unauthorized(Exception):
@@ -91,6 +93,8 @@ def to_response(result: Any) -> Response:
         return _ErrorJSONResponse(result.model_dump(), status_code=result.status_code)
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump())
+    if isinstance(result, Response):
+        return result
     if isinstance(result, AsyncIterator):
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -129,6 +133,8 @@ def with_cancellation(handler: Callable[..., Awaitable[Response]]) -> Callable[.
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+# The web page loads without a key; the API calls it makes need one, as /v1's do.
+kv_cache = APIRouter(prefix="/kv_cache", dependencies=[Depends(require_api_key)])
 
 
 @router.get("/health")
@@ -161,6 +167,27 @@ async def tokenize(request: TokenizeRequest, raw_request: Request) -> Response:
 @router.post("/detokenize")
 async def detokenize(request: DetokenizeRequest, raw_request: Request) -> Response:
     return to_response(_state(raw_request).tokenization.detokenize(request))
+
+
+@router.get("/", include_in_schema=False)
+async def web_page_index() -> Response:
+    return web_page.static_file("index.html")
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def web_page_file(name: str) -> Response:
+    return web_page.static_file(name)
+
+
+@kv_cache.get("/blocks")
+async def kv_cache_blocks(raw_request: Request, layout: str = "columns") -> Response:
+    return to_response(await web_page.kv_cache_blocks(_state(raw_request).engine, layout))
+
+
+@kv_cache.get("/history")
+async def kv_cache_history(raw_request: Request) -> Response:
+    history = _state(raw_request).history
+    return JSONResponse(history.to_json() if history else web_page.StatsHistory().to_json())
 
 
 @v1.get("/models")
@@ -223,9 +250,11 @@ def build_app(
     chat_template: str | None = None,
     metrics: ServerMetrics | None = None,
     tool_parser: ToolParser | None = None,
+    history: web_page.StatsHistory | None = None,
 ) -> FastAPI:
     """The app for one engine; its lifespan starts and stops the engine thread. `tool_parser`
-    parses the model's own tool calls (tool_choice "auto"); None refuses "auto"."""
+    parses the model's own tool calls (tool_choice "auto"); None refuses "auto". `history`
+    (fed by the engine's step listener) serves the web page's charts."""
 
     prompt_tokenizer = PromptTokenizer(tokenizer)  # one worker thread for every endpoint
 
@@ -250,9 +279,11 @@ def build_app(
                                                prompt_tokenizer),
         metrics=metrics,
         api_key=api_key,
+        history=history,
     )
     app.include_router(router)
     app.include_router(v1)
+    app.include_router(kv_cache)
     _install_error_handlers(app)
     return app
 
@@ -325,15 +356,21 @@ def run_server(
         names = served_model_names or [model or "SmolLM2-135M-Instruct"]
         tokenizer = AutoTokenizer.from_pretrained(llm_engine.model_dir, local_files_only=True)
         server_metrics = ServerMetrics(names[0], log_interval_s=log_stats_interval_s)
-        engine = AsyncLLMEngine(llm_engine, server_metrics.observe)
+        history = web_page.StatsHistory()
+
+        def on_step(outputs: list, stats: Any) -> None:
+            server_metrics.observe(outputs, stats)
+            history.observe(outputs, stats)
+
+        engine = AsyncLLMEngine(llm_engine, on_step)
         app = build_app(engine, tokenizer, names, str(llm_engine.model_dir), api_key=api_key,
                         chat_template=chat_template, metrics=server_metrics,
-                        tool_parser=tool_parser)
+                        tool_parser=tool_parser, history=history)
         config = uvicorn.Config(app, log_level=uvicorn_log_level, timeout_graceful_shutdown=5,
                                 timeout_keep_alive=5)
         server = _Server(config, on_exit=engine.begin_shutdown)
-        logger.info("serving %s on http://%s:%d (API key %s)", names[0], host, port,
-                    "required" if api_key else "not required")
+        logger.info("serving %s on http://%s:%d (API key %s; web page at /)", names[0], host,
+                    port, "required" if api_key else "not required")
         asyncio.run(server.serve(sockets=[sock]))
     finally:
         sock.close()

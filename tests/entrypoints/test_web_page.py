@@ -1,0 +1,306 @@
+"""The server's web page in a real headless browser (Debian's chromium and chromedriver, driven
+by selenium; nothing is downloaded at run time), and GET /kv_cache/blocks against the engine's
+own stats.
+
+Two servers on a tiny random Llama (SmolLM2's tokenizer, 4096 positions so that an answer can be
+long): one open, one with an API key. The open one's pool (256 blocks) is smaller than 8 long
+requests with n=2 need, so they also preempt and swap. Screenshots go to $PAGEDLLM_TEST_ARTIFACTS
+(default tests/artifacts/).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from test_server import ServerProcess, request_json
+
+TINY_NAME = "tiny"
+API_KEY = "sk-page-key"
+SERVER_ARGS = ("--num-kv-blocks", "256", "--swap-space", "0.001", "--preemption-mode", "swap",
+               "--served-model-name", TINY_NAME)
+ARTIFACTS = Path(os.environ.get("PAGEDLLM_TEST_ARTIFACTS")
+                 or Path(__file__).resolve().parents[1] / "artifacts")
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def blocks(server: ServerProcess, **params: str) -> dict:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    status, body = request_json("GET", f"{server.url}/kv_cache/blocks?{query}")
+    assert status == 200, body
+    return body
+
+
+def long_completion(server: ServerProcess, index: int, max_tokens: int) -> dict:
+    prompt = f"Request {index}: " + "the paged cache holds every token of this prompt " * 3
+    status, body = request_json("POST", server.url + "/v1/completions", {
+        "model": TINY_NAME, "prompt": prompt, "max_tokens": max_tokens, "n": 2,
+        "temperature": 1.0, "seed": index, "ignore_eos": True}, timeout=120)
+    assert status == 200, body
+    return body
+
+
+def check_snapshot(snap: dict) -> None:
+    """The per-block lists agree with the pool totals and with get_stats() of the same step."""
+    stats, device, host = snap["stats"], snap["device"], snap["host"]
+    ref_counts, states, cached = device["ref_count"], device["state"], device["cached"]
+    n = device["num_blocks"]
+    assert n == stats["num_blocks"] == len(ref_counts) == len(states) == len(cached)
+    num_free = sum(rc == 0 for rc in ref_counts)
+    assert num_free == device["num_free_blocks"] == stats["num_free_blocks"]
+    assert n - num_free == device["num_used_blocks"]
+    assert sum(cached) == device["num_cached_blocks"] == stats["num_cached_blocks"]
+    assert sum(ref_counts) == device["num_logical_blocks"] == stats["num_logical_blocks"]
+    for rc, state, c in zip(ref_counts, states, cached):
+        assert state == ("s" if rc > 1 else "o" if rc == 1 else "c" if c else "f")
+    assert device["num_shared_blocks"] == states.count("s")
+    assert device["num_cached_free_blocks"] == states.count("c")
+    # Every block in use names its requests, and only live requests.
+    live = {r["id"] for r in snap["requests"]}
+    assert {int(b) for b in device["owners"]} == {b for b, rc in enumerate(ref_counts) if rc}
+    assert all(set(ids) <= live for ids in device["owners"].values())
+    for status in ("running", "waiting", "swapped"):
+        assert sum(r["status"] == status for r in snap["requests"]) == stats[f"num_{status}"]
+    assert host["num_blocks"] == stats["num_cpu_blocks"]
+    assert sum(rc == 0 for rc in host["ref_count"]) == stats["num_free_cpu_blocks"]
+    assert {int(b) for b in host["owners"]} == {b for b, rc in enumerate(host["ref_count"]) if rc}
+    assert sum(r["num_host_blocks"] for r in snap["requests"]) == host["num_used_blocks"]
+
+
+def counts(driver) -> dict[str, int]:
+    return {k: int(driver.find_element(By.ID, f"kv-count-{k}").text)
+            for k in ("free", "cached", "owned", "shared")}
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def servers(tiny_llama_factory, tmp_path_factory):
+    model = tiny_llama_factory(num_heads=4, num_kv_heads=2, vocab_size=49152,
+                               max_position_embeddings=4096)
+    logs = tmp_path_factory.mktemp("web-page")
+    procs = {"open": ServerProcess(model, logs / "open.log", *SERVER_ARGS),
+             "keyed": ServerProcess(model, logs / "keyed.log", *SERVER_ARGS,
+                                    "--api-key", API_KEY)}
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers) -> ServerProcess:
+    return servers["open"].wait_ready()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(servers) -> ServerProcess:
+    return servers["keyed"].wait_ready()
+
+
+@pytest.fixture(scope="module")
+def driver():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.fail("the browser tests need Debian's chromium and chromium-driver: `make setup` "
+                    "installs them (apt-get install chromium chromium-driver, as root)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1000", "--proxy-server=direct://", "--proxy-bypass-list=*"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(chromedriver), options=options)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+def open_page(driver, server: ServerProcess, tab: str = "chat") -> None:
+    driver.get("about:blank")  # a fresh page: the same URL with another #tab would not reload
+    driver.get(f"{server.url}/#{tab}")
+    wait_for(lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-auth")
+             != "checking", 10, "the page's server check")
+
+
+def set_field(driver, element_id: str, value: str) -> None:
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+# ---- HTTP -------------------------------------------------------------------------------------
+
+def test_page_files_and_key(server, keyed_server):
+    for url in (server.url, keyed_server.url):  # the page itself needs no key
+        status, html = request_json("GET", url + "/")
+        assert status == 200 and "static/app.js" in html
+        for name in ("app.js", "app.css"):
+            assert request_json("GET", f"{url}/static/{name}")[0] == 200
+    assert request_json("GET", server.url + "/static/missing.js")[0] == 404
+    assert request_json("GET", server.url + "/static/..%2Fweb_page.py")[0] == 404
+    # Its API calls do, as /v1's.
+    for path in ("/kv_cache/blocks", "/kv_cache/history"):
+        status, body = request_json("GET", keyed_server.url + path)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        status, _ = request_json("GET", keyed_server.url + path,
+                                 headers={"Authorization": f"Bearer {API_KEY}"})
+        assert status == 200
+    status, body = request_json("GET", server.url + "/kv_cache/blocks?layout=rows")
+    assert status == 400 and body["error"]["param"] == "layout"
+
+
+def test_kv_cache_blocks_match_get_stats_at_every_poll(server):
+    """8 concurrent n=2 requests on a pool too small for them (preemption, swap): every poll is
+    one consistent step boundary."""
+    seen = {"shared": 0, "host": 0, "polls": 0}
+    last_step = -1
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(long_completion, server, i, 120) for i in range(8)]
+        while not all(f.done() for f in futures):
+            snap = blocks(server)
+            check_snapshot(snap)
+            assert snap["num_steps"] >= last_step
+            last_step = snap["num_steps"]
+            seen["polls"] += 1
+            seen["shared"] += snap["device"]["num_shared_blocks"] > 0
+            seen["host"] += snap["host"]["num_used_blocks"] > 0
+        for future in futures:
+            assert len(future.result()["choices"]) == 2
+    assert seen["polls"] >= 5 and seen["shared"] > 0, seen
+    idle = wait_for(lambda: (s := blocks(server))["device"]["num_used_blocks"] == 0 and s, 10,
+                    "every block back")
+    check_snapshot(idle)
+    assert not idle["requests"] and idle["device"]["num_cached_free_blocks"] > 0
+    # The per-block layout says the same, block by block.
+    listed = blocks(server, layout="blocks")
+    names = {"f": "free", "c": "cached", "o": "owned", "s": "shared"}
+    assert [b["id"] for b in listed["device"]["blocks"]] == list(range(len(idle["device"]
+                                                                       ["state"])))
+    assert [names[s] for s in idle["device"]["state"]] == [b["state"] for b
+                                                           in listed["device"]["blocks"]]
+
+
+# ---- the browser ------------------------------------------------------------------------------
+
+def test_chat_streams_a_reply(server, driver):
+    open_page(driver, server)
+    assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-auth") == "ok"
+    set_field(driver, "chat-max_tokens", "1500")
+    set_field(driver, "chat-seed", "1")
+    set_field(driver, "chat-input", "Tell me a long story about paged memory.")
+    driver.find_element(By.ID, "chat-send").click()
+    bubble = lambda: driver.find_elements(By.CSS_SELECTOR, "#chat-log .msg.assistant")[-1]
+    stats = driver.find_element(By.ID, "chat-stats")
+    first = wait_for(lambda: bubble().text, 20, "the first tokens")
+    wait_for(lambda: len(bubble().text) > len(first) + 20, 20, "more tokens")
+    assert stats.get_attribute("data-state") == "streaming"  # still going: it streams
+    driver.save_screenshot(str(ARTIFACTS / "chat_streaming.png"))
+    wait_for(lambda: stats.get_attribute("data-state") == "done", 60, "the answer's end")
+    assert "1500 tokens" in stats.text and "tokens/s" in stats.text and "length" in stats.text
+    user = driver.find_elements(By.CSS_SELECTOR, "#chat-log .msg.user")
+    assert [u.text for u in user] == ["Tell me a long story about paged memory."]
+
+
+def test_stop_ends_a_long_answer_and_frees_its_blocks(server, driver):
+    open_page(driver, server)
+    set_field(driver, "chat-max_tokens", "4000")
+    set_field(driver, "chat-seed", "2")
+    set_field(driver, "chat-input", "Write the longest answer you can.")
+    driver.find_element(By.ID, "chat-send").click()
+    running = wait_for(
+        lambda: [r for r in blocks(server)["requests"]
+                 if r["id"].startswith("chatcmpl-") and r["num_device_blocks"] >= 3], 20,
+        "the chat request holding blocks")
+    request_id = running[0]["id"]
+    driver.find_element(By.ID, "chat-stop").click()
+    stats = driver.find_element(By.ID, "chat-stats")
+    wait_for(lambda: stats.get_attribute("data-state") == "stopped", 10, "the page to stop")
+    snap = wait_for(lambda: (s := blocks(server))["device"]["num_used_blocks"] == 0 and s, 10,
+                    "the aborted request's blocks to come back")
+    assert request_id not in {r["id"] for r in snap["requests"]}
+    assert snap["stats"]["num_running"] == 0
+    text = driver.find_elements(By.CSS_SELECTOR, "#chat-log .msg.assistant")[-1].text
+    time.sleep(0.5)
+    assert driver.find_elements(By.CSS_SELECTOR, "#chat-log .msg.assistant")[-1].text == text
+    assert "stopped" in stats.text and not driver.find_element(By.ID, "chat-send").get_attribute(
+        "disabled")
+
+
+def test_map_shows_owned_and_shared_then_free_and_cached(server, driver):
+    open_page(driver, server, "kv")
+    wait_for(lambda: "step" in driver.find_element(By.ID, "kv-updated").text, 10, "the map")
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda i=i: results.append(long_completion(server, i, 400)))
+               for i in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: (c := counts(driver))["owned"] > 0 and c["shared"] > 0, 30,
+                 "owned and shared cells on the map")
+        driver.save_screenshot(str(ARTIFACTS / "kv_map_shared_load.png"))
+        # The page draws what the server said: a shared block held by one request's 2 samples.
+        snap = driver.execute_script("return window.pagedllm.snapshot")
+        shared = [b for b, s in enumerate(snap["device"]["state"]) if s == "s"]
+        assert shared and all(snap["device"]["ref_count"][b] >= 2 for b in shared)
+        assert all(snap["device"]["owners"][str(b)] for b in shared)
+        rows = driver.find_elements(By.CSS_SELECTOR, "#kv-requests tbody tr")
+        assert rows and int(driver.find_element(By.ID, "kv-running").text) > 0
+    finally:
+        for thread in threads:
+            thread.join(timeout=120)
+    assert len(results) == 8
+    wait_for(lambda: (c := counts(driver))["owned"] == 0 and c["shared"] == 0
+             and c["cached"] > 0 and c["free"] > 0, 10, "free and cached cells after the load")
+    driver.save_screenshot(str(ARTIFACTS / "kv_map_after.png"))
+    assert driver.find_element(By.ID, "kv-running").text == "0"
+
+
+def test_page_asks_for_the_api_key(keyed_server, driver):
+    open_page(driver, keyed_server)
+    body = driver.find_element(By.TAG_NAME, "body")
+    banner = driver.find_element(By.ID, "key-banner")
+    assert body.get_attribute("data-auth") == "needed" and banner.is_displayed()
+    assert "requires an API key" in driver.find_element(By.ID, "key-message").text
+    driver.save_screenshot(str(ARTIFACTS / "api_key_needed.png"))
+    set_field(driver, "key-input", "sk-wrong")
+    driver.find_element(By.ID, "key-submit").click()
+    wait_for(lambda: body.get_attribute("data-auth") == "refused", 10, "the refusal")
+    assert "refused" in driver.find_element(By.ID, "key-message").text
+    set_field(driver, "key-input", API_KEY)
+    driver.find_element(By.ID, "key-submit").click()
+    wait_for(lambda: body.get_attribute("data-auth") == "ok", 10, "the key accepted")
+    assert not banner.is_displayed()
+    set_field(driver, "chat-max_tokens", "8")
+    set_field(driver, "chat-input", "Hi")
+    driver.find_element(By.ID, "chat-send").click()
+    stats = driver.find_element(By.ID, "chat-stats")
+    wait_for(lambda: stats.get_attribute("data-state") == "done", 20, "the keyed answer")
+    assert "8 tokens" in stats.text
+    driver.find_element(By.ID, "tab-kv").click()
+    wait_for(lambda: "step" in driver.find_element(By.ID, "kv-updated").text, 10,
+             "the keyed map")
