@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -22,7 +23,8 @@ class AttentionMetadata:
                                  ^ positions seq_len - query_len .. seq_len - 1
 
     Query token j of sequence i sits at position `seq_lens[i] - query_len_i + j` and attends
-    causally to positions 0..that position.
+    causally to positions 0..that position (a backend with a sliding window W: to the last W of
+    them, positions - W + 1..that position).
     """
 
     num_seqs: int
@@ -49,9 +51,16 @@ class AttentionBackend(ABC):
     The cache of one layer is a single tensor of shape `kv_cache_shape(...)`; keys and values of
     logical token t of a sequence live at physical block `block_table[t // block_size]`, offset
     `t % block_size`.
+
+    A layer may attend differently from the others (a sliding window, soft-capped scores, its
+    own scale): its backend is `for_layer(...)` of the worker's, sharing the cache layout.
     """
 
     name: ClassVar[str]
+    # Each query attends to the last `sliding_window` positions (itself included); None: all.
+    sliding_window: int | None = None
+    # Scores become cap * tanh(score / cap) before the softmax (Gemma 2); None: unchanged.
+    logits_soft_cap: float | None = None
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_size: int, scale: float, block_size: int
@@ -65,6 +74,22 @@ class AttentionBackend(ABC):
         self.head_size = head_size
         self.scale = scale
         self.block_size = block_size
+
+    def for_layer(self, *, scale: float | None = None, sliding_window: int | None = None,
+                  logits_soft_cap: float | None = None) -> AttentionBackend:
+        """A copy of this backend for one layer: its own scale (None: this one's), sliding
+        window and soft cap (None: none)."""
+        if sliding_window is not None and (not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive int or None, got "
+                             f"{sliding_window!r}")
+        if logits_soft_cap is not None and not logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be > 0 or None, got {logits_soft_cap!r}")
+        layer = copy.copy(self)
+        layer.scale = self.scale if scale is None else scale
+        layer.sliding_window = sliding_window
+        layer.logits_soft_cap = logits_soft_cap
+        return layer
 
     @staticmethod
     def kv_cache_shape(

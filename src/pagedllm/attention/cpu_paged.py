@@ -36,7 +36,7 @@ class CpuPagedAttention(TorchPagedAttention):
     ) -> torch.Tensor:
         """The fused C++ kernel where it applies (see the class docstring), else the reference."""
         ops = cpu_ops() if kernel_applies(query, key, value, kv_cache) else None
-        if ops is None:
+        if ops is None or self.sliding_window is not None or self.logits_soft_cap is not None:
             return super().forward(query, key, value, kv_cache, metadata)
         assert query.shape[0] == metadata.num_tokens, (query.shape, metadata.num_tokens)
         output = torch.empty(query.shape, dtype=query.dtype)  # [num_tokens, num_heads, head_size]

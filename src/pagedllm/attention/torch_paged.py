@@ -18,7 +18,8 @@ class TorchPagedAttention(AttentionBackend):
     """Correct-first paged attention on any device torch supports (the CPU default).
 
     Invariants: it never gathers the whole cache and never pads sequences to the longest one;
-    each sequence reads exactly ceil(seq_len / block_size) blocks and trims them to seq_len.
+    each sequence reads exactly ceil(seq_len / block_size) blocks (with a sliding window, only
+    those its queries' windows reach) and trims them to seq_len.
     """
 
     name: ClassVar[str] = "torch_paged"
@@ -44,13 +45,19 @@ class TorchPagedAttention(AttentionBackend):
             zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)
         ):
             end = start + query_len
+            # Blocks wholly before every query's window are neither read nor (once the block
+            # manager frees them) valid: start at the first block the first query sees.
+            first_key = self._first_key(seq_len - query_len)
+            first_block = first_key // self.block_size
             num_blocks = -(-seq_len // self.block_size)
-            block_ids = metadata.block_tables[i, :num_blocks]  # [num_blocks]
+            block_ids = metadata.block_tables[i, first_block:num_blocks]  # [num_blocks]
             # Gather this sequence's blocks only, in logical order, then drop the unused tail.
             # NOTE: index_select rather than key_cache[block_ids]: on CPU it is ~4x faster and
             # takes the int32 block ids without a conversion.
-            k = key_cache.index_select(0, block_ids).flatten(0, 1)[:seq_len]  # [seq_len, kv_h, d]
-            v = value_cache.index_select(0, block_ids).flatten(0, 1)[:seq_len]  # [seq_len, kv_h, d]
+            key_start = first_block * self.block_size
+            num_keys = seq_len - key_start
+            k = key_cache.index_select(0, block_ids).flatten(0, 1)[:num_keys]  # [keys, kv_h, d]
+            v = value_cache.index_select(0, block_ids).flatten(0, 1)[:num_keys]  # [keys, kv_h, d]
             output[start:end] = self._attend(query[start:end], k, v)
             start = end
         return output
@@ -76,15 +83,25 @@ class TorchPagedAttention(AttentionBackend):
         flat_cache[0].index_copy_(0, slot_mapping, key)  # [num_slots, kv_h, d]
         flat_cache[1].index_copy_(0, slot_mapping, value)  # [num_slots, kv_h, d]
 
+    def _first_key(self, first_query_pos: int) -> int:
+        """The first key position a query at `first_query_pos` (or later) may see."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, first_query_pos - self.sliding_window + 1)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention for a query chunk sitting at the end of its context.
 
         Args:
             q: [query_len, num_heads, head_size]
-            k, v: [seq_len, num_kv_heads, head_size]
+            k, v: [seq_len, num_kv_heads, head_size]: the context's keys, or with a sliding
+                window its last seq_len ones (the others lie outside every query's window);
+                positions below count from the first of them.
         Returns:
             [query_len, num_heads, head_size]
         """
+        if self.sliding_window is not None or self.logits_soft_cap is not None:
+            return self._attend_masked(q, k, v)
         query_len, seq_len = q.shape[0], k.shape[0]
         num_cached = seq_len - query_len
         # Query j sits at position num_cached + j and sees key positions 0..num_cached + j.
@@ -115,3 +132,25 @@ class TorchPagedAttention(AttentionBackend):
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [1, num_heads, query_len, d]
         return out[0].transpose(0, 1)  # [query_len, num_heads, d]
+
+    def _attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`_attend` with a sliding window and/or soft-capped scores, written out in fp32."""
+        query_len, seq_len = q.shape[0], k.shape[0]
+        # Query j sits at position seq_len - query_len + j, key t at t.
+        # E.g., seq_len 4, query_len 2, window 2 -> query positions [2, 3]:
+        #   visible [[0, 1, 1, 0], [0, 0, 1, 1]]
+        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        visible = k_pos <= q_pos  # [query_len, seq_len]
+        if self.sliding_window is not None:
+            visible &= k_pos > q_pos - self.sliding_window
+        group = self.num_heads // self.num_kv_heads
+        qf = q.float().transpose(0, 1)  # [num_heads, query_len, d]
+        kf = k.float().transpose(0, 1).repeat_interleave(group, dim=0)  # [num_heads, seq_len, d]
+        vf = v.float().transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = torch.matmul(qf, kf.transpose(1, 2)) * self.scale  # [num_heads, q_len, seq_len]
+        if self.logits_soft_cap is not None:
+            scores = torch.tanh(scores / self.logits_soft_cap) * self.logits_soft_cap
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), vf)  # [num_heads, query_len, d]
+        return out.transpose(0, 1).to(q.dtype)

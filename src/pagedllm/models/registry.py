@@ -14,6 +14,10 @@ _MODELS = {
     "LlamaForCausalLM": "pagedllm.models.llama:LlamaForCausalLM",
     "GPT2LMHeadModel": "pagedllm.models.gpt2:GPT2LMHeadModel",
     "OPTForCausalLM": "pagedllm.models.opt:OPTForCausalLM",
+    "Qwen2ForCausalLM": "pagedllm.models.qwen2:Qwen2ForCausalLM",
+    "MistralForCausalLM": "pagedllm.models.mistral:MistralForCausalLM",
+    "Qwen3ForCausalLM": "pagedllm.models.qwen3:Qwen3ForCausalLM",
+    "Phi3ForCausalLM": "pagedllm.models.phi3:Phi3ForCausalLM",
 }
 
 

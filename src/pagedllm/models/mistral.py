@@ -1,0 +1,48 @@
+"""Mistral (`MistralForCausalLM`): Llama with sliding-window attention where the config sets one.
+
+Also the base of the Llama variants (Qwen2, Qwen3, Phi-3): each layer gets its own attention
+backend, windowed where the config's `layer_types` (or, without them, `sliding_window`) say so.
+These families run the module path (fused attention kernel, packed linear layers); the native
+decoder stack is Llama's alone for now.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from pagedllm.attention import AttentionBackend
+from pagedllm.models.interface import Allocate, CausalLMBase
+from pagedllm.models.llama import LlamaForCausalLM
+
+
+def layer_sliding_window(config: PretrainedConfig, layer_idx: int) -> int | None:
+    """The sliding window of layer `layer_idx` (None: it attends to the whole context).
+
+    transformers' rule: with `layer_types`, only "sliding_attention" layers take
+    `sliding_window`; without them (Mistral, Phi-3), every layer does.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None
+                          and layer_types[layer_idx] != "sliding_attention"):
+        return None
+    return int(window)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama whose layers may attend through a sliding window (`layer_sliding_window`)."""
+
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend,
+                 max_position: int) -> None:
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported for "
+                             f"{type(self).__name__} (its MLP gates with silu)")
+        super().__init__(config, backend, max_position)
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.backend = backend.for_layer(
+                sliding_window=layer_sliding_window(config, i))
+
+    def pack_weights(self, allocate: Allocate | None = None) -> int:
+        """Packs the projections (CausalLMBase); the layers stay on the module path."""
+        return CausalLMBase.pack_weights(self, allocate)

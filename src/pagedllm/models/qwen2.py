@@ -1,0 +1,35 @@
+"""Qwen2 (`Qwen2ForCausalLM`): Llama with biases on q, k and v (none on o), and sliding-window
+layers where the config enables them (`use_sliding_window`, `max_window_layers`)."""
+
+from __future__ import annotations
+
+import copy
+
+from transformers import PretrainedConfig
+
+from pagedllm.attention import AttentionBackend
+from pagedllm.layers.linear import Linear
+from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.models.llama import LlamaAttention
+from pagedllm.models.mistral import MistralForCausalLM
+
+
+class Qwen2Attention(LlamaAttention):
+    """Llama's attention with biased q/k/v projections and an unbiased output projection."""
+
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding,
+                 backend: AttentionBackend) -> None:
+        biased = copy.copy(config)
+        biased.attention_bias = True
+        super().__init__(biased, rotary, backend)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+
+
+class Qwen2ForCausalLM(MistralForCausalLM):
+    """Qwen2 / Qwen2.5; the checkpoint's names are Llama's."""
+
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend,
+                 max_position: int) -> None:
+        super().__init__(config, backend, max_position)
+        for layer in self.layers:
+            layer.self_attn = Qwen2Attention(config, self.rotary, layer.self_attn.backend)

@@ -1,0 +1,52 @@
+"""Qwen3 (`Qwen3ForCausalLM`): Llama with an RMSNorm over each head of q and k before rotary."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+
+from pagedllm.attention import AttentionBackend, AttentionMetadata
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.models.llama import LlamaAttention
+from pagedllm.models.mistral import MistralForCausalLM
+
+
+class Qwen3Attention(LlamaAttention):
+    """Llama's attention whose q and k heads are each RMS-normalised (q_norm, k_norm)."""
+
+    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding,
+                 backend: AttentionBackend) -> None:
+        super().__init__(config, rotary, backend)
+        self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        # hidden: [num_tokens, hidden_size]
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # Per head: [num_tokens * heads, head_size] rows through the norm.
+        q = self.q_norm(q.reshape(-1, self.head_size)).view(num_tokens, self.num_heads,
+                                                            self.head_size)
+        k = self.k_norm(k.reshape(-1, self.head_size)).view(num_tokens, self.num_kv_heads,
+                                                            self.head_size)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_size)
+        q, k = self.rotary(positions, q, k)
+        out = self.backend.forward(q, k, v, kv_cache, metadata)  # [num_tokens, heads, head]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class Qwen3ForCausalLM(MistralForCausalLM):
+    """Qwen3 (dense); the checkpoint's names are Llama's plus q_norm/k_norm."""
+
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend,
+                 max_position: int) -> None:
+        super().__init__(config, backend, max_position)
+        for layer in self.layers:
+            layer.self_attn = Qwen3Attention(config, self.rotary, layer.self_attn.backend)
