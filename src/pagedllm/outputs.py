@@ -16,6 +16,8 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob (the chosen token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first (nothing predicts it), then as SampleLogprobs.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -49,3 +51,6 @@ class RequestOutput:
     finished: bool
     # Wall-clock times (time.time()): "arrival", "first_token", "finished" once known.
     metrics: dict[str, float] = field(default_factory=dict)
+    # With SamplingParams.prompt_logprobs: the prompt tokens' logprobs so far (all of them
+    # once the prompt is computed), else None.
+    prompt_logprobs: PromptLogprobs | None = None

@@ -89,6 +89,11 @@ class SamplingParams:
     """>= 0: also return this many top log-probabilities per generated token (the chosen token's
     log-probability is always returned). None returns no top list."""
 
+    prompt_logprobs: int | None = None
+    """>= 0: also return the prompt tokens' log-probabilities (`RequestOutput.prompt_logprobs`),
+    each with this many top alternatives. A request asking for them computes its whole prompt
+    (no prefix-cache hits), as in vLLM."""
+
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the output text."""
 
@@ -171,6 +176,10 @@ class SamplingParams:
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs must be an int >= 0 or None, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+                not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            raise ValueError(
+                f"prompt_logprobs must be an int >= 0 or None, got {self.prompt_logprobs!r}")
 
     def _verify_penalties(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):

@@ -113,11 +113,25 @@ class SampledToken:
 
 
 @dataclass
+class PromptLogprobsChunk:
+    """Log-probabilities of a run of prompt tokens, from one step's prefill chunk."""
+
+    # Index in the prompt of the first token below (>= 1: nothing predicts token 0).
+    first_index: int
+    # One SampledToken per prompt token from first_index on: the token itself, its logprob and
+    # rank, and the top-k (k = SamplingParams.prompt_logprobs).
+    tokens: list[SampledToken]
+
+
+@dataclass
 class ModelRunnerOutput:
     """What the model runner produced for one step."""
 
     # seq_id -> sampled token, for each scheduled sequence with sample=True.
     sampled: dict[str, SampledToken]
+    # request_id -> the prompt tokens' logprobs that this step's chunk of sequence 0 computed,
+    # for requests with SamplingParams.prompt_logprobs.
+    prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,3 +150,5 @@ class RequestUpdate:
     stop_token_id: int | None = None
     # Beam search only, once finished: the best hypotheses, best first.
     beams: list[Hypothesis] | None = None
+    # The prompt logprobs this step computed (SamplingParams.prompt_logprobs).
+    prompt_logprobs: PromptLogprobsChunk | None = None

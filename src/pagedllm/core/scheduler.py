@@ -213,7 +213,12 @@ class Scheduler:
                 seq.num_registered_blocks,
             ))
             sampled = runner_output.sampled.get(item.seq_id)
+            prompt_logprobs = (runner_output.prompt_logprobs.get(item.request_id)
+                               if item.seq_index == 0 else None)
             if sampled is None:
+                if prompt_logprobs is not None:  # a prefill chunk: its prompt logprobs alone
+                    updates.append(RequestUpdate(request.request_id, seq.index, [], None,
+                                                 prompt_logprobs=prompt_logprobs))
                 continue
             if request.beam is not None:
                 if request.add_beam_offer(seq, sampled.top_logprobs):
@@ -230,6 +235,7 @@ class Scheduler:
                     new_tokens=[sampled],
                     finish_reason=stop.status.finish_reason if stop is not None else None,
                     stop_token_id=seq.stop_token_id,
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
         for request in beam_requests.values():
@@ -257,7 +263,9 @@ class Scheduler:
         for seq in request.live_seqs():
             hit = None
             start = seq.num_computed_tokens
-            if start == 0 and not manager.has_blocks(seq.seq_id):
+            # NOTE: prompt logprobs need every prompt position's logits: no prefix hits.
+            if (start == 0 and not manager.has_blocks(seq.seq_id)
+                    and request.sampling_params.prompt_logprobs is None):
                 hit = manager.find_prefix(seq.block_hashes, seq.all_token_ids, seq.num_tokens)
                 start = hit.num_blocks * manager.block_size
             num_new = max(min(request.prefill_limit(seq) - start, budget - num_tokens), 0)

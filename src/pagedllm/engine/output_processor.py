@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from pagedllm.core.beam_search import Hypothesis
-from pagedllm.core.interface import RequestUpdate, SampledToken
+from pagedllm.core.interface import PromptLogprobsChunk, RequestUpdate, SampledToken
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -49,6 +49,8 @@ class RequestState:
     metrics: dict[str, float] = field(default_factory=dict)
     # Beam search only: the finished beams, best first.
     beam_outputs: list[CompletionOutput] | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token computed so far.
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -61,7 +63,8 @@ class RequestState:
         finished = self.finished
         if self.beam_outputs is not None:
             return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                                 self.beam_outputs, True, dict(self.metrics))
+                                 self.beam_outputs, True, dict(self.metrics),
+                                 self._prompt_logprobs())
         seqs = list(enumerate(self.seqs))
         n = self.params.n
         if finished and len(seqs) > n:
@@ -74,7 +77,11 @@ class RequestState:
             outputs=[s.make_output(i) for i, (_, s) in enumerate(seqs)],
             finished=finished,
             metrics=dict(self.metrics),
+            prompt_logprobs=self._prompt_logprobs(),
         )
+
+    def _prompt_logprobs(self) -> PromptLogprobs | None:
+        return None if self.prompt_logprobs is None else list(self.prompt_logprobs)
 
 
 class OutputProcessor:
@@ -114,6 +121,7 @@ class OutputProcessor:
             params=params,
             seqs=seqs,
             metrics={"arrival": arrival_time},
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -144,8 +152,11 @@ class OutputProcessor:
             state = self.states.get(update.request_id)
             if state is None:
                 continue
-            state.metrics.setdefault("first_token", now)
+            if update.new_tokens or update.beams is not None:
+                state.metrics.setdefault("first_token", now)
             changed[update.request_id] = state
+            if update.prompt_logprobs is not None and state.prompt_logprobs is not None:
+                self._add_prompt_logprobs(state.prompt_logprobs, update.prompt_logprobs)
             if update.beams is not None:
                 state.beam_outputs = [self._beam_output(i, h, state.params)
                                       for i, h in enumerate(update.beams)]
@@ -202,6 +213,13 @@ class OutputProcessor:
             logprobs=None,
             finish_reason=beam.finish_reason,
         )
+
+    def _add_prompt_logprobs(self, entries: PromptLogprobs, chunk: PromptLogprobsChunk) -> None:
+        """Appends a chunk's entries; positions already there (a prompt recomputed after a
+        preemption) keep their first entries."""
+        for i, token in enumerate(chunk.tokens):
+            if chunk.first_index + i == len(entries):
+                entries.append(self._logprob_entry(token))
 
     def _logprob_entry(self, sampled: SampledToken) -> dict[int, Logprob]:
         entry = {

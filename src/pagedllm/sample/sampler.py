@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.core.interface import SampledToken
+from pagedllm.ops import native_ops
 from pagedllm.sample.logits_processors import (
     apply_logit_bias,
     apply_min_p,
@@ -15,7 +17,6 @@ from pagedllm.sample.logits_processors import (
     apply_top_k_top_p,
     token_counts,
 )
-from pagedllm.ops import native_ops
 from pagedllm.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -331,3 +332,23 @@ class Sampler:
             sampled_ranks=ranks,
             top_logprobs=top_logprobs,
         )
+
+
+def prompt_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[SampledToken]:
+    """The raw log-probability and rank of token_ids[i] under logits[i], with the top `k`.
+
+    Args:
+        logits: [P, vocab] float32, one row per prompt position that predicts a prompt token.
+        token_ids: [P] the prompt tokens those rows predict.
+        k: how many top alternatives each entry lists (0: none).
+    """
+    raw = torch.log_softmax(logits.float(), dim=-1)
+    chosen = raw.gather(1, token_ids.unsqueeze(1))  # [P, 1]
+    ranks = ((raw > chosen).sum(dim=-1) + 1).tolist()
+    top: list[list[tuple[int, float]]] = [[] for _ in range(raw.shape[0])]
+    k = min(k, raw.shape[1])
+    if k > 0:
+        values, ids = raw.topk(k, dim=-1)
+        top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [SampledToken(token_id=t, logprob=c, rank=r, top_logprobs=tl)
+            for t, c, r, tl in zip(token_ids.tolist(), chosen.squeeze(1).tolist(), ranks, top)]

@@ -8,13 +8,14 @@ import torch
 from pagedllm.attention.metadata import build_attention_metadata
 from pagedllm.core.interface import (
     ModelRunnerOutput,
+    PromptLogprobsChunk,
     SampledToken,
     ScheduledRequest,
     SchedulerOutput,
 )
 from pagedllm.models.interface import CausalLM
 from pagedllm.profiler import StepProfiler
-from pagedllm.sample.sampler import Sampler, SamplingBatch
+from pagedllm.sample.sampler import Sampler, SamplingBatch, prompt_logprobs
 from pagedllm.structured_output.bitmask import apply_grammar_bitmask
 
 
@@ -75,9 +76,11 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
             # hidden: [num_tokens, hidden_size]
 
+        with profiler.section("prompt logprobs"):
+            prompt_chunks = self._prompt_logprobs(scheduled, hidden, query_ends)
         sampled_items = [(i, s) for i, s in enumerate(scheduled) if s.sample]
         if not sampled_items:
-            return ModelRunnerOutput(sampled={})
+            return ModelRunnerOutput(sampled={}, prompt_logprobs=prompt_chunks)
         # Only the last token of each sampled request goes through the LM head.
         rows = torch.tensor([int(query_ends[i]) - 1 for i, _ in sampled_items], device=self.device)
         with profiler.section("lm head"):
@@ -102,5 +105,30 @@ class ModelRunner:
                     top_logprobs=result.top_logprobs[j],
                 )
                 for j, (_, s) in enumerate(sampled_items)
-            }
+            },
+            prompt_logprobs=prompt_chunks,
         )
+
+    def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor,
+                         query_ends: np.ndarray) -> dict[str, PromptLogprobsChunk]:
+        """The prompt logprobs of this step's chunks, for requests that ask for them.
+
+        The row at position p predicts prompt token p + 1: a chunk over positions
+        [start, end) yields tokens start + 1 .. min(end, prompt_len - 1).
+        """
+        chunks: dict[str, PromptLogprobsChunk] = {}
+        for i, s in enumerate(scheduled):
+            k = s.sampling_params.prompt_logprobs
+            num_prompt = len(s.prompt_token_ids)
+            end = min(s.start_position + s.num_tokens, num_prompt - 1)
+            if k is None or s.seq_index != 0 or s.start_position >= end:
+                continue
+            first_row = int(query_ends[i]) - s.num_tokens
+            rows = torch.arange(first_row, first_row + end - s.start_position,
+                                device=hidden.device)
+            targets = torch.tensor(s.prompt_token_ids[s.start_position + 1 : end + 1],
+                                   device=hidden.device)
+            logits = self.model.compute_logits(hidden[rows])
+            chunks[s.request_id] = PromptLogprobsChunk(
+                first_index=s.start_position + 1, tokens=prompt_logprobs(logits, targets, k))
+        return chunks
