@@ -28,6 +28,8 @@ _DTYPES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
 }
+# Weight quantization (vLLM's `quantization`): "gguf" only names a .gguf model's own types.
+QUANTIZATIONS = ("auto", "none", "int8", "gguf")
 
 
 def setting(default: Any, help: str, choices: Sequence[str] | None = None,
@@ -55,6 +57,10 @@ class EngineConfig:
     dtype: str = setting(
         "auto", "weights, activations and KV cache: auto (float32 on CPU), float32 or bfloat16",
         choices=("auto", "float32", "bfloat16"))
+    quantization: str = setting(
+        "auto", "weight quantization: auto (a .gguf keeps its quantized types, a Hugging Face "
+        "directory stays dense), none (dequantize to dtype), int8 (per-channel int8 weights "
+        "quantized at load), gguf (a .gguf's own types, as auto)", choices=QUANTIZATIONS)
     block_size: int = setting(16, "tokens per KV cache block")
     num_kv_blocks: int | None = setting(
         None, "size of the KV cache in blocks (overrides --kv-cache-memory-bytes)")
@@ -120,6 +126,7 @@ class EngineConfig:
             raise ValueError(f"model must be a path (str) or None, got {self.model!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        self._verify_quantization()
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
@@ -178,6 +185,15 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size={size}: tensor parallelism is not "
                              f"implemented yet in this build; use 1 (the 'mp' backend runs "
                              f"that rank in a worker process)")
+
+    def _verify_quantization(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got "
+                             f"{self.quantization!r}")
+        is_gguf = self.model is None or str(self.model).endswith(".gguf")
+        if self.quantization == "gguf" and not is_gguf:
+            raise ValueError(f"quantization='gguf' needs a .gguf model; for the Hugging Face "
+                             f"directory {str(self.model)!r} use one of auto, none, int8")
 
     @property
     def torch_dtype(self) -> torch.dtype:
