@@ -10,6 +10,7 @@ requests with n=2 need, so they also preempt and swap. Screenshots go to $PAGEDL
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import threading
@@ -23,6 +24,9 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from test_server import ServerProcess, request_json
+from test_server_engine import FakeLLMEngine, collect
+
+from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 
 TINY_NAME = "tiny"
 API_KEY = "sk-page-key"
@@ -151,6 +155,73 @@ def set_field(driver, element_id: str, value: str) -> None:
     field = driver.find_element(By.ID, element_id)
     field.clear()
     field.send_keys(value)
+
+
+# ---- the engine thread's snapshot (a scripted fake engine: milliseconds) ----------------------
+
+class SnapshotFake(FakeLLMEngine):
+    """Snapshots name the step they follow; a step is marked while it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_step = False
+
+    def step(self):
+        self.in_step = True
+        try:
+            return super().step()
+        finally:
+            self.in_step = False
+
+    def get_kv_cache_snapshot(self):
+        self._touch()
+        return (self.num_steps, self.in_step), self.get_stats()
+
+
+def test_snapshot_is_taken_by_the_engine_thread_between_steps():
+    fake = SnapshotFake()
+    fake.step_delay_s = 0.05
+
+    async def main():
+        engine = AsyncLLMEngine(fake)
+        engine.start()
+        stream = asyncio.ensure_future(collect(engine, "a", 6))
+        await asyncio.sleep(0.07)  # inside a step: the snapshot waits for its end
+        first, second = await asyncio.gather(engine.get_kv_cache_snapshot(),
+                                             engine.get_kv_cache_snapshot())
+        (num_steps, in_step), stats = first
+        assert first is second  # concurrent readers share one
+        assert num_steps >= 1 and not in_step and stats.num_running == 1
+        await stream
+        (num_steps, _), stats = await engine.get_kv_cache_snapshot()  # idle: woken for it
+        assert num_steps == 6 and stats.num_running == 0
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(engine.get_kv_cache_snapshot(), 5)
+
+    asyncio.run(main())
+    assert fake.calling_threads == {"pagedllm-engine"}
+
+
+def test_snapshot_of_a_dying_engine_raises_instead_of_hanging():
+    fake = SnapshotFake()
+    fake.step_delay_s = 0.1
+    fake.fail_on_step = True
+
+    async def main():
+        engine = AsyncLLMEngine(fake)
+        engine.start()
+        stream = asyncio.ensure_future(collect(engine, "a", 5))
+        await asyncio.sleep(0.03)  # asked for during the step that fails
+        with pytest.raises(EngineDeadError, match="exploded"):
+            await asyncio.wait_for(engine.get_kv_cache_snapshot(), 5)
+        with pytest.raises(EngineDeadError):
+            await stream
+        with pytest.raises(EngineDeadError):
+            await engine.get_kv_cache_snapshot()
+        await engine.shutdown()
+
+    asyncio.run(main())
 
 
 # ---- HTTP -------------------------------------------------------------------------------------

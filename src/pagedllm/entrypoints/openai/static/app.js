@@ -566,18 +566,20 @@ function drawCharts() {
             ["#2563eb"], 100);
   const throughput = rates("generated");
   drawChart($("chart-throughput"), [throughput], ["#0f766e"]);
-  const last = S[S.length - 1];
-  if (last) {
-    $("kv-running").textContent = last.running;
-    $("kv-waiting").textContent = last.waiting;
-    $("kv-swapped").textContent = last.swapped;
-    $("kv-preemptions").textContent = last.preemptions;
-    $("kv-hit-rate").textContent = last.queries
-      ? ((100 * last.hits) / last.queries).toFixed(1) + "%" : "–";
-    $("kv-usage").textContent = ((100 * last.used) / Math.max(last.blocks, 1)).toFixed(1) + "%";
-    const t = throughput[throughput.length - 1];
-    $("kv-throughput").textContent = t ? t[1].toFixed(1) : "0";
-  }
+  const t = throughput[throughput.length - 1];
+  $("kv-throughput").textContent = t && Date.now() / 1000 - t[0] < 3 ? t[1].toFixed(1) : "0";
+}
+
+// The numbers beside the map: the snapshot's own stats (the charts sample once a second).
+function renderNumbers(st) {
+  $("kv-running").textContent = st.num_running;
+  $("kv-waiting").textContent = st.num_waiting;
+  $("kv-swapped").textContent = st.num_swapped;
+  $("kv-preemptions").textContent = st.num_preemptions;
+  $("kv-hit-rate").textContent = st.prefix_cache_queries
+    ? ((100 * st.prefix_cache_hits) / st.prefix_cache_queries).toFixed(1) + "%" : "–";
+  const used = st.num_blocks - st.num_free_blocks;
+  $("kv-usage").textContent = ((100 * used) / Math.max(st.num_blocks, 1)).toFixed(1) + "%";
 }
 
 // ---- polling (only while the KV tab is shown) ----------------------------------------------
@@ -603,6 +605,7 @@ async function startPolling() {
       const snap = await (await api("kv_cache/blocks")).json();
       state.snapshot = snap;
       render(snap);
+      renderNumbers(snap.stats);
       addSample(sampleOfStats(snap.time, snap.stats));
       drawCharts();
       await new Promise((r) => setTimeout(r, Math.max(0, POLL_MS - (performance.now() - started))));
