@@ -36,19 +36,17 @@ class CpuPagedAttention(TorchPagedAttention):
     ) -> torch.Tensor:
         """The fused C++ kernel where it applies (see the class docstring), else the reference."""
         ops = cpu_ops() if kernel_applies(query, key, value, kv_cache) else None
-        if ops is None or self.sliding_window is not None or self.logits_soft_cap is not None:
+        if ops is None:
             return super().forward(query, key, value, kv_cache, metadata)
         assert query.shape[0] == metadata.num_tokens, (query.shape, metadata.num_tokens)
         output = torch.empty(query.shape, dtype=query.dtype)  # [num_tokens, num_heads, head_size]
-        ops.paged_attention(
-            output,
-            _last_dim_contiguous(query),
-            _last_dim_contiguous(key),
-            _last_dim_contiguous(value),
-            kv_cache,
-            *kernel_metadata(metadata),
-            self.scale,
-        )
+        args = (output, _last_dim_contiguous(query), _last_dim_contiguous(key),
+                _last_dim_contiguous(value), kv_cache, *kernel_metadata(metadata), self.scale)
+        if self.sliding_window is None and self.logits_soft_cap is None:
+            ops.paged_attention(*args)
+        else:
+            ops.paged_attention_windowed(*args, self.sliding_window or 0,
+                                         self.logits_soft_cap or 0.0)
         return output
 
 

@@ -50,6 +50,16 @@
 // Products are added with explicit FMAs (vec::fma, std::fma): left to the compiler's
 // contraction, acc * corr + p * v may fuse either product, and two copies of one loop may differ.
 //
+// Sliding windows and soft caps (paged_attention_windowed; Mistral, Gemma): a query at
+// position i sees keys i - window + 1 .. i. An item starts at the key tile holding its first
+// token's first key (the tiles before it are invisible to all its rows, and their blocks may
+// have been freed), and every row masks the keys before its window as it masks those after
+// its position, so a row still walks the same tiles from position 0, in the same segments,
+// whichever item computes it: batch invariance holds for windowed layers as stated above
+// (a row's tiles before its window add nothing; its empty segments merge as no-ops). Soft
+// capping maps each score through soft_cap * tanh(score / soft_cap) (scalar, in order) before
+// the masks.
+//
 // SIMD: see vec.h; head sizes that are not a multiple of the lanes get scalar tails.
 
 #include <ATen/Parallel.h>
@@ -93,6 +103,10 @@ struct Params {
   const int64_t* query_start_loc;
   const int64_t* seq_lens;
   float scale;
+  // Sliding window: a query at position i sees keys i - window + 1 .. i (0: every key to i).
+  int64_t window;
+  // Soft cap: scores become soft_cap * tanh(score / soft_cap) before the softmax (0: none).
+  float soft_cap;
   int64_t max_rows;  // rows of the largest item: the stride of the partial buffer
   bool dot_items;    // items of a bf16 query over a bf16 cache take the dot-product paths
 };
@@ -334,20 +348,25 @@ inline void pv_chunk(float* acc, float corr, const float* p, const float* const*
   for (int j = 0; j < NV; ++j) store(acc + j * kLanes, a[j]);
 }
 
-// Online-softmax update of one row with its first nv (>= 1) scores of the tile: turns s into
-// the tile's weights exp(s - m_new), updates m and l, and returns exp(m_old - m_new), the factor
-// that rescales the row's accumulator.
-inline float softmax_row(float* s, int nv, float& m, float& l) {
+// Online-softmax update of one row with its scores lo .. nv - 1 (lo < nv) of the tile: turns s
+// into the tile's weights exp(s - m_new) (0 outside lo .. nv - 1), updates m and l, and returns
+// exp(m_old - m_new), the factor that rescales the row's accumulator. With soft_cap > 0 the
+// scores are first capped, soft_cap * tanh(s / soft_cap), one key at a time.
+inline float softmax_row(float* s, int nv, float& m, float& l, int lo = 0, float soft_cap = 0.f) {
   constexpr int kV = kKeyTile / kLanes;
+  if (soft_cap > 0.f) {
+    for (int t = lo; t < nv; ++t) s[t] = soft_cap * std::tanh(s[t] / soft_cap);
+  }
   vfloat lane = {};
   for (int i = 0; i < kLanes; ++i) lane[i] = static_cast<float>(i);
   vfloat sv[kV];
   vfloat mv = splat(m);
   for (int j = 0; j < kV; ++j) {
-    // Keys at and beyond nv are masked (causal, or past the tile's last key).
-    sv[j] = lane + static_cast<float>(j * kLanes) < splat(static_cast<float>(nv))
-                ? load(s + j * kLanes)
-                : splat(-kInf);
+    // Keys at and beyond nv are masked (causal, or past the tile's last key), and those
+    // before lo (before the row's sliding window).
+    const vfloat pos = lane + static_cast<float>(j * kLanes);
+    sv[j] = pos < splat(static_cast<float>(nv)) ? load(s + j * kLanes) : splat(-kInf);
+    sv[j] = pos < splat(static_cast<float>(lo)) ? splat(-kInf) : sv[j];
     mv = vmax(mv, sv[j]);
   }
   const float m_new = hmax(mv);
@@ -364,9 +383,9 @@ inline float softmax_row(float* s, int nv, float& m, float& l) {
 }
 
 // softmax_row, then acc = acc * exp(m_old - m_new) + p @ V, V rows at vrow[t] + head_off.
-inline void softmax_pv_row(float* s, int nv, const float* const* vrow, int head_off, int d,
-                           float& m, float& l, float* acc) {
-  const float corr = softmax_row(s, nv, m, l);
+inline void softmax_pv_row(float* s, int lo, int nv, float soft_cap, const float* const* vrow,
+                           int head_off, int d, float& m, float& l, float* acc) {
+  const float corr = softmax_row(s, nv, m, l, lo, soft_cap);
   const int dv = d / kLanes * kLanes;
   int i = 0;
   for (; i + kChunk * kLanes <= dv; i += kChunk * kLanes)
@@ -476,6 +495,21 @@ inline void decode_pv(float* acc, int d, const float* corr, const float* p,
       acc[g * d + i] = a;
     }
   }
+}
+
+// The first key of the tile at kb that a query at position pos sees (0 without a window;
+// kKeyTile when its window starts past the tile).
+inline int window_start(const Params& p, int64_t pos, int64_t kb) {
+  if (p.window <= 0) return 0;
+  return static_cast<int>(std::clamp<int64_t>(pos - p.window + 1 - kb, 0, kKeyTile));
+}
+
+// The first key position an item reads: the start of the key tile holding the first key its
+// first query token (at position pos) sees. Every later row sees no earlier key.
+inline int32_t first_key_tile(const Params& p, int64_t pos) {
+  if (p.window <= 0) return 0;
+  const int64_t first = std::max<int64_t>(0, pos - p.window + 1);
+  return static_cast<int32_t>(first / kKeyTile * kKeyTile);
 }
 
 // Element offset in p.query of the item's row r (its token and query head).
@@ -680,9 +714,11 @@ void run_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float* pa
   const int d = static_cast<int>(p.head_size);
   const ItemRows ir(it, G);
   const int64_t span_bytes = ir.heads * d * static_cast<int64_t>(sizeof(cache_t));
+  const int64_t pos = p.seq_lens[it.seq] - 1;  // the query token's position
   start_item(p, it, ir, sc);
-  for_each_key_tile<cache_t>(p, it, sc, [&](int64_t, int n, int next_n) {
+  for_each_key_tile<cache_t>(p, it, sc, [&](int64_t kb, int n, int next_n) {
     touch_tile(sc.kraw.data(), sc.vraw.data(), n, span_bytes);
+    const int lo = window_start(p, pos, kb);
     for (int h = 0; h < ir.heads; ++h) {
       float* s = sc.s.data() + h * G * kKeyTile;
       const int pf0 = h * next_n / ir.heads, pf1 = (h + 1) * next_n / ir.heads;
@@ -691,7 +727,8 @@ void run_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float* pa
                                 span_bytes);
       float corr[G];
       for (int g = 0; g < G; ++g) {
-        corr[g] = softmax_row(s + g * kKeyTile, n, sc.m[h * G + g], sc.l[h * G + g]);
+        corr[g] = softmax_row(s + g * kKeyTile, n, sc.m[h * G + g], sc.l[h * G + g], lo,
+                              p.soft_cap);
       }
       decode_pv<G, cache_t>(sc.acc.data() + h * G * d, d, corr, s, sc.vraw.data(), h * d, n);
     }
@@ -732,11 +769,13 @@ void run_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) 
       }
     }
     for (int r = 0; r < ir.rows; ++r) {
-      // A row sees the keys up to its own token's position.
-      const int64_t nv = std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1);
-      if (nv <= 0) continue;
-      softmax_pv_row(s + r * kKeyTile, static_cast<int>(nv), sc.vrow.data(), ir.head(r) * d, d,
-                     sc.m[r], sc.l[r], sc.acc.data() + r * d);
+      // A row sees the keys up to its own token's position (and within its window).
+      const int64_t pos = first_pos + ir.token(r);
+      const int64_t nv = std::min<int64_t>(n, pos - kb + 1);
+      const int lo = window_start(p, pos, kb);
+      if (nv <= lo) continue;
+      softmax_pv_row(s + r * kKeyTile, lo, static_cast<int>(nv), p.soft_cap, sc.vrow.data(),
+                     ir.head(r) * d, d, sc.m[r], sc.l[r], sc.acc.data() + r * d);
     }
   }, [&] { end_segment(p, it, ir, sc, partial, false); });
   finish_item(p, it, ir, sc, partial);
@@ -920,10 +959,12 @@ void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float
   const int d = static_cast<int>(p.head_size);
   const ItemRows ir(it, G);
   const int64_t span_bytes = ir.heads * d * static_cast<int64_t>(sizeof(bf16_t));
+  const int64_t pos = p.seq_lens[it.seq] - 1;  // the query token's position
   start_item(p, it, ir, sc, /*raw_bf16=*/true);
   const bf16_t* qb = sc.qb.data();
-  for_each_key_tile<bf16_t>(p, it, sc, [&](int64_t, int n, int next_n) {
+  for_each_key_tile<bf16_t>(p, it, sc, [&](int64_t kb, int n, int next_n) {
     touch_tile(sc.kraw.data(), sc.vraw.data(), n, span_bytes);
+    const int lo = window_start(p, pos, kb);
     for (int h = 0; h < ir.heads; ++h) {
       for (int u = h * next_n / ir.heads; u < (h + 1) * next_n / ir.heads; ++u) {
         prefetch_l2(sc.next_kraw[u], span_bytes);
@@ -933,7 +974,8 @@ void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float
       dot_decode_scores<G, D2>(qb + h * G * d, d, sc.kraw.data(), h * d, n, p.scale, s);
       float corr[G];
       for (int g = 0; g < G; ++g) {
-        corr[g] = softmax_row(s + g * kKeyTile, n, sc.m[h * G + g], sc.l[h * G + g]);
+        corr[g] = softmax_row(s + g * kKeyTile, n, sc.m[h * G + g], sc.l[h * G + g], lo,
+                              p.soft_cap);
       }
       dot_decode_pv<G, D2>(sc.acc.data() + h * G * d, d, corr, s, sc.vraw.data(), h * d, n);
     }
@@ -1111,25 +1153,33 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
     float* s = sc.s.data();
     dot_scores_all_rows(qb, ir.rows, d, kpair, p.scale, s);
     // A row sees the keys up to its own token's position; rows go by token, so the rows that
-    // see none of this tile come first.
+    // see none of this tile come first (and, with a sliding window, maybe last).
     const auto visible = [&](int r) {
       return static_cast<int>(std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1));
     };
+    const auto first_visible = [&](int r) {
+      return window_start(p, first_pos + ir.token(r), kb);
+    };
+    const auto sees = [&](int r) { return visible(r) > first_visible(r); };
     int r = 0;
     while (r < ir.rows && visible(r) <= 0) ++r;
-    for (; r + 4 <= ir.rows; r += 4) {  // four rows share each V load
+    int end = ir.rows;
+    while (end > r && !sees(end - 1)) --end;
+    for (; r + 4 <= end; r += 4) {  // four rows share each V load
       float corr[4];
       alignas(64) uint32_t w[4][kKeyTile / 2];
       for (int i = 0; i < 4; ++i) {
         float* si = s + (r + i) * kKeyTile;
-        corr[i] = softmax_row(si, visible(r + i), sc.m[r + i], sc.l[r + i]);
+        corr[i] = softmax_row(si, visible(r + i), sc.m[r + i], sc.l[r + i], first_visible(r + i),
+                              p.soft_cap);
         weight_pairs(si, w[i]);
       }
       dot_pv_4rows(sc.acc.data() + r * d, d, corr, w, vpair, (visible(r + 3) + 1) / 2);
     }
-    for (; r < ir.rows; ++r) {
+    for (; r < end; ++r) {
       const int nv = visible(r);
-      const float corr = softmax_row(s + r * kKeyTile, nv, sc.m[r], sc.l[r]);
+      const float corr = softmax_row(s + r * kKeyTile, nv, sc.m[r], sc.l[r], first_visible(r),
+                                     p.soft_cap);
       dot_pv_row(sc.acc.data() + r * d, d, corr, s + r * kKeyTile, vpair, (nv + 1) / 2);
     }
   }, [&] { end_segment(p, it, ir, sc, partial, true); });
@@ -1253,7 +1303,7 @@ int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
     // The dot-product paths score per kv head past one token (run_dot_item).
     if (query_len * g <= kDotMaxRows && (query_len == 1 || !p.dot_items)) {
       const int32_t ql = static_cast<int32_t>(query_len);
-      items.push_back({seq, 0, kvh, 0, ql, 0, num_cached + ql, -1});
+      items.push_back({seq, 0, kvh, 0, ql, first_key_tile(p, num_cached), num_cached + ql, -1});
       max_rows = std::max<int64_t>(max_rows, query_len * g * kvh);
       continue;
     }
@@ -1261,7 +1311,8 @@ int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
       const int32_t qe = static_cast<int32_t>(std::min<int64_t>(query_len, qb + tile_tokens));
       max_rows = std::max<int64_t>(max_rows, (qe - qb) * g);
       for (int32_t h = 0; h < kvh; ++h) {
-        items.push_back({seq, h, h + 1, qb, qe, 0, num_cached + qe, -1});
+        items.push_back({seq, h, h + 1, qb, qe, first_key_tile(p, num_cached + qb),
+                         num_cached + qe, -1});
       }
     }
   }
@@ -1275,7 +1326,10 @@ int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
     std::vector<WorkItem> split;
     int32_t next_slot = 0;
     for (const WorkItem& it : items) {
-      const int64_t num_segments = (it.k_end - it.k_begin + kSegment - 1) / kSegment;
+      // Segments counted from position 0: an item starting inside one (a sliding window)
+      // reads the rest of it.
+      const int64_t first_segment = it.k_begin / kSegment;
+      const int64_t num_segments = (it.k_end + kSegment - 1) / kSegment - first_segment;
       const int64_t parts = std::min<int64_t>(want, num_segments);
       if (parts <= 1 || it.k_end - it.k_begin < 2 * kSegment) {  // not worth a merge
         split.push_back(it);
@@ -1286,11 +1340,11 @@ int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
       const int64_t chunk = (num_segments + parts - 1) / parts * kSegment;
       MergeGroup mg{it.seq, it.h_begin, it.h_end, it.q_begin, it.q_end, next_slot,
                     static_cast<int32_t>(num_segments)};
-      for (int64_t kb = it.k_begin; kb < it.k_end; kb += chunk) {
+      for (int64_t base = first_segment * kSegment; base < it.k_end; base += chunk) {
         WorkItem part = it;
-        part.k_begin = static_cast<int32_t>(kb);
-        part.k_end = static_cast<int32_t>(std::min<int64_t>(it.k_end, kb + chunk));
-        part.part = static_cast<int32_t>(next_slot + (kb - it.k_begin) / kSegment);
+        part.k_begin = static_cast<int32_t>(std::max<int64_t>(base, it.k_begin));
+        part.k_end = static_cast<int32_t>(std::min<int64_t>(it.k_end, base + chunk));
+        part.part = static_cast<int32_t>(next_slot + (base / kSegment - first_segment));
         split.push_back(part);
       }
       next_slot += mg.num_slots;
@@ -1306,9 +1360,13 @@ int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
 
 }  // namespace
 
-void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value,
-                     at::Tensor kv_cache, at::Tensor slot_mapping, at::Tensor query_start_loc,
-                     at::Tensor seq_lens, at::Tensor block_tables, double scale) {
+void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
+                              at::Tensor value, at::Tensor kv_cache, at::Tensor slot_mapping,
+                              at::Tensor query_start_loc, at::Tensor seq_lens,
+                              at::Tensor block_tables, double scale, int64_t window,
+                              double soft_cap) {
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none), got ", window);
+  TORCH_CHECK(soft_cap >= 0, "soft_cap must be >= 0 (0: none), got ", soft_cap);
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3 && kv_cache.dim() == 5,
               "expected query/key/value [T, H, D] and kv_cache [2, blocks, block_size, H, D]");
   TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu() && value.device().is_cpu() &&
@@ -1378,6 +1436,8 @@ void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tenso
   p.query_start_loc = query_start_loc.data_ptr<int64_t>();
   p.seq_lens = seq_lens.data_ptr<int64_t>();
   p.scale = static_cast<float>(scale);
+  p.window = window;
+  p.soft_cap = static_cast<float>(soft_cap);
 #if defined(__AVX512BF16__)
   p.dot_items = cache_dtype == at::kBFloat16 && p.q_bf16 && d % 32 == 0;
 #else
@@ -1395,6 +1455,13 @@ void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tenso
   }
 }
 
+void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value,
+                     at::Tensor kv_cache, at::Tensor slot_mapping, at::Tensor query_start_loc,
+                     at::Tensor seq_lens, at::Tensor block_tables, double scale) {
+  paged_attention_windowed(out, query, key, value, kv_cache, slot_mapping, query_start_loc,
+                           seq_lens, block_tables, scale, 0, 0.0);
+}
+
 }  // namespace pagedllm
 
 TORCH_LIBRARY(pagedllm_cpu, m) {
@@ -1402,8 +1469,13 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
       "paged_attention(Tensor(a!) out, Tensor query, Tensor key, Tensor value, "
       "Tensor(b!) kv_cache, Tensor slot_mapping, Tensor query_start_loc, Tensor seq_lens, "
       "Tensor block_tables, float scale) -> ()");
+  m.def(
+      "paged_attention_windowed(Tensor(a!) out, Tensor query, Tensor key, Tensor value, "
+      "Tensor(b!) kv_cache, Tensor slot_mapping, Tensor query_start_loc, Tensor seq_lens, "
+      "Tensor block_tables, float scale, int window, float soft_cap) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
   m.impl("paged_attention", &pagedllm::paged_attention);
+  m.impl("paged_attention_windowed", &pagedllm::paged_attention_windowed);
 }
