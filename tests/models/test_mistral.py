@@ -45,3 +45,28 @@ def test_transformers_honours_the_window(mistral_dir):
     model = load_hf_model(model_dir)
     model.config.sliding_window = None
     assert hf_greedy(model, PROMPTS, MAX_TOKENS) != expected_tokens(model_dir)
+
+
+def test_blocks_out_of_the_window_return_to_the_pool(mistral_dir):
+    """A sequence running far past its window holds only the blocks the window reaches: the
+    pool's free blocks grow back as it advances, and its tokens still match transformers."""
+    from hf_reference import hf_greedy, load_hf_model
+
+    from pagedllm import LLM, SamplingParams
+
+    model_dir = mistral_dir("window-16-gqa")
+    prompt = list(range(3, 43))  # 40 tokens: 5 blocks of 8, 3 of them before the window
+    llm = LLM(str(model_dir), dtype="float32", num_kv_blocks=200, block_size=8)
+    engine = llm.llm_engine
+    engine.add_request("long", {"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    free, tokens = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens = out.outputs[0].token_ids
+        free.append(engine.get_stats().num_free_blocks)
+    # The prefill takes 5 blocks; from the first decode step on, the blocks wholly before the
+    # 16-key window go back: 3 blocks at most are held (the window spans up to 3 blocks of 8).
+    used = [200 - f for f in free]
+    assert used[0] == 5 and max(used[1:]) == 3 and used[-1] == 0, used
+    assert tokens == hf_greedy(load_hf_model(model_dir), [prompt], 100)[0]

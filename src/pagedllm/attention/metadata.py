@@ -87,6 +87,9 @@ def build_attention_metadata(
     cols = np.arange(max_num_blocks, dtype=np.int64)  # [max_num_blocks]
     keep = cols[None, :] < num_blocks_np[:, None]  # [num_seqs, max_num_blocks]
     block_tables_np[keep] = flat_blocks[(table_starts[:, None] + cols[None, :])[keep]]
+    # Blocks freed out of a sliding window (core.block_manager.NULL_BLOCK, -1) -> block 0: the
+    # backends never weigh keys before a query's window.
+    np.maximum(block_tables_np, 0, out=block_tables_np)
 
     # Slot of every new token. Worked example, block_size 4, one sequence with
     # seq_len 6, query_len 3 and block table [7, 2]:

@@ -1,7 +1,10 @@
 """Per-sequence block tables on top of the device pool (and a host pool for swapping).
 
 Tables are keyed by sequence id. A table is append-only except for copy-on-write, which
-replaces one shared block by a private copy before the sequence writes into it.
+replaces one shared block by a private copy before the sequence writes into it, and, with a
+sliding window, the blocks that fell wholly out of every window of the sequence, which go back
+to the pool as it advances (their entries become NULL_BLOCK, so a table keeps one entry per
+logical block).
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ from dataclasses import dataclass
 
 from pagedllm.core.block_hash import ROOT_HASH
 from pagedllm.core.block_pool import BlockPool
+
+# A table entry whose block was freed because no query of the sequence can see it any more
+# (sliding window). The attention metadata maps it to block 0, which the backends never weigh.
+NULL_BLOCK = -1
 
 
 def cdiv(a: int, b: int) -> int:
@@ -44,10 +51,15 @@ class BlockManager:
         block_size: int,
         num_cpu_blocks: int = 0,
         enable_prefix_caching: bool = False,
+        sliding_window: int | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         self.block_size = block_size
+        # Every layer's queries see at most this many positions (None: some layer sees all).
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.cpu_pool = BlockPool(num_cpu_blocks) if num_cpu_blocks > 0 else None
         self._block_tables: dict[str, list[int]] = {}
@@ -81,7 +93,7 @@ class BlockManager:
 
     def num_logical_blocks(self) -> int:
         """Blocks summed over all device tables: more than the used blocks when they are shared."""
-        return sum(len(t) for t in self._block_tables.values())
+        return sum(b != NULL_BLOCK for t in self._block_tables.values() for b in t)
 
     def snapshot_tables(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
         """Copies of the device and host block tables by sequence id (the KV cache map)."""
@@ -126,10 +138,13 @@ class BlockManager:
         """Makes room for tokens [num_computed, num_computed + num_new) of a sequence.
 
         If the first block written is shared, it is replaced by a fresh block and a copy
-        (shared -> fresh) is returned: copy-on-write.
+        (shared -> fresh) is returned: copy-on-write. With a sliding window, the blocks before
+        the window of token `num_computed` (and so of every later token) are freed first.
         """
         assert self.can_allocate(seq_id, num_computed, num_new), "call can_allocate first"
         table = self._block_tables.setdefault(seq_id, [])
+        if self.sliding_window is not None and num_new > 0:
+            self._free_outside_window(table, num_computed)
         copies = []
         if self._needs_copy_on_write(table, num_computed, num_new):
             index = num_computed // self.block_size
@@ -142,12 +157,28 @@ class BlockManager:
             table.append(self.pool.allocate())
         return copies
 
+    def _free_outside_window(self, table: list[int], first_query_pos: int) -> None:
+        """Frees the blocks wholly before the window of a query at `first_query_pos`, last
+        first (as `free` does), leaving NULL_BLOCK in their entries.
+
+        E.g., block_size 4, window 6, first query at position 13: it sees 8..13, so blocks 0
+        and 1 (positions 0..7) go.
+        """
+        num_dead = min(max(0, first_query_pos - self.sliding_window + 1) // self.block_size,
+                       len(table))
+        for index in reversed(range(num_dead)):
+            if table[index] == NULL_BLOCK:
+                break  # freed by an earlier step, as are all before it
+            self.pool.free(table[index])
+            table[index] = NULL_BLOCK
+
     def fork(self, parent_seq_id: str, child_seq_id: str) -> None:
         """The child shares every block of the parent (reference counts up)."""
         assert child_seq_id not in self._block_tables
         table = self._block_tables.get(parent_seq_id, [])
         for block_id in table:
-            self.pool.incref(block_id)
+            if block_id != NULL_BLOCK:
+                self.pool.incref(block_id)
         self._block_tables[child_seq_id] = list(table)
 
     def free(self, seq_id: str) -> None:
@@ -156,7 +187,8 @@ class BlockManager:
             table = tables.pop(seq_id, None)
             if table is not None:
                 for block_id in reversed(table):
-                    pool.free(block_id)
+                    if block_id != NULL_BLOCK:
+                        pool.free(block_id)
 
     # ---- prefix caching ------------------------------------------------------------------
 
@@ -201,6 +233,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return num_full
         for index in range(first_index, num_full):
+            if table[index] == NULL_BLOCK:  # freed by the window (registered when it filled)
+                continue
             parent = block_hashes[index - 1] if index else ROOT_HASH
             start = index * self.block_size
             self.pool.cache_block(
@@ -212,7 +246,7 @@ class BlockManager:
     # ---- swapping ------------------------------------------------------------------------
 
     def _distinct_blocks(self, tables: dict[str, list[int]], seq_ids: Iterable[str]) -> set[int]:
-        return {b for seq_id in seq_ids for b in tables.get(seq_id, ())}
+        return {b for seq_id in seq_ids for b in tables.get(seq_id, ()) if b != NULL_BLOCK}
 
     def can_swap_out(self, seq_ids: Sequence[str]) -> bool:
         if self.cpu_pool is None:
@@ -252,12 +286,16 @@ class BlockManager:
             table = src_tables.pop(seq_id)
             new_table = []
             for block_id in table:
+                if block_id == NULL_BLOCK:
+                    new_table.append(NULL_BLOCK)
+                    continue
                 if block_id in mapping:
                     dst_pool.incref(mapping[block_id])
                 else:
                     mapping[block_id] = dst_pool.allocate()
                 new_table.append(mapping[block_id])
             for block_id in reversed(table):
-                src_pool.free(block_id)
+                if block_id != NULL_BLOCK:
+                    src_pool.free(block_id)
             dst_tables[seq_id] = new_table
         return mapping

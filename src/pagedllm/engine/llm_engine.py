@@ -21,6 +21,7 @@ from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.executor import Executor, build_executor
 from pagedllm.models.default_model import resolve_model_path
 from pagedllm.models.loader import load_config
+from pagedllm.models.registry import kv_cache_sliding_window
 from pagedllm.outputs import RequestOutput
 from pagedllm.profiler import StepProfiler
 from pagedllm.sampling_params import SamplingParams
@@ -105,6 +106,7 @@ class LLMEngine:
             config.block_size,
             num_cpu_blocks=self.model_executor.num_cpu_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
+            sliding_window=kv_cache_sliding_window(hf_config),
         )
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -1,7 +1,8 @@
 """Mistral (`MistralForCausalLM`): Llama with sliding-window attention where the config sets one.
 
 Also the base of the Llama variants (Qwen2, Qwen3, Phi-3): each layer gets its own attention
-backend, windowed where the config's `layer_types` (or, without them, `sliding_window`) say so.
+backend, windowed where the config's `layer_types` (or, without them, `sliding_window`) say so
+(`registry.layer_sliding_window`).
 These families run the module path (fused attention kernel, packed linear layers); the native
 decoder stack is Llama's alone for now.
 """
@@ -13,20 +14,7 @@ from transformers import PretrainedConfig
 from pagedllm.attention import AttentionBackend
 from pagedllm.models.interface import Allocate, CausalLMBase
 from pagedllm.models.llama import LlamaForCausalLM
-
-
-def layer_sliding_window(config: PretrainedConfig, layer_idx: int) -> int | None:
-    """The sliding window of layer `layer_idx` (None: it attends to the whole context).
-
-    transformers' rule: with `layer_types`, only "sliding_attention" layers take
-    `sliding_window`; without them (Mistral, Phi-3), every layer does.
-    """
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if window is None or (layer_types is not None
-                          and layer_types[layer_idx] != "sliding_attention"):
-        return None
-    return int(window)
+from pagedllm.models.registry import layer_sliding_window
 
 
 class MistralForCausalLM(LlamaForCausalLM):

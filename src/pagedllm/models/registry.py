@@ -6,6 +6,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from pagedllm.models.interface import CausalLM
 
 # Lazy: a model module is imported only when a checkpoint of its architecture is loaded.
@@ -46,3 +48,26 @@ def get_model_class(architectures: list[str] | None) -> type[CausalLM]:
         f"model architecture {', '.join(map(str, architectures))} is not supported; "
         f"supported: {supported}"
     )
+
+
+def layer_sliding_window(config: PretrainedConfig, layer_idx: int) -> int | None:
+    """The sliding window of layer `layer_idx` (None: it attends to the whole context).
+
+    transformers' rule: with `layer_types`, only "sliding_attention" layers take
+    `sliding_window`; without them (Mistral, Phi-3), every layer does.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None
+                          and layer_types[layer_idx] != "sliding_attention"):
+        return None
+    return int(window)
+
+
+def kv_cache_sliding_window(config: PretrainedConfig) -> int | None:
+    """The most positions any layer's queries see, where every layer has a window (the block
+    manager frees blocks out of it); None where some layer attends to the whole context."""
+    windows = [layer_sliding_window(config, i) for i in range(config.num_hidden_layers)]
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)
