@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -66,6 +67,21 @@ def both(uni: LLM, other: LLM, *args):
         outputs = llm.generate(*args, use_tqdm=False)
         results.append((completions(outputs), before, llm.llm_engine.get_stats()))
     return results
+
+
+def test_an_address_where_no_cluster_answers_is_refused_within_seconds(tiny_dir, monkeypatch):
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialized in this process")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"no Ray cluster answers at RAY_ADDRESS='127.0.0.1:"
+                                           rf"{port}'.*ray start --head --port={port}"):
+        LLM(str(tiny_dir), distributed_executor_backend="ray", **SETTINGS)
+    assert time.monotonic() - start < 30
+    assert not ray.is_initialized()
 
 
 def test_the_rank_runs_in_a_ray_actor(ray_llm):

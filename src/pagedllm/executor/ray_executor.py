@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 _INLINE_BYTES = 64 * 1024
 # Seconds to wait for the cluster to grant the ranks' CPUs before refusing to start.
 _PLACEMENT_TIMEOUT_S = 60.0
+# Seconds to wait for RAY_ADDRESS's head node to accept a connection.
+_CONNECT_TIMEOUT_S = 10.0
 # Seconds between looks at the ranks while waiting for an answer (errors arrive at once
 # anyway; this bounds how long a Ctrl-C waits to be seen).
 _POLL_S = 1.0
@@ -140,8 +142,9 @@ class RayDistributedExecutor(Executor):
     """Ranks as Ray actors, driven by the same step messages as `mp`.
 
     Attributes read by benchmarks and tests: `num_steps`, `last_message_bytes`,
-    `total_message_bytes`, `worker_pids`, `owns_ray` (True when this executor started Ray and
-    stops it at shutdown).
+    `total_message_bytes`, `worker_pids`, `owns_ray` (True when this executor called
+    ray.init, starting a local instance or joining RAY_ADDRESS's cluster; its shutdown then
+    calls ray.shutdown, which stops a local instance and leaves a cluster running).
     """
 
     def __init__(self, config: EngineConfig, hf_config: PretrainedConfig, model_dir: Path,
@@ -334,9 +337,31 @@ def _init_ray(world_size: int) -> None:
               "configure_logging": False}
     if address:
         logger.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except ConnectionError as exc:
+            raise RuntimeError(
+                f"could not join the Ray cluster at RAY_ADDRESS={address!r}: {exc} (is "
+                f"`ray start --head` running there? A cluster with token authentication, "
+                f"Ray's default, also needs RAY_AUTH_MODE=token and its token here: "
+                f"~/.ray/auth_token or RAY_AUTH_TOKEN)") from exc
     else:
         ray.init(address="local", num_cpus=world_size, num_gpus=0, **common)
+
+
+def _check_reachable(address: str) -> None:
+    """Refuses a host:port nobody listens on within seconds (ray.init would retry for many
+    minutes); other forms ("auto", "ray://...") go to ray.init as they are."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "/" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise RuntimeError(f"no Ray cluster answers at RAY_ADDRESS={address!r} ({exc}): start "
+                           f"one there with `ray start --head --port={port}`, or unset "
+                           f"RAY_ADDRESS to run the ranks on a local Ray instance") from exc
 
 
 def _stop_ranks(actors: list[Any], placement: list[Any], owns_ray: bool) -> None:
