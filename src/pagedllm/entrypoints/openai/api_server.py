@@ -180,7 +180,7 @@ async def web_page_file(name: str) -> Response:
 
 
 @kv_cache.get("/blocks")
-async def kv_cache_blocks(raw_request: Request, layout: str = "columns") -> Response:
+async def kv_cache_blocks(raw_request: Request, layout: str = "compact") -> Response:
     return to_response(await web_page.kv_cache_blocks(_state(raw_request).engine, layout))
 
 

@@ -33,9 +33,10 @@ STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8"}
 # The layouts of GET /kv_cache/blocks.
-LAYOUTS = ("columns", "blocks")
-# One letter per block state in the "state" string, by code (see _pool_json).
-_STATE_LETTERS = np.frombuffer(b"fcos", dtype=np.uint8)
+LAYOUTS = ("compact", "blocks")
+# The "state" string's letter per block, by code (see _pool_json): free, cached (free, holding
+# a hash), owned (one holder), shared (several); upper case: in use and holding a hash.
+_STATE_LETTERS = np.frombuffer(b"fcoOsS", dtype=np.uint8)
 _STATE_NAMES = {"f": "free", "c": "cached", "o": "owned", "s": "shared"}
 
 
@@ -48,7 +49,8 @@ def static_file(name: str) -> Response:
                     headers={"Cache-Control": "no-cache"})
 
 
-async def kv_cache_blocks(engine: AsyncLLMEngine, layout: str) -> Response | ErrorResponse:
+async def kv_cache_blocks(engine: AsyncLLMEngine, layout: str = "compact"
+                          ) -> Response | ErrorResponse:
     """GET /kv_cache/blocks: a snapshot taken between two engine steps, as JSON."""
     if layout not in LAYOUTS:
         return make_error(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}", 400,
@@ -60,12 +62,14 @@ async def kv_cache_blocks(engine: AsyncLLMEngine, layout: str) -> Response | Err
     return JSONResponse(kv_cache_json(snapshot, stats, layout))
 
 
-def kv_cache_json(snapshot: KVCacheSnapshot, stats: EngineStats, layout: str = "columns"
+def kv_cache_json(snapshot: KVCacheSnapshot, stats: EngineStats, layout: str = "compact"
                   ) -> dict[str, Any]:
     """The JSON of GET /kv_cache/blocks (the README documents it).
 
-    `layout` "columns" (the page's) gives each per-block field as one list indexed by block id;
-    "blocks" gives a list of one object per block, easier to read and about 10x dearer.
+    `layout` "compact" (the page's): every block's state as one letter of a string indexed by
+    block id, and the reference counts and owners of the blocks in use only (a free block has
+    none), so that its cost grows with the blocks in use; "blocks": a list of one object per
+    block, easier to read and about 20x dearer on a large pool.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -106,33 +110,34 @@ def _add_owner(owners: dict[int, list[str]], tables: list[list[int]], request_id
 
 def _pool_json(pool: PoolSnapshot, owners: dict[int, list[str]], layout: str) -> dict[str, Any]:
     num_blocks = len(pool.ref_counts)
-    ref_counts = np.fromiter(pool.ref_counts, dtype=np.int64, count=num_blocks)
+    ref_counts = np.array(pool.ref_counts, dtype=np.int64)
     cached = np.fromiter(map(operator.is_not, pool.block_hashes, itertools.repeat(None)),
                          dtype=bool, count=num_blocks)
-    # Codes 0 free, 1 cached (free, holding a hash), 2 owned (one holder), 3 shared.
-    codes = np.where(ref_counts > 1, 3, np.where(ref_counts == 1, 2, cached.astype(np.int64)))
-    counts = np.bincount(codes, minlength=4)
+    # Codes: 2 x (0 free, 1 one holder, 2 several) + 1 when holding a hash, e.g. a shared
+    # block with a hash is 5, "S".
+    codes = np.minimum(ref_counts, 2) * 2 + cached
+    counts = np.bincount(codes, minlength=6)
     out: dict[str, Any] = {
         "num_blocks": num_blocks,
         "num_free_blocks": int(counts[0] + counts[1]),
-        "num_used_blocks": int(counts[2] + counts[3]),
-        "num_shared_blocks": int(counts[3]),
-        "num_cached_blocks": int(cached.sum()),
+        "num_used_blocks": num_blocks - int(counts[0] + counts[1]),
+        "num_shared_blocks": int(counts[4] + counts[5]),
+        "num_cached_blocks": int(counts[1] + counts[3] + counts[5]),
         "num_cached_free_blocks": int(counts[1]),
         "num_logical_blocks": int(ref_counts.sum()),
     }
     state = _STATE_LETTERS[codes].tobytes().decode("ascii")
     if layout == "blocks":
         out["blocks"] = [
-            {"id": b, "ref_count": rc, "state": _STATE_NAMES[s], "cached": c,
+            {"id": b, "ref_count": rc, "state": _STATE_NAMES[s.lower()], "cached": c,
              "owners": owners.get(b, [])}
             for b, (rc, s, c) in enumerate(zip(pool.ref_counts, state, cached.tolist()))
         ]
         return out
-    out["ref_count"] = pool.ref_counts
     out["state"] = state
-    out["cached"] = cached.astype(np.int8).tolist()
-    out["owners"] = {str(b): ids for b, ids in sorted(owners.items())}
+    used = np.flatnonzero(ref_counts).tolist()
+    out["ref_count"] = {str(b): pool.ref_counts[b] for b in used}
+    out["owners"] = {str(b): owners.get(b, []) for b in used}
     return out
 
 

@@ -366,7 +366,8 @@ function drawPool(canvas, pool, maxHeight) {
   ctx.textBaseline = "middle";
   for (let b = 0; b < pool.num_blocks; b++) {
     const x = (b % cols) * cell, y = Math.floor(b / cols) * cell;
-    const s = pool.state[b];
+    const letter = pool.state[b];
+    const s = letter.toLowerCase();   // upper case: in use and holding a hash
     const owners = pool.owners[b];
     ctx.fillStyle = s === "f" || s === "c" ? COLORS[s]
                   : requestColor(owners && owners.length ? owners[0] : "?");
@@ -392,7 +393,7 @@ function drawPool(canvas, pool, maxHeight) {
       ctx.arc(x + cell / 2, y + cell / 2, cell / 6, 0, 2 * Math.PI);
       ctx.fill();
     }
-    if ((s === "o" || s === "s") && pool.cached[b] && cell >= 8) {   // in use and hashed
+    if (letter !== s && cell >= 8) {   // in use and hashed: a white corner
       ctx.fillStyle = "rgba(255, 255, 255, 0.9)";
       ctx.beginPath();
       ctx.moveTo(x + cell - gap, y);
@@ -407,14 +408,14 @@ const STATE_NAMES = { f: "free", c: "cached (free, holding a hashed prefix)", o:
                       s: "shared" };
 
 function describeBlock(pool, b, where) {
-  const lines = [where + " block " + b + ": " + STATE_NAMES[pool.state[b]]];
+  const letter = pool.state[b];
+  const lines = [where + " block " + b + ": " + STATE_NAMES[letter.toLowerCase()]];
   lines.push("reference count " + pool.ref_count[b]);
   const owners = pool.owners[b] || [];
   if (owners.length) lines.push("request" + (owners.length > 1 ? "s " : " ") + owners.join(", "));
-  if (pool.cached) {
-    lines.push(pool.cached[b] ? "prefix cache: hashed (a matching prompt reuses it)"
-                              : "prefix cache: no hash");
-  }
+  const hashed = letter === "c" || letter === "O" || letter === "S";
+  lines.push(hashed ? "prefix cache: hashed (a matching prompt reuses it)"
+                    : "prefix cache: no hash");
   return lines.join("\n");
 }
 
@@ -439,12 +440,14 @@ function attachTooltip(canvas, where) {
 attachTooltip($("kv-device"), "device");
 attachTooltip($("kv-host"), "host");
 
-// Expands the columns layout's sparse owners map to a per-block lookup.
+// Expands the compact layout's maps of the blocks in use to per-block arrays.
 function withOwners(pool) {
   if (!pool) return pool;
   const owners = new Array(pool.num_blocks);
+  const refCount = new Array(pool.num_blocks).fill(0);
   for (const key in pool.owners) owners[+key] = pool.owners[key];
-  return { ...pool, owners };
+  for (const key in pool.ref_count) refCount[+key] = pool.ref_count[key];
+  return { ...pool, owners, ref_count: refCount };
 }
 
 function render(snap) {

@@ -1,0 +1,276 @@
+"""What the web page's KV cache map costs the engine: GET /kv_cache/blocks at 10 Hz.
+
+Two measurements, side by side in one run:
+  1. A/B through a live server (`pagedllm serve`, the shipped SmolLM2 by default, its default
+     KV pool: thousands of blocks): rounds of --num-requests concurrent completions
+     (--max-tokens each, ignore_eos), alternately with and without a client polling
+     /kv_cache/blocks at --poll-hz; generated tokens per second per round.
+  2. The cost of one poll, in process on the same settings with the pool part full: the engine
+     thread's copy (LLMEngine.get_kv_cache_snapshot) and the JSON built on the event loop. At
+     --poll-hz that is an upper bound on the CPU taken from the engine, as a share of a second.
+The A/B numbers on a shared machine are noisy (a round's spread is often above 1%); the
+per-poll cost is the precise one.
+
+    flock /tmp/pagedllm-bench.lock python -m pagedllm.benchmarks.kv_map_overhead
+    python -m pagedllm.benchmarks.kv_map_overhead --rounds 2 --num-kv-blocks 2048
+
+Prints a table and writes JSON to --output-json (default benchmarks/results/kv_map_overhead.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+RESULTS = Path("benchmarks", "results")
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _post(url: str, body: dict, timeout: float = 600) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with _OPENER.open(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _get(url: str, timeout: float = 60) -> bytes:
+    with _OPENER.open(url, timeout=timeout) as response:
+        return response.read()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Poller:
+    """GET /kv_cache/blocks at `hz` on its own thread; records latencies and sizes."""
+
+    def __init__(self, url: str, hz: float) -> None:
+        self.url, self.period = url + "/kv_cache/blocks", 1.0 / hz
+        self.latencies: list[float] = []
+        self.num_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            start = time.monotonic()
+            self.num_bytes = len(_get(self.url))
+            self.latencies.append(time.monotonic() - start)
+            next_at += self.period
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+
+class Load:
+    """--num-requests client threads, each sending completions back to back until stopped:
+    a steady batch, so that throughput can be compared over short windows."""
+
+    def __init__(self, url: str, args: argparse.Namespace) -> None:
+        self.url, self.args = url, args
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in range(args.num_requests)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self, i: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            body = {"model": "bench", "prompt": f"Client {i}, request {n}: tell a long story.",
+                    "max_tokens": self.args.max_tokens, "ignore_eos": True,
+                    "temperature": 1.0, "seed": n}
+            _post(self.url + "/v1/completions", body)
+            n += 1
+
+
+def _generated(url: str) -> tuple[float, int]:
+    stats = json.loads(_get(url + "/kv_cache/blocks"))["stats"]
+    return time.perf_counter(), stats["num_generation_tokens"]
+
+
+def serve_ab(args: argparse.Namespace) -> dict:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "pagedllm", "serve", "--port", str(port),
+               "--served-model-name", "bench", "--log-stats-interval", "3600"]
+    if args.model:
+        command.insert(4, args.model)
+    if args.num_kv_blocks:
+        command += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    with open(Path(args.output_json).with_suffix(".server.log"), "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        try:
+            _wait_ready(url, proc)
+            return _ab_rounds(url, args)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _get(url + "/health", timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start; see its log") from None
+            time.sleep(0.5)
+
+
+def _ab_rounds(url: str, args: argparse.Namespace) -> dict:
+    """Windows of --window-s under a steady load, the poller on in every other one (the order
+    within each pair alternates); tokens per second per window from the engine's own count."""
+    load = Load(url, args)
+    load.start()
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    latencies: list[float] = []
+    size = num_blocks = 0
+    try:
+        time.sleep(args.window_s)  # warm-up: the batch fills
+        for index in range(args.rounds):
+            for arm in (("off", "on") if index % 2 == 0 else ("on", "off")):
+                poller = Poller(url, args.poll_hz) if arm == "on" else None
+                start, before = _generated(url)
+                if poller is not None:
+                    poller.start()
+                time.sleep(args.window_s)
+                if poller is not None:
+                    poller.stop()
+                    latencies += poller.latencies
+                    size = poller.num_bytes
+                end, after = _generated(url)
+                rates[arm].append((after - before) / (end - start))
+            print(f"window pair {index}: off {rates['off'][-1]:.1f}, on {rates['on'][-1]:.1f} "
+                  f"tokens/s", file=sys.stderr)
+        num_blocks = json.loads(_get(url + "/kv_cache/blocks"))["device"]["num_blocks"]
+    finally:
+        load.stop()
+    # Paired: each pair's on/off ratio, so a drift in the machine's load cancels within it.
+    costs = [1.0 - on / off for off, on in zip(rates["off"], rates["on"])]
+    mean = statistics.fmean(costs)
+    stderr = statistics.stdev(costs) / len(costs) ** 0.5 if len(costs) > 1 else float("nan")
+    return {"num_blocks": num_blocks, "rates": rates,
+            "median_off": statistics.median(rates["off"]),
+            "median_on": statistics.median(rates["on"]),
+            "overhead_mean": mean, "overhead_stderr": stderr,
+            "poll_latency_ms_median": 1e3 * statistics.median(latencies),
+            "response_bytes": size}
+
+
+def per_poll_cost(args: argparse.Namespace) -> dict:
+    """Times one snapshot (engine thread) and its JSON (event loop), pool part full."""
+    from pagedllm import SamplingParams
+    from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.entrypoints.openai.web_page import kv_cache_json
+
+    kwargs = {"model": args.model} if args.model else {}
+    if args.num_kv_blocks:
+        kwargs["num_kv_blocks"] = args.num_kv_blocks
+    engine = LLMEngine(**kwargs)
+    # Long enough that every request still runs (holding blocks) after the steps below.
+    params = SamplingParams(max_tokens=1000, ignore_eos=True, n=2)
+    for i in range(args.num_requests):
+        engine.add_request(str(i), f"Request {i}: tell a long story. " * 8, params)
+    step_times = []
+    for _ in range(24):
+        start = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - start)
+
+    def timed(fn, n: int = 50) -> float:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    snapshot, stats = engine.get_kv_cache_snapshot()
+    copy_s = timed(engine.get_kv_cache_snapshot)
+    json_s = timed(lambda: json.dumps(kv_cache_json(snapshot, stats), separators=(",", ":")))
+    blocks_s = timed(lambda: json.dumps(kv_cache_json(snapshot, stats, "blocks"),
+                                        separators=(",", ":")), 10)
+    return {"num_blocks": stats.num_blocks, "num_used_blocks":
+            stats.num_blocks - stats.num_free_blocks, "snapshot_ms": 1e3 * copy_s,
+            "json_ms": 1e3 * json_s, "json_blocks_layout_ms": 1e3 * blocks_s,
+            "step_ms_median": 1e3 * statistics.median(step_times[4:]),
+            "cpu_share_at_poll_hz": args.poll_hz * (copy_s + json_s),
+            "cpu_share_blocks_layout": args.poll_hz * (copy_s + blocks_s)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model (default: the shipped SmolLM2)")
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="pool size (default: the engine's default)")
+    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=20, help="pairs of windows (off, on)")
+    parser.add_argument("--window-s", type=float, default=3.0, help="seconds per window")
+    parser.add_argument("--poll-hz", type=float, default=10.0)
+    parser.add_argument("--output-json", default=str(RESULTS / "kv_map_overhead.json"))
+    args = parser.parse_args(argv)
+    for name in ("num_requests", "max_tokens", "rounds", "window_s"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.poll_hz > 0:
+        raise SystemExit("--poll-hz must be above 0")
+    Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+    ab = serve_ab(args)
+    cost = per_poll_cost(args)
+    result = {"settings": vars(args), "serve_ab": ab, "per_poll": cost}
+    Path(args.output_json).write_text(json.dumps(result, indent=2))
+    hz = args.poll_hz
+    print(f"\nKV cache map at {hz:g} Hz, {ab['num_blocks']} device blocks, "
+          f"{args.num_requests} concurrent requests x {args.max_tokens} tokens")
+    print("| measurement | value |")
+    print("|---|---|")
+    print(f"| generation, no poller (median of {args.rounds} windows) | "
+          f"{ab['median_off']:.1f} tokens/s |")
+    print(f"| generation, polled at {hz:g} Hz (median) | {ab['median_on']:.1f} tokens/s |")
+    print(f"| A/B throughput cost (mean of paired windows +- stderr) | "
+          f"{100 * ab['overhead_mean']:+.2f}% +- {100 * ab['overhead_stderr']:.2f}% |")
+    print(f"| poll latency (median) / response | {ab['poll_latency_ms_median']:.1f} ms / "
+          f"{ab['response_bytes'] / 1024:.0f} KiB |")
+    print(f"| snapshot on the engine thread ({cost['num_blocks']} blocks, "
+          f"{cost['num_used_blocks']} used) | {cost['snapshot_ms']:.3f} ms |")
+    print(f"| JSON on the event loop (compact / blocks layout) | {cost['json_ms']:.2f} ms / "
+          f"{cost['json_blocks_layout_ms']:.1f} ms |")
+    print(f"| CPU per second at {hz:g} Hz (compact / blocks) | "
+          f"{100 * cost['cpu_share_at_poll_hz']:.2f}% / "
+          f"{100 * cost['cpu_share_blocks_layout']:.1f}% of one core |")
+    print(f"| engine step (median, in process) | {cost['step_ms_median']:.1f} ms |")
+    print(f"wrote {args.output_json}")
+
+
+if __name__ == "__main__":
+    main()
