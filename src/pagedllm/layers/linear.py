@@ -1,340 +1,375 @@
-"""Linear layers whose CPU forward runs on weights packed once, by the fastest path per call.
+"""Linear layers, replicated or split over the tensor-parallel ranks (vLLM's names).
 
-Batch invariance (the default): a row's output must not depend on the other rows of the step
-(issue 29: the same request gives the same tokens alone or in any batch), so every row count
-takes kernels that sum each output over the inputs in one order: pagedllm's own, never oneDNN
-(whose kernels, and so summation orders, change with the row count). Per weight dtype:
-- bf16 on CPUs with AMX: the AMX kernel (`ops/csrc/gemm_amx.cpp`, TDPBF16PS in 16-row tiles)
-  on the weight packed once into tiles, for every batch; on a 2-core Sapphire Rapids, one
-  thread, SmolLM2's projections: 1-64 rows 0.6-0.9x oneDNN's AMX GEMM's time, 256 rows 1.5x.
-- bf16 on other CPUs with AVX512_BF16: the bf16 dot-product kernel (`ops/csrc/gemm_bf16.cpp`,
-  VDPBF16PS) on the weight packed once in pairs of inputs, for every batch; it beat oneDNN's
-  bf16 GEMM at every row count measured on a Zen 4 (1 to 2048 rows; 20% at 64).
-- bf16 elsewhere, and fp32: the panel kernels (`ops/csrc/gemm.cpp`) on the weight packed into
-  column panels in its own dtype, for every batch: sequential passes over the panels up to 8
-  rows, a register-tiled GEMM above, both summing each output over k in order.
+A layer owns the shapes and the sharding; its linear method (layers/quantization: dense by
+default, the packed CPU kernels of layers/packed.py) owns the parameters and the arithmetic.
+Each parameter's `weight_loader(param, loaded_weight, shard_id)` takes a whole checkpoint
+tensor and copies in this rank's part (models/interface.py's `load_mapped_weights` calls it).
 
-With `batch_invariant=False` the paths are chosen per call by the number of rows (tokens in the
-step), the fastest each, measured in benchmarks/linear.py (docs/benchmarks.md). On CPUs with
-AVX512_BF16 and no AMX, a bf16 weight takes the dot-product kernel for every batch; CPUs with
-AMX keep oneDNN (whose AMX GEMM this kernel was not measured against). Elsewhere, three paths:
-- up to `stream_max_rows`: pagedllm's weight-streaming kernel (`ops/csrc/gemv.cpp`) over the
-  plain weight (bf16 weights on CPUs with a bf16 GEMM only).
-- up to `panel_max_rows`: pagedllm's panel kernels (`ops/csrc/gemm.cpp`) on the weight packed
-  into column panels in its own dtype: up to 8 rows sequential passes over the panels (a
-  layer with so few rows is bound by reading its weight), a register-tiled GEMM above.
-- above: oneDNN on a weight reordered into its blocked layout
-  (`torch.ops.mkldnn._linear_pointwise`), the fastest for prefill-sized fp32 GEMMs.
+    ReplicatedLinear            every rank holds the whole weight
+    ColumnParallelLinear        output features split: rank r holds rows [r * n/tp, (r+1) * n/tp)
+    MergedColumnParallelLinear  several column-parallel outputs fused (SwiGLU's gate | up)
+    QKVParallelLinear           q | k | v split by heads; KV heads replicated where tp > their count
+    RowParallelLinear           input features split; the partial outputs are all-reduced and
+                                the bias is added once (by rank 0)
 
-On CPUs without a bf16 GEMM (no AVX512_BF16 / AMX), oneDNN takes only fp32 weights and torch's
-bf16 matmul is 10-100x slower. There a bf16 weight is never widened and is held once: the
-panel kernels take every batch, streaming half the bytes of an fp32 copy and rounding each
-output once, which is what a bf16 GEMM (fp32 accumulation) computes up to summation order.
+A fused layer's parts are `shard_id`s 0, 1, ... (q/k/v as 0/1/2 or "q"/"k"/"v"); a checkpoint
+that stores the fused tensor whole passes shard_id None and the layer splits it.
+At one rank every layer is the dense `Linear` the models always had: same parameters, same
+kernels, same arithmetic.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from pagedllm.layers.activation import silu_and_mul
-from pagedllm.ops import NATIVE_DTYPES, cpu_ops
+from pagedllm.distributed import (
+    get_tp_group,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
+from pagedllm.layers.packed import (  # noqa: F401 - re-exported: the kernels' old home
+    AMX_PANELS,
+    DOT_PANELS,
+    FEW_ROWS,
+    FP32_PANEL_MAX_ROWS,
+    ONEDNN,
+    PANELS,
+    STREAMING,
+    PackedWeight,
+    amx_kernel_applies,
+    dot_kernel_applies,
+    onednn_has_gemm,
+    try_pack,
+)
+from pagedllm.layers.quantization.base import (
+    LinearMethodBase,
+    QuantizationConfig,
+    WeightShapeError,
+    set_weight_attrs,
+)
+from pagedllm.layers.quantization.dense import UnquantizedLinearMethod
 
-logger = logging.getLogger(__name__)
-
-# Row-count switch points (benchmarks/linear.py on a 2-core AVX2 machine), for CPUs without
-# the dot-product kernel: the streaming kernel up to FEW_ROWS rows for bf16 weights where
-# oneDNN has a bf16 GEMM; panels for every bf16 batch otherwise (their few-rows passes read a
-# bf16 weight 1.3-1.4x faster than the streaming kernel at 1-4 rows); fp32 weights take panels
-# up to FP32_PANEL_MAX_ROWS (1.35x oneDNN at 64 rows, 0.9x at 256) and oneDNN above.
-FEW_ROWS = 8
-FP32_PANEL_MAX_ROWS = 128  # without batch invariance
-
-# The paths a 2-D batch can take (numbered as `LinearPath` in ops/csrc/decoder_stack.cpp,
-# which takes the same choice for whole decoder stacks).
-PANELS, STREAMING, ONEDNN, DOT_PANELS, AMX_PANELS = 0, 1, 2, 3, 4
-
-
-@functools.cache
-def amx_kernel_applies(batch_invariant: bool = True) -> bool:
-    """Whether bf16 weights take the AMX kernel: AMX CPUs, batch invariant (without it, oneDNN's
-    AMX GEMM)."""
-    ops = cpu_ops()
-    return ops is not None and batch_invariant and ops.has_amx()
-
-
-@functools.cache
-def dot_kernel_applies(batch_invariant: bool = True) -> bool:
-    """Whether bf16 weights take the dot-product kernel: AVX512_BF16, where the AMX kernel does
-    not (and, without batch invariance, no AMX for oneDNN)."""
-    ops = cpu_ops()
-    if ops is None or not ops.has_bf16_dot() or amx_kernel_applies(batch_invariant):
-        return False
-    return batch_invariant or not torch.cpu._is_amx_tile_supported()
+_QKV_IDS = {"q": 0, "k": 1, "v": 2}
 
 
-@functools.cache
-def onednn_has_gemm(dtype: torch.dtype) -> bool:
-    """Whether oneDNN can pack (and so multiply) weights of `dtype` on this CPU."""
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
-        return True
-    except RuntimeError:
-        return False
+class KeepsParamAttrs(nn.Module):
+    """Keeps the loader attributes of its parameters (weight_loader, output_dim, ...) when
+    `to_empty` or `to` replaces the Parameter objects (models are built on the meta device)."""
+
+    def _apply(self, fn, recurse=True):
+        saved = {name: dict(p.__dict__) for name, p in self._parameters.items()
+                 if p is not None and p.__dict__}
+        out = super()._apply(fn, recurse)
+        for name, attrs in saved.items():
+            param = self._parameters.get(name)
+            if param is not None:
+                for key, value in attrs.items():
+                    param.__dict__.setdefault(key, value)
+        return out
 
 
-class PackedWeight:
-    """A [out, in] weight (and bias) packed for the CPU paths; call it like F.linear(x, w, b).
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by tensor_parallel_size "
+                         f"({denominator})")
+    return numerator // denominator
 
-    With `swiglu` (SwiGLU's [gate | up] projection), the dot-product path packs the weight for
-    `swiglu()`, which gates in the GEMM's epilogue; the weight then serves only that call.
-    With `batch_invariant` (the default), every row count takes a kernel that sums each output
-    in the same order (see the module docstring).
+
+class LinearBase(KeepsParamAttrs):
+    """y = x @ W.T + b through the layer's linear method; unsharded unless a subclass passes
+    its share (as the parallel layers below do).
+
+    Args:
+        input_size, output_size: the whole layer's features (all ranks together).
+        bias: whether the layer has a bias.
+        params_dtype: the parameters' dtype (default: torch's default dtype).
+        quant_config: the checkpoint's quantization; None is dense.
+        prefix: the layer's parameter path (e.g. `layers.0.self_attn.qkv_proj`).
+        output_sizes: the fused parts' output features (default: one part).
+        output_partition_sizes: this rank's output features of each part.
+        output_shard_ranks: which shard of each part this rank holds.
+        input_size_per_partition: this rank's input features.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int,
-                 swiglu: bool = False, batch_invariant: bool = True) -> None:
-        weight = weight.detach()
-        self.ops = cpu_ops() if weight.dtype in NATIVE_DTYPES else None
-        self.out_features = weight.shape[0]
-        self.plain: torch.Tensor | None = None  # for the streaming kernel
-        self.panels: torch.Tensor | None = None  # for the panel kernel
-        self.dot_panels: torch.Tensor | None = None  # for the bf16 dot-product kernel
-        self.amx_panels: torch.Tensor | None = None  # for the AMX kernel
-        self.stream_max_rows = 0
-        self.panel_max_rows = 0
-        self.fuses_swiglu = False  # dot_panels packed for dot_swiglu_linear
-        # The kernels' fp32 bias (or empty).
-        self.plain_bias = torch.empty(0) if bias is None else bias.detach().float().contiguous()
-        native = onednn_has_gemm(weight.dtype)
-        bf16 = weight.dtype == torch.bfloat16
-        if self.ops is not None and bf16 and amx_kernel_applies(batch_invariant):
-            self.amx_panels = self.ops.pack_amx_panels(weight)
-        elif self.ops is not None and bf16 and dot_kernel_applies(batch_invariant):
-            self.fuses_swiglu = swiglu and weight.shape[0] % 2 == 0
-            pack = self.ops.pack_dot_swiglu_panels if self.fuses_swiglu else self.ops.pack_dot_panels
-            self.dot_panels = pack(weight)
-        elif self.ops is not None and bf16 and (batch_invariant or not native):
-            self.panels = self.ops.pack_panels(weight)
-            self.panel_max_rows = math.inf
-        elif self.ops is not None and weight.dtype == torch.float32:
-            self.panels = self.ops.pack_panels(weight)
-            self.panel_max_rows = math.inf if batch_invariant else FP32_PANEL_MAX_ROWS
-        elif self.ops is not None:
-            self.plain = weight.contiguous()
-            self.stream_max_rows = FEW_ROWS
-        self.onednn_weight: torch.Tensor | None = None
-        self.compute_dtype = weight.dtype
-        self.bias = None
-        if self.panel_max_rows < math.inf and self.dot_panels is None and self.amx_panels is None:
-            if not native:  # fp16 without an fp16 GEMM, or no kernels: compute in fp32
-                self.compute_dtype = torch.float32
-            self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(
-                weight.to(self.compute_dtype), batch_hint
-            )
-            self.bias = None if bias is None else bias.detach().to(self.compute_dtype)
-
-    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x: [num_tokens, in] -> [num_tokens, out], in out_dtype (default: x's dtype).
-
-        NOTE: the panel, dot-product and AMX kernels write fp32 from bf16 inputs directly, which
-        saves the LM head's logits a full-size conversion per step; the other paths convert
-        after.
-        """
-        if x.dim() == 2 and x.dtype in NATIVE_DTYPES:
-            path = self.path(x.shape[0])
-            if path == STREAMING:
-                return _as_dtype(self.few_rows(x), out_dtype)
-            if path == PANELS:
-                return self.panel(x, out_dtype)
-            if path == DOT_PANELS:
-                return self.dot(x, out_dtype)
-            if path == AMX_PANELS:
-                return self.amx(x, out_dtype)
-        if self.onednn_weight is None:  # native kernels only: any shape or dtype, as 2-D rows
-            rows = self._native_rows(x)
-            want = out_dtype or x.dtype
-            kernel = (self.amx if self.amx_panels is not None
-                      else self.dot if self.dot_panels is not None else self.panel)
-            out = kernel(rows, want if want in NATIVE_DTYPES else None)
-            return _as_dtype(out, want).reshape(*x.shape[:-1], -1)
-        return _as_dtype(self.onednn(x), out_dtype)
-
-    def _native_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x as 2-D rows in a dtype the native kernels take."""
-        rows = x.reshape(-1, x.shape[-1])
-        return rows if rows.dtype in NATIVE_DTYPES else rows.to(self.compute_dtype)
-
-    def _refuse_if_swiglu(self) -> None:
-        if self.fuses_swiglu:  # its panels hold gate and up units interleaved
-            raise RuntimeError("this [gate | up] weight is packed for its gated output: "
-                               "call swiglu(x), not the plain projection")
-
-    def path(self, rows: int) -> int:
-        """The path of a 2-D fp32/bf16 batch of `rows` rows: the row-count switch points."""
-        if self.amx_panels is not None:
-            return AMX_PANELS
-        if self.dot_panels is not None:
-            return DOT_PANELS
-        if self.plain is not None and rows <= self.stream_max_rows:  # (an empty batch too)
-            return STREAMING
-        if rows <= self.panel_max_rows:
-            return PANELS
-        return ONEDNN
-
-    def after_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """This layer over silu(gate) * up of gate_up = [gate | up] (SwiGLU's down projection).
-
-        The panel kernels gate each row while packing it, so the gated activations are never
-        written out; the other paths run the separate op first.
-        """
-        self._refuse_if_swiglu()
-        rows = gate_up.shape[0]
-        path = self.path(rows)
-        if (gate_up.dim() == 2 and gate_up.dtype in NATIVE_DTYPES and gate_up.stride(-1) == 1
-                and path in (PANELS, DOT_PANELS, AMX_PANELS)):
-            out = gate_up.new_empty(rows, self.out_features)
-            if path == AMX_PANELS:  # gated by the separate op, inside the call
-                self.ops.amx_panel_linear(out, gate_up, self.amx_panels, self.plain_bias, True)
-            elif path == DOT_PANELS:
-                self.ops.dot_panel_linear(out, gate_up, self.dot_panels, self.plain_bias, True)
-            else:
-                self.ops.panel_linear(out, gate_up, self.panels, self.plain_bias, True)
-            return out
-        return self(silu_and_mul(gate_up))
-
-    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of this [gate | up] projection of x: [..., in] -> [..., out / 2].
-
-        Packed for it (`fuses_swiglu`), the GEMM gates each register tile as it stores it, so
-        the gate_up activations are never written out and no separate pass reads them back; the
-        results are those of the projection followed by the silu_and_mul op, bit for bit.
-        (Measured: ~1 ms of a 64-sequence decode step on SmolLM2, where the separate op took
-        38 us a layer.)
-        """
-        if not self.fuses_swiglu:
-            return silu_and_mul(self(x))
-        rows = self._native_rows(x)
-        out = rows.new_empty(rows.shape[0], self.out_features // 2)
-        self.ops.dot_swiglu_linear(out, rows, self.dot_panels, self.plain_bias)
-        return _as_dtype(out, x.dtype).reshape(*x.shape[:-1], self.out_features // 2)
-
-    def few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight-streaming kernel over the plain weight."""
-        out = x.new_empty(x.shape[0], self.out_features)
-        self.ops.linear_few_rows(out, x, self.plain, self.plain_bias)
-        return out
-
-    def panel(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The panel GEMM over the panel-packed weight."""
-        out = x.new_empty(x.shape[0], self.out_features, dtype=out_dtype or x.dtype)
-        self.ops.panel_linear(out, x, self.panels, self.plain_bias)
-        return out
-
-    def dot(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The bf16 dot-product kernel over the pair-packed weight (x rounded to bf16)."""
-        self._refuse_if_swiglu()
-        out = x.new_empty(x.shape[0], self.out_features, dtype=out_dtype or x.dtype)
-        self.ops.dot_panel_linear(out, x, self.dot_panels, self.plain_bias)
-        return out
-
-    def amx(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The AMX kernel over the tile-packed weight (x rounded to bf16)."""
-        out = x.new_empty(x.shape[0], self.out_features, dtype=out_dtype or x.dtype)
-        self.ops.amx_panel_linear(out, x, self.amx_panels, self.plain_bias)
-        return out
-
-    def move_to(self, allocate: Callable[[Sequence[int], torch.dtype], torch.Tensor]) -> None:
-        """Copies the tensors the native kernels stream (panels, plain weight) into tensors
-        from allocate(shape, dtype), e.g. the worker's huge-page arena, dropping the old ones.
-        oneDNN's reordered weight stays where oneDNN put it."""
-        for name in ("panels", "dot_panels", "amx_panels", "plain"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                target = allocate(tensor.shape, tensor.dtype)
-                target.copy_(tensor)
-                setattr(self, name, target)
-
-    def onednn(self, x: torch.Tensor) -> torch.Tensor:
-        """oneDNN over the reordered weight."""
-        inputs = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
-        out = torch.ops.mkldnn._linear_pointwise(inputs, self.onednn_weight, self.bias, "none",
-                                                 [], "")
-        return out if out.dtype == x.dtype else out.to(x.dtype)
-
-
-def _as_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t if dtype is None or t.dtype == dtype else t.to(dtype)
-
-
-def try_pack(weight: torch.Tensor, bias: torch.Tensor | None = None,
-             batch_hint: int = 64, swiglu: bool = False,
-             batch_invariant: bool = True) -> PackedWeight | None:
-    """A PackedWeight for a CPU weight, or None where it cannot be packed (other device, dtype
-    or platform): callers then keep F.linear."""
-    if (
-        weight.device.type != "cpu"
-        or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-        or not torch.backends.mkldnn.is_available()
-    ):
-        return None
-    try:
-        return PackedWeight(weight.detach(), bias, batch_hint, swiglu, batch_invariant)
-    except RuntimeError as exc:
-        logger.info("keeping F.linear: oneDNN cannot pack a %s weight (%s)", weight.dtype, exc)
-        return None
-
-
-class Linear(nn.Linear):
-    """nn.Linear that switches to a packed copy of its weight after `pack()`.
-
-    Packing drops the plain weight (the packed copy replaces it), so it happens once the
-    checkpoint is loaded, and only for a model that stays on the CPU.
-    """
-
+    # The dense method's packed weight, set by pack() where the kernels take the weight.
     packed: PackedWeight | None = None
-    # Set on SwiGLU's [gate | up] projection, whose output is only ever gated (see swiglu()).
+    # SwiGLU's [gate | up] projection, whose output is only ever gated (see swiglu()).
     gates_swiglu: bool = False
+    # What pack() passes to the method (read in process_weights_after_loading).
+    batch_hint: int = 64
+    batch_invariant: bool = True
+    # Whether input features are split over the ranks (row-parallel).
+    splits_input: bool = False
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True,
+                 params_dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "",
+                 output_sizes: list[int] | None = None,
+                 output_partition_sizes: list[int] | None = None,
+                 output_shard_ranks: list[int] | None = None,
+                 input_size_per_partition: int | None = None) -> None:
+        super().__init__()
+        tp = get_tp_group()
+        self.tp_rank, self.tp_size = tp.rank, tp.world_size
+        self.input_size, self.output_size = input_size, output_size
+        self.prefix = prefix
+        self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.output_sizes = list(output_sizes or [output_size])
+        self.input_size_per_partition = input_size_per_partition or input_size
+        self.output_partition_sizes = list(output_partition_sizes or self.output_sizes)
+        self.output_shard_ranks = list(output_shard_ranks or [0] * len(self.output_sizes))
+        method = quant_config.get_linear_method(self, prefix) if quant_config else None
+        self.linear_method: LinearMethodBase = method or UnquantizedLinearMethod()
+        self.linear_method.create_weights(
+            self, self.input_size_per_partition, self.output_partition_sizes, input_size,
+            output_size, self.params_dtype, weight_loader=self.weight_loader)
+        if bias:
+            bias_param = nn.Parameter(torch.empty(sum(self.output_partition_sizes),
+                                                  dtype=self.params_dtype), requires_grad=False)
+            set_weight_attrs(bias_param, {"weight_loader": self.weight_loader, "output_dim": 0})
+            self.register_parameter("bias", bias_param)
+        else:
+            self.register_parameter("bias", None)
+        weight = self._parameters.get("weight")
+        if weight is not None and weight.device.type != "meta" and weight.is_floating_point():
+            self._init_like_nn_linear()
+
+    def _init_like_nn_linear(self) -> None:
+        """nn.Linear's random init, for a layer built outside the meta device (tests)."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.input_size) if self.input_size else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    # ---- shapes ------------------------------------------------------------------------
+
+    @property
+    def in_features(self) -> int:
+        """This rank's input features."""
+        return self.input_size_per_partition
+
+    @property
+    def out_features(self) -> int:
+        """This rank's output features."""
+        return sum(self.output_partition_sizes)
+
+    @property
+    def shard_sizes(self) -> list[int] | None:
+        """The fused parts' output features (the loader expects one tensor per part), or None."""
+        return self.output_sizes if len(self.output_sizes) > 1 else None
+
+    @shard_sizes.setter
+    def shard_sizes(self, sizes: list[int]) -> None:
+        """Splits an unsharded layer's output into fused parts after construction."""
+        if self.tp_size > 1 or sum(sizes) != self.output_size:
+            raise ValueError(f"shard sizes {sizes} do not split {self.output_size} outputs")
+        self.output_sizes = list(sizes)
+        self.output_partition_sizes = list(sizes)
+        self.output_shard_ranks = [0] * len(sizes)
+
+    # ---- loading -----------------------------------------------------------------------
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
+                      shard_id: int | str | None = None) -> None:
+        """Copies this rank's part of a checkpoint tensor (of fused part `shard_id`, or the
+        whole layer) into `param`, along the parameter's `output_dim`/`input_dim`.
+
+        Raises:
+            WeightShapeError: the tensor's shape is not the whole layer's (or part's).
+        """
+        if isinstance(shard_id, str):
+            shard_id = _QKV_IDS[shard_id]
+        output_dim = getattr(param, "output_dim", None)
+        input_dim = getattr(param, "input_dim", None) if self.splits_input else None
+        if shard_id is None and output_dim is not None and len(self.output_sizes) > 1:
+            # A fused tensor stored whole: each part in turn.
+            expected = list(param.shape)
+            expected[output_dim] = sum(self.output_sizes)
+            if input_dim is not None:
+                expected[input_dim] = self.input_size
+            check_weight_shape(loaded_weight, expected)
+            start = 0
+            for part, size in enumerate(self.output_sizes):
+                self.weight_loader(param, loaded_weight.narrow(output_dim, start, size), part)
+                start += size
+            return
+        dst = param.data
+        expected = list(dst.shape)
+        part = shard_id or 0
+        if output_dim is not None:
+            size = self.output_partition_sizes[part]
+            dst = dst.narrow(output_dim, sum(self.output_partition_sizes[:part]), size)
+            expected[output_dim] = self.output_sizes[part]
+        if input_dim is not None:
+            expected[input_dim] = self.input_size
+        check_weight_shape(loaded_weight, expected)
+        if output_dim is not None:
+            loaded_weight = loaded_weight.narrow(
+                output_dim, self.output_shard_ranks[part] * size, size)
+        if input_dim is not None:
+            size = self.input_size_per_partition
+            loaded_weight = loaded_weight.narrow(input_dim, self.tp_rank * size, size)
+        dst.copy_(loaded_weight)
+
+    def rank_bias(self) -> torch.Tensor | None:
+        """The bias this rank adds (all of it; row-parallel ranks past 0 add none)."""
+        return self.bias
 
     def pack(self, batch_hint: int = 64, batch_invariant: bool = True) -> bool:
-        """Packs the weight for the CPU paths; False (and nothing changes) where it cannot."""
-        packed = try_pack(self.weight, self.bias, batch_hint, self.gates_swiglu, batch_invariant)
-        if packed is None:
-            return False
-        self.packed = packed
-        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
-        return True
+        """Has the linear method process the loaded weights (the dense one packs them for the
+        CPU kernels); False where a dense weight could not be packed (nothing changes)."""
+        self.batch_hint, self.batch_invariant = batch_hint, batch_invariant
+        self.linear_method.process_weights_after_loading(self)
+        return self.packed is not None or not isinstance(self.linear_method,
+                                                         UnquantizedLinearMethod)
+
+    # ---- forward -----------------------------------------------------------------------
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        """The subclass's collective over the method's output (none here)."""
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return self.packed(x)
-        return super().forward(x)
+        return self._finish(self.linear_method.apply(self, x, self.rank_bias()))
 
     @property
     def fuses_swiglu(self) -> bool:
         """Whether swiglu() gates inside the GEMM (and the plain forward is unavailable)."""
-        return self.packed is not None and self.packed.fuses_swiglu
+        return self.linear_method.fuses_swiglu(self)
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of this [gate | up] projection of x, fused where the kernels allow."""
-        if self.packed is not None:
-            return self.packed.swiglu(x)
-        return silu_and_mul(super().forward(x))
+        """silu(gate) * up of this [gate | up] projection of x, fused where the kernels allow
+        (each rank holds matching gate and up rows, so no collective is needed)."""
+        return self.linear_method.apply_swiglu(self, x, self.rank_bias())
 
     def after_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """forward(silu(gate) * up) for gate_up = [gate | up], fused where the kernels allow."""
-        if self.packed is not None:
-            return self.packed.after_silu_and_mul(gate_up)
-        return super().forward(silu_and_mul(gate_up))
+        return self._finish(self.linear_method.apply_after_silu_and_mul(self, gate_up,
+                                                                         self.rank_bias()))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}")
+
+
+# The name the models and tests used before the parallel layers: an unsharded dense layer,
+# Linear(in_features, out_features, bias) as nn.Linear is built.
+Linear = LinearBase
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole weight."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True,
+                 params_dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__(input_size, output_size, bias, params_dtype, quant_config, prefix)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split over the ranks; with `gather_output` every rank gets them all."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True,
+                 gather_output: bool = False, params_dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "",
+                 output_sizes: list[int] | None = None) -> None:
+        tp = get_tp_group()
+        output_sizes = list(output_sizes or [output_size])
+        what = f"{prefix or 'the layer'}'s output features"
+        super().__init__(input_size, output_size, bias, params_dtype, quant_config, prefix,
+                         output_sizes=output_sizes,
+                         output_partition_sizes=[divide(n, tp.world_size, what)
+                                                 for n in output_sizes],
+                         output_shard_ranks=[tp.rank] * len(output_sizes))
+        self.gather_output = gather_output
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        return tensor_model_parallel_all_gather(out) if self.gather_output else out
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Column-parallel outputs fused into one GEMM (SwiGLU's [gate | up]); each rank holds its
+    rows of every part, so its [gate_r | up_r] gates locally."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = True,
+                 gather_output: bool = False, params_dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        super().__init__(input_size, sum(output_sizes), bias, gather_output, params_dtype,
+                         quant_config, prefix, output_sizes=list(output_sizes))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """[q | k | v] split by heads: each rank holds num_heads / tp query heads and
+    num_kv_heads / tp KV heads, or one KV head, replicated, where tp exceeds their count."""
+
+    def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
+                 total_num_kv_heads: int | None = None, bias: bool = True,
+                 params_dtype: torch.dtype | None = None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        total_num_kv_heads = total_num_kv_heads or total_num_heads
+        tp = get_tp_group()
+        num_heads = divide(total_num_heads, tp.world_size, "num_attention_heads")
+        if tp.world_size >= total_num_kv_heads:
+            num_kv_heads = 1
+            replicas = divide(tp.world_size, total_num_kv_heads, "num_key_value_heads")
+        else:
+            num_kv_heads = divide(total_num_kv_heads, tp.world_size, "num_key_value_heads")
+            replicas = 1
+        q_size, kv_size = num_heads * head_size, num_kv_heads * head_size
+        total_q, total_kv = total_num_heads * head_size, total_num_kv_heads * head_size
+        kv_rank = tp.rank // replicas
+        LinearBase.__init__(self, hidden_size, total_q + 2 * total_kv, bias, params_dtype,
+                            quant_config, prefix, output_sizes=[total_q, total_kv, total_kv],
+                            output_partition_sizes=[q_size, kv_size, kv_size],
+                            output_shard_ranks=[tp.rank, kv_rank, kv_rank])
+        self.gather_output = False
+        self.head_size = head_size
+        self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.num_kv_head_replicas = replicas
+        self.q_size, self.kv_size = q_size, kv_size
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split over the ranks; each rank's partial output is all-reduced (with
+    `reduce_results`), and rank 0 alone adds the bias, so it is added once."""
+
+    splits_input = True
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True,
+                 input_is_parallel: bool = True, params_dtype: torch.dtype | None = None,
+                 reduce_results: bool = True, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
+        if not input_is_parallel:
+            raise ValueError("RowParallelLinear takes its input already split "
+                             "(input_is_parallel=True)")
+        tp_size = get_tp_group().world_size
+        super().__init__(input_size, output_size, bias, params_dtype, quant_config, prefix,
+                         input_size_per_partition=divide(
+                             input_size, tp_size, f"{prefix or 'the layer'}'s input features"))
+        self.reduce_results = reduce_results
+
+    def rank_bias(self) -> torch.Tensor | None:
+        return self.bias if self.tp_rank == 0 else None
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        if self.reduce_results and self.tp_size > 1:
+            return tensor_model_parallel_all_reduce(out.contiguous())
+        return out
+
+
+def check_weight_shape(loaded: torch.Tensor, expected: list[int]) -> None:
+    if list(loaded.shape) != list(expected):
+        raise WeightShapeError(tuple(loaded.shape), tuple(expected))
 
 
 def pack_linear_layers(model: nn.Module, batch_hint: int = 64,
                        batch_invariant: bool = True) -> int:
-    """Packs every `Linear` of a loaded CPU model; returns how many were packed."""
+    """Processes every linear layer of a loaded CPU model (the dense method packs it for the
+    CPU kernels); returns how many were packed or processed."""
     return sum(m.pack(batch_hint, batch_invariant) for m in model.modules()
-               if isinstance(m, Linear))
+               if isinstance(m, LinearBase))

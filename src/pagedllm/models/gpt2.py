@@ -15,7 +15,8 @@ from transformers import GPT2Config
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.layers.act_fn import get_act_fn
-from pagedllm.layers.linear import Linear
+from pagedllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.interface import CausalLMBase, WeightMapping
 
 
@@ -23,11 +24,11 @@ class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int, backend: AttentionBackend) -> None:
         super().__init__()
         hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_size = hidden_size // self.num_heads
-        # Fused [q | k | v] projection, as the checkpoint stores it.
-        self.c_attn = Linear(hidden_size, 3 * hidden_size)
-        self.c_proj = Linear(hidden_size, hidden_size)
+        self.head_size = hidden_size // config.num_attention_heads
+        # Fused [q | k | v] projection, as the checkpoint stores it (split by heads over ranks).
+        self.c_attn = QKVParallelLinear(hidden_size, self.head_size, config.num_attention_heads)
+        self.num_heads = self.c_attn.num_heads  # this rank's
+        self.c_proj = RowParallelLinear(hidden_size, hidden_size)
         self.backend = backend
         scale = self.head_size**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
@@ -39,22 +40,23 @@ class GPT2Attention(nn.Module):
         self, hidden: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         # hidden: [num_tokens, hidden_size]
-        num_tokens, hidden_size = hidden.shape
-        q, k, v = self.c_attn(hidden).split(hidden_size, dim=-1)
+        num_tokens = hidden.shape[0]
+        q_size = self.num_heads * self.head_size
+        q, k, v = self.c_attn(hidden).split(q_size, dim=-1)
         if self.q_scale != 1.0:
             q = q * self.q_scale
         shape = (num_tokens, self.num_heads, self.head_size)
         out = self.backend.forward(q.view(shape), k.view(shape), v.view(shape), kv_cache,
                                    metadata)  # [num_tokens, heads, head]
-        return self.c_proj(out.reshape(num_tokens, hidden_size))
+        return self.c_proj(out.reshape(num_tokens, q_size))
 
 
 class GPT2MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         inner_size = config.n_inner or 4 * config.hidden_size
-        self.c_fc = Linear(config.hidden_size, inner_size)
-        self.c_proj = Linear(inner_size, config.hidden_size)
+        self.c_fc = ColumnParallelLinear(config.hidden_size, inner_size)
+        self.c_proj = RowParallelLinear(inner_size, config.hidden_size)
         self.act = get_act_fn(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,16 +97,16 @@ class GPT2LMHeadModel(CausalLMBase):
         if config.add_cross_attention:
             raise ValueError("GPT-2 with add_cross_attention (an encoder-decoder's decoder) is "
                              "not supported: pagedllm serves decoder-only models")
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(
             GPT2Block(config, i, backend) for i in range(config.num_hidden_layers)
         )
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> VocabParallelEmbedding:
         return self.wte
 
     def forward(

@@ -23,7 +23,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from pagedllm.layers.linear import Linear, PackedWeight, pack_linear_layers, try_pack
+from pagedllm.layers.linear import LinearBase, PackedWeight, pack_linear_layers, try_pack
+from pagedllm.layers.quantization.base import WeightShapeError
+from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead, gather_logits
 
 if TYPE_CHECKING:
     from pagedllm.attention import AttentionMetadata
@@ -58,8 +60,9 @@ class CausalLM(Protocol):
         """
         ...
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [num_rows, hidden] (rows of forward's output) -> [num_rows, vocab] float32."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden: [num_rows, hidden] (rows of forward's output) -> [num_rows, vocab] float32
+        (on rank 0 under tensor parallelism; None on the other ranks, which do not sample)."""
         ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -156,7 +159,11 @@ def load_mapped_weights(
         with torch.no_grad():
             weight_loader = getattr(param, "weight_loader", None)
             if weight_loader is not None:  # a layer that places its own shard (TP, quantized)
-                weight_loader(param, tensor, shard)
+                try:
+                    weight_loader(param, tensor, shard)
+                except WeightShapeError as exc:
+                    raise ValueError(f"checkpoint tensor {name!r} {exc}: does the config "
+                                     f"match the weights?") from None
             elif shard is None:
                 _copy_checked(param.data, tensor, name)
             else:
@@ -164,7 +171,8 @@ def load_mapped_weights(
                 dst = param.data.narrow(0, sum(sizes[:shard]), sizes[shard])
                 _copy_checked(dst, tensor, name)
         loaded.add((target, shard))
-    expected = {(name, shard) for name in params for shard in _shards(model, name)}
+    fused = {fused_name for fused_name, _ in mapping.packed_modules.values()}
+    expected = {(name, shard) for name in params for shard in _shards(model, name, fused)}
     missing = sorted(expected - loaded, key=lambda item: (item[0], item[1] or 0))
     if missing:
         names = [_shard_name(name, shard, mapping) for name, shard in missing]
@@ -174,8 +182,12 @@ def load_mapped_weights(
     return {name for name, _ in loaded}
 
 
-def _shards(model: nn.Module, param_name: str) -> list[int | None]:
+def _shards(model: nn.Module, param_name: str, fused: set[str]) -> list[int | None]:
+    """The loads a parameter expects: one per part of a module the mapping packs parts into
+    (GPT-2's c_attn, fused in the checkpoint too, takes one)."""
     module_name = param_name.rpartition(".")[0]
+    if module_name.rpartition(".")[2] not in fused:
+        return [None]
     sizes = getattr(model.get_submodule(module_name), "shard_sizes", None)
     return list(range(len(sizes))) if sizes else [None]
 
@@ -202,7 +214,7 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 class CausalLMBase(nn.Module):
     """The shared parts of a `CausalLM`; a family writes forward, its layers and its mapping.
 
-    A subclass sets `lm_head` (a `Linear`, or None where the head is tied to the token
+    A subclass sets `lm_head` (a `ParallelLMHead`, or None where the head is tied to the token
     embedding that `get_input_embeddings` returns) and `weight_mapping`.
     """
 
@@ -212,8 +224,9 @@ class CausalLMBase(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         self.config = config
-        self.lm_head: Linear | None = None
-        # A packed copy of the tied embedding for the LM head, set by pack_weights().
+        self.lm_head: ParallelLMHead | None = None
+        # A packed copy of the tied embedding (this rank's rows) for the LM head, set by
+        # pack_weights().
         self.tied_lm_head: PackedWeight | None = None
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -224,32 +237,36 @@ class CausalLMBase(nn.Module):
         """Fills the buffers that are not weights (rotary tables) once the model, built on the
         meta device, has real storage; nothing by default."""
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [num_rows, hidden] -> logits: [num_rows, vocab_size] in float32
-        packed = self.tied_lm_head if self.lm_head is None else self.lm_head.packed
-        if packed is not None:  # fp32 written by the kernel, no conversion pass
-            return packed(hidden, out_dtype=torch.float32)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        # hidden: [num_rows, hidden] -> logits: [num_rows, vocab_size] in float32 (rank 0)
         if self.lm_head is not None:
-            return self.lm_head(hidden).float()
-        return nn.functional.linear(hidden, self.get_input_embeddings().weight).float()
+            return self.lm_head.compute_logits(hidden)
+        if self.tied_lm_head is not None:  # fp32 written by the kernel, no conversion pass
+            local = self.tied_lm_head(hidden, out_dtype=torch.float32)
+        else:
+            local = nn.functional.linear(hidden, self.get_input_embeddings().weight).float()
+        return gather_logits(local, self.config.vocab_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_mapped_weights(self, weights, self.weight_mapping)
 
     def pack_weights(self, allocate: Allocate | None = None) -> int:
-        """Packs every `Linear` and the LM head; a tied head gets a packed copy, and the
-        embedding keeps its plain table for lookups."""
+        """Has every linear layer's method process its weights (the dense one packs them) and
+        packs a tied LM head's copy of the embedding, which keeps its plain table for lookups."""
         count = pack_linear_layers(self)
         if self.lm_head is None:
             self.tied_lm_head = try_pack(self.get_input_embeddings().weight)
             count += self.tied_lm_head is not None
         if allocate is not None:
-            for packed in self.packed_weights():
-                packed.move_to(allocate)
+            for layer in self.modules():
+                if isinstance(layer, LinearBase):
+                    layer.linear_method.move_to(layer, allocate)
+            if self.tied_lm_head is not None:
+                self.tied_lm_head.move_to(allocate)
         return count
 
     def packed_weights(self) -> list[PackedWeight]:
-        weights = [m.packed for m in self.modules() if isinstance(m, Linear) and m.packed]
+        weights = [m.packed for m in self.modules() if isinstance(m, LinearBase) and m.packed]
         return weights + ([self.tied_lm_head] if self.tied_lm_head is not None else [])
 
     def attach_profiler(self, profiler: StepProfiler) -> None:

@@ -7,34 +7,54 @@ metadata to keep requests apart.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 from transformers import LlamaConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
-from pagedllm.layers.linear import Linear
+from pagedllm.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.interface import Allocate, CausalLMBase, WeightMapping
 from pagedllm.models.llama_stack import NativeDecoderStack
 from pagedllm.profiler import StepProfiler
 
 
 class LlamaAttention(nn.Module):
+    """Self-attention over this rank's heads: q/k/v column-parallel by heads, o row-parallel
+    (its all-reduce sums the ranks' heads)."""
+
     def __init__(
-        self, config: LlamaConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+        self,
+        config: LlamaConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_size = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.q_size = self.num_heads * self.head_size
-        self.kv_size = self.num_kv_heads * self.head_size
+        total_num_heads = config.num_attention_heads
+        total_num_kv_heads = getattr(config, "num_key_value_heads", None) or total_num_heads
+        self.head_size = getattr(config, "head_dim", None) or config.hidden_size // total_num_heads
         bias = getattr(config, "attention_bias", False)
         # Fused [q | k | v] projection; the loader packs q_proj, k_proj and v_proj into it.
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.qkv_proj.shard_sizes = [self.q_size, self.kv_size, self.kv_size]
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_size, total_num_heads,
+                                          total_num_kv_heads, bias=bias,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        # This rank's heads.
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(total_num_heads * self.head_size, config.hidden_size,
+                                        bias=bias, quant_config=quant_config,
+                                        prefix=f"{prefix}.o_proj")
         self.rotary = rotary
         self.backend = backend
 
@@ -57,14 +77,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    """SwiGLU: [gate | up] column-parallel (each rank gates its own units), down row-parallel."""
+
+    def __init__(self, config: LlamaConfig, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         # Fused [gate | up] projection; the loader packs gate_proj and up_proj into it.
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.gate_up_proj.shard_sizes = [config.intermediate_size, config.intermediate_size]
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=bias,
+            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         self.gate_up_proj.gates_swiglu = True
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size,
+                                           bias=bias, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Gated in the gate_up GEMM (bf16 dot-product kernel), or in the down projection's
@@ -76,13 +102,19 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: LlamaConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+        self,
+        config: LlamaConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary, backend)
+        self.self_attn = LlamaAttention(config, rotary, backend, quant_config,
+                                        prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, quant_config, prefix=f"{prefix}.mlp")
 
     def forward(
         self,
@@ -111,7 +143,7 @@ class LlamaForCausalLM(CausalLMBase):
     """The model; `forward` returns hidden states and `compute_logits` runs only the rows asked."""
 
     # Checkpoint projection name -> (fused parameter name, shard index).
-    packed_modules = {
+    packed_modules: ClassVar[dict[str, tuple[str, int]]] = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
         "v_proj": ("qkv_proj", 2),
@@ -122,26 +154,29 @@ class LlamaForCausalLM(CausalLMBase):
                                    ignored_suffixes=("rotary_emb.inv_freq",))
 
     # Module types timed by the step profiler.
-    profiled_modules = {"attention block": LlamaAttention, "mlp": LlamaMLP}
+    profiled_modules: ClassVar[dict[str, type[nn.Module]]] = {"attention block": LlamaAttention, "mlp": LlamaMLP}
 
-    def __init__(self, config: LlamaConfig, backend: AttentionBackend, max_position: int) -> None:
+    def __init__(self, config: LlamaConfig, backend: AttentionBackend, max_position: int,
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__(config)
         head_size = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
         )
         self.rotary = RotaryEmbedding(config, head_size, max_position)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   prefix="embed_tokens")
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, backend)
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, self.rotary, backend, quant_config, prefix=f"layers.{i}")
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not getattr(config, "tie_word_embeddings", False):
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          quant_config=quant_config, prefix="lm_head")
         # The layers as one native call, set by pack_weights() where every part is native.
         self.native_stack: NativeDecoderStack | None = None
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> VocabParallelEmbedding:
         return self.embed_tokens
 
     def init_buffers(self) -> None:

@@ -1,7 +1,10 @@
 """The Llama decoder stack as one native call on CPU (`llama_decoder_stack`, ops/csrc).
 
 The per-module forward calls ~8 fused C++ ops per layer from Python; this runs the same ops in
-the same order from C++ (bit-identical results) and saves the Python between them. It applies
+the same order from C++ (bit-identical results) and saves the Python between them. Under
+tensor parallelism each rank runs it on its shards, and the op all-reduces the o and down
+projections' partial sums through the group's shared buffer (distributed/shm_comm.py), so
+the ranks stay in one native call per step. It applies
 where every part runs as the module path would run it natively: projections packed for the
 CPU (panels, the streaming kernel or oneDNN, whichever the step's row count picks), the
 `cpu_paged` attention kernel on this cache, rotary and norms in fp32/bf16. Anywhere else
@@ -17,6 +20,7 @@ import torch
 
 from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention, kernel_applies, kernel_metadata
+from pagedllm.distributed import get_tp_group
 from pagedllm.layers.linear import (
     AMX_PANELS,
     DOT_PANELS,
@@ -91,6 +95,11 @@ class NativeDecoderStack:
             self.weights[path] = tensors
         self._checked_caches: list[torch.Tensor] | None = None
         self.profiler: StepProfiler | None = None
+        # Under tensor parallelism the op all-reduces the row-parallel outputs (o, down) in
+        # place through the group's shared buffer, between the parts of each layer.
+        tp = get_tp_group()
+        self.tp_rank, self.tp_size = tp.rank, tp.world_size
+        self.comm = tp.shm
 
     @classmethod
     def build(cls, model: LlamaForCausalLM) -> NativeDecoderStack | None:
@@ -102,6 +111,9 @@ class NativeDecoderStack:
             return None
         if model.embed_tokens.weight.dtype not in NATIVE_DTYPES:
             return None
+        tp = get_tp_group()
+        if tp.world_size > 1 and tp.shm is None:
+            return None  # ranks without a shared buffer (not one host): collectives in Python
         rotaries = {id(layer.self_attn.rotary) for layer in model.layers}
         backends = {id(layer.self_attn.backend) for layer in model.layers}
         if len(rotaries) != 1 or len(backends) != 1:
@@ -176,6 +188,10 @@ class NativeDecoderStack:
             self.scale,
             path,
             seconds,
+            None if self.comm is None else self.comm.buffer,
+            self.tp_rank,
+            self.tp_size,
+            None if self.comm is None else self.comm.generation,
         )
         if seconds is not None:
             for name, value in zip(PART_NAMES, seconds.tolist()):

@@ -16,7 +16,13 @@ from transformers import OPTConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.layers.act_fn import get_act_fn
-from pagedllm.layers.linear import Linear
+from pagedllm.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.interface import CausalLMBase, WeightMapping
 
 # OPT's learned positions start at row 2 of their table (a fairseq padding convention).
@@ -27,12 +33,12 @@ class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig, backend: AttentionBackend) -> None:
         super().__init__()
         hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_size = hidden_size // self.num_heads
+        self.head_size = hidden_size // config.num_attention_heads
         # Fused [q | k | v] projection; load_weights packs q_proj, k_proj and v_proj into it.
-        self.qkv_proj = Linear(hidden_size, 3 * hidden_size, bias=config.enable_bias)
-        self.qkv_proj.shard_sizes = [hidden_size] * 3
-        self.out_proj = Linear(hidden_size, hidden_size, bias=config.enable_bias)
+        self.qkv_proj = QKVParallelLinear(hidden_size, self.head_size,
+                                          config.num_attention_heads, bias=config.enable_bias)
+        self.num_heads = self.qkv_proj.num_heads  # this rank's
+        self.out_proj = RowParallelLinear(hidden_size, hidden_size, bias=config.enable_bias)
         # NOTE: OPT scales q by head_size**-0.5 after its projection; the backend applies the
         # same scale to the scores.
         self.backend = backend
@@ -41,19 +47,21 @@ class OPTAttention(nn.Module):
         self, hidden: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         # hidden: [num_tokens, hidden_size]
-        num_tokens, hidden_size = hidden.shape
-        q, k, v = self.qkv_proj(hidden).split(hidden_size, dim=-1)
+        num_tokens = hidden.shape[0]
+        q_size = self.num_heads * self.head_size
+        q, k, v = self.qkv_proj(hidden).split(q_size, dim=-1)
         shape = (num_tokens, self.num_heads, self.head_size)
         out = self.backend.forward(q.view(shape), k.view(shape), v.view(shape), kv_cache,
                                    metadata)  # [num_tokens, heads, head]
-        return self.out_proj(out.reshape(num_tokens, hidden_size))
+        return self.out_proj(out.reshape(num_tokens, q_size))
 
 
 class OPTMLP(nn.Module):
     def __init__(self, config: OPTConfig) -> None:
         super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim,
+                                        bias=config.enable_bias)
+        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
         self.act = get_act_fn(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,13 +110,14 @@ class OPTForCausalLM(CausalLMBase):
     def __init__(self, config: OPTConfig, backend: AttentionBackend, max_position: int) -> None:
         super().__init__(config)
         hidden_size, embed_dim = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
         self.embed_positions = nn.Embedding(
             config.max_position_embeddings + POSITION_OFFSET, hidden_size
         )
         projects = embed_dim != hidden_size
-        self.project_in = Linear(embed_dim, hidden_size, bias=False) if projects else None
-        self.project_out = Linear(hidden_size, embed_dim, bias=False) if projects else None
+        self.project_in = ReplicatedLinear(embed_dim, hidden_size, bias=False) if projects else None
+        self.project_out = (ReplicatedLinear(hidden_size, embed_dim, bias=False) if projects
+                            else None)
         self.layers = nn.ModuleList(
             OPTDecoderLayer(config, backend) for _ in range(config.num_hidden_layers)
         )
@@ -120,9 +129,9 @@ class OPTForCausalLM(CausalLMBase):
             else None
         )
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(embed_dim, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.vocab_size, embed_dim)
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> VocabParallelEmbedding:
         return self.embed_tokens
 
     def forward(
