@@ -6,7 +6,9 @@ The loader reads files; each model maps the checkpoint's names onto its paramete
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,9 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
+from pagedllm.layers.quantization.base import QuantizationConfig
+from pagedllm.layers.quantization.gguf import GGUFConfig
+from pagedllm.layers.quantization.int8 import Int8Config
 from pagedllm.models.interface import CausalLM
 from pagedllm.models.registry import get_model_class
 
@@ -46,15 +51,74 @@ def build_model(
     max_position: int,
     dtype: torch.dtype,
     device: torch.device,
+    quantization: str = "none",
+    model: str | os.PathLike | None = None,
 ) -> CausalLM:
-    """Builds the model without random init, then fills every parameter from the checkpoint."""
+    """Builds the model without random init, then fills every parameter from the checkpoint.
+
+    Args:
+        quantization: EngineConfig.quantization. "auto"/"gguf" on a .gguf `model` read its
+            tensors in their quantized types (models/gguf_loader.py) instead of model_dir's
+            dequantized safetensors; "int8" quantizes the linear layers at load.
+        model: EngineConfig.model, the source model_dir was made from (None: the shipped GGUF).
+    """
     model_cls = get_model_class(config.architectures)
+    gguf_path = gguf_source(model)
+    quant_config = _quant_config(quantization, gguf_path, model_cls, device)
     with torch.device("meta"):
-        model = model_cls(config, backend, max_position)
-    model.to_empty(device=device)
-    model.init_buffers()
-    load_weights(model, model_dir)
-    return model.to(dtype).eval()
+        if quant_config is None:
+            causal_lm = model_cls(config, backend, max_position)
+        else:
+            causal_lm = model_cls(config, backend, max_position, quant_config=quant_config)
+    causal_lm.to_empty(device=device)
+    causal_lm.init_buffers()
+    if isinstance(quant_config, GGUFConfig):
+        from pagedllm.models.gguf_loader import gguf_weights
+
+        _load_checked(causal_lm, gguf_weights(gguf_path, config), str(gguf_path))
+    else:
+        load_weights(causal_lm, model_dir)
+    return causal_lm.to(dtype).eval()
+
+
+def gguf_source(model: str | os.PathLike | None) -> Path | None:
+    """The .gguf file a model setting names (None: the shipped one), else None."""
+    if model is None:
+        from pagedllm.models.default_model import default_gguf_path
+
+        return default_gguf_path()
+    path = Path(model).expanduser()
+    return path if path.suffix == ".gguf" else None
+
+
+def _quant_config(quantization: str, gguf_path: Path | None, model_cls: type,
+                  device: torch.device) -> QuantizationConfig | None:
+    if quantization == "none" or (quantization == "auto" and gguf_path is None):
+        return None
+    if quantization == "gguf" and gguf_path is None:
+        raise ValueError("quantization='gguf' needs a .gguf model; for a Hugging Face "
+                         "directory use one of auto, none, int8")
+    if quantization not in ("auto", "gguf", "int8"):
+        raise ValueError(f"quantization must be one of auto, none, int8, gguf, got "
+                         f"{quantization!r}")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"quantization={quantization!r} runs on the CPU kernels; on "
+                         f"{device} use quantization='none'")
+    if "quant_config" not in inspect.signature(model_cls).parameters:
+        raise ValueError(f"{model_cls.__name__} has no quantized layers yet; use "
+                         f"quantization='none'")
+    if quantization == "int8":
+        return Int8Config()
+    from pagedllm.models.gguf_loader import SUPPORTED_ARCHITECTURES, gguf_architecture
+
+    arch = gguf_architecture(gguf_path)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        if quantization == "gguf":
+            raise ValueError(f"{gguf_path.name}: quantization='gguf' supports the "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)} architecture, not {arch!r};"
+                             f" use quantization='none'")
+        return None  # auto: dequantized, as before
+    return GGUFConfig()
 
 
 def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -78,12 +142,16 @@ def load_weights(model: CausalLM, model_dir: Path) -> None:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors weights in {str(model_dir)!r}")
-    weights = _checkpoint_tensors(files)
+    _load_checked(model, _checkpoint_tensors(files), str(model_dir))
+
+
+def _load_checked(model: CausalLM, weights: Iterator[tuple[str, torch.Tensor]],
+                  source: str) -> None:
     try:
         loaded = model.load_weights(weights)
     except ValueError as exc:
-        raise ValueError(f"model {str(model_dir)!r}: {exc}") from None
+        raise ValueError(f"model {source!r}: {exc}") from None
     unfilled = sorted(set(dict(model.named_parameters())) - loaded)
     if unfilled:  # a family's own load_weights that skipped a parameter
-        raise ValueError(f"model {str(model_dir)!r}: {type(model).__name__}.load_weights "
+        raise ValueError(f"model {source!r}: {type(model).__name__}.load_weights "
                          f"left parameters unfilled: {unfilled[:5]}")

@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 from pagedllm.attention import DEFAULT_ATTENTION_BACKEND, get_attention_backend
 from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
+from pagedllm.distributed import get_tensor_model_parallel_world_size
 from pagedllm.models.loader import build_model
 from pagedllm.profiler import StepProfiler
 from pagedllm.worker.cache_engine import (
@@ -17,6 +18,7 @@ from pagedllm.worker.cache_engine import (
     KVCacheSpec,
     check_host_memory,
     choose_num_blocks,
+    default_kv_memory_bytes,
 )
 from pagedllm.worker.host_memory import HugePageArena, keep_freed_buffers
 from pagedllm.worker.model_runner import ModelRunner
@@ -35,14 +37,21 @@ class Worker:
     ) -> None:
         self.device = torch.device(config.device)
         dtype = config.torch_dtype
-        num_heads = hf_config.num_attention_heads
-        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
-        head_size = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        total_num_heads = hf_config.num_attention_heads
+        total_num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or total_num_heads
+        head_size = (getattr(hf_config, "head_dim", None)
+                     or hf_config.hidden_size // total_num_heads)
+        # This rank's heads (check_tensor_parallel_heads refused sizes that do not split them):
+        # a KV head is replicated where the ranks outnumber them.
+        tp_size = get_tensor_model_parallel_world_size()
+        num_heads = total_num_heads // tp_size
+        num_kv_heads = max(1, total_num_kv_heads // tp_size)
         backend_cls = get_attention_backend(config.attention_backend or DEFAULT_ATTENTION_BACKEND)
         backend = backend_cls(
             num_heads, num_kv_heads, head_size, head_size**-0.5, config.block_size
         )
-        self.model = build_model(hf_config, model_dir, backend, max_model_len, dtype, self.device)
+        self.model = build_model(hf_config, model_dir, backend, max_model_len, dtype, self.device,
+                                 config.quantization, config.model)
         if self.device.type == "cpu":
             self.model.pack_weights(allocate=HugePageArena().empty)
         spec = KVCacheSpec(
@@ -52,10 +61,16 @@ class Worker:
             block_size=config.block_size,
             dtype=dtype,
         )
+        # The memory settings are for the whole engine: each of the ranks on this host takes
+        # its share (so they hold as many blocks, of their heads, as one rank would).
+        memory = config.kv_cache_memory_bytes
+        if memory is None and tp_size > 1:
+            memory = default_kv_memory_bytes(self.device)
         num_blocks = choose_num_blocks(
-            spec, config.num_kv_blocks, config.kv_cache_memory_bytes, self.device
+            spec, config.num_kv_blocks, None if memory is None else memory // tp_size,
+            self.device
         )
-        num_cpu_blocks = int(config.swap_space * 2**30) // spec.bytes_per_block
+        num_cpu_blocks = int(config.swap_space * 2**30) // tp_size // spec.bytes_per_block
         check_host_memory(spec, num_blocks, num_cpu_blocks, self.device)
         self.cache_engine = CacheEngine(spec, num_blocks, backend, self.device, num_cpu_blocks)
         self.profiler = profiler or StepProfiler()

@@ -1,0 +1,198 @@
+"""The GGUF linear method: weights kept in their GGUF block formats, multiplied by the
+quantized kernels (ops/csrc/quant_*.cpp: int8 activation blocks times the blocks as stored).
+
+The loader (models/gguf_loader.py) hands each layer the file's tensors: a quantized tensor as
+its raw blocks, uint8 [rows, bytes per row] with the attribute `ggml_type` (a GGML type id the
+kernels take: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), anything else already dequantized to
+float (the loader warns once per type). A fused layer (q | k | v, gate | up) may mix types, so
+each part is kept apart; runs of parts of one type are multiplied in one call, each writing its
+columns of the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.layers.packed import PackedWeight, try_pack
+from pagedllm.layers.quantization.base import (
+    LinearMethodBase,
+    QuantizationConfig,
+    WeightShapeError,
+    set_weight_attrs,
+)
+from pagedllm.ops import cpu_ops
+
+# GGML type id -> (name, values per block, bytes per block), for the types with a kernel.
+KERNEL_TYPES = {
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+}
+_QKV_IDS = {"q": 0, "k": 1, "v": 2}
+
+
+def check_quantized_shape(raw: torch.Tensor, ggml_type: int, rows: int, in_features: int,
+                          what: str) -> None:
+    """Refuses blocks that cannot be a [rows, in_features] weight of this type."""
+    name, values, nbytes = KERNEL_TYPES[ggml_type]
+    if in_features % values:
+        raise ValueError(f"{what}: {name} stores blocks of {values} values, but the input "
+                         f"dimension is {in_features}, not a multiple of {values}")
+    expected = (rows, in_features // values * nbytes)
+    if tuple(raw.shape) != expected:
+        raise WeightShapeError(tuple(raw.shape), expected)
+
+
+@dataclass
+class _Run:
+    """Consecutive output columns [start, start + size) computed by one call."""
+
+    start: int
+    size: int
+    ggml_type: int | None  # None: a float part (packed dense, or plain F.linear)
+    weight: torch.Tensor | None = None  # quantized: raw blocks; float: the plain weight
+    bias: torch.Tensor | None = None  # fp32, the run's columns
+    packed: PackedWeight | None = None
+
+
+class GGUFLinearMethod(LinearMethodBase):
+    """One part per fused output (layer.gguf_parts), each raw blocks or a float weight."""
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
+        # NOTE: a placeholder the loader addresses by name; the blocks live in gguf_parts.
+        weight = nn.Parameter(torch.empty(1, dtype=torch.uint8), requires_grad=False)
+        set_weight_attrs(weight, {"weight_loader": self._make_loader(layer)})
+        layer.register_parameter("weight", weight)
+        # Empty, but converted with the model (model.to(dtype)): the dtype of its float parts.
+        layer.register_buffer("gguf_dtype", torch.empty(0, dtype=params_dtype), persistent=False)
+        layer.gguf_parts = [None] * len(output_partition_sizes)
+        layer.gguf_runs = []
+
+    @staticmethod
+    def _make_loader(layer: nn.Module):
+        def weight_loader(param: nn.Parameter, loaded: torch.Tensor,
+                          shard_id: int | str | None = None) -> None:
+            GGUFLinearMethod.load_part(layer, loaded, shard_id)
+        return weight_loader
+
+    @staticmethod
+    def load_part(layer: nn.Module, loaded: torch.Tensor, shard_id: int | str | None) -> None:
+        """Keeps this rank's rows (and inputs) of one checkpoint tensor as part `shard_id`."""
+        if isinstance(shard_id, str):
+            shard_id = _QKV_IDS[shard_id]
+        ggml_type = getattr(loaded, "ggml_type", None)
+        if shard_id is None and len(layer.output_sizes) > 1:  # a fused tensor stored whole
+            start = 0
+            for part, size in enumerate(layer.output_sizes):
+                piece = loaded[start:start + size]
+                if ggml_type is not None:
+                    piece.ggml_type = ggml_type
+                GGUFLinearMethod.load_part(layer, piece, part)
+                start += size
+            return
+        part = shard_id or 0
+        rows = layer.output_sizes[part]
+        if ggml_type is not None:
+            check_quantized_shape(loaded, ggml_type, rows, layer.input_size,
+                                  layer.prefix or "a GGUF layer")
+        elif tuple(loaded.shape) != (rows, layer.input_size):
+            raise WeightShapeError(tuple(loaded.shape), (rows, layer.input_size))
+        size = layer.output_partition_sizes[part]
+        loaded = loaded.narrow(0, layer.output_shard_ranks[part] * size, size)
+        if layer.splits_input and layer.tp_size > 1:
+            in_size = layer.input_size_per_partition
+            if ggml_type is not None:
+                name, values, nbytes = KERNEL_TYPES[ggml_type]
+                if in_size % values:
+                    raise ValueError(f"{layer.prefix}: {in_size} inputs per rank split {name}'s "
+                                     f"blocks of {values}; use fewer ranks or quantization="
+                                     f"'none'")
+                width = in_size // values * nbytes
+                loaded = loaded.narrow(1, layer.tp_rank * width, width)
+            else:
+                loaded = loaded.narrow(1, layer.tp_rank * in_size, in_size)
+        kept = loaded.contiguous().clone()
+        if ggml_type is not None:
+            kept.ggml_type = ggml_type
+        layer.gguf_parts[part] = kept
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if any(p is None for p in layer.gguf_parts):
+            raise ValueError(f"{layer.prefix}: a GGUF part was never loaded")
+        bias = layer.rank_bias()
+        bias = None if bias is None else bias.detach().float().contiguous()
+        ops = cpu_ops()
+        runs: list[_Run] = []
+        start = 0
+        for part in layer.gguf_parts:
+            ggml_type = getattr(part, "ggml_type", None)
+            if ggml_type is not None and ops is None:  # no kernels here: dequantize
+                part, ggml_type = _dequantize(part, ggml_type, layer.input_size_per_partition), None
+            rows = part.shape[0]
+            if runs and ggml_type is not None and runs[-1].ggml_type == ggml_type:
+                runs[-1].weight = torch.cat([runs[-1].weight, part])
+                runs[-1].size += rows
+            else:
+                runs.append(_Run(start, rows, ggml_type, part))
+            start += rows
+        for run in runs:
+            run_bias = None if bias is None else bias[run.start:run.start + run.size]
+            run.bias = run_bias
+            if run.ggml_type is None:
+                dtype = layer.gguf_dtype.dtype
+                run.weight = run.weight.to(dtype)
+                run.packed = try_pack(run.weight, None if run_bias is None else run_bias.to(dtype),
+                                      layer.batch_hint, False, layer.batch_invariant)
+        layer.gguf_runs = runs
+        layer.gguf_parts = []
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype not in (torch.float32, torch.bfloat16) or x2.stride(-1) != 1:
+            x2 = x2.float().contiguous()
+        out = torch.empty(x2.shape[0], layer.out_features, dtype=x2.dtype, device=x2.device)
+        ops = cpu_ops()
+        empty = torch.empty(0)
+        for run in layer.gguf_runs:
+            cols = out[:, run.start:run.start + run.size]
+            run_bias = run.bias if bias is not None else None
+            if run.ggml_type is not None:
+                ops.gguf_linear(cols, x2, run.weight, run.ggml_type,
+                                empty if run_bias is None else run_bias)
+            elif run.packed is not None:
+                cols.copy_(run.packed(x2))
+            else:
+                b = None if run_bias is None else run_bias.to(x2.dtype)
+                cols.copy_(F.linear(x2, run.weight.to(x2.dtype), b))
+        return out.reshape(*shape[:-1], layer.out_features).to(x.dtype)
+
+
+def _dequantize(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
+    """Raw blocks as float32 with the gguf package (where the kernels could not be built)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    values = dequantize(raw.numpy(), GGMLQuantizationType(ggml_type))
+    return torch.from_numpy(values.reshape(raw.shape[0], in_features).copy())
+
+
+class GGUFConfig(QuantizationConfig):
+    """A GGUF file's own types: every linear layer on the GGUF method."""
+
+    def get_name(self) -> str:
+        return "gguf"
+
+    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
+        return GGUFLinearMethod()

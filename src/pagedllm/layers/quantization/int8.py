@@ -1,0 +1,70 @@
+"""The int8 linear method (quantization="int8"): a dense checkpoint's weights quantized at
+load to symmetric per-output-channel int8 (scale = max |row| / 127), multiplied by the
+quantized kernel (ops/csrc/quant_int8.cpp) with activations quantized per row to int8 blocks
+of 32. The LM head stays dense: its logits are what sampling and quality read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig
+from pagedllm.layers.quantization.dense import UnquantizedLinearMethod
+from pagedllm.ops import cpu_ops
+
+
+class Int8LinearMethod(LinearMethodBase):
+    """Loads the dense weight as the dense method does, then keeps int8 rows and scales."""
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
+        UnquantizedLinearMethod().create_weights(
+            layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+            params_dtype, **extra_weight_attrs)
+        layer.int8_weight = layer.int8_scales = layer.int8_bias = None
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        ops = cpu_ops()
+        weight = layer.weight.detach()
+        if ops is None:  # no kernels: the same rounding in torch, multiplied in float
+            scales = weight.float().abs().amax(1) / 127
+            inv = torch.where(scales == 0, torch.zeros_like(scales), 1 / scales)
+            q = torch.round(weight.float() * inv[:, None]).clamp(-127, 127)
+            layer.int8_dequantized = (q * scales[:, None]).to(weight.dtype)
+        else:
+            layer.int8_weight, layer.int8_scales = ops.pack_int8_weight(weight)
+        bias = layer.rank_bias()
+        layer.int8_bias = None if bias is None else bias.detach().float().contiguous()
+        layer.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.int8_weight is None:
+            b = None if bias is None else bias.to(x.dtype)
+            return F.linear(x, layer.int8_dequantized.to(x.dtype), b)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype not in (torch.float32, torch.bfloat16) or x2.stride(-1) != 1:
+            x2 = x2.float().contiguous()
+        out = torch.empty(x2.shape[0], layer.int8_weight.shape[0], dtype=x2.dtype)
+        use_bias = bias is not None and layer.int8_bias is not None
+        cpu_ops().int8_linear(out, x2, layer.int8_weight, layer.int8_scales,
+                              layer.int8_bias if use_bias else torch.empty(0))
+        return out.reshape(*shape[:-1], out.shape[1]).to(x.dtype)
+
+
+class Int8Config(QuantizationConfig):
+    """Every linear layer but the LM head on int8 weights."""
+
+    def get_name(self) -> str:
+        return "int8"
+
+    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
+        if prefix.endswith("lm_head"):
+            return None
+        return Int8LinearMethod()
