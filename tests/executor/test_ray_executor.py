@@ -155,6 +155,25 @@ def test_sampling_beams_and_prefix_caching(uni, ray_llm):
     assert executor.num_steps > 0 and 0 < executor.last_message_bytes < 4096
 
 
+def test_an_exception_in_a_step_fails_generate_with_the_actors_traceback(tiny_dir, ray_llm):
+    """A second engine on the module's Ray (which it did not start): a broken rank fails its
+    step with a clear error, and its shutdown leaves Ray and the first engine running."""
+    with LLM(str(tiny_dir), distributed_executor_backend="ray", **SETTINGS) as other:
+        executor = other.llm_engine.model_executor
+        assert not executor.owns_ray
+        executor.collective_rpc(setattr, args=("runner", None))  # its next step raises
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="rank 0 failed during a step") as info:
+            other.generate(prompts_of(2, seed=8), LONG, use_tqdm=False)
+        assert time.monotonic() - start < 30
+        assert "execute_model" in str(info.value.__cause__)  # the actor's traceback
+        with pytest.raises(RuntimeError, match="failed during a step"):
+            other.generate(prompts_of(1, seed=8), use_tqdm=False)
+    assert ray.is_initialized()
+    out = ray_llm.generate(prompts_of(1, seed=8), SamplingParams(max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
 def test_ray_is_accepted_by_the_settings_when_installed():
     assert EngineConfig(distributed_executor_backend="ray").distributed_executor_backend == "ray"
 

@@ -330,8 +330,12 @@ def _cause(exc: RayTaskError) -> BaseException:
 
 
 def _init_ray(world_size: int) -> None:
-    """Joins the cluster at RAY_ADDRESS, or starts a small local one (just the ranks' CPUs,
-    no dashboard, the workers' logs kept out of the driver's output)."""
+    """Joins the cluster at RAY_ADDRESS, or starts a small local one (no dashboard, no GPUs,
+    the workers' logs kept out of the driver's output).
+
+    NOTE: the local instance counts this machine's cores as its CPUs (at least one per rank),
+    as Ray does by default, so that a second engine in this process finds CPUs for its ranks;
+    Ray's CPUs are only a count here (it starts one idle worker process either way)."""
     address = os.environ.get("RAY_ADDRESS")
     common = {"include_dashboard": False, "log_to_driver": False,
               "configure_logging": False}
@@ -347,7 +351,8 @@ def _init_ray(world_size: int) -> None:
                 f"Ray's default, also needs RAY_AUTH_MODE=token and its token here: "
                 f"~/.ray/auth_token or RAY_AUTH_TOKEN)") from exc
     else:
-        ray.init(address="local", num_cpus=world_size, num_gpus=0, **common)
+        ray.init(address="local", num_cpus=max(world_size, os.cpu_count() or 1), num_gpus=0,
+                 **common)
 
 
 def _check_reachable(address: str) -> None:
