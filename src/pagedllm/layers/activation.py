@@ -1,4 +1,5 @@
-"""SwiGLU's gate: silu(gate) * up over a fused [gate | up] projection."""
+"""Gated MLP activations over a fused [gate | up] projection: SwiGLU's silu(gate) * up and
+GeGLU's gelu_tanh(gate) * up (Gemma)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate) * up with GELU's tanh approximation (transformers' gelu_pytorch_tanh), in the
+    input's dtype: [num_tokens, 2 * intermediate] -> [num_tokens, intermediate]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

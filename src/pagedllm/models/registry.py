@@ -20,6 +20,8 @@ _MODELS = {
     "MistralForCausalLM": "pagedllm.models.mistral:MistralForCausalLM",
     "Qwen3ForCausalLM": "pagedllm.models.qwen3:Qwen3ForCausalLM",
     "Phi3ForCausalLM": "pagedllm.models.phi3:Phi3ForCausalLM",
+    "Gemma2ForCausalLM": "pagedllm.models.gemma2:Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": "pagedllm.models.gemma3:Gemma3ForCausalLM",
 }
 
 
