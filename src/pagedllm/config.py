@@ -55,7 +55,9 @@ class EngineConfig:
         None, "Hugging Face model directory or .gguf file (default: the shipped "
         "SmolLM2-135M-Instruct)")
     dtype: str = setting(
-        "auto", "weights, activations and KV cache: auto (float32 on CPU), float32 or bfloat16",
+        "auto", "weights, activations and KV cache: float32, bfloat16 or auto (the checkpoint's:"
+        " bfloat16 for a bf16/fp16 one, else float32; a GGUF: bfloat16 where the CPU has"
+        " AVX512_BF16 or AMX, else float32)",
         choices=("auto", "float32", "bfloat16"))
     quantization: str = setting(
         "auto", "weight quantization: auto (a .gguf keeps its quantized types, a Hugging Face "
@@ -197,6 +199,8 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The dtype; "auto" is float32 here, and the engine resolves it from the checkpoint
+        first (models/default_model.auto_dtype)."""
         import torch
 
         return getattr(torch, _DTYPES[self.dtype] or "float32")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -19,7 +20,7 @@ from pagedllm.core.scheduler import Scheduler, SchedulerConfig
 from pagedllm.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.executor import Executor, build_executor
-from pagedllm.models.default_model import resolve_model_path
+from pagedllm.models.default_model import auto_dtype, resolve_model_path
 from pagedllm.models.loader import load_config
 from pagedllm.models.registry import kv_cache_sliding_window
 from pagedllm.outputs import RequestOutput
@@ -84,6 +85,10 @@ class LLMEngine:
         self.model_dir = model_dir
         hf_config = load_config(model_dir)
         self.hf_config = hf_config
+        if config.dtype == "auto":  # the checkpoint's (models/default_model.auto_dtype)
+            config = dataclasses.replace(
+                config, dtype=auto_dtype(config.model, hf_config, config.device))
+            self.config = config
         if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
             raise ValueError(f"no tokenizer in {str(model_dir)!r}: it needs one of "
                              f"{', '.join(_TOKENIZER_FILES)} beside the weights")

@@ -118,3 +118,23 @@ def _write_hf_directory(gguf_path: Path, out_dir: Path) -> None:
     config["architectures"] = [type(model).__name__]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(out_dir))
+
+
+def auto_dtype(model: str | os.PathLike | None, hf_config, device: str = "cpu") -> str:
+    """What dtype "auto" means for `model` (None: the shipped GGUF) with its config read.
+
+    As vLLM on CPU: a bfloat16 or float16 checkpoint runs in bfloat16 (float16 is no CPU
+    compute type), a float32 one (or one that names no dtype) in float32. A GGUF file has no
+    compute dtype of its own (its weights are quantized): bfloat16 where the CPU multiplies
+    bf16 natively (AVX512_BF16 or AMX), else float32.
+    """
+    import torch
+
+    if model is None or Path(model).suffix == ".gguf":
+        if device != "cpu":
+            return "bfloat16"
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return "bfloat16" if native else "float32"
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return "bfloat16" if name in ("bfloat16", "float16") else "float32"
