@@ -3,13 +3,17 @@ backend's token for token (ragged batch with swap and recompute preemption, requ
 mid-decode, n/best_of, beam search, prefix caching); killing the rank's actor mid-generation
 raises a clear error within seconds; shutdown() leaves no Ray process behind.
 
-One local Ray instance (started by the engine) and one actor serve the whole module: starting
-Ray costs seconds. The module ends by killing that actor and shutting the engine down.
+Once tensor parallelism is built, two ranks (two actors in a gloo group) must equal one.
+
+Starting Ray costs seconds: the two-rank engine starts and stops its own local instance, then
+one more instance and one actor serve the rest of the module, which ends by killing that actor
+and shutting the engine down.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import threading
@@ -84,6 +88,47 @@ def test_an_address_where_no_cluster_answers_is_refused_within_seconds(tiny_dir,
     assert not ray.is_initialized()
 
 
+def tensor_parallelism_is_built() -> bool:
+    try:
+        EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray")
+    except ValueError as exc:
+        if "not implemented" in str(exc):
+            return False
+        raise
+    return True
+
+
+def test_two_ranks_equal_one_and_leave_no_ray_process(uni, tiny_dir):
+    """Tensor parallelism over two Ray actors (gloo) gives the uni backend's greedy tokens
+    under preemption. Runs before the module's engine starts: this engine starts Ray and its
+    shutdown stops it."""
+    if not tensor_parallelism_is_built():
+        pytest.skip("tensor parallelism is not built yet")
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        pytest.skip("this test starts (and stops) its own local Ray instance")
+    rng = random.Random(5)
+    prompts = prompts_of(6, seed=5)
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(8, 32), ignore_eos=True)
+              for _ in prompts]
+    want = completions(uni.generate(prompts, params, use_tqdm=False))
+    with LLM(str(tiny_dir), tensor_parallel_size=2, distributed_executor_backend="ray",
+             **SETTINGS) as llm:
+        executor = llm.llm_engine.model_executor
+        assert executor.owns_ray and len(set(executor.worker_pids)) == 2
+        before = llm.llm_engine.get_stats()
+        assert completions(llm.generate(prompts, params, use_tqdm=False)) == want
+        assert llm.llm_engine.get_stats().num_preemptions > before.num_preemptions
+    assert not ray.is_initialized()
+    assert wait_for_no_ray_process()
+
+
+def wait_for_no_ray_process(timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return ray_processes() == []
+
+
 def test_the_rank_runs_in_a_ray_actor(ray_llm):
     executor = ray_llm.llm_engine.model_executor
     assert type(executor).__name__ == "RayDistributedExecutor" and executor.owns_ray
@@ -98,8 +143,6 @@ def test_the_rank_runs_in_a_ray_actor(ray_llm):
 
 
 def test_ragged_batch_with_swap_and_recompute_preemption(uni, ray_llm):
-    import random
-
     rng = random.Random(1)
     prompts = prompts_of(10, seed=1)
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(8, 40), ignore_eos=True)
@@ -205,8 +248,5 @@ def test_a_killed_actor_fails_generate_within_seconds_and_shutdown_leaves_no_ray
     assert ray_processes(), "the engine's local Ray instance should be running"
     ray_llm.shutdown()
     assert not ray.is_initialized()
-    deadline = time.monotonic() + 10
-    while ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ray_processes() == []
+    assert wait_for_no_ray_process()
     ray_llm.shutdown()  # twice is fine

@@ -118,8 +118,9 @@ class RayWorkerWrapper:
 
     def execute_model(self, payload: bytes) -> Any:
         scheduler_output = self.decoder.decode(StepMessage.from_wire(pickle.loads(payload)))
-        rows = encode_runner_output(scheduler_output, self.worker.execute_model(scheduler_output))
-        return rows if self.rank == 0 else None
+        output = self.worker.execute_model(scheduler_output)
+        # Only rank 0 samples (under TP the other ranks' LM heads gather their logits to it).
+        return encode_runner_output(scheduler_output, output) if self.rank == 0 else None
 
     def rpc(self, method: str | Callable[..., Any], args: tuple,
             kwargs: dict[str, Any] | None) -> Any:
