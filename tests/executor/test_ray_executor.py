@@ -24,7 +24,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from test_mp_executor import SETTINGS, completions, prompts_of
+from test_mp_executor import SETTINGS, completions, interrupt_after, prompts_of
 
 from pagedllm import LLM, BeamSearchParams, SamplingParams
 from pagedllm.config import EngineConfig
@@ -215,6 +215,23 @@ def test_an_exception_in_a_step_fails_generate_with_the_actors_traceback(tiny_di
     assert ray.is_initialized()
     out = ray_llm.generate(prompts_of(1, seed=8), SamplingParams(max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_ctrl_c_while_a_step_runs_leaves_the_engine_usable(uni, ray_llm):
+    """Ctrl-C lands wherever it lands (encoding, submitting, waiting): a step the actor ran
+    for an interrupted caller is dropped, one never submitted is resent in full, and the
+    next generate gives uni's tokens."""
+    executor = ray_llm.llm_engine.model_executor
+    prompts = prompts_of(3, seed=9, max_len=12)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for delay_steps in (2, 5, 9):
+        threading.Thread(target=interrupt_after, daemon=True,
+                         args=(executor, executor.num_steps + delay_steps)).start()
+        with pytest.raises(KeyboardInterrupt):
+            ray_llm.generate(prompts, greedy, use_tqdm=False)
+    (want, *_), (got, *_) = both(uni, ray_llm, prompts, greedy)
+    assert got == want
+    executor.check_health()
 
 
 def test_ray_is_accepted_by_the_settings_when_installed():
