@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from test_server import ServerProcess, request_json
 from test_server_engine import FakeLLMEngine, collect
@@ -347,6 +348,17 @@ def test_map_shows_owned_and_shared_then_free_and_cached(server, driver):
         assert all(snap["device"]["owners"][str(b)] for b in shared)
         rows = driver.find_elements(By.CSS_SELECTOR, "#kv-requests tbody tr")
         assert rows and int(driver.find_element(By.ID, "kv-running").text) > 0
+        # Hovering a shared cell names its request, reference count and hash state.
+        canvas = driver.find_element(By.ID, "kv-device")
+        x, y = driver.execute_script(
+            "const g = arguments[0]._grid, b = arguments[1];"
+            "return [(b % g.cols + 0.5) * g.cell - arguments[0].clientWidth / 2,"
+            "        (Math.floor(b / g.cols) + 0.5) * g.cell - arguments[0].clientHeight / 2];",
+            canvas, shared[0])
+        ActionChains(driver).move_to_element_with_offset(canvas, int(x), int(y)).perform()
+        tip = driver.find_element(By.ID, "kv-tooltip").text
+        assert f"block {shared[0]}: shared" in tip and "reference count" in tip, tip
+        assert "request cmpl-" in tip and "prefix cache:" in tip, tip
     finally:
         for thread in threads:
             thread.join(timeout=120)
@@ -355,6 +367,23 @@ def test_map_shows_owned_and_shared_then_free_and_cached(server, driver):
              and c["cached"] > 0 and c["free"] > 0, 10, "free and cached cells after the load")
     driver.save_screenshot(str(ARTIFACTS / "kv_map_after.png"))
     assert driver.find_element(By.ID, "kv-running").text == "0"
+
+
+def test_completions_tab_streams_a_raw_prompt(server, driver):
+    open_page(driver, server, "completions")
+    set_field(driver, "comp-prompt", "Once upon a time")
+    set_field(driver, "comp-max_tokens", "40")
+    set_field(driver, "comp-seed", "3")
+    driver.find_element(By.ID, "comp-run").click()
+    stats = driver.find_element(By.ID, "comp-stats")
+    wait_for(lambda: stats.get_attribute("data-state") == "done", 20, "the completion")
+    assert "40 tokens" in stats.text and "length" in stats.text
+    assert driver.find_element(By.ID, "comp-prompt-echo").text == "Once upon a time"
+    text = driver.execute_script("return document.getElementById('comp-text').textContent")
+    status, body = request_json("POST", server.url + "/v1/completions", {
+        "model": TINY_NAME, "prompt": "Once upon a time", "max_tokens": 40, "seed": 3,
+        "temperature": 0.7, "top_p": 1})
+    assert status == 200 and body["choices"][0]["text"] == text  # seeded: the same tokens
 
 
 def test_page_asks_for_the_api_key(keyed_server, driver):

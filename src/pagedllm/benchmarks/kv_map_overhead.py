@@ -128,7 +128,9 @@ def serve_ab(args: argparse.Namespace) -> dict:
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         try:
             _wait_ready(url, proc)
-            return _ab_rounds(url, args)
+            result = _ab_rounds(url, args)
+            result.update(_server_cpu_per_poll(url, proc.pid))
+            return result
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -144,6 +146,25 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> Non
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the server did not start; see its log") from None
             time.sleep(0.5)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu_per_poll(url: str, pid: int, num_polls: int = 300) -> dict:
+    """CPU the server process spends per poll (HTTP, the engine thread's copy, the JSON), with
+    the engine idle and its pool as the load left it; less its idle CPU over the same time."""
+    start_cpu, start = _cpu_s(pid), time.perf_counter()
+    for _ in range(num_polls):
+        _get(url + "/kv_cache/blocks")
+    busy_cpu, elapsed = _cpu_s(pid) - start_cpu, time.perf_counter() - start
+    idle_start = _cpu_s(pid)
+    time.sleep(elapsed)
+    idle_cpu = _cpu_s(pid) - idle_start
+    return {"server_cpu_ms_per_poll": 1e3 * max(busy_cpu - idle_cpu, 0.0) / num_polls}
 
 
 def _ab_rounds(url: str, args: argparse.Namespace) -> dict:
@@ -268,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| CPU per second at {hz:g} Hz (compact / blocks) | "
           f"{100 * cost['cpu_share_at_poll_hz']:.2f}% / "
           f"{100 * cost['cpu_share_blocks_layout']:.1f}% of one core |")
+    print(f"| server process CPU per poll (HTTP + copy + JSON), idle engine | "
+          f"{ab['server_cpu_ms_per_poll']:.2f} ms: {ab['server_cpu_ms_per_poll'] * hz / 10:.2f}% "
+          f"of one core at {hz:g} Hz |")
     print(f"| engine step (median, in process) | {cost['step_ms_median']:.1f} ms |")
     print(f"wrote {args.output_json}")
 

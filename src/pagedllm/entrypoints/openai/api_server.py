@@ -368,6 +368,7 @@ def run_server(
                         tool_parser=tool_parser, history=history)
         config = uvicorn.Config(app, log_level=uvicorn_log_level, timeout_graceful_shutdown=5,
                                 timeout_keep_alive=5)
+        logging.getLogger("uvicorn.access").addFilter(web_page.QuietMapPolls())
         server = _Server(config, on_exit=engine.begin_shutdown)
         logger.info("serving %s on http://%s:%d (API key %s; web page at /)", names[0], host,
                     port, "required" if api_key else "not required")

@@ -10,6 +10,7 @@ over the per-block lists, so that a poll costs the engine about a millisecond of
 from __future__ import annotations
 
 import itertools
+import logging
 import operator
 import threading
 import time
@@ -139,6 +140,16 @@ def _pool_json(pool: PoolSnapshot, owners: dict[int, list[str]], layout: str) ->
     out["ref_count"] = {str(b): pool.ref_counts[b] for b in used}
     out["owners"] = {str(b): owners.get(b, []) for b in used}
     return out
+
+
+class QuietMapPolls(logging.Filter):
+    """Drops uvicorn's access-log lines of /kv_cache/ polls: an open page polls 4 times a
+    second, which would bury every other line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and len(args) >= 3
+                    and str(args[2]).startswith("/kv_cache/"))
 
 
 class StatsHistory:
