@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
+from pagedllm.layers.quantization.int8 import int8_round_trip
 from pagedllm.ops import cpu_ops, cpu_ops_error
 
 ROWS = [1, 3, 8, 64, 300]
@@ -152,12 +153,17 @@ def test_int8_linear_equals_dequantize_then_matmul() -> None:
     weight[3] = 0.0  # a zero row: scale 0
     q, scales = cpu_ops().pack_int8_weight(weight)
     assert q.shape == (45, 128) and q.dtype == torch.uint8
-    expected_scales = weight.abs().amax(1) / 127
-    assert torch.equal(scales, expected_scales)
-    inv = torch.where(expected_scales == 0, 0, 1 / expected_scales)
-    expected_q = torch.round(weight * inv[:, None]).clamp(-127, 127)
-    assert torch.equal(q[:, :100].int() - 128, expected_q.int())
-    w = expected_q * scales[:, None]
+    assert torch.equal(q[:, 100:], torch.full((45, 28), 128, dtype=torch.uint8))
+    w = (q[:, :100].float() - 128) * scales[:, None]
+    # The scales the torch round trip picks (least squared error), to rounding of the search.
+    torch.testing.assert_close(w, int8_round_trip(weight), rtol=0, atol=1e-6)
+    inv = torch.where(scales == 0, 0, 1 / scales)
+    assert torch.equal(q[:, :100].float() - 128,
+                       torch.round(weight * inv[:, None]).clamp(-127, 127))
+    # No worse than the plain max |row| / 127 scale.
+    plain_scale = weight.abs().amax(1, keepdim=True) / 127
+    plain = torch.round(weight / plain_scale.clamp_min(1e-30)).clamp(-127, 127) * plain_scale
+    assert ((w - weight).pow(2).sum(1) <= (plain - weight).pow(2).sum(1) + 1e-9).all()
     bias = torch.randn(45, generator=gen)
     for isa in isas():
         with kernel_isa(isa):

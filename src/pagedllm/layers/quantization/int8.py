@@ -1,5 +1,6 @@
 """The int8 linear method (quantization="int8"): a dense checkpoint's weights quantized at
-load to symmetric per-output-channel int8 (scale = max |row| / 127), multiplied by the
+load to symmetric per-output-channel int8 (the scale per row with the least squared error among
+max |row| / 127 and 15 clipped ones), multiplied by the
 quantized kernel (ops/csrc/quant_int8.cpp) with activations quantized per row to int8 blocks
 of 32. The LM head stays dense: its logits are what sampling and quality read.
 """
@@ -32,10 +33,7 @@ class Int8LinearMethod(LinearMethodBase):
         ops = cpu_ops()
         weight = layer.weight.detach()
         if ops is None:  # no kernels: the same rounding in torch, multiplied in float
-            scales = weight.float().abs().amax(1) / 127
-            inv = torch.where(scales == 0, torch.zeros_like(scales), 1 / scales)
-            q = torch.round(weight.float() * inv[:, None]).clamp(-127, 127)
-            layer.int8_dequantized = (q * scales[:, None]).to(weight.dtype)
+            layer.int8_dequantized = int8_round_trip(weight.float()).to(weight.dtype)
         else:
             layer.int8_weight, layer.int8_scales = ops.pack_int8_weight(weight)
         bias = layer.rank_bias()
@@ -68,3 +66,21 @@ class Int8Config(QuantizationConfig):
         if prefix.endswith("lm_head"):
             return None
         return Int8LinearMethod()
+
+
+def int8_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] fp32 through pack_int8_weight's quantization and back: per row, the scale
+    (max |row| / 127 times 1, 0.98, ..., 0.70) with the least squared error."""
+    amax = weight.abs().amax(1, keepdim=True)
+    best, best_err = weight, None
+    for c in range(16):
+        scale = amax * (1.0 - 0.02 * c) / 127
+        inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+        q = torch.round(weight * inv).clamp(-127, 127) * scale
+        err = (weight.double() - q.double()).pow(2).sum(1, keepdim=True)
+        if best_err is None:
+            best, best_err = q, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, q, best), torch.where(better, err, best_err)
+    return best

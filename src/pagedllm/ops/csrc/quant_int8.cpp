@@ -18,7 +18,8 @@ namespace pagedllm::quant {
 namespace {
 
 // weight [N, K] fp32/bf16 -> (bytes [N, padded_k(K)] uint8 = q + 128 (128 past K), scales [N]
-// fp32): scale = max |W[n]| / 127, q = W / scale rounded to nearest even.
+// fp32): q = W / scale rounded to nearest even and clipped to +-127, the scale chosen for the
+// least squared error (see below).
 std::tuple<at::Tensor, at::Tensor> pack_int8_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 &&
                   (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
@@ -32,9 +33,25 @@ std::tuple<at::Tensor, at::Tensor> pack_int8_weight(const at::Tensor& weight) {
   float* sp = scales.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
+      const float* row = src + n * K;
       float amax = 0.0f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(src[n * K + k]));
-      const float s = amax / 127.0f, inv = s != 0.0f ? 1.0f / s : 0.0f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(row[k]));
+      // The scale with the least squared error among max |W[n]| / 127 and 15 clipped ones
+      // (large weights clipped to +-127 steps, the rest rounded more finely).
+      float s = amax / 127.0f;
+      double best = -1.0;
+      for (int c = 0; c < 16; ++c) {
+        const float scale = amax * (1.0f - 0.02f * c) / 127.0f;
+        const float inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+        double err = 0.0;
+        for (int64_t k = 0; k < K; ++k) {
+          const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(row[k] * inv)));
+          const double e = static_cast<double>(row[k]) - static_cast<double>(q) * scale;
+          err += e * e;
+        }
+        if (best < 0.0 || err < best) best = err, s = scale;
+      }
+      const float inv = s != 0.0f ? 1.0f / s : 0.0f;
       sp[n] = s;
       for (int64_t k = 0; k < K; ++k) {
         const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(src[n * K + k] * inv)));
