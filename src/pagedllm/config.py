@@ -183,10 +183,10 @@ class EngineConfig:
             if importlib.util.find_spec("ray") is None:
                 raise ValueError("distributed_executor_backend='ray' needs Ray, which is not "
                                  "installed: pip install pagedllm[ray]")
-        if size > 1:
-            raise ValueError(f"tensor_parallel_size={size}: tensor parallelism is not "
-                             f"implemented yet in this build; use 1 (the 'mp' backend runs "
-                             f"that rank in a worker process)")
+        if size > 1 and self.device != "cpu":
+            raise ValueError(f"tensor_parallel_size={size} runs on CPU ranks (gloo and shared "
+                             f"memory); device={self.device!r} is not supported with it yet: "
+                             f"use device='cpu' or tensor_parallel_size=1")
 
     def _verify_quantization(self) -> None:
         if self.quantization not in QUANTIZATIONS:

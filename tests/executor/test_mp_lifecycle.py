@@ -122,9 +122,6 @@ def test_interpreter_exit_leaves_no_worker_process(tiny_dir):
 @pytest.mark.parametrize("settings, message", [
     ({"tensor_parallel_size": 0}, "tensor_parallel_size must be an integer >= 1"),
     ({"tensor_parallel_size": 1.0}, "tensor_parallel_size must be an integer >= 1"),
-    ({"tensor_parallel_size": 2}, "tensor parallelism is not implemented yet"),
-    ({"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
-     "tensor parallelism is not implemented yet"),
     ({"distributed_executor_backend": "mpi"}, "one of uni, mp, ray or None"),
     ({"tensor_parallel_size": 2, "distributed_executor_backend": "uni"}, "use 'mp'"),
 ])

@@ -82,6 +82,9 @@ def resolve_backend(config: EngineConfig) -> str:
 def build_executor(config: EngineConfig, hf_config: PretrainedConfig, model_dir: Path,
                    max_model_len: int, profiler: StepProfiler | None = None) -> Executor:
     """Starts the executor the settings ask for (the backend's module is imported only then)."""
+    from pagedllm.distributed.utils import check_tensor_parallel_heads
+
+    check_tensor_parallel_heads(hf_config, config.tensor_parallel_size)
     backend = resolve_backend(config)
     if backend == "uni":
         from pagedllm.executor.uniproc import UniProcExecutor as executor_cls

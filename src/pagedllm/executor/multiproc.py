@@ -20,10 +20,13 @@ import signal
 import traceback
 import weakref
 from collections.abc import Callable, Container
+from multiprocessing import shared_memory
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pagedllm.distributed.shm_comm import create_shm_buffer
+from pagedllm.distributed.utils import free_local_port
 from pagedllm.executor.abstract import Executor, call_worker
 from pagedllm.executor.shm_broadcast import (
     RingReader,
@@ -82,12 +85,17 @@ class MultiprocExecutor(Executor):
         self._dead: str | None = None  # why no step can run any more
         ctx = multiprocessing.get_context("spawn")
         ring = ShmRingBuffer(num_readers=self.world_size)
+        # Tensor parallelism: rank 0 serves the process group's store on a free local port;
+        # the all-reduces go through a shared buffer (distributed/shm_comm.py).
+        comm_buffer = create_shm_buffer(self.world_size) if self.world_size > 1 else None
+        dist_args = (f"tcp://127.0.0.1:{free_local_port()}",
+                     None if comm_buffer is None else comm_buffer.name)
         self._procs: list[multiprocessing.process.BaseProcess] = []
         self._replies: list[Connection] = []
         doorbells: list[Connection] = []
         # Runs at shutdown(), when the executor is collected, or at interpreter exit.
         self._finalizer = weakref.finalize(self, _stop_ranks, self._procs, doorbells,
-                                           self._replies, ring)
+                                           self._replies, ring, comm_buffer)
         for rank in range(self.world_size):
             bell_reader, bell_writer = ctx.Pipe(duplex=False)
             reply_reader, reply_writer = ctx.Pipe(duplex=False)
@@ -96,7 +104,7 @@ class MultiprocExecutor(Executor):
             proc = ctx.Process(
                 target=_rank_main, name=f"pagedllm-rank{rank}", daemon=True,
                 args=(rank, config, hf_config, str(model_dir), max_model_len, ring.handle(),
-                      bell_reader, reply_writer))
+                      bell_reader, reply_writer, dist_args))
             proc.start()
             self._procs.append(proc)
             # The ranks hold these ends now; ours must close for end-of-file to be seen.
@@ -258,7 +266,7 @@ class MultiprocExecutor(Executor):
 
 
 def _stop_ranks(procs: list, doorbells: list[Connection], replies: list[Connection],
-                ring: ShmRingBuffer) -> None:
+                ring: ShmRingBuffer, comm_buffer: shared_memory.SharedMemory | None) -> None:
     """Closes the doorbells (each rank reads end-of-file and leaves), then waits, terminates
     and kills whatever is left, and frees the shared memory."""
     for doorbell in doorbells:
@@ -275,6 +283,12 @@ def _stop_ranks(procs: list, doorbells: list[Connection], replies: list[Connecti
     for reply in replies:
         reply.close()
     ring.close()
+    if comm_buffer is not None:
+        comm_buffer.close()
+        try:
+            comm_buffer.unlink()
+        except FileNotFoundError:
+            pass
 
 
 # ---- the rank's process --------------------------------------------------------------------
@@ -301,13 +315,15 @@ def _error(exc: BaseException) -> tuple[BaseException | None, str]:
 
 def _rank_main(rank: int, config: EngineConfig, hf_config: PretrainedConfig, model_dir: str,
                max_model_len: int, ring_handle: tuple, doorbell: Connection,
-               reply: Connection) -> None:
+               reply: Connection, dist_args: tuple[str, str | None]) -> None:
     # Ctrl-C reaches the whole process group; the driver decides when its ranks stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ring = ShmRingBuffer(*ring_handle)
     try:
+        from pagedllm.distributed.utils import init_worker_distributed
         from pagedllm.worker.worker import Worker
 
+        init_worker_distributed(rank, config.tensor_parallel_size, *dist_args)
         worker = Worker(config, hf_config, Path(model_dir), max_model_len)
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the driver
         _answer(reply, 0, "start", "error", _error(exc))
@@ -327,8 +343,9 @@ def _rank_main(rank: int, config: EngineConfig, hf_config: PretrainedConfig, mod
             if kind == _EXECUTE:
                 try:
                     scheduler_output = decoder.decode(StepMessage.from_wire(body[0]))
-                    rows = encode_runner_output(scheduler_output,
-                                                worker.execute_model(scheduler_output))
+                    output = worker.execute_model(scheduler_output)
+                    # Only rank 0 samples (the others' LM heads gather their logits to it).
+                    rows = encode_runner_output(scheduler_output, output) if rank == 0 else None
                 except BaseException as exc:  # noqa: BLE001 - to the driver, then leave
                     _answer(reply, end, "step", "error", _error(exc))
                     return

@@ -85,6 +85,8 @@ class ModelRunner:
         rows = torch.tensor([int(query_ends[i]) - 1 for i, _ in sampled_items], device=self.device)
         with profiler.section("lm head"):
             logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab] float32
+        if logits is None:  # a tensor-parallel rank past 0: rank 0 samples
+            return ModelRunnerOutput(sampled={})
         if scheduler_output.grammar_bitmask is not None:  # structured outputs: forbidden -> -inf
             apply_grammar_bitmask(logits, scheduler_output.grammar_bitmask)
         batch = SamplingBatch(
@@ -129,6 +131,8 @@ class ModelRunner:
             targets = torch.tensor(s.prompt_token_ids[s.start_position + 1 : end + 1],
                                    device=hidden.device)
             logits = self.model.compute_logits(hidden[rows])
+            if logits is None:  # a tensor-parallel rank past 0: rank 0 answers
+                continue
             chunks[s.request_id] = PromptLogprobsChunk(
                 first_index=s.start_position + 1, tokens=prompt_logprobs(logits, targets, k))
         return chunks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -18,7 +19,6 @@ from pagedllm.worker.cache_engine import (
     KVCacheSpec,
     check_host_memory,
     choose_num_blocks,
-    default_kv_memory_bytes,
 )
 from pagedllm.worker.host_memory import HugePageArena, keep_freed_buffers
 from pagedllm.worker.model_runner import ModelRunner
@@ -61,16 +61,13 @@ class Worker:
             block_size=config.block_size,
             dtype=dtype,
         )
-        # The memory settings are for the whole engine: each of the ranks on this host takes
-        # its share (so they hold as many blocks, of their heads, as one rank would).
-        memory = config.kv_cache_memory_bytes
-        if memory is None and tp_size > 1:
-            memory = default_kv_memory_bytes(self.device)
+        # The memory settings are for the whole engine: the block count is the whole model's
+        # (all heads) within them, and each rank holds that many blocks of its own heads.
+        whole = dataclasses.replace(spec, num_kv_heads=total_num_kv_heads)
         num_blocks = choose_num_blocks(
-            spec, config.num_kv_blocks, None if memory is None else memory // tp_size,
-            self.device
+            whole, config.num_kv_blocks, config.kv_cache_memory_bytes, self.device
         )
-        num_cpu_blocks = int(config.swap_space * 2**30) // tp_size // spec.bytes_per_block
+        num_cpu_blocks = int(config.swap_space * 2**30) // whole.bytes_per_block
         check_host_memory(spec, num_blocks, num_cpu_blocks, self.device)
         self.cache_engine = CacheEngine(spec, num_blocks, backend, self.device, num_cpu_blocks)
         self.profiler = profiler or StepProfiler()
