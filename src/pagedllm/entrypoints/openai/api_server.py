@@ -350,6 +350,7 @@ def run_server(
         tool_parser = get_tool_parser(tool_call_parser)
 
     sock = bind_socket(host, port)
+    llm_engine = None
     try:
         llm_engine = LLMEngine(**engine_kwargs)
         model = engine_kwargs.get("model")
@@ -375,3 +376,7 @@ def run_server(
         asyncio.run(server.serve(sockets=[sock]))
     finally:
         sock.close()
+        if llm_engine is not None:
+            # Its worker processes or Ray actors (and a Ray it started): `pagedllm serve`
+            # leaves with os._exit, which runs no finalizer.
+            llm_engine.shutdown()
