@@ -27,7 +27,10 @@ from selenium.webdriver.common.by import By
 from test_server import ServerProcess, request_json
 from test_server_engine import FakeLLMEngine, collect
 
+from pagedllm.core.kv_cache_snapshot import KVCacheSnapshot, PoolSnapshot, RequestBlocks
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from pagedllm.engine.llm_engine import EngineStats
+from pagedllm.entrypoints.openai.web_page import kv_cache_json
 
 TINY_NAME = "tiny"
 API_KEY = "sk-page-key"
@@ -160,6 +163,44 @@ def set_field(driver, element_id: str, value: str) -> None:
     field = driver.find_element(By.ID, element_id)
     field.clear()
     field.send_keys(value)
+
+
+# ---- the JSON of a snapshot --------------------------------------------------------------------
+
+def test_kv_cache_json_names_every_block():
+    # Device pool of 6 blocks: request "a" has 2 samples sharing its prompt block 0 (hashed) and
+    # one block each (1, 2); request "b" reuses block 0 through the prefix cache and owns 3;
+    # block 4 is free but still holds a hash; block 5 is free. Host pool of 2: "c" swapped to 1.
+    snapshot = KVCacheSnapshot(
+        block_size=4, num_steps=9,
+        device=PoolSnapshot([3, 1, 1, 1, 0, 0], [11, None, None, None, 44, None]),
+        host=PoolSnapshot([0, 1], [None, None]),
+        requests=[RequestBlocks("a", "running", 0, [[0, 1], [0, 2]], []),
+                  RequestBlocks("b", "running", 0, [[0, 3]], []),
+                  RequestBlocks("c", "swapped", 1, [], [[1]])])
+    stats = EngineStats(**{f: 0 for f in EngineStats.__dataclass_fields__})
+    out = kv_cache_json(snapshot, stats)
+    device = out["device"]
+    assert device["state"] == "Sooocf"
+    assert device["ref_count"] == {"0": 3, "1": 1, "2": 1, "3": 1}
+    assert device["owners"] == {"0": ["a", "b"], "1": ["a"], "2": ["a"], "3": ["b"]}
+    assert {k: v for k, v in device.items() if k.startswith("num_")} == {
+        "num_blocks": 6, "num_free_blocks": 2, "num_used_blocks": 4, "num_shared_blocks": 1,
+        "num_cached_blocks": 2, "num_cached_free_blocks": 1, "num_logical_blocks": 6}
+    assert out["host"]["state"] == "fo" and out["host"]["owners"] == {"1": ["c"]}
+    assert [(r["id"], r["status"], r["num_seqs"], r["num_device_blocks"], r["num_host_blocks"])
+            for r in out["requests"]] == [("a", "running", 2, 3, 0), ("b", "running", 1, 2, 0),
+                                          ("c", "swapped", 1, 0, 1)]
+    assert out["num_steps"] == 9 and out["block_size"] == 4 and out["stats"] == vars(stats)
+    listed = kv_cache_json(snapshot, stats, "blocks")["device"]["blocks"]
+    assert listed[0] == {"id": 0, "ref_count": 3, "state": "shared", "cached": True,
+                         "owners": ["a", "b"]}
+    assert listed[4] == {"id": 4, "ref_count": 0, "state": "cached", "cached": True,
+                         "owners": []}
+    assert [b["state"] for b in listed] == ["shared", "owned", "owned", "owned", "cached",
+                                            "free"]
+    with pytest.raises(ValueError, match="layout must be one of compact, blocks"):
+        kv_cache_json(snapshot, stats, "rows")
 
 
 # ---- the engine thread's snapshot (a scripted fake engine: milliseconds) ----------------------
