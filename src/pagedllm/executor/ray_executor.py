@@ -15,6 +15,10 @@ Where the ranks run: with `RAY_ADDRESS` set (a cluster started by `ray start --h
 instance with just the CPUs the ranks reserve and no dashboard, and stops it at shutdown. The
 ranks reserve one CPU each through a placement group (packed onto as few nodes as hold them).
 
+Under tensor parallelism the ranks join a gloo group at rank 0's node; when they all share
+one node, their collectives go through one shared buffer instead (distributed/shm_comm.py),
+as under `mp`. Each rank takes its share of its node's cores, pinned, as the `mp` ranks do.
+
 A rank whose actor dies (killed, out of memory, its node lost) turns into a WorkerDiedError as
 soon as Ray reports it (about a second); the driver never waits on one reference alone, so an
 error from any rank surfaces even while the others are blocked.
@@ -29,6 +33,7 @@ import pickle
 import socket
 import weakref
 from collections.abc import Callable, Container
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,11 +94,12 @@ class RayWorkerWrapper:
         self.world_size = world_size
         self.worker: Any = None
         self.decoder = StepDecoder()
+        self.comm_buffer: Any = None  # rank 0's, when the ranks share one node
 
-    def node_info(self) -> tuple[str, str, int, int]:
-        """(node id, node ip, pid, cores this process may use)."""
+    def node_info(self) -> tuple[str, str, int]:
+        """(node id, node ip, pid)."""
         return (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
-                os.getpid(), len(os.sched_getaffinity(0)))
+                os.getpid())
 
     def free_port(self) -> int:
         """A free TCP port on this rank's node, for the process group's rendezvous."""
@@ -101,16 +107,32 @@ class RayWorkerWrapper:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def start(self, config: EngineConfig, hf_config: PretrainedConfig, model_dir: str,
-              max_model_len: int, num_threads: int, master_addr: str,
-              master_port: int) -> tuple[int, int]:
-        """Joins the ranks' process group, builds the Worker; returns its pool sizes."""
-        import torch
+    def create_comm_buffer(self) -> str:
+        """Rank 0, when every rank is on its node: the shared buffer of the collectives
+        (distributed/shm_comm.py, as the `mp` driver makes it); returns its name."""
+        from pagedllm.distributed.shm_comm import create_shm_buffer
 
-        # Ray sets OMP_NUM_THREADS to the rank's reserved CPUs (1); a rank uses its share of
-        # the node's cores instead, as the `mp` ranks do.
-        torch.set_num_threads(num_threads)
-        init_distributed(self.rank, self.world_size, master_addr, master_port, config.device)
+        self.comm_buffer = create_shm_buffer(self.world_size)
+        return self.comm_buffer.name
+
+    def unlink_comm_buffer(self) -> None:
+        """Once every rank has mapped it: the name goes, the mappings stay, so nothing is
+        left in /dev/shm whenever and however the ranks end."""
+        self.comm_buffer.unlink()
+
+    def start(self, config: EngineConfig, hf_config: PretrainedConfig, model_dir: str,
+              max_model_len: int, layout: RankLayout) -> tuple[int, int]:
+        """Takes this rank's cores, joins the ranks' group, builds the Worker; returns its
+        pool sizes."""
+        bind_threads(layout)
+        if self.world_size > 1:
+            from pagedllm.distributed.parallel_state import init_tensor_parallel
+
+            if layout.init_method.startswith("tcp://127.0.0.1"):
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            init_tensor_parallel(self.rank, self.world_size, layout.init_method,
+                                 backend="nccl" if config.device.startswith("cuda") else "gloo",
+                                 shm_name=layout.shm_name)
         from pagedllm.worker.worker import Worker
 
         self.worker = Worker(config, hf_config, Path(model_dir), max_model_len)
@@ -127,16 +149,42 @@ class RayWorkerWrapper:
         return call_worker(self.worker, method, args, kwargs)
 
 
-def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
-                     device: str) -> None:
-    """Joins the ranks' tensor-parallel group (gloo on CPU, nccl on CUDA) before the Worker is
-    built, as the `mp` ranks do; at one rank there is no group to join."""
-    if world_size == 1:
-        return
-    from pagedllm.distributed.parallel_state import init_tensor_parallel
+@dataclass(frozen=True)
+class RankLayout:
+    """Where a rank runs among the others, as its actor needs it at start."""
 
-    init_tensor_parallel(rank, world_size, f"tcp://{master_addr}:{master_port}",
-                         backend="nccl" if device.startswith("cuda") else "gloo")
+    # This rank's index among the ranks on its node, and their number.
+    local_rank: int
+    ranks_on_node: int
+    # The process group's rendezvous (rank 0's node; 127.0.0.1 when all share one node).
+    init_method: str
+    # The shared buffer of the collectives when all ranks share one node, else None (gloo).
+    shm_name: str | None
+    # The driver's OMP_NUM_THREADS, if it set one.
+    omp_num_threads: str | None
+
+
+def bind_threads(layout: RankLayout) -> None:
+    """A rank's share of its node's cores, pinned, as the `mp` ranks take theirs
+    (PAGEDLLM_CPU_THREADS_BIND; OMP_NUM_THREADS, where the user set it, wins).
+
+    NOTE: Ray sets OMP_NUM_THREADS in an actor to its reserved CPUs (one here); that is not
+    the user's setting, so it is dropped.
+    """
+    import torch
+
+    from pagedllm.distributed.utils import rank_cores
+
+    cores = rank_cores(layout.local_rank, layout.ranks_on_node)
+    if cores:
+        os.sched_setaffinity(0, cores)
+    if layout.omp_num_threads is not None:
+        os.environ["OMP_NUM_THREADS"] = layout.omp_num_threads
+        torch.set_num_threads(int(layout.omp_num_threads))
+    else:
+        os.environ.pop("OMP_NUM_THREADS", None)
+        share = max(1, len(os.sched_getaffinity(0)) // layout.ranks_on_node)
+        torch.set_num_threads(len(cores) if cores else share)
 
 
 class RayDistributedExecutor(Executor):
@@ -193,18 +241,26 @@ class RayDistributedExecutor(Executor):
                     placement_group=group, placement_group_bundle_index=rank),
             ).remote(rank, self.world_size))
         infos = self._gather([a.node_info.remote() for a in self._actors], "start")
-        self._nodes = [node_ip for _, node_ip, _, _ in infos]
-        self._pids = [pid for _, _, pid, _ in infos]
-        ranks_per_node: dict[str, int] = {}
-        for node_id, *_ in infos:
-            ranks_per_node[node_id] = ranks_per_node.get(node_id, 0) + 1
-        master_addr = infos[0][1]
-        master_port = self._gather([self._actors[0].free_port.remote()], "start")[0]
+        self._nodes = [node_ip for _, node_ip, _ in infos]
+        self._pids = [pid for _, _, pid in infos]
+        node_ranks: dict[str, list[int]] = {}
+        for rank, (node_id, *_) in enumerate(infos):
+            node_ranks.setdefault(node_id, []).append(rank)
+        port = self._gather([self._actors[0].free_port.remote()], "start")[0]
+        # One node: the collectives go through shared memory, as under `mp`; else gloo.
+        one_node = self.world_size > 1 and len(node_ranks) == 1
+        shm_name = (self._gather([self._actors[0].create_comm_buffer.remote()], "start")[0]
+                    if one_node else None)
+        init_method = f"tcp://{'127.0.0.1' if one_node else infos[0][1]}:{port}"
+        omp = os.environ.get("OMP_NUM_THREADS")
+        layouts = [RankLayout(node_ranks[node_id].index(rank), len(node_ranks[node_id]),
+                              init_method, shm_name, omp)
+                   for rank, (node_id, *_) in enumerate(infos)]
         sizes = self._gather([
-            actor.start.remote(config, hf_config, str(model_dir), max_model_len,
-                               max(1, cores // ranks_per_node[node_id]), master_addr,
-                               master_port)
-            for actor, (node_id, _, _, cores) in zip(self._actors, infos)], "start")
+            actor.start.remote(config, hf_config, str(model_dir), max_model_len, layout)
+            for actor, layout in zip(self._actors, layouts)], "start")
+        if shm_name is not None:
+            self._gather([self._actors[0].unlink_comm_buffer.remote()], "start")
         self._num_kv_blocks = min(num_kv for num_kv, _ in sizes)
         self._num_cpu_blocks = min(num_cpu for _, num_cpu in sizes)
 
