@@ -128,7 +128,7 @@ def serve_ab(args: argparse.Namespace) -> dict:
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         try:
             _wait_ready(url, proc)
-            result = _ab_rounds(url, args)
+            result = _ab_rounds(url, args, proc.pid)
             result.update(_server_cpu_per_poll(url, proc.pid))
             return result
         finally:
@@ -167,12 +167,22 @@ def _server_cpu_per_poll(url: str, pid: int, num_polls: int = 300) -> dict:
     return {"server_cpu_ms_per_poll": 1e3 * max(busy_cpu - idle_cpu, 0.0) / num_polls}
 
 
-def _ab_rounds(url: str, args: argparse.Namespace) -> dict:
+def _paired_cost(off: list[float], on: list[float], higher_is_better: bool) -> tuple[float, float]:
+    """Mean and standard error of each pair's relative cost of polling."""
+    costs = [1.0 - b / a if higher_is_better else b / a - 1.0 for a, b in zip(off, on)]
+    stderr = statistics.stdev(costs) / len(costs) ** 0.5 if len(costs) > 1 else float("nan")
+    return statistics.fmean(costs), stderr
+
+
+def _ab_rounds(url: str, args: argparse.Namespace, pid: int) -> dict:
     """Windows of --window-s under a steady load, the poller on in every other one (the order
-    within each pair alternates); tokens per second per window from the engine's own count."""
+    within each pair alternates). Per window: tokens per second from the engine's own count,
+    and the server process's CPU seconds per generated token (less sensitive to other load on
+    the machine than wall time: what polling adds to the server's work per token)."""
     load = Load(url, args)
     load.start()
     rates: dict[str, list[float]] = {"off": [], "on": []}
+    cpu_per_token: dict[str, list[float]] = {"off": [], "on": []}
     latencies: list[float] = []
     size = num_blocks = 0
     try:
@@ -181,6 +191,7 @@ def _ab_rounds(url: str, args: argparse.Namespace) -> dict:
             for arm in (("off", "on") if index % 2 == 0 else ("on", "off")):
                 poller = Poller(url, args.poll_hz) if arm == "on" else None
                 start, before = _generated(url)
+                start_cpu = _cpu_s(pid)
                 if poller is not None:
                     poller.start()
                 time.sleep(args.window_s)
@@ -189,20 +200,26 @@ def _ab_rounds(url: str, args: argparse.Namespace) -> dict:
                     latencies += poller.latencies
                     size = poller.num_bytes
                 end, after = _generated(url)
+                end_cpu = _cpu_s(pid)
                 rates[arm].append((after - before) / (end - start))
+                cpu_per_token[arm].append(1e3 * (end_cpu - start_cpu) / max(after - before, 1))
             print(f"window pair {index}: off {rates['off'][-1]:.1f}, on {rates['on'][-1]:.1f} "
-                  f"tokens/s", file=sys.stderr)
+                  f"tokens/s; off {cpu_per_token['off'][-1]:.2f}, on "
+                  f"{cpu_per_token['on'][-1]:.2f} CPU ms/token", file=sys.stderr)
         num_blocks = json.loads(_get(url + "/kv_cache/blocks"))["device"]["num_blocks"]
     finally:
         load.stop()
     # Paired: each pair's on/off ratio, so a drift in the machine's load cancels within it.
-    costs = [1.0 - on / off for off, on in zip(rates["off"], rates["on"])]
-    mean = statistics.fmean(costs)
-    stderr = statistics.stdev(costs) / len(costs) ** 0.5 if len(costs) > 1 else float("nan")
-    return {"num_blocks": num_blocks, "rates": rates,
+    mean, stderr = _paired_cost(rates["off"], rates["on"], higher_is_better=True)
+    cpu_mean, cpu_stderr = _paired_cost(cpu_per_token["off"], cpu_per_token["on"],
+                                        higher_is_better=False)
+    return {"num_blocks": num_blocks, "rates": rates, "cpu_ms_per_token": cpu_per_token,
             "median_off": statistics.median(rates["off"]),
             "median_on": statistics.median(rates["on"]),
             "overhead_mean": mean, "overhead_stderr": stderr,
+            "cpu_per_token_median_off": statistics.median(cpu_per_token["off"]),
+            "cpu_per_token_median_on": statistics.median(cpu_per_token["on"]),
+            "cpu_overhead_mean": cpu_mean, "cpu_overhead_stderr": cpu_stderr,
             "poll_latency_ms_median": 1e3 * statistics.median(latencies),
             "response_bytes": size}
 
@@ -280,6 +297,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| generation, polled at {hz:g} Hz (median) | {ab['median_on']:.1f} tokens/s |")
     print(f"| A/B throughput cost (mean of paired windows +- stderr) | "
           f"{100 * ab['overhead_mean']:+.2f}% +- {100 * ab['overhead_stderr']:.2f}% |")
+    print(f"| server CPU per generated token, off / on (medians) | "
+          f"{ab['cpu_per_token_median_off']:.2f} / {ab['cpu_per_token_median_on']:.2f} ms |")
+    print(f"| A/B CPU cost per token (mean of paired windows +- stderr) | "
+          f"{100 * ab['cpu_overhead_mean']:+.2f}% +- {100 * ab['cpu_overhead_stderr']:.2f}% |")
     print(f"| poll latency (median) / response | {ab['poll_latency_ms_median']:.1f} ms / "
           f"{ab['response_bytes'] / 1024:.0f} KiB |")
     print(f"| snapshot on the engine thread ({cost['num_blocks']} blocks, "
