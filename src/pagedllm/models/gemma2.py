@@ -19,9 +19,15 @@ from transformers import PretrainedConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.layers.activation import gelu_and_mul
-from pagedllm.layers.linear import Linear
+from pagedllm.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from pagedllm.layers.norm import GemmaRMSNorm
+from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.interface import CausalLMBase, WeightMapping
 from pagedllm.models.registry import layer_sliding_window
 
@@ -33,22 +39,28 @@ def head_size_of(config: PretrainedConfig) -> int:
 
 
 class GemmaAttention(nn.Module):
+    """Self-attention over this rank's heads: q/k/v column-parallel by heads, o row-parallel."""
+
     # Whether attn_logit_softcapping caps the scores (Gemma 2; transformers' Gemma 3 ignores it).
     soft_caps_scores: ClassVar[bool] = True
 
     def __init__(self, config: PretrainedConfig, layer_idx: int, rotary: RotaryEmbedding,
-                 backend: AttentionBackend) -> None:
+                 backend: AttentionBackend, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_size = head_size_of(config)
-        self.q_size = self.num_heads * self.head_size
-        self.kv_size = self.num_kv_heads * self.head_size
         bias = getattr(config, "attention_bias", False)
         # Fused [q | k | v] projection; load_weights packs q_proj, k_proj and v_proj into it.
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.qkv_proj.shard_sizes = [self.q_size, self.kv_size, self.kv_size]
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_size,
+                                          config.num_attention_heads, config.num_key_value_heads,
+                                          bias=bias, quant_config=quant_config,
+                                          prefix=f"{prefix}.qkv_proj")
+        # This rank's heads.
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_size,
+                                        config.hidden_size, bias=bias, quant_config=quant_config,
+                                        prefix=f"{prefix}.o_proj")
         self.rotary = rotary
         self.backend = backend.for_layer(
             scale=config.query_pre_attn_scalar**-0.5,
@@ -75,16 +87,22 @@ class GemmaAttention(nn.Module):
 
 
 class GemmaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    """GeGLU: [gate | up] column-parallel (each rank gates its own units), down row-parallel."""
+
+    def __init__(self, config: PretrainedConfig, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         act = getattr(config, "hidden_activation", None) or config.hidden_act
         if act not in _GELU_TANH:
             raise ValueError(f"hidden_activation {act!r} is not supported for Gemma; "
                              f"supported: {', '.join(_GELU_TANH)}")
         # Fused [gate | up] projection; load_weights packs gate_proj and up_proj into it.
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.gate_up_proj.shard_sizes = [config.intermediate_size, config.intermediate_size]
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=False,
+            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size,
+                                           bias=False, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu_and_mul(self.gate_up_proj(x)))
@@ -94,14 +112,16 @@ class GemmaDecoderLayer(nn.Module):
     attention_cls: ClassVar[type[GemmaAttention]] = GemmaAttention
 
     def __init__(self, config: PretrainedConfig, layer_idx: int, rotary: RotaryEmbedding,
-                 backend: AttentionBackend) -> None:
+                 backend: AttentionBackend, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         size, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
-        self.self_attn = self.attention_cls(config, layer_idx, rotary, backend)
+        self.self_attn = self.attention_cls(config, layer_idx, rotary, backend, quant_config,
+                                            prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = GemmaRMSNorm(size, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps)
-        self.mlp = GemmaMLP(config)
+        self.mlp = GemmaMLP(config, quant_config, prefix=f"{prefix}.mlp")
         self.post_feedforward_layernorm = GemmaRMSNorm(size, eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
@@ -130,21 +150,24 @@ class Gemma2ForCausalLM(CausalLMBase):
         "attention block": GemmaAttention, "mlp": GemmaMLP}
     layer_cls: ClassVar[type[GemmaDecoderLayer]] = GemmaDecoderLayer
 
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend,
-                 max_position: int) -> None:
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, max_position: int,
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__(config)
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("use_bidirectional_attention is not supported: pagedllm's "
                              "attention is causal")
         self.rotaries = nn.ModuleDict(self.build_rotaries(config, max_position))
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   prefix="embed_tokens")
         self.layers = nn.ModuleList(
-            self.layer_cls(config, i, self.rotaries[self.rotary_key(config, i)], backend)
+            self.layer_cls(config, i, self.rotaries[self.rotary_key(config, i)], backend,
+                           quant_config, prefix=f"layers.{i}")
             for i in range(config.num_hidden_layers)
         )
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         if not getattr(config, "tie_word_embeddings", True):
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          quant_config=quant_config, prefix="lm_head")
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
 
     @staticmethod
@@ -156,7 +179,7 @@ class Gemma2ForCausalLM(CausalLMBase):
     def rotary_key(config: PretrainedConfig, layer_idx: int) -> str:
         return "all"
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> VocabParallelEmbedding:
         return self.embed_tokens
 
     def init_buffers(self) -> None:
@@ -173,10 +196,10 @@ class Gemma2ForCausalLM(CausalLMBase):
             hidden = layer(positions, hidden, kv_cache, metadata)
         return self.norm(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = super().compute_logits(hidden)  # None on the ranks that do not sample
         cap = self.final_logit_softcapping
-        if cap is not None:  # cap * tanh(logits / cap)
+        if cap is not None and logits is not None:  # cap * tanh(logits / cap)
             logits = torch.tanh(logits / cap) * cap
         return logits
 

@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
 from pagedllm.layers.norm import GemmaRMSNorm
+from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.models.gemma2 import (
     Gemma2ForCausalLM,
@@ -26,8 +27,9 @@ class Gemma3Attention(GemmaAttention):
     soft_caps_scores = False
 
     def __init__(self, config: PretrainedConfig, layer_idx: int, rotary: RotaryEmbedding,
-                 backend: AttentionBackend) -> None:
-        super().__init__(config, layer_idx, rotary, backend)
+                 backend: AttentionBackend, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
+        super().__init__(config, layer_idx, rotary, backend, quant_config, prefix)
         self.q_norm = GemmaRMSNorm(self.head_size, config.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_size, config.rms_norm_eps)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
+from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.models.interface import Allocate, CausalLMBase
 from pagedllm.models.llama import LlamaForCausalLM
 from pagedllm.models.registry import layer_sliding_window
@@ -20,13 +21,13 @@ from pagedllm.models.registry import layer_sliding_window
 class MistralForCausalLM(LlamaForCausalLM):
     """Llama whose layers may attend through a sliding window (`layer_sliding_window`)."""
 
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend,
-                 max_position: int) -> None:
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, max_position: int,
+                 quant_config: QuantizationConfig | None = None) -> None:
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported for "
                              f"{type(self).__name__} (its MLP gates with silu)")
-        super().__init__(config, backend, max_position)
+        super().__init__(config, backend, max_position, quant_config)
         for i, layer in enumerate(self.layers):
             layer.self_attn.backend = backend.for_layer(
                 sliding_window=layer_sliding_window(config, i))

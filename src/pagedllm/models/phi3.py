@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedllm.attention import AttentionBackend
+from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.models.mistral import MistralForCausalLM
 
 
@@ -32,8 +33,8 @@ def _rope_parameters(config: PretrainedConfig) -> dict:
 class Phi3ForCausalLM(MistralForCausalLM):
     """Phi-3 / Phi-3.5 (mini, medium); fused checkpoint projections split on load."""
 
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend,
-                 max_position: int) -> None:
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, max_position: int,
+                 quant_config: QuantizationConfig | None = None) -> None:
         params = _rope_parameters(config)
         partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor",
                                                                1.0))
@@ -44,7 +45,7 @@ class Phi3ForCausalLM(MistralForCausalLM):
         # The shared rotary table refuses LongRoPE by name: it is built as default RoPE and
         # init_buffers() fills it with LongRoPE's.
         super().__init__(_with_default_rope(config) if longrope else config, backend,
-                         max_position)
+                         max_position, quant_config)
         self.config = config
         self.longrope = longrope
 
@@ -80,12 +81,17 @@ class Phi3ForCausalLM(MistralForCausalLM):
     def _split_fused(self, weights: Iterable[tuple[str, torch.Tensor]]
                      ) -> Iterator[tuple[str, torch.Tensor]]:
         """qkv_proj -> q_proj, k_proj, v_proj; gate_up_proj -> gate_proj, up_proj (rows)."""
-        attention = self.layers[0].self_attn if len(self.layers) else None
+        config = self.config
+        head_size = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads)
+        q_size = config.num_attention_heads * head_size  # whole tensors: every rank's heads
+        kv_size = (getattr(config, "num_key_value_heads", None)
+                   or config.num_attention_heads) * head_size
         for name, tensor in weights:
             module, _, leaf = name.rpartition(".")
             head, _, last = module.rpartition(".")
-            if last == "qkv_proj" and attention is not None:
-                sizes = [attention.q_size, attention.kv_size, attention.kv_size]
+            if last == "qkv_proj":
+                sizes = [q_size, kv_size, kv_size]
                 parts = ("q_proj", "k_proj", "v_proj")
             elif last == "gate_up_proj":
                 half = tensor.shape[0] // 2

@@ -8,7 +8,8 @@ import copy
 from transformers import PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
-from pagedllm.layers.linear import Linear
+from pagedllm.layers.linear import RowParallelLinear
+from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.models.llama import LlamaAttention
 from pagedllm.models.mistral import MistralForCausalLM
@@ -18,18 +19,22 @@ class Qwen2Attention(LlamaAttention):
     """Llama's attention with biased q/k/v projections and an unbiased output projection."""
 
     def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding,
-                 backend: AttentionBackend) -> None:
+                 backend: AttentionBackend, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         biased = copy.copy(config)
         biased.attention_bias = True
-        super().__init__(biased, rotary, backend)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        super().__init__(biased, rotary, backend, quant_config, prefix)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_size,
+                                        config.hidden_size, bias=False,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
 
 
 class Qwen2ForCausalLM(MistralForCausalLM):
     """Qwen2 / Qwen2.5; the checkpoint's names are Llama's."""
 
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend,
-                 max_position: int) -> None:
-        super().__init__(config, backend, max_position)
-        for layer in self.layers:
-            layer.self_attn = Qwen2Attention(config, self.rotary, layer.self_attn.backend)
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, max_position: int,
+                 quant_config: QuantizationConfig | None = None) -> None:
+        super().__init__(config, backend, max_position, quant_config)
+        for i, layer in enumerate(self.layers):  # (on the meta device: nothing allocated)
+            layer.self_attn = Qwen2Attention(config, self.rotary, layer.self_attn.backend,
+                                             quant_config, prefix=f"layers.{i}.self_attn")

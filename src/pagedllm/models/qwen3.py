@@ -7,6 +7,7 @@ from transformers import PretrainedConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.layers.rotary import RotaryEmbedding
 from pagedllm.models.llama import LlamaAttention
 from pagedllm.models.mistral import MistralForCausalLM
@@ -16,8 +17,9 @@ class Qwen3Attention(LlamaAttention):
     """Llama's attention whose q and k heads are each RMS-normalised (q_norm, k_norm)."""
 
     def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding,
-                 backend: AttentionBackend) -> None:
-        super().__init__(config, rotary, backend)
+                 backend: AttentionBackend, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
+        super().__init__(config, rotary, backend, quant_config, prefix)
         self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps)
 
@@ -45,8 +47,9 @@ class Qwen3Attention(LlamaAttention):
 class Qwen3ForCausalLM(MistralForCausalLM):
     """Qwen3 (dense); the checkpoint's names are Llama's plus q_norm/k_norm."""
 
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend,
-                 max_position: int) -> None:
-        super().__init__(config, backend, max_position)
-        for layer in self.layers:
-            layer.self_attn = Qwen3Attention(config, self.rotary, layer.self_attn.backend)
+    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, max_position: int,
+                 quant_config: QuantizationConfig | None = None) -> None:
+        super().__init__(config, backend, max_position, quant_config)
+        for i, layer in enumerate(self.layers):  # (on the meta device: nothing allocated)
+            layer.self_attn = Qwen3Attention(config, self.rotary, layer.self_attn.backend,
+                                             quant_config, prefix=f"layers.{i}.self_attn")
