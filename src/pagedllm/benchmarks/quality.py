@@ -1,0 +1,117 @@
+"""Quality of the quantized paths against their dense references, by teacher forcing.
+
+A fixed text is split into windows of --window tokens (the first --max-tokens of it), and each
+engine scores every window through `prompt_logprobs` (SamplingParams, vLLM's name): the
+log-probability of each actual next token and the model's top-1 token at every position. Each
+quantized path is compared with its dense reference on the same positions:
+
+    gguf   the shipped Q4_1 GGUF on its quantized kernels, against the same file dequantized
+           to fp32 (quantization="none"): only activation quantization differs
+    int8   the dense SmolLM2 quantized at load to int8 per channel, against it in bf16
+
+It prints perplexity (exp of the mean negative log-likelihood), the relative change, and the
+top-1 agreement (the share of positions where both pick the same token), and writes them as
+JSON to --output-json.
+
+    python -m pagedllm.benchmarks.quality --text FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+DEFAULT_TEXT = DATA / "quality_text.txt"
+RESULTS = Path("benchmarks", "results")
+# name -> (reference engine kwargs, quantized engine kwargs); model None: the shipped GGUF.
+PAIRS = {
+    "gguf": ({"model": None, "quantization": "none", "dtype": "float32"},
+             {"model": None, "quantization": "auto", "dtype": "float32"}),
+    "int8": ({"model": "dense", "quantization": "none", "dtype": "bfloat16"},
+             {"model": "dense", "quantization": "int8", "dtype": "bfloat16"}),
+}
+
+
+def score(engine_kwargs: dict, windows: list[list[int]]) -> tuple[list[float], list[int], float]:
+    """Per-position logprobs of the actual tokens, the top-1 tokens, and the seconds taken."""
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": w} for w in windows], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    logprobs, top1 = [], []
+    for window, output in zip(windows, outputs):
+        for token, entry in zip(window[1:], output.prompt_logprobs[1:]):
+            logprobs.append(entry[token].logprob)
+            top1.append(next(t for t, lp in entry.items() if lp.rank == 1))
+    del llm
+    return logprobs, top1, seconds
+
+
+def perplexity(logprobs: list[float]) -> float:
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", default=str(DEFAULT_TEXT), help="the text scored")
+    parser.add_argument("--max-tokens", type=int, default=24576, help="tokens of it scored")
+    parser.add_argument("--window", type=int, default=512, help="tokens per teacher-forced "
+                        "window (each window starts without context)")
+    parser.add_argument("--paths", default="gguf,int8", help="comma-separated: gguf, int8")
+    parser.add_argument("--output-json", default=str(RESULTS / "quality.json"))
+    args = parser.parse_args(argv)
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise SystemExit(f"no text at {text_path}: pass --text FILE (a long English text)")
+    paths = [p for p in args.paths.split(",") if p]
+    for p in paths:
+        if p not in PAIRS:
+            raise SystemExit(f"--paths takes {', '.join(PAIRS)}, got {p!r}")
+    from transformers import AutoTokenizer
+
+    from pagedllm.models.default_model import resolve_model_path
+
+    dense_dir = str(resolve_model_path(None))
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    ids = tokenizer.encode(text_path.read_text())[: args.max_tokens]
+    windows = [ids[i:i + args.window] for i in range(0, len(ids), args.window)]
+    windows = [w for w in windows if len(w) > 1]
+    rows = {}
+    for name in paths:
+        ref_kwargs, quant_kwargs = ({**kw, "model": dense_dir if kw["model"] == "dense"
+                                     else kw["model"]} for kw in PAIRS[name])
+        ref_lp, ref_top, ref_s = score(ref_kwargs, windows)
+        q_lp, q_top, q_s = score(quant_kwargs, windows)
+        ppl_ref, ppl_q = perplexity(ref_lp), perplexity(q_lp)
+        rows[name] = {
+            "positions": len(ref_lp),
+            "ppl_reference": ppl_ref,
+            "ppl_quantized": ppl_q,
+            "ppl_change": ppl_q / ppl_ref - 1,
+            "top1_agreement": sum(a == b for a, b in zip(ref_top, q_top)) / len(ref_top),
+            "seconds_reference": ref_s,
+            "seconds_quantized": q_s,
+        }
+    print(f"text: {text_path.name}, {len(ids)} tokens in windows of {args.window}")
+    print(f"{'path':<6} {'positions':>9} {'ppl ref':>9} {'ppl quant':>9} {'change':>8} "
+          f"{'top-1 agree':>11}")
+    for name, r in rows.items():
+        print(f"{name:<6} {r['positions']:>9} {r['ppl_reference']:>9.3f} "
+              f"{r['ppl_quantized']:>9.3f} {100 * r['ppl_change']:>+7.2f}% "
+              f"{100 * r['top1_agreement']:>10.2f}%")
+    out = Path(args.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"text": str(text_path), "tokens": len(ids),
+                               "window": args.window, "paths": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
