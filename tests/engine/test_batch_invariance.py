@@ -220,6 +220,31 @@ def test_smollm2_bf16_is_batch_invariant(smollm2_dir) -> None:
                     target_len=300, scenarios=("crowd", "chunked", "prefix-hit"))
 
 
+def save_family(tokenizer_dir, path, family: str) -> str:
+    """A tiny random GPT-2 or OPT of TINY's width (head size 64) for contexts past 512."""
+    from hf_reference import save_tiny_model
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    common = {"vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=256, n_layer=2, n_head=4, n_positions=1024,
+                                           **common))
+    else:
+        model = OPTForCausalLM(OPTConfig(hidden_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, ffn_dim=512,
+                                         max_position_embeddings=1024, **common))
+    return str(save_tiny_model(model, path, tokenizer_dir))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_gpt2_and_opt_bf16_are_batch_invariant(tokenizer_dir, tmp_path, family: str) -> None:
+    # Their own parts (LayerNorm, GELU/ReLU, learned positions, biases in every projection)
+    # on the shared kernels: one crowd, one chunked prefill, one prefix-cache hit.
+    model_dir = save_family(tokenizer_dir, tmp_path, family)
+    check_scenarios(model_dir, "bfloat16", "greedy", seed=3, num_others=5,
+                    scenarios=("chunked-crowd", "prefix-hit"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("seed", range(4))

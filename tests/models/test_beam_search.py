@@ -74,6 +74,7 @@ def test_beams_share_blocks_while_running(tiny_dir):
     assert engine.get_stats().num_free_blocks == 256
 
 
+@pytest.mark.slow
 def test_smollm2_beams_match_transformers(smollm2_dir):
     from transformers import AutoModelForCausalLM
 

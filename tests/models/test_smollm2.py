@@ -16,8 +16,8 @@ PROMPTS = [
     "Water boils at a temperature of",
     "Translate to French: I like apples.",
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
-    "In machine learning, a transformer is a model architecture that relies on attention. "
-    "Its main components are the encoder, the decoder, and",
+    ("In machine learning, a transformer is a model architecture that relies on attention. "
+     "Its main components are the encoder, the decoder, and"),
     "1, 2, 3, 4, 5,",
     "Question: What is the largest planet in our solar system?\nAnswer:",
 ]
@@ -28,13 +28,13 @@ def llm(smollm2_dir):
     return LLM(str(smollm2_dir), num_kv_blocks=256, dtype="float32")
 
 
-def test_greedy_batch_matches_transformers(llm, smollm2_dir):
+def check_greedy_batch(llm, smollm2_dir, prompts: list[str], max_tokens: int) -> None:
     tokenizer = llm.get_tokenizer()
-    prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
-    assert len({len(p) for p in prompt_ids}) >= 8  # lengths differ
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    expected = hf_greedy_batched(load_hf_model(smollm2_dir), prompt_ids, 64)
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    assert len({len(p) for p in prompt_ids}) == len(prompts)  # lengths differ
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    expected = hf_greedy_batched(load_hf_model(smollm2_dir), prompt_ids, max_tokens)
     check_outputs_equal(expected, [o.outputs[0].token_ids for o in outputs])
     for output, ids in zip(outputs, prompt_ids):
         assert output.prompt_token_ids == ids
@@ -42,6 +42,16 @@ def test_greedy_batch_matches_transformers(llm, smollm2_dir):
         assert output.outputs[0].text == tokenizer.decode(
             output.outputs[0].token_ids, skip_special_tokens=True
         )
+
+
+def test_greedy_batch_matches_transformers(llm, smollm2_dir):
+    # Four prompts of different lengths, 24 tokens: transformers' fp32 generate is the cost.
+    check_greedy_batch(llm, smollm2_dir, [PROMPTS[i] for i in (0, 3, 8, 10)], 24)
+
+
+@pytest.mark.slow
+def test_greedy_batch_of_11_prompts_matches_transformers_over_64_tokens(llm, smollm2_dir):
+    check_greedy_batch(llm, smollm2_dir, PROMPTS, 64)
 
 
 def test_chat_uses_the_chat_template(llm):
