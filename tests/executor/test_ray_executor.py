@@ -279,3 +279,54 @@ def test_a_killed_actor_fails_generate_within_seconds_and_shutdown_leaves_no_ray
     assert not ray.is_initialized()
     assert wait_for_exit(started) == []
     ray_llm.shutdown()  # twice is fine
+
+
+@pytest.mark.slow
+def test_serve_with_ray_answers_the_openai_client_and_sigterm_leaves_no_ray_process(
+        tiny_dir, tmp_path):
+    """`pagedllm serve MODEL -tp 2 --distributed-executor-backend ray` (one rank until TP is
+    built): completions, streamed too, then SIGTERM stops the server and every Ray process it
+    started."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    import openai
+
+    tp = "2" if tensor_parallelism_is_built() else "1"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PAGEDLLM_API_KEY")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pagedllm", "serve", str(tiny_dir), "--port", str(port), "-tp", tp,
+         "--distributed-executor-backend", "ray", "--dtype", "float32", "--num-kv-blocks", "64"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                               max_retries=0, timeout=120)
+        kwargs = {"model": str(tiny_dir), "prompt": [5, 6, 7, 8], "max_tokens": 8,
+                  "temperature": 0}
+        whole = client.completions.create(**kwargs).choices[0].text
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            **kwargs, stream=True) if c.choices)
+        assert whole and streamed == whole
+        started = psutil.Process(server.pid).children(recursive=True)
+        assert {"gcs_server", "raylet"} <= {p.name() for p in started}
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        assert wait_for_exit(started) == []
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log.close()
