@@ -26,7 +26,27 @@ namespace {
 inline float half_at(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // exact, as the software conversion below
+#else
   return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// u[0:16] = the low nibbles of q[0:16], u[16:32] the high ones.
+inline void unpack_nibbles(const uint8_t* q, uint8_t* u) {
+#if defined(__SSE2__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(u), _mm_and_si128(bytes, mask));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(u + 16),
+                   _mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+#else
+  for (int i = 0; i < 16; ++i) {
+    u[i] = q[i] & 0xF;
+    u[i + 16] = q[i] >> 4;
+  }
+#endif
 }
 
 // Sub-block j's (0..7) six-bit scale and minimum of a Q4_K/Q5_K block's 12 scale bytes.
@@ -49,19 +69,13 @@ void unpack_q8_0(const uint8_t* b, uint8_t* u, float* ws, float*) {
 
 void unpack_q4_0(const uint8_t* b, uint8_t* u, float* ws, float*) {
   const float d = half_at(b);
-  for (int i = 0; i < 16; ++i) {
-    u[i] = b[2 + i] & 0xF;
-    u[i + 16] = b[2 + i] >> 4;
-  }
+  unpack_nibbles(b + 2, u);
   ws[0] = ws[1] = d;
 }
 
 void unpack_q4_1(const uint8_t* b, uint8_t* u, float* ws, float* wm) {
   const float d = half_at(b), m = half_at(b + 2);
-  for (int i = 0; i < 16; ++i) {
-    u[i] = b[4 + i] & 0xF;
-    u[i + 16] = b[4 + i] >> 4;
-  }
+  unpack_nibbles(b + 4, u);
   ws[0] = ws[1] = d;
   wm[0] = wm[1] = m;
 }
