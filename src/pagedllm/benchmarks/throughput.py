@@ -36,9 +36,11 @@ class EngineProcess:
     """One engine at one dtype, loaded once in a subprocess and sent workloads by name."""
 
     def __init__(self, engine: str, dtype: str, python: str, args: argparse.Namespace) -> None:
-        self.engine, self.dtype = engine, dtype
+        self.engine, self.dtype = engine, dtype  # engine: e.g. pagedllm, or pagedllm@tp2
+        name, _, tp = engine.partition("@tp")
         read_fd, write_fd = os.pipe()
-        cmd = [python, "-m", "pagedllm.benchmarks.throughput_runner", "--engine", engine,
+        cmd = [python, "-m", "pagedllm.benchmarks.throughput_runner", "--engine", name,
+               "--tensor-parallel-size", tp or "1",
                "--dtype", dtype, "--num-requests", str(args.num_requests or 0),
                "--model", args.model,
                "--transformers-batch-sizes", *map(str, args.transformers_batch_sizes),
@@ -220,7 +222,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         choices=["fixed", "sharegpt-like", "single"])
     parser.add_argument("--engines", nargs="+", default=["pagedllm", "transformers"],
                         help="engine or engine:dtype, engine one of pagedllm, transformers, vllm "
-                             "(e.g. pagedllm:bfloat16 vllm:float32)")
+                             "(e.g. pagedllm:bfloat16 vllm:float32); pagedllm@tpN runs pagedllm "
+                             "at tensor_parallel_size N (N worker processes, cores shared)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="dtype of engines given without one")
     parser.add_argument("--model", default=None, help="HF directory (default: shipped SmolLM2)")
@@ -246,10 +249,12 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, str]]:
         raise ValueError("--rounds must be at least 1")
     specs = [tuple(e.split(":", 1)) if ":" in e else (e, args.dtype) for e in args.engines]
     for engine, dtype in specs:
-        if engine not in ("pagedllm", "transformers", "vllm") or dtype not in ("float32",
-                                                                                 "bfloat16"):
-            raise ValueError(f"bad engine spec {engine}:{dtype}: pagedllm, transformers or "
-                             "vllm, optionally :float32 or :bfloat16")
+        name, tp_mark, tp = engine.partition("@tp")
+        if (name not in ("pagedllm", "transformers", "vllm")
+                or dtype not in ("float32", "bfloat16")
+                or (tp_mark and (name != "pagedllm" or not tp.isdigit() or int(tp) < 1))):
+            raise ValueError(f"bad engine spec {engine}:{dtype}: pagedllm (or pagedllm@tpN), "
+                             "transformers or vllm, optionally :float32 or :bfloat16")
     if args.vllm_python and not any(engine == "vllm" for engine, _ in specs):
         specs.append(("vllm", args.dtype))
     return specs

@@ -89,7 +89,10 @@ def init_worker_distributed(rank: int, world_size: int, init_method: str,
     // ranks, pinned unless "nobind"; OMP_NUM_THREADS, where set, wins), then the group."""
     if world_size > 1:
         cores = rank_cores(rank, world_size)
-        threads = len(cores) if cores else max(1, (os.cpu_count() or 1) // world_size)
+        available = len(cores) if cores else os.cpu_count() or 1
+        # Ranks that share their cores (more ranks than cores) split them.
+        shared = not cores or len(cores) == len(os.sched_getaffinity(0)) and world_size > 1
+        threads = max(1, available // world_size) if shared else len(cores)
         if cores:
             os.sched_setaffinity(0, cores)
         if "OMP_NUM_THREADS" not in os.environ:

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -192,11 +193,13 @@ struct ShmGroup {
       int64_t spins = 0;
       while (flag(r)->load(std::memory_order_acquire) < gen) {
         // Spin briefly (the other rank is usually close), then give the core away: on a
-        // shared host the rank we wait for may need it.
-        if (++spins < 2048) {
+        // shared host (or more ranks than cores) the rank we wait for may need it.
+        if (++spins < 4096) {
           _mm_pause();
-        } else {
+        } else if (spins < 4096 + 64) {
           sched_yield();
+        } else {
+          usleep(20);
         }
       }
     }
