@@ -179,10 +179,9 @@ class EngineConfig:
         if backend == "uni" and size > 1:
             raise ValueError(f"distributed_executor_backend='uni' runs one rank in the "
                              f"engine's process, but tensor_parallel_size={size}: use 'mp'")
-        if backend == "ray":
-            if importlib.util.find_spec("ray") is None:
-                raise ValueError("distributed_executor_backend='ray' needs Ray, which is not "
-                                 "installed: pip install pagedllm[ray]")
+        if backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("distributed_executor_backend='ray' needs Ray, which is not "
+                             "installed: pip install pagedllm[ray]")
         if size > 1 and self.device != "cpu":
             raise ValueError(f"tensor_parallel_size={size} runs on CPU ranks (gloo and shared "
                              f"memory); device={self.device!r} is not supported with it yet: "
