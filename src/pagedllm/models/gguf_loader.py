@@ -75,13 +75,15 @@ def _unpermute_rows(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def gguf_weights(path: Path, config: PretrainedConfig,
-                 float_names: tuple[str, ...] = ("token_embd.weight",),
+                 float_names: tuple[str, ...] = ("token_embd.weight",), tied_head: bool = False,
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, tensor) for each tensor of the file, as the module docstring says.
 
     Args:
         float_names: GGUF tensors dequantized whatever their type (the token embedding looks
-            its rows up in float; a tied LM head then runs on that table).
+            its rows up in float).
+        tied_head: also hand token_embd's blocks over as lm_head.weight (a model whose tied
+            LM head runs on the stored type), when the file has no output.weight.
     """
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
@@ -96,8 +98,13 @@ def gguf_weights(path: Path, config: PretrainedConfig,
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     warned: set[str] = set()
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+    names = {t.name for t in reader.tensors}
+    tensors = list(reader.tensors)
+    if tied_head and "output.weight" not in names:
+        tensors += [t for t in reader.tensors if t.name == "token_embd.weight"]
+    for index, tensor in enumerate(tensors):
+        as_head = index >= len(reader.tensors)  # the tied head's copy of token_embd
+        name = "lm_head.weight" if as_head else hf_name(tensor.name)
         if name is None:
             if tensor.name in _SKIPPED:
                 continue
@@ -105,7 +112,7 @@ def gguf_weights(path: Path, config: PretrainedConfig,
                              f"{arch} model")
         qtype = GGMLQuantizationType(tensor.tensor_type)
         is_matrix = len(tensor.shape) == 2
-        if is_matrix and int(qtype) in KERNEL_TYPES and tensor.name not in float_names:
+        if is_matrix and int(qtype) in KERNEL_TYPES and (as_head or tensor.name not in float_names):
             data = torch.from_numpy(np.array(tensor.data))  # a copy: the file is read-only
             data.ggml_type = int(qtype)
         else:

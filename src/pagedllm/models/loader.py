@@ -17,9 +17,11 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
+from pagedllm.distributed import get_tp_group
 from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.layers.quantization.gguf import GGUFConfig
 from pagedllm.layers.quantization.int8 import Int8Config
+from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead
 from pagedllm.models.interface import CausalLM
 from pagedllm.models.registry import get_model_class
 
@@ -70,12 +72,21 @@ def build_model(
             causal_lm = model_cls(config, backend, max_position)
         else:
             causal_lm = model_cls(config, backend, max_position, quant_config=quant_config)
+        tied_gguf_head = (isinstance(quant_config, GGUFConfig) and causal_lm.lm_head is None
+                          and get_tp_group().world_size == 1)
+        if tied_gguf_head:
+            # NOTE: a tied GGUF head runs on the embedding's blocks as stored (the file has one
+            # token_embd tensor; gguf_weights hands its blocks over as lm_head.weight too),
+            # while the lookups read the dequantized table.
+            causal_lm.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                               quant_config=quant_config, prefix="lm_head")
     causal_lm.to_empty(device=device)
     causal_lm.init_buffers()
     if isinstance(quant_config, GGUFConfig):
         from pagedllm.models.gguf_loader import gguf_weights
 
-        _load_checked(causal_lm, gguf_weights(gguf_path, config), str(gguf_path))
+        _load_checked(causal_lm, gguf_weights(gguf_path, config, tied_head=tied_gguf_head),
+                      str(gguf_path))
     else:
         load_weights(causal_lm, model_dir)
     return causal_lm.to(dtype).eval()

@@ -162,7 +162,10 @@ class GGUFLinearMethod(LinearMethodBase):
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype not in (torch.float32, torch.bfloat16) or x2.stride(-1) != 1:
             x2 = x2.float().contiguous()
-        out = torch.empty(x2.shape[0], layer.out_features, dtype=x2.dtype, device=x2.device)
+        # NOTE: the LM head's logits stay fp32 (compute_logits reads them as fp32).
+        logits = layer.prefix.endswith("lm_head")
+        out = torch.empty(x2.shape[0], layer.out_features, device=x2.device,
+                          dtype=torch.float32 if logits else x2.dtype)
         ops = cpu_ops()
         empty = torch.empty(0)
         for run in layer.gguf_runs:
@@ -176,7 +179,8 @@ class GGUFLinearMethod(LinearMethodBase):
             else:
                 b = None if run_bias is None else run_bias.to(x2.dtype)
                 cols.copy_(F.linear(x2, run.weight.to(x2.dtype), b))
-        return out.reshape(*shape[:-1], layer.out_features).to(x.dtype)
+        out = out.reshape(*shape[:-1], layer.out_features)
+        return out if logits else out.to(x.dtype)
 
 
 def _dequantize(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
