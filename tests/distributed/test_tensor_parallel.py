@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hf_reference import check_outputs_equal, hf_greedy, load_hf_model
+from hf_reference import check_outputs_equal, hf_greedy, hf_greedy_batched, load_hf_model
 
 from pagedllm import LLM, BeamSearchParams, SamplingParams
 
@@ -169,13 +169,28 @@ def test_mha_three_layers_matches_transformers(tiny_llama_factory):
 
 
 @pytest.mark.slow
-def test_smollm2_at_size_3_equals_size_1():
-    # 9 query heads and 3 KV heads: 3 and 1 per rank.
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+def test_smollm2_at_size_3_equals_size_1_and_transformers(smollm2_dir):
+    # 9 query heads and 3 KV heads: 3 and 1 per rank. Prompts of tests/models/
+    # test_smollm2.py, whose greedy tokens size 1 and transformers agree on.
+    # NOTE: SmolLM2 has near-ties at fp32 noise on some short prompts ("Once upon a time":
+    # top-2 logprobs 0.07-0.14 apart, moved ~0.06 by summation order alone, between
+    # transformers and size 1 as between size 1 and 3), where any two implementations may
+    # pick differently.
+    prompts = [
+        "Hello",
+        "Once upon a time, in a small village at the edge of a great forest, there lived",
+        ("In machine learning, a transformer is a model architecture that relies on attention. "
+         "Its main components are the encoder, the decoder, and"),
+        "Question: What is the largest planet in our solar system?\nAnswer:",
+    ]
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    settings = {"dtype": "float32", "num_kv_blocks": 64}
-    with LLM(**settings) as llm:
-        want = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-    with LLM(tensor_parallel_size=3, **settings) as llm:
+    settings = {"dtype": "float32", "num_kv_blocks": 256}
+    with LLM(str(smollm2_dir), tensor_parallel_size=3, **settings) as llm:
+        tokenizer = llm.get_tokenizer()
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    with LLM(str(smollm2_dir), **settings) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
     assert got == want
+    expected = hf_greedy_batched(load_hf_model(smollm2_dir),
+                                 [tokenizer.encode(p) for p in prompts], 24)
+    check_outputs_equal(expected, got)
