@@ -12,8 +12,10 @@ and shutting the engine down.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import signal
 import socket
 import threading
@@ -243,6 +245,25 @@ def test_ctrl_c_while_a_step_runs_leaves_the_engine_usable(uni, ray_llm):
     (want, *_), (got, *_) = both(uni, ray_llm, prompts, greedy)
     assert got == want
     executor.check_health()
+
+
+def test_a_rank_that_cannot_load_the_model_raises_what_uni_raises(tiny_dir, tmp_path, ray_llm):
+    """A checkpoint whose MLP does not fit its config: the actor's ValueError (naming the
+    tensor) reaches the caller as under `uni`, and the failed engine leaves no actor."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as want:
+        LLM(str(bad), distributed_executor_backend="uni", **SETTINGS)
+    before = set(ray_processes())
+    with pytest.raises(ValueError) as got:
+        LLM(str(bad), distributed_executor_backend="ray", **SETTINGS)
+    assert str(got.value) == str(want.value)
+    assert "RayWorkerWrapper.start" in str(got.value.__cause__)  # the actor's traceback
+    assert wait_for_exit([p for p in ray_processes() if p not in before
+                          and p.name() == "ray::RayWorkerWrapper"]) == []
 
 
 def test_ray_is_accepted_by_the_settings_when_installed():

@@ -11,8 +11,8 @@ passed by reference. Actor calls from one caller run in the order they were made
 sees the messages in order, as the shared-memory ring guarantees for `mp`.
 
 Where the ranks run: with `RAY_ADDRESS` set (a cluster started by `ray start --head` and
-`ray start --address=...`), the driver joins that cluster; otherwise it starts a local Ray
-instance with just the CPUs the ranks reserve and no dashboard, and stops it at shutdown. The
+`ray start --address=...`), the driver joins that cluster; otherwise it starts a small local
+Ray instance (no dashboard) and stops it at shutdown. The
 ranks reserve one CPU each through a placement group (packed onto as few nodes as hold them).
 
 Under tensor parallelism the ranks join a gloo group at rank 0's node; when they all share
@@ -337,7 +337,7 @@ class RayDistributedExecutor(Executor):
 
     def _gather(self, refs: list[Any], what: str) -> list[Any]:
         """Every rank's answer, in rank order; the first error from any rank raises at once
-        (a dead actor as WorkerDiedError)."""
+        (a dead actor as WorkerDiedError; a failed start or rpc as the rank's own error)."""
         index = {ref: rank for rank, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
@@ -351,6 +351,8 @@ class RayDistributedExecutor(Executor):
                 except RayActorError as exc:
                     self._died(rank, what, exc)
                 except RayTaskError as exc:
+                    if what == "start":  # e.g. a weight that does not fit: as `uni` says it
+                        raise _cause(exc)
                     if what == "rpc":  # the rank keeps running: raised once all answer
                         rpc_error = rpc_error or _cause(exc)
                         continue
