@@ -186,6 +186,22 @@ def test_requests_added_mid_decode(uni, ray_llm):
     assert results[1] == results[0] and len(results[1]) == len(prompts)
 
 
+def test_messages_through_the_object_store(uni, ray_llm, monkeypatch):
+    """Messages over the inline limit (a big first prefill) go through one ray.put: every
+    message does here, with the limit at 0."""
+    from pagedllm.executor import ray_executor
+
+    monkeypatch.setattr(ray_executor, "_INLINE_BYTES", 0)
+    puts = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda value: puts.append(len(value)) or real_put(value))
+    prompts = prompts_of(4, seed=10)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    (want, *_), (got, *_) = both(uni, ray_llm, prompts, greedy)
+    assert got == want
+    assert len(puts) >= 12  # one per step
+
+
 def test_sampling_beams_and_prefix_caching(uni, ray_llm):
     prompts = prompts_of(3, seed=3, max_len=20)
     params = [SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True),
