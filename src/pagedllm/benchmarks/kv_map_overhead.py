@@ -56,8 +56,8 @@ def _free_port() -> int:
 class Poller:
     """GET /kv_cache/blocks at `hz` on its own thread; records latencies and sizes."""
 
-    def __init__(self, url: str, hz: float) -> None:
-        self.url, self.period = url + "/kv_cache/blocks", 1.0 / hz
+    def __init__(self, url: str, hz: float, path: str = "/kv_cache/blocks") -> None:
+        self.url, self.period = url + path, 1.0 / hz
         self.latencies: list[float] = []
         self.num_bytes = 0
         self._stop = threading.Event()
@@ -189,7 +189,7 @@ def _ab_rounds(url: str, args: argparse.Namespace, pid: int) -> dict:
         time.sleep(args.window_s)  # warm-up: the batch fills
         for index in range(args.rounds):
             for arm in (("off", "on") if index % 2 == 0 else ("on", "off")):
-                poller = Poller(url, args.poll_hz) if arm == "on" else None
+                poller = Poller(url, args.poll_hz, args.poll_path) if arm == "on" else None
                 start, before = _generated(url)
                 start_cpu = _cpu_s(pid)
                 if poller is not None:
@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20, help="pairs of windows (off, on)")
     parser.add_argument("--window-s", type=float, default=3.0, help="seconds per window")
     parser.add_argument("--poll-hz", type=float, default=10.0)
+    parser.add_argument("--poll-path", default="/kv_cache/blocks",
+                        help="what the poller asks for (/health: the HTTP round trip alone)")
+    parser.add_argument("--skip-per-poll", action="store_true",
+                        help="only the A/B through the server, not the in-process timings")
     parser.add_argument("--output-json", default=str(RESULTS / "kv_map_overhead.json"))
     args = parser.parse_args(argv)
     for name in ("num_requests", "max_tokens", "rounds", "window_s"):
@@ -284,11 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--poll-hz must be above 0")
     Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
     ab = serve_ab(args)
-    cost = per_poll_cost(args)
+    cost = None if args.skip_per_poll else per_poll_cost(args)
     result = {"settings": vars(args), "serve_ab": ab, "per_poll": cost}
     Path(args.output_json).write_text(json.dumps(result, indent=2))
     hz = args.poll_hz
-    print(f"\nKV cache map at {hz:g} Hz, {ab['num_blocks']} device blocks, "
+    print(f"\n{args.poll_path} at {hz:g} Hz, {ab['num_blocks']} device blocks, "
           f"{args.num_requests} concurrent requests x {args.max_tokens} tokens")
     print("| measurement | value |")
     print("|---|---|")
@@ -303,6 +307,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{100 * ab['cpu_overhead_mean']:+.2f}% +- {100 * ab['cpu_overhead_stderr']:.2f}% |")
     print(f"| poll latency (median) / response | {ab['poll_latency_ms_median']:.1f} ms / "
           f"{ab['response_bytes'] / 1024:.0f} KiB |")
+    print(f"| server process CPU per poll (HTTP + copy + JSON), idle engine | "
+          f"{ab['server_cpu_ms_per_poll']:.2f} ms: {ab['server_cpu_ms_per_poll'] * hz / 10:.2f}% "
+          f"of one core at {hz:g} Hz |")
+    if cost is None:
+        print(f"wrote {args.output_json}")
+        return
     print(f"| snapshot on the engine thread ({cost['num_blocks']} blocks, "
           f"{cost['num_used_blocks']} used) | {cost['snapshot_ms']:.3f} ms |")
     print(f"| JSON on the event loop (compact / blocks layout) | {cost['json_ms']:.2f} ms / "
@@ -310,9 +320,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| CPU per second at {hz:g} Hz (compact / blocks) | "
           f"{100 * cost['cpu_share_at_poll_hz']:.2f}% / "
           f"{100 * cost['cpu_share_blocks_layout']:.1f}% of one core |")
-    print(f"| server process CPU per poll (HTTP + copy + JSON), idle engine | "
-          f"{ab['server_cpu_ms_per_poll']:.2f} ms: {ab['server_cpu_ms_per_poll'] * hz / 10:.2f}% "
-          f"of one core at {hz:g} Hz |")
     print(f"| engine step (median, in process) | {cost['step_ms_median']:.1f} ms |")
     print(f"wrote {args.output_json}")
 
