@@ -29,8 +29,9 @@ def server(smollm2_dir, tmp_path_factory):
 def answer(client, prompt: str, **kwargs) -> tuple:
     """The completion's texts, tokens' logprobs and finish reasons (everything that must not
     change)."""
-    body = {"temperature": 0, "max_tokens": 64, "logprobs": 1, "extra_body": {"ignore_eos": True}}
+    body = {"temperature": 0, "max_tokens": 64, "logprobs": 1}
     body.update(kwargs)
+    body["extra_body"] = {"ignore_eos": True, **kwargs.get("extra_body", {})}
     out = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, **body)
     return tuple((c.text, tuple(c.logprobs.token_logprobs) if c.logprobs else None,
                   c.finish_reason) for c in out.choices)
@@ -43,11 +44,13 @@ def test_a_prefix_cache_hit_keeps_the_answer(server):
     assert server.metrics()["pagedllm:prefix_cache_hits_total"] > 0
 
 
-def test_other_traffic_keeps_greedy_seeded_and_parallel_answers(server):
+def test_other_traffic_keeps_greedy_seeded_and_beam_answers(server):
     client = server.client()
     fixed = [
         (PRESS, {}),  # greedy with logprobs
         ("The sea at night", {"temperature": 0.8, "seed": 7, "n": 3, "max_tokens": 32}),
+        ("A letter to the king", {"n": 3, "max_tokens": 16, "logprobs": None,
+                                  "extra_body": {"use_beam_search": True}}),
     ]
     alone = [answer(client, prompt, **kwargs) for prompt, kwargs in fixed]
     rng = random.Random(29)
