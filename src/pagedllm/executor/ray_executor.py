@@ -102,7 +102,7 @@ class RayDistributedExecutor(Executor):
         self.owns_ray = False
         if not ray.is_initialized():
             self.owns_ray = True
-            _init_ray(self.world_size)
+            _init_ray(self.world_size, config.device.startswith("cuda"))
         # Runs at shutdown(), when the executor is collected, or at interpreter exit.
         self._finalizer = weakref.finalize(self, _stop_ranks, self._actors, self._placement,
                                            self.owns_ray)
@@ -116,15 +116,18 @@ class RayDistributedExecutor(Executor):
 
     def _start(self, config: EngineConfig, hf_config: PretrainedConfig, model_dir: Path,
                max_model_len: int) -> None:
-        group = placement_group([{"CPU": 1}] * self.world_size, strategy="PACK")
+        # On CUDA each rank takes one GPU, which Ray makes its only visible device.
+        num_gpus = 1 if config.device.startswith("cuda") else 0
+        bundle = {"CPU": 1, "GPU": 1} if num_gpus else {"CPU": 1}
+        group = placement_group([bundle] * self.world_size, strategy="PACK")
         self._placement.append(group)
         ready, _ = ray.wait([group.ready()], timeout=_PLACEMENT_TIMEOUT_S)
         if not ready:
             raise RuntimeError(
-                f"the Ray cluster did not grant {self.world_size} CPU(s) for the ranks within "
+                f"the Ray cluster did not grant {self.world_size} x {bundle} for the ranks within "
                 f"{_PLACEMENT_TIMEOUT_S:.0f} s (available: {ray.available_resources()}); "
                 f"add nodes or lower tensor_parallel_size")
-        actor_cls = ray.remote(num_cpus=1, max_restarts=0)(RayWorkerWrapper)
+        actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=0)(RayWorkerWrapper)
         for rank in range(self.world_size):
             self._actors.append(actor_cls.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -278,9 +281,9 @@ def _cause(exc: RayTaskError) -> BaseException:
     return cause
 
 
-def _init_ray(world_size: int) -> None:
-    """Joins the cluster at RAY_ADDRESS, or starts a small local one (no dashboard, no GPUs,
-    the workers' logs kept out of the driver's output).
+def _init_ray(world_size: int, use_gpus: bool) -> None:
+    """Joins the cluster at RAY_ADDRESS, or starts a small local one (no dashboard, the
+    workers' logs kept out of the driver's output, this machine's GPUs only for CUDA ranks).
 
     NOTE: the local instance counts this machine's cores as its CPUs (at least one per rank),
     as Ray does by default, so that a second engine in this process finds CPUs for its ranks;
@@ -300,7 +303,8 @@ def _init_ray(world_size: int) -> None:
                 f"Ray's default, also needs RAY_AUTH_MODE=token and its token here: "
                 f"~/.ray/auth_token or RAY_AUTH_TOKEN)") from exc
     else:
-        ray.init(address="local", num_cpus=max(world_size, os.cpu_count() or 1), num_gpus=0,
+        ray.init(address="local", num_cpus=max(world_size, os.cpu_count() or 1),
+                 num_gpus=None if use_gpus else 0,
                  **common)
 
 

@@ -6,6 +6,7 @@ Plain classes and functions: the driver wraps RayWorkerWrapper with `ray.remote`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import socket
@@ -67,6 +68,9 @@ class RayWorkerWrapper:
         """Takes this rank's cores, joins the ranks' group, builds the Worker; returns its
         pool sizes."""
         bind_threads(layout)
+        if config.device.startswith("cuda"):
+            # "cuda:N" names a GPU of the driver's machine; Ray shows this rank only its own.
+            config = dataclasses.replace(config, device="cuda")
         if self.world_size > 1:
             from pagedllm.distributed.parallel_state import init_tensor_parallel
 
