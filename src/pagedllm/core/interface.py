@@ -42,18 +42,25 @@ class ScheduledRequest:
     output_token_ids: Sequence[int]
     # Token ids forbidden this step because min_tokens is not reached yet (EOS, stop ids).
     min_tokens_stop_ids: list[int]
+    # Speculative decoding: the proposed tokens that end token_ids (each row from the last
+    # known token on samples, and the runner accepts the proposals its samples confirm), and
+    # min_tokens_stop_ids of the row after each proposal. Empty without speculation.
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_min_tokens_stop_ids: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def from_sequence(
-        cls, seq: request.Sequence, num_new: int, block_table: list[int]
+        cls, seq: request.Sequence, num_new: int, block_table: list[int],
+        spec_token_ids: Sequence[int] = (),
     ) -> ScheduledRequest:
-        """The next `num_new` tokens of `seq`, from its first token not in the cache."""
+        """The next `num_new` tokens of `seq`, from its first token not in the cache, then
+        `spec_token_ids` (proposals after its last token) to verify."""
         start = seq.num_computed_tokens
         return cls(
             request_id=seq.request.request_id,
             seq_index=seq.index,
             seq_id=seq.seq_id,
-            token_ids=seq.all_token_ids[start : start + num_new],
+            token_ids=[*seq.all_token_ids[start : start + num_new], *spec_token_ids],
             start_position=start,
             block_table=block_table,
             sample=start + num_new == seq.num_tokens,
@@ -61,6 +68,9 @@ class ScheduledRequest:
             prompt_token_ids=seq.request.prompt_token_ids,
             output_token_ids=seq.output_token_ids,
             min_tokens_stop_ids=min_tokens_stop_ids(seq.request, seq),
+            spec_token_ids=list(spec_token_ids),
+            spec_min_tokens_stop_ids=[min_tokens_stop_ids(seq.request, seq, j)
+                                      for j in range(1, len(spec_token_ids) + 1)],
         )
 
     @property
@@ -129,6 +139,10 @@ class ModelRunnerOutput:
 
     # seq_id -> sampled token, for each scheduled sequence with sample=True.
     sampled: dict[str, SampledToken]
+    # Speculative decoding: seq_id -> the tokens after `sampled[seq_id]` that verification
+    # accepted, in order (the first len(...) proposals matched; the last entry is the
+    # correction or bonus token). Absent for a sequence with no proposal accepted.
+    spec_accepted: dict[str, list[SampledToken]] = field(default_factory=dict)
     # request_id -> the prompt tokens' logprobs that this step's chunk of sequence 0 computed,
     # for requests with SamplingParams.prompt_logprobs.
     prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)

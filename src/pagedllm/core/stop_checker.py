@@ -37,10 +37,11 @@ def check_stop(request: Request, seq: Sequence, max_model_len: int) -> Stop | No
     return None
 
 
-def min_tokens_stop_ids(request: Request, seq: Sequence) -> list[int]:
-    """Token ids that may not be sampled yet because `min_tokens` is not reached."""
+def min_tokens_stop_ids(request: Request, seq: Sequence, num_pending: int = 0) -> list[int]:
+    """Token ids that may not be sampled yet because `min_tokens` is not reached (after
+    `num_pending` more tokens: the proposals before a speculative row)."""
     params = request.sampling_params
-    if seq.num_output_tokens >= params.min_tokens:
+    if seq.num_output_tokens + num_pending >= params.min_tokens:
         return []
     ids = list(params.stop_token_ids or ())
     if request.eos_token_id is not None and not params.ignore_eos:
