@@ -15,7 +15,8 @@ from pagedllm.core.interface import (
 )
 from pagedllm.models.interface import CausalLM
 from pagedllm.profiler import StepProfiler
-from pagedllm.sample.sampler import Sampler, SamplingBatch, prompt_logprobs
+from pagedllm.sample.sampler import Sampler, prompt_logprobs
+from pagedllm.spec_decode.verify import num_accepted, sampling_rows
 from pagedllm.structured_output.bitmask import apply_grammar_bitmask
 
 
@@ -81,35 +82,38 @@ class ModelRunner:
         sampled_items = [(i, s) for i, s in enumerate(scheduled) if s.sample]
         if not sampled_items:
             return ModelRunnerOutput(sampled={}, prompt_logprobs=prompt_chunks)
-        # Only the last token of each sampled request goes through the LM head.
-        rows = torch.tensor([int(query_ends[i]) - 1 for i, _ in sampled_items], device=self.device)
+        # The LM head sees the last token of each sampled request, and the rows of its
+        # speculative proposals (spec_decode/verify.py) before it.
+        batch, row_counts = sampling_rows([s for _, s in sampled_items])
+        rows = torch.tensor([int(query_ends[i]) - n + r
+                             for (i, _), n in zip(sampled_items, row_counts) for r in range(n)],
+                            device=self.device)
         with profiler.section("lm head"):
-            logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab] float32
+            logits = self.model.compute_logits(hidden[rows])  # [num_rows, vocab] float32
         if logits is None:  # a tensor-parallel rank past 0: rank 0 samples
             return ModelRunnerOutput(sampled={})
         if scheduler_output.grammar_bitmask is not None:  # structured outputs: forbidden -> -inf
-            apply_grammar_bitmask(logits, scheduler_output.grammar_bitmask)
-        batch = SamplingBatch(
-            params=[s.sampling_params for _, s in sampled_items],
-            prompt_token_ids=[s.prompt_token_ids for _, s in sampled_items],
-            output_token_ids=[s.output_token_ids for _, s in sampled_items],
-            min_tokens_stop_ids=[s.min_tokens_stop_ids for _, s in sampled_items],
-            sample_indices=[s.seq_index for _, s in sampled_items],
-        )
+            # NOTE: constrained rows never speculate; a proposal row repeats its item's mask.
+            apply_grammar_bitmask(logits, np.repeat(scheduler_output.grammar_bitmask,
+                                                    row_counts, axis=0))
         with profiler.section("sampling"):
             result = self.sampler(logits, batch)
-        return ModelRunnerOutput(
-            sampled={
-                s.seq_id: SampledToken(
-                    token_id=result.sampled_token_ids[j],
-                    logprob=result.sampled_logprobs[j],
-                    rank=result.sampled_ranks[j],
-                    top_logprobs=result.top_logprobs[j],
-                )
-                for j, (_, s) in enumerate(sampled_items)
-            },
-            prompt_logprobs=prompt_chunks,
-        )
+        tokens = [
+            SampledToken(token_id=result.sampled_token_ids[j], logprob=result.sampled_logprobs[j],
+                         rank=result.sampled_ranks[j], top_logprobs=result.top_logprobs[j])
+            for j in range(sum(row_counts))
+        ]
+        sampled, accepted = {}, {}
+        first = 0
+        for (_, s), n in zip(sampled_items, row_counts):
+            sampled[s.seq_id] = tokens[first]
+            if n > 1:
+                m = num_accepted(s.spec_token_ids, result.sampled_token_ids[first : first + n])
+                if m:
+                    accepted[s.seq_id] = tokens[first + 1 : first + 1 + m]
+            first += n
+        return ModelRunnerOutput(sampled=sampled, spec_accepted=accepted,
+                                 prompt_logprobs=prompt_chunks)
 
     def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor,
                          query_ends: np.ndarray) -> dict[str, PromptLogprobsChunk]:
