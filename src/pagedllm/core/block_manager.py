@@ -190,6 +190,14 @@ class BlockManager:
                     if block_id != NULL_BLOCK:
                         pool.free(block_id)
 
+    def trim(self, seq_id: str, num_tokens: int) -> None:
+        """Frees the tail blocks past the first `num_tokens` tokens, last first: the blocks
+        that held only rejected speculative tokens."""
+        table = self._block_tables.get(seq_id)
+        if table is not None:
+            while len(table) > cdiv(num_tokens, self.block_size):
+                self.pool.free(table.pop())
+
     # ---- prefix caching ------------------------------------------------------------------
 
     def find_prefix(self, block_hashes: Sequence[int], token_ids: Sequence[int],
