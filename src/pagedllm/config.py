@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pagedllm.core.scheduler import PREEMPTION_MODES
 from pagedllm.executor.abstract import DISTRIBUTED_EXECUTOR_BACKENDS
+from pagedllm.spec_decode.config import SpeculativeConfig
 from pagedllm.validation import is_int, is_number
 
 if TYPE_CHECKING:
@@ -93,6 +95,10 @@ class EngineConfig:
     distributed_executor_backend: str | None = setting(
         None, "how ranks run: uni (in the engine's process), mp (one worker process per rank) "
         "or ray (default: uni at one rank, mp above)", choices=DISTRIBUTED_EXECUTOR_BACKENDS)
+    speculative_config: dict | None = setting(  # noqa: RUF009 (a field(), default None)
+        None, "speculative decoding, vLLM's dict (JSON on the command line), e.g. "
+        '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+        '"prompt_lookup_min": 2}; see spec_decode/config.py')
     profile: bool = setting(
         False, "time each step's parts (pagedllm generate prints the breakdown to stderr); "
         "costs a little per step")
@@ -150,6 +156,7 @@ class EngineConfig:
         self._verify_parallel()
         if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        SpeculativeConfig.from_dict(self.speculative_config)  # ValueError on a bad setting
 
     def _verify_device(self) -> None:
         import torch
@@ -205,9 +212,20 @@ class EngineConfig:
         return getattr(torch, _DTYPES[self.dtype] or "float32")
 
 
+def _json_object(text: str) -> dict:
+    """A dict flag's value: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r}")
+    return value
+
+
 # The flag types of the settings' annotations (which are strings under `from __future__ import
 # annotations`); `X | None` takes X's.
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": _json_object}
 
 
 def _flag_type(f: Field) -> type:
