@@ -17,6 +17,8 @@ from pagedllm.core.interface import (
 )
 from pagedllm.core.request import Request, RequestStatus, Sequence
 from pagedllm.core.stop_checker import check_stop
+from pagedllm.spec_decode.config import SpeculativeConfig
+from pagedllm.spec_decode.proposer import NgramSpeculator
 
 # The preemption modes the scheduler knows: the one list that settings are checked against.
 PREEMPTION_MODES = ("recompute", "swap")
@@ -37,6 +39,8 @@ class SchedulerConfig:
     # "recompute" frees a preempted request's blocks; "swap" moves them to the host pool and
     # falls back to recompute when the host pool is full.
     preemption_mode: str = "recompute"
+    # Speculative decoding (spec_decode/): None decodes one token per step.
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         # The engine's settings check the user's value (ValueError) against the same constant.
@@ -81,6 +85,9 @@ class Scheduler:
         self.num_swap_outs = 0
         # Live requests under a structured-output constraint (no bitmask work without one).
         self._num_structured = 0
+        spec = config.speculative_config
+        self.speculator = NgramSpeculator(spec) if spec is not None else None
+        self._speculate = False  # whether this step proposes (decided as it starts)
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -110,6 +117,8 @@ class Scheduler:
                     stop_token_id: int | None = None) -> None:
         seq.finish(status, stop_token_id)
         self.block_manager.free(seq.seq_id)
+        if self.speculator is not None:
+            self.speculator.forget(seq.seq_id)
         request = seq.request
         if request.live_seqs():
             return
@@ -147,6 +156,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(scheduled=[], num_batched_tokens=0)
         budget = self.config.max_num_batched_tokens
+        self._speculate = (self.speculator is not None
+                           and self.speculator.step_enabled(self._num_running_seqs()))
 
         index = 0
         while index < len(self.running) and budget > 0:
@@ -207,11 +218,8 @@ class Scheduler:
             seq = request.seqs[item.seq_index]
             if seq.is_finished:
                 continue
-            seq.advance_computed(item.num_tokens)
-            seq.mark_registered(self.block_manager.cache_full_blocks(
-                seq.seq_id, seq.block_hashes, seq.all_token_ids, seq.num_computed_tokens,
-                seq.num_registered_blocks,
-            ))
+            seq.advance_computed(item.num_tokens - len(item.spec_token_ids))
+            self._register_blocks(seq)
             sampled = runner_output.sampled.get(item.seq_id)
             prompt_logprobs = (runner_output.prompt_logprobs.get(item.request_id)
                                if item.seq_index == 0 else None)
@@ -224,15 +232,30 @@ class Scheduler:
                 if request.add_beam_offer(seq, sampled.top_logprobs):
                     beam_requests[request.request_id] = request
                 continue
-            seq.append_token(sampled.token_id, sampled.logprob)
-            stop = check_stop(request, seq, self.config.max_model_len)
+            # With speculation: the sampled token, then those that verification accepted after
+            # it, each checked for a stop as if decoded alone.
+            new_tokens = [sampled, *runner_output.spec_accepted.get(item.seq_id, ())]
+            if item.spec_token_ids:
+                self.speculator.record(seq.seq_id, len(item.spec_token_ids), len(new_tokens) - 1)
+            stop = None
+            for j, token in enumerate(new_tokens):
+                if j:  # the token before this one was a confirmed proposal: its K/V holds
+                    seq.advance_computed(1)
+                seq.append_token(token.token_id, token.logprob)
+                stop = check_stop(request, seq, self.config.max_model_len)
+                if stop is not None:
+                    del new_tokens[j + 1 :]
+                    break
             if stop is not None:
                 self._finish_seq(seq, stop.status, stop.token_id)
+            elif item.spec_token_ids:  # roll back: rejected proposals' slots are free again
+                self._register_blocks(seq)
+                self.block_manager.trim(seq.seq_id, seq.num_tokens)
             updates.append(
                 RequestUpdate(
                     request_id=request.request_id,
                     seq_index=seq.index,
-                    new_tokens=[sampled],
+                    new_tokens=new_tokens,
                     finish_reason=stop.status.finish_reason if stop is not None else None,
                     stop_token_id=seq.stop_token_id,
                     prompt_logprobs=prompt_logprobs,
@@ -248,6 +271,24 @@ class Scheduler:
 
     # ---- internals -----------------------------------------------------------------------
 
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Offers the sequence's newly computed full blocks to the prefix cache."""
+        seq.mark_registered(self.block_manager.cache_full_blocks(
+            seq.seq_id, seq.block_hashes, seq.all_token_ids, seq.num_computed_tokens,
+            seq.num_registered_blocks,
+        ))
+
+    def _proposals(self, request: Request, seq: Sequence, start: int, num_new: int,
+                   room: int) -> list[int]:
+        """Speculative tokens to verify after a decode of `seq` ([] when it does not propose):
+        never more than the budget's `room`, max_tokens or the context length can take."""
+        if (not self._speculate or num_new != 1 or start != seq.num_tokens - 1
+                or not request.is_forked or request.beam is not None or request.is_structured):
+            return []
+        max_k = min(room, request.max_tokens - seq.num_output_tokens - 1,
+                    self.config.max_model_len - seq.num_tokens - 1)
+        return self.speculator.propose(seq, max_k) if max_k > 0 else []
+
     def _plan_group(self, request: Request, budget: int, out: SchedulerOutput,
                     can_preempt: bool = True) -> _GroupPlan | None:
         """Decides and allocates the request's tokens for this step, all sequences or none.
@@ -258,7 +299,7 @@ class Scheduler:
         """
         manager = self.block_manager
         self._maybe_fork(request)
-        wants = []  # (seq, start, num_new, prefix_hit)
+        wants = []  # (seq, start, num_new, prefix_hit, proposals)
         num_tokens = 0
         for seq in request.live_seqs():
             hit = None
@@ -271,14 +312,21 @@ class Scheduler:
             num_new = max(min(request.prefill_limit(seq) - start, budget - num_tokens), 0)
             if num_new == 0 and not (hit and hit.num_blocks):
                 continue
-            wants.append((seq, start, num_new, hit))
-            num_tokens += num_new
+            spec = self._proposals(request, seq, start, num_new, budget - num_tokens - num_new)
+            wants.append((seq, start, num_new, hit, spec))
+            num_tokens += num_new + len(spec)
         if not wants:
             return _GroupPlan([], [], 0)
         # NOTE: conservative when several sequences of the request hit the same cached blocks
         # (each counts their revival), never optimistic.
-        needed = sum(manager.num_blocks_needed(seq.seq_id, start, n, hit)
-                     for seq, start, n, hit in wants)
+        needed = sum(manager.num_blocks_needed(seq.seq_id, start, n + len(spec), hit)
+                     for seq, start, n, hit, spec in wants)
+        if needed > manager.num_free_blocks and any(w[4] for w in wants):
+            # Proposals never cost a preemption: the request decodes without them.
+            wants = [(seq, start, n, hit, []) for seq, start, n, hit, _ in wants]
+            num_tokens = sum(w[2] for w in wants)
+            needed = sum(manager.num_blocks_needed(seq.seq_id, start, n, hit)
+                         for seq, start, n, hit, _ in wants)
         while needed > manager.num_free_blocks:
             if not can_preempt:
                 return None
@@ -289,16 +337,16 @@ class Scheduler:
         plan = _GroupPlan([], [], num_tokens)
         # NOTE: every prefix hit is attached before any fresh block is taken, because taking a
         # block from the free queue may evict a cached block that a later hit points to.
-        for seq, start, _, hit in wants:
+        for seq, start, _, hit, _ in wants:
             if hit is not None:
                 manager.record_prefix_query(seq.num_tokens, start)
                 manager.attach_prefix(seq.seq_id, hit)
                 seq.advance_computed(start)  # the hit's tokens are cached: nothing to compute
-        for seq, start, num_new, _ in wants:
-            plan.copies.extend(manager.allocate_slots(seq.seq_id, start, num_new))
+        for seq, start, num_new, _, spec in wants:
+            plan.copies.extend(manager.allocate_slots(seq.seq_id, start, num_new + len(spec)))
             if num_new:
                 table = manager.get_block_table(seq.seq_id)
-                plan.items.append(ScheduledRequest.from_sequence(seq, num_new, table))
+                plan.items.append(ScheduledRequest.from_sequence(seq, num_new, table, spec))
         return plan
 
     def _commit(self, plan: _GroupPlan, out: SchedulerOutput, budget: int) -> int:

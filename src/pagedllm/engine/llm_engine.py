@@ -26,6 +26,7 @@ from pagedllm.models.registry import kv_cache_sliding_window
 from pagedllm.outputs import RequestOutput
 from pagedllm.profiler import StepProfiler
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.spec_decode.config import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ class EngineStats:
     num_tokens_computed: int
     # Tokens generated since start.
     num_generation_tokens: int
+    # Speculative decoding since start (zeros without it): sequence-steps that verified
+    # proposals, tokens proposed, tokens accepted, and accepted by position in the proposal.
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: list[int] = dataclasses.field(default_factory=list)
 
 
 class LLMEngine:
@@ -119,6 +126,8 @@ class LLMEngine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 preemption_mode=config.preemption_mode,
+                # NOTE: beam search runs without speculation (its requests never propose).
+                speculative_config=SpeculativeConfig.from_dict(config.speculative_config),
             ),
             self.block_manager,
         )
@@ -276,7 +285,10 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         cpu_pool = self.block_manager.cpu_pool
+        speculator = self.scheduler.speculator
+        spec = dataclasses.asdict(speculator.stats) if speculator is not None else {}
         return EngineStats(
+            **{f"spec_decode_{name}": value for name, value in spec.items()},
             num_blocks=self.block_manager.num_blocks,
             num_free_blocks=self.block_manager.num_free_blocks,
             num_running=self.scheduler.num_running,
