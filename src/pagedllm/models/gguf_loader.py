@@ -102,9 +102,13 @@ def gguf_weights(path: Path, config: PretrainedConfig,
     tensors = list(reader.tensors)
     if tied_head and "output.weight" not in names:
         tensors += [t for t in reader.tensors if t.name == "token_embd.weight"]
+    embedding: torch.Tensor | None = None  # token_embd's blocks, shared with a tied head
     for index, tensor in enumerate(tensors):
         as_head = index >= len(reader.tensors)  # the tied head's copy of token_embd
         name = "lm_head.weight" if as_head else hf_name(tensor.name)
+        if as_head and embedding is not None:
+            yield name, embedding
+            continue
         if name is None:
             if tensor.name in _SKIPPED:
                 continue
@@ -127,6 +131,8 @@ def gguf_weights(path: Path, config: PretrainedConfig,
             data = _keep_type(_unpermute_rows(data, num_heads), data)
         elif tensor.name.endswith("attn_k.weight"):
             data = _keep_type(_unpermute_rows(data, num_kv_heads), data)
+        if tensor.name == "token_embd.weight" and hasattr(data, "ggml_type"):
+            embedding = data
         yield name, data
 
 

@@ -19,11 +19,12 @@ from transformers import AutoConfig, PretrainedConfig
 from pagedllm.attention import AttentionBackend
 from pagedllm.distributed import get_tp_group
 from pagedllm.layers.quantization.base import QuantizationConfig
-from pagedllm.layers.quantization.gguf import GGUFConfig
+from pagedllm.layers.quantization.gguf import GGUFConfig, GGUFEmbedding
 from pagedllm.layers.quantization.int8 import Int8Config
 from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead
 from pagedllm.models.interface import CausalLM
 from pagedllm.models.registry import get_model_class
+from pagedllm.ops import cpu_ops
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +81,34 @@ def build_model(
             # while the lookups read the dequantized table.
             causal_lm.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                                quant_config=quant_config, prefix="lm_head")
+        embeds_blocks = isinstance(quant_config, GGUFConfig) and _gguf_embedding(causal_lm)
     causal_lm.to_empty(device=device)
     causal_lm.init_buffers()
     if isinstance(quant_config, GGUFConfig):
         from pagedllm.models.gguf_loader import gguf_weights
 
-        _load_checked(causal_lm, gguf_weights(gguf_path, config, tied_head=tied_gguf_head),
+        float_names = () if embeds_blocks else ("token_embd.weight",)
+        _load_checked(causal_lm, gguf_weights(gguf_path, config, float_names, tied_gguf_head),
                       str(gguf_path))
     else:
         load_weights(causal_lm, model_dir)
     return causal_lm.to(dtype).eval()
+
+
+def _gguf_embedding(model: CausalLM) -> bool:
+    """Puts a GGUFEmbedding where the model's token embedding is (one rank, the ops built):
+    lookups then dequantize the rows they read. False where it stays a float table."""
+    embedding = model.get_input_embeddings()
+    if get_tp_group().world_size != 1 or cpu_ops() is None:
+        return False
+    for name, module in model.named_modules():
+        if module is embedding:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, GGUFEmbedding(embedding.num_embeddings,
+                                                embedding.embedding_dim))
+            return True
+    return False
 
 
 def gguf_source(model: str | os.PathLike | None) -> Path | None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.layers.linear import KeepsParamAttrs
 from pagedllm.layers.packed import PackedWeight, try_pack
 from pagedllm.layers.quantization.base import (
     LinearMethodBase,
@@ -121,7 +122,9 @@ class GGUFLinearMethod(LinearMethodBase):
                 loaded = loaded.narrow(1, layer.tp_rank * width, width)
             else:
                 loaded = loaded.narrow(1, layer.tp_rank * in_size, in_size)
-        kept = loaded.contiguous().clone()
+        # NOTE: the loader's tensors are copies already; a view of a bigger one is cloned.
+        whole = loaded.is_contiguous() and loaded.untyped_storage().nbytes() == loaded.nbytes
+        kept = loaded if whole else loaded.contiguous().clone()
         if ggml_type is not None:
             kept.ggml_type = ggml_type
         layer.gguf_parts[part] = kept
@@ -200,3 +203,36 @@ class GGUFConfig(QuantizationConfig):
 
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         return GGUFLinearMethod()
+
+
+class GGUFEmbedding(KeepsParamAttrs):
+    """A token embedding kept as a GGUF tensor's blocks: a lookup dequantizes only the rows it
+    reads (the same values as the gguf package's dequantization, in the model's dtype)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        weight = nn.Parameter(torch.empty(1, dtype=torch.uint8), requires_grad=False)
+        set_weight_attrs(weight, {"weight_loader": self._load})
+        self.weight = weight
+        self.register_buffer("gguf_dtype", torch.empty(0), persistent=False)
+        self.blocks: torch.Tensor | None = None
+        self.ggml_type: int | None = None
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        ggml_type = getattr(loaded, "ggml_type", None)
+        if ggml_type is None:
+            raise ValueError("the GGUF embedding takes a quantized tensor")
+        check_quantized_shape(loaded, ggml_type, self.num_embeddings, self.embedding_dim,
+                              "token_embd")
+        self.blocks, self.ggml_type = loaded, ggml_type
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.reshape(-1).long()
+        out = torch.empty(ids.shape[0], self.embedding_dim, dtype=self.gguf_dtype.dtype)
+        if ids.numel():
+            cpu_ops().gguf_dequantize_rows(out, self.blocks, self.ggml_type, ids)
+        return out.reshape(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}"
