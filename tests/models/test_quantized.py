@@ -138,3 +138,83 @@ def test_gguf_type_without_kernel_loads_with_a_warning(tmp_path, caplog) -> None
     del quantized
     dense = LLM(str(path), quantization="none", num_kv_blocks=64)
     check_within_dense_top3(dense, prompts, outputs)
+
+
+def write_tiny_llama_gguf(path: Path, types: dict[str, str], seed: int = 0) -> None:
+    """A tiny random Llama (tied embeddings, SmolLM2's tokenizer and vocabulary) as a GGUF
+    file written by the gguf package: tensors named and permuted as llama.cpp writes them,
+    each quantized to types[name suffix] (default Q8_0; norms F32)."""
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import quantize
+
+    from pagedllm.models.default_model import default_gguf_path
+
+    hidden, heads, kv_heads, layers, ffn = 64, 4, 2, 2, 128
+    sizes = {"llama.block_count": layers, "llama.embedding_length": hidden,
+             "llama.feed_forward_length": ffn, "llama.attention.head_count": heads,
+             "llama.attention.head_count_kv": kv_heads, "llama.context_length": 512,
+             "llama.rope.dimension_count": hidden // heads}
+    reader = GGUFReader(default_gguf_path())
+    writer = GGUFWriter(path, arch="llama")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, sizes.get(name, field.contents()), vtype, sub_type=sub_type)
+    gen = torch.Generator().manual_seed(seed)
+
+    def matrix(rows: int, cols: int, std: float = 0.15) -> np.ndarray:
+        return (torch.randn(rows, cols, generator=gen) * std).numpy()
+
+    def permute(w: np.ndarray, n_head: int) -> np.ndarray:  # llama.cpp's q/k row order
+        return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+                .swapaxes(1, 2).reshape(w.shape))
+
+    def add(name: str, w: np.ndarray) -> None:
+        if w.ndim == 1:
+            writer.add_tensor(name, w.astype(np.float32))
+            return
+        qtype = GGMLQuantizationType[types.get(name.split(".")[-2], "Q8_0")]
+        writer.add_tensor(name, quantize(w.astype(np.float32), qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", matrix(49152, hidden, 0.5))
+    kv = hidden // heads * kv_heads
+    for i in range(layers):
+        add(f"blk.{i}.attn_norm.weight", 1 + 0.1 * matrix(1, hidden, 1)[0])
+        add(f"blk.{i}.attn_q.weight", permute(matrix(hidden, hidden), heads))
+        add(f"blk.{i}.attn_k.weight", permute(matrix(kv, hidden), kv_heads))
+        add(f"blk.{i}.attn_v.weight", matrix(kv, hidden))
+        add(f"blk.{i}.attn_output.weight", matrix(hidden, hidden))
+        add(f"blk.{i}.ffn_norm.weight", 1 + 0.1 * matrix(1, hidden, 1)[0])
+        add(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
+        add(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
+        add(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn))
+    add("output_norm.weight", 1 + 0.1 * matrix(1, hidden, 1)[0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_tiny_gguf_quantized_path(tmp_path, caplog) -> None:
+    """Q8_0 (embedding and tied head), Q4_1, Q4_0 and Q5_0 (no kernel: dequantized with a
+    warning) on the GGUF path: greedy tokens within the dequantized model's top-3."""
+    from pagedllm.layers.quantization.gguf import GGUFEmbedding
+
+    path = tmp_path / "tiny-llama.gguf"
+    write_tiny_llama_gguf(path, {"ffn_gate": "Q4_1", "ffn_up": "Q4_1", "attn_v": "Q4_0",
+                                 "ffn_down": "Q5_0"})
+    with caplog.at_level(logging.WARNING, logger="pagedllm.models.gguf_loader"):
+        quantized = LLM(str(path), num_kv_blocks=64)
+    warnings = [r.getMessage() for r in caplog.records if "no quantized kernel" in r.getMessage()]
+    assert len(warnings) == 1 and "Q5_0" in warnings[0]
+    model = model_of(quantized)
+    assert isinstance(model.get_input_embeddings(), GGUFEmbedding)
+    assert linear_methods(quantized) == {GGUFLinearMethod}
+    prompts = ragged_prompts(4, seed=3, max_len=30)
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outputs = [o.outputs[0].token_ids for o in quantized.generate(token_prompts(prompts), greedy)]
+    dense = LLM(str(path), quantization="none", num_kv_blocks=64)
+    check_within_dense_top3(dense, prompts, outputs)
