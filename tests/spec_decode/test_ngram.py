@@ -1,0 +1,290 @@
+"""Speculative decoding with n-gram proposals, through the public API: the output is that of
+decoding without speculation (greedy token for token, seeded sampling too, unseeded sampling in
+distribution), proposals do get accepted, and every block comes back."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import EngineConfig
+from pagedllm.core.beam_search import BeamSearchParams
+from pagedllm.spec_decode.ngram import propose_ngram
+
+K = 4
+# Tests speculate at every batch size (the default skips batches above 8 sequences).
+SPEC = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4,
+        "prompt_lookup_min": 2, "disable_by_batch_size": 1024}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_llama_factory):
+    return tiny_llama_factory(num_heads=4, num_kv_heads=2)
+
+
+def make_llm(path, speculate: bool, spec: dict = SPEC, **kwargs) -> LLM:
+    kwargs = {"num_kv_blocks": 256, "block_size": 8, "seed": 3, **kwargs}
+    return LLM(str(path), speculative_config=spec if speculate else None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_dir):
+    return make_llm(tiny_dir, False)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_dir):
+    return make_llm(tiny_dir, True)
+
+
+def repetitive_prompts(n: int, seed: int = 0, vocab: int = 512) -> list[dict]:
+    """Prompts that repeat a phrase with small edits, so that n-grams recur (and models echo)."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        phrase = [rng.randrange(3, vocab) for _ in range(rng.randint(3, 7))]
+        tokens = []
+        for _ in range(rng.randint(2, 6)):
+            tokens += phrase + [rng.randrange(3, vocab)]
+        prompts.append({"prompt_token_ids": tokens + phrase[:2]})  # ends inside the phrase
+    return prompts
+
+
+def completions(outputs) -> list[list]:
+    return [[(c.token_ids, c.logprobs, c.finish_reason, c.stop_reason, c.text)
+             for c in o.outputs] for o in outputs]
+
+
+def assert_all_blocks_free(llm: LLM) -> None:
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_free_blocks == stats.num_blocks
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def accepted(llm: LLM) -> int:
+    return llm.llm_engine.get_stats().spec_decode_num_accepted_tokens
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min"),
+    ({"method": "medusa2", "num_speculative_tokens": 2}, "method must be one of"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a 'model'"),
+    ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2}, "not built yet"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown keys"),
+    ("ngram", "must be a dict"),
+])
+def test_bad_settings_are_value_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(speculative_config=bad)
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    tokens = [1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 1, 2, 3]
+    assert propose_ngram(tokens, 3, 2, 4) == [5, 6, 1]  # latest earlier `1 2 3` is at 5
+    assert propose_ngram(tokens, 9, 2, 4) == [5, 6, 1, 2, 3]  # as many as there are
+    assert propose_ngram([7, 8, 9, 7], 3, 2, 4) == []  # no 2-gram recurs
+    assert propose_ngram([7, 8, 9, 7], 3, 1, 4) == [8, 9, 7]
+    assert propose_ngram([4, 5, 4, 5], 2, 2, 2) == [4, 5]
+
+
+def test_greedy_ragged_batch_equals_plain_decoding_with_logprobs(base, spec):
+    prompts = repetitive_prompts(6, seed=1)
+    params = [SamplingParams(temperature=0, max_tokens=24 + 7 * i, ignore_eos=True,
+                             logprobs=2 if i % 2 else None) for i in range(6)]
+    before = accepted(spec)
+    want = completions(base.generate(prompts, params, use_tqdm=False))
+    got = completions(spec.generate(prompts, params, use_tqdm=False))
+    assert got == want
+    stats = spec.llm_engine.get_stats()
+    assert stats.spec_decode_num_accepted_tokens > before
+    assert stats.spec_decode_num_accepted_tokens <= stats.spec_decode_num_draft_tokens
+    assert sum(stats.spec_decode_num_accepted_tokens_per_pos) == \
+        stats.spec_decode_num_accepted_tokens
+    assert len(stats.spec_decode_num_accepted_tokens_per_pos) == K
+    assert_all_blocks_free(spec)
+
+
+def test_stops_inside_accepted_runs_cut_where_plain_decoding_does(base, spec):
+    prompt = repetitive_prompts(1, seed=2)[0]
+    greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    reference = base.generate(prompt, greedy, use_tqdm=False)[0].outputs[0]
+    out = reference.token_ids
+    tokenizer = base.get_tokenizer()
+    eos = tokenizer.eos_token_id
+    params = []
+    for i in range(1, 40, 3):  # cut points all along, some inside accepted runs
+        params.append(SamplingParams(temperature=0, max_tokens=i, ignore_eos=True))
+        params.append(SamplingParams(temperature=0, max_tokens=48, ignore_eos=True,
+                                     stop_token_ids=[out[i]]))
+        params.append(SamplingParams(temperature=0, max_tokens=48, ignore_eos=True,
+                                     stop_token_ids=[out[i]], min_tokens=i + 2))
+        text = tokenizer.decode([out[i]]).strip()
+        if text:
+            params.append(SamplingParams(temperature=0, max_tokens=48, stop=[text],
+                                         ignore_eos=True))
+    for bias in (3.0, 6.0, 9.0):  # EOS pushed up: it comes at some point, the same with both
+        params.append(SamplingParams(temperature=0, max_tokens=48, logit_bias={eos: bias}))
+    prompts = [prompt] * len(params)
+    before = accepted(spec)
+    want = completions(base.generate(prompts, params, use_tqdm=False))
+    got = completions(spec.generate(prompts, params, use_tqdm=False))
+    assert got == want
+    assert accepted(spec) > before
+    reasons = Counter(c[2] for o in want for c in o)
+    assert reasons["stop"] and reasons["length"]
+    assert_all_blocks_free(spec)
+
+
+def test_requests_added_mid_decode(base, spec):
+    prompts = repetitive_prompts(5, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=1)
+
+    def run(llm):
+        engine = llm.llm_engine
+        finals = {}
+        pending = list(enumerate(prompts))
+        steps = 0
+        while pending or engine.has_unfinished_requests():
+            if pending and steps % 3 == 0:
+                i, prompt = pending.pop(0)
+                engine.add_request(f"r{i}", prompt, params)
+            for output in engine.step():
+                if output.finished:
+                    finals[output.request_id] = output
+            steps += 1
+        return completions([finals[f"r{i}"] for i in range(len(prompts))])
+
+    assert run(spec) == run(base)
+    assert_all_blocks_free(spec)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_small_pool_preemption(tiny_dir, mode):
+    prompts = repetitive_prompts(6, seed=4)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    kwargs = {"num_kv_blocks": 24, "preemption_mode": mode, "swap_space": 0.01}
+    want = completions(make_llm(tiny_dir, False, **kwargs).generate(prompts, params,
+                                                                    use_tqdm=False))
+    llm = make_llm(tiny_dir, True, **kwargs)
+    got = completions(llm.generate(prompts, params, use_tqdm=False))
+    assert got == want
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_preemptions > 0 and stats.spec_decode_num_accepted_tokens > 0
+    if mode == "swap":
+        assert stats.num_swap_outs > 0
+    assert_all_blocks_free(llm)
+
+
+def test_seeded_sampling_n_and_prefix_caching(base, spec):
+    prompts = repetitive_prompts(3, seed=5)
+    params = SamplingParams(temperature=0.8, top_k=50, n=3, seed=11, max_tokens=30,
+                            ignore_eos=True, logprobs=1)
+    want = completions(base.generate(prompts, params, use_tqdm=False))
+    hits = spec.llm_engine.get_stats().prefix_cache_hits
+    first = completions(spec.generate(prompts, params, use_tqdm=False))
+    again = completions(spec.generate(prompts, params, use_tqdm=False))  # prefix-cache hits
+    # NOTE: a seeded row draws the noise of its position, so speculation changes nothing.
+    assert first == again == want
+    assert spec.llm_engine.get_stats().prefix_cache_hits > hits
+    assert_all_blocks_free(spec)
+
+
+def chi_square_p_value(a: Counter, b: Counter) -> float:
+    """Two-sample chi-square test of equal token frequencies (bins under 5 expected merged)."""
+    total_a, total_b = sum(a.values()), sum(b.values())
+    bins, rest = [], [0, 0]
+    for token in set(a) | set(b):
+        counts = [a[token], b[token]]
+        if sum(counts) >= 10:
+            bins.append(counts)
+        else:
+            rest = [rest[0] + counts[0], rest[1] + counts[1]]
+    if sum(rest):
+        bins.append(rest)
+    n = total_a + total_b
+    stat = 0.0
+    for counts in bins:
+        for observed, total in zip(counts, (total_a, total_b)):
+            expected = sum(counts) * total / n
+            stat += (observed - expected) ** 2 / expected
+    df = len(bins) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64),
+                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
+
+
+def test_unseeded_sampling_keeps_the_distribution(tiny_llama_factory, tmp_path):
+    # A 64-token vocabulary, and logits six times as sharp as the random model's, so that
+    # proposals are accepted often at temperature 1 (as with a trained model) and often
+    # rejected too. NOTE: accepting every proposal fails this test with p < 1e-20.
+    path = tmp_path / "sharp"
+    shutil.copytree(tiny_llama_factory(vocab_size=64, num_heads=4, num_kv_heads=2), path)
+    weights = load_file(path / "model.safetensors")
+    weights["lm_head.weight"] *= 6
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    prompts = repetitive_prompts(4, seed=6, vocab=64)
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    num_samples = 600
+    batch = [prompts[i % len(prompts)] for i in range(num_samples)]
+    counts = []  # per run: per output position, Counter of (prompt, token)
+    for speculate in (False, True):
+        # Proposals at almost every step (1-grams recur in a 64-token vocabulary), however
+        # often they are rejected.
+        llm = make_llm(path, speculate, {**SPEC, "prompt_lookup_min": 1,
+                                         "min_acceptance_rate": 0.0},
+                       num_kv_blocks=2048, max_num_seqs=256, enable_prefix_caching=False)
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        # Samples are independent across sequences (not across the positions of one), so each
+        # position is tested alone.
+        counts.append([Counter((i % len(prompts), o.outputs[0].token_ids[pos])
+                               for i, o in enumerate(outputs))
+                       for pos in range(params.max_tokens)])
+        assert_all_blocks_free(llm)
+    p_values = [chi_square_p_value(a, b) for a, b in zip(*counts)]
+    assert min(p_values) > 0.001 / len(p_values), p_values  # Bonferroni over the positions
+    stats = llm.llm_engine.get_stats()
+    # Both branches of the rejection sampler ran, many times.
+    assert stats.spec_decode_num_accepted_tokens >= 30
+    assert stats.spec_decode_num_draft_tokens - stats.spec_decode_num_accepted_tokens >= 30
+
+
+def test_beam_search_runs_without_speculation(base, spec):
+    prompts = repetitive_prompts(2, seed=7)
+    params = BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True)
+    drafts = spec.llm_engine.get_stats().spec_decode_num_drafts
+    want = [[(b.tokens, b.cum_logprob) for b in o.sequences]
+            for o in base.beam_search(prompts, params)]
+    got = [[(b.tokens, b.cum_logprob) for b in o.sequences]
+           for o in spec.beam_search(prompts, params)]
+    assert got == want
+    assert spec.llm_engine.get_stats().spec_decode_num_drafts == drafts  # none proposed
+    assert_all_blocks_free(spec)
+
+
+def test_large_batches_and_low_acceptance_skip_speculation(tiny_dir):
+    # The default disable_by_batch_size (8): 12 running sequences never propose.
+    llm = make_llm(tiny_dir, True, {"method": "ngram", "num_speculative_tokens": K})
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    llm.generate(repetitive_prompts(12, seed=8), params, use_tqdm=False)
+    assert llm.llm_engine.get_stats().spec_decode_num_drafts == 0
+    # A sequence whose recent acceptance falls below min_acceptance_rate stops proposing for
+    # cooldown_steps steps (here: any rejection, for the rest of the request).
+    prompts, params = repetitive_prompts(1, seed=8), SamplingParams(temperature=0, max_tokens=40)
+    runs = []
+    for rate in (0.0, 1.0):
+        llm = make_llm(tiny_dir, True, {**SPEC, "prompt_lookup_min": 1,
+                                        "min_acceptance_rate": rate, "cooldown_steps": 1000})
+        tokens = llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
+        stats = llm.llm_engine.get_stats()
+        runs.append((tokens, stats.spec_decode_num_drafts,
+                     stats.spec_decode_num_draft_tokens - stats.spec_decode_num_accepted_tokens))
+        assert_all_blocks_free(llm)
+    (tokens_all, drafts_all, _), (tokens_cool, drafts_cool, rejected_cool) = runs
+    assert tokens_cool == tokens_all
+    assert rejected_cool > 0 and drafts_cool < drafts_all
