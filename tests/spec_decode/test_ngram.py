@@ -288,3 +288,21 @@ def test_large_batches_and_low_acceptance_skip_speculation(tiny_dir):
     (tokens_all, drafts_all, _), (tokens_cool, drafts_cool, rejected_cool) = runs
     assert tokens_cool == tokens_all
     assert rejected_cool > 0 and drafts_cool < drafts_all
+
+
+def test_prometheus_spec_decode_counters(spec):
+    from pagedllm.entrypoints.openai.metrics import ServerMetrics
+
+    spec.generate(repetitive_prompts(2, seed=9),
+                  SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    stats = spec.llm_engine.get_stats()
+    metrics = ServerMetrics("tiny")
+    metrics.observe([], stats)
+    text = metrics.render().decode()
+    assert stats.spec_decode_num_accepted_tokens > 0
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        line = f'pagedllm:spec_decode_{name}_total{{model_name="tiny"}} '
+        assert f"{line}{float(getattr(stats, f'spec_decode_{name}'))}" in text
+    first = stats.spec_decode_num_accepted_tokens_per_pos[0]
+    assert (f'pagedllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="tiny",'
+            f'position="0"}} {float(first)}') in text

@@ -73,6 +73,18 @@ class ServerMetrics:
                                       "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("pagedllm:prefix_cache_hits",
                                    "Prompt tokens found in the prefix cache.")
+        # Speculative decoding (vLLM's spec_decode names); zero without it.
+        self.spec_drafts = counter("pagedllm:spec_decode_num_drafts",
+                                   "Sequence-steps that verified speculative proposals.")
+        self.spec_draft_tokens = counter("pagedllm:spec_decode_num_draft_tokens",
+                                         "Speculative tokens proposed.")
+        self.spec_accepted_tokens = counter("pagedllm:spec_decode_num_accepted_tokens",
+                                            "Speculative tokens accepted.")
+        self._spec_accepted_per_pos = Counter(
+            "pagedllm:spec_decode_num_accepted_tokens_per_pos",
+            "Speculative tokens accepted, by position in the proposal.",
+            labels + ["position"], registry=self.registry)
+        self._log_spec = [0, 0, 0]  # drafts, draft tokens, accepted tokens since the last line
         # Last seen engine totals, for counter deltas.
         self._last_totals: dict[str, int] = {}
         # Requests that produced a first token and are not finished yet.
@@ -98,9 +110,21 @@ class ServerMetrics:
         self.num_swapped.set(stats.num_swapped)
         self.prefix_queries.inc(self._delta("prefix_cache_queries", stats.prefix_cache_queries))
         self.prefix_hits.inc(self._delta("prefix_cache_hits", stats.prefix_cache_hits))
+        self._observe_spec_decode(stats)
         for output in outputs:
             self._observe_request(output)
         self._maybe_log(stats)
+
+    def _observe_spec_decode(self, stats: EngineStats) -> None:
+        deltas = [self._delta(f"spec_decode_{name}", getattr(stats, f"spec_decode_{name}"))
+                  for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")]
+        for metric, delta, i in zip((self.spec_drafts, self.spec_draft_tokens,
+                                     self.spec_accepted_tokens), deltas, range(3)):
+            metric.inc(delta)
+            self._log_spec[i] += delta
+        for pos, total in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+            self._spec_accepted_per_pos.labels(self._model_name, str(pos)).inc(
+                self._delta(f"spec_decode_accepted_pos{pos}", total))
 
     def _delta(self, name: str, total: int) -> int:
         delta = total - self._last_totals.get(name, 0)
@@ -148,6 +172,13 @@ class ServerMetrics:
                 stats.num_swapped,
                 100.0 * used / stats.num_blocks if stats.num_blocks else 0.0,
             )
+        drafts, draft_tokens, accepted = self._log_spec
+        if drafts:
+            logger.info(
+                "SpecDecoding metrics: Mean acceptance length: %.2f, Accepted: %d tokens, "
+                "Drafted: %d tokens, Acceptance rate: %.1f%%",
+                1 + accepted / drafts, accepted, draft_tokens, 100.0 * accepted / draft_tokens)
+            self._log_spec = [0, 0, 0]
         self._last_log = now
         self._log_prompt_tokens = 0
         self._log_generation_tokens = 0
