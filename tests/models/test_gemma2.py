@@ -32,9 +32,11 @@ def test_window_and_soft_caps_under_a_small_pool_match_transformers(gemma2_dir):
     check_fp32(gemma2_dir("window-softcap-gqa"), num_kv_blocks=24)
 
 
+@pytest.mark.slow
 def test_no_caps_untied_matches_transformers(gemma2_dir):
     check_fp32(gemma2_dir("no-caps-untied"))
 
 
+@pytest.mark.slow
 def test_bfloat16_stays_within_transformers_top3(gemma2_dir):
     check_bf16(gemma2_dir("window-softcap-gqa"))

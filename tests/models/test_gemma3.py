@@ -34,9 +34,11 @@ def test_window_under_a_small_pool_matches_transformers(gemma3_dir):
     check_fp32(gemma3_dir("window-gqa"), num_kv_blocks=24)
 
 
+@pytest.mark.slow
 def test_global_untied_matches_transformers(gemma3_dir):
     check_fp32(gemma3_dir("global-untied"))
 
 
+@pytest.mark.slow
 def test_bfloat16_stays_within_transformers_top3(gemma3_dir):
     check_bf16(gemma3_dir("window-gqa"))

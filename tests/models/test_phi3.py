@@ -34,6 +34,7 @@ def test_default_rope_under_a_small_pool_matches_transformers(phi3_dir):
     check_fp32(phi3_dir("default-rope-gqa"), num_kv_blocks=24)
 
 
+@pytest.mark.slow
 def test_longrope_matches_transformers(phi3_dir):
     check_fp32(phi3_dir("longrope"))
 

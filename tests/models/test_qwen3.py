@@ -27,6 +27,7 @@ def test_gqa_tied_under_a_small_pool_matches_transformers(qwen3_dir):
     check_fp32(qwen3_dir("gqa-tied"), num_kv_blocks=24)
 
 
+@pytest.mark.slow
 def test_biases_match_transformers(qwen3_dir):
     check_fp32(qwen3_dir("bias-untied"))
 
