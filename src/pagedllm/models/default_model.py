@@ -88,7 +88,15 @@ def convert_gguf(gguf_path: Path) -> Path:
         logger.info("converting %s into %s (once)", gguf_path, out_dir)
         tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
         try:
-            _write_hf_directory(gguf_path, tmp_dir)
+            try:
+                _write_hf_directory(gguf_path, tmp_dir)
+            except ValueError as exc:  # transformers': "GGUF model with architecture X is not..."
+                from pagedllm.models.registry import supported_architectures
+
+                raise ValueError(
+                    f"model file {gguf_path.name!r} cannot be loaded: {exc} (pagedllm reads a "
+                    f"GGUF through transformers, for the architectures "
+                    f"{', '.join(supported_architectures())})") from None
             _add_missing_chat_template(tmp_dir)
             tmp_dir.rename(out_dir)
         finally:
