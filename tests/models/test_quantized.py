@@ -128,7 +128,7 @@ def test_gguf_type_without_kernel_loads_with_a_warning(tmp_path, caplog) -> None
     write_gguf_with_q5_0(default_gguf_path(), path,
                          ("blk.0.ffn_down.weight", "blk.1.attn_q.weight", "blk.2.attn_v.weight"))
     with caplog.at_level(logging.WARNING, logger="pagedllm.models.gguf_loader"):
-        quantized = LLM(str(path), num_kv_blocks=64)
+        quantized = LLM(str(path), quantization="auto", num_kv_blocks=64)
     warnings = [r.getMessage() for r in caplog.records if "no quantized kernel" in r.getMessage()]
     assert len(warnings) == 1 and "Q5_0" in warnings[0]
     tokenizer = quantized.get_tokenizer()
@@ -207,7 +207,7 @@ def test_tiny_gguf_quantized_path(tmp_path, caplog) -> None:
     write_tiny_llama_gguf(path, {"ffn_gate": "Q4_1", "ffn_up": "Q4_1", "attn_v": "Q4_0",
                                  "ffn_down": "Q5_0"})
     with caplog.at_level(logging.WARNING, logger="pagedllm.models.gguf_loader"):
-        quantized = LLM(str(path), num_kv_blocks=64)
+        quantized = LLM(str(path), quantization="auto", num_kv_blocks=64)
     warnings = [r.getMessage() for r in caplog.records if "no quantized kernel" in r.getMessage()]
     assert len(warnings) == 1 and "Q5_0" in warnings[0]
     model = model_of(quantized)
