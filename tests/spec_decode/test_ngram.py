@@ -306,3 +306,14 @@ def test_prometheus_spec_decode_counters(spec):
     first = stats.spec_decode_num_accepted_tokens_per_pos[0]
     assert (f'pagedllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="tiny",'
             f'position="0"}} {float(first)}') in text
+
+
+def test_serve_flag_takes_json():
+    from pagedllm.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    config = EngineConfig(**EngineConfig.kwargs_from_cli_args(args))
+    assert config.speculative_config == {"method": "ngram", "num_speculative_tokens": 3}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--speculative-config", "ngram"])
