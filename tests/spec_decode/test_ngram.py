@@ -159,6 +159,11 @@ def test_requests_added_mid_decode(base, spec):
                 if output.finished:
                     finals[output.request_id] = output
             steps += 1
+            # Rollback: between steps no sequence holds a block past its committed tokens.
+            for request in engine.scheduler.running:
+                for seq in request.live_seqs():
+                    table = engine.block_manager.get_block_table(seq.seq_id)
+                    assert len(table) <= -(-seq.num_tokens // 8)
         return completions([finals[f"r{i}"] for i in range(len(prompts))])
 
     assert run(spec) == run(base)
