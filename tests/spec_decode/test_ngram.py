@@ -142,7 +142,9 @@ def test_stops_inside_accepted_runs_cut_where_plain_decoding_does(base, spec):
     assert_all_blocks_free(spec)
 
 
-def test_requests_added_mid_decode(base, spec):
+def test_requests_added_mid_decode(base, tiny_dir):
+    # 1-gram proposals, never paused: many are rejected, some across a block boundary.
+    spec = make_llm(tiny_dir, True, {**SPEC, "prompt_lookup_min": 1, "min_acceptance_rate": 0.0})
     prompts = repetitive_prompts(5, seed=3)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=1)
 
@@ -167,6 +169,8 @@ def test_requests_added_mid_decode(base, spec):
         return completions([finals[f"r{i}"] for i in range(len(prompts))])
 
     assert run(spec) == run(base)
+    stats = spec.llm_engine.get_stats()
+    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
     assert_all_blocks_free(spec)
 
 
