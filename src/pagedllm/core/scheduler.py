@@ -71,6 +71,10 @@ class Scheduler:
          (it keeps its place) and the requests behind it go ahead.
       3. The constrained sequences that sample get their grammar's bitmask in the output.
 
+    With speculative decoding (spec_decode/), a decoding sequence also gets slots for up to k
+    proposed tokens (counted in the budget); update_from_output appends the tokens the runner
+    accepted, checking each for a stop, and rolls the rest back (computed count, tail blocks).
+
     Invariant: `running`, `swapped` and `waiting` are each sorted by arrival.
     """
 
