@@ -1,4 +1,4 @@
-"""The `bench` sub-command: `pagedllm bench throughput|latency|serve`, as `vllm bench` has.
+"""The `bench` sub-command: `pagedllm bench throughput|latency|serve|startup`, as `vllm bench` has.
 
 The `pagedllm` command calls add_bench_parser(subparsers) while it builds its parser, and
 run_bench(args) for `pagedllm bench ...`; `python -m pagedllm.benchmarks bench ...` does the
@@ -20,6 +20,8 @@ BENCHMARKS = {
                 "end-to-end latency of one batch through LLM.generate"),
     "serve": ("pagedllm.benchmarks.serving",
               "online serving: request rates against OpenAI-compatible servers"),
+    "startup": ("pagedllm.benchmarks.startup",
+                "start-up time by phase, LLM() and `pagedllm serve`, with peak RSS"),
 }
 
 

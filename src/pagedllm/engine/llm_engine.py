@@ -27,6 +27,7 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.profiler import StepProfiler
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.config import SpeculativeConfig
+from pagedllm.startup_profile import mark
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
+        mark("imports")
         config = config or EngineConfig(**kwargs)
         self.config = config
         start = time.perf_counter()
@@ -96,12 +98,14 @@ class LLMEngine:
             config = dataclasses.replace(
                 config, dtype=auto_dtype(config.model, hf_config, config.device))
             self.config = config
+        mark("config")
         if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
             raise ValueError(f"no tokenizer in {str(model_dir)!r}: it needs one of "
                              f"{', '.join(_TOKENIZER_FILES)} beside the weights")
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             model_dir, local_files_only=True
         )
+        mark("tokenizer")
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         if config.max_model_len is not None and config.max_model_len > model_max:
             raise ValueError(
@@ -154,6 +158,7 @@ class LLMEngine:
         self._arrival_counter = itertools.count()
         self._num_tokens_computed = 0
         self._num_generation_tokens = 0
+        mark("engine rest")
         logger.info(
             "engine ready in %.1f s: model %s, dtype %s, max_model_len %d",
             time.perf_counter() - start,
