@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
 from pagedllm.attention import AttentionBackend
-from pagedllm.worker.host_memory import huge_page_zeros
+from pagedllm.startup_profile import mark
+from pagedllm.worker.host_memory import huge_page_reserved, huge_page_zeros
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +20,21 @@ DEFAULT_KV_MEMORY_FRACTION = 0.2
 DEFAULT_KV_MEMORY_CAP_BYTES = 4 << 30
 # On a GPU the pool is the main tenant: this share of the memory left free after the weights.
 DEFAULT_GPU_KV_MEMORY_FRACTION = 0.8
+
+# When the host pool's pages are committed: `start` writes the whole pool at start (no step
+# faults a page in), `lazy` reserves it and each page is committed when a block in it is first
+# written (a start that does not wait for the pool, resident memory that follows use).
+KV_POOL_COMMIT_ENV = "PAGEDLLM_KV_POOL_COMMIT"
+KV_POOL_COMMIT_MODES = ("start", "lazy")
+
+
+def kv_pool_commit_mode() -> str:
+    """PAGEDLLM_KV_POOL_COMMIT (default `start`); ValueError naming the allowed values."""
+    mode = os.environ.get(KV_POOL_COMMIT_ENV, "start")
+    if mode not in KV_POOL_COMMIT_MODES:
+        raise ValueError(f"{KV_POOL_COMMIT_ENV} must be one of "
+                         f"{', '.join(KV_POOL_COMMIT_MODES)}, got {mode!r}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -109,16 +126,19 @@ class CacheEngine:
         device: torch.device,
         num_cpu_blocks: int = 0,
     ) -> None:
+        mark("model (weights read, packed)")
         self.spec = spec
         self.num_blocks = num_blocks
         self.num_cpu_blocks = num_cpu_blocks
         shape = backend.kv_cache_shape(
             num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size
         )
-        # NOTE: zeroed, not empty: a backend may read a padded tail that was never written.
-        # On the host, in huge pages: decode attention reads every sequence's blocks each step.
+        # NOTE: zeroed, not empty: a backend may read a padded tail that was never written (a
+        # reserved pool reads as zeros too). On the host, in huge pages: decode attention reads
+        # every sequence's blocks each step.
+        host_pool = huge_page_reserved if kv_pool_commit_mode() == "lazy" else huge_page_zeros
         self.kv_caches = [
-            huge_page_zeros(shape, spec.dtype) if device.type == "cpu"
+            host_pool(shape, spec.dtype) if device.type == "cpu"
             else torch.zeros(shape, dtype=spec.dtype, device=device)
             for _ in range(spec.num_layers)
         ]
@@ -141,6 +161,7 @@ class CacheEngine:
             num_blocks * spec.bytes_per_block / 2**20,
             spec.dtype,
         )
+        mark("kv pool")
         if num_cpu_blocks:
             logger.info("swap space: %d host blocks, %.1f MiB", num_cpu_blocks,
                         num_cpu_blocks * spec.bytes_per_block / 2**20)
