@@ -326,3 +326,17 @@ def test_serve_flag_takes_json():
     assert config.speculative_config == {"method": "ngram", "num_speculative_tokens": 3}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--speculative-config", "ngram"])
+
+
+def test_penalties_see_the_proposals_before_each_row(base, tiny_dir):
+    # 1-gram proposals, never paused, so that some are accepted despite the penalties. NOTE:
+    # mild penalties (stronger ones break the random model's loops: nothing is accepted), too
+    # mild for this test to catch proposal rows that ignore the proposals before them.
+    spec = make_llm(tiny_dir, True, {**SPEC, "prompt_lookup_min": 1, "min_acceptance_rate": 0.0})
+    prompts = repetitive_prompts(3, seed=10)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True,
+                            repetition_penalty=1.05, frequency_penalty=0.1)
+    assert completions(spec.generate(prompts, params, use_tqdm=False)) == \
+        completions(base.generate(prompts, params, use_tqdm=False))
+    assert accepted(spec) > 0
+    assert_all_blocks_free(spec)
