@@ -86,8 +86,11 @@ class FakeLLMEngine:
         return bool(self.requests)
 
     def get_stats(self) -> EngineStats:
-        # Every count 0 except these, whatever fields EngineStats has grown.
-        counts = {f.name: 0 for f in dataclasses.fields(EngineStats)}
+        # Every count 0 except these, whatever fields EngineStats has grown (those with a
+        # default, such as the per-position speculative counts, keep it).
+        counts = {f.name: 0 for f in dataclasses.fields(EngineStats)
+                  if f.default is dataclasses.MISSING
+                  and f.default_factory is dataclasses.MISSING}
         counts.update(num_blocks=10, num_free_blocks=10 - len(self.requests),
                       num_running=len(self.requests))
         return EngineStats(**counts)
