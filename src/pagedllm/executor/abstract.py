@@ -25,6 +25,23 @@ if TYPE_CHECKING:
 
 # The backends `distributed_executor_backend` may name: the one list the settings check.
 DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+# What a rank was doing when it failed, as the `mp` and `ray` executors' errors say it.
+DURING = {"start": "while starting", "step": "during a step", "rpc": "during an rpc"}
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an error raised in a rank (chained under the error the driver raises)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+
+    def __str__(self) -> str:
+        return "\n" + self.args[0]
+
+
+def engine_dead(reason: str) -> str:
+    """The message of a lost rank, which every later call repeats: `reason`, then what to do."""
+    return f"{reason}; the engine cannot run any more steps: shut it down and start a new one"
 
 
 class Executor(ABC):

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from pagedllm.distributed.shm_comm import create_shm_buffer
 from pagedllm.distributed.utils import free_local_port
-from pagedllm.executor.abstract import Executor, call_worker
+from pagedllm.executor.abstract import (
+    DURING,
+    Executor,
+    RemoteTraceback,
+    call_worker,
+    engine_dead,
+)
 from pagedllm.executor.shm_broadcast import (
     RingReader,
     RingWriter,
@@ -52,19 +58,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _EXECUTE, _RPC = 0, 1
-_DURING = {"start": " while starting", "step": " during a step", "rpc": " during an rpc"}
 # Seconds a rank gets to leave on its own at shutdown before it is terminated.
 _SHUTDOWN_GRACE_S = 5.0
-
-
-class _RemoteTraceback(Exception):
-    """The traceback of an error raised in a rank (chained under the error the driver raises)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-
-    def __str__(self) -> str:
-        return "\n" + self.args[0]
 
 
 class MultiprocExecutor(Executor):
@@ -199,9 +194,8 @@ class MultiprocExecutor(Executor):
             how = f"killed by {signal.Signals(-code).name}"
         else:
             how = f"exit code {code}"
-        self._dead = (f"the worker process of rank {rank} (pid {proc.pid}) died ({how})"
-                      f"{during}; the engine cannot run any more steps: shut it down and "
-                      f"start a new one")
+        self._dead = engine_dead(f"the worker process of rank {rank} (pid {proc.pid}) died "
+                                 f"({how}){during}")
         raise WorkerDiedError(self._dead)
 
     def _broadcast(self, payload: bytes, if_unsent: Callable[[], None] | None = None) -> int:
@@ -251,18 +245,17 @@ class MultiprocExecutor(Executor):
                 self._raise_remote(source, kind, value)
             dead = [sentinels[s] for s in ready if s in sentinels]
             if dead:
-                self._died(dead[0], _DURING[what])
+                self._died(dead[0], " " + DURING[what])
 
     def _raise_remote(self, rank: int, what: str, value: tuple) -> None:
         exc, text = value
         if what == "step":
             # The rank leaves after a failed step: its state no longer matches the driver's.
-            self._dead = (f"rank {rank} failed during a step ({exc!r}); the engine cannot run "
-                          f"any more steps: shut it down and start a new one")
-            raise WorkerDiedError(self._dead) from _RemoteTraceback(text)
+            self._dead = engine_dead(f"rank {rank} failed during a step ({exc!r})")
+            raise WorkerDiedError(self._dead) from RemoteTraceback(text)
         if exc is None:
             exc = RuntimeError(f"rank {rank} raised an error that could not be pickled")
-        raise exc from _RemoteTraceback(text)
+        raise exc from RemoteTraceback(text)
 
 
 def _stop_ranks(procs: list, doorbells: list[Connection], replies: list[Connection],

@@ -41,7 +41,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pagedllm.executor.abstract import Executor
+from pagedllm.executor.abstract import DURING, Executor, RemoteTraceback, engine_dead
 from pagedllm.executor.ray_worker import RankLayout, RayWorkerWrapper
 from pagedllm.executor.shm_broadcast import WorkerDiedError
 from pagedllm.executor.step_message import StepEncoder, decode_runner_output
@@ -65,16 +65,6 @@ _CONNECT_TIMEOUT_S = 10.0
 # Seconds between looks at the ranks while waiting for an answer (errors arrive at once
 # anyway; this bounds how long a Ctrl-C waits to be seen).
 _POLL_S = 1.0
-
-
-class _RemoteTraceback(Exception):
-    """The traceback of an error raised in a rank (chained under the error the driver raises)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-
-    def __str__(self) -> str:
-        return "\n" + self.args[0]
 
 
 class RayDistributedExecutor(Executor):
@@ -249,10 +239,9 @@ class RayDistributedExecutor(Executor):
                     if what == "rpc":  # the rank keeps running: raised once all answer
                         rpc_error = rpc_error or _cause(exc)
                         continue
-                    self._dead = (f"rank {rank} failed {_DURING[what]} ({exc.cause!r}); the "
-                                  f"engine cannot run any more steps: shut it down and start "
-                                  f"a new one")
-                    raise WorkerDiedError(self._dead) from _RemoteTraceback(str(exc))
+                    self._dead = engine_dead(f"rank {rank} failed {DURING[what]} "
+                                             f"({exc.cause!r})")
+                    raise WorkerDiedError(self._dead) from RemoteTraceback(str(exc))
                 except GetTimeoutError:  # cannot happen for a ready ref; keep waiting
                     pending.append(ref)
         if rpc_error is not None:
@@ -263,13 +252,10 @@ class RayDistributedExecutor(Executor):
         pid = f"pid {self._pids[rank]}, " if rank < len(self._pids) else ""
         node = f"node {self._nodes[rank]}" if rank < len(self._nodes) else "its node"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        self._dead = (f"the Ray actor of rank {rank} ({pid}{node}) died {_DURING[what]} "
-                      f"({reason}); the engine cannot run any more steps: shut it down and "
-                      f"start a new one")
+        self._dead = engine_dead(f"the Ray actor of rank {rank} ({pid}{node}) died "
+                                 f"{DURING[what]} ({reason})")
         raise WorkerDiedError(self._dead) from exc
 
-
-_DURING = {"start": "while starting", "step": "during a step", "rpc": "during an rpc"}
 
 
 def _cause(exc: RayTaskError) -> BaseException:
@@ -277,7 +263,7 @@ def _cause(exc: RayTaskError) -> BaseException:
     cause = exc.cause if isinstance(exc.cause, BaseException) else None
     if cause is None:
         cause = RuntimeError(f"a rank raised an error that could not be pickled: {exc}")
-    cause.__cause__ = _RemoteTraceback(str(exc))
+    cause.__cause__ = RemoteTraceback(str(exc))
     return cause
 
 
