@@ -68,12 +68,19 @@ class LlamaAttention(nn.Module):
         # hidden: [num_tokens, hidden_size]
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_size)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_size)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_size)
+        q, k, v = self.split_heads(q, k, v)
         q, k = self.rotary(positions, q, k)
         out = self.backend.forward(q, k, v, kv_cache, metadata)  # [num_tokens, heads, head]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+    def split_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[num_tokens, heads * head_size] -> [num_tokens, heads, head_size], before rotary (a
+        family that normalises each head, Qwen3, does it here)."""
+        num_tokens = q.shape[0]
+        return (q.view(num_tokens, self.num_heads, self.head_size),
+                k.view(num_tokens, self.num_kv_heads, self.head_size),
+                v.view(num_tokens, self.num_kv_heads, self.head_size))
 
 
 class LlamaMLP(nn.Module):
@@ -154,7 +161,8 @@ class LlamaForCausalLM(CausalLMBase):
                                    ignored_suffixes=("rotary_emb.inv_freq",))
 
     # Module types timed by the step profiler.
-    profiled_modules: ClassVar[dict[str, type[nn.Module]]] = {"attention block": LlamaAttention, "mlp": LlamaMLP}
+    profiled_modules: ClassVar[dict[str, type[nn.Module]]] = {
+        "attention block": LlamaAttention, "mlp": LlamaMLP}
 
     def __init__(self, config: LlamaConfig, backend: AttentionBackend, max_position: int,
                  quant_config: QuantizationConfig | None = None) -> None:

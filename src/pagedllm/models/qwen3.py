@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from pagedllm.attention import AttentionBackend, AttentionMetadata
+from pagedllm.attention import AttentionBackend
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -23,25 +23,13 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps)
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        # hidden: [num_tokens, hidden_size]
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def split_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().split_heads(q, k, v)
         # Per head: [num_tokens * heads, head_size] rows through the norm.
-        q = self.q_norm(q.reshape(-1, self.head_size)).view(num_tokens, self.num_heads,
-                                                            self.head_size)
-        k = self.k_norm(k.reshape(-1, self.head_size)).view(num_tokens, self.num_kv_heads,
-                                                            self.head_size)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_size)
-        q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache, metadata)  # [num_tokens, heads, head]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        q = self.q_norm(q.reshape(-1, self.head_size)).view(q.shape)
+        k = self.k_norm(k.reshape(-1, self.head_size)).view(k.shape)
+        return q, k, v
 
 
 class Qwen3ForCausalLM(MistralForCausalLM):
