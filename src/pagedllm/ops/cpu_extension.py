@@ -42,6 +42,7 @@ _SOURCES = (
     "gemm_amx.cpp",
     "sampling_ops.cpp",
     "decoder_stack.cpp",
+    "shm_comm.cpp",
     "quant_dot.cpp",
     "quant_gguf.cpp",
     "quant_int8.cpp",

@@ -38,4 +38,8 @@ void amx_panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& pac
 void linear_few_rows(at::Tensor out, const at::Tensor& x, const at::Tensor& weight,
                      const at::Tensor& bias);
 
+// shm_comm.cpp: x <- the sum of every rank's x over the group's shared buffer, in place.
+void shm_all_reduce(at::Tensor x, const at::Tensor& buffer, int64_t rank, int64_t world_size,
+                    at::Tensor generation);
+
 }  // namespace pagedllm

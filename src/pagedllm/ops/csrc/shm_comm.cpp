@@ -1,0 +1,167 @@
+// Collectives over shared memory for tensor parallelism on one host: the all-reduce the
+// decoder stack calls between the parts of each layer, and the all-gather of the LM head.
+
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "ops.h"
+#include "vec.h"
+
+namespace pagedllm {
+
+// ---- Collectives over shared memory (tensor parallelism on one host) -----------------------
+//
+// The ranks of a tensor-parallel group map one shared buffer (pagedllm/distributed/
+// shm_comm.py): a header with one flag per rank (each on its own cache line), then two slots
+// of `world_size` areas of `area_bytes` each. A collective call is generation g (each rank
+// counts its calls in `generation`, so the ranks agree): each rank copies its part into area
+// [g % 2][rank], publishes g in its flag (release), and waits until every flag reads >= g
+// (acquire); then each reads every area. Two slots suffice: a rank that writes slot g % 2
+// again, at g + 2, has seen every flag reach g + 1, which each rank set only after reading
+// slot g % 2 at g. Larger tensors go in chunks of `area_bytes`, one generation each.
+// All-reduce sums the areas in rank order in fp32, so every rank gets the same bits, and a
+// row's sums never depend on the other rows (batch invariance).
+
+namespace {
+
+constexpr int64_t kFlagStride = 64;  // bytes: one cache line per rank's flag
+
+struct ShmGroup {
+  char* base;
+  int64_t rank, world_size, area_bytes, header_bytes;
+  int64_t* generation;
+
+  ShmGroup(const at::Tensor& buffer, int64_t rank_, int64_t world_size_,
+           const at::Tensor& generation_)
+      : base(static_cast<char*>(buffer.data_ptr())), rank(rank_), world_size(world_size_),
+        generation(generation_.data_ptr<int64_t>()) {
+    TORCH_CHECK(buffer.is_contiguous() && buffer.scalar_type() == at::kByte,
+                "the shared buffer must be a contiguous uint8 tensor");
+    TORCH_CHECK(generation_.scalar_type() == at::kLong && generation_.numel() == 1,
+                "generation must be an int64 [1] tensor");
+    TORCH_CHECK(world_size >= 1 && rank >= 0 && rank < world_size, "rank ", rank,
+                " out of a group of ", world_size);
+    header_bytes = ((world_size * kFlagStride + 4095) / 4096) * 4096;
+    area_bytes = ((buffer.numel() - header_bytes) / (2 * world_size)) / 64 * 64;
+    TORCH_CHECK(area_bytes >= 64, "the shared buffer is too small for ", world_size, " ranks");
+  }
+
+  std::atomic<int64_t>* flag(int64_t r) const {
+    return reinterpret_cast<std::atomic<int64_t>*>(base + r * kFlagStride);
+  }
+  char* area(int64_t gen, int64_t r) const {
+    return base + header_bytes + ((gen & 1) * world_size + r) * area_bytes;
+  }
+
+  // Publishes `bytes` of `src` as this rank's part of a new generation and waits for every
+  // rank's; returns the generation.
+  int64_t exchange(const char* src, int64_t bytes) const {
+    const int64_t gen = ++*generation;
+    std::memcpy(area(gen, rank), src, bytes);
+    flag(rank)->store(gen, std::memory_order_release);
+    for (int64_t r = 0; r < world_size; ++r) {
+      int64_t spins = 0;
+      while (flag(r)->load(std::memory_order_acquire) < gen) {
+        // Spin briefly (the other rank is usually close), then give the core away: on a
+        // shared host (or more ranks than cores) the rank we wait for may need it.
+        if (++spins < 4096) {
+          _mm_pause();
+        } else if (spins < 4096 + 64) {
+          sched_yield();
+        } else {
+          usleep(20);
+        }
+      }
+    }
+    return gen;
+  }
+};
+
+template <typename T>
+void sum_areas(const ShmGroup& g, int64_t gen, T* out, int64_t count) {
+  at::parallel_for(0, count, 1 << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float acc = vec::load1(reinterpret_cast<const T*>(g.area(gen, 0)), i);
+      for (int64_t r = 1; r < g.world_size; ++r) {
+        acc += vec::load1(reinterpret_cast<const T*>(g.area(gen, r)), i);
+      }
+      vec::store1(out, i, acc);
+    }
+  });
+}
+
+}  // namespace
+
+// x (fp32 or bf16, contiguous) <- the sum of every rank's x, in place.
+void shm_all_reduce(at::Tensor x, const at::Tensor& buffer, int64_t rank, int64_t world_size,
+                    at::Tensor generation) {
+  if (world_size == 1) return;
+  TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kFloat ||
+                                    x.scalar_type() == at::kBFloat16),
+              "shm_all_reduce takes a contiguous float32 or bfloat16 tensor");
+  const ShmGroup g(buffer, rank, world_size, generation);
+  const int64_t elem = x.element_size();
+  const int64_t per_chunk = g.area_bytes / elem;
+  char* data = static_cast<char*>(x.data_ptr());
+  for (int64_t start = 0; start < x.numel(); start += per_chunk) {
+    const int64_t count = std::min(per_chunk, x.numel() - start);
+    const int64_t gen = g.exchange(data + start * elem, count * elem);
+    if (x.scalar_type() == at::kFloat) {
+      sum_areas(g, gen, reinterpret_cast<float*>(data) + start, count);
+    } else {
+      sum_areas(g, gen, reinterpret_cast<vec::bf16_t*>(data) + start, count);
+    }
+  }
+}
+
+// Every rank's x (any dtype, contiguous), stacked: [world_size, *x.shape], on every rank.
+at::Tensor shm_all_gather(const at::Tensor& x, const at::Tensor& buffer, int64_t rank,
+                          int64_t world_size, at::Tensor generation) {
+  TORCH_CHECK(x.is_contiguous(), "shm_all_gather takes a contiguous tensor");
+  std::vector<int64_t> shape{world_size};
+  for (int64_t d : x.sizes()) shape.push_back(d);
+  at::Tensor out = at::empty(shape, x.options());
+  const int64_t bytes = x.numel() * x.element_size();
+  char* dst = static_cast<char*>(out.data_ptr());
+  if (world_size == 1) {
+    std::memcpy(dst, x.data_ptr(), bytes);
+    return out;
+  }
+  const ShmGroup g(buffer, rank, world_size, generation);
+  const char* src = static_cast<const char*>(x.data_ptr());
+  for (int64_t start = 0; start < bytes; start += g.area_bytes) {
+    const int64_t count = std::min(g.area_bytes, bytes - start);
+    const int64_t gen = g.exchange(src + start, count);
+    for (int64_t r = 0; r < world_size; ++r) {
+      std::memcpy(dst + r * bytes + start, g.area(gen, r), count);
+    }
+  }
+  return out;
+}
+
+}  // namespace pagedllm
+
+TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
+  m.def(
+      "shm_all_reduce(Tensor(a!) x, Tensor buffer, int rank, int world_size, "
+      "Tensor(b!) generation) -> ()");
+  m.def(
+      "shm_all_gather(Tensor x, Tensor buffer, int rank, int world_size, "
+      "Tensor(b!) generation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
+  m.impl("shm_all_reduce", &pagedllm::shm_all_reduce);
+  m.impl("shm_all_gather", &pagedllm::shm_all_gather);
+}
