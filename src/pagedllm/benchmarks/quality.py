@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
-DEFAULT_TEXT = DATA / "quality_text.txt"
+DEFAULT_TEXT = DATA / "alice_in_wonderland.txt"  # public domain; see data/README.md
 RESULTS = Path("benchmarks", "results")
 # name -> (reference engine kwargs, quantized engine kwargs); model None: the shipped GGUF.
 PAIRS = {
