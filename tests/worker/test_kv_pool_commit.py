@@ -49,7 +49,7 @@ def test_a_reserved_pool_reads_as_zeros_and_is_resident_only_where_written():
     assert int(pool[1].count_nonzero()) == 0 and pool.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("mode", ["start", "lazy"])
+@pytest.mark.parametrize("mode", ["start", "ahead", "lazy"])
 def test_a_pool_larger_than_the_host_is_refused_at_start(tiny_dir, monkeypatch, mode):
     monkeypatch.setenv(KV_POOL_COMMIT_ENV, mode)
     with pytest.raises(ValueError, match="GiB of host memory"):
@@ -58,5 +58,5 @@ def test_a_pool_larger_than_the_host_is_refused_at_start(tiny_dir, monkeypatch, 
 
 def test_an_unknown_commit_mode_is_refused(tiny_dir, monkeypatch):
     monkeypatch.setenv(KV_POOL_COMMIT_ENV, "eager")
-    with pytest.raises(ValueError, match=f"{KV_POOL_COMMIT_ENV} must be one of start, lazy"):
+    with pytest.raises(ValueError, match=f"{KV_POOL_COMMIT_ENV} must be one of start, ahead, lazy"):
         LLM(str(tiny_dir), num_kv_blocks=16)

@@ -11,6 +11,7 @@ import torch
 from pagedllm.attention import AttentionBackend
 from pagedllm.startup_profile import mark
 from pagedllm.worker.host_memory import huge_page_reserved, huge_page_zeros
+from pagedllm.worker.kv_commit import COMMIT_AHEAD_BYTES, KVPoolCommitter
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +23,12 @@ DEFAULT_KV_MEMORY_CAP_BYTES = 4 << 30
 DEFAULT_GPU_KV_MEMORY_FRACTION = 0.8
 
 # When the host pool's pages are committed: `start` writes the whole pool at start (no step
-# faults a page in), `lazy` reserves it and each page is committed when a block in it is first
-# written (a start that does not wait for the pool, resident memory that follows use).
+# faults a page in); `ahead` reserves it and a background thread commits the pages a little
+# ahead of the highest block written (worker/kv_commit.py: a start that does not wait for the
+# pool, resident memory that follows use, no step faults); `lazy` reserves it and each page is
+# committed when a block in it is first written, inside the step.
 KV_POOL_COMMIT_ENV = "PAGEDLLM_KV_POOL_COMMIT"
-KV_POOL_COMMIT_MODES = ("start", "lazy")
+KV_POOL_COMMIT_MODES = ("start", "ahead", "lazy")
 
 
 def kv_pool_commit_mode() -> str:
@@ -136,12 +139,17 @@ class CacheEngine:
         # NOTE: zeroed, not empty: a backend may read a padded tail that was never written (a
         # reserved pool reads as zeros too). On the host, in huge pages: decode attention reads
         # every sequence's blocks each step.
-        host_pool = huge_page_reserved if kv_pool_commit_mode() == "lazy" else huge_page_zeros
+        mode = kv_pool_commit_mode()
+        host_pool = huge_page_zeros if mode == "start" else huge_page_reserved
         self.kv_caches = [
             host_pool(shape, spec.dtype) if device.type == "cpu"
             else torch.zeros(shape, dtype=spec.dtype, device=device)
             for _ in range(spec.num_layers)
         ]
+        self.committer = None
+        if mode == "ahead" and device.type == "cpu" and num_blocks and spec.num_layers:
+            blocks_ahead = COMMIT_AHEAD_BYTES // spec.bytes_per_block
+            self.committer = KVPoolCommitter(self.kv_caches, blocks_ahead)
         # NOTE: a separate tensor even on a CPU-only machine, so that swapping really copies,
         # exactly as it must between GPU and host memory.
         cpu_shape = backend.kv_cache_shape(

@@ -108,6 +108,37 @@ def huge_page_reserved(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor
     return huge_page_buffer(nbytes).view(dtype).view(tuple(shape))
 
 
+# madvise(2) advice that faults pages in as a write would, without writing (Linux 5.14+; not in
+# Python 3.11's mmap module).
+MADV_POPULATE_WRITE = 23
+
+_madvise = None
+
+
+def _libc_madvise():
+    global _madvise
+    if _madvise is None:
+        name = ctypes.util.find_library("c")
+        madvise = getattr(ctypes.CDLL(name, use_errno=True), "madvise", None) if name else None
+        if madvise is not None:
+            madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            madvise.restype = ctypes.c_int
+        _madvise = madvise or False
+    return _madvise
+
+
+def commit_pages(address: int, nbytes: int) -> bool:
+    """Commits the pages of [address, address + nbytes) (rounded out to whole pages) as a first
+    write would, without writing: pages not yet present are faulted in zeroed, pages present
+    keep what they hold, so it is safe on memory another thread is writing. The GIL is released
+    meanwhile (a ctypes call). False where the kernel (before 5.14) or the libc cannot."""
+    madvise = _libc_madvise()
+    if not madvise or nbytes <= 0:
+        return False
+    start = address - address % mmap.PAGESIZE
+    return madvise(start, address + nbytes - start, MADV_POPULATE_WRITE) == 0
+
+
 class HugePageArena:
     """Hands out tensors carved from a few large huge_page_buffers (for the packed weights: most
     are too small to fill a 2 MB page alone). Bump allocation, 64-byte aligned; a request that
