@@ -9,10 +9,12 @@ once per module; the MHA model and the shipped SmolLM2 at size 3 are slow-marked
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 from hf_reference import check_outputs_equal, hf_greedy, hf_greedy_batched, load_hf_model
+from safetensors import safe_open
 
 from pagedllm import LLM, BeamSearchParams, SamplingParams
 
@@ -139,6 +141,42 @@ def test_parallel_sampling_beam_search_and_prefix_caching(engines):
     again = completions(two.generate(cached, greedy, use_tqdm=False))
     assert first[1] == first[0] == again
     assert two.llm_engine.get_stats().prefix_cache_hits > before
+
+
+def checkpoint_reads(worker) -> dict[str, int]:
+    """On a rank: the elements its load read from each checkpoint tensor."""
+    return dict(worker.model.checkpoint_reads)
+
+
+def rank_share(name: str, shape: tuple[int, ...], rank: int, replicated_kv: bool) -> int:
+    """The elements of checkpoint tensor `name` that rank `rank` of 2 needs."""
+    numel = math.prod(shape)
+    whole = ("norm" in name or name.endswith(("o_proj.bias", "down_proj.bias"))
+             or (replicated_kv and (".k_proj." in name or ".v_proj." in name)))
+    if whole:  # replicated, or a row-parallel bias (added once, after the all-reduce)
+        return numel
+    if "embed_tokens" in name or "lm_head" in name:  # vocabulary rows: ceil(vocab / 2) each
+        per_rank = -(-shape[0] // 2)
+        rows = min(per_rank * (rank + 1), shape[0]) - min(per_rank * rank, shape[0])
+        return rows * numel // shape[0]
+    return numel // 2  # rows (q/k/v, gate/up) or columns (o_proj, down_proj): half each
+
+
+def test_each_rank_reads_only_its_shard_of_the_checkpoint(engines):
+    name, model_dir, one, two = engines
+    with safe_open(next(model_dir.glob("*.safetensors")), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    # One rank reads every element once.
+    assert one.llm_engine.worker.model.checkpoint_reads == {
+        key: math.prod(shape) for key, shape in shapes.items()}
+    replicated_kv = CONFIGS[name]["num_kv_heads"] == 1
+    reads = two.llm_engine.model_executor.collective_rpc(checkpoint_reads)
+    for rank, rank_reads in enumerate(reads):
+        want = {key: rank_share(key, shape, rank, replicated_kv)
+                for key, shape in shapes.items()}
+        assert rank_reads == want, rank
+    total = sum(math.prod(shape) for shape in shapes.values())
+    assert all(sum(r.values()) < 0.6 * total for r in reads)
 
 
 def test_heads_that_do_not_split_are_refused_before_anything_starts(tiny_llama_factory):

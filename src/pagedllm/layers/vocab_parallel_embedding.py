@@ -37,10 +37,11 @@ class _VocabShard:
                                    num_embeddings)
 
     def load(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        """Copies this rank's rows of the whole [vocab, hidden] table; zeros the padding."""
+        """Copies this rank's rows of the whole [vocab, hidden] table (or [vocab] bias), read
+        alone where the loader passes a checkpoint view; zeros the padding."""
         check_weight_shape(loaded_weight, [self.num_embeddings, *param.shape[1:]])
         rows = self.vocab_end_index - self.vocab_start_index
-        param.data[:rows].copy_(loaded_weight[self.vocab_start_index:self.vocab_end_index])
+        param.data[:rows].copy_(loaded_weight.narrow(0, self.vocab_start_index, rows))
         param.data[rows:].zero_()
 
 
@@ -108,10 +109,7 @@ class ParallelLMHead(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: int | None = None) -> None:
-        if loaded_weight.dim() == 1:  # the bias: this rank's entries
-            loaded_weight = loaded_weight.unsqueeze(1)
-            param = param.data.unsqueeze(1)
-        self.shard.load(param, loaded_weight)
+        self.shard.load(param, loaded_weight)  # the weight's rows, or the bias's entries
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [rows, hidden] -> fp32 logits [rows, vocab] on rank 0 (None elsewhere)."""

@@ -9,7 +9,9 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.layers.quantization.gguf import GGUFConfig, GGUFEmbedding
 from pagedllm.layers.quantization.int8 import Int8Config
 from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead
+from pagedllm.models.checkpoint_tensor import CheckpointTensor
 from pagedllm.models.interface import CausalLM
 from pagedllm.models.registry import get_model_class
 from pagedllm.ops import cpu_ops
@@ -151,20 +154,28 @@ def _quant_config(quantization: str, gguf_path: Path | None, model_cls: type,
     return GGUFConfig()
 
 
-def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in files:
-        try:
-            handle = safe_open(path, framework="pt")
-        except Exception as exc:  # noqa: BLE001 - safetensors' own error type, or an OSError
-            raise ValueError(f"weights file {str(path)!r} cannot be read (corrupt or "
-                             f"truncated?): {exc}") from None
-        with handle as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+def _checkpoint_tensors(files: list[Path], reads: Counter, sizes: Counter
+                        ) -> Iterator[tuple[str, CheckpointTensor]]:
+    """Every tensor of the files, unread: each layer's weight_loader reads only its rank's
+    part (models/checkpoint_tensor.py). `reads` counts the elements read and `sizes` the
+    elements stored, by tensor name."""
+    with ExitStack() as stack:
+        for path in files:
+            try:
+                handle = stack.enter_context(safe_open(path, framework="pt"))
+            except Exception as exc:  # noqa: BLE001 - safetensors' own error type, or OSError
+                raise ValueError(f"weights file {str(path)!r} cannot be read (corrupt or "
+                                 f"truncated?): {exc}") from None
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+                tensor = CheckpointTensor(handle, name, reads)
+                sizes[name] = tensor.numel()
+                yield name, tensor
 
 
 def load_weights(model: CausalLM, model_dir: Path) -> None:
-    """Fills the model from the directory's safetensors through its own name mapping.
+    """Fills the model from the directory's safetensors through its own name mapping, reading
+    only this rank's part of each tensor; sets `model.checkpoint_reads` (elements read, by
+    tensor name).
 
     Any mismatch between config and weights (a tensor with no place, a wrong shape, a
     parameter no tensor fills) is a ValueError naming the tensor and the directory.
@@ -172,7 +183,14 @@ def load_weights(model: CausalLM, model_dir: Path) -> None:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors weights in {str(model_dir)!r}")
-    _load_checked(model, _checkpoint_tensors(files), str(model_dir))
+    reads, sizes = Counter(), Counter()
+    _load_checked(model, _checkpoint_tensors(files, reads, sizes), str(model_dir))
+    model.checkpoint_reads = reads
+    tp = get_tp_group()
+    if tp.world_size > 1:
+        logger.info("rank %d of %d read %.1f%% of the checkpoint's %d elements", tp.rank,
+                    tp.world_size, 100 * sum(reads.values()) / max(sizes.total(), 1),
+                    sizes.total())
 
 
 def _load_checked(model: CausalLM, weights: Iterator[tuple[str, torch.Tensor]],
