@@ -82,6 +82,11 @@ class LlamaAttention(nn.Module):
                 k.view(num_tokens, self.num_kv_heads, self.head_size),
                 v.view(num_tokens, self.num_kv_heads, self.head_size))
 
+    def head_norms(self) -> tuple[RMSNorm, RMSNorm] | None:
+        """The RMSNorms split_heads applies to each q and k head (None: none), as the native
+        stack is told them."""
+        return None
+
 
 class LlamaMLP(nn.Module):
     """SwiGLU: [gate | up] column-parallel (each rank gates its own units), down row-parallel."""
@@ -115,11 +120,12 @@ class LlamaDecoderLayer(nn.Module):
         backend: AttentionBackend,
         quant_config: QuantizationConfig | None = None,
         prefix: str = "",
+        attention_cls: type[LlamaAttention] = LlamaAttention,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary, backend, quant_config,
-                                        prefix=f"{prefix}.self_attn")
+        self.self_attn = attention_cls(config, rotary, backend, quant_config,
+                                       prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, quant_config, prefix=f"{prefix}.mlp")
 
@@ -163,6 +169,8 @@ class LlamaForCausalLM(CausalLMBase):
     # Module types timed by the step profiler.
     profiled_modules: ClassVar[dict[str, type[nn.Module]]] = {
         "attention block": LlamaAttention, "mlp": LlamaMLP}
+    # Each layer's attention (a family's subclass: Qwen2's biases, Qwen3's head norms).
+    attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
 
     def __init__(self, config: LlamaConfig, backend: AttentionBackend, max_position: int,
                  quant_config: QuantizationConfig | None = None) -> None:
@@ -174,7 +182,9 @@ class LlamaForCausalLM(CausalLMBase):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    prefix="embed_tokens")
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, backend, quant_config, prefix=f"layers.{i}")
+            LlamaDecoderLayer(config, self.rotary, self.layer_backend(config, backend, i),
+                              quant_config, prefix=f"layers.{i}",
+                              attention_cls=self.attention_cls)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -183,6 +193,12 @@ class LlamaForCausalLM(CausalLMBase):
                                           quant_config=quant_config, prefix="lm_head")
         # The layers as one native call, set by pack_weights() where every part is native.
         self.native_stack: NativeDecoderStack | None = None
+
+    def layer_backend(self, config: LlamaConfig, backend: AttentionBackend,
+                      index: int) -> AttentionBackend:
+        """Layer `index`'s attention backend: the model's (a family may give a layer its own,
+        e.g. Mistral's sliding windows)."""
+        return backend
 
     def get_input_embeddings(self) -> VocabParallelEmbedding:
         return self.embed_tokens

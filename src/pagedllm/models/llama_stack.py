@@ -1,7 +1,12 @@
 """The Llama decoder stack as one native call on CPU (`llama_decoder_stack`, ops/csrc).
 
 The per-module forward calls ~8 fused C++ ops per layer from Python; this runs the same ops in
-the same order from C++ (bit-identical results) and saves the Python between them. Under
+the same order from C++ (bit-identical results) and saves the Python between them. The
+families built on Llama's layers (Mistral, Qwen2, Qwen3, Phi-3) take it too: what differs is
+passed per layer (each attention's sliding window, Qwen3's per-head q/k norms; biases ride
+with the weights, Phi-3's LongRoPE with the rotary table, which is per position). Layers
+quantized with GGUF blocks or int8 rows take it on the op's quantized path, which calls the
+kernels the linear methods call (one format per projection). Under
 tensor parallelism each rank runs it on its shards, and the op all-reduces the o and down
 projections' partial sums through the group's shared buffer (distributed/shm_comm.py), so
 the ranks stay in one native call per step. It applies
@@ -29,11 +34,23 @@ from pagedllm.layers.linear import (
     STREAMING,
     PackedWeight,
 )
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization.base import LinearMethodBase
+from pagedllm.layers.quantization.gguf import GGUFLinearMethod
+from pagedllm.layers.quantization.int8 import Int8LinearMethod
 from pagedllm.ops import NATIVE_DTYPES, cpu_ops
 from pagedllm.profiler import StepProfiler
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from pagedllm.models.llama import LlamaForCausalLM
+
+# The op's path for quantized projections (`kQuantized` in decoder_stack.cpp), after the dense
+# ones (layers/packed.py: PANELS .. AMX_PANELS).
+QUANTIZED = 5
+# The format id of an int8 layer (ops/csrc/quant.h: kInt8Channel); GGUF's are GGML type ids.
+INT8_FORMAT = 1000
 
 # The parts the C++ op times per layer when profiling, in its order (`Part` in
 # decoder_stack.cpp): the two blocks, named as the module path's hooks name theirs
@@ -46,8 +63,61 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
     return torch.empty(0) if t is None else t
 
 
+# A run of a quantized layer's output columns, one kernel call: (format, columns, weight,
+# bias, scales), with an empty bias where none and empty scales for GGUF blocks.
+QuantRun = tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def quantized_runs(linear: nn.Module) -> list[QuantRun] | None:
+    """The runs of a layer whose method multiplies by quantized kernels alone, as its apply()
+    calls them; None otherwise (a dense layer, a GGUF layer with a float part, a method whose
+    gated forms are not apply() after the separate silu_and_mul op)."""
+    method = linear.linear_method
+    if method.fuses_swiglu(linear) or (
+        type(method).apply_after_silu_and_mul is not LinearMethodBase.apply_after_silu_and_mul
+    ):
+        return None
+    if type(method) is GGUFLinearMethod:
+        if any(run.ggml_type is None for run in linear.gguf_runs):
+            return None
+        return [(run.ggml_type, run.size, run.weight, _or_empty(run.bias), torch.empty(0))
+                for run in linear.gguf_runs]
+    if type(method) is Int8LinearMethod and linear.int8_weight is not None:
+        return [(INT8_FORMAT, linear.int8_weight.shape[0], linear.int8_weight,
+                 _or_empty(linear.int8_bias), linear.int8_scales)]
+    return None
+
+
+def _projections(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    return (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+            layer.mlp.down_proj)
+
+
+def _runs_as_llama(model: LlamaForCausalLM) -> bool:
+    """Whether every layer's forward is Llama's, the arithmetic the op runs (a family may
+    differ only where the op takes a per-layer description: windows, head norms)."""
+    from pagedllm.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+
+    for layer in model.layers:
+        attention = layer.self_attn
+        if (type(layer).forward is not LlamaDecoderLayer.forward
+                or type(attention).forward is not LlamaAttention.forward
+                or type(layer.mlp).forward is not LlamaMLP.forward):
+            return False
+        if (type(attention).split_heads is not LlamaAttention.split_heads
+                and attention.head_norms() is None):
+            return False  # heads transformed in a way the op is not told about
+        norms = [layer.input_layernorm, layer.post_attention_layernorm,
+                 *(attention.head_norms() or ())]
+        if any(type(n) is not RMSNorm or n.weight.dtype not in NATIVE_DTYPES
+               or n.eps != model.norm.eps for n in norms):
+            return False
+    return type(model.norm) is RMSNorm and model.norm.weight.dtype in NATIVE_DTYPES
+
+
 class NativeDecoderStack:
-    """The layers and final norm of a packed CPU Llama model, run by one C++ call per step."""
+    """The layers and final norm of a Llama-family CPU model (packed or quantized
+    projections), run by one C++ call per step."""
 
     def __init__(self, model: LlamaForCausalLM, ops) -> None:
         self.ops = ops
@@ -61,8 +131,35 @@ class NativeDecoderStack:
         self.scale = attention.backend.scale
         self.eps = model.norm.eps
         self.final_norm = model.norm.weight.detach()
-        self.cos_table, self.sin_table = attention.rotary.float_tables()
-        self.dtype = model.embed_tokens.weight.dtype
+        # Read each step: a family may refill the table after packing (Phi-3's LongRoPE).
+        self.rotary = attention.rotary
+        self.dtype = model.norm.weight.dtype
+        # The per-layer description: each layer's window (0: none) and q/k head norms.
+        self.windows = [layer.self_attn.backend.sliding_window or 0 for layer in layers]
+        head_norms = [layer.self_attn.head_norms() for layer in layers]
+        self.head_norms = [] if head_norms[0] is None else [
+            norm.weight.detach() for q_norm, k_norm in head_norms for norm in (q_norm, k_norm)]
+        self.weights: dict[int, list[torch.Tensor]] = {}
+        # The quantized path's projections: per projection its number of runs, then each
+        # run's format and columns; per run its weight, bias and scales.
+        self.quant_layout: list[int] = []
+        self.quant_tensors: list[torch.Tensor] = []
+        self.router: PackedWeight | None = None
+        if layers[0].self_attn.qkv_proj.packed is None:  # quantized (build() checks)
+            tensors = []
+            unused = torch.empty(0)  # the projections' slots: their runs are passed apart
+            for layer in layers:
+                tensors += [layer.input_layernorm.weight.detach(), *[unused] * 4,
+                            layer.post_attention_layernorm.weight.detach(), *[unused] * 4]
+                for linear in _projections(layer):
+                    runs = quantized_runs(linear)
+                    self.quant_layout.append(len(runs))
+                    for fmt, columns, weight, bias, scales in runs:
+                        self.quant_layout += [fmt, columns]
+                        self.quant_tensors += [weight, bias, scales]
+            self.weights[QUANTIZED] = tensors
+            self._init_common(model)
+            return
         projections = [
             (layer.input_layernorm.weight.detach(), layer.self_attn.qkv_proj.packed,
              layer.self_attn.o_proj.packed, layer.post_attention_layernorm.weight.detach(),
@@ -73,7 +170,7 @@ class NativeDecoderStack:
                    for p in (qkv, o, gate_up, down)]
         # Every projection of a model shares its dtype and so its row-count switch points
         # (build() checks): the first one chooses each step's path for all of them.
-        self.router: PackedWeight = linears[0]
+        self.router = linears[0]
         # path -> the per-layer tensors in that path's form; a path some weight lacks is absent.
         forms = {
             PANELS: lambda p: (p.panels, p.plain_bias),
@@ -93,6 +190,9 @@ class NativeDecoderStack:
                 tensors += [in_norm, *form(qkv), *form(o), post_norm, *form(gate_up),
                             *form(down)]
             self.weights[path] = tensors
+        self._init_common(model)
+
+    def _init_common(self, model: LlamaForCausalLM) -> None:
         self._checked_caches: list[torch.Tensor] | None = None
         self.profiler: StepProfiler | None = None
         # Under tensor parallelism the op all-reduces the row-parallel outputs (o, down) in
@@ -103,32 +203,33 @@ class NativeDecoderStack:
 
     @classmethod
     def build(cls, model: LlamaForCausalLM) -> NativeDecoderStack | None:
-        """The stack for a packed CPU model, or None where some layer part is not native."""
+        """The stack for a packed or quantized CPU model, or None where some layer part is not
+        native (or not what the op runs)."""
         ops = cpu_ops()
         if ops is None or not hasattr(ops, "llama_decoder_stack") or len(model.layers) == 0:
             return None
-        if model.embed_tokens.weight.device.type != "cpu":
-            return None
-        if model.embed_tokens.weight.dtype not in NATIVE_DTYPES:
+        if model.norm.weight.device.type != "cpu" or not _runs_as_llama(model):
             return None
         tp = get_tp_group()
         if tp.world_size > 1 and tp.shm is None:
             return None  # ranks without a shared buffer (not one host): collectives in Python
         rotaries = {id(layer.self_attn.rotary) for layer in model.layers}
-        backends = {id(layer.self_attn.backend) for layer in model.layers}
-        if len(rotaries) != 1 or len(backends) != 1:
+        if len(rotaries) != 1:
             return None
-        if not isinstance(model.layers[0].self_attn.backend, CpuPagedAttention):
+        backends = [layer.self_attn.backend for layer in model.layers]
+        if not all(isinstance(b, CpuPagedAttention) for b in backends):
             return None  # another backend was asked for; the stack would bypass it
-        packed = []
-        for layer in model.layers:
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if any(n.weight.dtype not in NATIVE_DTYPES or n.eps != model.norm.eps for n in norms):
-                return None
-            linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                       layer.mlp.gate_up_proj, layer.mlp.down_proj)
-            packed.extend(lin.packed for lin in linears)
-        if model.norm.weight.dtype not in NATIVE_DTYPES or any(p is None for p in packed):
+        # One scale for the model; windows per layer; no soft cap (none of these families).
+        if any(b.scale != backends[0].scale or b.logits_soft_cap is not None for b in backends):
+            return None
+        if len({layer.self_attn.head_norms() is None for layer in model.layers}) != 1:
+            return None
+        linears = [linear for layer in model.layers for linear in _projections(layer)]
+        if all(linear.packed is None for linear in linears):  # quantized, all of them
+            return cls(model, ops) if all(quantized_runs(linear) is not None
+                                          for linear in linears) else None
+        packed = [linear.packed for linear in linears]
+        if any(p is None for p in packed):
             return None
         switch_points = {(p.stream_max_rows, p.panel_max_rows, p.dot_panels is None,
                           p.amx_panels is None) for p in packed}
@@ -144,6 +245,8 @@ class NativeDecoderStack:
 
     def linear_path(self, rows: int) -> int | None:
         """The projections' path for a step of `rows` tokens, None where the stack lacks it."""
+        if self.router is None:
+            return QUANTIZED
         path = self.router.path(rows)
         return path if path in self.weights else None
 
@@ -171,14 +274,15 @@ class NativeDecoderStack:
         seconds = None
         if self.profiler is not None and self.profiler.enabled:
             seconds = torch.zeros(len(PART_NAMES), dtype=torch.float64)
+        cos_table, sin_table = self.rotary.float_tables()
         out = self.ops.llama_decoder_stack(
             hidden.contiguous(),
             positions if positions.dtype == torch.int64 else positions.long(),
             self.weights[path],
             kv_caches,
             *kernel_metadata(metadata),
-            self.cos_table,
-            self.sin_table,
+            cos_table,
+            sin_table,
             self.final_norm,
             self.num_heads,
             self.num_kv_heads,
@@ -192,6 +296,10 @@ class NativeDecoderStack:
             self.tp_rank,
             self.tp_size,
             None if self.comm is None else self.comm.generation,
+            self.windows,
+            self.head_norms,
+            self.quant_layout,
+            self.quant_tensors,
         )
         if seconds is not None:
             for name, value in zip(PART_NAMES, seconds.tolist()):

@@ -3,8 +3,8 @@
 Also the base of the Llama variants (Qwen2, Qwen3, Phi-3): each layer gets its own attention
 backend, windowed where the config's `layer_types` (or, without them, `sliding_window`) say so
 (`registry.layer_sliding_window`).
-These families run the module path (fused attention kernel, packed linear layers); the native
-decoder stack is Llama's alone for now.
+They run the native decoder stack (models/llama_stack.py) as Llama does, each layer with its
+own window.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from transformers import PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
 from pagedllm.layers.quantization import QuantizationConfig
-from pagedllm.models.interface import Allocate, CausalLMBase
 from pagedllm.models.llama import LlamaForCausalLM
 from pagedllm.models.registry import layer_sliding_window
 
@@ -28,10 +27,7 @@ class MistralForCausalLM(LlamaForCausalLM):
             raise ValueError(f"hidden_act {act!r} is not supported for "
                              f"{type(self).__name__} (its MLP gates with silu)")
         super().__init__(config, backend, max_position, quant_config)
-        for i, layer in enumerate(self.layers):
-            layer.self_attn.backend = backend.for_layer(
-                sliding_window=layer_sliding_window(config, i))
 
-    def pack_weights(self, allocate: Allocate | None = None) -> int:
-        """Packs the projections (CausalLMBase); the layers stay on the module path."""
-        return CausalLMBase.pack_weights(self, allocate)
+    def layer_backend(self, config: PretrainedConfig, backend: AttentionBackend,
+                      index: int) -> AttentionBackend:
+        return backend.for_layer(sliding_window=layer_sliding_window(config, index))

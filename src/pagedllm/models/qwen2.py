@@ -32,9 +32,4 @@ class Qwen2Attention(LlamaAttention):
 class Qwen2ForCausalLM(MistralForCausalLM):
     """Qwen2 / Qwen2.5; the checkpoint's names are Llama's."""
 
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, max_position: int,
-                 quant_config: QuantizationConfig | None = None) -> None:
-        super().__init__(config, backend, max_position, quant_config)
-        for i, layer in enumerate(self.layers):  # (on the meta device: nothing allocated)
-            layer.self_attn = Qwen2Attention(config, self.rotary, layer.self_attn.backend,
-                                             quant_config, prefix=f"layers.{i}.self_attn")
+    attention_cls = Qwen2Attention

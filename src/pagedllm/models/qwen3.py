@@ -31,13 +31,11 @@ class Qwen3Attention(LlamaAttention):
         k = self.k_norm(k.reshape(-1, self.head_size)).view(k.shape)
         return q, k, v
 
+    def head_norms(self) -> tuple[RMSNorm, RMSNorm]:
+        return self.q_norm, self.k_norm
+
 
 class Qwen3ForCausalLM(MistralForCausalLM):
     """Qwen3 (dense); the checkpoint's names are Llama's plus q_norm/k_norm."""
 
-    def __init__(self, config: PretrainedConfig, backend: AttentionBackend, max_position: int,
-                 quant_config: QuantizationConfig | None = None) -> None:
-        super().__init__(config, backend, max_position, quant_config)
-        for i, layer in enumerate(self.layers):  # (on the meta device: nothing allocated)
-            layer.self_attn = Qwen3Attention(config, self.rotary, layer.self_attn.backend,
-                                             quant_config, prefix=f"layers.{i}.self_attn")
+    attention_cls = Qwen3Attention

@@ -1,6 +1,9 @@
 // A Llama-family decoder stack in one call: for each layer, (add +) RMSNorm, the qkv
 // projection, rotary embedding, PagedAttention, the o projection, add + RMSNorm, the gate_up
 // projection and the down projection over the SwiGLU gate; then the final add + RMSNorm.
+// What differs between the families (Mistral, Qwen2, Qwen3, Phi-3) is described per layer:
+// a sliding window (or none), RMSNorms over each q and k head before rotary, biases; and the
+// projections may be quantized (GGUF blocks or int8 rows, multiplied by their kernels).
 //
 // It calls the same kernels, in the same order and on the same buffers' contents, as the
 // per-module Python path (pagedllm/models/llama.py), so the two agree bit for bit. What it
@@ -43,7 +46,74 @@ enum LinearPath : int64_t {
   kDotPanels = 3,  // dot_panel_linear on weights from pack_dot_panels, gate_up's from
                    // pack_dot_swiglu_panels (gated by dot_swiglu_linear); fp32 bias
   kAmxPanels = 4,  // amx_panel_linear on weights from pack_amx_panels; fp32 bias
+  kQuantized = 5,  // gguf_linear / int8_linear (quant_*.cpp) on each projection's runs of
+                   // columns, each in its own format (`quant_layout`); fp32 bias
 };
+
+// The int8 layers' format id (quant.h: kInt8Channel); any other is a GGML type id.
+constexpr int64_t kInt8Format = 1000;
+
+// out = x @ W.T + b for a quantized weight, as GGUFLinearMethod / Int8LinearMethod.apply call
+// their kernels (activations quantized per row): `weight` the GGUF blocks or int8 rows,
+// `scales` the int8 rows' scales (empty for GGUF).
+void quantized_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& bias, int64_t format, const at::Tensor& scales) {
+  static const c10::OperatorHandle gguf =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pagedllm_cpu::gguf_linear", "");
+  static const c10::OperatorHandle int8 =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pagedllm_cpu::int8_linear", "");
+  torch::jit::Stack stack;
+  stack.emplace_back(out);
+  stack.emplace_back(x);
+  stack.emplace_back(weight);
+  if (format == kInt8Format) {
+    stack.emplace_back(scales);
+    stack.emplace_back(bias);
+    stack.emplace_back(true);
+    int8.callBoxed(&stack);
+  } else {
+    stack.emplace_back(format);
+    stack.emplace_back(bias);
+    stack.emplace_back(true);
+    gguf.callBoxed(&stack);
+  }
+}
+
+// A quantized projection: runs of its output columns [start, start + size), each computed by
+// one kernel call on a weight of one format (a GGUF layer may mix types, e.g. q and k in Q4_K,
+// v in Q6_K), as GGUFLinearMethod.apply runs them.
+struct QuantRun {
+  int64_t format, start, size;
+  const at::Tensor* weight;
+  const at::Tensor* bias;
+  const at::Tensor* scales;
+};
+using QuantProjection = std::vector<QuantRun>;
+
+// The projections (qkv, o, gate_up, down of each layer) from `layout`: per projection its
+// number of runs, then each run's format and size; `tensors`: per run weight, bias, scales.
+std::vector<QuantProjection> quant_projections(at::IntArrayRef layout, at::TensorList tensors,
+                                               int64_t num_projections) {
+  std::vector<QuantProjection> projections(num_projections);
+  size_t li = 0, ti = 0;
+  for (QuantProjection& runs : projections) {
+    TORCH_CHECK(li < layout.size(), "quant_layout is too short");
+    const int64_t num_runs = layout[li++];
+    int64_t start = 0;
+    for (int64_t r = 0; r < num_runs; ++r) {
+      TORCH_CHECK(li + 2 <= layout.size() && ti + 3 <= tensors.size(),
+                  "quant_layout or quant_tensors is too short");
+      const int64_t format = layout[li], size = layout[li + 1];
+      li += 2;
+      runs.push_back({format, start, size, &tensors[ti], &tensors[ti + 1], &tensors[ti + 2]});
+      ti += 3;
+      start += size;
+    }
+  }
+  TORCH_CHECK(li == layout.size() && ti == tensors.size(),
+              "quant_layout and quant_tensors describe more projections than the layers have");
+  return projections;
+}
 
 // mkldnn::_linear_pointwise(x, w, b, "none", [], ""), as PackedWeight.onednn calls it.
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
@@ -65,7 +135,8 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const at
 // inside the dot-product and AMX kernels, else the silu_and_mul op first (into
 // `gated_buffer`), as Linear.after_silu_and_mul does.
 at::Tensor project(LinearPath path, at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                   const at::Tensor& bias, bool gated, at::Tensor& gated_buffer) {
+                   const at::Tensor& bias, bool gated, at::Tensor& gated_buffer,
+                   const QuantProjection* quant = nullptr) {
   if (path == kPanels) {
     panel_linear(out, x, weight, bias, gated);
     return out;
@@ -86,6 +157,17 @@ at::Tensor project(LinearPath path, at::Tensor& out, const at::Tensor& x, const 
   }
   if (path == kStreaming) {
     linear_few_rows(out, *input, weight, bias);
+    return out;
+  }
+  if (path == kQuantized) {
+    int64_t columns = 0;
+    for (const QuantRun& run : *quant) {
+      at::Tensor cols = quant->size() == 1 ? out : out.narrow(1, run.start, run.size);
+      quantized_linear(cols, *input, *run.weight, *run.bias, run.format, *run.scales);
+      columns += run.size;
+    }
+    TORCH_CHECK(columns == out.size(1), "a quantized projection's runs cover ", columns,
+                " of its ", out.size(1), " columns");
     return out;
   }
   return onednn_linear(*input, weight, bias);
@@ -147,7 +229,9 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
                                int64_t linear_path, const std::optional<at::Tensor>& seconds,
                                const std::optional<at::Tensor>& comm_buffer, int64_t tp_rank,
                                int64_t tp_size,
-                               const std::optional<at::Tensor>& comm_generation) {
+                               const std::optional<at::Tensor>& comm_generation,
+                               at::IntArrayRef windows, at::TensorList head_norms,
+                               at::IntArrayRef quant_layout, at::TensorList quant_tensors) {
   const int64_t num_layers = static_cast<int64_t>(kv_caches.size());
   TORCH_CHECK(num_layers > 0 && static_cast<int64_t>(weights.size()) ==
                                     num_layers * kTensorsPerLayer,
@@ -158,9 +242,19 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
                   (seconds->scalar_type() == at::kDouble && seconds->is_contiguous() &&
                    seconds->numel() == kNumParts),
               "seconds must be a contiguous float64 [", kNumParts, "] tensor");
-  TORCH_CHECK(linear_path >= kPanels && linear_path <= kAmxPanels, "unknown linear path ",
+  TORCH_CHECK(linear_path >= kPanels && linear_path <= kQuantized, "unknown linear path ",
               linear_path);
   const auto path = static_cast<LinearPath>(linear_path);
+  // Per layer: its window (0: none), its q and k head norms (none where the list is empty),
+  // and on the quantized path each projection's runs (qkv, o, gate_up, down; the projections'
+  // slots in `weights` are unused there).
+  TORCH_CHECK(windows.empty() || static_cast<int64_t>(windows.size()) == num_layers,
+              "windows must be empty or one per layer");
+  TORCH_CHECK(head_norms.empty() || static_cast<int64_t>(head_norms.size()) == 2 * num_layers,
+              "head_norms must be empty or two (q, k) per layer");
+  const std::vector<QuantProjection> quant =
+      path == kQuantized ? quant_projections(quant_layout, quant_tensors, 4 * num_layers)
+                         : std::vector<QuantProjection>();
   TORCH_CHECK(tp_size == 1 || (comm_buffer && comm_generation),
               "tensor parallelism needs the shared buffer and generation counter");
   // Under tensor parallelism the o and down projections (row-parallel) give this rank's
@@ -181,6 +275,8 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
 
   for (int64_t l = 0; l < num_layers; ++l) {
     const at::Tensor* w = weights.data() + l * kTensorsPerLayer;
+    // This layer's quantized projections (none on the dense paths).
+    const QuantProjection* lq = path == kQuantized ? quant.data() + 4 * l : nullptr;
     timer.begin_block();
     if (l == 0) {
       rms_norm(x, residual, w[0], eps);
@@ -189,17 +285,22 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
     }
     timer.lap(kNormsRotary);
     if (!qkv.defined()) qkv = at::empty({T, q_size + 2 * kv_size}, options);
-    qkv = project(path, qkv, x, w[1], w[2], false, gated);
+    qkv = project(path, qkv, x, w[1], w[2], false, gated, lq);
     timer.lap(kAttentionProjections);
     at::Tensor q = qkv.narrow(1, 0, q_size).view({T, num_heads, head_size});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, head_size});
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, head_size});
+    if (!head_norms.empty()) {
+      head_rms_norm(q, head_norms[2 * l], eps);
+      head_rms_norm(k, head_norms[2 * l + 1], eps);
+    }
     rotary_embedding(positions, q, k, cos_cache, sin_cache);
     timer.lap(kNormsRotary);
-    paged_attention(attn_out, q, k, v, kv_caches[l], slot_mapping, query_start_loc, seq_lens,
-                    block_tables, scale);
+    paged_attention_windowed(attn_out, q, k, v, kv_caches[l], slot_mapping, query_start_loc,
+                             seq_lens, block_tables, scale, windows.empty() ? 0 : windows[l],
+                             0.0);
     timer.lap(kAttentionKernel);
-    x = project(path, x, attn_out.view({T, q_size}), w[3], w[4], false, gated);
+    x = project(path, x, attn_out.view({T, q_size}), w[3], w[4], false, gated, lq ? lq + 1 : nullptr);
     all_reduce(x);
     timer.lap(kAttentionProjections);
     timer.end_block(kAttentionBlock);
@@ -213,8 +314,8 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
       x = project(path, x, gated, w[8], w[9], false, gated);
     } else {
       if (!gate_up.defined()) gate_up = at::empty({T, 2 * intermediate_size}, options);
-      gate_up = project(path, gate_up, x, w[6], w[7], false, gated);
-      x = project(path, x, gate_up, w[8], w[9], true, gated);
+      gate_up = project(path, gate_up, x, w[6], w[7], false, gated, lq ? lq + 2 : nullptr);
+      x = project(path, x, gate_up, w[8], w[9], true, gated, lq ? lq + 3 : nullptr);
     }
     all_reduce(x);
     timer.lap(kMlpProjections);
@@ -233,8 +334,9 @@ TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
       "Tensor block_tables, Tensor cos_cache, Tensor sin_cache, Tensor final_norm, "
       "int num_heads, int num_kv_heads, int head_size, int intermediate_size, float eps, "
       "float scale, "
-      "int linear_path=0, Tensor(b!)? seconds=None, Tensor? comm_buffer=None, "
-      "int tp_rank=0, int tp_size=1, Tensor(c!)? comm_generation=None) -> Tensor");
+      "int linear_path, Tensor(b!)? seconds, Tensor? comm_buffer, int tp_rank, int tp_size, "
+      "Tensor(c!)? comm_generation, int[] windows, Tensor[] head_norms, int[] quant_layout, "
+      "Tensor[] quant_tensors) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {

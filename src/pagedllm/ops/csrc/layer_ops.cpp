@@ -180,6 +180,31 @@ void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& wei
   });
 }
 
+// x[t, h] = rms_norm(x[t, h]) for each head of each token, in place (Qwen3's q/k norms): the
+// arithmetic of rms_norm on the rows of x.reshape(-1, head_size), on x where it lies (a view
+// of the qkv projection's output).
+void head_rms_norm(at::Tensor x, const at::Tensor& weight, double eps) {
+  const int64_t width = weight.numel();
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(2) == width && x.stride(2) == 1,
+              "x must be a CPU [tokens, heads, ", width, "] tensor with a contiguous last dim");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16");
+  dispatch(x, weight, [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
+    T* xp = mut_ptr<T>(x);
+    const W* wp = ptr<W>(weight);
+    const int64_t heads = x.size(1), ts = x.stride(0), hs = x.stride(1);
+    at::parallel_for(0, x.size(0) * heads, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        T* xr = xp + (r / heads) * ts + (r % heads) * hs;
+        normalize_row(xr, xr, wp, width, sum_squares(width, RowValues<T>{xr}),
+                      static_cast<float>(eps));
+      }
+    });
+  });
+}
+
 // out[:, i] = silu(x[:, i]) * x[:, d + i] for x = [gate | up] of width 2d.
 void silu_and_mul(at::Tensor out, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "x must be [rows, 2 * d]");

@@ -10,6 +10,13 @@ namespace pagedllm {
 void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value,
                      at::Tensor kv_cache, at::Tensor slot_mapping, at::Tensor query_start_loc,
                      at::Tensor seq_lens, at::Tensor block_tables, double scale);
+// ... the same where each query sees only the last `window` keys (0: all) and scores are
+// soft-capped (0: not).
+void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
+                              at::Tensor value, at::Tensor kv_cache, at::Tensor slot_mapping,
+                              at::Tensor query_start_loc, at::Tensor seq_lens,
+                              at::Tensor block_tables, double scale, int64_t window,
+                              double soft_cap);
 
 // layer_ops.cpp
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
@@ -18,6 +25,8 @@ void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& wei
 void rotary_embedding(const at::Tensor& positions, at::Tensor query, at::Tensor key,
                       const at::Tensor& cos_cache, const at::Tensor& sin_cache);
 void silu_and_mul(at::Tensor out, const at::Tensor& x);
+// In place, each head of x [tokens, heads, head_size] (a last-dim-contiguous view).
+void head_rms_norm(at::Tensor x, const at::Tensor& weight, double eps);
 
 // gemm.cpp: out = x @ W.T + b on a weight from pack_panels (x gated first with silu_and_mul).
 void panel_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed,
