@@ -76,7 +76,8 @@ def accepted(llm: LLM) -> int:
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min"),
     ({"method": "medusa2", "num_speculative_tokens": 2}, "method must be one of"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a 'model'"),
-    ({"method": "draft_model", "model": "x", "num_speculative_tokens": 2}, "not built yet"),
+    ({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "not built yet"),
+    ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "takes no model"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown keys"),
     ("ngram", "must be a dict"),
 ])

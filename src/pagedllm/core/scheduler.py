@@ -18,7 +18,7 @@ from pagedllm.core.interface import (
 from pagedllm.core.request import Request, RequestStatus, Sequence
 from pagedllm.core.stop_checker import check_stop
 from pagedllm.spec_decode.config import SpeculativeConfig
-from pagedllm.spec_decode.proposer import NgramSpeculator
+from pagedllm.spec_decode.proposer import Speculator
 
 # The preemption modes the scheduler knows: the one list that settings are checked against.
 PREEMPTION_MODES = ("recompute", "swap")
@@ -90,7 +90,7 @@ class Scheduler:
         # Live requests under a structured-output constraint (no bitmask work without one).
         self._num_structured = 0
         spec = config.speculative_config
-        self.speculator = NgramSpeculator(spec) if spec is not None else None
+        self.speculator = Speculator(spec) if spec is not None else None
         self._speculate = False  # whether this step proposes (decided as it starts)
 
     # ---- requests in and out -------------------------------------------------------------

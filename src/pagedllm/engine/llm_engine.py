@@ -27,6 +27,7 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.profiler import StepProfiler
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.config import SpeculativeConfig
+from pagedllm.spec_decode.draft_model import check_draft_model
 from pagedllm.startup_profile import mark
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class LLMEngine:
                 f"max_position_embeddings ({model_max}): lower it"
             )
         self.max_model_len = config.max_model_len or model_max
+        check_draft_model(config, hf_config, self.tokenizer, self.max_model_len)
         self.profiler = StepProfiler(enabled=config.profile)
         self.model_executor: Executor = build_executor(
             config, hf_config, model_dir, self.max_model_len, self.profiler)
@@ -278,13 +280,19 @@ class LLMEngine:
             with profiler.section("update"):
                 updates = self.scheduler.update_from_output(scheduler_output, runner_output)
             with profiler.section("output processing"):
+                # NOTE: counted on the output side, which drops the tokens after a stop string
+                # (an accepted run of proposals may go past one).
+                states = self.output_processor.states
+                counted = [(seq, len(seq.token_ids)) for seq in (
+                    states[u.request_id].seqs[u.seq_index] for u in updates
+                    if u.new_tokens and u.request_id in states)]
                 outputs, stopped = self.output_processor.process_updates(updates, finished_only)
                 for request_id, seq_index in stopped:
                     self.scheduler.finish_sequence(
                         request_id, seq_index, RequestStatus.FINISHED_STOPPED
                     )
         profiler.num_steps += 1
-        self._num_generation_tokens += sum(len(u.new_tokens) for u in updates)
+        self._num_generation_tokens += sum(len(seq.token_ids) - n for seq, n in counted)
         self._num_tokens_computed += scheduler_output.num_batched_tokens
         return outputs
 

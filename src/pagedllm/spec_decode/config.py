@@ -1,4 +1,7 @@
-"""SpeculativeConfig: vLLM's `speculative_config` dict, checked once at start (no torch)."""
+"""SpeculativeConfig: vLLM's `speculative_config` dict, checked once at start (no torch).
+
+The draft model's own checks (its vocabulary against the target's, the parallel setup) need
+its config file and run where the engine starts (spec_decode/draft_model.check_draft_model)."""
 
 from __future__ import annotations
 
@@ -7,9 +10,10 @@ from typing import Any
 
 from pagedllm.validation import is_int
 
-# Methods the engine knows; "draft_model" is refused until it is built.
-SPEC_METHODS = ("ngram",)
-_NOT_BUILT = ("draft_model", "eagle", "eagle3", "medusa", "mlp_speculator")
+# Methods the engine knows, and vLLM's others (refused as not built).
+SPEC_METHODS = ("ngram", "draft_model")
+_NOT_BUILT = ("eagle", "eagle3", "medusa", "mlp_speculator")
+_NGRAM_ONLY = ("prompt_lookup_max", "prompt_lookup_min")
 # Above this many running sequences a step does not speculate (vLLM's disable_by_batch_size).
 # NOTE: on a CPU a decode step is bound by reading the weights only while its batch is small;
 # from about 8 rows on, every extra verified token costs compute, so proposals that may be
@@ -21,10 +25,13 @@ DEFAULT_DISABLE_BY_BATCH_SIZE = 8
 class SpeculativeConfig:
     """The speculation settings, with vLLM's names."""
 
-    # "ngram": proposals looked up in the sequence's own tokens (prompt lookup).
+    # "ngram": proposals looked up in the sequence's own tokens (prompt lookup);
+    # "draft_model": proposals decoded by a second, smaller model of the same vocabulary.
     method: str
     # Most tokens proposed per sequence and step (k).
     num_speculative_tokens: int
+    # draft_model: the draft's path (a Hugging Face directory or a .gguf file).
+    model: str | None = None
     # Longest and shortest n-gram matched against the sequence's earlier tokens.
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
@@ -52,16 +59,23 @@ class SpeculativeConfig:
                              f"{sorted(known)}")
         method = value.get("method", "ngram" if "model" not in value else "draft_model")
         if method in _NOT_BUILT:
-            what = ("needs a 'model' and " if method == "draft_model" and not value.get("model")
-                    else "")
-            raise ValueError(f"speculative_config method {method!r} {what}is not built yet in "
+            raise ValueError(f"speculative_config method {method!r} is not built yet in "
                              f"pagedllm: use one of {', '.join(SPEC_METHODS)}")
         if method not in SPEC_METHODS:
             raise ValueError(f"speculative_config method must be one of "
                              f"{', '.join(SPEC_METHODS)}, got {method!r}")
-        if "model" in value:
+        if method == "ngram" and "model" in value:
             raise ValueError("speculative_config 'model' is for method 'draft_model'; "
                              "'ngram' takes no model")
+        if method == "draft_model":
+            model = value.get("model")
+            if not isinstance(model, str) or not model:
+                raise ValueError(f"speculative_config method 'draft_model' needs a 'model' "
+                                 f"(the draft's path), got {model!r}")
+            ngram_keys = sorted(set(value) & set(_NGRAM_ONLY))
+            if ngram_keys:
+                raise ValueError(f"speculative_config {ngram_keys} are for method 'ngram', "
+                                 f"not 'draft_model'")
         k = value.get("num_speculative_tokens")
         if not is_int(k) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens must be an integer "

@@ -1,4 +1,9 @@
-"""The scheduler's side of speculation: when a sequence proposes, what, and the counts."""
+"""The scheduler's side of speculation: when a sequence proposes, what, and the counts.
+
+One interface for both methods: `propose` gives the tokens to verify after a decode. An n-gram
+proposal is known here; a draft model's is decoded by the worker (spec_decode/draft_model.py)
+in the step itself, so here it is `k` placeholder tokens (DRAFT_PLACEHOLDER) that reserve the
+slots and the budget, and the runner puts the draft's tokens in their place."""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from pagedllm.spec_decode.ngram import propose_ngram
 
 # Weight of the latest step in a sequence's moving acceptance rate.
 _RATE_WEIGHT = 0.25
+# A proposal slot whose token the worker's draft model fills in (never a real token id).
+DRAFT_PLACEHOLDER = -1
 
 
 @dataclass
@@ -25,8 +32,9 @@ class SpecDecodeStats:
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
 
 
-class NgramSpeculator:
-    """Proposes n-gram continuations for decoding sequences and keeps acceptance counts.
+class Speculator:
+    """Proposes for decoding sequences (n-gram continuations, or slots for the draft model's
+    tokens) and keeps acceptance counts.
 
     A sequence whose moving acceptance rate falls below `min_acceptance_rate` stops proposing
     for `cooldown_steps` of its steps, then starts again from a fresh rate.
@@ -54,6 +62,8 @@ class NgramSpeculator:
             self._rates.pop(seq.seq_id, None)
         config = self.config
         k = min(config.num_speculative_tokens, max_tokens)
+        if config.method == "draft_model":
+            return [DRAFT_PLACEHOLDER] * k
         return propose_ngram(seq.all_token_ids, k, config.prompt_lookup_min,
                              config.prompt_lookup_max)
 

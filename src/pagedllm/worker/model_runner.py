@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -16,8 +18,35 @@ from pagedllm.core.interface import (
 from pagedllm.models.interface import CausalLM
 from pagedllm.profiler import StepProfiler
 from pagedllm.sample.sampler import Sampler, prompt_logprobs
+from pagedllm.spec_decode.rejection import rejection_sample, sampling_probs
 from pagedllm.spec_decode.verify import num_accepted, sampling_rows
 from pagedllm.structured_output.bitmask import apply_grammar_bitmask
+
+if TYPE_CHECKING:
+    from pagedllm.spec_decode.draft_model import DraftModel, DraftProposal
+
+
+def prepare_inputs(token_ids: list[list[int]], start_positions: list[int],
+                   block_tables: list[list[int]], block_size: int, device: torch.device):
+    """Flat token ids and positions, attention metadata, and each run's end row, for runs of
+    consecutive tokens (run i: token_ids[i] from position start_positions[i] on)."""
+    query_lens = [len(t) for t in token_ids]
+    starts = np.array(start_positions, dtype=np.int64)
+    seq_lens = (starts + np.array(query_lens, dtype=np.int64)).tolist()
+    # Positions of the flat batch: each run counts up from its start position.
+    # E.g. query_lens [2, 3, 1], starts [0, 7, 4] -> [0, 1, 7, 8, 9, 4]
+    query_ends = np.cumsum(query_lens)
+    offsets = np.arange(query_ends[-1]) - np.repeat(query_ends - query_lens, query_lens)
+    positions = np.repeat(starts, query_lens) + offsets
+    input_ids = np.fromiter((t for run in token_ids for t in run), dtype=np.int64,
+                            count=int(query_ends[-1]))
+    metadata = build_attention_metadata(query_lens, seq_lens, block_tables, block_size, device)
+    return (
+        torch.from_numpy(input_ids).to(device),
+        torch.from_numpy(positions).to(device),
+        metadata,
+        query_ends,
+    )
 
 
 class ModelRunner:
@@ -31,8 +60,11 @@ class ModelRunner:
         device: torch.device,
         seed: int,
         profiler: StepProfiler | None = None,
+        draft: DraftModel | None = None,
     ) -> None:
         self.model = model
+        # speculative_config method "draft_model": the model that proposes (spec_decode/).
+        self.draft = draft
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -42,40 +74,26 @@ class ModelRunner:
         if self.profiler.enabled:
             model.attach_profiler(self.profiler)
 
-    def _prepare_inputs(self, scheduled: list[ScheduledRequest]):
-        """Flat token ids and positions, attention metadata, and each request's end row."""
-        query_lens = [s.num_tokens for s in scheduled]
-        start_positions = np.array([s.start_position for s in scheduled], dtype=np.int64)
-        seq_lens = (start_positions + np.array(query_lens, dtype=np.int64)).tolist()
-        # Positions of the flat batch: each request counts up from its start position.
-        # E.g. query_lens [2, 3, 1], starts [0, 7, 4] -> [0, 1, 7, 8, 9, 4]
-        query_ends = np.cumsum(query_lens)
-        offsets = np.arange(query_ends[-1]) - np.repeat(query_ends - query_lens, query_lens)
-        positions = np.repeat(start_positions, query_lens) + offsets
-        input_ids = np.fromiter(
-            (t for s in scheduled for t in s.token_ids), dtype=np.int64, count=int(query_ends[-1])
-        )
-        metadata = build_attention_metadata(
-            query_lens, seq_lens, [s.block_table for s in scheduled], self.block_size, self.device
-        )
-        return (
-            torch.from_numpy(input_ids).to(self.device),
-            torch.from_numpy(positions).to(self.device),
-            metadata,
-            query_ends,
-        )
-
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         profiler = self.profiler
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return ModelRunnerOutput(sampled={})
+        proposals: dict[str, DraftProposal] = {}
+        if self.draft is not None and any(s.spec_token_ids for s in scheduled):
+            with profiler.section("draft"):
+                scheduled, proposals = self.draft.propose(scheduled, self.sampler,
+                                                          prepare_inputs)
         with profiler.section("prepare inputs"):
-            input_ids, positions, metadata, query_ends = self._prepare_inputs(scheduled)
+            input_ids, positions, metadata, query_ends = prepare_inputs(
+                [s.token_ids for s in scheduled], [s.start_position for s in scheduled],
+                [s.block_table for s in scheduled], self.block_size, self.device)
         with profiler.section("forward"):
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
             # hidden: [num_tokens, hidden_size]
+        if self.draft is not None:
+            self.draft.note_writes(metadata.slot_mapping, proposals)
 
         with profiler.section("prompt logprobs"):
             prompt_chunks = self._prompt_logprobs(scheduled, hidden, query_ends)
@@ -96,24 +114,64 @@ class ModelRunner:
             # NOTE: constrained rows never speculate; a proposal row repeats its item's mask.
             apply_grammar_bitmask(logits, np.repeat(scheduler_output.grammar_bitmask,
                                                     row_counts, axis=0))
+        items = [s for _, s in sampled_items]
+        # Items whose draft drew its proposals from a distribution q (not its argmax) are
+        # verified by rejection sampling (spec_decode/rejection.py); the sampler takes the rest.
+        drawn = [n for n, s in enumerate(items)
+                 if s.seq_id in proposals and proposals[s.seq_id].probs is not None]
+        firsts = np.cumsum([0, *row_counts]).tolist()
+        tokens_of: list[list[SampledToken]] = [[] for _ in items]
         with profiler.section("sampling"):
-            result = self.sampler(logits, batch)
-        tokens = [
-            SampledToken(token_id=result.sampled_token_ids[j], logprob=result.sampled_logprobs[j],
-                         rank=result.sampled_ranks[j], top_logprobs=result.top_logprobs[j])
-            for j in range(sum(row_counts))
-        ]
-        sampled, accepted = {}, {}
-        first = 0
-        for (_, s), n in zip(sampled_items, row_counts):
-            sampled[s.seq_id] = tokens[first]
-            if n > 1:
-                m = num_accepted(s.spec_token_ids, result.sampled_token_ids[first : first + n])
-                if m:
-                    accepted[s.seq_id] = tokens[first + 1 : first + 1 + m]
-            first += n
+            if drawn:
+                taken = set(drawn)
+                rest = [n for n in range(len(items)) if n not in taken]
+                for n in drawn:
+                    tokens_of[n] = self._rejection_sample(
+                        items[n], proposals[items[n].seq_id], logits[firsts[n]:firsts[n + 1]])
+                if rest:
+                    batch, _ = sampling_rows([items[n] for n in rest])
+                    rows = torch.tensor([firsts[n] + r for n in rest
+                                         for r in range(row_counts[n])], device=logits.device)
+                    logits = logits[rows]
+                    row_counts = [row_counts[n] for n in rest]
+            else:
+                rest = list(range(len(items)))
+            if rest:
+                result = self.sampler(logits, batch)
+                first = 0
+                for n, count in zip(rest, row_counts):
+                    samples = result.sampled_token_ids[first : first + count]
+                    m = num_accepted(items[n].spec_token_ids, samples) if count > 1 else 0
+                    tokens_of[n] = [
+                        SampledToken(token_id=samples[j],
+                                     logprob=result.sampled_logprobs[first + j],
+                                     rank=result.sampled_ranks[first + j],
+                                     top_logprobs=result.top_logprobs[first + j])
+                        for j in range(m + 1)]
+                    first += count
+        sampled = {s.seq_id: tokens[0] for s, tokens in zip(items, tokens_of)}
+        accepted = {s.seq_id: tokens[1:] for s, tokens in zip(items, tokens_of) if len(tokens) > 1}
         return ModelRunnerOutput(sampled=sampled, spec_accepted=accepted,
                                  prompt_logprobs=prompt_chunks)
+
+    def _rejection_sample(self, s: ScheduledRequest, proposal: DraftProposal,
+                          logits: torch.Tensor) -> list[SampledToken]:
+        """The tokens of an item whose proposals the draft drew from q: accepted proposals,
+        then the correction or bonus token, with their logprobs under the target's raw
+        logits ([k + 1, vocab], the item's rows)."""
+        batch, _ = sampling_rows([s])
+        p = sampling_probs(self.sampler, logits, batch)
+        token_ids = rejection_sample(p, proposal.probs, proposal.token_ids, s.sampling_params,
+                                     s.seq_index, len(s.output_token_ids), self.draft.generator)
+        params = s.sampling_params
+        rows = logits[: len(token_ids)]
+        if not params.needs_sampled_logprobs:
+            return [SampledToken(t, None, None, None) for t in token_ids]
+        entries = prompt_logprobs(rows, torch.tensor(token_ids, device=logits.device),
+                                  params.logprobs or 0)
+        if params.logprobs is None:  # best_of's cumulative logprob: no rank or top-k
+            return [SampledToken(e.token_id, e.logprob, None, None) for e in entries]
+        return entries
 
     def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor,
                          query_ends: np.ndarray) -> dict[str, PromptLogprobsChunk]:

@@ -14,6 +14,8 @@ from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
 from pagedllm.distributed import get_tensor_model_parallel_world_size
 from pagedllm.models.loader import build_model
 from pagedllm.profiler import StepProfiler
+from pagedllm.spec_decode.config import SpeculativeConfig
+from pagedllm.spec_decode.draft_model import DraftModel, PairedKVCacheSpec
 from pagedllm.worker.cache_engine import (
     CacheEngine,
     KVCacheSpec,
@@ -61,6 +63,15 @@ class Worker:
             block_size=config.block_size,
             dtype=dtype,
         )
+        # Speculation by a draft model: its KV blocks have the target's ids (one pool of block
+        # ids, two models' tensors), so the pool is sized by both models' bytes per block.
+        spec_config = SpeculativeConfig.from_dict(config.speculative_config)
+        self.draft = None
+        if spec_config is not None and spec_config.method == "draft_model":
+            self.draft = DraftModel(spec_config, config, max_model_len, self.device, config.seed)
+            spec = PairedKVCacheSpec(**{f.name: getattr(spec, f.name)
+                                        for f in dataclasses.fields(KVCacheSpec)},
+                                     draft=self.draft.cache_spec)
         # The memory settings are for the whole engine: the block count is the whole model's
         # (all heads) within them, and each rank holds that many blocks of its own heads.
         whole = dataclasses.replace(spec, num_kv_heads=total_num_kv_heads)
@@ -69,11 +80,16 @@ class Worker:
         )
         num_cpu_blocks = int(config.swap_space * 2**30) // whole.bytes_per_block
         check_host_memory(spec, num_blocks, num_cpu_blocks, self.device)
-        self.cache_engine = CacheEngine(spec, num_blocks, backend, self.device, num_cpu_blocks)
+        target_spec = KVCacheSpec(**{f.name: getattr(spec, f.name)
+                                     for f in dataclasses.fields(KVCacheSpec)})
+        self.cache_engine = CacheEngine(target_spec, num_blocks, backend, self.device,
+                                        num_cpu_blocks)
+        if self.draft is not None:
+            self.draft.allocate_cache(num_blocks, num_cpu_blocks)
         self.profiler = profiler or StepProfiler()
         self.runner = ModelRunner(
             self.model, self.cache_engine.kv_caches, config.block_size, self.device, config.seed,
-            self.profiler,
+            self.profiler, self.draft,
         )
         if self.device.type == "cpu":
             # After the weights and the pool: only per-step buffers are reused from the heap.
@@ -90,7 +106,9 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         # Block moves first, in the contract's order, so the forward sees them done.
         with self.profiler.section("block copy/swap"):
-            self.cache_engine.swap_out(scheduler_output.blocks_to_swap_out)
-            self.cache_engine.swap_in(scheduler_output.blocks_to_swap_in)
-            self.cache_engine.copy(scheduler_output.blocks_to_copy)
+            for cache in (self.cache_engine, self.draft):
+                if cache is not None:  # the draft's pools move with the target's
+                    cache.swap_out(scheduler_output.blocks_to_swap_out)
+                    cache.swap_in(scheduler_output.blocks_to_swap_in)
+                    cache.copy(scheduler_output.blocks_to_copy)
         return self.runner.execute_model(scheduler_output)
