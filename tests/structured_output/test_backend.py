@@ -95,6 +95,42 @@ def test_regex_choice_grammar_and_json_object(manager, tokenizer):
     assert not accepts_text(grammar_for(manager, json_object=True), tokenizer, "[1]")
 
 
+def test_choices_past_the_parsers_row_limit_and_prefixes_of_each_other(manager, tokenizer):
+    # As alternatives of one rule, llguidance's parser refused the first token of a list over
+    # 2,000 choices; as one terminal, the lexer takes any number.
+    words = [f"word{i:05d}" for i in range(5000)]
+    grammar = grammar_for(manager, choice=words)
+    assert accepts_text(grammar.copy(), tokenizer, "word04321")
+    assert not accepts_text(grammar.copy(), tokenizer, "word5")
+    assert not accepts_text(grammar, tokenizer, "word04321 ")
+    both = grammar_for(manager, choice=["yes", "yes please", 'a "quoted" \\ choice'])
+    assert accepts_text(both.copy(), tokenizer, "yes")
+    assert accepts_text(both.copy(), tokenizer, "yes please")
+    assert accepts_text(both, tokenizer, 'a "quoted" \\ choice')
+
+
+def test_the_first_mask_is_built_on_the_compile_thread(tokenizer):
+    # A large grammar builds lexer states on its first mask: on the compile thread, not in
+    # the engine loop's first step with it.
+    manager = StructuredOutputManager(tokenizer, VOCAB)
+    threads = []
+    compile_ = manager.backend.compile
+
+    def compile_and_watch(params):
+        grammar = compile_(params)
+        fill = grammar.fill_bitmask
+        grammar.fill_bitmask = lambda bitmask, row: (
+            threads.append(threading.current_thread().name), fill(bitmask, row))[1]
+        return grammar
+
+    manager.backend.compile = compile_and_watch
+    try:
+        manager.compile(StructuredOutputsParams(regex="[a-z]+")).result(timeout=60)
+    finally:
+        manager.shutdown()
+    assert len(threads) == 1 and threads[0].startswith("pagedllm-grammar")
+
+
 def test_eos_only_where_the_text_may_end(manager, tokenizer):
     grammar = grammar_for(manager, regex="a+b?")
     eos = tokenizer.eos_token_id

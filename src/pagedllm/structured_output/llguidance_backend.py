@@ -91,6 +91,10 @@ class GuidanceBackend(StructuredOutputBackend):
             raise ValueError(  # noqa: TRY004
                 f"structured_outputs needs a fast (Rust) tokenizer; this model's is "
                 f"{type(self.tokenizer).__name__}")
+        if params.constraint == "choice":
+            # NOTE: quoted literals always parse; checking them would cost the caller (the
+            # server's event loop) about as long as a compile: 1 s for 100,000 choices.
+            return
         name = f"structured_outputs.{params.constraint}"
         try:
             grammar = _grammar_text(params)
@@ -138,7 +142,8 @@ def _grammar_text(params: StructuredOutputsParams) -> str:
     if constraint == "regex":
         return llguidance.LLMatcher.grammar_from_regex(params.regex)
     if constraint == "choice":
-        # Each choice as a quoted terminal: "start: \"yes\" | \"no\"".
+        # One terminal of quoted alternatives, "start: CHOICE\nCHOICE: \"yes\" | \"no\"", so
+        # the lexer matches them: as alternatives of a rule, the parser refuses more than 2,000.
         return llguidance.LLMatcher.grammar_from_lark(
-            "start: " + " | ".join(json.dumps(choice) for choice in params.choice))
+            "start: CHOICE\nCHOICE: " + " | ".join(json.dumps(choice) for choice in params.choice))
     return llguidance.grammar_from("grammar", params.grammar)  # Lark, or GBNF converted

@@ -106,8 +106,10 @@ class StructuredOutputsParams:
 
     def with_compiled(self, compiled: Future) -> StructuredOutputsParams:
         """A copy carrying `compiled` (a Future of the backend's grammar object)."""
-        copy = StructuredOutputsParams(**{name: getattr(self, name) for name in _FIELDS})
-        copy._compiled = compiled
+        # NOTE: a shallow copy: the constructor would check every field again (36 ms for
+        # 100,000 choices, on the server's event loop).
+        copy = object.__new__(StructuredOutputsParams)
+        copy.__dict__.update(self.__dict__, _compiled=compiled)
         return copy
 
     def __getstate__(self) -> dict[str, Any]:
