@@ -57,6 +57,22 @@ BUILDERS = {"mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3
 # (family, config): each family's most featureful tiny config.
 CASES = [("mistral", "window-16-gqa"), ("qwen2", "window-layer-1"), ("qwen3", "bias-untied"),
          ("phi3", "default-rope-gqa"), ("phi3", "longrope")]
+slow = pytest.mark.slow
+# NOTE: the default run keeps a few (the family test files' fp32 checks run on the stack too).
+BIT_FOR_BIT = [
+    pytest.param("mistral", "window-16-gqa", "float32"),
+    pytest.param("mistral", "window-16-gqa", "bfloat16", marks=slow),
+    pytest.param("qwen2", "window-layer-1", "float32", marks=slow),
+    pytest.param("qwen2", "window-layer-1", "bfloat16"),
+    pytest.param("qwen3", "bias-untied", "float32"),
+    pytest.param("qwen3", "bias-untied", "bfloat16"),
+    pytest.param("phi3", "default-rope-gqa", "float32", marks=slow),
+    pytest.param("phi3", "default-rope-gqa", "bfloat16", marks=slow),
+    pytest.param("phi3", "longrope", "float32", marks=slow),
+    pytest.param("phi3", "longrope", "bfloat16"),
+]
+TRANSFORMERS = [pytest.param(*case, marks=[] if case[0] in ("mistral", "qwen3") else slow)
+                for case in CASES]
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +116,7 @@ def check_both_paths(monkeypatch, model: LlamaForCausalLM) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(("family", "name"), CASES)
+@pytest.mark.parametrize(("family", "name", "dtype"), BIT_FOR_BIT)
 def test_every_step_matches_the_module_path_bit_for_bit(family_dir, monkeypatch, family, name,
                                                          dtype):
     llm = LLM(str(family_dir(family, name)), dtype=dtype, num_kv_blocks=128, block_size=8,
@@ -124,7 +139,7 @@ def test_longrope_past_the_original_length_matches_the_module_path(family_dir, m
     assert len(rows) == 40
 
 
-@pytest.mark.parametrize(("family", "name"), CASES)
+@pytest.mark.parametrize(("family", "name"), TRANSFORMERS)
 def test_the_stack_runs_every_step_and_matches_transformers(family_dir, monkeypatch, family,
                                                             name):
     model_dir = family_dir(family, name)
@@ -143,6 +158,13 @@ def test_the_stack_runs_every_step_and_matches_transformers(family_dir, monkeypa
     check_outputs_equal(expected_tokens(model_dir), outputs)
     # One prefill step for the batch and a decode step per further token, all on the stack.
     assert len(calls) == MAX_TOKENS
+
+
+@pytest.mark.parametrize(("family", "name"), CASES)
+def test_every_family_builds_the_stack(family_dir, family, name):
+    model = LLM(str(family_dir(family, name)), num_kv_blocks=16,
+                block_size=8).llm_engine.worker.model
+    assert model.native_stack is not None, f"{family} ({name}) keeps the module path"
 
 
 def test_the_stack_is_told_each_layers_window_and_head_norms(family_dir):

@@ -33,7 +33,7 @@ def run_both_paths(monkeypatch, llm: LLM) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_int8_steps_match_the_module_path_bit_for_bit(tiny_llama_factory, monkeypatch, dtype):
     model_dir = tiny_llama_factory(num_kv_heads=2, attention_bias=True, mlp_bias=True, seed=5)
     llm = LLM(str(model_dir), dtype=dtype, quantization="int8", num_kv_blocks=128,
@@ -47,7 +47,7 @@ def test_int8_steps_match_the_module_path_bit_for_bit(tiny_llama_factory, monkey
     assert {1, 64} <= set(rows)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=pytest.mark.slow), "bfloat16"])
 def test_gguf_steps_match_the_module_path_bit_for_bit(tmp_path, monkeypatch, dtype):
     # q and k in Q8_0, v in Q4_0: the fused qkv projection runs as two kernel calls.
     path = tmp_path / "tiny-llama.gguf"
@@ -66,6 +66,7 @@ def test_gguf_steps_match_the_module_path_bit_for_bit(tmp_path, monkeypatch, dty
     assert {1, 64} <= set(rows)
 
 
+@pytest.mark.slow
 def test_a_gguf_float_part_keeps_the_module_path(tmp_path):
     """Q5_0 has no kernel: its layers hold dequantized float parts, which the op lacks."""
     path = tmp_path / "tiny-llama-q5_0.gguf"

@@ -11,6 +11,8 @@ A paged cache keeps the keys it rotated, so here each position takes the short f
 the original length and the long ones from it (vLLM switches a whole batch instead, which
 would tie a request's result to its batch). Sequences within the original length match
 transformers exactly; longer ones differ from it in the positions before the switch.
+Being one table indexed by position, LongRoPE runs on the native decoder stack as default RoPE
+does (it reads the table the module path reads).
 """
 
 from __future__ import annotations
