@@ -261,6 +261,43 @@ class PackedWeight:
                 target.copy_(tensor)
                 setattr(self, name, target)
 
+    # ---- the packed-weight cache (layers/packed_cache.py) ----------------------------------
+
+    _CACHED_TENSORS = ("panels", "dot_panels", "amx_panels", "plain", "plain_bias")
+
+    def cache_state(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """(settings, tensors) that rebuild this weight without packing it again
+        (`from_cache_state`), or None where part of it is oneDNN's opaque layout."""
+        if self.onednn_weight is not None:
+            return None
+        meta = {"out_features": self.out_features, "stream_max_rows": self.stream_max_rows,
+                "panel_max_rows": None if self.panel_max_rows == math.inf
+                else self.panel_max_rows,
+                "fuses_swiglu": self.fuses_swiglu, "native": self.ops is not None,
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
+        tensors = {name: getattr(self, name) for name in self._CACHED_TENSORS
+                   if getattr(self, name) is not None}
+        return meta, tensors
+
+    @classmethod
+    def from_cache_state(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> PackedWeight:
+        """The PackedWeight that cache_state() described, on `tensors` as they are."""
+        self = cls.__new__(cls)
+        self.ops = cpu_ops() if meta["native"] else None
+        if meta["native"] and self.ops is None:
+            raise RuntimeError("the native ops are unavailable")
+        self.out_features = meta["out_features"]
+        for name in cls._CACHED_TENSORS:
+            setattr(self, name, tensors.get(name))
+        self.stream_max_rows = meta["stream_max_rows"]
+        panel_max_rows = meta["panel_max_rows"]
+        self.panel_max_rows = math.inf if panel_max_rows is None else panel_max_rows
+        self.fuses_swiglu = meta["fuses_swiglu"]
+        self.compute_dtype = getattr(torch, meta["compute_dtype"])
+        self.onednn_weight = None
+        self.bias = None
+        return self
+
     def onednn(self, x: torch.Tensor) -> torch.Tensor:
         """oneDNN over the reordered weight."""
         inputs = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)

@@ -252,7 +252,23 @@ class CausalLMBase(nn.Module):
 
     def pack_weights(self, allocate: Allocate | None = None) -> int:
         """Has every linear layer's method process its weights (the dense one packs them) and
-        packs a tied LM head's copy of the embedding, which keeps its plain table for lookups."""
+        packs a tied LM head's copy of the embedding, which keeps its plain table for lookups.
+
+        Dense CPU weights are read from the packed-weight cache where it holds this model's
+        packing (models/packed_cache.py), and written to it after packing otherwise."""
+        from pagedllm.models.packed_cache import PackedWeightCache
+
+        cache = PackedWeightCache.for_model(self)
+        if cache is not None:
+            count = cache.load(self, allocate)
+            if count is not None:
+                return count
+        count = self._pack_weights(allocate)
+        if cache is not None:
+            cache.store(self)
+        return count
+
+    def _pack_weights(self, allocate: Allocate | None) -> int:
         count = pack_linear_layers(self)
         if self.lm_head is None:
             self.tied_lm_head = try_pack(self.get_input_embeddings().weight)

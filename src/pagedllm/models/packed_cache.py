@@ -1,0 +1,305 @@
+"""Packed weights cached on disk, so that a second start reads them instead of packing again.
+
+One file per model directory and packing (`cache_root()/packed_weights/`), keyed as the
+converted model is, by what the packed bytes depend on: the model's files (name, size and
+modification time of its config and safetensors), its architecture and layers (names,
+shapes, dtypes), the tensor-parallel rank, the native build (its sources, compiler flags, CPU
+features and torch version: ops/cpu_extension.build_directory) and this packing code. A start
+with another key packs afresh and replaces the file.
+
+A file is used only whole and checked: its header must carry this start's key, its size must
+match, and the wrapping 64-bit sum of its payload's words must be the one recorded (a torn,
+truncated or bit-flipped file fails it); otherwise the weights are packed again and the file
+rewritten. Writers write a temporary file beside it and rename it into place (atomic on one
+file system), so two processes starting at once each read either no file or a whole one.
+
+The cached tensors are copied from the mapped file into the worker's allocator (its huge-page
+arena), not used in place: decode steps stream every weight, and 2 MB pages serve them faster
+than the page cache's mapping of the file (host_memory.py).
+
+PAGEDLLM_PACKED_WEIGHT_CACHE=0 turns the cache off; PAGEDLLM_PACKED_WEIGHT_CACHE_DIR moves it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pagedllm.layers.linear import LinearBase
+from pagedllm.layers.packed import PackedWeight
+from pagedllm.layers.quantization.dense import UnquantizedLinearMethod
+from pagedllm.paths import cache_root
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "PAGEDLLM_PACKED_WEIGHT_CACHE"
+CACHE_DIR_ENV = "PAGEDLLM_PACKED_WEIGHT_CACHE_DIR"
+MAGIC = b"PGLLMPW1"
+ALIGN = 64
+FORMAT_VERSION = 1
+TIED_HEAD = "tied_lm_head"
+# What pack_linear_layers packs with (its defaults); part of the key.
+BATCH_HINT, BATCH_INVARIANT = 64, True
+# The sources whose logic decides the packed bytes (the native ones are in the build key).
+_CODE = ("layers/packed.py", "layers/quantization/dense.py", "models/packed_cache.py")
+_MASK = (1 << 64) - 1
+
+Allocate = Callable[[Sequence[int], torch.dtype], torch.Tensor]
+
+
+def cache_enabled() -> bool:
+    return os.environ.get(CACHE_ENV, "1") not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    """$PAGEDLLM_PACKED_WEIGHT_CACHE_DIR, else `packed_weights` in pagedllm's cache folder."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or cache_root() / "packed_weights")
+
+
+def model_dir_of(model: nn.Module) -> Path | None:
+    """The Hugging Face directory the model's weights came from (its config's path), or None."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    path = Path(name)
+    return path.resolve() if name and (path / "config.json").is_file() else None
+
+
+def _dense_layers(model: nn.Module) -> list[tuple[str, LinearBase]] | None:
+    """The linear layers in module order, or None where one is not dense (quantized)."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LinearBase)]
+    if any(not isinstance(m.linear_method, UnquantizedLinearMethod) for _, m in layers):
+        return None
+    return layers
+
+
+def cache_key(model: nn.Module, model_dir: Path) -> dict | None:
+    """What the packed bytes depend on (see the module docstring), or None where the model's
+    packing is not cached (a quantized layer, another device)."""
+    layers = _dense_layers(model)
+    if layers is None or any(m.weight.device.type != "cpu" for _, m in layers):
+        return None
+    from pagedllm import __version__
+    from pagedllm.distributed import get_tp_group
+    from pagedllm.ops.cpu_extension import build_directory
+
+    files = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.iterdir()
+        if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".json")))
+    package = Path(__file__).resolve().parents[1]
+    code = hashlib.sha256(b"".join((package / name).read_bytes() for name in _CODE))
+    embedding = model.get_input_embeddings().weight
+    tp = get_tp_group()
+    return {
+        "format": FORMAT_VERSION,
+        "version": __version__,
+        "code": code.hexdigest()[:16],
+        "native_build": build_directory().name,
+        "torch": torch.__version__,
+        "model_dir": str(model_dir),
+        "files": files,
+        "architecture": type(model).__name__,
+        "tp": [tp.rank, tp.world_size],
+        "batch": [BATCH_HINT, BATCH_INVARIANT],
+        # Shapes as built (the weight itself is emptied once packed).
+        "layers": [[name, [sum(m.output_partition_sizes), m.input_size_per_partition],
+                    str(m.weight.dtype), m.rank_bias() is not None, bool(m.gates_swiglu)]
+                   for name, m in layers],
+        "tied_head": None if model.lm_head is not None
+        else [list(embedding.shape), str(embedding.dtype)],
+    }
+
+
+def cache_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    where = hashlib.sha256(key["model_dir"].encode()).hexdigest()
+    return cache_dir() / f"{where[:12]}-{digest[:24]}.bin"
+
+
+def _word_sum(data: torch.Tensor) -> int:
+    """The wrapping sum of a uint8 tensor's little-endian 64-bit words (zero-padded)."""
+    whole = data.numel() // 8 * 8
+    total = int(data[:whole].view(torch.int64).sum()) if whole else 0
+    tail = bytes(data[whole:].tolist())
+    return (total + int.from_bytes(tail.ljust(8, b"\0"), "little", signed=True)) & _MASK
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(-1).view(torch.uint8)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class PackedWeightCache:
+    """The cache file of one model's packing: `load` fills the model from it, `store` writes
+    it after packing."""
+
+    def __init__(self, key: dict) -> None:
+        self.key = json.loads(json.dumps(key))  # as the header reads back (lists, not tuples)
+        self.path = cache_path(self.key)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> PackedWeightCache | None:
+        """The model's cache, or None where it has none (turned off, no model directory,
+        quantized layers)."""
+        if not cache_enabled():
+            return None
+        model_dir = model_dir_of(model)
+        if model_dir is None:
+            return None
+        try:
+            key = cache_key(model, model_dir)
+        except OSError as exc:
+            logger.info("packed weights not cached: %s", exc)
+            return None
+        return None if key is None else cls(key)
+
+    # ---- reading -----------------------------------------------------------------------
+
+    def load(self, model: nn.Module, allocate: Allocate | None = None) -> int | None:
+        """Gives every linear layer (and a tied head) its packed weight from the file; the
+        number of packed weights, or None (nothing changed) where the file is missing, stale or
+        damaged, which is then logged."""
+        if not self.path.is_file():
+            return None
+        try:
+            weights = self._read(allocate or _empty)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+            logger.warning("the packed-weight cache %s is not usable (%s): packing again",
+                           self.path, exc)
+            return None
+        layers = _dense_layers(model) or []
+        names = [name for name, _ in layers] + ([TIED_HEAD] if model.lm_head is None else [])
+        if sorted(weights) != sorted(names):
+            logger.warning("the packed-weight cache %s holds other layers: packing again",
+                           self.path)
+            return None
+        for name, layer in layers:
+            layer.batch_hint, layer.batch_invariant = BATCH_HINT, BATCH_INVARIANT
+            layer.packed = weights[name]
+            # The packed copy replaces the plain weight, as the dense method does.
+            layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
+        if model.lm_head is None:
+            model.tied_lm_head = weights[TIED_HEAD]
+        return len(weights)
+
+    def _read(self, allocate: Allocate) -> dict[str, PackedWeight]:
+        with open(self.path, "rb") as f:
+            head = f.read(len(MAGIC) + 8)
+            if len(head) < len(MAGIC) + 8 or head[:len(MAGIC)] != MAGIC:
+                raise ValueError("not a packed-weight file")
+            (header_len,) = struct.unpack("<Q", head[len(MAGIC):])
+            header = json.loads(f.read(header_len))
+            if header.get("key") != self.key:
+                raise ValueError("written for another model or packing")
+            offset, size = header["payload_offset"], header["payload_bytes"]
+            if os.fstat(f.fileno()).st_size != offset + size:
+                raise ValueError("truncated or overlong")
+            # NOTE: a private mapping, read only: the payload is copied out below.
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        payload = torch.frombuffer(mapped, dtype=torch.uint8, offset=offset, count=size)
+        if _word_sum(payload) != header["checksum"]:
+            raise ValueError("checksum mismatch")
+        weights = {}
+        for entry in header["entries"]:
+            tensors = {}
+            for name, (dtype, shape, at, nbytes) in entry["tensors"].items():
+                dtype = getattr(torch, dtype)
+                target = (allocate(shape, dtype) if name != "plain_bias"
+                          else torch.empty(shape, dtype=dtype))
+                if target.numel() * target.element_size() != nbytes:
+                    raise ValueError(f"{entry['name']}.{name}: size mismatch")
+                _as_bytes(target).copy_(payload[at:at + nbytes])
+                tensors[name] = target
+            weights[entry["name"]] = PackedWeight.from_cache_state(entry["meta"], tensors)
+        return weights  # the mapping closes once the payload's views are gone
+
+    # ---- writing -----------------------------------------------------------------------
+
+    def store(self, model: nn.Module) -> bool:
+        """Writes the model's packed weights (atomically); False where some weight is not
+        cacheable (oneDNN's layout, an unpacked layer) or the write failed."""
+        layers = _dense_layers(model) or []
+        packed = [(name, layer.packed) for name, layer in layers]
+        if model.lm_head is None:
+            packed.append((TIED_HEAD, model.tied_lm_head))
+        states = [(name, None if w is None else w.cache_state()) for name, w in packed]
+        if not states or any(state is None for _, state in states):
+            return False
+        entries, blobs, at, checksum = [], [], 0, 0
+        for name, (meta, tensors) in states:
+            described = {}
+            for attr, tensor in tensors.items():
+                data = _as_bytes(tensor)
+                described[attr] = [str(tensor.dtype).removeprefix("torch."),
+                                   list(tensor.shape), at, data.numel()]
+                checksum = (checksum + _word_sum(data)) & _MASK
+                blobs.append((at, data))
+                at = _aligned(at + data.numel())
+            entries.append({"name": name, "meta": meta, "tensors": described})
+        header = {"key": self.key, "entries": entries, "payload_bytes": at,
+                  "checksum": checksum, "payload_offset": 0}
+        # The payload starts at the first aligned offset after the header (whose length
+        # depends on that offset's digits: fixed at 16 of them).
+        header["payload_offset"] = 10**15
+        header_len = len(json.dumps(header).encode())
+        header["payload_offset"] = _aligned(len(MAGIC) + 8 + header_len)
+        encoded = json.dumps(header).encode().ljust(header_len)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
+                                   dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + struct.pack("<Q", header_len) + encoded)
+                for offset, data in blobs:
+                    f.seek(header["payload_offset"] + offset)
+                    f.write(memoryview(data.numpy()))
+                f.truncate(header["payload_offset"] + at)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.warning("packed weights not cached in %s: %s", self.path, exc)
+            Path(tmp).unlink(missing_ok=True)
+            return False
+        self._remove_stale()
+        return True
+
+    def _remove_stale(self) -> None:
+        """Deletes this model's older files (another key) and files of model directories that
+        are gone; temporary files over an hour old (a writer that died)."""
+        prefix = self.path.name.split("-")[0] + "-"
+        for other in self.path.parent.iterdir():
+            try:
+                if other.name.endswith(".tmp"):
+                    if time.time() - other.stat().st_mtime > 3600:
+                        other.unlink()
+                elif other != self.path and other.suffix == ".bin" and (
+                        other.name.startswith(prefix) or not _model_dir_exists(other)):
+                    other.unlink()
+            except OSError:
+                pass  # another process removed or replaced it meanwhile
+
+
+def _model_dir_exists(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + 8)
+            (header_len,) = struct.unpack("<Q", head[len(MAGIC):])
+            model_dir = json.loads(f.read(header_len))["key"]["model_dir"]
+    except (OSError, ValueError, KeyError, struct.error):
+        return True  # unreadable (being written?): leave it
+    return Path(model_dir).is_dir()
+
+
+def _empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype)

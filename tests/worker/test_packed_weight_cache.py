@@ -1,0 +1,179 @@
+"""The packed-weight cache (models/packed_cache.py): a second start reads the packing it wrote
+instead of packing again, with the same bytes and tokens; a changed model or a damaged file is
+packed again (never used) and the file rewritten; two processes writing and reading the same
+file at once always find a whole one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.layers import packed as packed_module
+from pagedllm.models import packed_cache
+from pagedllm.models.packed_cache import CACHE_DIR_ENV, CACHE_ENV, PackedWeightCache
+
+PROMPTS = [{"prompt_token_ids": ids} for ids in ([5, 17, 301, 42, 9], list(range(3, 40)))]
+PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def model_dir(tiny_llama_factory, tmp_path) -> Path:
+    """A copy of a tiny Llama that a test may change."""
+    return Path(shutil.copytree(tiny_llama_factory(num_heads=4, num_kv_heads=2),
+                                tmp_path / "model"))
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def packings(monkeypatch) -> list[int]:
+    """Counts the weights packed afresh (PackedWeight built by packing, not from the cache)."""
+    calls = []
+    original = packed_module.PackedWeight.__init__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(packed_module.PackedWeight, "__init__", counting)
+    return calls
+
+
+def start(model_dir: Path, dtype: str = "bfloat16") -> LLM:
+    return LLM(str(model_dir), num_kv_blocks=32, block_size=8, dtype=dtype)
+
+
+def tokens(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+
+
+def packed_bytes(llm: LLM) -> list[torch.Tensor]:
+    out = []
+    for weight in llm.llm_engine.worker.model.packed_weights():
+        for name in ("panels", "dot_panels", "amx_panels", "plain", "plain_bias"):
+            tensor = getattr(weight, name)
+            if tensor is not None:
+                out.append(tensor.contiguous().view(-1).view(torch.uint8).clone())
+    return out
+
+
+def only_file(cache_dir: Path) -> Path:
+    files = list(cache_dir.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".bin", files
+    return files[0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_second_start_reads_the_packing_it_wrote(model_dir, cache_dir, packings, dtype):
+    first = start(model_dir, dtype)
+    assert packings, "the first start packs"
+    only_file(cache_dir)
+    packings.clear()
+    second = start(model_dir, dtype)
+    assert not packings, "the second start packed again"
+    a, b = packed_bytes(first), packed_bytes(second)
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert tokens(second) == tokens(first)
+
+
+def test_the_cache_can_be_turned_off(model_dir, cache_dir, packings, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, "0")
+    start(model_dir)
+    assert packings and not cache_dir.exists()
+
+
+def test_a_changed_model_is_packed_again(model_dir, cache_dir, packings, monkeypatch):
+    start(model_dir)
+    stale = only_file(cache_dir)
+    weights_file = model_dir / "model.safetensors"
+    weights = load_file(weights_file)
+    name = next(n for n in weights if n.endswith("mlp.down_proj.weight"))
+    weights[name] = -weights[name]
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    packings.clear()
+    changed = start(model_dir)
+    assert packings, "a changed model was served from the old packing"
+    assert only_file(cache_dir) != stale  # replaced, not added beside it
+    monkeypatch.setenv(CACHE_ENV, "0")
+    assert tokens(changed) == tokens(start(model_dir))
+
+
+def _flip_payload_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 4096)
+
+
+def _garble_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[20:40] = b"}" * 20
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_flip_payload_byte, _truncate, _garble_header])
+def test_a_damaged_file_is_detected_and_rebuilt(model_dir, cache_dir, packings, damage,
+                                                caplog, monkeypatch):
+    fresh = tokens(start(model_dir))
+    damage(only_file(cache_dir))
+    packings.clear()
+    with caplog.at_level(logging.WARNING, logger=packed_cache.__name__):
+        rebuilt = start(model_dir)
+    assert packings, "a damaged file was used"
+    assert "is not usable" in caplog.text
+    assert tokens(rebuilt) == fresh
+    packings.clear()
+    start(model_dir)  # the rewritten file is whole again
+    assert not packings
+
+
+# Each of two processes starts the engine, then writes the cache file and reads it back many
+# times while the other does the same: every read must find a whole file with its checksum.
+WRITER = r"""
+import sys
+from pagedllm import LLM
+from pagedllm.models.packed_cache import PackedWeightCache, _empty
+model = LLM(sys.argv[1], num_kv_blocks=32, block_size=8, dtype="bfloat16").llm_engine.worker.model
+cache = PackedWeightCache.for_model(model)
+for _ in range(int(sys.argv[2])):
+    assert cache.store(model)
+    assert len(cache._read(_empty)) == len(model.packed_weights())
+print("ok")
+"""
+
+
+def test_two_processes_writing_at_once_leave_a_whole_file(model_dir, cache_dir, packings):
+    env = {**os.environ, CACHE_DIR_ENV: str(cache_dir)}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(model_dir), "30"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0 and out.strip() == "ok", err[-3000:]
+    only_file(cache_dir)  # no temporary files left behind
+    start(model_dir)
+    assert not packings
+
+
+def test_a_quantized_model_is_not_cached(model_dir, cache_dir):
+    llm = LLM(str(model_dir), num_kv_blocks=32, block_size=8, quantization="int8")
+    assert PackedWeightCache.for_model(llm.llm_engine.worker.model) is None
+    assert not cache_dir.exists()
