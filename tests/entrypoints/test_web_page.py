@@ -11,6 +11,7 @@ requests with n=2 need, so they also preempt and swap. Screenshots go to $PAGEDL
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import threading
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -30,7 +32,7 @@ from test_server_engine import FakeLLMEngine, collect
 from pagedllm.core.kv_cache_snapshot import KVCacheSnapshot, PoolSnapshot, RequestBlocks
 from pagedllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedllm.engine.llm_engine import EngineStats
-from pagedllm.entrypoints.openai.web_page import kv_cache_json
+from pagedllm.entrypoints.openai.web_page import KVMapEncoder, kv_cache_json
 
 TINY_NAME = "tiny"
 API_KEY = "sk-page-key"
@@ -201,6 +203,36 @@ def test_kv_cache_json_names_every_block():
                                             "free"]
     with pytest.raises(ValueError, match="layout must be one of compact, blocks"):
         kv_cache_json(snapshot, stats, "rows")
+
+
+def test_the_encoder_reuses_the_last_poll_and_matches_a_fresh_encoding():
+    # A 2,000-block pool (4 stretches of KVMapEncoder's 512) changed a little between polls,
+    # as a busy engine changes it: every body equals a fresh encoding, and an unchanged
+    # snapshot reuses the last body with a new time.
+    rng = np.random.default_rng(0)
+    num_blocks = 2000
+    ref_counts = [0] * num_blocks
+    hashes: list[int | None] = [None] * num_blocks
+    encoder = KVMapEncoder()
+    stats = EngineStats(**{f: 0 for f in EngineStats.__dataclass_fields__})
+    for step in range(40):
+        for block in rng.integers(0, num_blocks, size=3).tolist():
+            ref_counts[block] = int(rng.choice([0, 1, 2, 3, 300]))  # 300: past a byte
+            hashes[block] = None if rng.random() < 0.5 else int(rng.integers(0, 2**62))
+        if step % 10 == 9:
+            hashes = [None] * num_blocks  # e.g. the prefix cache reset
+        owner = [b for b in range(num_blocks) if ref_counts[b]]
+        snapshot = KVCacheSnapshot(
+            block_size=16, num_steps=step, device=PoolSnapshot(list(ref_counts), list(hashes)),
+            host=None, requests=[RequestBlocks("r", "running", 0, [owner], [])])
+        fresh = kv_cache_json(snapshot, stats)
+        body = json.loads(encoder.body(snapshot, stats))
+        assert body["time"] >= fresh["time"] - 1
+        assert {**body, "time": 0} == {**fresh, "time": 0}
+        again = json.loads(encoder.body(snapshot, stats))
+        assert again["time"] >= body["time"] and {**again, "time": 0} == {**body, "time": 0}
+    assert json.loads(encoder.body(snapshot, stats, "blocks"))["device"]["blocks"] == (
+        kv_cache_json(snapshot, stats, "blocks")["device"]["blocks"])
 
 
 # ---- the engine thread's snapshot (a scripted fake engine: milliseconds) ----------------------
