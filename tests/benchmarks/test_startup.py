@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-PHASES = ["imports", "config", "tokenizer", "model (weights read, packed)", "kv pool",
+PHASES = ["imports", "config", "tokenizer", "weights read", "weights packed", "kv pool",
           "engine rest"]
 
 

@@ -3,7 +3,8 @@
 
 Each start runs in a fresh Python process. `llm`: the process imports pagedllm, builds
 `LLM(...)` and generates one token from a 4-token prompt; the engine marks its phases (pagedllm.startup_profile:
-imports, config, tokenizer, model = weights read and packed, KV pool, the rest) and the
+imports, config, tokenizer, weights read, weights packed (or read from the packed-weight
+cache), KV pool, the rest) and the
 table shows each phase's mean seconds, the ready time (process start to `LLM()` returned), the
 first forward, and the peak and idle RSS. `serve`: the time from process start to the first
 `/health` 200, and the server's peak and idle RSS then. The first start (cold: conversion,

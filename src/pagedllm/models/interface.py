@@ -257,7 +257,9 @@ class CausalLMBase(nn.Module):
         Dense CPU weights are read from the packed-weight cache where it holds this model's
         packing (models/packed_cache.py), and written to it after packing otherwise."""
         from pagedllm.models.packed_cache import PackedWeightCache
+        from pagedllm.startup_profile import mark
 
+        mark("weights read")
         cache = PackedWeightCache.for_model(self)
         if cache is not None:
             count = cache.load(self, allocate)

@@ -102,9 +102,9 @@ def choose_num_blocks(
 
 def check_host_memory(spec: KVCacheSpec, num_blocks: int, num_cpu_blocks: int,
                       device: torch.device) -> None:
-    """Refuses block pools the host cannot hold. They are written in full at start (so that no
-    step faults their pages in), so an oversized pool would grow until the kernel's OOM killer
-    ended the process, with no word said."""
+    """Refuses block pools the host cannot hold, in every commit mode: a pool written at start,
+    or committed as blocks are used, would otherwise grow until the kernel's OOM killer ended
+    the process, with no word said."""
     device_bytes = num_blocks * spec.bytes_per_block if device.type == "cpu" else 0
     swap_bytes = num_cpu_blocks * spec.bytes_per_block
     available = available_memory_bytes()
@@ -129,7 +129,7 @@ class CacheEngine:
         device: torch.device,
         num_cpu_blocks: int = 0,
     ) -> None:
-        mark("model (weights read, packed)")
+        mark("weights packed")
         self.spec = spec
         self.num_blocks = num_blocks
         self.num_cpu_blocks = num_cpu_blocks
