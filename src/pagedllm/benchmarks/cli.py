@@ -1,4 +1,5 @@
-"""The `bench` sub-command: `pagedllm bench throughput|latency|serve|startup`, as `vllm bench` has.
+"""The `bench` sub-command: `pagedllm bench throughput|latency|serve|startup|structured`, as
+`vllm bench` has.
 
 The `pagedllm` command calls add_bench_parser(subparsers) while it builds its parser, and
 run_bench(args) for `pagedllm bench ...`; `python -m pagedllm.benchmarks bench ...` does the
@@ -22,16 +23,18 @@ BENCHMARKS = {
               "online serving: request rates against OpenAI-compatible servers"),
     "startup": ("pagedllm.benchmarks.startup",
                 "start-up time by phase, LLM() and `pagedllm serve`, with peak RSS"),
+    "structured": ("pagedllm.benchmarks.structured",
+                   "structured outputs: a JSON schema on every request against none"),
 }
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Adds `bench` and its sub-commands (throughput, latency, serve) to `subparsers`.
+    """Adds `bench` and its sub-commands (BENCHMARKS) to `subparsers`.
 
     The parsed namespace names the sub-command in `bench_command`.
     """
     bench = subparsers.add_parser(
-        "bench", help="benchmark pagedllm: throughput, latency, serve",
+        "bench", help="benchmark pagedllm: " + ", ".join(BENCHMARKS),
         description="Benchmarks that print a table and write JSON (--output-json).")
     commands = bench.add_subparsers(dest="bench_command", required=True,
                                     metavar="{" + ",".join(BENCHMARKS) + "}")

@@ -4,10 +4,14 @@ Two measurements, side by side in one run:
   1. A/B through a live server (`pagedllm serve`, the shipped SmolLM2 by default, its default
      KV pool: thousands of blocks): rounds of --num-requests concurrent completions
      (--max-tokens each, ignore_eos), alternately with and without a client polling
-     /kv_cache/blocks at --poll-hz; generated tokens per second per round.
+     /kv_cache/blocks at --poll-hz over one keep-alive connection, as the page's fetches do
+     (--new-connection-per-poll: a TCP connection each); generated tokens per second per
+     round. Then the server process's CPU per poll with the engine idle, both ways.
   2. The cost of one poll, in process on the same settings with the pool part full: the engine
-     thread's copy (LLMEngine.get_kv_cache_snapshot) and the JSON built on the event loop. At
-     --poll-hz that is an upper bound on the CPU taken from the engine, as a share of a second.
+     thread's copy (LLMEngine.get_kv_cache_snapshot) and the JSON built on the event loop
+     (web_page.KVMapEncoder: first poll, a poll one step after the last, an unchanged
+     snapshot). At --poll-hz that is an upper bound on the CPU taken from the engine, as a
+     share of a second.
 The A/B numbers on a shared machine are noisy (a round's spread is often above 1%); the
 per-poll cost is the precise one.
 
@@ -20,6 +24,7 @@ Prints a table and writes JSON to --output-json (default benchmarks/results/kv_m
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import socket
@@ -53,11 +58,36 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Poller:
-    """GET /kv_cache/blocks at `hz` on its own thread; records latencies and sizes."""
+class Getter:
+    """GETs of one server: over one keep-alive connection (as a browser's fetches), or a new
+    connection each (`keep_alive` False)."""
 
-    def __init__(self, url: str, hz: float, path: str = "/kv_cache/blocks") -> None:
-        self.url, self.period = url + path, 1.0 / hz
+    def __init__(self, url: str, keep_alive: bool = True) -> None:
+        self.url = url
+        self._conn = (http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+                      if keep_alive else None)
+
+    def get(self, path: str) -> bytes:
+        if self._conn is None:
+            return _get(self.url + path)
+        self._conn.request("GET", path)
+        response = self._conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise OSError(f"GET {path}: HTTP {response.status}")
+        return body
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+class Poller:
+    """GET `path` at `hz` on its own thread; records latencies and sizes."""
+
+    def __init__(self, url: str, hz: float, path: str = "/kv_cache/blocks",
+                 keep_alive: bool = True) -> None:
+        self.getter, self.path, self.period = Getter(url, keep_alive), path, 1.0 / hz
         self.latencies: list[float] = []
         self.num_bytes = 0
         self._stop = threading.Event()
@@ -69,12 +99,13 @@ class Poller:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self.getter.close()
 
     def _run(self) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
             start = time.monotonic()
-            self.num_bytes = len(_get(self.url))
+            self.num_bytes = len(self.getter.get(self.path))
             self.latencies.append(time.monotonic() - start)
             next_at += self.period
             self._stop.wait(max(0.0, next_at - time.monotonic()))
@@ -129,7 +160,19 @@ def serve_ab(args: argparse.Namespace) -> dict:
         try:
             _wait_ready(url, proc)
             result = _ab_rounds(url, args, proc.pid)
-            result.update(_server_cpu_per_poll(url, proc.pid))
+            # Rounds of the four ways in turn, each way's median: a slow minute on this shared
+            # machine lands on one round of every way.
+            samples: dict[str, list[float]] = {}
+            for _ in range(args.cpu_rounds):
+                for keep_alive in (True, False):
+                    name = "keep_alive" if keep_alive else "new_connection"
+                    for path in ("/kv_cache/blocks", "/health"):
+                        key = f"server_cpu_ms_per_poll_{name}" + (
+                            "_health" if path == "/health" else "")
+                        samples.setdefault(key, []).append(
+                            _server_cpu_per_poll(url, proc.pid, path, keep_alive))
+            result.update({key: statistics.median(values) for key, values in samples.items()})
+            result["server_cpu_ms_per_poll_rounds"] = samples
             return result
         finally:
             proc.terminate()
@@ -154,17 +197,24 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _server_cpu_per_poll(url: str, pid: int, num_polls: int = 300) -> dict:
-    """CPU the server process spends per poll (HTTP, the engine thread's copy, the JSON), with
-    the engine idle and its pool as the load left it; less its idle CPU over the same time."""
-    start_cpu, start = _cpu_s(pid), time.perf_counter()
-    for _ in range(num_polls):
-        _get(url + "/kv_cache/blocks")
-    busy_cpu, elapsed = _cpu_s(pid) - start_cpu, time.perf_counter() - start
+def _server_cpu_per_poll(url: str, pid: int, path: str, keep_alive: bool,
+                         num_polls: int = 500) -> float:
+    """CPU milliseconds the server process spends per GET of `path` (HTTP, the engine thread's
+    copy, the JSON), with the engine idle and its pool as the load left it; less its idle CPU
+    over the same time. (/health: the HTTP round trip alone.)"""
+    getter = Getter(url, keep_alive)
+    try:
+        getter.get(path)
+        start_cpu, start = _cpu_s(pid), time.perf_counter()
+        for _ in range(num_polls):
+            getter.get(path)
+        busy_cpu, elapsed = _cpu_s(pid) - start_cpu, time.perf_counter() - start
+    finally:
+        getter.close()
     idle_start = _cpu_s(pid)
     time.sleep(elapsed)
     idle_cpu = _cpu_s(pid) - idle_start
-    return {"server_cpu_ms_per_poll": 1e3 * max(busy_cpu - idle_cpu, 0.0) / num_polls}
+    return 1e3 * max(busy_cpu - idle_cpu, 0.0) / num_polls
 
 
 def _paired_cost(off: list[float], on: list[float], higher_is_better: bool) -> tuple[float, float]:
@@ -189,7 +239,8 @@ def _ab_rounds(url: str, args: argparse.Namespace, pid: int) -> dict:
         time.sleep(args.window_s)  # warm-up: the batch fills
         for index in range(args.rounds):
             for arm in (("off", "on") if index % 2 == 0 else ("on", "off")):
-                poller = Poller(url, args.poll_hz, args.poll_path) if arm == "on" else None
+                poller = (Poller(url, args.poll_hz, args.poll_path,
+                                 not args.new_connection_per_poll) if arm == "on" else None)
                 start, before = _generated(url)
                 start_cpu = _cpu_s(pid)
                 if poller is not None:
@@ -225,10 +276,12 @@ def _ab_rounds(url: str, args: argparse.Namespace, pid: int) -> dict:
 
 
 def per_poll_cost(args: argparse.Namespace) -> dict:
-    """Times one snapshot (engine thread) and its JSON (event loop), pool part full."""
+    """Times one snapshot (engine thread) and its JSON (event loop), pool part full: a first
+    poll, a poll one engine step after the last one (a busy engine polled at 10 Hz), and one
+    of an unchanged snapshot (an idle engine, or two pages within one step)."""
     from pagedllm import SamplingParams
     from pagedllm.engine.llm_engine import LLMEngine
-    from pagedllm.entrypoints.openai.web_page import kv_cache_json
+    from pagedllm.entrypoints.openai.web_page import KVMapEncoder
 
     kwargs = {"model": args.model} if args.model else {}
     if args.num_kv_blocks:
@@ -239,10 +292,13 @@ def per_poll_cost(args: argparse.Namespace) -> dict:
     for i in range(args.num_requests):
         engine.add_request(str(i), f"Request {i}: tell a long story. " * 8, params)
     step_times = []
-    for _ in range(24):
+    snapshots = []  # one per step, after the prompts are in
+    for step in range(40):
         start = time.perf_counter()
         engine.step()
         step_times.append(time.perf_counter() - start)
+        if step >= 8:
+            snapshots.append(engine.get_kv_cache_snapshot())
 
     def timed(fn, n: int = 50) -> float:
         times = []
@@ -252,16 +308,29 @@ def per_poll_cost(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    snapshot, stats = engine.get_kv_cache_snapshot()
+    snapshot, stats = snapshots[-1]
     copy_s = timed(engine.get_kv_cache_snapshot)
-    json_s = timed(lambda: json.dumps(kv_cache_json(snapshot, stats), separators=(",", ":")))
-    blocks_s = timed(lambda: json.dumps(kv_cache_json(snapshot, stats, "blocks"),
-                                        separators=(",", ":")), 10)
+    first_s = timed(lambda: KVMapEncoder().body(snapshot, stats))
+    # Each poll one step after the last: the encoder saw the previous step's snapshot.
+    next_times = []
+    for _ in range(5):
+        encoder = KVMapEncoder()
+        encoder.body(*snapshots[0])
+        for snap, snap_stats in snapshots[1:]:
+            start = time.perf_counter()
+            encoder.body(snap, snap_stats)
+            next_times.append(time.perf_counter() - start)
+    next_s = statistics.median(next_times)
+    encoder = KVMapEncoder()
+    encoder.body(snapshot, stats)
+    same_s = timed(lambda: encoder.body(snapshot, stats))
+    blocks_s = timed(lambda: KVMapEncoder().body(snapshot, stats, "blocks"), 10)
     return {"num_blocks": stats.num_blocks, "num_used_blocks":
             stats.num_blocks - stats.num_free_blocks, "snapshot_ms": 1e3 * copy_s,
-            "json_ms": 1e3 * json_s, "json_blocks_layout_ms": 1e3 * blocks_s,
-            "step_ms_median": 1e3 * statistics.median(step_times[4:]),
-            "cpu_share_at_poll_hz": args.poll_hz * (copy_s + json_s),
+            "json_first_poll_ms": 1e3 * first_s, "json_ms": 1e3 * next_s,
+            "json_unchanged_ms": 1e3 * same_s, "json_blocks_layout_ms": 1e3 * blocks_s,
+            "step_ms_median": 1e3 * statistics.median(step_times[8:]),
+            "cpu_share_at_poll_hz": args.poll_hz * (copy_s + next_s),
             "cpu_share_blocks_layout": args.poll_hz * (copy_s + blocks_s)}
 
 
@@ -272,16 +341,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="pool size (default: the engine's default)")
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--rounds", type=int, default=20, help="pairs of windows (off, on)")
+    parser.add_argument("--rounds", type=int, default=30, help="pairs of windows (off, on)")
     parser.add_argument("--window-s", type=float, default=3.0, help="seconds per window")
     parser.add_argument("--poll-hz", type=float, default=10.0)
     parser.add_argument("--poll-path", default="/kv_cache/blocks",
                         help="what the poller asks for (/health: the HTTP round trip alone)")
+    parser.add_argument("--cpu-rounds", type=int, default=5,
+                        help="rounds of the idle server's CPU per poll (each way's median)")
+    parser.add_argument("--new-connection-per-poll", action="store_true",
+                        help="the A/B poller opens a connection per poll (the page keeps one)")
     parser.add_argument("--skip-per-poll", action="store_true",
                         help="only the A/B through the server, not the in-process timings")
     parser.add_argument("--output-json", default=str(RESULTS / "kv_map_overhead.json"))
     args = parser.parse_args(argv)
-    for name in ("num_requests", "max_tokens", "rounds", "window_s"):
+    for name in ("num_requests", "max_tokens", "rounds", "window_s", "cpu_rounds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if not args.poll_hz > 0:
@@ -307,16 +380,24 @@ def main(argv: list[str] | None = None) -> None:
           f"{100 * ab['cpu_overhead_mean']:+.2f}% +- {100 * ab['cpu_overhead_stderr']:.2f}% |")
     print(f"| poll latency (median) / response | {ab['poll_latency_ms_median']:.1f} ms / "
           f"{ab['response_bytes'] / 1024:.0f} KiB |")
-    print(f"| server process CPU per poll (HTTP + copy + JSON), idle engine | "
-          f"{ab['server_cpu_ms_per_poll']:.2f} ms: {ab['server_cpu_ms_per_poll'] * hz / 10:.2f}% "
-          f"of one core at {hz:g} Hz |")
+    print(f"| poller's connection | "
+          f"{'new per poll' if args.new_connection_per_poll else 'one, keep-alive'} |")
+    for name, label in (("keep_alive", "keep-alive"), ("new_connection", "new connection")):
+        blocks, health = (ab[f"server_cpu_ms_per_poll_{name}"],
+                          ab[f"server_cpu_ms_per_poll_{name}_health"])
+        print(f"| server process CPU per poll, idle engine, {label} (/health alone), median "
+              f"of {args.cpu_rounds} | "
+              f"{blocks:.2f} ms ({health:.2f} ms): {blocks * hz / 10:.2f}% of one core at "
+              f"{hz:g} Hz |")
     if cost is None:
         print(f"wrote {args.output_json}")
         return
     print(f"| snapshot on the engine thread ({cost['num_blocks']} blocks, "
           f"{cost['num_used_blocks']} used) | {cost['snapshot_ms']:.3f} ms |")
-    print(f"| JSON on the event loop (compact / blocks layout) | {cost['json_ms']:.2f} ms / "
-          f"{cost['json_blocks_layout_ms']:.1f} ms |")
+    print(f"| JSON on the event loop, a step after the last poll / first poll / unchanged | "
+          f"{cost['json_ms']:.3f} / {cost['json_first_poll_ms']:.3f} / "
+          f"{cost['json_unchanged_ms']:.3f} ms |")
+    print(f"| JSON of ?layout=blocks | {cost['json_blocks_layout_ms']:.1f} ms |")
     print(f"| CPU per second at {hz:g} Hz (compact / blocks) | "
           f"{100 * cost['cpu_share_at_poll_hz']:.2f}% / "
           f"{100 * cost['cpu_share_blocks_layout']:.1f}% of one core |")
