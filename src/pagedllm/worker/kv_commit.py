@@ -17,6 +17,7 @@ import logging
 import threading
 import weakref
 
+import numpy as np
 import torch
 
 from pagedllm.worker.host_memory import HUGE_PAGE_BYTES, commit_pages
@@ -60,10 +61,11 @@ class KVPoolCommitter:
         if self.committed > self.written:
             keys = self.caches[0][0, self.written:self.committed].reshape(
                 self.committed - self.written, -1)[:, :self.probe_elements]
-            hits = keys.view(_BITS[keys.element_size()]).any(1)  # -0.0 is written too
-            found = hits.nonzero()
-            if found.numel():
-                self.written += int(found[-1]) + 1
+            # NOTE: numpy, not a torch op, which could start an OpenMP team of its own beside
+            # the engine's. Bits, not values: -0.0 is written too.
+            hits = np.flatnonzero(keys.view(_BITS[keys.element_size()]).numpy().any(axis=1))
+            if hits.size:
+                self.written += int(hits[-1]) + 1
         target = min(self.num_blocks, self.written + self.blocks_ahead)
         if target > self.committed and not self._commit(self.committed, target):
             self.failed = True
