@@ -1,7 +1,7 @@
 """The shared-memory collectives of ranks on one host (distributed/shm_comm.py), in real
 processes: all-reduce sums every rank's tensor in rank order (fp32 and bf16, the same bits on
-every rank), all-gather stacks them, over many calls and tensors larger than a rank's area
-(sent in chunks)."""
+every rank), all-gather stacks them, the column gather puts them side by side on one rank
+only, over many calls and tensors larger than a rank's area (sent in chunks)."""
 
 from __future__ import annotations
 
@@ -25,16 +25,18 @@ def inputs(rank: int, call: int) -> list[torch.Tensor]:
     numel = [5, 256, 1000][call % 3]  # within one area, exactly one, several
     return [torch.randn(numel, generator=gen),
             torch.randn(numel, generator=gen).bfloat16(),
-            torch.randn(3, numel, generator=gen)]
+            torch.randn(3, numel, generator=gen),
+            torch.randn(numel // 4 + 1, 7, generator=gen)]  # logit columns: rows in chunks
 
 
 def rank_main(name: str, rank: int, results) -> None:
     comm = ShmCommunicator(name, rank, WORLD_SIZE)
     out = []
     for call in range(6):
-        fp32, bf16, rows = inputs(rank, call)
+        fp32, bf16, rows, logits = inputs(rank, call)
         out.append((comm.all_reduce(fp32.clone()), comm.all_reduce(bf16.clone()),
-                    comm.all_gather(rows, dim=-1)))
+                    comm.all_gather(rows, dim=-1),
+                    comm.gather_columns(logits, dst=call % WORLD_SIZE)))
     comm.close()
     # As bytes: a tensor itself would cross as a file descriptor, which needs its sender alive.
     data = io.BytesIO()
@@ -42,7 +44,7 @@ def rank_main(name: str, rank: int, results) -> None:
     results.put((rank, data.getvalue()))
 
 
-def test_all_reduce_and_all_gather_over_three_processes():
+def test_all_reduce_all_gather_and_column_gather_over_three_processes():
     buffer = create_shm_buffer(WORLD_SIZE, AREA_BYTES)
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
@@ -68,8 +70,13 @@ def test_all_reduce_and_all_gather_over_three_processes():
             fp32 += parts[rank][0]
             bf16 += parts[rank][1].float()
         gathered = torch.cat([p[2] for p in parts], dim=-1)
+        columns = torch.cat([p[3] for p in parts], dim=-1)
         for rank in range(WORLD_SIZE):
-            reduced_fp32, reduced_bf16, rows = got[rank][call]
+            reduced_fp32, reduced_bf16, rows, logits = got[rank][call]
             assert torch.equal(reduced_fp32, fp32)
             assert torch.equal(reduced_bf16, bf16.bfloat16())
             assert torch.equal(rows, gathered)
+            if rank == call % WORLD_SIZE:
+                assert torch.equal(logits, columns)
+            else:
+                assert logits is None

@@ -42,6 +42,8 @@ def tensor_model_parallel_gather(x: torch.Tensor, dst: int = 0,
     tp = get_tp_group()
     if tp.world_size == 1:
         return x
+    if tp.shm is not None and x.dim() == 2 and dim in (-1, 1):  # the LM head's logits
+        return tp.shm.gather_columns(x, dst)  # each row copied once, on dst only
     if tp.shm is not None:  # a copy per rank through the buffer: cheaper than gloo's gather
         full = tp.shm.all_gather(x, dim)
         return full if tp.rank == dst else None

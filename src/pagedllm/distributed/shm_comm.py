@@ -3,7 +3,7 @@
 gloo's all-reduce goes through TCP and its own threads: on a busy 2-core host a 576-float
 all-reduce took 1-1.6 ms, and a Llama layer needs two per step. Ranks on one host instead map
 one buffer that the driver creates, and the native ops (`shm_all_reduce`, `shm_all_gather` in
-ops/csrc/decoder_stack.cpp) copy their part in, publish a flag and read every rank's part: tens
+ops/csrc/shm_comm.cpp) copy their part in, publish a flag and read every rank's part: tens
 of microseconds. The native decoder stack calls the same all-reduce between its layer parts.
 All-reduce sums the ranks' parts in rank order in fp32, so every rank gets the same bits.
 """
@@ -56,6 +56,16 @@ class ShmCommunicator:
         stacked = self.ops.shm_all_gather(x.contiguous(), self.buffer, self.rank,
                                           self.world_size, self.generation)
         return torch.cat(stacked.unbind(0), dim=dim)
+
+    def gather_columns(self, x: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+        """Every rank's x [rows, cols] side by side in rank order, [rows, world_size * cols],
+        on rank `dst`; None elsewhere (those ranks copy nothing out)."""
+        x = x.contiguous()
+        out = (torch.empty(x.shape[0], self.world_size * x.shape[1], dtype=x.dtype)
+               if self.rank == dst else None)
+        self.ops.shm_gather_columns(x, out, dst, self.buffer, self.rank, self.world_size,
+                                    self.generation)
+        return out
 
     def close(self) -> None:
         del self.buffer

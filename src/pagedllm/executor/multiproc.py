@@ -317,7 +317,8 @@ def _rank_main(rank: int, config: EngineConfig, hf_config: PretrainedConfig, mod
         from pagedllm.worker.worker import Worker
 
         init_worker_distributed(rank, config.tensor_parallel_size, *dist_args)
-        worker = Worker(config, hf_config, Path(model_dir), max_model_len)
+        worker = Worker(config, hf_config, Path(model_dir), max_model_len,
+                        StepProfiler(enabled=config.profile))
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the driver
         _answer(reply, 0, "start", "error", _error(exc))
         ring.close()

@@ -19,6 +19,7 @@ import ray
 
 from pagedllm.executor.abstract import call_worker
 from pagedllm.executor.step_message import StepDecoder, StepMessage, encode_runner_output
+from pagedllm.profiler import StepProfiler
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -81,7 +82,8 @@ class RayWorkerWrapper:
                                  shm_name=layout.shm_name)
         from pagedllm.worker.worker import Worker
 
-        self.worker = Worker(config, hf_config, Path(model_dir), max_model_len)
+        self.worker = Worker(config, hf_config, Path(model_dir), max_model_len,
+                             StepProfiler(enabled=config.profile))
         return self.worker.num_kv_blocks, self.worker.num_cpu_blocks
 
     def execute_model(self, payload: bytes) -> Any:

@@ -1,5 +1,6 @@
 // Collectives over shared memory for tensor parallelism on one host: the all-reduce the
-// decoder stack calls between the parts of each layer, and the all-gather of the LM head.
+// decoder stack calls between the parts of each layer, the all-gather, and the LM head's
+// gather of logit columns to rank 0.
 
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <cstring>
 #include <vector>
 
@@ -150,6 +152,48 @@ at::Tensor shm_all_gather(const at::Tensor& x, const at::Tensor& buffer, int64_t
   return out;
 }
 
+// Rank dst's out [rows, world_size * cols] <- every rank's x [rows, cols] side by side in rank
+// order (the LM head's logit columns); the other ranks hand theirs over and pass no out. Each
+// row is copied once, straight to its place: no stacked copy, nothing copied on the others.
+void shm_gather_columns(const at::Tensor& x, const std::optional<at::Tensor>& out, int64_t dst,
+                        const at::Tensor& buffer, int64_t rank, int64_t world_size,
+                        at::Tensor generation) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "shm_gather_columns takes a contiguous 2-d x");
+  TORCH_CHECK(dst >= 0 && dst < world_size, "dst ", dst, " out of a group of ", world_size);
+  const int64_t rows = x.size(0), row_bytes = x.size(1) * x.element_size();
+  char* dst_ptr = nullptr;
+  if (rank == dst) {
+    TORCH_CHECK(out.has_value() && out->is_contiguous() && out->dtype() == x.dtype() &&
+                    out->dim() == 2 && out->size(0) == rows &&
+                    out->size(1) == world_size * x.size(1),
+                "shm_gather_columns: rank dst needs a contiguous out of [rows, world_size * "
+                "cols] in x's dtype");
+    dst_ptr = static_cast<char*>(out->data_ptr());
+  }
+  const char* src = static_cast<const char*>(x.data_ptr());
+  if (world_size == 1) {
+    std::memcpy(dst_ptr, src, rows * row_bytes);
+    return;
+  }
+  const ShmGroup g(buffer, rank, world_size, generation);
+  TORCH_CHECK(row_bytes <= g.area_bytes, "a row of ", row_bytes, " bytes does not fit the "
+              "shared buffer's areas of ", g.area_bytes);
+  const int64_t rows_per_chunk = g.area_bytes / std::max<int64_t>(row_bytes, 1);
+  for (int64_t start = 0; start < rows; start += rows_per_chunk) {
+    const int64_t count = std::min(rows_per_chunk, rows - start);
+    const int64_t gen = g.exchange(src + start * row_bytes, count * row_bytes);
+    if (rank != dst) continue;
+    at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t r = 0; r < world_size; ++r) {
+          std::memcpy(dst_ptr + ((start + i) * world_size + r) * row_bytes,
+                      g.area(gen, r) + i * row_bytes, row_bytes);
+        }
+      }
+    });
+  }
+}
+
 }  // namespace pagedllm
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
@@ -159,9 +203,13 @@ TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
   m.def(
       "shm_all_gather(Tensor x, Tensor buffer, int rank, int world_size, "
       "Tensor(b!) generation) -> Tensor");
+  m.def(
+      "shm_gather_columns(Tensor x, Tensor(a!)? out, int dst, Tensor buffer, int rank, "
+      "int world_size, Tensor(b!) generation) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
   m.impl("shm_all_reduce", &pagedllm::shm_all_reduce);
   m.impl("shm_all_gather", &pagedllm::shm_all_gather);
+  m.impl("shm_gather_columns", &pagedllm::shm_gather_columns);
 }
