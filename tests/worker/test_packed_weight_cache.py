@@ -90,6 +90,16 @@ def test_a_second_start_reads_the_packing_it_wrote(model_dir, cache_dir, packing
     assert tokens(second) == tokens(first)
 
 
+def test_each_dtype_keeps_its_own_file(model_dir, cache_dir, packings):
+    start(model_dir, "bfloat16")
+    start(model_dir, "float32")
+    assert len(list(cache_dir.iterdir())) == 2
+    packings.clear()
+    start(model_dir, "bfloat16")
+    start(model_dir, "float32")
+    assert not packings
+
+
 def test_the_cache_can_be_turned_off(model_dir, cache_dir, packings, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, "0")
     start(model_dir)

@@ -120,8 +120,13 @@ def cache_key(model: nn.Module, model_dir: Path) -> dict | None:
 
 
 def cache_path(key: dict) -> Path:
+    """`<slot>-<key digest>.bin`: the slot is the model directory with the settings a user
+    may switch between (dtypes, rank), so that a new file replaces only its own slot's old
+    ones (the model or code changed), never another dtype's."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    where = hashlib.sha256(key["model_dir"].encode()).hexdigest()
+    slot = json.dumps([key["model_dir"], key["tp"], key["tied_head"],
+                       sorted({layer[2] for layer in key["layers"]})])
+    where = hashlib.sha256(slot.encode()).hexdigest()
     return cache_dir() / f"{where[:12]}-{digest[:24]}.bin"
 
 
