@@ -326,25 +326,31 @@ def _rank_main(rank: int, config: EngineConfig, hf_config: PretrainedConfig, mod
     _answer(reply, 0, "start", "ok", (worker.num_kv_blocks, worker.num_cpu_blocks))
     reader = RingReader(ring, rank, doorbell)
     decoder = StepDecoder()
+    profiler = worker.profiler  # profile=True: the rank's own sections, and its idle time
     try:
         while True:
             try:
-                payload = reader.read()
+                with profiler.section("wait for a message"):
+                    payload = reader.read()
             except EOFError:
                 return  # the driver closed the ring (shutdown) or died
             end = reader.num_chunks_read
             kind, *body = pickle.loads(payload)
             if kind == _EXECUTE:
                 try:
-                    scheduler_output = decoder.decode(StepMessage.from_wire(body[0]))
-                    output = worker.execute_model(scheduler_output)
-                    # Only rank 0 samples (the others' LM heads gather their logits to it).
-                    rows = encode_runner_output(scheduler_output, output) if rank == 0 else None
+                    with profiler.section("step"):
+                        with profiler.section("decode step"):
+                            scheduler_output = decoder.decode(StepMessage.from_wire(body[0]))
+                        output = worker.execute_model(scheduler_output)
+                        # Only rank 0 samples (the others' LM heads gather their logits to it).
+                        rows = (encode_runner_output(scheduler_output, output) if rank == 0
+                                else None)
+                        if rank == 0:
+                            _answer(reply, end, "step", "ok", rows)
                 except BaseException as exc:  # noqa: BLE001 - to the driver, then leave
                     _answer(reply, end, "step", "error", _error(exc))
                     return
-                if rank == 0:
-                    _answer(reply, end, "step", "ok", rows)
+                profiler.num_steps += 1
             else:
                 method, args, kwargs = body
                 try:

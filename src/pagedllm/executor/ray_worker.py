@@ -87,10 +87,17 @@ class RayWorkerWrapper:
         return self.worker.num_kv_blocks, self.worker.num_cpu_blocks
 
     def execute_model(self, payload: bytes) -> Any:
-        scheduler_output = self.decoder.decode(StepMessage.from_wire(pickle.loads(payload)))
-        output = self.worker.execute_model(scheduler_output)
-        # Only rank 0 samples (under TP the other ranks' LM heads gather their logits to it).
-        return encode_runner_output(scheduler_output, output) if self.rank == 0 else None
+        profiler = self.worker.profiler  # profile=True: the rank's own sections
+        with profiler.section("step"):
+            with profiler.section("decode step"):
+                scheduler_output = self.decoder.decode(
+                    StepMessage.from_wire(pickle.loads(payload)))
+            output = self.worker.execute_model(scheduler_output)
+            # Only rank 0 samples (under TP the other ranks' LM heads gather their logits to
+            # it).
+            rows = encode_runner_output(scheduler_output, output) if self.rank == 0 else None
+        profiler.num_steps += 1
+        return rows
 
     def rpc(self, method: str | Callable[..., Any], args: tuple,
             kwargs: dict[str, Any] | None) -> Any:

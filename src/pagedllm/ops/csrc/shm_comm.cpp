@@ -92,9 +92,19 @@ struct ShmGroup {
 
 template <typename T>
 void sum_areas(const ShmGroup& g, int64_t gen, T* out, int64_t count) {
+  // Vectors of kLanes, then the tail one by one: the same fp32 sums, in rank order, either way.
   at::parallel_for(0, count, 1 << 15, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float acc = vec::load1(reinterpret_cast<const T*>(g.area(gen, 0)), i);
+    const T* first = reinterpret_cast<const T*>(g.area(gen, 0));
+    int64_t i = begin;
+    for (; i + vec::kLanes <= end; i += vec::kLanes) {
+      vec::vfloat acc = vec::load(first + i);
+      for (int64_t r = 1; r < g.world_size; ++r) {
+        acc += vec::load(reinterpret_cast<const T*>(g.area(gen, r)) + i);
+      }
+      vec::store(out + i, acc);
+    }
+    for (; i < end; ++i) {
+      float acc = vec::load1(first, i);
       for (int64_t r = 1; r < g.world_size; ++r) {
         acc += vec::load1(reinterpret_cast<const T*>(g.area(gen, r)), i);
       }
