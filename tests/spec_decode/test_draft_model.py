@@ -150,9 +150,9 @@ def test_stops_inside_accepted_runs_cut_where_plain_decoding_does(base, self_dra
     assert_all_blocks_free(self_drafted)
 
 
-def test_requests_added_mid_decode(base, target_dir, draft_dir):
+def test_requests_added_mid_decode(base, drafted, self_drafted):
     prompts = repetitive_prompts(5, seed=3)
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
 
     def run(llm):
         engine = llm.llm_engine
@@ -168,25 +168,24 @@ def test_requests_added_mid_decode(base, target_dir, draft_dir):
         return completions([finals[f"r{i}"] for i in range(len(prompts))])
 
     want = run(base)
-    for draft in (draft_dir, target_dir):
-        llm = make_llm(target_dir, draft_spec(draft, min_acceptance_rate=0.0))
+    for llm in (drafted, self_drafted):
+        before = spec_counts(llm)
         assert run(llm) == want
-        assert spec_counts(llm)[0] > 0
-        if draft == target_dir:
-            assert_all_accepted(llm, (0, 0, 0))
+        assert spec_counts(llm)[0] > before[0]
         assert_all_blocks_free(llm)
+    assert_all_accepted(self_drafted, before)
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_small_pool_preemption(target_dir, mode):
+def test_small_pool_preemption(base, target_dir, mode):
     # Drafting for itself: every proposal still accepted after the draft's blocks were swapped
     # out and in, or freed and recomputed (then partly found in the prefix cache).
     prompts = repetitive_prompts(6, seed=4)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    kwargs = {"num_kv_blocks": 24, "preemption_mode": mode, "swap_space": 0.01}
-    want = completions(make_llm(target_dir, None, **kwargs).generate(prompts, params,
-                                                                      use_tqdm=False))
-    llm = make_llm(target_dir, draft_spec(target_dir), **kwargs)
+    # NOTE: greedy output does not depend on the pool (batch invariance): `base` has 256 blocks.
+    want = completions(base.generate(prompts, params, use_tqdm=False))
+    llm = make_llm(target_dir, draft_spec(target_dir), num_kv_blocks=24, preemption_mode=mode,
+                   swap_space=0.01)
     assert completions(llm.generate(prompts, params, use_tqdm=False)) == want
     stats = llm.llm_engine.get_stats()
     assert stats.num_preemptions > 0
@@ -198,7 +197,7 @@ def test_small_pool_preemption(target_dir, mode):
 
 def test_seeded_sampling_n_and_prefix_caching(drafted, self_drafted):
     prompts = repetitive_prompts(3, seed=5)
-    params = SamplingParams(temperature=0.8, top_k=50, n=3, seed=11, max_tokens=30,
+    params = SamplingParams(temperature=0.8, top_k=50, n=3, seed=11, max_tokens=20,
                             ignore_eos=True, logprobs=1)
     for llm in (drafted, self_drafted):
         before = spec_counts(llm)
@@ -208,12 +207,10 @@ def test_seeded_sampling_n_and_prefix_caching(drafted, self_drafted):
         # NOTE: the same seed gives the same output (rejection sampling draws seeded noise).
         assert first == again
         assert llm.llm_engine.get_stats().prefix_cache_hits > hits
-        assert all(len(c[0]) == 30 for o in first for c in o)
+        assert all(len(c[0]) == 20 for o in first for c in o)
         assert spec_counts(llm)[0] > before[0]
         assert_all_blocks_free(llm)
     # Drafting for itself, q = p: every proposal is accepted (min(1, p/q) = 1).
-    before = spec_counts(self_drafted)
-    self_drafted.generate(prompts, params, use_tqdm=False)
     assert_all_accepted(self_drafted, before)
 
 

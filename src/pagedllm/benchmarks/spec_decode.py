@@ -1,4 +1,5 @@
-"""Speculative decoding (ngram prompt lookup) against plain decoding, side by side in one run.
+"""Speculative decoding (ngram prompt lookup, a draft model) against plain decoding, side by side
+in one run.
 
 Workloads:
   - grounded: input-grounded prompts built from text shipped in the repo (docs/structure.md,
@@ -6,8 +7,14 @@ Workloads:
     single stream (one request at a time) and as a batch of --batch requests.
   - fixed: the fixed workload (random 128-token prompts, 128 tokens out), at --batch at once:
     speculation finds little to propose and must not cost.
-Each is run with and without speculation on the same engine settings (two engines, loaded
-once each); greedy output must be identical, and the table says whether it is.
+Each is run with and without speculation on the same engine settings (one engine per method,
+loaded once each); greedy output must be identical, and the table says whether it is.
+
+The draft model is --draft-model, by default the shipped SmolLM2 drafting for itself: every
+proposal is accepted, and a step of k + 1 tokens costs k draft passes plus one target pass of
+the same model, so its rows show what the mechanism itself costs (a real draft is many times
+smaller than its target). --draft-layers N adds a draft of the target's first N layers (with its
+embedding, final norm and head: an untrained early exit, written to a temporary folder).
 
     flock /tmp/pagedllm-bench.lock python -m pagedllm.benchmarks.spec_decode
 
@@ -18,11 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.benchmarks.workloads import fixed_workload
+from pagedllm.models.default_model import resolve_model_path
 
 RESULTS = Path("benchmarks", "results")
 
@@ -85,22 +95,72 @@ def run(llm: LLM, prompts: list, params: list[SamplingParams], one_at_a_time: bo
             "mean_acceptance_length": 1 + accepted / drafts if drafts else None}
 
 
+def first_layers_draft(model: str | None, num_layers: int, folder: Path) -> Path:
+    """A copy of the model's Hugging Face directory keeping only its first `num_layers` decoder
+    layers (with the embedding, the final norm and the head)."""
+    from safetensors.torch import load_file, save_file
+
+    source = resolve_model_path(model)
+    config = json.loads((source / "config.json").read_text())
+    if not 1 <= num_layers < config["num_hidden_layers"]:
+        raise ValueError(f"--draft-layers must be in 1..{config['num_hidden_layers'] - 1}")
+    shutil.copytree(source, folder, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    config["num_hidden_layers"] = num_layers
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = {}
+    for path in sorted(source.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    kept = {name: t for name, t in tensors.items()
+            if not (name.startswith("model.layers.")
+                    and int(name.split(".")[2]) >= num_layers)}
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="default: the shipped SmolLM2")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--methods", default="ngram,draft_model",
+                        help="comma-separated: ngram, draft_model")
+    parser.add_argument("--draft-model", default=None,
+                        help="the draft's path (default: the target drafting for itself)")
+    parser.add_argument("--draft-layers", type=int, default=None,
+                        help="also draft with the target's first N layers")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.5,
+                        help="each engine's KV pool (a draft's blocks included)")
     parser.add_argument("--single", type=int, default=4, help="grounded requests run alone")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--output-json", type=Path, default=RESULTS / "spec_decode.json")
     args = parser.parse_args(argv)
 
-    spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
-            "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-    common = {"dtype": args.dtype, "max_num_seqs": max(args.batch, 1), "seed": 0}
-    engines = {"plain": LLM(args.model, **common),
-               "ngram": LLM(args.model, speculative_config=spec, **common)}
+    k = args.num_speculative_tokens
+    common = {"dtype": args.dtype, "max_num_seqs": max(args.batch, 1), "seed": 0,
+              "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}
+    engines = {"plain": LLM(args.model, **common)}
+    specs = {}
+    for method in (m.strip() for m in args.methods.split(",") if m.strip()):
+        if method == "ngram":
+            specs["ngram"] = {"method": "ngram", "num_speculative_tokens": k,
+                              "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+        elif method == "draft_model":
+            # By default the target itself (the shipped model when --model is not given).
+            draft = args.draft_model or str(resolve_model_path(args.model))
+            name = "draft_model (itself)" if args.draft_model is None else "draft_model"
+            specs[name] = {"method": "draft_model", "model": draft, "num_speculative_tokens": k}
+        else:
+            raise ValueError(f"unknown method {method!r}: use ngram or draft_model")
+    scratch = tempfile.TemporaryDirectory(prefix="pagedllm-draft-")
+    if args.draft_layers is not None:
+        draft = first_layers_draft(args.model, args.draft_layers, Path(scratch.name, "draft"))
+        specs[f"draft_model (first {args.draft_layers} layers)"] = {
+            "method": "draft_model", "model": str(draft), "num_speculative_tokens": k}
+    for name, spec in specs.items():
+        engines[name] = LLM(args.model, speculative_config=spec, **common)
+    methods = list(specs)
     greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     fixed = fixed_workload(num_requests=args.batch, output_len=args.max_tokens)
     cases = {
@@ -115,25 +175,31 @@ def main(argv: list[str] | None = None) -> int:
     for case, (prompts, params, alone) in cases.items():
         params = params or [greedy] * len(prompts)
         runs = {name: run(llm, prompts, params, alone) for name, llm in engines.items()}
-        plain, ngram = runs["plain"], runs["ngram"]
-        results[case] = {
-            "plain_tokens_per_s": plain["tokens_per_s"],
-            "ngram_tokens_per_s": ngram["tokens_per_s"],
-            "speedup": ngram["tokens_per_s"] / plain["tokens_per_s"],
-            "identical_greedy_output": plain["tokens"] == ngram["tokens"],
-            **{k: ngram[k] for k in ("output_tokens", "drafts", "draft_tokens",
-                                     "accepted_tokens", "acceptance_rate",
-                                     "mean_acceptance_length")},
-        }
-    print(f"| workload | plain tok/s | ngram k={args.num_speculative_tokens} tok/s | speedup | "
+        plain = runs["plain"]
+        for method in methods:
+            r = runs[method]
+            results[f"{case}, {method}"] = {
+                "workload": case, "method": method,
+                "plain_tokens_per_s": plain["tokens_per_s"],
+                "spec_tokens_per_s": r["tokens_per_s"],
+                "speedup": r["tokens_per_s"] / plain["tokens_per_s"],
+                "identical_greedy_output": plain["tokens"] == r["tokens"],
+                **{key: r[key] for key in ("output_tokens", "drafts", "draft_tokens",
+                                           "accepted_tokens", "acceptance_rate",
+                                           "mean_acceptance_length")},
+            }
+    scratch.cleanup()
+    print(f"| workload | method (k={k}) | plain tok/s | speculative tok/s | speedup | "
           f"acceptance | mean accepted length | identical |")
-    print("|---|---|---|---|---|---|---|")
-    for case, r in results.items():
-        rate = "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%"
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results.values():
+        rate = ("-" if r["acceptance_rate"] is None else
+                f"{100 * r['acceptance_rate']:.0f}% ({r['accepted_tokens']}/{r['draft_tokens']})")
         length = ("-" if r["mean_acceptance_length"] is None
                   else f"{r['mean_acceptance_length']:.2f}")
-        print(f"| {case} | {r['plain_tokens_per_s']:.1f} | {r['ngram_tokens_per_s']:.1f} | "
-              f"{r['speedup']:.2f}x | {rate} | {length} | {r['identical_greedy_output']} |")
+        print(f"| {r['workload']} | {r['method']} | {r['plain_tokens_per_s']:.1f} | "
+              f"{r['spec_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {rate} | {length} | "
+              f"{r['identical_greedy_output']} |")
     args.output_json.parent.mkdir(parents=True, exist_ok=True)
     args.output_json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                             "results": results}, indent=2))
