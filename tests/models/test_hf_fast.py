@@ -87,6 +87,17 @@ def test_a_changed_config_is_read_afresh(tmp_path, tokenizer_dir):
     assert load_config(path).num_hidden_layers == 3
 
 
+def test_a_damaged_record_is_read_the_usual_way(tmp_path, tokenizer_dir, records):
+    path = model_dir(tmp_path, tokenizer_dir, "llama")
+    load_config(path)
+    load_tokenizer(path)
+    (record,) = records.iterdir()
+    record.write_text('{"format": 1, "config": {"class": "LlamaConfig"}, '
+                      '"tokenizer_class": "NoSuchTokenizer"}')
+    assert type(load_config(path)) is transformers.LlamaConfig
+    assert load_tokenizer(path).encode("hi") == AutoTokenizer.from_pretrained(path).encode("hi")
+
+
 def test_turned_off_it_reads_the_usual_way(tmp_path, tokenizer_dir, records, monkeypatch):
     monkeypatch.setenv(FAST_ENV, "0")
     path = model_dir(tmp_path, tokenizer_dir, "llama")

@@ -272,7 +272,11 @@ def load_config(model_dir: Path) -> Any:
     model_dir = Path(model_dir).resolve()
     record = _read_record(model_dir) if fast_enabled() else None
     if record is not None and record.get("config") is not None:
-        return _config_from_record(record["config"])
+        try:
+            return _config_from_record(record["config"])
+        except Exception as exc:  # noqa: BLE001 - a damaged record: read the usual way
+            logger.warning("config record of %s not usable (%s)", model_dir, exc)
+            record = None
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -289,8 +293,12 @@ def load_tokenizer(model_dir: Path) -> Any:
     model_dir = Path(model_dir).resolve()
     record = _read_record(model_dir) if fast_enabled() else None
     if record is not None and record.get("tokenizer_class"):
-        return _tokenizer_class(record["tokenizer_class"]).from_pretrained(
-            model_dir, local_files_only=True)
+        try:
+            return _tokenizer_class(record["tokenizer_class"]).from_pretrained(
+                model_dir, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged record: load the usual way
+            logger.warning("tokenizer record of %s not usable (%s)", model_dir, exc)
+            record = None
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
