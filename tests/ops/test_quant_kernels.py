@@ -1,9 +1,10 @@
 """The quantized linear kernels against the gguf package's dequantization, then a matmul.
 
 Weights are random blocks of each GGUF format (random bytes, scale fields set to sane fp16
-values), so every bit pattern of the quantized values is exercised. With int8 activations the
-kernel must match the matmul of the same activations quantized as the kernel quantizes them
-(per block of 32: scale max|x| / 127, round to nearest even) up to fp32 summation, and the
+values), so every bit pattern of the quantized values is exercised. With quantized activations
+(8 bits: per block of 32, scale max|x| / 127, round to nearest even; 16 bits, the default: the
+same with 127 * 255 steps, multiplied as two int8 planes) the kernel must match the matmul of
+the same activations quantized as the kernel quantizes them up to fp32 summation, and the
 unquantized matmul within the bound that activation rounding allows (sum |w| |x - x_q|); with
 activation quantization off (the ops' test hook), the unquantized matmul up to fp32 summation.
 Both integer paths run here: AVX512-VNNI and the forced AVX2 one.
@@ -28,6 +29,8 @@ ROWS = [1, 3, 8, 64, 300]
 HALF_FIELDS = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2],
                QT.Q6_K: [208]}
 FORMATS = list(HALF_FIELDS)
+BITS = [8, 16]
+QMAX = {8: 127, 16: 127 * 255}
 
 
 @pytest.fixture(autouse=True)
@@ -65,16 +68,18 @@ def random_blocks(qtype: QT, n: int, k: int, seed: int) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernel sees it: int8 blocks of 32 (zero-padded) times their scales."""
+def quantized_activations(x: torch.Tensor, bits: int = 16) -> torch.Tensor:
+    """x as the kernel sees it: integer blocks of 32 (zero-padded) times their scales."""
     m, k = x.shape
+    qmax = QMAX[bits]
     padded = torch.nn.functional.pad(x.float(), (0, -k % 32)).view(m, -1, 32)
-    d = padded.abs().amax(-1, keepdim=True) / 127
+    d = padded.abs().amax(-1, keepdim=True) / qmax
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    return (torch.round(padded * inv) * d).view(m, -1)[:, :k]
+    return (torch.round(padded * inv).clamp(-qmax, qmax) * d).view(m, -1)[:, :k]
 
 
-def check_against(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias, quantized: bool):
+def check_against(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias, quantized: bool,
+                  bits: int = 16):
     """out against x @ w.T + bias in float64, with the tolerance the mode allows."""
     x64, w64 = x.double(), w.double()
     ref = x64 @ w64.T + (0 if bias is None else bias.double())
@@ -83,17 +88,19 @@ def check_against(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias, qua
     if not quantized:
         assert ((out - ref).abs() <= summation).all(), (out - ref).abs().max()
         return
-    xq = quantized_activations(x).double()
+    xq = quantized_activations(x, bits).double()
     ref_q = xq @ w64.T + (0 if bias is None else bias.double())
     assert ((out - ref_q).abs() <= summation).all(), (out - ref_q).abs().max()
     rounding = (x64 - xq).abs() @ w64.abs().T
     assert ((out - ref).abs() <= rounding + summation).all()
 
 
-def gguf_linear(x, raw: torch.Tensor, qtype: QT, bias=None, quantize=True, out_dtype=None):
+def gguf_linear(x, raw: torch.Tensor, qtype: QT, bias=None, quantize=True, out_dtype=None,
+                bits: int | None = None):
+    """The op; bits None: its default activation precision."""
     out = torch.empty(x.shape[0], raw.shape[0], dtype=out_dtype or x.dtype)
-    empty = torch.empty(0)
-    cpu_ops().gguf_linear(out, x, raw, int(qtype), empty if bias is None else bias, quantize)
+    args = (out, x, raw, int(qtype), torch.empty(0) if bias is None else bias, quantize)
+    cpu_ops().gguf_linear(*args) if bits is None else cpu_ops().gguf_linear(*args, bits)
     return out
 
 
@@ -124,13 +131,16 @@ def test_gguf_linear_equals_dequantize_then_matmul(qtype: QT) -> None:
             for rows in ROWS:
                 x = torch.randn(rows, k, generator=gen)
                 x[0, :40] = 0.0  # an all-zero block (scale 0)
-                check_against(gguf_linear(x, raw, qtype, bias), x, w, bias, quantized=True)
+                for bits in BITS:
+                    out = gguf_linear(x, raw, qtype, bias, bits=bits)
+                    check_against(out, x, w, bias, quantized=True, bits=bits)
+                    # Batch invariance: a row's bits are the same alone.
+                    for i in {0, rows // 2, rows - 1}:
+                        alone = gguf_linear(x[i:i + 1], raw, qtype, bias, bits=bits)
+                        assert torch.equal(alone[0], out[i])
+                assert torch.equal(gguf_linear(x, raw, qtype, bias), out)  # default: 16
                 check_against(gguf_linear(x, raw, qtype, bias, quantize=False), x, w, bias,
                               quantized=False)
-                # Batch invariance: a row's bits are the same alone.
-                out = gguf_linear(x, raw, qtype, bias)
-                for i in {0, rows // 2, rows - 1}:
-                    assert torch.equal(gguf_linear(x[i:i + 1], raw, qtype, bias)[0], out[i])
 
 
 def test_bf16_activations_and_outputs() -> None:
@@ -169,10 +179,16 @@ def test_int8_linear_equals_dequantize_then_matmul() -> None:
         with kernel_isa(isa):
             for rows in ROWS:
                 x = torch.randn(rows, 100, generator=gen)
-                for quantize in (True, False):
+                for bits in BITS:
                     out = torch.empty(rows, 45)
-                    cpu_ops().int8_linear(out, x, q, scales, bias, quantize)
-                    check_against(out, x, w, bias, quantized=quantize)
+                    cpu_ops().int8_linear(out, x, q, scales, bias, True, bits)
+                    check_against(out, x, w, bias, quantized=True, bits=bits)
+                    alone = torch.empty(1, 45)
+                    cpu_ops().int8_linear(alone, x[-1:], q, scales, bias, True, bits)
+                    assert torch.equal(alone[0], out[-1])
+                out = torch.empty(rows, 45)
+                cpu_ops().int8_linear(out, x, q, scales, bias, False)
+                check_against(out, x, w, bias, quantized=False)
 
 
 def test_isa_paths_agree_on_integer_sums() -> None:
@@ -180,12 +196,26 @@ def test_isa_paths_agree_on_integer_sums() -> None:
     raw_np = random_blocks(QT.Q8_0, 16, 256, seed=5)
     raw = torch.from_numpy(raw_np)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2))
-    results = []
-    for isa in isas():
-        with kernel_isa(isa):
-            results.append(gguf_linear(x, raw, QT.Q8_0))
-    for other in results[1:]:
-        torch.testing.assert_close(other, results[0], rtol=1e-6, atol=1e-5)
+    for bits in BITS:
+        results = []
+        for isa in isas():
+            with kernel_isa(isa):
+                results.append(gguf_linear(x, raw, QT.Q8_0, bits=bits))
+        for other in results[1:]:
+            torch.testing.assert_close(other, results[0], rtol=1e-6, atol=1e-5)
+
+
+def test_activation_bits() -> None:
+    """16-bit activations: 256 times finer steps than 8-bit; any other width is refused."""
+    raw_np = random_blocks(QT.Q4_1, 64, 576, seed=8)
+    w = torch.from_numpy(dequantize(raw_np, QT.Q4_1).astype(np.float32)).double()
+    x = torch.randn(4, 576, generator=torch.Generator().manual_seed(3))
+    exact = x.double() @ w.T
+    err = {bits: (gguf_linear(x, torch.from_numpy(raw_np), QT.Q4_1, bits=bits).double()
+                  - exact).abs().max().item() for bits in BITS}
+    assert err[16] < err[8] / 50, err
+    with pytest.raises(RuntimeError, match="activation_bits must be 8 or 16, got 12"):
+        gguf_linear(x, torch.from_numpy(raw_np), QT.Q4_1, bits=12)
 
 
 def test_bad_input_dimension_is_refused() -> None:

@@ -57,10 +57,27 @@ const uint8_t* unpack_row(const Weight& w, int64_t n, uint8_t* u, float* ws, flo
 // gguf package's).
 void dequantize_row(const Weight& w, int64_t n, float* out);
 
-// out[M, N] (fp32/bf16) = x[M, K] (fp32/bf16) @ W.T + bias (fp32 [N] or empty). With
-// quantize_activations false (a test hook), the rows are multiplied in fp32 with the
-// dequantized weight instead.
+// The activations' precision unless a caller asks for another: 16 bits (see linear).
+constexpr int64_t kDefaultActivationBits = 16;
+
+// out[M, N] (fp32/bf16) = x[M, K] (fp32/bf16) @ W.T + bias (fp32 [N] or empty), x quantized
+// per row in blocks of 32 values with a float scale each: to int8 (activation_bits 8, as
+// llama.cpp's Q8_0) or to 16-bit integers (activation_bits 16, multiplied as two int8 planes:
+// twice the integer dot products, 256 times finer steps). With quantize_activations false (a
+// test hook), the rows are multiplied in fp32 with the dequantized weight instead.
 void linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
-            bool quantize_activations);
+            bool quantize_activations, int64_t activation_bits = kDefaultActivationBits);
+
+// The ops' entry points (also the torch ops of the same names, pagedllm_cpu::gguf_linear and
+// int8_linear): out = x @ W.T + bias for a GGUF weight kept as its blocks, uint8 [N, bytes
+// per row] of GGML type `format` (quant_gguf.cpp), and for a per-channel int8 weight from
+// pack_int8_weight, bytes [N, padded_k(K)] and scales [N] (quant_int8.cpp).
+void gguf_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, int64_t format,
+                 const at::Tensor& bias, bool quantize_activations = true,
+                 int64_t activation_bits = kDefaultActivationBits);
+void int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& bytes,
+                 const at::Tensor& scales, const at::Tensor& bias,
+                 bool quantize_activations = true,
+                 int64_t activation_bits = kDefaultActivationBits);
 
 }  // namespace pagedllm::quant

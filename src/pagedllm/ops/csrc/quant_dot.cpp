@@ -1,16 +1,18 @@
-// The quantized linear kernel (quant.h): activations quantized per row to int8 blocks of 32
-// (a scale per block, as llama.cpp's Q8_0), times unpacked weight rows with integer dot
-// products: AVX512-VNNI VPDPBUSD (64 values per instruction) or AVX2 VPMADDUBSW + VPMADDWD
-// (32), scalar code elsewhere.
+// The quantized linear kernel (quant.h): activations quantized per row in blocks of 32 (a
+// scale per block) to int8 (as llama.cpp's Q8_0) or to 16-bit integers held as two int8 planes
+// (q = 255 * hi + lo), times unpacked weight rows with integer dot products: AVX512-VNNI
+// VPDPBUSD (64 values per instruction) or AVX2 VPMADDUBSW + VPMADDWD (32), scalar code
+// elsewhere.
 //
 // Per output, lane l of a vector accumulator takes, for each 64-value chunk g in order,
-//   acc += float(P) * (ws * dx) [+ wm * (dx * A4)]
-// where P is the lane's integer sum over its 4 values (u * a, plus zero * A4: A4 the lane's
-// activation sum), ws/wm the lane's half-block weight scale and minimum, dx the block's
-// activation scale; the lanes are then summed in a fixed tree. A row's outputs therefore take
-// the same operations in the same order whatever the row count and whichever tile computes
-// them: the kernel is batch-invariant. (VPMADDUBSW saturates at int16: values up to 63 fit;
-// Q8_0 and int8 weights go through its signed form, |q| times a with q's sign, instead.)
+//   acc += float(P) * (ws * dx) [+ wm * (dx * Q4)]
+// where P is the lane's integer sum over its 4 values (u * q, plus zero * Q4: Q4 the lane's
+// activation sum; with 16 bits, 255 * (u . hi) + u . lo, exact in int32), ws/wm the lane's
+// half-block weight scale and minimum, dx the block's activation scale; the lanes are then
+// summed in a fixed tree. A row's outputs therefore take the same operations in the same
+// order whatever the row count and whichever tile computes them: the kernel is
+// batch-invariant. (VPMADDUBSW saturates at int16: values up to 63 fit; Q8_0 and int8 weights
+// go through its signed form, |q| times a with q's sign, instead.)
 //
 // Work is shared as the bf16 GEMMs share it (deal.h): items are row blocks x panels of 8
 // weight rows, block-major; a thread unpacks an item's panel once and runs its rows in register
@@ -21,7 +23,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -56,14 +61,18 @@ Isa active_isa() {
 constexpr int64_t kPanel = 8;                   // weight rows per item
 constexpr int64_t kRowBlockBytes = 256 * 1024;  // prepared activations per row block
 
-// Activation rows quantized for one call: row m's int8 values at a + m * Kp, block scales at
-// dx + m * Kp / 32, per-lane terms at aux + m * Kp / 4 (int32 zero * A4 for formats with a
-// zero, float dx * A4 for formats with a minimum).
+// Activation rows quantized for one call. With 8 bits, a value is q * dx (q = a, int8); with
+// 16 bits, q * dx with q = 255 * hi + lo (hi and lo int8 in -127..127: two planes of int8 that
+// the same integer dot products multiply, then combined exactly in int32). Row m's values at
+// a + m * Kp * planes, its 64-value chunk g at + 64 * planes * g (the hi plane, then the lo
+// one); block scales at dx + m * Kp / 32, per-lane terms at aux + m * Kp / 4 (int32 zero * Q4
+// for formats with a zero, float dx * Q4 for formats with a minimum; Q4 the lane's sum of q).
 struct Acts {
   const int8_t* a;
   const float* dx;
   const int32_t* aux;
   int64_t Kp;
+  int planes;  // 1: 8-bit activations, 2: 16-bit
 };
 
 // The weight rows of one panel, unpacked: row c's values at u[c], scales at ws[c], minimums at
@@ -74,22 +83,38 @@ struct Panel {
   const float* wm[kPanel];
 };
 
+constexpr int kQ16Max = 127 * 255;  // 16-bit activations: q in -kQ16Max..kQ16Max
+
+// Row x quantized per block of 32 to q = round(x / dx) with dx = max |block| / qmax (qmax 127
+// for 8 bits, kQ16Max for 16), laid out as Acts says (a: the row's Kp * planes bytes).
 template <typename T>
-void quantize_row(const T* x, int64_t K, int64_t Kp, const FormatInfo& info, int8_t* a,
-                  float* dx, int32_t* aux) {
+void quantize_row(const T* x, int64_t K, int64_t Kp, const FormatInfo& info, int planes,
+                  int8_t* a, float* dx, int32_t* aux) {
+  const int qmax = planes == 2 ? kQ16Max : 127;
   for (int64_t b = 0; b < Kp / 32; ++b) {
     float v[32] = {};
     for (int64_t i = 0; i < 32 && b * 32 + i < K; ++i) v[i] = vec::load1(x, b * 32 + i);
     float amax = 0.0f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(v[i]));
-    const float d = amax / 127.0f;
+    const float d = amax / static_cast<float>(qmax);
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     dx[b] = d;
+    // Block b's values in its 64-value chunk's planes.
+    int8_t* hi = a + b / 2 * 64 * planes + b % 2 * 32;
     for (int l = 0; l < 8; ++l) {
       int sum = 0;
       for (int e = 0; e < 4; ++e) {
-        const int q = static_cast<int>(std::nearbyint(v[4 * l + e] * id));
-        a[b * 32 + 4 * l + e] = static_cast<int8_t>(q);
+        const int i = 4 * l + e;
+        const int q = std::clamp(static_cast<int>(std::nearbyint(v[i] * id)), -qmax, qmax);
+        if (planes == 2) {
+          // q = 255 * h + lo, h the nearest integer to q / 255 (255 is odd: no ties), so
+          // |lo| <= 127.
+          const int h = q >= 0 ? (q + 127) / 255 : -((127 - q) / 255);
+          hi[i] = static_cast<int8_t>(h);
+          hi[64 + i] = static_cast<int8_t>(q - 255 * h);
+        } else {
+          hi[i] = static_cast<int8_t>(q);
+        }
         sum += q;
       }
       if (info.has_min) {
@@ -104,7 +129,7 @@ void quantize_row(const T* x, int64_t K, int64_t Kp, const FormatInfo& info, int
 
 // Sums of a tile: sums[r * C + c] for rows r0 + r and panel rows c0 + c.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-template <int R, int C, bool kZero, bool kMin>
+template <int R, int C, bool kZero, bool kMin, int kPlanes>
 void tile_vnni(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* sums) {
   const int64_t G = A.Kp / 64;
   const __m512i block_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -113,11 +138,13 @@ void tile_vnni(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* sum
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512i ia[R], init[R];
+    __m512i ia[R], ib[R], init[R];
     __m512 dxl[R], dxa[R];
     for (int r = 0; r < R; ++r) {
       const int64_t m = r0 + r;
-      ia[r] = _mm512_loadu_si512(A.a + m * A.Kp + 64 * g);
+      const int8_t* am = A.a + (m * A.Kp + 64 * g) * kPlanes;
+      ia[r] = _mm512_loadu_si512(am);
+      if constexpr (kPlanes == 2) ib[r] = _mm512_loadu_si512(am + 64);
       const __m128 d2 = _mm_castsi128_ps(_mm_loadl_epi64(
           reinterpret_cast<const __m128i*>(A.dx + m * (A.Kp / 32) + 2 * g)));
       dxl[r] = _mm512_permutexvar_ps(block_idx, _mm512_castps128_ps512(d2));
@@ -135,7 +162,15 @@ void tile_vnni(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* sum
                                     _mm512_castps128_ps512(_mm_loadu_ps(P.wm[c0 + c] + 4 * g)));
       }
       for (int r = 0; r < R; ++r) {
-        const __m512i p = _mm512_dpbusd_epi32(init[r], iu, ia[r]);
+        __m512i p;
+        if constexpr (kPlanes == 2) {
+          // 255 * (u . hi) + u . lo + zero * Q4, exact in int32.
+          const __m512i ph = _mm512_dpbusd_epi32(_mm512_setzero_si512(), iu, ia[r]);
+          p = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(ph, 8), ph),
+                               _mm512_dpbusd_epi32(init[r], iu, ib[r]));
+        } else {
+          p = _mm512_dpbusd_epi32(init[r], iu, ia[r]);
+        }
         acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(wsl, dxl[r]), acc[r][c]);
         if constexpr (kMin) acc[r][c] = _mm512_fmadd_ps(wml, dxa[r], acc[r][c]);
       }
@@ -153,7 +188,7 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
-template <int R, int C, bool kZero, bool kMin, bool kSigned>
+template <int R, int C, bool kZero, bool kMin, bool kSigned, int kPlanes>
 void tile_avx2(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* sums) {
   const int64_t G2 = A.Kp / 32;  // 32-value chunks
   const __m256i half_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
@@ -163,11 +198,15 @@ void tile_avx2(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* sum
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G2; ++g) {
-    __m256i ia[R], init[R];
+    __m256i ia[R], ib[R], init[R];
     __m256 dxl[R], dxa[R];
     for (int r = 0; r < R; ++r) {
       const int64_t m = r0 + r;
-      ia[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.a + m * A.Kp + 32 * g));
+      const int8_t* am = A.a + (m * A.Kp + 64 * (g / 2)) * kPlanes + 32 * (g % 2);
+      ia[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(am));
+      if constexpr (kPlanes == 2) {
+        ib[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(am + 64));
+      }
       dxl[r] = _mm256_set1_ps(A.dx[m * (A.Kp / 32) + g]);
       const __m256i aux =
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.aux + m * (A.Kp / 4) + 8 * g));
@@ -190,9 +229,15 @@ void tile_avx2(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* sum
       }
       const __m256i abs_u = kSigned ? _mm256_abs_epi8(iu) : iu;
       for (int r = 0; r < R; ++r) {
+        // (|a| <= 127: VPMADDUBSW's pairs stay within int16 for u <= 63 and for |q| <= 128.)
         const __m256i a = kSigned ? _mm256_sign_epi8(ia[r], iu) : ia[r];
-        const __m256i p =
-            _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(abs_u, a), ones), init[r]);
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(abs_u, a), ones);
+        if constexpr (kPlanes == 2) {  // 255 * (u . hi) + u . lo, exact in int32
+          const __m256i b = kSigned ? _mm256_sign_epi8(ib[r], iu) : ib[r];
+          const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(abs_u, b), ones);
+          p = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(p, 8), p), pl);
+        }
+        p = _mm256_add_epi32(p, init[r]);
         acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(wsl, dxl[r]), acc[r][c]);
         if constexpr (kMin) acc[r][c] = _mm256_fmadd_ps(wml, dxa[r], acc[r][c]);
       }
@@ -204,7 +249,7 @@ void tile_avx2(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* sum
 #endif
 
 // Portable: per half-block, float(P) * (ws * dx) [+ wm * (dx * S)] in order.
-template <int R, int C, bool kZero, bool kMin>
+template <int R, int C, bool kZero, bool kMin, int kPlanes>
 void tile_scalar(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* sums) {
   for (int r = 0; r < R; ++r) {
     const int64_t m = r0 + r;
@@ -212,7 +257,7 @@ void tile_scalar(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* s
       const uint8_t* u = P.u[c0 + c];
       float acc = 0.0f;
       for (int64_t h = 0; h < A.Kp / 16; ++h) {
-        const int8_t* a = A.a + m * A.Kp + 16 * h;
+        const int8_t* a = A.a + (m * A.Kp + 64 * (h / 4)) * kPlanes + 16 * (h % 4);
         const float dx = A.dx[m * (A.Kp / 32) + h / 2];
         int p = 0;
         float dxs = 0.0f;
@@ -225,7 +270,10 @@ void tile_scalar(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* s
             dxs += t;
           }
         }
-        for (int i = 0; i < 16; ++i) p += u[16 * h + i] * a[i];
+        for (int i = 0; i < 16; ++i) {
+          const int q = kPlanes == 2 ? 255 * a[i] + a[64 + i] : a[i];
+          p += u[16 * h + i] * q;
+        }
         acc = std::fma(static_cast<float>(p), P.ws[c0 + c][h] * dx, acc);
         if (kMin) acc = std::fma(P.wm[c0 + c][h], dxs, acc);
       }
@@ -236,33 +284,36 @@ void tile_scalar(const Acts& A, int64_t r0, const Panel& P, int64_t c0, float* s
 
 using TileFn = void (*)(const Acts&, int64_t, const Panel&, int64_t, float*);
 
-template <int R, int C>
+template <int R, int C, int kPlanes>
 TileFn tile_fn(Isa isa, const FormatInfo& info) {
   const bool zero = info.zero != 0, min = info.has_min;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (isa == kVnni512) {
-    if (min) return tile_vnni<R, C, false, true>;
-    return zero ? tile_vnni<R, C, true, false> : tile_vnni<R, C, false, false>;
+    if (min) return tile_vnni<R, C, false, true, kPlanes>;
+    return zero ? tile_vnni<R, C, true, false, kPlanes> : tile_vnni<R, C, false, false, kPlanes>;
   }
 #endif
 #if defined(__AVX2__)
   if (isa == kAvx2) {
-    if (min) return tile_avx2<R, C, false, true, false>;
-    if (info.zero == -128) return tile_avx2<R, C, true, false, true>;
-    return zero ? tile_avx2<R, C, true, false, false> : tile_avx2<R, C, false, false, false>;
+    if (min) return tile_avx2<R, C, false, true, false, kPlanes>;
+    if (info.zero == -128) return tile_avx2<R, C, true, false, true, kPlanes>;
+    return zero ? tile_avx2<R, C, true, false, false, kPlanes>
+                : tile_avx2<R, C, false, false, false, kPlanes>;
   }
 #endif
   (void)isa;
-  if (min) return tile_scalar<R, C, false, true>;
-  return zero ? tile_scalar<R, C, true, false> : tile_scalar<R, C, false, false>;
+  if (min) return tile_scalar<R, C, false, true, kPlanes>;
+  return zero ? tile_scalar<R, C, true, false, kPlanes> : tile_scalar<R, C, false, false, kPlanes>;
 }
 
 // Tiles of 4 rows x 2 panel rows, 2-3 rows x 4, 1 row x 4 (4 weight rows streamed together).
 struct Tiles {
   TileFn r4, r3, r2, r1;
-  Tiles(Isa isa, const FormatInfo& info)
-      : r4(tile_fn<4, 2>(isa, info)), r3(tile_fn<3, 4>(isa, info)),
-        r2(tile_fn<2, 4>(isa, info)), r1(tile_fn<1, 4>(isa, info)) {}
+  template <int kPlanes>
+  static Tiles make(Isa isa, const FormatInfo& info) {
+    return {tile_fn<4, 2, kPlanes>(isa, info), tile_fn<3, 4, kPlanes>(isa, info),
+            tile_fn<2, 4, kPlanes>(isa, info), tile_fn<1, 4, kPlanes>(isa, info)};
+  }
 };
 
 template <typename O>
@@ -277,23 +328,26 @@ struct PanelBuffers {
 
 template <typename O, typename X>
 void run_quantized(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const Weight& w,
-                   const float* bias) {
+                   const float* bias, int planes) {
   const FormatInfo info = format_info(w.format);
   const int64_t K = w.K, Kp = padded_k(K);
   // Activations, prepared once per call (rows in parallel; a row's bytes depend on it alone).
-  std::vector<int8_t> a(M * Kp);
+  std::vector<int8_t> a(M * Kp * planes);
   std::vector<float> dx(M * Kp / 32);
   std::vector<int32_t> aux(M * Kp / 4);
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      quantize_row(x + m * ldx, K, Kp, info, a.data() + m * Kp, dx.data() + m * Kp / 32,
-                   aux.data() + m * Kp / 4);
+      quantize_row(x + m * ldx, K, Kp, info, planes, a.data() + m * Kp * planes,
+                   dx.data() + m * Kp / 32, aux.data() + m * Kp / 4);
     }
   });
-  const Acts acts{a.data(), dx.data(), aux.data(), Kp};
-  const Tiles tiles(active_isa(), info);
+  const Acts acts{a.data(), dx.data(), aux.data(), Kp, planes};
+  const Tiles tiles = planes == 2 ? Tiles::make<2>(active_isa(), info)
+                                  : Tiles::make<1>(active_isa(), info);
   const int64_t num_panels = (w.N + kPanel - 1) / kPanel;
-  const int64_t mb = std::max<int64_t>(4, kRowBlockBytes / (Kp * 2 + Kp / 8) / 4 * 4);
+  // NOTE: the row block depends on K alone, never on M (a row's tile order is then fixed).
+  const int64_t mb =
+      std::max<int64_t>(4, kRowBlockBytes / (Kp * (planes + 1) + Kp / 8) / 4 * 4);
   const int64_t num_blocks = (M + mb - 1) / mb;
   const int64_t num_items = num_blocks * num_panels;
   const int num_threads =
@@ -361,7 +415,10 @@ void run_float(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const We
 }  // namespace
 
 void linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
-            bool quantize_activations) {
+            bool quantize_activations, int64_t activation_bits) {
+  TORCH_CHECK(activation_bits == 8 || activation_bits == 16,
+              "activation_bits must be 8 or 16, got ", activation_bits);
+  const int planes = activation_bits == 16 ? 2 : 1;
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be 2-D fp32/bf16 CPU with a contiguous last dim");
@@ -382,11 +439,11 @@ void linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tens
     const int64_t ldo = out.stride(0), ldx = x.stride(0);
     if (x.scalar_type() == at::kFloat) {
       const float* xp = x.data_ptr<float>();
-      if (quantize_activations) run_quantized(op, ldo, xp, ldx, M, w, bp);
+      if (quantize_activations) run_quantized(op, ldo, xp, ldx, M, w, bp, planes);
       else run_float(op, ldo, xp, ldx, M, w, bp);
     } else {
       const auto* xp = reinterpret_cast<const vec::bf16_t*>(x.data_ptr());
-      if (quantize_activations) run_quantized(op, ldo, xp, ldx, M, w, bp);
+      if (quantize_activations) run_quantized(op, ldo, xp, ldx, M, w, bp, planes);
       else run_float(op, ldo, xp, ldx, M, w, bp);
     }
   };

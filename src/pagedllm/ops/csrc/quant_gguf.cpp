@@ -216,11 +216,6 @@ Weight gguf_weight(const at::Tensor& weight, int64_t format, int64_t K) {
   return {format, weight.data_ptr<uint8_t>(), weight.stride(0), weight.size(0), K, nullptr};
 }
 
-void gguf_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, int64_t format,
-                 const at::Tensor& bias, bool quantize_activations) {
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D");
-  linear(out, x, gguf_weight(weight, format, x.size(1)), bias, quantize_activations);
-}
 
 // out[r] = row ids[r] of the weight, dequantized (out fp32/bf16 [R, K], contiguous rows).
 void gguf_dequantize_rows(at::Tensor out, const at::Tensor& weight, int64_t format,
@@ -253,12 +248,19 @@ void gguf_dequantize_rows(at::Tensor out, const at::Tensor& weight, int64_t form
 
 }  // namespace
 
+void gguf_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, int64_t format,
+                 const at::Tensor& bias, bool quantize_activations, int64_t activation_bits) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D");
+  linear(out, x, gguf_weight(weight, format, x.size(1)), bias, quantize_activations,
+         activation_bits);
+}
+
 }  // namespace pagedllm::quant
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
   m.def(
       "gguf_linear(Tensor(a!) out, Tensor x, Tensor weight, int format, Tensor bias, "
-      "bool quantize_activations=True) -> ()");
+      "bool quantize_activations=True, int activation_bits=16) -> ()");
   m.def("gguf_dequantize_rows(Tensor(a!) out, Tensor weight, int format, Tensor ids) -> ()");
 }
 

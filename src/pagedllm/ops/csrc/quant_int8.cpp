@@ -62,9 +62,11 @@ std::tuple<at::Tensor, at::Tensor> pack_int8_weight(const at::Tensor& weight) {
   return {bytes, scales};
 }
 
-// out [M, N] fp32/bf16 = x [M, K] @ W.T + bias; bytes/scales from pack_int8_weight.
+}  // namespace
+
 void int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& bytes,
-                 const at::Tensor& scales, const at::Tensor& bias, bool quantize_activations) {
+                 const at::Tensor& scales, const at::Tensor& bias, bool quantize_activations,
+                 int64_t activation_bits) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D");
   const int64_t K = x.size(1);
   TORCH_CHECK(bytes.device().is_cpu() && bytes.dim() == 2 && bytes.scalar_type() == at::kByte &&
@@ -75,10 +77,8 @@ void int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& bytes,
               "scales must be contiguous float32 [N]");
   const Weight w{kInt8Channel, bytes.data_ptr<uint8_t>(), bytes.size(1), bytes.size(0), K,
                  scales.data_ptr<float>()};
-  linear(out, x, w, bias, quantize_activations);
+  linear(out, x, w, bias, quantize_activations, activation_bits);
 }
-
-}  // namespace
 
 }  // namespace pagedllm::quant
 
@@ -86,7 +86,7 @@ TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
   m.def("pack_int8_weight(Tensor weight) -> (Tensor, Tensor)");
   m.def(
       "int8_linear(Tensor(a!) out, Tensor x, Tensor bytes, Tensor scales, Tensor bias, "
-      "bool quantize_activations=True) -> ()");
+      "bool quantize_activations=True, int activation_bits=16) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
