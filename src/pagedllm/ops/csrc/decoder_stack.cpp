@@ -55,28 +55,34 @@ constexpr int64_t kInt8Format = 1000;
 
 // out = x @ W.T + b for a quantized weight, as GGUFLinearMethod / Int8LinearMethod.apply call
 // their kernels (activations quantized per row): `weight` the GGUF blocks or int8 rows,
-// `scales` the int8 rows' scales (empty for GGUF).
+// `scales` the int8 rows' scales (empty for GGUF). Called through the dispatcher by name: the
+// kernels' files own their entry points and options.
 void quantized_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                       const at::Tensor& bias, int64_t format, const at::Tensor& scales) {
   static const c10::OperatorHandle gguf =
       c10::Dispatcher::singleton().findSchemaOrThrow("pagedllm_cpu::gguf_linear", "");
   static const c10::OperatorHandle int8 =
       c10::Dispatcher::singleton().findSchemaOrThrow("pagedllm_cpu::int8_linear", "");
+  const c10::OperatorHandle& op = format == kInt8Format ? int8 : gguf;
   torch::jit::Stack stack;
   stack.emplace_back(out);
   stack.emplace_back(x);
   stack.emplace_back(weight);
   if (format == kInt8Format) {
     stack.emplace_back(scales);
-    stack.emplace_back(bias);
-    stack.emplace_back(true);
-    int8.callBoxed(&stack);
   } else {
     stack.emplace_back(format);
-    stack.emplace_back(bias);
-    stack.emplace_back(true);
-    gguf.callBoxed(&stack);
   }
+  stack.emplace_back(bias);
+  // The rest (quantize_activations and any later options) at their defaults, as apply() leaves
+  // them.
+  const std::vector<c10::Argument>& arguments = op.schema().arguments();
+  for (size_t i = stack.size(); i < arguments.size(); ++i) {
+    TORCH_CHECK(arguments[i].default_value().has_value(), op.schema().name(),
+                "'s argument ", arguments[i].name(), " has no default");
+    stack.push_back(*arguments[i].default_value());
+  }
+  op.callBoxed(&stack);
 }
 
 // A quantized projection: runs of its output columns [start, start + size), each computed by
