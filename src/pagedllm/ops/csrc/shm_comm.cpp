@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <optional>
 #include <cstring>
 #include <vector>
@@ -38,6 +39,7 @@ namespace pagedllm {
 namespace {
 
 constexpr int64_t kFlagStride = 64;  // bytes: one cache line per rank's flag
+constexpr int64_t kSpinPauses = 2048;  // ~25-55 us of PAUSE on Zen 4 before yielding
 
 struct ShmGroup {
   char* base;
@@ -74,12 +76,21 @@ struct ShmGroup {
     flag(rank)->store(gen, std::memory_order_release);
     for (int64_t r = 0; r < world_size; ++r) {
       int64_t spins = 0;
+      std::chrono::steady_clock::time_point yielding_since;
       while (flag(r)->load(std::memory_order_acquire) < gen) {
-        // Spin briefly (the other rank is usually close), then give the core away: on a
-        // shared host (or more ranks than cores) the rank we wait for may need it.
-        if (++spins < 4096) {
+        // Spin ~50 us (the other rank is usually that close: each has its own core). Then
+        // yield for up to 5 ms: the core goes to anything else runnable on it (the driver,
+        // a rank sharing the core, another process) and comes back at once otherwise. Only
+        // a longer wait (a prefill's imbalance, an overloaded host) naps: a nap costs
+        // ~60-90 us of wake-up on a busy host, which a yield does not.
+        if (spins < kSpinPauses) {
+          ++spins;
           _mm_pause();
-        } else if (spins < 4096 + 64) {
+          continue;
+        }
+        const auto now = std::chrono::steady_clock::now();
+        if (spins++ == kSpinPauses) yielding_since = now;
+        if (now - yielding_since < std::chrono::milliseconds(5)) {
           sched_yield();
         } else {
           usleep(20);
