@@ -71,9 +71,21 @@ struct ShmGroup {
   // Publishes `bytes` of `src` as this rank's part of a new generation and waits for every
   // rank's; returns the generation.
   int64_t exchange(const char* src, int64_t bytes) const {
+    const int64_t gen = publish(src, bytes);
+    wait_all(gen);
+    return gen;
+  }
+
+  // The two halves of exchange(): publish this rank's part (bytes may be 0: nothing to
+  // hand over), then wait until every rank has published the same generation.
+  int64_t publish(const char* src, int64_t bytes) const {
     const int64_t gen = ++*generation;
-    std::memcpy(area(gen, rank), src, bytes);
+    if (bytes > 0) std::memcpy(area(gen, rank), src, bytes);
     flag(rank)->store(gen, std::memory_order_release);
+    return gen;
+  }
+
+  void wait_all(int64_t gen) const {
     for (int64_t r = 0; r < world_size; ++r) {
       int64_t spins = 0;
       std::chrono::steady_clock::time_point yielding_since;
@@ -97,7 +109,6 @@ struct ShmGroup {
         }
       }
     }
-    return gen;
   }
 };
 
@@ -200,15 +211,30 @@ void shm_gather_columns(const at::Tensor& x, const std::optional<at::Tensor>& ou
   TORCH_CHECK(row_bytes <= g.area_bytes, "a row of ", row_bytes, " bytes does not fit the "
               "shared buffer's areas of ", g.area_bytes);
   const int64_t rows_per_chunk = g.area_bytes / std::max<int64_t>(row_bytes, 1);
+  // Rows go to (row, rank) places of out: [rows, world_size, cols] seen row-major.
+  auto place = [&](int64_t row, int64_t r) {
+    return dst_ptr + (row * world_size + r) * row_bytes;
+  };
   for (int64_t start = 0; start < rows; start += rows_per_chunk) {
     const int64_t count = std::min(rows_per_chunk, rows - start);
-    const int64_t gen = g.exchange(src + start * row_bytes, count * row_bytes);
-    if (rank != dst) continue;
+    if (rank != dst) {
+      g.exchange(src + start * row_bytes, count * row_bytes);
+      continue;
+    }
+    // dst hands nothing over: it places its own rows while the others may still arrive.
+    const int64_t gen = g.publish(src, 0);
+    at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        std::memcpy(place(start + i, rank), src + (start + i) * row_bytes, row_bytes);
+      }
+    });
+    g.wait_all(gen);
     at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         for (int64_t r = 0; r < world_size; ++r) {
-          std::memcpy(dst_ptr + ((start + i) * world_size + r) * row_bytes,
-                      g.area(gen, r) + i * row_bytes, row_bytes);
+          if (r != rank) {
+            std::memcpy(place(start + i, r), g.area(gen, r) + i * row_bytes, row_bytes);
+          }
         }
       }
     });
