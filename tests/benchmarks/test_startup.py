@@ -35,6 +35,7 @@ def test_llm_starts_are_timed_by_phase(tmp_path, tiny_llama_factory):
         # ready = process start to LLM() returned: the phases plus LLM()'s own tail
         assert sum(row["phases"].values()) <= row["ready_s"] + 1e-3
         assert row["first_forward_s"] > 0 and row["peak_rss_mib"] >= row["idle_rss_mib"] > 0
+        assert row["ready_cpu_s"] > 0
     assert "LLM() ready" in stdout and "kv pool" in stdout
 
 
@@ -43,6 +44,7 @@ def test_server_starts_are_timed_to_the_first_health_200(tmp_path, tiny_llama_fa
     data, stdout = _bench(tmp_path, tiny_llama_factory(), "serve")
     for row in (data["serve"]["cold"], data["serve"]["warm"]):
         assert row["health_s"] > 0 and row["peak_rss_mib"] >= row["idle_rss_mib"] > 0
+        assert row["health_cpu_s"] > 0
     assert "/health 200" in stdout
 
 

@@ -7,7 +7,9 @@ imports, config, tokenizer, weights read, weights packed (or read from the packe
 cache), KV pool, the rest) and the
 table shows each phase's mean seconds, the ready time (process start to `LLM()` returned), the
 first forward, and the peak and idle RSS. `serve`: the time from process start to the first
-`/health` 200, and the server's peak and idle RSS then. The first start (cold: conversion,
+`/health` 200, and the server's peak and idle RSS then. Both also give the CPU seconds (user +
+system) the process had used when ready: on a shared machine they move far less with the
+load than the wall-clock times do. The first start (cold: conversion,
 packing, native build, the page cache) is reported apart from the --num-starts warm ones.
 Results go as JSON to --output-json (default benchmarks/results/startup.json).
 
@@ -42,11 +44,12 @@ HEALTH_TIMEOUT_S = 300.0
 # The child of an `llm` start: builds LLM(**kwargs) (kwargs as JSON in argv[1]), generates one
 # token, prints its phases and memory as one JSON line.
 _LLM_CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 from pagedllm import startup_profile as sp
 from pagedllm import LLM, SamplingParams
 llm = LLM(**json.loads(sys.argv[1]))
 ready = time.time()
+cpu = sum(os.times()[:2])
 llm.generate({"prompt_token_ids": [1, 2, 3, 4]}, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
 first = time.time()
 def rss_kib(key):
@@ -55,6 +58,7 @@ def rss_kib(key):
             return int(line.split()[1])
 print("STARTUP " + json.dumps({
     "phases": sp.phases(), "ready_s": ready - sp.process_start(), "first_forward_s": first - ready,
+    "ready_cpu_s": cpu,
     "peak_rss_mib": rss_kib("VmHWM:") / 1024,
     "idle_rss_mib": rss_kib("VmRSS:") / 1024}))
 """
@@ -153,8 +157,10 @@ def start_server(kwargs: dict) -> dict:
                 pass
             time.sleep(0.02)
         health = time.time() - start
+        cpu = _cpu_seconds(proc.pid)
         time.sleep(0.5)  # idle
-        return {"health_s": health, "peak_rss_mib": _status_mib(proc.pid, "VmHWM:"),
+        return {"health_s": health, "health_cpu_s": cpu,
+                "peak_rss_mib": _status_mib(proc.pid, "VmHWM:"),
                 "idle_rss_mib": _status_mib(proc.pid, "VmRSS:")}
     finally:
         proc.terminate()
@@ -163,6 +169,13 @@ def start_server(kwargs: dict) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -175,7 +188,8 @@ def summarize_llm(starts: list[dict]) -> dict:
     for name in starts[0]["phases"]:
         phases[name] = sum(s["phases"].get(name, 0.0) for s in starts) / len(starts)
     return {"phases": phases, **{k: _mean(starts, k) for k in
-                                 ("ready_s", "first_forward_s", "peak_rss_mib", "idle_rss_mib")}}
+                                 ("ready_s", "ready_cpu_s", "first_forward_s", "peak_rss_mib",
+                                  "idle_rss_mib")}}
 
 
 def print_table(result: dict) -> None:
@@ -184,7 +198,8 @@ def print_table(result: dict) -> None:
         print(f"{'LLM() phase':34s} {'first (s)':>10s} {'warm (s)':>10s}")
         for name, seconds in warm["phases"].items():
             print(f"{name:34s} {cold['phases'].get(name, 0.0):10.3f} {seconds:10.3f}")
-        for key, label in (("ready_s", "LLM() ready"), ("first_forward_s", "first forward")):
+        for key, label in (("ready_s", "LLM() ready"), ("ready_cpu_s", "LLM() ready, CPU s"),
+                           ("first_forward_s", "first forward")):
             print(f"{label:34s} {cold[key]:10.3f} {warm[key]:10.3f}")
         for key, label in (("peak_rss_mib", "peak RSS (MiB)"), ("idle_rss_mib", "idle RSS (MiB)")):
             print(f"{label:34s} {cold[key]:10.0f} {warm[key]:10.0f}")
@@ -192,6 +207,8 @@ def print_table(result: dict) -> None:
         cold, warm = result["serve"]["cold"], result["serve"]["warm"]
         print(f"{'pagedllm serve':34s} {'first':>10s} {'warm':>10s}")
         print(f"{'/health 200 (s)':34s} {cold['health_s']:10.3f} {warm['health_s']:10.3f}")
+        print(f"{'/health 200, CPU s':34s} {cold['health_cpu_s']:10.3f} "
+              f"{warm['health_cpu_s']:10.3f}")
         for key, label in (("peak_rss_mib", "peak RSS (MiB)"), ("idle_rss_mib", "idle RSS (MiB)")):
             print(f"{label:34s} {cold[key]:10.0f} {warm[key]:10.0f}")
 
@@ -208,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
         cold = start_server(kwargs)
         warm = [start_server(kwargs) for _ in range(args.num_starts)]
         result["serve"] = {"cold": cold, "starts": warm, "warm": {
-            k: _mean(warm, k) for k in ("health_s", "peak_rss_mib", "idle_rss_mib")}}
+            k: _mean(warm, k) for k in ("health_s", "health_cpu_s", "peak_rss_mib",
+                                        "idle_rss_mib")}}
     print_table(result)
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
