@@ -1,7 +1,8 @@
 """The GGUF linear method: weights kept in their GGUF block formats, multiplied by the
 quantized kernels (ops/csrc/quant_*.cpp: activations quantized per block of 32 to 16-bit
-integers, the kernels' default, times the blocks as stored; llama.cpp quantizes them to int8,
-which cost about 3% of top-1 agreement on SmolLM2 against the file dequantized to fp32).
+integers, the kernels' default, times the blocks as stored. llama.cpp quantizes them to int8
+blocks, which kept 95-96% top-1 agreement on the shipped SmolLM2 with the file dequantized to
+fp32; 16-bit blocks keep 99.99% on the shipped text, perplexity unchanged).
 
 The loader (models/gguf_loader.py) hands each layer the file's tensors: a quantized tensor as
 its raw blocks, uint8 [rows, bytes per row] with the attribute `ggml_type` (a GGML type id the

@@ -2,9 +2,9 @@
 load to symmetric per-output-channel int8 (the scale per row with the least squared error among
 max |row| / 127 and 15 clipped ones), multiplied by the quantized kernel
 (ops/csrc/quant_int8.cpp) with activations quantized per row in blocks of 32 to 16-bit
-integers (the kernels' default: with int8 activation blocks, as llama.cpp's, top-1 agreement
-on SmolLM2 fell to about 95%). The LM head stays dense: its logits are what sampling and
-quality read.
+integers (the kernels' default; SmolLM2's top-1 agreement with its bf16 self on the shipped
+text: 94.7% with int8 activation blocks, 95.9% with 16-bit ones, the rest being the int8
+weights' rounding). The LM head stays dense: its logits are what sampling and quality read.
 """
 
 from __future__ import annotations
