@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,13 @@ import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
+
+# The packed-weight cache and the config records go to one folder per test session (servers
+# started by tests inherit it), not into the user's cache folder beside the converted models.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="pagedllm-test-cache-")
+atexit.register(shutil.rmtree, _SESSION_CACHE, True)
+os.environ.setdefault("PAGEDLLM_PACKED_WEIGHT_CACHE_DIR", os.path.join(_SESSION_CACHE, "packed"))
+os.environ.setdefault("PAGEDLLM_HF_RECORD_DIR", os.path.join(_SESSION_CACHE, "hf_records"))
 
 
 @pytest.fixture(scope="session")
