@@ -175,18 +175,42 @@ def test_int8_linear_equals_dequantize_then_matmul() -> None:
     plain = torch.round(weight / plain_scale.clamp_min(1e-30)).clamp(-127, 127) * plain_scale
     assert ((w - weight).pow(2).sum(1) <= (plain - weight).pow(2).sum(1) + 1e-9).all()
     bias = torch.randn(45, generator=gen)
+    check_int8_linear(q, scales, w, bias, gen)
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int8_groups_equal_dequantize_then_matmul(group_size: int) -> None:
+    """A scale per group of inputs: the same rounding per group, the same kernel."""
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(21, 100, generator=gen)
+    weight[2, 64:] = 0.0  # a zero group
+    weight[5, :10] *= 30  # an outlier group
+    q, scales = cpu_ops().pack_int8_weight(weight, group_size)
+    assert q.shape == (21, 128) and scales.shape == (21, 128 // group_size)
+    w = (q[:, :100].float() - 128) * scales.repeat_interleave(group_size, 1)[:, :100]
+    torch.testing.assert_close(w, int8_round_trip(weight, group_size), rtol=0, atol=1e-6)
+    # Finer than one scale per row on the outlier row.
+    per_row = int8_round_trip(weight)
+    assert (w[5] - weight[5]).pow(2).sum() < (per_row[5] - weight[5]).pow(2).sum()
+    check_int8_linear(q, scales, w, torch.randn(21, generator=gen), gen)
+    with pytest.raises(RuntimeError, match="group_size must be 0 .* or a multiple of 16"):
+        cpu_ops().pack_int8_weight(weight, 48)
+
+
+def check_int8_linear(q, scales, w, bias, gen) -> None:
+    n, k = w.shape
     for isa in isas():
         with kernel_isa(isa):
             for rows in ROWS:
-                x = torch.randn(rows, 100, generator=gen)
+                x = torch.randn(rows, k, generator=gen)
                 for bits in BITS:
-                    out = torch.empty(rows, 45)
+                    out = torch.empty(rows, n)
                     cpu_ops().int8_linear(out, x, q, scales, bias, True, bits)
                     check_against(out, x, w, bias, quantized=True, bits=bits)
-                    alone = torch.empty(1, 45)
+                    alone = torch.empty(1, n)
                     cpu_ops().int8_linear(alone, x[-1:], q, scales, bias, True, bits)
                     assert torch.equal(alone[0], out[-1])
-                out = torch.empty(rows, 45)
+                out = torch.empty(rows, n)
                 cpu_ops().int8_linear(out, x, q, scales, bias, False)
                 check_against(out, x, w, bias, quantized=False)
 

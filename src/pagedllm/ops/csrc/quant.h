@@ -46,7 +46,10 @@ struct Weight {
   const uint8_t* data;
   int64_t row_bytes;
   int64_t N, K;
-  const float* channel_scales;  // kInt8Channel: one per row
+  const float* channel_scales;  // kInt8Channel: scale_groups per row
+  // kInt8Channel: scales per row, each over padded_k(K) / scale_groups values (1: a scale per
+  // output channel).
+  int64_t scale_groups = 1;
 };
 
 // Row n unpacked: u[0:Kp] (zero past K), ws/wm[0:Kp / 16]. Returns u, which for kInt8Channel

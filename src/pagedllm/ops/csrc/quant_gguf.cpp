@@ -169,8 +169,9 @@ const uint8_t* unpack_row(const Weight& w, int64_t n, uint8_t* u, float* ws, flo
   const int64_t Kp = padded_k(w.K);
   const uint8_t* row = w.data + n * w.row_bytes;
   if (w.format == kInt8Channel) {
-    const float s = w.channel_scales[n];
-    for (int64_t h = 0; h < Kp / 16; ++h) ws[h] = h * 16 < w.K ? s : 0.0f;
+    const float* s = w.channel_scales + n * w.scale_groups;
+    const int64_t halves_per_group = Kp / 16 / w.scale_groups;
+    for (int64_t h = 0; h < Kp / 16; ++h) ws[h] = h * 16 < w.K ? s[h / halves_per_group] : 0.0f;
     if (w.row_bytes == Kp) return row;
     std::memcpy(u, row, w.K);
     std::memset(u + w.K, 0x80, Kp - w.K);
