@@ -185,3 +185,29 @@ def test_shutdown_stops_the_worker_process(mp):
     mp.shutdown()  # twice is fine
     with pytest.raises(RuntimeError, match="shut down"):
         mp.generate(prompts_of(1, seed=8), use_tqdm=False)
+
+
+def test_ngram_speculation_is_verified_by_the_worker_process(tiny_dir, uni):
+    """The step message carries each row's proposals to the ranks: under mp they are verified
+    and accepted as in-process, with the same greedy tokens."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1, "disable_by_batch_size": 64}
+    settings = {**SETTINGS, "num_kv_blocks": 64, "max_num_batched_tokens": 256}
+    rng = random.Random(11)
+    phrases = [[rng.randrange(3, 512) for _ in range(4)] for _ in range(3)]
+    prompts = [{"prompt_token_ids": p * 4 + p[:2]} for p in phrases]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    results = []
+    for backend in ("uni", "mp"):
+        llm = LLM(str(tiny_dir), distributed_executor_backend=backend,
+                  speculative_config=spec, **settings)
+        try:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            stats = llm.llm_engine.get_stats()
+        finally:
+            llm.shutdown()
+        results.append((completions(outputs), stats.spec_decode_num_draft_tokens,
+                        stats.spec_decode_num_accepted_tokens))
+    assert results[0] == results[1]
+    assert results[1][1] > 0
+    assert completions(uni.generate(prompts, params, use_tqdm=False)) == results[0][0]

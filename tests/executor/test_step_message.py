@@ -202,3 +202,23 @@ def test_a_message_never_sent_is_made_up_for(tiny_dir):
     plain = LLM(str(tiny_dir), num_kv_blocks=64, block_size=8)
     want = plain.generate(prompts, greedy, use_tqdm=False)
     assert [finished[f"x{i}"] for i in range(3)] == [o.outputs[0].token_ids for o in want]
+
+
+def test_speculative_rows_travel_with_their_proposals(tiny_dir):
+    """Rows that verify n-gram proposals end with them; the ranks must get the proposals (not
+    outputs yet) and their min_tokens ids, or they would verify nothing."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1, "disable_by_batch_size": 64}
+    llm = LLM(str(tiny_dir), num_kv_blocks=64, block_size=8, speculative_config=spec)
+    trip = RoundTrip(llm)
+    rng = random.Random(7)
+    requests = []
+    for i in range(4):
+        phrase = [rng.randrange(3, 512) for _ in range(4)]
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                min_tokens=8 if i % 2 else 0)
+        requests.append(({"prompt_token_ids": phrase * 4 + phrase[:2]}, params))
+    run(llm, requests, add_every=1)
+    stats = llm.llm_engine.get_stats()
+    assert stats.spec_decode_num_draft_tokens > 0  # assert_same_step checked those rows
+    assert stats.num_free_blocks == stats.num_blocks

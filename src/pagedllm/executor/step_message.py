@@ -87,6 +87,9 @@ class StepMessage:
     block_table_updates: list[tuple[int, int, list[int]]]
     # (i, token ids) where min_tokens forbids ids this step.
     min_tokens_stop_ids: list[tuple[int, list[int]]]
+    # (i, proposed tokens, min_tokens_stop_ids after each) for each row that verifies
+    # speculative proposals: its scheduled tokens end with them (they are not outputs yet).
+    speculated: list[tuple[int, list[int], list[list[int]]]]
     # The block moves of SchedulerOutput, as they are.
     blocks_to_swap_out: list[tuple[int, int]]
     blocks_to_swap_in: list[tuple[int, int]]
@@ -157,7 +160,7 @@ class StepEncoder:
         self._to_forget = []
         extras = {name: getattr(scheduler_output, name) for name in _EXTRA_FIELDS
                   if _is_set(getattr(scheduler_output, name))}
-        msg = StepMessage(finished, [], [], [], [], [], [], [], [], [],
+        msg = StepMessage(finished, [], [], [], [], [], [], [], [], [], [],
                           scheduler_output.blocks_to_swap_out,
                           scheduler_output.blocks_to_swap_in, scheduler_output.blocks_to_copy,
                           extras)
@@ -197,6 +200,9 @@ class StepEncoder:
                 msg.partial_chunks.append((i, item.start_position))
             if item.min_tokens_stop_ids:
                 msg.min_tokens_stop_ids.append((i, list(item.min_tokens_stop_ids)))
+            if item.spec_token_ids:
+                msg.speculated.append((i, list(item.spec_token_ids),
+                                       [list(ids) for ids in item.spec_min_tokens_stop_ids]))
         msg.handles = _compact(msg.handles)
         msg.num_scheduled_tokens = _compact(msg.num_scheduled_tokens)
         msg.num_new_token_ids = _compact(msg.num_new_token_ids)
@@ -287,6 +293,7 @@ class StepDecoder:
             table.extend(appended)
         partial = dict(msg.partial_chunks)
         min_tokens = dict(msg.min_tokens_stop_ids)
+        speculated = {i: (ids, stops) for i, ids, stops in msg.speculated}
         scheduled = []
         offset = 0
         for i, (handle, num_tokens, num_new) in enumerate(
@@ -297,15 +304,18 @@ class StepDecoder:
                 outputs.extend(msg.new_token_ids[offset : offset + num_new])
                 offset += num_new
             prompt = seq.request.prompt_token_ids
+            spec_ids, spec_stops = speculated.get(i, ([], []))
+            num_known = num_tokens - len(spec_ids)  # the proposals are not outputs yet
             start = partial.get(i)
             sample = start is None
             if sample:
-                start = len(prompt) + len(outputs) - num_tokens
+                start = len(prompt) + len(outputs) - num_known
+            token_ids = _token_slice(prompt, outputs, start, start + num_known)
             scheduled.append(ScheduledRequest(
                 request_id=seq.request.request_id,
                 seq_index=seq.seq_index,
                 seq_id=seq.seq_id,
-                token_ids=_token_slice(prompt, outputs, start, start + num_tokens),
+                token_ids=token_ids + spec_ids if spec_ids else token_ids,
                 start_position=start,
                 block_table=seq.block_table,
                 sample=sample,
@@ -313,6 +323,8 @@ class StepDecoder:
                 prompt_token_ids=prompt,
                 output_token_ids=outputs,
                 min_tokens_stop_ids=min_tokens.get(i, []),
+                spec_token_ids=spec_ids,
+                spec_min_tokens_stop_ids=spec_stops,
             ))
         return SchedulerOutput(
             scheduled=scheduled,
