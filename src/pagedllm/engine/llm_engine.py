@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.beam_search import BeamSearchParams
@@ -20,6 +20,7 @@ from pagedllm.core.scheduler import Scheduler, SchedulerConfig
 from pagedllm.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.executor import Executor, build_executor
+from pagedllm.models import hf_fast
 from pagedllm.models.default_model import auto_dtype, resolve_model_path
 from pagedllm.models.loader import load_config
 from pagedllm.models.registry import kv_cache_sliding_window
@@ -103,9 +104,7 @@ class LLMEngine:
         if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
             raise ValueError(f"no tokenizer in {str(model_dir)!r}: it needs one of "
                              f"{', '.join(_TOKENIZER_FILES)} beside the weights")
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-            model_dir, local_files_only=True
-        )
+        self.tokenizer: PreTrainedTokenizerBase = hf_fast.load_tokenizer(model_dir)
         mark("tokenizer")
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         if config.max_model_len is not None and config.max_model_len > model_max:

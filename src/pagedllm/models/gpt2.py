@@ -7,17 +7,19 @@ The checkpoint stores its projections as Conv1D, [in, out]; they are transposed 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
-from transformers import GPT2Config
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.layers.act_fn import get_act_fn
 from pagedllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.interface import CausalLMBase, WeightMapping
+
+if TYPE_CHECKING:
+    from transformers import GPT2Config
 
 
 class GPT2Attention(nn.Module):

@@ -7,11 +7,10 @@ metadata to keep requests apart.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
-from transformers import LlamaConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.layers.linear import (
@@ -26,6 +25,9 @@ from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead, VocabParall
 from pagedllm.models.interface import Allocate, CausalLMBase, WeightMapping
 from pagedllm.models.llama_stack import NativeDecoderStack
 from pagedllm.profiler import StepProfiler
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 
 class LlamaAttention(nn.Module):

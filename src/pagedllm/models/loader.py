@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from pagedllm.attention import AttentionBackend
 from pagedllm.distributed import get_tp_group
@@ -24,6 +24,7 @@ from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.layers.quantization.gguf import GGUFConfig, GGUFEmbedding
 from pagedllm.layers.quantization.int8 import Int8Config
 from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead
+from pagedllm.models import hf_fast
 from pagedllm.models.checkpoint_tensor import CheckpointTensor
 from pagedllm.models.interface import CausalLM
 from pagedllm.models.registry import get_model_class
@@ -40,7 +41,7 @@ def load_config(model_dir: Path) -> PretrainedConfig:
             "(a folder with config.json and *.safetensors) nor a .gguf file"
         )
     try:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config = hf_fast.load_config(model_dir)
     except Exception as exc:  # transformers raises many types for unreadable configs
         raise ValueError(f"cannot read the config of {str(model_dir)!r}: {exc}") from exc
     try:

@@ -8,11 +8,10 @@ from `hidden_size`. The checkpoint's separate q/k/v projections are packed into 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
-from transformers import OPTConfig
 
 from pagedllm.attention import AttentionBackend, AttentionMetadata
 from pagedllm.layers.act_fn import get_act_fn
@@ -24,6 +23,10 @@ from pagedllm.layers.linear import (
 )
 from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.interface import CausalLMBase, WeightMapping
+
+if TYPE_CHECKING:
+    from transformers import OPTConfig
+
 
 # OPT's learned positions start at row 2 of their table (a fairseq padding convention).
 POSITION_OFFSET = 2

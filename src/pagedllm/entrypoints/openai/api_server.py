@@ -338,9 +338,8 @@ def run_server(
     tool_call_parser: str | None = None,
 ) -> None:
     """Loads the engine and serves until SIGINT/SIGTERM. Bad settings raise ValueError/OSError."""
-    from transformers import AutoTokenizer
-
     from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.models import hf_fast
 
     tool_parser = None
     if enable_auto_tool_choice:
@@ -355,7 +354,7 @@ def run_server(
         llm_engine = LLMEngine(**engine_kwargs)
         model = engine_kwargs.get("model")
         names = served_model_names or [model or "SmolLM2-135M-Instruct"]
-        tokenizer = AutoTokenizer.from_pretrained(llm_engine.model_dir, local_files_only=True)
+        tokenizer = hf_fast.load_tokenizer(llm_engine.model_dir)
         server_metrics = ServerMetrics(names[0], log_interval_s=log_stats_interval_s)
         history = web_page.StatsHistory()
 
