@@ -5,6 +5,7 @@ and a later start that never imports transformers' per-family config modules."""
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,11 @@ def test_a_recorded_config_answers_as_autoconfig(tmp_path, tokenizer_dir, family
     assert type(again).__name__ == type(expected).__name__
     assert hf_fast._differences(expected, again) == []
     assert again.to_dict() == expected.to_dict()
+    # The mp executor pickles the config to its workers; a changed value travels too.
+    again.pagedllm_probe = 7
+    copied = pickle.loads(pickle.dumps(again))
+    assert type(copied) is type(again) and copied.pagedllm_probe == 7
+    assert hf_fast._differences(again, copied) == []
 
 
 def test_the_shipped_models_config_and_tokenizer_are_recorded(smollm2_dir):

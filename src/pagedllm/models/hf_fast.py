@@ -191,18 +191,37 @@ def _differences(config: Any, rebuilt: Any) -> list[str]:
 _CLASSES: dict[tuple, type] = {}
 
 
-def _config_from_record(record: dict) -> Any:
+def _config_class(name: str, class_attrs: dict) -> type:
+    """The rebuilt config class of a record (one per name and class attributes)."""
     from transformers.configuration_utils import PreTrainedConfig
 
-    attrs = {k: _decode(v) for k, v in record["class_attrs"].items()}
-    key = (record["class"], json.dumps(record["class_attrs"], sort_keys=True))
+    key = (name, json.dumps(class_attrs, sort_keys=True))
     cls = _CLASSES.get(key)
     if cls is None:
-        cls = type(record["class"], (PreTrainedConfig,), {**attrs, "__module__": __name__})
+        attrs = {k: _decode(v) for k, v in class_attrs.items()}
+        cls = type(name, (PreTrainedConfig,), {
+            **attrs, "__module__": __name__, "__reduce__": _reduce_config,
+            "_record_of_class": (name, class_attrs)})
         _CLASSES[key] = cls
-    config = object.__new__(cls)
-    config.__dict__.update({k: _decode(v) for k, v in record["values"].items()})
+    return cls
+
+
+def _reduce_config(config: Any) -> tuple:
+    # NOTE: the class is made at run time, so pickle (the mp executor sends the config to its
+    # workers) names the function that makes it again, with the instance's current values.
+    name, class_attrs = type(config)._record_of_class
+    return _config_from_state, (name, class_attrs, dict(config.__dict__))
+
+
+def _config_from_state(name: str, class_attrs: dict, state: dict) -> Any:
+    config = object.__new__(_config_class(name, class_attrs))
+    config.__dict__.update(state)
     return config
+
+
+def _config_from_record(record: dict) -> Any:
+    return _config_from_state(record["class"], record["class_attrs"],
+                              {k: _decode(v) for k, v in record["values"].items()})
 
 
 # ---- the tokenizer ------------------------------------------------------------------------
