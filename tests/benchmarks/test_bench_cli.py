@@ -97,3 +97,28 @@ def test_short_latency_run_reports_percentiles(tiny_llama_factory, tmp_path, cap
     assert min(saved["latencies"]) <= saved["percentiles"]["50"] <= max(saved["latencies"])
     assert saved["avg_latency"] == pytest.approx(sum(saved["latencies"]) / 3)
     assert saved["config"]["batch_size"] == 2
+
+
+def test_workload_arithmetic_reads_every_familys_config_names(tmp_path):
+    """`bench throughput --model DIR` works for every family: GPT-2 names its sizes n_embd /
+    n_layer / n_inner and OPT ffn_dim; both have an ungated MLP."""
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    from pagedllm.benchmarks.throughput import workload_flops
+    from pagedllm.benchmarks.workloads import BenchRequest
+
+    requests = [BenchRequest(prompt_token_ids=[1, 2, 3], output_len=2)]
+    configs = {
+        "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=256, vocab_size=100),
+        "opt": OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         ffn_dim=256, vocab_size=100, word_embed_proj_dim=64),
+        "llama": LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=4, intermediate_size=256, vocab_size=100),
+    }
+    attention = 4 * 64 * 64
+    for name, config in configs.items():
+        config.save_pretrained(tmp_path / name)
+        mlp = (2 if name in ("gpt2", "opt") else 3) * 64 * 256
+        per_token = 2 * (attention + mlp) * 2
+        want = 3 * per_token + 2 * (per_token + 2 * 64 * 100)
+        assert workload_flops(str(tmp_path / name), requests) == want, name

@@ -152,16 +152,23 @@ def measure_matmul_peak() -> dict:
 
 
 def workload_flops(model_dir: str, requests) -> float:
-    """2 x weights per token through the projections; the LM head only for generated tokens."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads = config["num_attention_heads"]
-    head_size = config.get("head_dim") or hidden // heads
-    kv = config.get("num_key_value_heads", heads) * head_size
+    """2 x weights per token through the projections; the LM head only for generated tokens.
+    The config is read through transformers, which maps each family's names (GPT-2's n_embd,
+    OPT's ffn_dim) to the common ones."""
+    from pagedllm.models.hf_fast import load_config
+
+    config = load_config(Path(model_dir))
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    inter = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+             or getattr(config, "n_inner", None) or 4 * hidden)
+    head_size = getattr(config, "head_dim", None) or hidden // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_size
+    # GPT-2 and OPT have a plain up/down MLP; the others gate it (gate, up, down).
+    mlp_matrices = 2 if config.model_type in ("gpt2", "opt") else 3
     per_layer = (hidden * (heads * head_size + 2 * kv) + heads * head_size * hidden
-                 + 3 * hidden * inter)
-    per_token = 2 * per_layer * config["num_hidden_layers"]
-    lm_head = 2 * hidden * config["vocab_size"]
+                 + mlp_matrices * hidden * inter)
+    per_token = 2 * per_layer * config.num_hidden_layers
+    lm_head = 2 * hidden * config.vocab_size
     prompt = sum(len(r.prompt_token_ids) for r in requests)
     output = sum(r.output_len for r in requests)
     return prompt * per_token + output * (per_token + lm_head)
