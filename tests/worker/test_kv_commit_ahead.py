@@ -13,8 +13,6 @@ import time
 import pytest
 import torch
 
-from pagedllm import LLM, SamplingParams
-from pagedllm.worker.cache_engine import KV_POOL_COMMIT_ENV
 from pagedllm.worker.host_memory import huge_page_reserved
 from pagedllm.worker.kv_commit import KVPoolCommitter
 
@@ -123,23 +121,3 @@ def test_the_thread_ends_once_the_pool_is_committed():
                                 poll_seconds=0.001)
     committer._thread.join(timeout=30)
     assert not committer._thread.is_alive() and committer.committed == NUM_BLOCKS
-
-
-PROMPTS = [{"prompt_token_ids": ids} for ids in ([5, 17, 301, 42, 9], list(range(3, 40)), [7] * 20)]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_llama_factory):
-    return tiny_llama_factory(num_heads=4, num_kv_heads=2)
-
-
-def _generate(tiny_dir, mode: str, monkeypatch) -> list[list[int]]:
-    monkeypatch.setenv(KV_POOL_COMMIT_ENV, mode)
-    llm = LLM(str(tiny_dir), num_kv_blocks=64, block_size=8, dtype="float32")
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    out = llm.generate(PROMPTS, params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in out]
-
-
-def test_a_pool_committed_ahead_gives_the_tokens_of_one_written_at_start(tiny_dir, monkeypatch):
-    assert _generate(tiny_dir, "ahead", monkeypatch) == _generate(tiny_dir, "start", monkeypatch)

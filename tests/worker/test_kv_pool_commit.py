@@ -29,8 +29,10 @@ def _generate(tiny_dir, mode: str, monkeypatch) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in out]
 
 
-def test_a_lazily_committed_pool_gives_the_tokens_of_one_written_at_start(tiny_dir, monkeypatch):
-    assert _generate(tiny_dir, "lazy", monkeypatch) == _generate(tiny_dir, "start", monkeypatch)
+@pytest.mark.parametrize("mode", ["lazy", "ahead"])
+def test_a_pool_committed_later_gives_the_tokens_of_one_written_at_start(tiny_dir, mode,
+                                                                         monkeypatch):
+    assert _generate(tiny_dir, mode, monkeypatch) == _generate(tiny_dir, "start", monkeypatch)
 
 
 def _resident_bytes() -> int:
