@@ -23,28 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pagedllm.benchmarks.linear import best_time
 from pagedllm.ops import cpu_ops, cpu_ops_error
 
 RESULTS = Path("benchmarks", "results")  # under the working directory, not the package
 # GGUF tensor names of one layer's projections, fused as the engine fuses them.
 PARTS = [("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"),
          ("ffn_down",)]
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def load_weights(path: Path):
