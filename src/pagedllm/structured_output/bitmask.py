@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Byte value -> what is added to the logits of its 8 tokens (bit j: token 8 * byte + j): a
-# forbidden token (bit 0) gets -inf. E.g. byte 0b101 -> [0, -inf, 0, -inf, -inf, ...].
-_BYTE_PENALTY = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 0.0,
-                         -np.inf).astype(np.float32)  # [256, 8]
+# Byte value -> the caps of its 8 tokens (bit j: token 8 * byte + j): +inf for an allowed token
+# (min(logit, +inf) is the logit, bit for bit), -inf for a forbidden one.
+# E.g. byte 0b101 -> [inf, -inf, inf, -inf, -inf, -inf, -inf, -inf].
+_BYTE_CAPS = torch.where((torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 1,
+                         float("inf"), float("-inf"))  # [256, 8] float32
 
 
 def apply_grammar_bitmask(logits: torch.Tensor, bitmask: np.ndarray) -> None:
-    """Sets the logits of the tokens a row's grammar forbids to -inf, in place.
+    """Sets the logits of the tokens a row's grammar forbids to -inf, in place; the others keep
+    their bits.
 
     Args:
         logits: [num_rows, vocab] float32 logits of the rows that sample, in `scheduled` order.
@@ -23,19 +25,24 @@ def apply_grammar_bitmask(logits: torch.Tensor, bitmask: np.ndarray) -> None:
     rows = np.flatnonzero((bitmask != -1).any(axis=1))
     if rows.size == 0:
         return
-    words = bitmask[rows].astype("<i4", copy=False)  # little-endian: bytes in token order
+    num_rows = rows.size
+    # Little-endian words: their bytes come in token order.
+    words = np.ascontiguousarray(bitmask[rows] if num_rows < bitmask.shape[0] else bitmask,
+                                 dtype="<i4")
     width = min(logits.shape[1], 32 * bitmask.shape[1])
-    # NOTE: one lookup per byte (8 tokens) rather than per bit, then one vectorised add of
-    # 0 / -inf: about 30% less than unpacking the bits first, and twice as fast as masked_fill
-    # on CPU.
-    penalty = _BYTE_PENALTY[words.view(np.uint8)].reshape(rows.size, -1)  # [C, 32 * words]
-    penalty = torch.from_numpy(penalty[:, :width]).to(logits.device)
-    if rows.size == logits.shape[0]:
+    # NOTE: one gather of 8 caps per byte, then one vectorised minimum: branch-free, so the
+    # cost does not depend on the mask (masked_fill_ and torch.where branch per element on CPU,
+    # 10x slower on a mixed mask), and no per-bit unpacking.
+    index = torch.from_numpy(words.view(np.uint8).reshape(-1)).to(torch.int32)  # [C * 4 * words]
+    caps = _BYTE_CAPS.index_select(0, index).view(num_rows, -1)[:, :width]  # [C, width]
+    caps = caps.to(logits.device)
+    if num_rows == logits.shape[0]:
         sub = logits
     else:
-        index = torch.from_numpy(rows).to(logits.device)
-        sub = logits[index]  # [C, vocab] copy
-    sub[:, :width] += penalty
+        index_rows = torch.from_numpy(rows).to(logits.device)
+        sub = logits.index_select(0, index_rows)  # [C, vocab] copy
+    masked = sub[:, :width]
+    torch.minimum(masked, caps, out=masked)
     sub[:, width:] = float("-inf")
     if sub is not logits:
-        logits[index] = sub
+        logits.index_copy_(0, index_rows, sub)
