@@ -1,11 +1,14 @@
 """The packed-weight cache (models/packed_cache.py): a second start reads the packing it wrote
-instead of packing again, with the same bytes and tokens; a changed model or a damaged file is
+instead of packing again, with the same bytes and tokens, and reads none of the checkpoint's
+tensors that the packing replaces; a changed model or a damaged file is
 packed again (never used) and the file rewritten; two processes writing and reading the same
 file at once always find a whole one."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, SamplingParams
@@ -88,6 +92,39 @@ def test_a_second_start_reads_the_packing_it_wrote(model_dir, cache_dir, packing
     a, b = packed_bytes(first), packed_bytes(second)
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert tokens(second) == tokens(first)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_hit_reads_no_weight_the_packing_replaces(tiny_llama_factory, tmp_path, cache_dir,
+                                                    packings, tied):
+    # Tied: the head packs the embedding, which lookups still read; biases are read too.
+    settings = {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True,
+                "num_kv_heads": 1} if tied else {"num_kv_heads": 2}
+    model_dir = Path(shutil.copytree(tiny_llama_factory(num_heads=4, **settings),
+                                     tmp_path / "model"))
+    first = start(model_dir)
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        sizes = {name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    # The first start reads every element once.
+    assert first.llm_engine.worker.model.checkpoint_reads == sizes
+    packings.clear()
+    second = start(model_dir)
+    assert not packings
+    replaced = {name for name in sizes if name.endswith("proj.weight") or name == "lm_head.weight"}
+    assert replaced and any(name.startswith("lm_head") for name in replaced) != tied
+    # The rest (embedding, norms) is read as before; nothing of the replaced weights.
+    assert second.llm_engine.worker.model.checkpoint_reads == {
+        name: n for name, n in sizes.items() if name not in replaced}
+    assert tokens(second) == tokens(first)
+
+
+def test_a_config_that_no_longer_matches_the_weights_is_still_refused(model_dir, cache_dir):
+    start(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does the config match the weights"):
+        start(model_dir)
 
 
 def test_each_dtype_keeps_its_own_file(model_dir, cache_dir, packings):

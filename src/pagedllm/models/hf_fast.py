@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -285,44 +286,51 @@ def _write_record(model_dir: Path, record: dict) -> None:
         logger.debug("no record of %s written: %s", model_dir, exc)
 
 
+def _through_record(model_dir: Path, field: str, rebuild: Callable[[Any], Any],
+                    load: Callable[[Path], Any], record_of: Callable[[Any, Path], Any]) -> Any:
+    """The value that load(model_dir) gives, rebuilt from the record's `field` where it holds
+    one (rebuild(record[field])); otherwise loaded, and where the record has no `field` yet,
+    record_of(value, model_dir) is written there (None: the value cannot be rebuilt)."""
+    model_dir = Path(model_dir).resolve()
+    record = _read_record(model_dir) if fast_enabled() else None
+    if record is not None and record.get(field) is not None:
+        try:
+            return rebuild(record[field])
+        except Exception as exc:  # noqa: BLE001 - a damaged record: load the usual way
+            logger.warning("%s record of %s not usable (%s)", field.split("_")[0], model_dir,
+                           exc)
+            record = None
+    value = load(model_dir)
+    if fast_enabled() and (record is None or field not in record):
+        record = record or {"format": RECORD_FORMAT}
+        record[field] = record_of(value, model_dir)
+        _write_record(model_dir, record)
+    return value
+
+
 def load_config(model_dir: Path) -> Any:
     """AutoConfig.from_pretrained(model_dir, local_files_only=True), rebuilt from its checked
     record where one exists (see the module docstring)."""
-    model_dir = Path(model_dir).resolve()
-    record = _read_record(model_dir) if fast_enabled() else None
-    if record is not None and record.get("config") is not None:
-        try:
-            return _config_from_record(record["config"])
-        except Exception as exc:  # noqa: BLE001 - a damaged record: read the usual way
-            logger.warning("config record of %s not usable (%s)", model_dir, exc)
-            record = None
-    from transformers import AutoConfig
+    def load(path: Path) -> Any:
+        from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if fast_enabled() and (record is None or "config" not in record):
-        record = record or {"format": RECORD_FORMAT}
-        record["config"] = _config_record(config)
-        _write_record(model_dir, record)
-    return config
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+
+    return _through_record(model_dir, "config", _config_from_record, load,
+                           lambda config, _: _config_record(config))
 
 
 def load_tokenizer(model_dir: Path) -> Any:
     """AutoTokenizer.from_pretrained(model_dir, local_files_only=True), loaded through its
     recorded class directly where that was checked to give the same tokenizer."""
     model_dir = Path(model_dir).resolve()
-    record = _read_record(model_dir) if fast_enabled() else None
-    if record is not None and record.get("tokenizer_class"):
-        try:
-            return _tokenizer_class(record["tokenizer_class"]).from_pretrained(
-                model_dir, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - a damaged record: load the usual way
-            logger.warning("tokenizer record of %s not usable (%s)", model_dir, exc)
-            record = None
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    if fast_enabled() and (record is None or "tokenizer_class" not in record):
-        record = record or {"format": RECORD_FORMAT}
-        record["tokenizer_class"] = _tokenizer_record(tokenizer, model_dir)
-        _write_record(model_dir, record)
-    return tokenizer
+    def load(path: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    def rebuild(class_name: str) -> Any:
+        return _tokenizer_class(class_name).from_pretrained(model_dir, local_files_only=True)
+
+    return _through_record(model_dir, "tokenizer_class", rebuild, load, _tokenizer_record)

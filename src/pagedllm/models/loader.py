@@ -1,7 +1,9 @@
 """Loads a Hugging Face directory (config + safetensors) into the model class its config names.
 
 The loader reads files; each model maps the checkpoint's names onto its parameters itself
-(`load_weights`, see models/interface.py).
+(`load_weights`, see models/interface.py). Where the packed-weight cache holds the model's
+packing (models/packed_cache.py), the linear layers' weights are checked for shape but not
+read: the packing replaces them.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from transformers import PretrainedConfig
+from torch import nn
 
 from pagedllm.attention import AttentionBackend
 from pagedllm.distributed import get_tp_group
@@ -29,6 +32,9 @@ from pagedllm.models.checkpoint_tensor import CheckpointTensor
 from pagedllm.models.interface import CausalLM
 from pagedllm.models.registry import get_model_class
 from pagedllm.ops import cpu_ops
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +92,7 @@ def build_model(
             causal_lm.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                                quant_config=quant_config, prefix="lm_head")
         embeds_blocks = isinstance(quant_config, GGUFConfig) and _gguf_embedding(causal_lm)
-    causal_lm.to_empty(device=device)
+    _materialize(causal_lm, torch.device(device))
     causal_lm.init_buffers()
     if isinstance(quant_config, GGUFConfig):
         from pagedllm.models.gguf_loader import gguf_weights
@@ -95,8 +101,62 @@ def build_model(
         _load_checked(causal_lm, gguf_weights(gguf_path, config, float_names, tied_gguf_head),
                       str(gguf_path))
     else:
+        packed = _packed_from_cache(causal_lm, dtype) if quant_config is None else []
         load_weights(causal_lm, model_dir)
+        for layer in packed:
+            layer.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
     return causal_lm.to(dtype).eval()
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Module.to_empty(device) for a model built on the meta device, without its
+    torch.empty_like, which on meta tensors runs torch's Python reference and imports sympy
+    (half a second of a start). A tensor two modules share stays shared."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (meta, its replacement)
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None or t.device.type != "meta":
+                    continue
+                if id(t) not in made:
+                    empty = torch.empty(t.shape, dtype=t.dtype, device=device)
+                    if isinstance(t, nn.Parameter):
+                        empty = nn.Parameter(empty, requires_grad=t.requires_grad)
+                        empty.__dict__.update(t.__dict__)  # weight_loader, output_dim, ...
+                    made[id(t)] = (t, empty)
+                table[name] = made[id(t)][1]
+
+
+def _packed_from_cache(model: CausalLM, dtype: torch.dtype) -> list[nn.Module]:
+    """Where the packed-weight cache holds this CPU model's packing: gives it to the layers
+    (models/packed_cache.py: map_into) and swaps each one's weight for a meta stand-in whose
+    weight_loader checks the checkpoint tensor's shape as the layer's does, reading nothing;
+    returns those layers."""
+    from pagedllm.models.packed_cache import PackedWeightCache
+
+    cache = PackedWeightCache.for_model(model, dtype)
+    if cache is None:
+        return []
+    weights = {module: module.weight for module in model.modules()
+               if isinstance(getattr(module, "weight", None), nn.Parameter)}
+    layers = cache.map_into(model) or []
+    for layer in layers:
+        weight = weights[layer]
+        stand_in = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
+                                requires_grad=False)
+        stand_in.__dict__.update(weight.__dict__)  # output_dim, input_dim, ...
+        stand_in.weight_loader = _shape_checked(weight.weight_loader)
+        layer.weight = stand_in
+    return layers
+
+
+def _shape_checked(weight_loader):
+    """A weight_loader that runs `weight_loader` on a meta stand-in of the checkpoint tensor:
+    its shape checks, no read."""
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        weight_loader(param, torch.empty(loaded.shape, dtype=loaded.dtype, device="meta"),
+                      shard_id)
+    return load
 
 
 def _gguf_embedding(model: CausalLM) -> bool:

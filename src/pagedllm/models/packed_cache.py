@@ -13,9 +13,11 @@ truncated or bit-flipped file fails it); otherwise the weights are packed again 
 rewritten. Writers write a temporary file beside it and rename it into place (atomic on one
 file system), so two processes starting at once each read either no file or a whole one.
 
-The cached tensors are copied from the mapped file into the worker's allocator (its huge-page
-arena), not used in place: decode steps stream every weight, and 2 MB pages serve them faster
-than the page cache's mapping of the file (host_memory.py).
+On a hit the loader reads no checkpoint tensor that the file replaces (`map_into`, before the
+weights are read: the linear layers' weights are checked for shape only), and the packing is
+then copied from the mapped file into the worker's allocator (its huge-page arena; `load`),
+not used in place: decode steps stream every weight, and 2 MB pages serve them faster than
+the page cache's mapping of the file (host_memory.py).
 
 PAGEDLLM_PACKED_WEIGHT_CACHE=0 turns the cache off; PAGEDLLM_PACKED_WEIGHT_CACHE_DIR moves it.
 """
@@ -25,11 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import struct
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -57,6 +61,10 @@ _MASK = (1 << 64) - 1
 
 Allocate = Callable[[Sequence[int], torch.dtype], torch.Tensor]
 
+# Models that map_into checked before their weights were read: True where their layers hold the
+# file's packing (still in the mapping, for load to move), False where the file was not usable.
+_mapped: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
 
 def cache_enabled() -> bool:
     return os.environ.get(CACHE_ENV, "1") not in ("0", "false", "no", "off")
@@ -82,12 +90,17 @@ def _dense_layers(model: nn.Module) -> list[tuple[str, LinearBase]] | None:
     return layers
 
 
-def cache_key(model: nn.Module, model_dir: Path) -> dict | None:
+def cache_key(model: nn.Module, model_dir: Path, dtype: torch.dtype | None = None) -> dict | None:
     """What the packed bytes depend on (see the module docstring), or None where the model's
-    packing is not cached (a quantized layer, another device)."""
+    packing is not cached (a quantized layer, another device). `dtype`: the one the weights
+    will have once loaded (build_model casts them last), where they do not have it yet."""
     layers = _dense_layers(model)
     if layers is None or any(m.weight.device.type != "cpu" for _, m in layers):
         return None
+
+    def dtype_of(t: torch.Tensor) -> str:
+        return str(dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
     from pagedllm import __version__
     from pagedllm.distributed import get_tp_group
     from pagedllm.ops.cpu_extension import build_directory
@@ -112,10 +125,10 @@ def cache_key(model: nn.Module, model_dir: Path) -> dict | None:
         "batch": [BATCH_HINT, BATCH_INVARIANT],
         # Shapes as built (the weight itself is emptied once packed).
         "layers": [[name, [sum(m.output_partition_sizes), m.input_size_per_partition],
-                    str(m.weight.dtype), m.rank_bias() is not None, bool(m.gates_swiglu)]
+                    dtype_of(m.weight), m.rank_bias() is not None, bool(m.gates_swiglu)]
                    for name, m in layers],
         "tied_head": None if model.lm_head is not None
-        else [list(embedding.shape), str(embedding.dtype)],
+        else [list(embedding.shape), dtype_of(embedding)],
     }
 
 
@@ -155,16 +168,17 @@ class PackedWeightCache:
         self.path = cache_path(self.key)
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> PackedWeightCache | None:
+    def for_model(cls, model: nn.Module, dtype: torch.dtype | None = None
+                  ) -> PackedWeightCache | None:
         """The model's cache, or None where it has none (turned off, no model directory,
-        quantized layers)."""
+        quantized layers); `dtype` as in cache_key."""
         if not cache_enabled():
             return None
         model_dir = model_dir_of(model)
         if model_dir is None:
             return None
         try:
-            key = cache_key(model, model_dir)
+            key = cache_key(model, model_dir, dtype)
         except OSError as exc:
             logger.info("packed weights not cached: %s", exc)
             return None
@@ -172,14 +186,45 @@ class PackedWeightCache:
 
     # ---- reading -----------------------------------------------------------------------
 
+    def map_into(self, model: nn.Module) -> list[LinearBase] | None:
+        """Before the weights are read: gives every linear layer (and a tied head) its packing
+        as views of the mapped file, checked whole, and returns those layers, whose weights the
+        loader then need not read; None (nothing changed) where the file is missing, stale or
+        damaged, which is then logged. `load` later moves the packing out of the mapping."""
+        weights = self._usable(model, self._map)
+        _mapped[model] = weights is not None
+        if weights is None:
+            return None
+        layers = self._give(model, weights)
+        return [layer for _, layer in layers]
+
     def load(self, model: nn.Module, allocate: Allocate | None = None) -> int | None:
-        """Gives every linear layer (and a tied head) its packed weight from the file; the
-        number of packed weights, or None (nothing changed) where the file is missing, stale or
-        damaged, which is then logged."""
+        """Gives every linear layer (and a tied head) its packed weight from the file, in
+        tensors from `allocate` (default: torch.empty); the number of packed weights, or None
+        (nothing changed) where the file is missing, stale or damaged, which is then logged.
+        After map_into, moves the packing it gave out of the mapping instead (or answers None
+        at once where it found no usable file)."""
+        mapped = _mapped.pop(model, None)
+        if mapped is False:
+            return None
+        if mapped:
+            weights = dict(_packed_layers(model))
+            for weight in weights.values():
+                _move(weight, allocate or _empty)
+            return len(weights)
+        weights = self._usable(model, lambda: self._read(allocate or _empty))
+        if weights is None:
+            return None
+        self._give(model, weights)
+        return len(weights)
+
+    def _usable(self, model: nn.Module, read: Callable[[], dict[str, PackedWeight]]
+                ) -> dict[str, PackedWeight] | None:
+        """read()'s packing where the file exists, is whole and holds the model's layers."""
         if not self.path.is_file():
             return None
         try:
-            weights = self._read(allocate or _empty)
+            weights = read()
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             logger.warning("the packed-weight cache %s is not usable (%s): packing again",
                            self.path, exc)
@@ -190,6 +235,11 @@ class PackedWeightCache:
             logger.warning("the packed-weight cache %s holds other layers: packing again",
                            self.path)
             return None
+        return weights
+
+    @staticmethod
+    def _give(model: nn.Module, weights: dict[str, PackedWeight]) -> list[tuple[str, LinearBase]]:
+        layers = _dense_layers(model) or []
         for name, layer in layers:
             layer.batch_hint, layer.batch_invariant = BATCH_HINT, BATCH_INVARIANT
             layer.packed = weights[name]
@@ -197,9 +247,18 @@ class PackedWeightCache:
             layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
         if model.lm_head is None:
             model.tied_lm_head = weights[TIED_HEAD]
-        return len(weights)
+        return layers
 
     def _read(self, allocate: Allocate) -> dict[str, PackedWeight]:
+        """The file's packing, checked whole, copied into tensors from `allocate`."""
+        weights = self._map()
+        for weight in weights.values():
+            _move(weight, allocate)
+        return weights
+
+    def _map(self) -> dict[str, PackedWeight]:
+        """The file's packing, checked whole, as views of a private read-only mapping of it
+        (the plain biases copied out)."""
         with open(self.path, "rb") as f:
             head = f.read(len(MAGIC) + 8)
             if len(head) < len(MAGIC) + 8 or head[:len(MAGIC)] != MAGIC:
@@ -211,7 +270,8 @@ class PackedWeightCache:
             offset, size = header["payload_offset"], header["payload_bytes"]
             if os.fstat(f.fileno()).st_size != offset + size:
                 raise ValueError("truncated or overlong")
-            # NOTE: a private mapping, read only: the payload is copied out below.
+            # NOTE: private (ACCESS_COPY): a writer replaces the file by renaming a new one
+            # into place, never writes this one, and nothing here writes the mapping.
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         payload = torch.frombuffer(mapped, dtype=torch.uint8, offset=offset, count=size)
         if _word_sum(payload) != header["checksum"]:
@@ -221,12 +281,10 @@ class PackedWeightCache:
             tensors = {}
             for name, (dtype, shape, at, nbytes) in entry["tensors"].items():
                 dtype = getattr(torch, dtype)
-                target = (allocate(shape, dtype) if name != "plain_bias"
-                          else torch.empty(shape, dtype=dtype))
-                if target.numel() * target.element_size() != nbytes:
+                if math.prod(shape) * dtype.itemsize != nbytes or at + nbytes > size:
                     raise ValueError(f"{entry['name']}.{name}: size mismatch")
-                _as_bytes(target).copy_(payload[at:at + nbytes])
-                tensors[name] = target
+                view = payload[at:at + nbytes].view(dtype).view(tuple(shape))
+                tensors[name] = view.clone() if name == "plain_bias" else view
             weights[entry["name"]] = PackedWeight.from_cache_state(entry["meta"], tensors)
         return weights  # the mapping closes once the payload's views are gone
 
@@ -308,3 +366,23 @@ def _model_dir_exists(path: Path) -> bool:
 
 def _empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype)
+
+
+def _packed_layers(model: nn.Module) -> list[tuple[str, PackedWeight]]:
+    """The packing map_into gave the model, by cache entry name."""
+    packed = [(name, layer.packed) for name, layer in _dense_layers(model) or []]
+    return packed + ([(TIED_HEAD, model.tied_lm_head)] if model.lm_head is None else [])
+
+
+def _move(weight: PackedWeight, allocate: Allocate) -> None:
+    """Copies a packing's tensors out of the mapped file into tensors from `allocate` (all
+    but the plain bias, which _map copied already)."""
+    for name in PackedWeight._CACHED_TENSORS:
+        tensor = getattr(weight, name)
+        if tensor is not None and name != "plain_bias":
+            target = allocate(tensor.shape, tensor.dtype)
+            if target.shape != tensor.shape or target.dtype != tensor.dtype:
+                raise ValueError(f"allocate gave {tuple(target.shape)} {target.dtype} for "
+                                 f"{tuple(tensor.shape)} {tensor.dtype}")
+            target.copy_(tensor)
+            setattr(weight, name, target)
