@@ -11,15 +11,18 @@ from collections import Counter
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.config import EngineConfig
-from tests.spec_decode.test_ngram import (
+from tests.spec_decode.helpers import (
     assert_all_blocks_free,
+    assert_same_distribution,
     chi_square_p_value,
     completions,
+    position_counts,
     repetitive_prompts,
+    sharp_copy,
 )
 
 K = 4
@@ -247,10 +250,7 @@ def test_sampling_with_the_drafts_q_keeps_the_distribution(tiny_llama_factory, t
     # target with its LM head perturbed, so that q is close to p but not equal: proposals are
     # accepted often and rejected often. NOTE: accepting every proposal fails this test.
     path = tmp_path / "sharp"
-    shutil.copytree(tiny_llama_factory(vocab_size=64, num_heads=4, num_kv_heads=2), path)
-    weights = load_file(path / "model.safetensors")
-    weights["lm_head.weight"] *= 6
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    weights = sharp_copy(tiny_llama_factory(vocab_size=64, num_heads=4, num_kv_heads=2), path)
     draft = tmp_path / "draft"
     shutil.copytree(path, draft)
     generator = torch.Generator().manual_seed(0)
@@ -260,18 +260,11 @@ def test_sampling_with_the_drafts_q_keeps_the_distribution(tiny_llama_factory, t
     save_file(weights, draft / "model.safetensors", metadata={"format": "pt"})
     prompts = repetitive_prompts(4, seed=6, vocab=64)
     params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
-    num_samples = 600
-    batch = [prompts[i % len(prompts)] for i in range(num_samples)]
     counts = []  # per run: per output position, Counter of (prompt, token)
     for spec in (None, draft_spec(draft, min_acceptance_rate=0.0)):
         llm = make_llm(path, spec, num_kv_blocks=2048, max_num_seqs=256,
                        enable_prefix_caching=False)
-        outputs = llm.generate(batch, params, use_tqdm=False)
-        counts.append([Counter((i % len(prompts), o.outputs[0].token_ids[pos])
-                               for i, o in enumerate(outputs))
-                       for pos in range(params.max_tokens)])
-        assert_all_blocks_free(llm)
-    p_values = [chi_square_p_value(a, b) for a, b in zip(*counts)]
-    assert min(p_values) > 0.001 / len(p_values), p_values  # Bonferroni over the positions
+        counts.append(position_counts(llm, prompts, params, num_samples=600))
+    assert_same_distribution(*counts)
     _, proposed, accepted = spec_counts(llm)
     assert accepted >= 100 and proposed - accepted >= 100  # both branches, many times

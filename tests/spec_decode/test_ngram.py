@@ -4,18 +4,22 @@ distribution), proposals do get accepted, and every block comes back."""
 
 from __future__ import annotations
 
-import random
-import shutil
 from collections import Counter
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.config import EngineConfig
 from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.spec_decode.ngram import propose_ngram
+from tests.spec_decode.helpers import (
+    assert_all_blocks_free,
+    assert_same_distribution,
+    completions,
+    position_counts,
+    repetitive_prompts,
+    sharp_copy,
+)
 
 K = 4
 # Tests speculate at every batch size (the default skips batches above 8 sequences).
@@ -41,30 +45,6 @@ def base(tiny_dir):
 @pytest.fixture(scope="module")
 def spec(tiny_dir):
     return make_llm(tiny_dir, True)
-
-
-def repetitive_prompts(n: int, seed: int = 0, vocab: int = 512) -> list[dict]:
-    """Prompts that repeat a phrase with small edits, so that n-grams recur (and models echo)."""
-    rng = random.Random(seed)
-    prompts = []
-    for _ in range(n):
-        phrase = [rng.randrange(3, vocab) for _ in range(rng.randint(3, 7))]
-        tokens = []
-        for _ in range(rng.randint(2, 6)):
-            tokens += phrase + [rng.randrange(3, vocab)]
-        prompts.append({"prompt_token_ids": tokens + phrase[:2]})  # ends inside the phrase
-    return prompts
-
-
-def completions(outputs) -> list[list]:
-    return [[(c.token_ids, c.logprobs, c.finish_reason, c.stop_reason, c.text)
-             for c in o.outputs] for o in outputs]
-
-
-def assert_all_blocks_free(llm: LLM) -> None:
-    stats = llm.llm_engine.get_stats()
-    assert stats.num_free_blocks == stats.num_blocks
-    assert not llm.llm_engine.has_unfinished_requests()
 
 
 def accepted(llm: LLM) -> int:
@@ -206,42 +186,14 @@ def test_seeded_sampling_n_and_prefix_caching(base, spec):
     assert_all_blocks_free(spec)
 
 
-def chi_square_p_value(a: Counter, b: Counter) -> float:
-    """Two-sample chi-square test of equal token frequencies (bins under 5 expected merged)."""
-    total_a, total_b = sum(a.values()), sum(b.values())
-    bins, rest = [], [0, 0]
-    for token in set(a) | set(b):
-        counts = [a[token], b[token]]
-        if sum(counts) >= 10:
-            bins.append(counts)
-        else:
-            rest = [rest[0] + counts[0], rest[1] + counts[1]]
-    if sum(rest):
-        bins.append(rest)
-    n = total_a + total_b
-    stat = 0.0
-    for counts in bins:
-        for observed, total in zip(counts, (total_a, total_b)):
-            expected = sum(counts) * total / n
-            stat += (observed - expected) ** 2 / expected
-    df = len(bins) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64),
-                                         torch.tensor(stat / 2.0, dtype=torch.float64)))
-
-
 def test_unseeded_sampling_keeps_the_distribution(tiny_llama_factory, tmp_path):
     # A 64-token vocabulary, and logits six times as sharp as the random model's, so that
     # proposals are accepted often at temperature 1 (as with a trained model) and often
     # rejected too. NOTE: accepting every proposal fails this test with p < 1e-20.
     path = tmp_path / "sharp"
-    shutil.copytree(tiny_llama_factory(vocab_size=64, num_heads=4, num_kv_heads=2), path)
-    weights = load_file(path / "model.safetensors")
-    weights["lm_head.weight"] *= 6
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    sharp_copy(tiny_llama_factory(vocab_size=64, num_heads=4, num_kv_heads=2), path)
     prompts = repetitive_prompts(4, seed=6, vocab=64)
     params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
-    num_samples = 600
-    batch = [prompts[i % len(prompts)] for i in range(num_samples)]
     counts = []  # per run: per output position, Counter of (prompt, token)
     for speculate in (False, True):
         # Proposals at almost every step (1-grams recur in a 64-token vocabulary), however
@@ -249,15 +201,8 @@ def test_unseeded_sampling_keeps_the_distribution(tiny_llama_factory, tmp_path):
         llm = make_llm(path, speculate, {**SPEC, "prompt_lookup_min": 1,
                                          "min_acceptance_rate": 0.0},
                        num_kv_blocks=2048, max_num_seqs=256, enable_prefix_caching=False)
-        outputs = llm.generate(batch, params, use_tqdm=False)
-        # Samples are independent across sequences (not across the positions of one), so each
-        # position is tested alone.
-        counts.append([Counter((i % len(prompts), o.outputs[0].token_ids[pos])
-                               for i, o in enumerate(outputs))
-                       for pos in range(params.max_tokens)])
-        assert_all_blocks_free(llm)
-    p_values = [chi_square_p_value(a, b) for a, b in zip(*counts)]
-    assert min(p_values) > 0.001 / len(p_values), p_values  # Bonferroni over the positions
+        counts.append(position_counts(llm, prompts, params, num_samples=600))
+    assert_same_distribution(*counts)
     stats = llm.llm_engine.get_stats()
     # Both branches of the rejection sampler ran, many times.
     assert stats.spec_decode_num_accepted_tokens >= 30

@@ -188,6 +188,29 @@ class Sampler:
         apply_token_mask(logits, batch.min_tokens_stop_ids)
         return logits
 
+    @staticmethod
+    def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """The distribution each (non-greedy) row samples from: `logits` (process_logits'
+        float32 output, one row per item of `params`) over the temperature, top-k/top-p
+        filtered, softmax, then min-p. Returns [R, V] float32.
+
+        Modifies `logits` in place (pass a copy you own).
+        """
+        device = logits.device
+        temps = torch.tensor([p.temperature for p in params], device=device)
+        logits.div_(temps.unsqueeze(1))
+        if any(p.logit_bias for p in params):
+            # NOTE: a large bias overflows float32 (when added, or divided by a low
+            # temperature); +inf would turn the softmax into NaN, the largest float does not.
+            logits.clamp_(max=torch.finfo(logits.dtype).max)
+
+        top_k = [p.top_k for p in params] if any(p.top_k > 0 for p in params) else None
+        top_p = [p.top_p for p in params] if any(p.top_p < 1.0 for p in params) else None
+        probs = apply_top_k_top_p(logits, top_k, top_p).softmax(dim=-1)  # [R, V]
+        if any(p.min_p > 0.0 for p in params):
+            apply_min_p(probs, torch.tensor([p.min_p for p in params], device=device))
+        return probs
+
     # ---- internals ----------------------------------------------------------------------------
 
     @staticmethod
@@ -227,22 +250,7 @@ class Sampler:
         sampled = [params[i] for i in rows]
         all_sampled = len(rows) == len(params)
         index = torch.tensor(rows, device=device)
-        sub = logits if all_sampled else logits[index]  # [S, V]
-        temps = torch.tensor([p.temperature for p in sampled], device=device)
-        sub.div_(temps.unsqueeze(1))
-        if any(p.logit_bias for p in sampled):
-            # NOTE: a large bias overflows float32 (when added, or divided by a low
-            # temperature); +inf would turn the softmax into NaN, the largest float does not.
-            sub.clamp_(max=torch.finfo(sub.dtype).max)
-
-        top_k = [p.top_k for p in sampled] if any(p.top_k > 0 for p in sampled) else None
-        top_p = [p.top_p for p in sampled] if any(p.top_p < 1.0 for p in sampled) else None
-        sub = apply_top_k_top_p(sub, top_k, top_p)
-
-        probs = sub.softmax(dim=-1)  # [S, V]
-        if any(p.min_p > 0.0 for p in sampled):
-            apply_min_p(probs, torch.tensor([p.min_p for p in sampled], device=device))
-
+        probs = self.sampling_probs(logits if all_sampled else logits[index], sampled)  # [S, V]
         indices = batch.sample_indices
         q = self._exponential_noise(
             probs,

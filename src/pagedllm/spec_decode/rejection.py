@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import torch
 
-from pagedllm.sample.logits_processors import apply_min_p, apply_top_k_top_p
 from pagedllm.sample.sampler import Sampler, SamplingBatch, sample_seed, seed_for_position
 from pagedllm.sampling_params import SamplingParams
 
@@ -30,22 +29,12 @@ ACCEPT_STREAM = 2
 
 
 def sampling_probs(sampler: Sampler, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """[R, V] float32: the distribution each (non-greedy) row samples from, as Sampler does it:
-    processed logits over the temperature, top-k/top-p filtered, softmax, min-p."""
-    params = batch.params
+    """[R, V] float32: the distribution each (non-greedy) row samples from, as Sampler does it
+    (process_logits, then Sampler.sampling_probs); `logits` is left as it was."""
     x = sampler.process_logits(logits.float(), batch)
     if x is logits:
         x = x.clone()
-    device = x.device
-    x.div_(torch.tensor([p.temperature for p in params], device=device).unsqueeze(1))
-    if any(p.logit_bias for p in params):
-        x.clamp_(max=torch.finfo(x.dtype).max)  # as the sampler: +inf would make NaNs
-    top_k = [p.top_k for p in params] if any(p.top_k > 0 for p in params) else None
-    top_p = [p.top_p for p in params] if any(p.top_p < 1.0 for p in params) else None
-    probs = apply_top_k_top_p(x, top_k, top_p).softmax(dim=-1)
-    if any(p.min_p > 0.0 for p in params):
-        apply_min_p(probs, torch.tensor([p.min_p for p in params], device=device))
-    return probs
+    return sampler.sampling_probs(x, batch.params)
 
 
 def row_generator(params: SamplingParams, sample_index: int, position: int, stream: int,
