@@ -7,8 +7,10 @@ at least --min-items readings (a sensor name and a number each), which no reques
 ones do with ignore_eos. Greedy, compact JSON (no free whitespace). Each round draws fresh
 prompt ids (a prefix cache cannot serve one arm from the other's blocks) and alternates which
 arm runs first; each row is the median round. The grammar's share of a step is timed in the
-same run: the scheduler's bitmask (llguidance fills each constrained row) and the model
-runner's masking of the logits.
+same run: the bitmask's fill (llguidance fills the constrained rows on the scheduler's mask
+thread, beside the forward pass), the model runner's wait for it (the part the forward did not
+hide) and its masking of the logits. --sync-mask-fill waits for each fill in the scheduler
+instead (no overlap, as the mp and ray executors, which send the bitmask with the step).
 
     pagedllm bench structured                      # 64 x (128 + 128), 3 rounds; 1 x 128, 5 rounds
     pagedllm bench structured --rounds 1 --num-requests 16 --dtype float32
@@ -52,6 +54,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-items", type=int, default=64,
                         help="readings the schema asks for: enough that no request ends early")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the batch run")
+    parser.add_argument("--sync-mask-fill", action="store_true",
+                        help="the scheduler waits for each step's bitmask (no overlap with "
+                             "the forward pass, as across processes)")
     parser.add_argument("--single-rounds", type=int, default=5,
                         help="rounds of the single request (0: skip it)")
     parser.add_argument("--output-json", default=str(RESULTS / "structured.json"),
@@ -69,24 +74,33 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 class GrammarTimer:
-    """Wall time in the scheduler's bitmask build and the runner's masking, while installed
-    (it wraps the two functions where their callers look them up)."""
+    """Wall time in the bitmask's fill (on the scheduler's mask thread), the model runner's wait
+    for it (what the forward pass did not hide) and its masking of the logits, while installed
+    (it wraps the functions where their callers look them up).
 
-    def __init__(self) -> None:
-        self.build_s = self.apply_s = 0.0
+    With `sync_fill`, the scheduler waits for each fill itself (no overlap), as the mp and ray
+    executors do when they send the step.
+    """
+
+    def __init__(self, sync_fill: bool = False) -> None:
+        self.sync_fill = sync_fill
+        self.build_s = self.wait_s = self.apply_s = 0.0
         self.num_builds = self.num_applies = 0
 
     @contextmanager
     def installed(self):
-        from pagedllm.core import scheduler
+        from pagedllm.core import grammar_mask
+        from pagedllm.core.interface import SchedulerOutput
         from pagedllm.worker import model_runner
 
-        build, apply = scheduler.build_grammar_bitmask, model_runner.apply_grammar_bitmask
+        fill, apply = grammar_mask.fill_grammar_bitmask, model_runner.apply_grammar_bitmask
+        start_fill, bitmask_property = (grammar_mask.GrammarMaskBuilder.start,
+                                        SchedulerOutput.grammar_bitmask)
 
-        def timed_build(*args, **kwargs):
+        def timed_fill(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return build(*args, **kwargs)
+                return fill(*args, **kwargs)
             finally:
                 self.build_s += time.perf_counter() - start
                 self.num_builds += 1
@@ -99,13 +113,31 @@ class GrammarTimer:
                 self.apply_s += time.perf_counter() - start
                 self.num_applies += 1
 
-        scheduler.build_grammar_bitmask = timed_build
+        def timed_get(out):
+            pending = isinstance(out._grammar_bitmask, grammar_mask.PendingGrammarBitmask)
+            start = time.perf_counter()
+            try:
+                return bitmask_property.fget(out)
+            finally:
+                if pending:
+                    self.wait_s += time.perf_counter() - start
+
+        def sync_start(builder, *args, **kwargs):
+            pending = start_fill(builder, *args, **kwargs)
+            return None if pending is None else pending.result()
+
+        grammar_mask.fill_grammar_bitmask = timed_fill
         model_runner.apply_grammar_bitmask = timed_apply
+        SchedulerOutput.grammar_bitmask = property(timed_get, bitmask_property.fset)
+        if self.sync_fill:
+            grammar_mask.GrammarMaskBuilder.start = sync_start
         try:
             yield self
         finally:
-            scheduler.build_grammar_bitmask = build
+            grammar_mask.fill_grammar_bitmask = fill
             model_runner.apply_grammar_bitmask = apply
+            SchedulerOutput.grammar_bitmask = bitmask_property
+            grammar_mask.GrammarMaskBuilder.start = start_fill
 
 
 def run_arm(llm, requests, constrained: bool, schema: dict, timer: GrammarTimer) -> dict:
@@ -122,7 +154,8 @@ def run_arm(llm, requests, constrained: bool, schema: dict, timer: GrammarTimer)
 
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     sampling = [params(r.output_len) for r in requests]
-    build_s, apply_s, steps = timer.build_s, timer.apply_s, timer.num_applies
+    build_s, wait_s, apply_s = timer.build_s, timer.wait_s, timer.apply_s
+    steps = timer.num_applies
     start = time.perf_counter()
     outputs = llm.generate(prompts, sampling, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -132,6 +165,7 @@ def run_arm(llm, requests, constrained: bool, schema: dict, timer: GrammarTimer)
         "output_tokens": sum(len(c.token_ids) for c in completions),
         "num_cut_short": sum(c.finish_reason != "length" for c in completions),
         "grammar_build_s": timer.build_s - build_s,
+        "grammar_wait_s": timer.wait_s - wait_s,
         "grammar_apply_s": timer.apply_s - apply_s,
         "num_masked_steps": timer.num_applies - steps,
         "sample_text": completions[0].text[:120],
@@ -173,7 +207,8 @@ def run_pair(llm, args, name: str, num_requests: int, num_rounds: int, schema: d
 
 def print_table(result: dict) -> None:
     header = (f"{'workload':<28} {'arm':<14} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} "
-              f"{'ms/token':>9} {'ratio':>7} {'mask build ms/step':>19} {'mask apply ms/step':>19}")
+              f"{'ms/token':>9} {'ratio':>7} {'mask fill ms/step':>18} {'mask wait ms/step':>18} "
+              f"{'mask apply ms/step':>19}")
     print(header)
     print("-" * len(header))
     for name, rows in result["runs"].items():
@@ -181,11 +216,12 @@ def print_table(result: dict) -> None:
         for arm in ("unconstrained", "json_schema"):
             r = rows[arm]
             steps = max(r["num_masked_steps"], 1)
-            build = f"{1e3 * r['grammar_build_s'] / steps:.2f}" if r["num_masked_steps"] else "-"
-            apply = f"{1e3 * r['grammar_apply_s'] / steps:.2f}" if r["num_masked_steps"] else "-"
+            build, wait, apply = (
+                f"{1e3 * r[key] / steps:.2f}" if r["num_masked_steps"] else "-"
+                for key in ("grammar_build_s", "grammar_wait_s", "grammar_apply_s"))
             print(f"{name:<28} {arm:<14} {r['output_tokens']:>10} {r['elapsed_s']:>8.2f} "
                   f"{r['output_tokens_per_s']:>10.1f} {r['ms_per_output_token']:>9.2f} "
-                  f"{r['output_tokens_per_s'] / base:>6.3f}x {build:>19} {apply:>19}")
+                  f"{r['output_tokens_per_s'] / base:>6.3f}x {build:>18} {wait:>18} {apply:>19}")
         print(f"{'':<28} per round json/unconstrained: "
               + ", ".join(f"{x:.3f}x" for x in rows["ratio_per_round"]))
 
@@ -199,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(**EngineConfig.kwargs_from_cli_args(args))
     print(f"engine ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     schema = readings_schema(args.min_items)
-    timer = GrammarTimer()
+    timer = GrammarTimer(sync_fill=args.sync_mask_fill)
     runs = {}
     with timer.installed():
         # Warm-up, untimed, at the batch's size: the grammar compiles (and llguidance builds its
@@ -218,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
     result = {"config": {k: v for k, v in vars(args).items() if k != "func"},
               "schema": schema, "runs": runs}
     print(f"\nJSON schema (compact, at least {args.min_items} readings) against unconstrained "
-          f"(ignore_eos), greedy; median round; mask times per step that masked")
+          f"(ignore_eos), greedy; median round; mask times per step that masked"
+          f"{' (fill not overlapped)' if args.sync_mask_fill else ''}")
     print_table(result)
     cut = sum(rows[arm]["num_cut_short"] for rows in runs.values() for arm in rows
               if arm != "ratio_per_round")

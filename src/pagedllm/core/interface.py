@@ -6,13 +6,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pagedllm.core.stop_checker import min_tokens_stop_ids
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from pagedllm.core import request
     from pagedllm.core.beam_search import Hypothesis
+    from pagedllm.core.grammar_mask import PendingGrammarBitmask
     from pagedllm.sampling_params import SamplingParams
 
 
@@ -94,11 +95,25 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    # Structured outputs: [rows that sample, ceil(vocab / 32)] int32, row i for the i-th item
-    # of `scheduled` with sample=True. Bit j of word w allows token 32 * w + j; an
-    # unconstrained row is all ones (-1). None when no row is constrained. The model runner
-    # masks the logits with it before the sampler.
-    grammar_bitmask: np.ndarray | None = None
+    # Structured outputs: the step's bitmask (`grammar_bitmask`), or the fill that makes it
+    # (core/grammar_mask.PendingGrammarBitmask, which pickles as the array); None when no row
+    # is constrained.
+    _grammar_bitmask: np.ndarray | PendingGrammarBitmask | None = None
+
+    @property
+    def grammar_bitmask(self) -> np.ndarray | None:
+        """[rows that sample, ceil(vocab / 32)] int32, row i for the i-th item of `scheduled`
+        with sample=True. Bit j of word w allows token 32 * w + j; an unconstrained row is all
+        ones (-1). None when no row is constrained. The model runner masks the logits with it
+        before the sampler; reading it waits for its fill (started by the scheduler)."""
+        bitmask = self._grammar_bitmask
+        if bitmask is not None and not isinstance(bitmask, np.ndarray):
+            bitmask = self._grammar_bitmask = bitmask.result()
+        return bitmask
+
+    @grammar_bitmask.setter
+    def grammar_bitmask(self, bitmask: np.ndarray | PendingGrammarBitmask | None) -> None:
+        self._grammar_bitmask = bitmask
 
     @property
     def is_empty(self) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pagedllm.core.beam_step import beam_step
 from pagedllm.core.block_manager import BlockManager
-from pagedllm.core.grammar_mask import build_grammar_bitmask, wait_for_grammars
+from pagedllm.core.grammar_mask import GrammarMaskBuilder, wait_for_grammars
 from pagedllm.core.interface import (
     ModelRunnerOutput,
     RequestUpdate,
@@ -69,7 +69,8 @@ class Scheduler:
          blocks allow; the first that does not fit stops admission, so none overtakes an older one.
          The exception: a constrained request whose grammar is still compiling is passed over
          (it keeps its place) and the requests behind it go ahead.
-      3. The constrained sequences that sample get their grammar's bitmask in the output.
+      3. The constrained sequences that sample get their grammar's bitmask in the output,
+         filled on the mask thread (core/grammar_mask.py) while the step runs.
 
     With speculative decoding (spec_decode/), a decoding sequence also gets slots for up to k
     proposed tokens (counted in the budget); update_from_output appends the tokens the runner
@@ -89,6 +90,7 @@ class Scheduler:
         self.num_swap_outs = 0
         # Live requests under a structured-output constraint (no bitmask work without one).
         self._num_structured = 0
+        self._grammar_masks = GrammarMaskBuilder()
         spec = config.speculative_config
         self.speculator = Speculator(spec) if spec is not None else None
         self._speculate = False  # whether this step proposes (decided as it starts)
@@ -158,6 +160,7 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        self._grammar_masks.wait()  # the last step's fill, if it was never waited for
         out = SchedulerOutput(scheduled=[], num_batched_tokens=0)
         budget = self.config.max_num_batched_tokens
         self._speculate = (self.speculator is not None
@@ -203,7 +206,7 @@ class Scheduler:
             budget = self._commit(plan, out, budget)
         self.waiting.extendleft(reversed(compiling))
         if self._num_structured:
-            out.grammar_bitmask = build_grammar_bitmask(out.scheduled, self.requests)
+            out.grammar_bitmask = self._grammar_masks.start(out.scheduled, self.requests)
         if out.is_empty and compiling:
             # NOTE: otherwise the engine loop would spin on empty steps while grammars compile.
             wait_for_grammars([r.pending_grammar for r in compiling], GRAMMAR_WAIT_S)
@@ -213,6 +216,7 @@ class Scheduler:
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[RequestUpdate]:
         """Advances computed tokens, appends sampled tokens and finishes sequences that stop."""
+        self._grammar_masks.wait()  # accepted tokens advance the grammars it may still read
         updates: list[RequestUpdate] = []
         beam_requests: dict[str, Request] = {}  # every beam has offered: ready to step
         for item in scheduler_output.scheduled:

@@ -50,6 +50,14 @@ class StructuredOutputGrammar(ABC):
         """Writes the allowed next tokens into `bitmask[row]` ([rows, words] int32; bit j of
         word w allows token 32 * w + j)."""
 
+    @classmethod
+    def fill_bitmasks(cls, grammars: Sequence[tuple[int, StructuredOutputGrammar]],
+                      bitmask: np.ndarray) -> None:
+        """Fills `bitmask[row]` for each (row, grammar) of this class: the step's rows at once,
+        which a library may fill in one call (the default fills them one by one)."""
+        for row, grammar in grammars:
+            grammar.fill_bitmask(bitmask, row)
+
     @abstractmethod
     def is_terminated(self) -> bool:
         """True once the text is complete and nothing but EOS may follow."""
@@ -79,6 +87,10 @@ class StructuredOutputBackend(ABC):
     def validate(self, params: StructuredOutputsParams) -> None:
         """Raises ValueError, starting with the field's name ("structured_outputs.regex ..."),
         when the backend cannot compile the constraint."""
+
+    def prepare(self) -> None:
+        """Builds what every compile needs from the tokenizer alone (a library's token tables),
+        ahead of the first request; `prepare_in_background` calls it at engine start."""
 
     @abstractmethod
     def compile(self, params: StructuredOutputsParams) -> StructuredOutputGrammar:

@@ -110,10 +110,15 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])  # [num_rows, vocab] float32
         if logits is None:  # a tensor-parallel rank past 0: rank 0 samples
             return ModelRunnerOutput(sampled={})
-        if scheduler_output.grammar_bitmask is not None:  # structured outputs: forbidden -> -inf
-            # NOTE: constrained rows never speculate; a proposal row repeats its item's mask.
-            apply_grammar_bitmask(logits, np.repeat(scheduler_output.grammar_bitmask,
-                                                    row_counts, axis=0))
+        with profiler.section("grammar mask"):  # structured outputs: forbidden -> -inf
+            # NOTE: the scheduler's fill ran beside the forward pass; it is waited for here.
+            bitmask = scheduler_output.grammar_bitmask
+            if bitmask is not None:
+                if len(row_counts) < len(rows):
+                    # NOTE: constrained rows never speculate; a proposal row repeats its
+                    # item's mask.
+                    bitmask = np.repeat(bitmask, row_counts, axis=0)
+                apply_grammar_bitmask(logits, bitmask)
         items = [s for _, s in sampled_items]
         # Items whose draft drew its proposals from a distribution q (not its argmax) are
         # verified by rejection sampling (spec_decode/rejection.py); the sampler takes the rest.
