@@ -30,6 +30,7 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.config import SpeculativeConfig
 from pagedllm.spec_decode.draft_model import check_draft_model
 from pagedllm.startup_profile import mark
+from pagedllm.structured_output.manager import prepare_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class LLMEngine:
                              f"{', '.join(_TOKENIZER_FILES)} beside the weights")
         self.tokenizer: PreTrainedTokenizerBase = hf_fast.load_tokenizer(model_dir)
         mark("tokenizer")
+        # Structured outputs: llguidance's token tables build on a thread while the model loads.
+        prepare_in_background(self.tokenizer, hf_config.vocab_size)
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         if config.max_model_len is not None and config.max_model_len > model_max:
             raise ValueError(
