@@ -69,12 +69,14 @@ def test_random_masks_equal_the_definition():
 
 
 def test_kept_logits_keep_their_bits_at_full_size():
-    """The benchmark's shape: [64, 49152], every row constrained."""
+    """The benchmark's vocabulary with 70 rows, 68 of them constrained (rows are masked in
+    chunks: 68 is not a multiple of one)."""
     rng = np.random.default_rng(2)
-    logits = torch.randn(64, 49152)
-    bitmask = rng.integers(-2**31, 2**31, size=(64, 1536), dtype=np.int64).astype(np.int32)
+    logits = torch.randn(70, 49152)
+    bitmask = rng.integers(-2**31, 2**31, size=(70, 1536), dtype=np.int64).astype(np.int32)
     bitmask[0] = 0
     bitmask[0, 7] = 1 << 3  # token 227 alone
+    bitmask[[5, 40]] = -1  # unconstrained
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
     expected = logits.masked_fill(torch.from_numpy(bits == 0), float("-inf"))
     apply_grammar_bitmask(logits, bitmask)

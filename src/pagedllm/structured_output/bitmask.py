@@ -10,6 +10,8 @@ import torch
 # E.g. byte 0b101 -> [inf, -inf, inf, -inf, -inf, -inf, -inf, -inf].
 _BYTE_CAPS = torch.where((torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 1,
                          float("inf"), float("-inf"))  # [256, 8] float32
+# Rows masked at once (see apply_grammar_bitmask's NOTE).
+_ROWS_PER_CHUNK = 16
 
 
 def apply_grammar_bitmask(logits: torch.Tensor, bitmask: np.ndarray) -> None:
@@ -30,19 +32,27 @@ def apply_grammar_bitmask(logits: torch.Tensor, bitmask: np.ndarray) -> None:
     words = np.ascontiguousarray(bitmask[rows] if num_rows < bitmask.shape[0] else bitmask,
                                  dtype="<i4")
     width = min(logits.shape[1], 32 * bitmask.shape[1])
-    # NOTE: one gather of 8 caps per byte, then one vectorised minimum: branch-free, so the
-    # cost does not depend on the mask (masked_fill_ and torch.where branch per element on CPU,
-    # 10x slower on a mixed mask), and no per-bit unpacking.
-    index = torch.from_numpy(words.view(np.uint8).reshape(-1)).to(torch.int32)  # [C * 4 * words]
-    caps = _BYTE_CAPS.index_select(0, index).view(num_rows, -1)[:, :width]  # [C, width]
-    caps = caps.to(logits.device)
     if num_rows == logits.shape[0]:
         sub = logits
     else:
         index_rows = torch.from_numpy(rows).to(logits.device)
         sub = logits.index_select(0, index_rows)  # [C, vocab] copy
-    masked = sub[:, :width]
-    torch.minimum(masked, caps, out=masked)
+    # NOTE: per byte, one gather of its 8 tokens' caps, then one vectorised minimum: branch-free,
+    # so the cost does not depend on the mask (masked_fill_ and torch.where branch per element
+    # on CPU: 10x slower on a mixed mask), and no per-bit unpacking. Chunks of rows reuse one
+    # caps buffer (3 MB, in cache) instead of a [C, vocab] one: at 64 rows, as fast alone and
+    # 2-3x faster on a loaded machine (no 12 MB of fresh pages per step).
+    bytes_per_row = 4 * words.shape[1]
+    index = torch.from_numpy(words.view(np.uint8)).to(torch.int32)  # [C, 4 * words]
+    chunk = min(num_rows, _ROWS_PER_CHUNK)
+    caps = torch.empty(chunk * bytes_per_row, 8)  # [chunk * 4 * words, 8] = [chunk, 32 * words]
+    for start in range(0, num_rows, chunk):
+        n = min(chunk, num_rows - start)
+        torch.index_select(_BYTE_CAPS, 0, index[start:start + n].reshape(-1),
+                           out=caps[:n * bytes_per_row])
+        chunk_caps = caps[:n * bytes_per_row].view(n, -1)[:, :width].to(logits.device)
+        masked = sub[start:start + n, :width]
+        torch.minimum(masked, chunk_caps, out=masked)
     sub[:, width:] = float("-inf")
     if sub is not logits:
         logits.index_copy_(0, index_rows, sub)
