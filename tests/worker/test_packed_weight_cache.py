@@ -224,3 +224,28 @@ def test_a_quantized_model_is_not_cached(model_dir, cache_dir):
     llm = LLM(str(model_dir), num_kv_blocks=32, block_size=8, quantization="int8")
     assert PackedWeightCache.for_model(llm.llm_engine.worker.model) is None
     assert not cache_dir.exists()
+
+
+def _rank_reads(worker) -> dict[str, int]:
+    return dict(worker.model.checkpoint_reads)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_ranks_read_only_what_their_packing_does_not_replace(model_dir,
+                                                                             cache_dir):
+    # Each rank has its own file (the rank is in the key) and on a hit reads only its shard of
+    # the tensors the packing does not replace.
+    settings = {"num_kv_blocks": 32, "block_size": 8, "dtype": "float32",
+                "tensor_parallel_size": 2}
+    first = LLM(str(model_dir), **settings)
+    want = tokens(first)
+    first.shutdown()
+    assert len(list(cache_dir.iterdir())) == 2
+    second = LLM(str(model_dir), **settings)
+    try:
+        assert tokens(second) == want
+        for reads in second.llm_engine.model_executor.collective_rpc(_rank_reads):
+            assert reads and not any(name.endswith("proj.weight") or name == "lm_head.weight"
+                                     for name in reads), sorted(reads)
+    finally:
+        second.shutdown()
