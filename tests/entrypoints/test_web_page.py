@@ -302,6 +302,117 @@ def test_snapshot_of_a_dying_engine_raises_instead_of_hanging():
     asyncio.run(main())
 
 
+# ---- the map's polls, answered ahead of FastAPI ------------------------------------------------
+
+class _MapEngine:
+    """Just what build_app and the two map routes read; `dead` makes its snapshot fail."""
+
+    max_model_len = 64
+    is_running = True
+
+    def __init__(self, snapshot: KVCacheSnapshot, dead: bool = False) -> None:
+        self.snapshot, self.dead = snapshot, dead
+
+    async def get_kv_cache_snapshot(self):
+        if self.dead:
+            raise EngineDeadError("the engine is not running: it exploded")
+        return self.snapshot, EngineStats(**{f: 0 for f in EngineStats.__dataclass_fields__})
+
+
+async def _asgi_get(app, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict, bytes]:
+    """One GET through an ASGI app, without a server: status, headers, body."""
+    route, _, query = path.partition("?")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": route, "raw_path": route.encode(), "root_path": "",
+             "query_string": query.encode(), "headers": [(b"host", b"test"), *headers],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], dict(start["headers"]), body
+
+
+def test_map_polls_skip_fastapi_and_answer_as_its_routes_do():
+    # The same requests through the app as served (KVMapPolls in front) and through the same
+    # app without it (FastAPI's routes): the same status, headers and JSON, "time" aside.
+    from pagedllm.entrypoints.openai.api_server import KVMapPolls, build_app
+
+    snapshot = KVCacheSnapshot(
+        block_size=4, num_steps=3, device=PoolSnapshot([2, 1, 0, 0], [7, None, 9, None]),
+        host=None, requests=[RequestBlocks("a", "running", 0, [[0, 1], [0]], [])])
+    paths = ["/kv_cache/blocks", "/kv_cache/history", "/kv_cache/blocks?layout=blocks",
+             "/kv_cache/blocks?layout=rows", "/kv_cache/blocks?layout=blocks&layout=compact",
+             "/kv_cache/blocks?layout=", "/kv_cache/blocks?other=1"]
+    keys = [None, API_KEY]
+    given = [[], [(b"authorization", f"Bearer {API_KEY}".encode())],
+             [(b"authorization", b"Bearer sk-wrong")]]
+
+    async def main():
+        statuses = set()
+        for dead in (False, True):
+            for key in keys:
+                served = build_app(_MapEngine(snapshot, dead), None, ["m"], "/nowhere",
+                                   api_key=key)
+                plain = build_app(_MapEngine(snapshot, dead), None, ["m"], "/nowhere",
+                                  api_key=key)
+                plain.user_middleware = [m for m in plain.user_middleware
+                                         if m.cls is not KVMapPolls]
+                assert len(plain.user_middleware) == len(served.user_middleware) - 1
+                for headers in given:
+                    for path in paths:
+                        slow = await _asgi_get(plain, path, headers)
+                        fast = await _asgi_get(served, path, headers)
+                        fast_json, slow_json = json.loads(fast[2]), json.loads(slow[2])
+                        if "time" in slow_json:
+                            assert fast_json["time"] >= slow_json["time"]
+                            fast_json["time"] = slow_json["time"] = 0
+                            for response in (fast, slow):  # the time's digits vary
+                                del response[1][b"content-length"]
+                        assert (fast[0], fast[1], fast_json) == (slow[0], slow[1], slow_json), (
+                            path, key, headers)
+                        statuses.add(fast[0])
+        assert statuses == {200, 400, 401, 503}
+
+    asyncio.run(main())
+
+
+def test_the_servers_connections_send_without_waiting_for_acks():
+    # A response goes out in two writes (headers, body): with Nagle's algorithm on, the second
+    # waits for the client's delayed ACK, 40 ms per keep-alive poll. asyncio turns it off on
+    # the connections of a socket made with IPPROTO_TCP, which bind_socket makes.
+    import socket
+
+    from pagedllm.entrypoints.openai.api_server import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    sock.listen()
+    port = sock.getsockname()[1]
+
+    async def main() -> int:
+        accepted = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                conn = transport.get_extra_info("socket")
+                accepted.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            nodelay = await asyncio.wait_for(accepted, 5)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(main()) != 0
+
+
 # ---- HTTP -------------------------------------------------------------------------------------
 
 def test_page_files_and_key(server, keyed_server):

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import pagedllm
 from pagedllm.engine.async_engine import AsyncLLMEngine
@@ -71,13 +73,21 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
+def api_key_ok(expected: str | None, authorization: str) -> bool:
+    """Whether an Authorization header's value (as Starlette decodes it: latin-1) passes."""
+    return expected is None or secrets.compare_digest(authorization.encode(),
+                                                      f"Bearer {expected}".encode())
+
+
 async def require_api_key(request: Request) -> None:
-    expected = _state(request).api_key
-    if expected is None:
-        return
-    given = request.headers.get("authorization", "")
-    if not secrets.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+    if not api_key_ok(_state(request).api_key, request.headers.get("authorization", "")):
         raise _Unauthorized()
+
+
+def _unauthorized() -> Response:
+    return to_response(make_error(
+        "missing or wrong API key: send 'Authorization: Bearer <key>'", 401,
+        code="invalid_api_key"))
 
 
 class _ErrorJSONResponse(JSONResponse):
@@ -179,15 +189,65 @@ async def web_page_file(name: str) -> Response:
     return web_page.static_file(name)
 
 
+# NOTE: build_app puts KVMapPolls in front of these two: it answers their GETs without
+# FastAPI's machinery. They stay for the schema, the other methods' 405, and an app without it.
 @kv_cache.get("/blocks")
 async def kv_cache_blocks(raw_request: Request, layout: str = "compact") -> Response:
-    return to_response(await web_page.kv_cache_blocks(_state(raw_request).engine, layout))
+    return _json_bytes(await web_page.kv_cache_blocks(_state(raw_request).engine, layout))
 
 
 @kv_cache.get("/history")
 async def kv_cache_history(raw_request: Request) -> Response:
-    history = _state(raw_request).history
-    return JSONResponse(history.to_json() if history else web_page.StatsHistory().to_json())
+    return _json_bytes(web_page.kv_cache_history(_state(raw_request).history))
+
+
+def _json_bytes(result: bytes | ErrorResponse) -> Response:
+    if isinstance(result, bytes):
+        return Response(result, media_type="application/json")
+    return to_response(result)
+
+
+class KVMapPolls:
+    """Raw ASGI in front of the app: GET /kv_cache/blocks and /kv_cache/history.
+
+    An open page polls the map 4 times a second (the issue bounds a 10 Hz poller at 1% of the
+    engine's throughput); through FastAPI every poll paid its routing, dependency and response
+    machinery, several times the JSON's own cost. This answers them directly: the same API key
+    check, `layout` query, bytes and headers as the FastAPI routes above, which still answer
+    every other method. Inside Starlette's ServerErrorMiddleware, so an exception still gets
+    the JSON 500 of `_install_error_handlers`.
+    """
+
+    PATHS = frozenset(("/kv_cache/blocks", "/kv_cache/history"))
+    _JSON = (b"content-type", b"application/json")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.PATHS or scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        state: ServerState = scope["app"].state.server
+        authorization = next((value.decode("latin-1") for name, value in scope["headers"]
+                              if name == b"authorization"), "")
+        if not api_key_ok(state.api_key, authorization):
+            await _unauthorized()(scope, receive, send)
+            return
+        if scope["path"] == "/kv_cache/history":
+            result: bytes | ErrorResponse = web_page.kv_cache_history(state.history)
+        else:
+            query = scope["query_string"]
+            # As FastAPI reads a str parameter: the last of repeated ones; blank kept.
+            layouts = [v for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+                       if k == "layout"] if query else []
+            result = await web_page.kv_cache_blocks(state.engine, *layouts[-1:])
+        if not isinstance(result, bytes):
+            await to_response(result)(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"%d" % len(result)), self._JSON]})
+        await send({"type": "http.response.body", "body": result})
 
 
 @v1.get("/models")
@@ -227,9 +287,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(_Unauthorized)
     async def on_unauthorized(_: Request, __: _Unauthorized) -> Response:
-        return to_response(make_error(
-            "missing or wrong API key: send 'Authorization: Bearer <key>'", 401,
-            code="invalid_api_key"))
+        return _unauthorized()
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> Response:
@@ -284,6 +342,7 @@ def build_app(
     app.include_router(router)
     app.include_router(v1)
     app.include_router(kv_cache)
+    app.add_middleware(KVMapPolls)
     _install_error_handlers(app)
     return app
 
@@ -311,9 +370,15 @@ class _Server(uvicorn.Server):
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """Binds before the model loads, so a busy port fails at once; OSError says why."""
+    """Binds before the model loads, so a busy port fails at once; OSError says why.
+
+    NOTE: the protocol is named (IPPROTO_TCP, not 0) because asyncio turns Nagle's algorithm
+    off (TCP_NODELAY) only on connections of such a socket. Without it a response written in
+    two parts (headers, then body; or an SSE stream's chunks) waits for the client's delayed
+    ACK: 40 ms per poll of the KV cache map over a keep-alive connection.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

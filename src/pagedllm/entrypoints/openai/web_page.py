@@ -55,8 +55,8 @@ def static_file(name: str) -> Response:
 
 
 async def kv_cache_blocks(engine: AsyncLLMEngine, layout: str = "compact"
-                          ) -> Response | ErrorResponse:
-    """GET /kv_cache/blocks: a snapshot taken between two engine steps, as JSON."""
+                          ) -> bytes | ErrorResponse:
+    """GET /kv_cache/blocks: a snapshot taken between two engine steps, as UTF-8 JSON."""
     if layout not in LAYOUTS:
         return make_error(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}", 400,
                           param="layout")
@@ -67,7 +67,12 @@ async def kv_cache_blocks(engine: AsyncLLMEngine, layout: str = "compact"
     encoder = _ENCODERS.get(engine)
     if encoder is None:
         encoder = _ENCODERS[engine] = KVMapEncoder()
-    return Response(encoder.body(snapshot, stats, layout), media_type="application/json")
+    return encoder.body(snapshot, stats, layout)
+
+
+def kv_cache_history(history: StatsHistory | None) -> bytes:
+    """GET /kv_cache/history: the charts' samples (none without a history), as UTF-8 JSON."""
+    return _dumps((history or StatsHistory()).to_json())
 
 
 def kv_cache_json(snapshot: KVCacheSnapshot, stats: EngineStats, layout: str = "compact"
