@@ -94,8 +94,8 @@ class EngineConfig:
         "kernel on CPU)")
     device: str = setting("cpu", "torch device: cpu, or cuda[:N]")
     tensor_parallel_size: int = setting(
-        1, "ranks that split every layer (tensor parallelism; not implemented yet in this "
-        "build: 1)", aliases=("-tp",))
+        1, "ranks that split every layer's heads and columns (Megatron tensor parallelism; "
+        "must divide the query heads)", aliases=("-tp",))
     distributed_executor_backend: str | None = setting(
         None, "how ranks run: uni (in the engine's process), mp (one worker process per rank) "
         "or ray (default: uni at one rank, mp above)", choices=DISTRIBUTED_EXECUTOR_BACKENDS)
