@@ -19,6 +19,21 @@ logger = logging.getLogger(__name__)
 THREADS_BIND_ENV = "PAGEDLLM_CPU_THREADS_BIND"
 
 
+# How the ranks' collectives travel: "auto" (default: shared memory when all ranks are on one
+# host, else the process group) or "process_group" (always the process group: gloo on CPU).
+TP_COMM_ENV = "PAGEDLLM_TP_COMM"
+_TP_COMM_CHOICES = ("auto", "process_group")
+
+
+def use_shm_collectives(one_host: bool) -> bool:
+    """Whether the ranks' collectives go through shared memory (the driver asks at start)."""
+    choice = os.environ.get(TP_COMM_ENV, "auto").strip() or "auto"
+    if choice not in _TP_COMM_CHOICES:
+        raise ValueError(f"{TP_COMM_ENV}={choice!r}: expected one of "
+                         f"{', '.join(_TP_COMM_CHOICES)}")
+    return one_host and choice == "auto"
+
+
 def check_tensor_parallel_heads(hf_config: PretrainedConfig, tp_size: int) -> None:
     """Refuses a size the model's heads cannot be split by, naming both numbers.
 

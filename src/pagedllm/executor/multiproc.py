@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.distributed.shm_comm import create_shm_buffer
-from pagedllm.distributed.utils import free_local_port
+from pagedllm.distributed.utils import free_local_port, use_shm_collectives
 from pagedllm.executor.abstract import (
     DURING,
     Executor,
@@ -72,6 +72,10 @@ class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, hf_config: PretrainedConfig, model_dir: Path,
                  max_model_len: int, profiler: StepProfiler | None = None) -> None:
         self.world_size = config.tensor_parallel_size
+        # Tensor parallelism: the all-reduces go through a shared buffer
+        # (distributed/shm_comm.py), unless PAGEDLLM_TP_COMM=process_group asks for the
+        # process group's (gloo's); checked before anything starts.
+        shm_collectives = self.world_size > 1 and use_shm_collectives(one_host=True)
         self.profiler = profiler or StepProfiler()
         self.num_steps = 0
         self.last_message_bytes = 0
@@ -80,9 +84,8 @@ class MultiprocExecutor(Executor):
         self._dead: str | None = None  # why no step can run any more
         ctx = multiprocessing.get_context("spawn")
         ring = ShmRingBuffer(num_readers=self.world_size)
-        # Tensor parallelism: rank 0 serves the process group's store on a free local port;
-        # the all-reduces go through a shared buffer (distributed/shm_comm.py).
-        comm_buffer = create_shm_buffer(self.world_size) if self.world_size > 1 else None
+        # Rank 0 serves the process group's store on a free local port.
+        comm_buffer = create_shm_buffer(self.world_size) if shm_collectives else None
         dist_args = (f"tcp://127.0.0.1:{free_local_port()}",
                      None if comm_buffer is None else comm_buffer.name)
         self._procs: list[multiprocessing.process.BaseProcess] = []

@@ -17,7 +17,7 @@ ranks reserve one CPU each through a placement group (packed onto as few nodes a
 
 Under tensor parallelism the ranks join a gloo group at rank 0's node; when they all share
 one node, their collectives go through one shared buffer instead (distributed/shm_comm.py),
-as under `mp`. Each rank takes its share of its node's cores, pinned, as the `mp` ranks do.
+as under `mp`, unless PAGEDLLM_TP_COMM=process_group keeps them in gloo. Each rank takes its share of its node's cores, pinned, as the `mp` ranks do.
 
 A rank whose actor dies (killed, out of memory, its node lost) turns into a WorkerDiedError as
 soon as Ray reports it (about a second); the driver never waits on one reference alone, so an
@@ -41,6 +41,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pagedllm.distributed.utils import use_shm_collectives
 from pagedllm.executor.abstract import DURING, Executor, RemoteTraceback, engine_dead
 from pagedllm.executor.ray_worker import RankLayout, RayWorkerWrapper
 from pagedllm.executor.shm_broadcast import WorkerDiedError
@@ -130,10 +131,11 @@ class RayDistributedExecutor(Executor):
         for rank, (node_id, *_) in enumerate(infos):
             node_ranks.setdefault(node_id, []).append(rank)
         port = self._gather([self._actors[0].free_port.remote()], "start")[0]
-        # One node: the collectives go through shared memory, as under `mp`; else gloo.
+        # One node: the collectives go through shared memory, as under `mp`; else gloo
+        # (or gloo on one node too, where PAGEDLLM_TP_COMM=process_group asks for it).
         one_node = self.world_size > 1 and len(node_ranks) == 1
         shm_name = (self._gather([self._actors[0].create_comm_buffer.remote()], "start")[0]
-                    if one_node else None)
+                    if use_shm_collectives(one_node) else None)
         init_method = f"tcp://{'127.0.0.1' if one_node else infos[0][1]}:{port}"
         omp = os.environ.get("OMP_NUM_THREADS")
         layouts = [RankLayout(node_ranks[node_id].index(rank), len(node_ranks[node_id]),

@@ -8,8 +8,9 @@ with the weights, Phi-3's LongRoPE with the rotary table, which is per position)
 quantized with GGUF blocks or int8 rows take it on the op's quantized path, which calls the
 kernels the linear methods call (one format per projection). Under
 tensor parallelism each rank runs it on its shards, and the op all-reduces the o and down
-projections' partial sums through the group's shared buffer (distributed/shm_comm.py), so
-the ranks stay in one native call per step. It applies
+projections' partial sums through the group's shared buffer (distributed/shm_comm.py), or
+where the ranks share no host through the process group (distributed/pg_comm.py), so the
+ranks stay in one native call per step. It applies
 where every part runs as the module path would run it natively: projections packed for the
 CPU (panels, the streaming kernel or oneDNN, whichever the step's row count picks), the
 `cpu_paged` attention kernel on this cache, rotary and norms in fp32/bf16. Anywhere else
@@ -196,10 +197,16 @@ class NativeDecoderStack:
         self._checked_caches: list[torch.Tensor] | None = None
         self.profiler: StepProfiler | None = None
         # Under tensor parallelism the op all-reduces the row-parallel outputs (o, down) in
-        # place through the group's shared buffer, between the parts of each layer.
+        # place between the parts of each layer: through the group's shared buffer on one
+        # host, else through the process group's op (pagedllm_tp::all_reduce, registered by
+        # importing pg_comm).
         tp = get_tp_group()
         self.tp_rank, self.tp_size = tp.rank, tp.world_size
         self.comm = tp.shm
+        if self.tp_size > 1 and self.comm is None:
+            import pagedllm.distributed.pg_comm  # noqa: F401
+        # Calls of the op, read by tests and benchmarks (the stack ran, not the modules).
+        self.num_calls = 0
 
     @classmethod
     def build(cls, model: LlamaForCausalLM) -> NativeDecoderStack | None:
@@ -210,9 +217,6 @@ class NativeDecoderStack:
             return None
         if model.norm.weight.device.type != "cpu" or not _runs_as_llama(model):
             return None
-        tp = get_tp_group()
-        if tp.world_size > 1 and tp.shm is None:
-            return None  # ranks without a shared buffer (not one host): collectives in Python
         rotaries = {id(layer.self_attn.rotary) for layer in model.layers}
         if len(rotaries) != 1:
             return None
@@ -275,6 +279,7 @@ class NativeDecoderStack:
         if self.profiler is not None and self.profiler.enabled:
             seconds = torch.zeros(len(PART_NAMES), dtype=torch.float64)
         cos_table, sin_table = self.rotary.float_tables()
+        self.num_calls += 1
         out = self.ops.llama_decoder_stack(
             hidden.contiguous(),
             positions if positions.dtype == torch.int64 else positions.long(),

@@ -121,6 +121,17 @@ std::vector<QuantProjection> quant_projections(at::IntArrayRef layout, at::Tenso
   return projections;
 }
 
+// x <- its sum over the ranks through pagedllm_tp::all_reduce, the op distributed/pg_comm.py
+// defines over the process group (ranks that share no memory); looked up once, when first
+// needed, so the op exists only where that module was imported.
+void process_group_all_reduce(at::Tensor& x) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pagedllm_tp::all_reduce", "");
+  torch::jit::Stack stack;
+  stack.emplace_back(x);
+  op.callBoxed(&stack);
+}
+
 // mkldnn::_linear_pointwise(x, w, b, "none", [], ""), as PackedWeight.onednn calls it.
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   static const c10::OperatorHandle op =
@@ -261,12 +272,19 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
   const std::vector<QuantProjection> quant =
       path == kQuantized ? quant_projections(quant_layout, quant_tensors, 4 * num_layers)
                          : std::vector<QuantProjection>();
-  TORCH_CHECK(tp_size == 1 || (comm_buffer && comm_generation),
-              "tensor parallelism needs the shared buffer and generation counter");
+  const bool shared_memory = comm_buffer.has_value() && comm_buffer->defined();
+  TORCH_CHECK(!shared_memory || comm_generation,
+              "the shared buffer needs its generation counter");
   // Under tensor parallelism the o and down projections (row-parallel) give this rank's
-  // partial sums: all-reduced in place before the residual add.
+  // partial sums: all-reduced in place before the residual add, through the shared buffer
+  // on one host, else through the process group's op (distributed/pg_comm.py).
   auto all_reduce = [&](at::Tensor& t) {
-    if (tp_size > 1) shm_all_reduce(t, *comm_buffer, tp_rank, tp_size, *comm_generation);
+    if (tp_size == 1) return;
+    if (shared_memory) {
+      shm_all_reduce(t, *comm_buffer, tp_rank, tp_size, *comm_generation);
+    } else {
+      process_group_all_reduce(t);
+    }
   };
   const int64_t T = hidden.size(0), H = hidden.size(1);
   const int64_t q_size = num_heads * head_size, kv_size = num_kv_heads * head_size;
