@@ -55,9 +55,13 @@ INT8_FORMAT = 1000
 
 # The parts the C++ op times per layer when profiling, in its order (`Part` in
 # decoder_stack.cpp): the two blocks, named as the module path's hooks name theirs
-# (LlamaForCausalLM.profiled_modules), then the kinds of work across both, which sum to them.
+# (LlamaForCausalLM.profiled_modules), then the kinds of work across both, which sum to them
+# with the all-reduce under tensor parallelism (the row-parallel sums and the wait for the
+# other ranks).
 PART_NAMES = ("attention block", "mlp", "norms + rotary", "attention projections",
               "attention kernel", "mlp projections")
+# Timed after them, under tensor parallelism only.
+ALL_REDUCE_PART = "all-reduce"
 
 
 def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
@@ -277,7 +281,7 @@ class NativeDecoderStack:
         path = self.linear_path(hidden.shape[0])
         seconds = None
         if self.profiler is not None and self.profiler.enabled:
-            seconds = torch.zeros(len(PART_NAMES), dtype=torch.float64)
+            seconds = torch.zeros(len(PART_NAMES) + 1, dtype=torch.float64)
         cos_table, sin_table = self.rotary.float_tables()
         self.num_calls += 1
         out = self.ops.llama_decoder_stack(
@@ -307,7 +311,8 @@ class NativeDecoderStack:
             self.quant_tensors,
         )
         if seconds is not None:
-            for name, value in zip(PART_NAMES, seconds.tolist()):
+            names = PART_NAMES + ((ALL_REDUCE_PART,) if self.tp_size > 1 else ())
+            for name, value in zip(names, seconds.tolist()):
                 self.profiler.record(name, value, self.num_layers)
         return out
 

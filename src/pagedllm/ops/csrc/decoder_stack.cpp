@@ -192,7 +192,9 @@ at::Tensor project(LinearPath path, at::Tensor& out, const at::Tensor& x, const 
 
 // Where a profiled step's time goes: the two blocks of each layer (the module path's hook
 // names), and across them the kinds of work. Blocks: attention = its norm, projections,
-// rotary and attention; MLP = its norm and projections. The other four parts sum to both.
+// rotary and attention; MLP = its norm and projections. The other parts sum to both (the
+// all-reduce, timed only under tensor parallelism: the row-parallel sums with any wait for
+// the other ranks).
 enum Part : int {
   kAttentionBlock,
   kMlpBlock,
@@ -200,6 +202,7 @@ enum Part : int {
   kAttentionProjections,
   kAttentionKernel,
   kMlpProjections,
+  kAllReduce,
   kNumParts
 };
 
@@ -279,7 +282,6 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
   // partial sums: all-reduced in place before the residual add, through the shared buffer
   // on one host, else through the process group's op (distributed/pg_comm.py).
   auto all_reduce = [&](at::Tensor& t) {
-    if (tp_size == 1) return;
     if (shared_memory) {
       shm_all_reduce(t, *comm_buffer, tp_rank, tp_size, *comm_generation);
     } else {
@@ -325,8 +327,11 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
                              0.0);
     timer.lap(kAttentionKernel);
     x = project(path, x, attn_out.view({T, q_size}), w[3], w[4], false, gated, lq ? lq + 1 : nullptr);
-    all_reduce(x);
     timer.lap(kAttentionProjections);
+    if (tp_size > 1) {
+      all_reduce(x);
+      timer.lap(kAllReduce);
+    }
     timer.end_block(kAttentionBlock);
 
     timer.begin_block();
@@ -341,8 +346,11 @@ at::Tensor llama_decoder_stack(const at::Tensor& hidden, const at::Tensor& posit
       gate_up = project(path, gate_up, x, w[6], w[7], false, gated, lq ? lq + 2 : nullptr);
       x = project(path, x, gate_up, w[8], w[9], true, gated, lq ? lq + 3 : nullptr);
     }
-    all_reduce(x);
     timer.lap(kMlpProjections);
+    if (tp_size > 1) {
+      all_reduce(x);
+      timer.lap(kAllReduce);
+    }
     timer.end_block(kMlpBlock);
   }
   fused_add_rms_norm(x, residual, final_norm, eps);

@@ -1,0 +1,131 @@
+"""Where tensor parallelism's time goes on this host: the fixed workload once per engine, with
+profiling on, and per process its CPU time (user + system, from /proc) next to the wall
+time, plus every rank's profile sections per step (the native stack's parts included, its
+all-reduce apart). CPU time, not wall time, is what a shared machine cannot distort much:
+a rank's CPU seconds per step are its work (and its spinning) whatever else runs.
+
+    python -m pagedllm.benchmarks.tp_profile --model /tmp/smollm2-shape-8h \
+        --engines tp1 tp2 tp2,PAGEDLLM_CPU_THREADS_BIND=nobind [--requests 64] \
+        [--output-len 128] [--rounds 2]
+
+Prints one table per engine and writes benchmarks/results/tp_profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+
+from pagedllm.benchmarks.workloads import fixed_workload
+
+
+def rank_profile(worker) -> dict:
+    """On a rank: its profile's seconds and counts, its steps, its pid."""
+    p = worker.profiler
+    return {"seconds": dict(p.seconds), "counts": dict(p.counts), "steps": p.num_steps,
+            "pid": os.getpid()}
+
+
+def reset_profile(worker) -> None:
+    p = worker.profiler
+    p.seconds.clear()
+    p.counts.clear()
+    p.num_steps = 0
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        out[pid] = t.user + t.system
+    return out
+
+
+def run_engine(name: str, args: argparse.Namespace) -> dict:
+    from pagedllm import LLM, SamplingParams
+
+    # "tp2" or "tp2,NAME=VALUE,...": environment settings for this engine's start (the
+    # ranks read theirs at start, e.g. PAGEDLLM_CPU_THREADS_BIND, PAGEDLLM_TP_COMM).
+    spec, *settings = name.split(",")
+    tp = int(spec.removeprefix("tp"))
+    kwargs = {"tensor_parallel_size": tp} if tp > 1 else {}
+    saved = dict(os.environ)
+    os.environ.update(setting.split("=", 1) for setting in settings)
+    try:
+        llm = LLM(args.model, dtype=args.dtype, profile=True, **kwargs)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    engine = llm.llm_engine
+    executor = engine.model_executor
+    pids = [os.getpid(), *(getattr(executor, "worker_pids", []) if tp > 1 else [])]
+    requests = fixed_workload(num_requests=args.requests, output_len=args.output_len)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                 use_tqdm=False)  # warm-up
+    reset_profile(engine)  # the driver's profile (at tp1, also the worker's)
+    if tp > 1:
+        executor.collective_rpc(reset_profile)
+    before = cpu_seconds(pids)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    after = cpu_seconds(pids)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    profiles = {"driver": rank_profile(engine)}
+    if tp > 1:
+        for rank, prof in enumerate(executor.collective_rpc(rank_profile)):
+            profiles[f"rank{rank}"] = prof
+    cpu = {("driver" if pid == os.getpid() else
+            f"rank{[p['pid'] for p in profiles.values()].index(pid) - 1}"):
+           after[pid] - before[pid] for pid in pids}
+    llm.shutdown()
+    return {"engine": name, "wall_s": wall, "out_tok_s": tokens / wall, "tokens": tokens,
+            "cpu_s": cpu, "profiles": profiles}
+
+
+def print_result(r: dict) -> None:
+    steps = max(r["profiles"]["driver"]["steps"], 1)
+    print(f"\n== {r['engine']} (round {r['round']}): {r['out_tok_s']:.0f} out tok/s, wall {r['wall_s']:.2f} s, "
+          f"{steps} steps ({1000 * r['wall_s'] / steps:.1f} ms/step)")
+    print("CPU s per process: " + ", ".join(f"{k} {v:.2f} ({1000 * v / steps:.1f} ms/step)"
+                                            for k, v in r["cpu_s"].items()))
+    for who, prof in r["profiles"].items():
+        n = max(prof["steps"], 1)
+        print(f"  {who} ({n} steps), ms/step:")
+        for name, s in sorted(prof["seconds"].items(), key=lambda kv: -kv[1]):
+            print(f"    {name:<24} {1000 * s / n:8.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--engines", nargs="+", default=["tp1", "tp2"])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="each engine starts once per round; engines take turns")
+    parser.add_argument("--output", default="benchmarks/results/tp_profile.json")
+    args = parser.parse_args(argv)
+    results = []
+    for round_index in range(args.rounds):
+        for name in args.engines:
+            results.append(run_engine(name, args) | {"round": round_index})
+            print_result(results[-1])
+    print("\nout tok/s per round: " + "; ".join(
+        f"{name}: " + ", ".join(f"{r['out_tok_s']:.0f}" for r in results if r["engine"] == name)
+        for name in args.engines))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
