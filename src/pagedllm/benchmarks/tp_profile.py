@@ -14,8 +14,11 @@ Prints one table per engine and writes benchmarks/results/tp_profile.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,10 +35,23 @@ def rank_profile(worker) -> dict:
 
 
 def reset_profile(worker) -> None:
+    """Clears the profile; from then on the garbage collector's pauses are timed into it too
+    ("gc"): a pause in one rank stalls every rank at the next all-reduce."""
     p = worker.profiler
     p.seconds.clear()
     p.counts.clear()
     p.num_steps = 0
+    gc.callbacks[:] = [cb for cb in gc.callbacks if not getattr(cb, "times_gc", False)]
+    started = []
+
+    def time_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            p.record(f"gc gen{info['generation']}", time.perf_counter() - started.pop())
+
+    time_gc.times_gc = True
+    gc.callbacks.append(time_gc)
 
 
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
@@ -46,12 +62,37 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return out
 
 
+IDLE_ENGINE = """
+import sys
+from pagedllm import LLM, SamplingParams
+llm = LLM(sys.argv[1], dtype=sys.argv[2])
+llm.generate([{"prompt_token_ids": list(range(1000, 1016))}],
+             SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def start_idle_engine(args: argparse.Namespace) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", IDLE_ENGINE, args.model, args.dtype],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"the idle engine did not start (exit {proc.wait()})")
+    return proc
+
+
 def run_engine(name: str, args: argparse.Namespace) -> dict:
     from pagedllm import LLM, SamplingParams
 
     # "tp2" or "tp2,NAME=VALUE,...": environment settings for this engine's start (the
     # ranks read theirs at start, e.g. PAGEDLLM_CPU_THREADS_BIND, PAGEDLLM_TP_COMM).
     spec, *settings = name.split(",")
+    # "+idle": a TP=1 engine of the same model loaded and idle in another process meanwhile,
+    # as `bench throughput` keeps every engine it compares.
+    idle = None
+    if "+idle" in settings:
+        settings.remove("+idle")
+        idle = start_idle_engine(args)
     tp = int(spec.removeprefix("tp"))
     kwargs = {"tensor_parallel_size": tp} if tp > 1 else {}
     saved = dict(os.environ)
@@ -86,6 +127,9 @@ def run_engine(name: str, args: argparse.Namespace) -> dict:
             f"rank{[p['pid'] for p in profiles.values()].index(pid) - 1}"):
            after[pid] - before[pid] for pid in pids}
     llm.shutdown()
+    if idle is not None:
+        idle.stdin.close()
+        idle.wait()
     return {"engine": name, "wall_s": wall, "out_tok_s": tokens / wall, "tokens": tokens,
             "cpu_s": cpu, "profiles": profiles}
 
