@@ -105,46 +105,62 @@ def run_engine(name: str, args: argparse.Namespace) -> dict:
     engine = llm.llm_engine
     executor = engine.model_executor
     pids = [os.getpid(), *(getattr(executor, "worker_pids", []) if tp > 1 else [])]
-    requests = fixed_workload(num_requests=args.requests, output_len=args.output_len)
-    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
-                 use_tqdm=False)  # warm-up
-    reset_profile(engine)  # the driver's profile (at tp1, also the worker's)
-    if tp > 1:
-        executor.collective_rpc(reset_profile)
-    before = cpu_seconds(pids)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - start
-    after = cpu_seconds(pids)
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    profiles = {"driver": rank_profile(engine)}
-    if tp > 1:
-        for rank, prof in enumerate(executor.collective_rpc(rank_profile)):
-            profiles[f"rank{rank}"] = prof
-    cpu = {("driver" if pid == os.getpid() else
-            f"rank{[p['pid'] for p in profiles.values()].index(pid) - 1}"):
-           after[pid] - before[pid] for pid in pids}
+    names = {pid: "driver" if i == 0 else f"rank{i - 1}" for i, pid in enumerate(pids)}
+
+    def measure(seed: int, output_len: int) -> dict:
+        requests = fixed_workload(num_requests=args.requests, output_len=output_len,
+                                  seed=seed)
+        prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        reset_profile(engine)  # the driver's profile (at tp1, also the worker's)
+        if tp > 1:
+            executor.collective_rpc(reset_profile)
+        before = cpu_seconds(pids)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        after = cpu_seconds(pids)
+        profiles = {"driver": rank_profile(engine)}
+        if tp > 1:
+            for rank, prof in enumerate(executor.collective_rpc(rank_profile)):
+                profiles[f"rank{rank}"] = prof
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        return {"wall_s": wall, "out_tok_s": tokens / wall, "tokens": tokens,
+                "cpu_s": {names[pid]: after[pid] - before[pid] for pid in pids},
+                "profiles": profiles}
+
+    measure(seed=2, output_len=2)  # warm-up: the steps' buffers at their full sizes
+    # The prefill alone first (other prompts: no prefix-cache hit in the whole run after).
+    prefill = measure(seed=1, output_len=1)
+    result = measure(seed=0, output_len=args.output_len)
     llm.shutdown()
     if idle is not None:
         idle.stdin.close()
         idle.wait()
-    return {"engine": name, "wall_s": wall, "out_tok_s": tokens / wall, "tokens": tokens,
-            "cpu_s": cpu, "profiles": profiles}
+    return {"engine": name, **result, "prefill": prefill}
 
 
 def print_result(r: dict) -> None:
     steps = max(r["profiles"]["driver"]["steps"], 1)
-    print(f"\n== {r['engine']} (round {r['round']}): {r['out_tok_s']:.0f} out tok/s, wall {r['wall_s']:.2f} s, "
-          f"{steps} steps ({1000 * r['wall_s'] / steps:.1f} ms/step)")
-    print("CPU s per process: " + ", ".join(f"{k} {v:.2f} ({1000 * v / steps:.1f} ms/step)"
-                                            for k, v in r["cpu_s"].items()))
+    pre = r["prefill"]
+    pre_steps = pre["profiles"]["driver"]["steps"]
+    print(f"\n== {r['engine']} (round {r['round']}): {r['out_tok_s']:.0f} out tok/s, wall "
+          f"{r['wall_s']:.2f} s, {steps} steps; the prefill alone {pre['wall_s']:.2f} s in "
+          f"{pre_steps} steps")
+    print("CPU s per process (whole run; prefill alone): " + ", ".join(
+        f"{k} {v:.2f}; {pre['cpu_s'][k]:.2f}" for k, v in r["cpu_s"].items()))
     for who, prof in r["profiles"].items():
         n = max(prof["steps"], 1)
-        print(f"  {who} ({n} steps), ms/step:")
-        for name, s in sorted(prof["seconds"].items(), key=lambda kv: -kv[1]):
-            print(f"    {name:<24} {1000 * s / n:8.2f}")
+        pre_prof = pre["profiles"][who]
+        # Decode steps: the whole run's profile less the prefill's (same prompt lengths).
+        decode_steps = max(n - pre_prof["steps"], 1)
+        print(f"  {who}: ms per step, whole run ({n} steps) | prefill ({pre_prof['steps']}) | "
+              f"decode ({decode_steps}, by difference)")
+        for name, sec in sorted(prof["seconds"].items(), key=lambda kv: -kv[1]):
+            p_sec = pre_prof["seconds"].get(name, 0.0)
+            print(f"    {name:<24} {1000 * sec / n:9.2f} | "
+                  f"{1000 * p_sec / max(pre_prof['steps'], 1):9.2f} | "
+                  f"{1000 * (sec - p_sec) / decode_steps:9.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
