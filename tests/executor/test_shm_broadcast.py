@@ -4,6 +4,7 @@ is gone. Writer and readers live in this process (each has its own attachment)."
 from __future__ import annotations
 
 import multiprocessing
+import threading
 
 import pytest
 
@@ -77,3 +78,30 @@ def test_a_reader_sees_end_of_file_when_the_writer_closes_its_doorbell():
         reader.read()
     reader.ring.close()
     ring.close()
+
+
+def test_a_spinning_reader_takes_a_message_without_its_doorbell():
+    """A reader given spin time watches the ring's counter before it sleeps on its doorbell:
+    a message published meanwhile is read at once (its doorbell here is never rung)."""
+    ring = ShmRingBuffer(num_readers=1, chunk_bytes=64, num_chunks=4)
+    attached = ShmRingBuffer(*ring.handle())
+    silent_r, _silent_w = multiprocessing.Pipe(duplex=False)  # the reader's, never rung
+    _, other_w = multiprocessing.Pipe(duplex=False)  # the writer rings this one instead
+    writer = RingWriter(ring, [other_w], lambda: None)
+    spinning = RingReader(attached, 0, silent_r, spin_seconds=5.0)
+    sleeping = RingReader(attached, 0, silent_r, spin_seconds=0.0)
+    timers = [threading.Timer(0.05, writer.write, args=(b"step",))]
+    try:
+        timers[0].start()
+        assert spinning.read(timeout=2.0) == b"step"
+        writer.write(b"next")
+        assert spinning.read(timeout=2.0) == b"next"  # already published: no spin needed
+        # Without spin time the same wait sleeps on the silent doorbell and misses it.
+        timers.append(threading.Timer(0.05, writer.write, args=(b"missed",)))
+        timers[1].start()
+        assert sleeping.read(timeout=0.5) is None
+    finally:
+        for timer in timers:
+            timer.join()
+        attached.close()
+        ring.close()

@@ -54,11 +54,12 @@ def reset_profile(worker) -> None:
     gc.callbacks.append(time_gc)
 
 
-def cpu_seconds(pids: list[int]) -> dict[int, float]:
+def cpu_seconds(pids: list[int], kind: str = "both") -> dict[int, float]:
+    """Each process's CPU seconds so far: user + system, or one of them."""
     out = {}
     for pid in pids:
         t = psutil.Process(pid).cpu_times()
-        out[pid] = t.user + t.system
+        out[pid] = {"both": t.user + t.system, "user": t.user, "system": t.system}[kind]
     return out
 
 
@@ -93,12 +94,15 @@ def run_engine(name: str, args: argparse.Namespace) -> dict:
     if "+idle" in settings:
         settings.remove("+idle")
         idle = start_idle_engine(args)
+    # "+noprofile": as `bench throughput` starts it (profiling off: wall and CPU time only).
+    profile = "+noprofile" not in settings
+    settings = [setting for setting in settings if setting != "+noprofile"]
     tp = int(spec.removeprefix("tp"))
     kwargs = {"tensor_parallel_size": tp} if tp > 1 else {}
     saved = dict(os.environ)
     os.environ.update(setting.split("=", 1) for setting in settings)
     try:
-        llm = LLM(args.model, dtype=args.dtype, profile=True, **kwargs)
+        llm = LLM(args.model, dtype=args.dtype, profile=profile, **kwargs)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -115,11 +119,11 @@ def run_engine(name: str, args: argparse.Namespace) -> dict:
         reset_profile(engine)  # the driver's profile (at tp1, also the worker's)
         if tp > 1:
             executor.collective_rpc(reset_profile)
-        before = cpu_seconds(pids)
+        before, system_before = cpu_seconds(pids), cpu_seconds(pids, "system")
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
-        after = cpu_seconds(pids)
+        after, system_after = cpu_seconds(pids), cpu_seconds(pids, "system")
         profiles = {"driver": rank_profile(engine)}
         if tp > 1:
             for rank, prof in enumerate(executor.collective_rpc(rank_profile)):
@@ -127,6 +131,8 @@ def run_engine(name: str, args: argparse.Namespace) -> dict:
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         return {"wall_s": wall, "out_tok_s": tokens / wall, "tokens": tokens,
                 "cpu_s": {names[pid]: after[pid] - before[pid] for pid in pids},
+                "system_cpu_s": {names[pid]: system_after[pid] - system_before[pid]
+                                 for pid in pids},
                 "profiles": profiles}
 
     measure(seed=2, output_len=2)  # warm-up: the steps' buffers at their full sizes
@@ -147,8 +153,9 @@ def print_result(r: dict) -> None:
     print(f"\n== {r['engine']} (round {r['round']}): {r['out_tok_s']:.0f} out tok/s, wall "
           f"{r['wall_s']:.2f} s, {steps} steps; the prefill alone {pre['wall_s']:.2f} s in "
           f"{pre_steps} steps")
-    print("CPU s per process (whole run; prefill alone): " + ", ".join(
-        f"{k} {v:.2f}; {pre['cpu_s'][k]:.2f}" for k, v in r["cpu_s"].items()))
+    print("CPU s per process (whole run; prefill alone), of which system: " + ", ".join(
+        f"{k} {v:.2f} ({r['system_cpu_s'][k]:.2f}); {pre['cpu_s'][k]:.2f} "
+        f"({pre['system_cpu_s'][k]:.2f})" for k, v in r["cpu_s"].items()))
     for who, prof in r["profiles"].items():
         n = max(prof["steps"], 1)
         pre_prof = pre["profiles"][who]

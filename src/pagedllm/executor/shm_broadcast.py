@@ -18,6 +18,7 @@ say what is there to read.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -28,6 +29,10 @@ from multiprocessing.connection import Connection, wait
 _COUNTER = 8
 _CHUNK_HEADER = 8  # int32 length, uint8 last, 3 bytes pad
 _LAST = 1
+
+# Microseconds a reader watches for the next message before it sleeps (RingReader).
+SPIN_US_ENV = "PAGEDLLM_RING_SPIN_US"
+DEFAULT_SPIN_US = 0
 
 _fence_lock = threading.Lock()
 
@@ -153,11 +158,18 @@ class RingWriter:
 class RingReader:
     """One rank's end: reads each message once, in order, and acknowledges each chunk."""
 
-    def __init__(self, ring: ShmRingBuffer, reader_index: int, doorbell: Connection) -> None:
+    def __init__(self, ring: ShmRingBuffer, reader_index: int, doorbell: Connection,
+                 spin_seconds: float | None = None) -> None:
         assert 0 <= reader_index < ring.num_readers
         self.ring = ring
         self.reader_index = reader_index
         self._doorbell = doorbell
+        # How long a reader watches the counter (yielding its core between looks) before it
+        # sleeps on the doorbell: a rank on its own core that is woken from sleep for every
+        # step pays the wake-up (more where an idle virtual CPU halts) on the critical path.
+        if spin_seconds is None:
+            spin_seconds = float(os.environ.get(SPIN_US_ENV, DEFAULT_SPIN_US)) * 1e-6
+        self._spin_seconds = spin_seconds
 
     @property
     def num_chunks_read(self) -> int:
@@ -172,6 +184,10 @@ class RingReader:
         pieces = []
         while True:
             done = ring._counters[counter]
+            if ring._counters[0] == done and self._spin_seconds > 0 and not pieces:
+                deadline = time.perf_counter() + self._spin_seconds
+                while ring._counters[0] == done and time.perf_counter() < deadline:
+                    os.sched_yield()
             if ring._counters[0] == done:
                 # Nothing published: sleep until the doorbell rings. NOTE: the rings are only
                 # wake-ups (the counters say what is there), so a ring left over from a chunk
