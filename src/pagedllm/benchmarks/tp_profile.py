@@ -178,12 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=1,
-                        help="each engine starts once per round; engines take turns")
+                        help="each engine starts once per round; engines take turns, in "
+                             "reverse order every other round")
     parser.add_argument("--output", default="benchmarks/results/tp_profile.json")
     args = parser.parse_args(argv)
     results = []
     for round_index in range(args.rounds):
-        for name in args.engines:
+        # Engines take turns, in reverse order every other round (the engine that follows
+        # another's shutdown starts on a host still settling its memory).
+        order = args.engines if round_index % 2 == 0 else args.engines[::-1]
+        for name in order:
             results.append(run_engine(name, args) | {"round": round_index})
             print_result(results[-1])
     print("\nout tok/s per round: " + "; ".join(

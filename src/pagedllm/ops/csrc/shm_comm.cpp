@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <optional>
 #include <cstring>
 #include <vector>
@@ -40,6 +41,20 @@ namespace {
 
 constexpr int64_t kFlagStride = 64;  // bytes: one cache line per rank's flag
 constexpr int64_t kSpinPauses = 2048;  // ~25-55 us of PAUSE on Zen 4 before yielding
+
+// PAGEDLLM_SHM_SPIN_US: microseconds a waiting rank spins (PAUSE only, its core kept) before
+// it starts yielding; unset, kSpinPauses pauses. Read once per process. A yield hands the
+// core to anything runnable there, and every layer's two all-reduces wait for the rank that
+// comes back last: on a host where each rank has its own core, a longer spin may be worth
+// its CPU time (A/B with benchmarks/tp_profile.py).
+int64_t spin_limit_ns() {
+  static const int64_t ns = [] {
+    const char* text = std::getenv("PAGEDLLM_SHM_SPIN_US");
+    if (text == nullptr || *text == '\0') return int64_t{-1};
+    return static_cast<int64_t>(std::max(0.0, std::atof(text)) * 1000.0);
+  }();
+  return ns;
+}
 
 struct ShmGroup {
   char* base;
@@ -86,9 +101,19 @@ struct ShmGroup {
   }
 
   void wait_all(int64_t gen) const {
+    const int64_t spin_ns = spin_limit_ns();
     for (int64_t r = 0; r < world_size; ++r) {
       int64_t spins = 0;
       std::chrono::steady_clock::time_point yielding_since;
+      if (spin_ns >= 0 && flag(r)->load(std::memory_order_acquire) < gen) {
+        // The set spin: PAUSE until the flag or the limit, the clock read every 64 pauses.
+        const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns);
+        while (flag(r)->load(std::memory_order_acquire) < gen) {
+          if ((++spins & 63) == 0 && std::chrono::steady_clock::now() >= until) break;
+          _mm_pause();
+        }
+        spins = kSpinPauses;  // then yield and nap as below
+      }
       while (flag(r)->load(std::memory_order_acquire) < gen) {
         // Spin ~50 us (the other rank is usually that close: each has its own core). Then
         // yield for up to 5 ms: the core goes to anything else runnable on it (the driver,
