@@ -325,3 +325,22 @@ def test_panels_take_bf16_and_refuse_other_types() -> None:
     raw_k = torch.from_numpy(random_blocks(QT.Q4_K, 16, 256, seed=12))
     with pytest.raises(RuntimeError, match="panels take Q4_0"):
         cpu_ops().gguf_pack_panels_(raw_k, int(QT.Q4_K))
+
+
+def test_a_tied_embedding_reads_the_packed_blocks() -> None:
+    """A tied LM head repacks the token table in place; the embedding, another tensor over the
+    same bytes, then looks its rows up in the panel layout."""
+    from pagedllm.layers.quantization.gguf import _pack_panels, stored_format
+
+    raw_np = random_blocks(QT.Q8_0, 40, 64, seed=13)
+    head = torch.from_numpy(raw_np.copy())
+    embedding = head[:]  # a second tensor over the storage, as the loader hands them over
+    assert _pack_panels(head, int(QT.Q8_0)) == PANEL_FORMAT + int(QT.Q8_0)
+    assert _pack_panels(embedding, int(QT.Q8_0)) == PANEL_FORMAT + int(QT.Q8_0)  # packed once
+    fmt = stored_format(embedding, int(QT.Q8_0))
+    assert fmt == PANEL_FORMAT + int(QT.Q8_0)
+    ids = torch.tensor([39, 0, 16, 33])
+    out = torch.empty(4, 64)
+    cpu_ops().gguf_dequantize_rows(out, embedding, fmt, ids)
+    ref = torch.from_numpy(dequantize(raw_np, QT.Q8_0).astype(np.float32))
+    assert torch.equal(out, ref[ids])

@@ -11,8 +11,9 @@ float (the loader warns once per type). A fused layer (q | k | v, gate | up) may
 each part is kept apart; runs of parts of one type are multiplied in one call, each writing its
 columns of the output. After loading, a run of Q4_0, Q4_1 or Q8_0 blocks is repacked in place
 into panels of 16 rows (ops/csrc/quant_panels.cpp: the same bytes, interleaved for the integer
-dot products), and the tensor's `ggml_type` becomes the panel format's id (PANEL_FORMAT + its
-GGML type); a tied token embedding, which shares the tensor, looks its rows up in that layout.
+dot products); the run's format becomes the panel format's id (PANEL_FORMAT + its GGML type),
+recorded on the bytes' storage too, so that a tied token embedding over the same bytes looks
+its rows up in that layout.
 """
 
 from __future__ import annotations
@@ -197,14 +198,24 @@ class GGUFLinearMethod(LinearMethodBase):
         return out if logits else out.to(x.dtype)
 
 
+def stored_format(blocks: torch.Tensor, ggml_type: int) -> int:
+    """The format of blocks loaded as `ggml_type`: a panel format once they were repacked.
+    NOTE: recorded on the bytes' storage, which every tensor over them shares (a tied LM head
+    and token embedding are two tensors over one storage)."""
+    return getattr(blocks.untyped_storage(), "panel_format", ggml_type)
+
+
 def _pack_panels(raw: torch.Tensor, ggml_type: int) -> int:
     """Repacks raw's blocks in place into the panel layout where its type has one; returns
-    the format the kernels now take (a tensor shared with a tied embedding is packed once)."""
-    current = getattr(raw, "ggml_type", ggml_type)
+    the format the kernels now take (bytes shared with a tied embedding are packed once)."""
+    current = stored_format(raw, ggml_type)
     if current >= PANEL_FORMAT or ggml_type not in PANEL_TYPES:
         return current
-    raw.ggml_type = cpu_ops().gguf_pack_panels_(raw, ggml_type)
-    return raw.ggml_type
+    storage = raw.untyped_storage()
+    if storage.nbytes() != raw.nbytes:
+        raise ValueError("GGUF blocks to repack must own their storage")
+    storage.panel_format = cpu_ops().gguf_pack_panels_(raw, ggml_type)
+    return storage.panel_format
 
 
 def _dequantize(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
@@ -252,8 +263,8 @@ class GGUFEmbedding(KeepsParamAttrs):
         ids = input_ids.reshape(-1).long()
         out = torch.empty(ids.shape[0], self.embedding_dim, dtype=self.gguf_dtype.dtype)
         if ids.numel():
-            # NOTE: the blocks' own ggml_type: a tied LM head may have repacked them.
-            ggml_type = getattr(self.blocks, "ggml_type", self.ggml_type)
+            # NOTE: a tied LM head may have repacked the blocks into panels.
+            ggml_type = stored_format(self.blocks, self.ggml_type)
             cpu_ops().gguf_dequantize_rows(out, self.blocks, ggml_type, ids)
         return out.reshape(*input_ids.shape, self.embedding_dim)
 
