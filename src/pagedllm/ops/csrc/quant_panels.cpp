@@ -48,7 +48,11 @@ namespace pagedllm::quant {
 namespace {
 
 constexpr int64_t kRows = 16;                   // weight rows per panel
-constexpr int64_t kGroup = 4;                   // panels per work item
+// Panels per work item: 4 for many rows (a panel's 16 rows x the row block's rows per load),
+// 2 for fewer than 4 rows (twice the items to share out: a small projection's 9 items of 4
+// panels left one thread 5 of them).
+constexpr int64_t kGroup = 4;
+constexpr int64_t kSmallGroup = 2;
 constexpr int64_t kRowBlockBytes = 256 * 1024;  // quantized activations per row block
 constexpr int kQ16Max = 127 * 255;              // as quant_dot.cpp
 
@@ -205,9 +209,13 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
     for (int r = 0; r < R; ++r) ar[r] = A.a + ((m0 + r) * A.nb + b) * 32 * kPlanes;
     const uint8_t* blk[C];
     for (int c = 0; c < C; ++c) blk[c] = pan[c] + b * PB::bytes;
-    __m512i ph[R][C], pl[R][C];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) ph[r][c] = pl[r][c] = _mm512_setzero_si512();
+    // One row has too few chains of dependent VPDPBUSDs to hide their latency: its groups j
+    // alternate between two sums per plane (integers: exact in any order).
+    constexpr int S = R == 1 ? 2 : 1;
+    __m512i ph[S][R][C], pl[S][R][C];
+    for (int k = 0; k < S; ++k)
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) ph[k][r][c] = pl[k][r][c] = _mm512_setzero_si512();
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       __m512i u[C];
@@ -221,10 +229,10 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
       }
       for (int r = 0; r < R; ++r) {
         const __m512i ah = _mm512_set1_epi32(load_i32(ar[r] + 4 * j));
-        for (int c = 0; c < C; ++c) ph[r][c] = _mm512_dpbusd_epi32(ph[r][c], u[c], ah);
+        for (int c = 0; c < C; ++c) ph[j % S][r][c] = _mm512_dpbusd_epi32(ph[j % S][r][c], u[c], ah);
         if constexpr (kPlanes == 2) {
           const __m512i al = _mm512_set1_epi32(load_i32(ar[r] + 32 + 4 * j));
-          for (int c = 0; c < C; ++c) pl[r][c] = _mm512_dpbusd_epi32(pl[r][c], u[c], al);
+          for (int c = 0; c < C; ++c) pl[j % S][r][c] = _mm512_dpbusd_epi32(pl[j % S][r][c], u[c], al);
         }
       }
     }
@@ -238,9 +246,13 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
       }
       for (int r = 0; r < R; ++r) {
         const int64_t i = (m0 + r) * A.nb + b;
-        __m512i p = ph[r][c];
+        __m512i p = ph[0][r][c], q = pl[0][r][c];
+        if constexpr (S == 2) {
+          p = _mm512_add_epi32(p, ph[1][r][c]);
+          q = _mm512_add_epi32(q, pl[1][r][c]);
+        }
         if constexpr (kPlanes == 2) {
-          p = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(p, 8), p), pl[r][c]);
+          p = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(p, 8), p), q);
         }
         if constexpr (PB::zero != 0) p = _mm512_add_epi32(p, _mm512_set1_epi32(A.corr[i]));
         acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(d, _mm512_set1_ps(A.dx[i])),
@@ -398,8 +410,7 @@ PanelTileFn panel_tile(int isa) {
   return tile_scalar<R, C, kBase, kPlanes>;
 }
 
-// Row tiles: 4 rows x 2 panels (many rows), 1 row x 4 panels (one row streams a whole item's
-// 4 panels at once), 2-3 rows x 2 panels for what is left.
+// Row tiles: 4 rows x 2 panels (many rows), 1-3 rows x 2 panels for what is left.
 struct PanelTiles {
   PanelTileFn r4, r3, r2, r1;
 };
@@ -407,7 +418,7 @@ struct PanelTiles {
 template <int64_t kBase, int kPlanes>
 PanelTiles make_tiles(int isa) {
   return {panel_tile<4, 2, kBase, kPlanes>(isa), panel_tile<3, 2, kBase, kPlanes>(isa),
-          panel_tile<2, 2, kBase, kPlanes>(isa), panel_tile<1, 4, kBase, kPlanes>(isa)};
+          panel_tile<2, 2, kBase, kPlanes>(isa), panel_tile<1, 2, kBase, kPlanes>(isa)};
 }
 
 PanelTiles tiles_for(int64_t base, int planes, int isa) {
@@ -462,7 +473,8 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
   }
   const PanelActs acts{a, dx, corr, nb};
   const PanelTiles tiles = tiles_for(base, planes, active_quant_isa());
-  const int64_t num_groups = (num_panels + kGroup - 1) / kGroup;
+  const int64_t group = M < 4 ? kSmallGroup : kGroup;
+  const int64_t num_groups = (num_panels + group - 1) / group;
   // NOTE: the row block depends on K alone, never on M (not that a row's result depends on
   // its tile: every tile does a row's arithmetic alike).
   const int64_t mb = std::max<int64_t>(4, kRowBlockBytes / (K * planes) / 4 * 4);
@@ -472,7 +484,7 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items)));
   deal_in_memory_order(num_items, num_threads, [&](int64_t item) {
     const int64_t m_begin = item / num_groups * mb, m_end = std::min(M, m_begin + mb);
-    const int64_t p0 = item % num_groups * kGroup, p1 = std::min(num_panels, p0 + kGroup);
+    const int64_t p0 = item % num_groups * group, p1 = std::min(num_panels, p0 + group);
     // Past the last panel, a slot repeats it (computed, not stored).
     const uint8_t* pan[kGroup];
     for (int64_t s = 0; s < kGroup; ++s) {
@@ -499,12 +511,10 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
       }
     }
     const int64_t left = m_end - m0;
-    if (left == 1) {
-      tiles.r1(acts, m0, pan, sums);
-      store(m0, 1, 4, 0);
-    } else if (left > 1) {
+    if (left > 0) {
+      const PanelTileFn fn = left == 3 ? tiles.r3 : left == 2 ? tiles.r2 : tiles.r1;
       for (int64_t s0 = 0; s0 < p1 - p0; s0 += 2) {
-        (left == 3 ? tiles.r3 : tiles.r2)(acts, m0, pan + s0, sums);
+        fn(acts, m0, pan + s0, sums);
         store(m0, static_cast<int>(left), 2, s0);
       }
     }
