@@ -131,7 +131,7 @@ void quantize_row_blocks(const T* x, int64_t K, int planes, int zero, bool has_m
   // nearest even, as nearbyint; h is the nearest integer to q / 255, never a tie), the same
   // bytes.
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  const __m512i lim = _mm512_set1_epi32(qmax);
+  const __m512i lim = _mm512_set1_epi32(qmax), neg_lim = _mm512_set1_epi32(-qmax);
   for (int64_t b = 0; b < K / 32; ++b) {
     const __m512 v0 = reinterpret_cast<__m512>(vec::load(x + b * 32));
     const __m512 v1 = reinterpret_cast<__m512>(vec::load(x + b * 32 + 16));
@@ -145,7 +145,7 @@ void quantize_row_blocks(const T* x, int64_t K, int planes, int zero, bool has_m
     q[1] = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
     int8_t* out = a + b * 32 * planes;
     for (int i = 0; i < 2; ++i) {
-      q[i] = _mm512_max_epi32(_mm512_min_epi32(q[i], lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+      q[i] = _mm512_max_epi32(_mm512_min_epi32(q[i], lim), neg_lim);
       if (planes == 2) {
         const __m512i h = _mm512_cvtps_epi32(
             _mm512_div_ps(_mm512_cvtepi32_ps(q[i]), _mm512_set1_ps(255.0f)));
@@ -229,10 +229,14 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
       }
       for (int r = 0; r < R; ++r) {
         const __m512i ah = _mm512_set1_epi32(load_i32(ar[r] + 4 * j));
-        for (int c = 0; c < C; ++c) ph[j % S][r][c] = _mm512_dpbusd_epi32(ph[j % S][r][c], u[c], ah);
+        for (int c = 0; c < C; ++c) {
+          ph[j % S][r][c] = _mm512_dpbusd_epi32(ph[j % S][r][c], u[c], ah);
+        }
         if constexpr (kPlanes == 2) {
           const __m512i al = _mm512_set1_epi32(load_i32(ar[r] + 32 + 4 * j));
-          for (int c = 0; c < C; ++c) pl[j % S][r][c] = _mm512_dpbusd_epi32(pl[j % S][r][c], u[c], al);
+          for (int c = 0; c < C; ++c) {
+            pl[j % S][r][c] = _mm512_dpbusd_epi32(pl[j % S][r][c], u[c], al);
+          }
         }
       }
     }
@@ -255,8 +259,8 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
           p = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(p, 8), p), q);
         }
         if constexpr (PB::zero != 0) p = _mm512_add_epi32(p, _mm512_set1_epi32(A.corr[i]));
-        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(d, _mm512_set1_ps(A.dx[i])),
-                                    acc[r][c]);
+        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                                    _mm512_mul_ps(d, _mm512_set1_ps(A.dx[i])), acc[r][c]);
         if constexpr (PB::has_min) {
           float t;
           std::memcpy(&t, A.corr + i, 4);
