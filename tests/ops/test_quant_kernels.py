@@ -290,7 +290,8 @@ def test_panels_equal_dequantize_then_matmul(qtype: QT) -> None:
     assert torch.equal(rows, w[ids])
     gen = torch.Generator().manual_seed(4)
     bias = torch.randn(n, generator=gen)
-    for rows in ROWS:
+    # 5 and 6: a 4-row tile and the 1- or 2-row tile over items of 4 panels.
+    for rows in ROWS + [5, 6]:
         x = torch.randn(rows, k, generator=gen)
         x[0, :40] = 0.0  # an all-zero block (scale 0)
         for bits in BITS:
