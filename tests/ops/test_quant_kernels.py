@@ -277,7 +277,7 @@ def panel_linear(x, packed: torch.Tensor, fmt: int, bias=None, quantize=True,
 
 @pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda q: q.name)
 def test_panels_equal_dequantize_then_matmul(qtype: QT) -> None:
-    # 100 rows: 6 whole panels of 16 (two work items of 4 panels) and 4 rows left as stored.
+    # 100 rows: 6 whole panels of 16 (3 work items of 2 panels) and 4 rows left as stored.
     n, k = 100, 96
     raw_np = random_blocks(qtype, n, k, seed=10 + int(qtype))
     packed, fmt = panels(raw_np, qtype)
@@ -290,7 +290,7 @@ def test_panels_equal_dequantize_then_matmul(qtype: QT) -> None:
     assert torch.equal(rows, w[ids])
     gen = torch.Generator().manual_seed(4)
     bias = torch.randn(n, generator=gen)
-    # 5 and 6: a 4-row tile and the 1- or 2-row tile over items of 4 panels.
+    # 5 and 6: a 4-row tile, then the 1- or 2-row tile.
     for rows in ROWS + [5, 6]:
         x = torch.randn(rows, k, generator=gen)
         x[0, :40] = 0.0  # an all-zero block (scale 0)

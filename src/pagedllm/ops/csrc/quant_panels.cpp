@@ -48,11 +48,9 @@ namespace pagedllm::quant {
 namespace {
 
 constexpr int64_t kRows = 16;                   // weight rows per panel
-// Panels per work item: 4 for many rows (a panel's 16 rows x the row block's rows per load),
-// 2 for fewer than 4 rows (twice the items to share out: a small projection's 9 items of 4
-// panels left one thread 5 of them).
-constexpr int64_t kGroup = 4;
-constexpr int64_t kSmallGroup = 2;
+// Panels per work item, the tiles' width: items of 4 panels left one thread 5 of a 576-row
+// projection's 9 (a tile reads its 2 panels once per row tile either way).
+constexpr int64_t kGroup = 2;
 constexpr int64_t kRowBlockBytes = 256 * 1024;  // quantized activations per row block
 constexpr int kQ16Max = 127 * 255;              // as quant_dot.cpp
 
@@ -477,8 +475,7 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
   }
   const PanelActs acts{a, dx, corr, nb};
   const PanelTiles tiles = tiles_for(base, planes, active_quant_isa());
-  const int64_t group = M < 4 ? kSmallGroup : kGroup;
-  const int64_t num_groups = (num_panels + group - 1) / group;
+  const int64_t num_groups = (num_panels + kGroup - 1) / kGroup;
   // NOTE: the row block depends on K alone, never on M (not that a row's result depends on
   // its tile: every tile does a row's arithmetic alike).
   const int64_t mb = std::max<int64_t>(4, kRowBlockBytes / (K * planes) / 4 * 4);
@@ -488,14 +485,14 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items)));
   deal_in_memory_order(num_items, num_threads, [&](int64_t item) {
     const int64_t m_begin = item / num_groups * mb, m_end = std::min(M, m_begin + mb);
-    const int64_t p0 = item % num_groups * group, p1 = std::min(num_panels, p0 + group);
+    const int64_t p0 = item % num_groups * kGroup, p1 = std::min(num_panels, p0 + kGroup);
     // Past the last panel, a slot repeats it (computed, not stored).
     const uint8_t* pan[kGroup];
     for (int64_t s = 0; s < kGroup; ++s) {
       const int64_t p = std::min(p0 + s, p1 - 1);
       pan[s] = p < full ? w.data + p * panel_bytes : tail.data();
     }
-    alignas(64) float sums[4 * kGroup * kRows];
+    alignas(64) float sums[4 * 2 * kRows];
     const auto store = [&](int64_t m0, int R, int C, int64_t s0) {
       for (int r = 0; r < R; ++r) {
         O* o = out + (m0 + r) * ldo;
