@@ -11,14 +11,15 @@ from test_native_stack_families import check_both_paths
 from test_quantized import write_tiny_llama_gguf
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.layers.quantization.gguf import GGUFLinearMethod
+from pagedllm.layers.quantization.gguf import PANEL_FORMAT, GGUFLinearMethod
 from pagedllm.layers.quantization.int8 import Int8LinearMethod
 from pagedllm.models.llama_stack import INT8_FORMAT, QUANTIZED
 from pagedllm.ops import cpu_ops
 
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the quantized kernels need the ops")
 
-Q8_0, Q4_0, Q4_1 = 8, 2, 3
+# The GGUF types' ids as the layers run them: repacked into panels (quant_panels.cpp).
+Q8_0, Q4_0, Q4_1 = (PANEL_FORMAT + t for t in (8, 2, 3))
 
 
 def model_of(llm: LLM):

@@ -253,3 +253,95 @@ def test_bad_input_dimension_is_refused() -> None:
         gguf_linear(torch.randn(2, 96), raw, QT.Q8_0)
     with pytest.raises(RuntimeError, match="unsupported quantized format 6"):
         gguf_linear(torch.randn(2, 64), raw, QT.Q5_0)
+
+
+PANEL_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
+PANEL_FORMAT = 2000  # ops/csrc/quant.h: kPanelFormat
+
+
+def panels(raw_np: np.ndarray, qtype: QT) -> tuple[torch.Tensor, int]:
+    """A copy of raw blocks repacked into panels of 16 rows, and the format id the op takes."""
+    packed = torch.from_numpy(raw_np.copy())
+    fmt = cpu_ops().gguf_pack_panels_(packed, int(qtype))
+    assert fmt == PANEL_FORMAT + int(qtype) and packed.shape == raw_np.shape
+    return packed, fmt
+
+
+def panel_linear(x, packed: torch.Tensor, fmt: int, bias=None, quantize=True,
+                 bits: int | None = None):
+    out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype)
+    args = (out, x, packed, fmt, torch.empty(0) if bias is None else bias, quantize)
+    cpu_ops().gguf_linear(*args) if bits is None else cpu_ops().gguf_linear(*args, bits)
+    return out
+
+
+@pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda q: q.name)
+def test_panels_equal_dequantize_then_matmul(qtype: QT) -> None:
+    # 100 rows: 6 whole panels of 16 (3 work items of 2 panels) and 4 rows left as stored.
+    n, k = 100, 96
+    raw_np = random_blocks(qtype, n, k, seed=10 + int(qtype))
+    packed, fmt = panels(raw_np, qtype)
+    assert not torch.equal(packed, torch.from_numpy(raw_np))
+    w = torch.from_numpy(dequantize(raw_np, qtype).astype(np.float32))
+    # Every row dequantizes to the gguf package's values (the tied embedding's lookup).
+    ids = torch.tensor([0, 17, 95, 96, 99, 50])
+    rows = torch.empty(len(ids), k)
+    cpu_ops().gguf_dequantize_rows(rows, packed, fmt, ids)
+    assert torch.equal(rows, w[ids])
+    gen = torch.Generator().manual_seed(4)
+    bias = torch.randn(n, generator=gen)
+    # 5 and 6: a 4-row tile, then the 1- or 2-row tile.
+    for rows in ROWS + [5, 6]:
+        x = torch.randn(rows, k, generator=gen)
+        x[0, :40] = 0.0  # an all-zero block (scale 0)
+        for bits in BITS:
+            per_isa = []
+            for isa in isas() + ["scalar"]:
+                with kernel_isa(isa):
+                    out = panel_linear(x, packed, fmt, bias, bits=bits)
+                    check_against(out, x, w, bias, quantized=True, bits=bits)
+                    # Batch invariance: a row's bits are the same alone.
+                    for i in {0, rows // 2, rows - 1}:
+                        alone = panel_linear(x[i:i + 1], packed, fmt, bias, bits=bits)
+                        assert torch.equal(alone[0], out[i])
+                per_isa.append(out)
+            # Every integer path does each output's float operations alike: the same bits.
+            for other in per_isa[1:]:
+                assert torch.equal(other, per_isa[0])
+        assert torch.equal(panel_linear(x, packed, fmt, bias), out)  # default: 16
+        check_against(panel_linear(x, packed, fmt, bias, quantize=False), x, w, bias,
+                      quantized=False)
+
+
+def test_panels_take_bf16_and_refuse_other_types() -> None:
+    raw_np = random_blocks(QT.Q4_1, 48, 576, seed=11)
+    packed, fmt = panels(raw_np, QT.Q4_1)
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(5)).bfloat16()
+    out = panel_linear(x, packed, fmt)
+    w = torch.from_numpy(dequantize(raw_np, QT.Q4_1).astype(np.float32))
+    out32 = torch.empty(5, 48)
+    cpu_ops().gguf_linear(out32, x, packed, fmt, torch.empty(0))
+    check_against(out32, x.float(), w, None, quantized=True)
+    assert torch.equal(out, out32.bfloat16())
+    raw_k = torch.from_numpy(random_blocks(QT.Q4_K, 16, 256, seed=12))
+    with pytest.raises(RuntimeError, match="panels take Q4_0"):
+        cpu_ops().gguf_pack_panels_(raw_k, int(QT.Q4_K))
+
+
+def test_a_tied_embedding_reads_the_packed_blocks() -> None:
+    """A tied LM head repacks the token table in place; the embedding, another tensor over the
+    same bytes, then looks its rows up in the panel layout."""
+    from pagedllm.layers.quantization.gguf import _pack_panels, stored_format
+
+    raw_np = random_blocks(QT.Q8_0, 40, 64, seed=13)
+    head = torch.from_numpy(raw_np.copy())
+    embedding = head[:]  # a second tensor over the storage, as the loader hands them over
+    assert _pack_panels(head, int(QT.Q8_0)) == PANEL_FORMAT + int(QT.Q8_0)
+    assert _pack_panels(embedding, int(QT.Q8_0)) == PANEL_FORMAT + int(QT.Q8_0)  # packed once
+    fmt = stored_format(embedding, int(QT.Q8_0))
+    assert fmt == PANEL_FORMAT + int(QT.Q8_0)
+    ids = torch.tensor([39, 0, 16, 33])
+    out = torch.empty(4, 64)
+    cpu_ops().gguf_dequantize_rows(out, embedding, fmt, ids)
+    ref = torch.from_numpy(dequantize(raw_np, QT.Q8_0).astype(np.float32))
+    assert torch.equal(out, ref[ids])

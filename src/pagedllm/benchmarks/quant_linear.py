@@ -5,6 +5,8 @@ down: 120 distinct weights, so they stream from memory as in the model) and, apa
 head, with
 - `gguf_linear` on the file's blocks as they are (Q4_1 projections, the Q8_0 token table as
   the tied LM head), with 8-bit (a8) and 16-bit (a16, the default) activations,
+- `gguf_linear` on the same blocks repacked into panels of 16 rows (`gguf_pack_panels_`, what
+  the engine runs: ops/csrc/quant_panels.cpp), a8 and a16,
 - `int8_linear` on the same weights dequantized then packed to per-channel int8
   (quantization="int8"), a8 and a16,
 - the dense bf16 path the engine uses on these weights (`PackedWeight` of the dequantized
@@ -62,6 +64,17 @@ def load_weights(path: Path):
     return layers, raw("token_embd.weight")
 
 
+def _panels(weight: tuple[torch.Tensor, int, int]) -> tuple[torch.Tensor, int, int]:
+    """A copy of (blocks, ggml type, K) repacked into panels where the type has them."""
+    from pagedllm.layers.quantization.gguf import PANEL_TYPES
+
+    blocks, ggml_type, k = weight
+    if ggml_type not in PANEL_TYPES:
+        return weight
+    packed = blocks.clone()
+    return packed, cpu_ops().gguf_pack_panels_(packed, ggml_type), k
+
+
 def dequantized(blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -84,6 +97,8 @@ def main() -> None:
 
     path = Path(args.gguf) if args.gguf else default_gguf_path()
     layers, head = load_weights(path)
+    panel_layers = [[_panels(w) for w in layer] for layer in layers]
+    head_panels = _panels(head)
     dense = [[dequantized(*w) for w in layer] for layer in layers]
     int8 = [[ops.pack_int8_weight(w) for w in layer] for layer in dense]
     packed = [[try_pack(w.to(torch.bfloat16)) for w in layer] for layer in dense]
@@ -96,17 +111,18 @@ def main() -> None:
     head_macs = head[0].shape[0] * head[2]
     nbytes = {
         "gguf": sum(w[0].numel() for layer in layers for w in layer),
+        "panels": sum(w[0].numel() for layer in layers for w in layer),
         "int8": sum(b.numel() + s.numel() * 4 for layer in int8 for b, s in layer),
         "bf16": 2 * macs,
     }
-    head_bytes = {"gguf": head[0].numel(), "int8": head_int8[0].numel() + 4 * head[0].shape[0],
+    head_bytes = {"gguf": head[0].numel(), "panels": head[0].numel(), "int8": head_int8[0].numel() + 4 * head[0].shape[0],
                   "bf16": 2 * head_macs}
     print(f"{path.name}: {len(layers)} layers x {len(shapes)} projections {shapes}, "
           f"LM head {tuple(head[0].shape[:1]) + (head[2],)}; {torch.get_num_threads()} threads, "
           f"kernel {ops.quant_kernel_isa()}")
-    names = ["gguf a8", "gguf a16", "int8 a8", "int8 a16", "bf16"]
-    header = (f"{'rows':>5} {'what':>7} " + " ".join(f"{n + ' ms':>11}" for n in names)
-              + "  " + " ".join(f"{n + ' GOP/s':>14}" for n in names))
+    names = ["gguf a8", "gguf a16", "panels a8", "panels a16", "int8 a8", "int8 a16", "bf16"]
+    header = (f"{'rows':>5} {'what':>7} " + " ".join(f"{n + ' ms':>13}" for n in names)
+              + "  " + " ".join(f"{n + ' GOP/s':>16}" for n in names))
     print(header)
     print("-" * len(header))
     results = []
@@ -123,6 +139,11 @@ def main() -> None:
                 for (w, t, _), x, o in zip(layer, xs, outs):
                     ops.gguf_linear(o, x, w, t, empty, True, bits)
 
+        def panels_pass(bits: int) -> None:
+            for layer in panel_layers:
+                for (w, t, _), x, o in zip(layer, xs, outs):
+                    ops.gguf_linear(o, x, w, t, empty, True, bits)
+
         def int8_pass(bits: int) -> None:
             for layer in int8:
                 for (b, s), x, o in zip(layer, xs, outs):
@@ -135,10 +156,15 @@ def main() -> None:
 
         repeats = 3 if m >= 64 else 5
         variants = {
-            "layers": ([lambda: gguf_pass(8), lambda: gguf_pass(16), lambda: int8_pass(8),
+            "layers": ([lambda: gguf_pass(8), lambda: gguf_pass(16), lambda: panels_pass(8),
+                        lambda: panels_pass(16), lambda: int8_pass(8),
                         lambda: int8_pass(16), bf16_pass], macs, nbytes),
             "lm_head": ([lambda: ops.gguf_linear(oh, xh, head[0], head[1], empty, True, 8),
                          lambda: ops.gguf_linear(oh, xh, head[0], head[1], empty, True, 16),
+                         lambda: ops.gguf_linear(oh, xh, head_panels[0], head_panels[1], empty,
+                                                 True, 8),
+                         lambda: ops.gguf_linear(oh, xh, head_panels[0], head_panels[1], empty,
+                                                 True, 16),
                          lambda: ops.int8_linear(oh, xh, *head_int8, empty, True, 8),
                          lambda: ops.int8_linear(oh, xh, *head_int8, empty, True, 16),
                          lambda: head_packed(xh)], head_macs, head_bytes),
@@ -153,8 +179,8 @@ def main() -> None:
                 row[f"{key}_weight_gb_s"] = sizes[name.split()[0]] / t / 1e9
             results.append(row)
             keys = [n.replace(" ", "_") for n in names]
-            print(f"{m:>5} {what:>7} " + " ".join(f"{row[f'{k}_ms']:>11.2f}" for k in keys)
-                  + "  " + " ".join(f"{row[f'{k}_gops']:>14.1f}" for k in keys), flush=True)
+            print(f"{m:>5} {what:>7} " + " ".join(f"{row[f'{k}_ms']:>13.2f}" for k in keys)
+                  + "  " + " ".join(f"{row[f'{k}_gops']:>16.1f}" for k in keys), flush=True)
 
     for m in args.rows:
         bench_rows(m)

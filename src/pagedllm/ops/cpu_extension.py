@@ -46,6 +46,7 @@ _SOURCES = (
     "quant_dot.cpp",
     "quant_gguf.cpp",
     "quant_int8.cpp",
+    "quant_panels.cpp",
 )
 _HEADERS = ("vec.h", "ops.h", "deal.h", "quant.h")
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unknown-pragmas")

@@ -9,7 +9,11 @@ its raw blocks, uint8 [rows, bytes per row] with the attribute `ggml_type` (a GG
 kernels take: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), anything else already dequantized to
 float (the loader warns once per type). A fused layer (q | k | v, gate | up) may mix types, so
 each part is kept apart; runs of parts of one type are multiplied in one call, each writing its
-columns of the output.
+columns of the output. After loading, a run of Q4_0, Q4_1 or Q8_0 blocks is repacked in place
+into panels of 16 rows (ops/csrc/quant_panels.cpp: the same bytes, interleaved for the integer
+dot products); the run's format becomes the panel format's id (PANEL_FORMAT + its GGML type),
+recorded on the bytes' storage too, so that a tied token embedding over the same bytes looks
+its rows up in that layout.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ KERNEL_TYPES = {
     14: ("Q6_K", 256, 210),
 }
 _QKV_IDS = {"q": 0, "k": 1, "v": 2}
+# The panel formats' ids: PANEL_FORMAT + the GGML type (ops/csrc/quant.h: kPanelFormat).
+PANEL_FORMAT = 2000
+PANEL_TYPES = (2, 3, 8)  # Q4_0, Q4_1, Q8_0
 
 
 def check_quantized_shape(raw: torch.Tensor, ggml_type: int, rows: int, in_features: int,
@@ -154,6 +161,8 @@ class GGUFLinearMethod(LinearMethodBase):
         for run in runs:
             run_bias = None if bias is None else bias[run.start:run.start + run.size]
             run.bias = run_bias
+            if run.ggml_type is not None:
+                run.ggml_type = _pack_panels(run.weight, run.ggml_type)
             if run.ggml_type is None:
                 dtype = layer.gguf_dtype.dtype
                 run.weight = run.weight.to(dtype)
@@ -187,6 +196,26 @@ class GGUFLinearMethod(LinearMethodBase):
                 cols.copy_(F.linear(x2, run.weight.to(x2.dtype), b))
         out = out.reshape(*shape[:-1], layer.out_features)
         return out if logits else out.to(x.dtype)
+
+
+def stored_format(blocks: torch.Tensor, ggml_type: int) -> int:
+    """The format of blocks loaded as `ggml_type`: a panel format once they were repacked.
+    NOTE: recorded on the bytes' storage, which every tensor over them shares (a tied LM head
+    and token embedding are two tensors over one storage)."""
+    return getattr(blocks.untyped_storage(), "panel_format", ggml_type)
+
+
+def _pack_panels(raw: torch.Tensor, ggml_type: int) -> int:
+    """Repacks raw's blocks in place into the panel layout where its type has one; returns
+    the format the kernels now take (bytes shared with a tied embedding are packed once)."""
+    current = stored_format(raw, ggml_type)
+    if current >= PANEL_FORMAT or ggml_type not in PANEL_TYPES:
+        return current
+    storage = raw.untyped_storage()
+    if storage.nbytes() != raw.nbytes:
+        raise ValueError("GGUF blocks to repack must own their storage")
+    storage.panel_format = cpu_ops().gguf_pack_panels_(raw, ggml_type)
+    return storage.panel_format
 
 
 def _dequantize(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
@@ -234,7 +263,9 @@ class GGUFEmbedding(KeepsParamAttrs):
         ids = input_ids.reshape(-1).long()
         out = torch.empty(ids.shape[0], self.embedding_dim, dtype=self.gguf_dtype.dtype)
         if ids.numel():
-            cpu_ops().gguf_dequantize_rows(out, self.blocks, self.ggml_type, ids)
+            # NOTE: a tied LM head may have repacked the blocks into panels.
+            ggml_type = stored_format(self.blocks, self.ggml_type)
+            cpu_ops().gguf_dequantize_rows(out, self.blocks, ggml_type, ids)
         return out.reshape(*input_ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

@@ -27,6 +27,15 @@ enum Format : int64_t {
   kInt8Channel = 1000,
 };
 
+// A GGUF weight repacked by gguf_pack_panels (quant_panels.cpp) into panels of 16 rows for
+// the panel kernels: the format id is kPanelFormat + its GGML type (Q4_0, Q4_1, Q8_0), the
+// bytes as many as the file's (same tensor shape).
+constexpr int64_t kPanelFormat = 2000;
+inline bool is_panel_format(int64_t format) {
+  return format == kPanelFormat + kQ4_0 || format == kPanelFormat + kQ4_1 ||
+         format == kPanelFormat + kQ8_0;
+}
+
 struct FormatInfo {
   int64_t block_values;  // values per block (32 or 256)
   int64_t block_bytes;   // bytes per block
@@ -34,7 +43,8 @@ struct FormatInfo {
   bool has_min;          // wm is not zero
 };
 
-// The format's layout; TORCH_CHECK fails naming the supported formats for any other.
+// The format's layout (a panel format's: its GGML type's); TORCH_CHECK fails naming the
+// supported formats for any other.
 FormatInfo format_info(int64_t format);
 
 // K rounded up to whole 64-value chunks (the kernels' unit; padding holds zeros).
@@ -56,6 +66,9 @@ struct Weight {
 // rows stored padded to Kp is the row itself (nothing copied).
 const uint8_t* unpack_row(const Weight& w, int64_t n, uint8_t* u, float* ws, float* wm);
 
+// unpack_row for a panel format (quant_panels.cpp).
+void unpack_panel_row(const Weight& w, int64_t n, uint8_t* u, float* ws, float* wm);
+
 // Row n as float values w[0:K] (the format's dequantization, the same fp32 arithmetic as the
 // gguf package's).
 void dequantize_row(const Weight& w, int64_t n, float* out);
@@ -70,6 +83,14 @@ constexpr int64_t kDefaultActivationBits = 16;
 // test hook), the rows are multiplied in fp32 with the dequantized weight instead.
 void linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
             bool quantize_activations, int64_t activation_bits = kDefaultActivationBits);
+
+// The integer path the kernels take now: 0 AVX512-VNNI, 1 AVX2, 2 scalar (set_quant_kernel_isa
+// forces one; quant_dot.cpp).
+int active_quant_isa();
+
+// linear() with quantized activations for a weight of a panel format (quant_panels.cpp).
+void panel_linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
+                  int64_t activation_bits);
 
 // The ops' entry points (also the torch ops of the same names, pagedllm_cpu::gguf_linear and
 // int8_linear): out = x @ W.T + bias for a GGUF weight kept as its blocks, uint8 [N, bytes

@@ -414,6 +414,8 @@ void run_float(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const We
 
 }  // namespace
 
+int active_quant_isa() { return active_isa(); }
+
 void linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
             bool quantize_activations, int64_t activation_bits) {
   TORCH_CHECK(activation_bits == 8 || activation_bits == 16,

@@ -150,6 +150,7 @@ void unpack_row_blocks(int64_t format, const uint8_t* row, int64_t num_blocks, i
 }  // namespace
 
 FormatInfo format_info(int64_t format) {
+  if (is_panel_format(format)) return format_info(format - kPanelFormat);
   switch (format) {
     case kQ8_0: return {32, 34, -128, false};
     case kQ4_0: return {32, 18, -8, false};
@@ -178,8 +179,12 @@ const uint8_t* unpack_row(const Weight& w, int64_t n, uint8_t* u, float* ws, flo
     return u;
   }
   const FormatInfo info = format_info(w.format);
-  unpack_row_blocks(w.format, row, w.K / info.block_values, info.block_values, info.block_bytes,
-                    u, ws, wm);
+  if (is_panel_format(w.format)) {
+    unpack_panel_row(w, n, u, ws, wm);
+  } else {
+    unpack_row_blocks(w.format, row, w.K / info.block_values, info.block_values,
+                      info.block_bytes, u, ws, wm);
+  }
   std::memset(u + w.K, 0, Kp - w.K);
   for (int64_t h = w.K / 16; h < Kp / 16; ++h) ws[h] = wm[h] = 0.0f;
   if (!info.has_min) {
@@ -258,8 +263,12 @@ void gguf_dequantize_rows(at::Tensor out, const at::Tensor& weight, int64_t form
 void gguf_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, int64_t format,
                  const at::Tensor& bias, bool quantize_activations, int64_t activation_bits) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D");
-  linear(out, x, gguf_weight(weight, format, x.size(1)), bias, quantize_activations,
-         activation_bits);
+  const Weight w = gguf_weight(weight, format, x.size(1));
+  if (is_panel_format(format) && quantize_activations) {
+    panel_linear(out, x, w, bias, activation_bits);
+  } else {
+    linear(out, x, w, bias, quantize_activations, activation_bits);
+  }
 }
 
 }  // namespace pagedllm::quant
