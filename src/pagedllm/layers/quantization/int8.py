@@ -15,6 +15,7 @@ quality read.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -25,12 +26,26 @@ from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConf
 from pagedllm.layers.quantization.dense import UnquantizedLinearMethod
 from pagedllm.ops import cpu_ops
 
-# Inputs per weight scale (0: a scale per output channel).
-GROUP_SIZE = 64
+# The activations' precision (PAGEDLLM_INT8_ACTIVATION_BITS overrides it): 16 keeps the
+# weights as rows for the quantized kernel's 16-bit activations (ops/csrc/quant_dot.cpp); 8
+# packs them into the W8A8 GEMM's panels and quantizes activations to int8 with a scale per
+# group of inputs (ops/csrc/int8_gemm.cpp): faster than bf16, but further from it (see NOTE).
+ACTIVATION_BITS_ENV = "PAGEDLLM_INT8_ACTIVATION_BITS"
+DEFAULT_ACTIVATION_BITS = 16
+# Inputs per weight scale (and per activation scale with 8 bits), by activation bits.
+GROUP_SIZES = {16: 64, 8: 32}
 
 
 class Int8LinearMethod(LinearMethodBase):
-    """Loads the dense weight as the dense method does, then keeps int8 rows and scales."""
+    """Loads the dense weight as the dense method does, then keeps int8 weights and scales:
+    rows for 16-bit activations, the W8A8 GEMM's panels for 8-bit ones."""
+
+    def __init__(self, activation_bits: int = DEFAULT_ACTIVATION_BITS,
+                 group_size: int | None = None) -> None:
+        if activation_bits not in GROUP_SIZES:
+            raise ValueError(f"int8 activation bits must be 8 or 16, got {activation_bits}")
+        self.activation_bits = activation_bits
+        self.group_size = GROUP_SIZES[activation_bits] if group_size is None else group_size
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -44,9 +59,11 @@ class Int8LinearMethod(LinearMethodBase):
         ops = cpu_ops()
         weight = layer.weight.detach()
         if ops is None:  # no kernels: the same rounding in torch, multiplied in float
-            layer.int8_dequantized = int8_round_trip(weight.float(), GROUP_SIZE).to(weight.dtype)
+            layer.int8_dequantized = int8_round_trip(weight.float(),
+                                                     self.group_size).to(weight.dtype)
         else:
-            layer.int8_weight, layer.int8_scales = ops.pack_int8_weight(weight, GROUP_SIZE)
+            pack = ops.pack_int8_panels if self.activation_bits == 8 else ops.pack_int8_weight
+            layer.int8_weight, layer.int8_scales = pack(weight, self.group_size)
         bias = layer.rank_bias()
         layer.int8_bias = None if bias is None else bias.detach().float().contiguous()
         layer.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
@@ -68,7 +85,15 @@ class Int8LinearMethod(LinearMethodBase):
 
 
 class Int8Config(QuantizationConfig):
-    """Every linear layer but the LM head on int8 weights."""
+    """Every linear layer but the LM head on int8 weights, with activations of
+    `activation_bits` (default: PAGEDLLM_INT8_ACTIVATION_BITS, else DEFAULT_ACTIVATION_BITS)."""
+
+    def __init__(self, activation_bits: int | None = None) -> None:
+        if activation_bits is None:
+            activation_bits = int(os.environ.get(ACTIVATION_BITS_ENV, DEFAULT_ACTIVATION_BITS))
+        if activation_bits not in GROUP_SIZES:
+            raise ValueError(f"{ACTIVATION_BITS_ENV} must be 8 or 16, got {activation_bits}")
+        self.activation_bits = activation_bits
 
     def get_name(self) -> str:
         return "int8"
@@ -76,7 +101,7 @@ class Int8Config(QuantizationConfig):
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         if prefix.endswith("lm_head"):
             return None
-        return Int8LinearMethod()
+        return Int8LinearMethod(self.activation_bits)
 
 
 def int8_round_trip(weight: torch.Tensor, group_size: int = 0) -> torch.Tensor:
