@@ -1,16 +1,24 @@
 """The int8 linear method (quantization="int8"): a dense checkpoint's weights quantized at
-load to symmetric int8 with a float scale per output channel and group of GROUP_SIZE inputs
-(each scale the one with the least squared error among max |group| / 127 and 15 clipped ones),
-multiplied by the quantized kernel (ops/csrc/quant_int8.cpp) with activations quantized per
-row in blocks of 32 to 16-bit integers (the kernels' default).
+load to symmetric int8 with a float scale per output channel and group of inputs (each scale
+the one with the least squared error among max |group| / 127 and 15 clipped ones), then
+multiplied with activations quantized per row, by activation bits (ACTIVATION_BITS_ENV):
+- 16 (the default): groups of 64, weights kept as rows for the quantized kernel
+  (ops/csrc/quant_int8.cpp, quant_dot.cpp), activations in blocks of 32 as 16-bit integers
+  (two int8 planes: twice the integer dot products, slower than bf16);
+- 8: groups of 32, weights packed at load into the W8A8 GEMM's panels (ops/csrc/int8_gemm.cpp),
+  activations int8 with a scale per the same 32 inputs: VPDPBUSD, faster than bf16.
 
 NOTE: a scale per whole output channel (vLLM's int8 layout) rounds SmolLM2's weights too
 coarsely for 97% top-1 agreement: 95.6% against the fp32 model in an fp64 emulation with exact
 activations (2,048 tokens of the shipped text), where groups of 64 inputs keep 97.4% (32:
-97.6%) for 1/16 byte more per weight. In the engine against bf16 on 24,576 tokens: groups of
-64 keep 96.6% (perplexity +0.18%), per channel 95.9% (94.7% with int8 activation blocks); the
-bf16 reference itself agrees with fp32 on 98.0% (8,192 tokens). The LM head stays dense: its logits are what sampling and
-quality read.
+97.6%) for 1/16 byte more per weight. In the engine against bf16 on 24,576 tokens
+(benchmarks/quality.py): 16-bit activations, groups of 64: 96.61% top-1, perplexity +0.18%
+(groups of 32: 96.73%, +0.15% on 12,288 tokens); 8-bit activations, groups of 32: 95.58%,
++0.36%; groups of 64: 94.56%, +0.70% (groups of 16: 96.23% on 12,288 tokens). Neither meets
+97%; the bf16 reference itself agrees with fp32 on 98.0% (8,192 tokens). Keeping one kind of
+projection dense with 8-bit activations, groups of 32 (12,288 tokens, 95.34% with none):
+qkv 95.93%, down 95.56%. The LM head stays dense: its logits are what sampling and quality
+read.
 """
 
 from __future__ import annotations
