@@ -40,8 +40,11 @@ from pagedllm.ops import cpu_ops
 # group of inputs (ops/csrc/int8_gemm.cpp): faster than bf16, but further from it (see NOTE).
 ACTIVATION_BITS_ENV = "PAGEDLLM_INT8_ACTIVATION_BITS"
 DEFAULT_ACTIVATION_BITS = 16
-# Inputs per weight scale (and per activation scale with 8 bits), by activation bits.
+# Inputs per weight scale (and per activation scale with 8 bits), by activation bits;
+# PAGEDLLM_INT8_GROUP_SIZE overrides it (a multiple of 16 dividing each layer's inputs padded
+# to 64; e.g. 64 with 8 bits: fewer scale steps per dot product, lower agreement).
 GROUP_SIZES = {16: 64, 8: 32}
+GROUP_SIZE_ENV = "PAGEDLLM_INT8_GROUP_SIZE"
 
 
 class Int8LinearMethod(LinearMethodBase):
@@ -94,14 +97,18 @@ class Int8LinearMethod(LinearMethodBase):
 
 class Int8Config(QuantizationConfig):
     """Every linear layer but the LM head on int8 weights, with activations of
-    `activation_bits` (default: PAGEDLLM_INT8_ACTIVATION_BITS, else DEFAULT_ACTIVATION_BITS)."""
+    `activation_bits` (default: PAGEDLLM_INT8_ACTIVATION_BITS, else DEFAULT_ACTIVATION_BITS)
+    and `group_size` inputs per scale (default: PAGEDLLM_INT8_GROUP_SIZE, else GROUP_SIZES')."""
 
-    def __init__(self, activation_bits: int | None = None) -> None:
+    def __init__(self, activation_bits: int | None = None, group_size: int | None = None) -> None:
         if activation_bits is None:
             activation_bits = int(os.environ.get(ACTIVATION_BITS_ENV, DEFAULT_ACTIVATION_BITS))
         if activation_bits not in GROUP_SIZES:
             raise ValueError(f"{ACTIVATION_BITS_ENV} must be 8 or 16, got {activation_bits}")
+        if group_size is None and os.environ.get(GROUP_SIZE_ENV):
+            group_size = int(os.environ[GROUP_SIZE_ENV])
         self.activation_bits = activation_bits
+        self.group_size = group_size
 
     def get_name(self) -> str:
         return "int8"
@@ -109,7 +116,7 @@ class Int8Config(QuantizationConfig):
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         if prefix.endswith("lm_head"):
             return None
-        return Int8LinearMethod(self.activation_bits)
+        return Int8LinearMethod(self.activation_bits, self.group_size)
 
 
 def int8_round_trip(weight: torch.Tensor, group_size: int = 0) -> torch.Tensor:
