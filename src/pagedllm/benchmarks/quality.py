@@ -7,7 +7,8 @@ quantized path is compared with its dense reference on the same positions:
 
     gguf   the shipped Q4_1 GGUF on its quantized kernels, against the same file dequantized
            to fp32 (quantization="none"): only activation quantization differs
-    int8   the dense SmolLM2 quantized at load to int8 per channel, against it in bf16
+    int8   the dense SmolLM2 quantized at load to int8 (layers/quantization/int8.py; with
+           PAGEDLLM_INT8_ACTIVATION_BITS=8 the W8A8 GEMM), against it in bf16
 
 It prints perplexity (exp of the mean negative log-likelihood), the relative change, and the
 top-1 agreement (the share of positions where both pick the same token), and writes them as

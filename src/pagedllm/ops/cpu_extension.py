@@ -47,8 +47,9 @@ _SOURCES = (
     "quant_gguf.cpp",
     "quant_int8.cpp",
     "quant_panels.cpp",
+    "int8_gemm.cpp",
 )
-_HEADERS = ("vec.h", "ops.h", "deal.h", "quant.h")
+_HEADERS = ("vec.h", "ops.h", "deal.h", "quant.h", "int8_gemm.h")
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unknown-pragmas")
 _LDFLAGS = ("-fopenmp",)
 # Set to 1 to skip the native ops and always take the pure-torch paths.

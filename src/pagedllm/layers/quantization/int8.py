@@ -1,20 +1,29 @@
 """The int8 linear method (quantization="int8"): a dense checkpoint's weights quantized at
-load to symmetric int8 with a float scale per output channel and group of GROUP_SIZE inputs
-(each scale the one with the least squared error among max |group| / 127 and 15 clipped ones),
-multiplied by the quantized kernel (ops/csrc/quant_int8.cpp) with activations quantized per
-row in blocks of 32 to 16-bit integers (the kernels' default).
+load to symmetric int8 with a float scale per output channel and group of inputs (each scale
+the one with the least squared error among max |group| / 127 and 15 clipped ones), then
+multiplied with activations quantized per row, by activation bits (ACTIVATION_BITS_ENV):
+- 16 (the default): groups of 64, weights kept as rows for the quantized kernel
+  (ops/csrc/quant_int8.cpp, quant_dot.cpp), activations in blocks of 32 as 16-bit integers
+  (two int8 planes: twice the integer dot products, slower than bf16);
+- 8: groups of 32, weights packed at load into the W8A8 GEMM's panels (ops/csrc/int8_gemm.cpp),
+  activations int8 with a scale per the same 32 inputs: VPDPBUSD, faster than bf16.
 
 NOTE: a scale per whole output channel (vLLM's int8 layout) rounds SmolLM2's weights too
 coarsely for 97% top-1 agreement: 95.6% against the fp32 model in an fp64 emulation with exact
 activations (2,048 tokens of the shipped text), where groups of 64 inputs keep 97.4% (32:
-97.6%) for 1/16 byte more per weight. In the engine against bf16 on 24,576 tokens: groups of
-64 keep 96.6% (perplexity +0.18%), per channel 95.9% (94.7% with int8 activation blocks); the
-bf16 reference itself agrees with fp32 on 98.0% (8,192 tokens). The LM head stays dense: its logits are what sampling and
-quality read.
+97.6%) for 1/16 byte more per weight. In the engine against bf16 on 24,576 tokens
+(benchmarks/quality.py): 16-bit activations, groups of 64: 96.61% top-1, perplexity +0.18%
+(groups of 32: 96.73%, +0.15% on 12,288 tokens); 8-bit activations, groups of 32: 95.58%,
++0.36%; groups of 64: 94.56%, +0.70% (groups of 16: 96.23% on 12,288 tokens). Neither meets
+97%; the bf16 reference itself agrees with fp32 on 98.0% (8,192 tokens). Keeping one kind of
+projection dense with 8-bit activations, groups of 32 (12,288 tokens, 95.34% with none):
+qkv 95.93%, down 95.56%. The LM head stays dense: its logits are what sampling and quality
+read.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -25,12 +34,29 @@ from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConf
 from pagedllm.layers.quantization.dense import UnquantizedLinearMethod
 from pagedllm.ops import cpu_ops
 
-# Inputs per weight scale (0: a scale per output channel).
-GROUP_SIZE = 64
+# The activations' precision (PAGEDLLM_INT8_ACTIVATION_BITS overrides it): 16 keeps the
+# weights as rows for the quantized kernel's 16-bit activations (ops/csrc/quant_dot.cpp); 8
+# packs them into the W8A8 GEMM's panels and quantizes activations to int8 with a scale per
+# group of inputs (ops/csrc/int8_gemm.cpp): faster than bf16, but further from it (see NOTE).
+ACTIVATION_BITS_ENV = "PAGEDLLM_INT8_ACTIVATION_BITS"
+DEFAULT_ACTIVATION_BITS = 16
+# Inputs per weight scale (and per activation scale with 8 bits), by activation bits;
+# PAGEDLLM_INT8_GROUP_SIZE overrides it (a multiple of 16 dividing each layer's inputs padded
+# to 64; e.g. 64 with 8 bits: fewer scale steps per dot product, lower agreement).
+GROUP_SIZES = {16: 64, 8: 32}
+GROUP_SIZE_ENV = "PAGEDLLM_INT8_GROUP_SIZE"
 
 
 class Int8LinearMethod(LinearMethodBase):
-    """Loads the dense weight as the dense method does, then keeps int8 rows and scales."""
+    """Loads the dense weight as the dense method does, then keeps int8 weights and scales:
+    rows for 16-bit activations, the W8A8 GEMM's panels for 8-bit ones."""
+
+    def __init__(self, activation_bits: int = DEFAULT_ACTIVATION_BITS,
+                 group_size: int | None = None) -> None:
+        if activation_bits not in GROUP_SIZES:
+            raise ValueError(f"int8 activation bits must be 8 or 16, got {activation_bits}")
+        self.activation_bits = activation_bits
+        self.group_size = GROUP_SIZES[activation_bits] if group_size is None else group_size
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -44,9 +70,11 @@ class Int8LinearMethod(LinearMethodBase):
         ops = cpu_ops()
         weight = layer.weight.detach()
         if ops is None:  # no kernels: the same rounding in torch, multiplied in float
-            layer.int8_dequantized = int8_round_trip(weight.float(), GROUP_SIZE).to(weight.dtype)
+            layer.int8_dequantized = int8_round_trip(weight.float(),
+                                                     self.group_size).to(weight.dtype)
         else:
-            layer.int8_weight, layer.int8_scales = ops.pack_int8_weight(weight, GROUP_SIZE)
+            pack = ops.pack_int8_panels if self.activation_bits == 8 else ops.pack_int8_weight
+            layer.int8_weight, layer.int8_scales = pack(weight, self.group_size)
         bias = layer.rank_bias()
         layer.int8_bias = None if bias is None else bias.detach().float().contiguous()
         layer.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
@@ -68,7 +96,19 @@ class Int8LinearMethod(LinearMethodBase):
 
 
 class Int8Config(QuantizationConfig):
-    """Every linear layer but the LM head on int8 weights."""
+    """Every linear layer but the LM head on int8 weights, with activations of
+    `activation_bits` (default: PAGEDLLM_INT8_ACTIVATION_BITS, else DEFAULT_ACTIVATION_BITS)
+    and `group_size` inputs per scale (default: PAGEDLLM_INT8_GROUP_SIZE, else GROUP_SIZES')."""
+
+    def __init__(self, activation_bits: int | None = None, group_size: int | None = None) -> None:
+        if activation_bits is None:
+            activation_bits = int(os.environ.get(ACTIVATION_BITS_ENV, DEFAULT_ACTIVATION_BITS))
+        if activation_bits not in GROUP_SIZES:
+            raise ValueError(f"{ACTIVATION_BITS_ENV} must be 8 or 16, got {activation_bits}")
+        if group_size is None and os.environ.get(GROUP_SIZE_ENV):
+            group_size = int(os.environ[GROUP_SIZE_ENV])
+        self.activation_bits = activation_bits
+        self.group_size = group_size
 
     def get_name(self) -> str:
         return "int8"
@@ -76,7 +116,7 @@ class Int8Config(QuantizationConfig):
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase | None:
         if prefix.endswith("lm_head"):
             return None
-        return Int8LinearMethod()
+        return Int8LinearMethod(self.activation_bits, self.group_size)
 
 
 def int8_round_trip(weight: torch.Tensor, group_size: int = 0) -> torch.Tensor:

@@ -1,7 +1,8 @@
 // Linear layers on symmetric int8 weights (quantization="int8"): W[n, k] = scale * q[n, k]
 // with q in -127..127 and a scale per output channel, or per group of consecutive inputs of
 // each, stored as q + 128 in bytes, each row padded to whole 64-value chunks
-// (pack_int8_weight), so the quantized kernel (quant_dot.cpp) reads the rows in place.
+// (pack_int8_weight), so the quantized kernel (quant_dot.cpp) reads the rows in place; or
+// the same values packed into panels for the W8A8 GEMM (pack_int8_panels, int8_gemm.cpp).
 
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "int8_gemm.h"
 #include "quant.h"
 
 namespace pagedllm::quant {
@@ -71,13 +73,38 @@ std::tuple<at::Tensor, at::Tensor> pack_int8_weight(const at::Tensor& weight, in
   return {bytes, scales};
 }
 
+// pack_int8_weight's quantization (group_size > 0) packed for the W8A8 GEMM: bytes [N,
+// padded_k(K)] uint8 in panels, scales [panels, groups, 32] (int8_gemm.h).
+std::tuple<at::Tensor, at::Tensor> pack_int8_panels(const at::Tensor& weight,
+                                                    int64_t group_size) {
+  TORCH_CHECK(group_size > 0, "the W8A8 GEMM takes a scale per group of inputs, got group_size ",
+              group_size);
+  const auto [bytes, scales] = pack_int8_weight(weight, group_size);
+  return int8_panels_from_rows(bytes, scales);
+}
+
 }  // namespace
 
+// activation_bits 0: the layout's own (16 for rows, 8 for panels, the only one they take).
 void int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& bytes,
                  const at::Tensor& scales, const at::Tensor& bias, bool quantize_activations,
                  int64_t activation_bits) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D");
   const int64_t K = x.size(1);
+  if (scales.dim() == 3) {  // pack_int8_panels
+    TORCH_CHECK(activation_bits == 0 || activation_bits == 8,
+                "int8 panels take 8-bit activations, got activation_bits ", activation_bits);
+    const float* bp = nullptr;
+    if (bias.numel() != 0) {
+      TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
+                      bias.numel() == bytes.size(0),
+                  "bias must be contiguous float32 [N] (or empty)");
+      bp = bias.data_ptr<float>();
+    }
+    int8_panel_linear(out, x, bytes, scales, bp, quantize_activations);
+    return;
+  }
+  if (activation_bits == 0) activation_bits = kDefaultActivationBits;
   TORCH_CHECK(bytes.device().is_cpu() && bytes.dim() == 2 && bytes.scalar_type() == at::kByte &&
                   bytes.is_contiguous() && bytes.size(1) == padded_k(K),
               "the int8 weight must come from pack_int8_weight for ", K, " inputs");
@@ -96,12 +123,14 @@ void int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& bytes,
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
   m.def("pack_int8_weight(Tensor weight, int group_size=0) -> (Tensor, Tensor)");
+  m.def("pack_int8_panels(Tensor weight, int group_size=64) -> (Tensor, Tensor)");
   m.def(
       "int8_linear(Tensor(a!) out, Tensor x, Tensor bytes, Tensor scales, Tensor bias, "
-      "bool quantize_activations=True, int activation_bits=16) -> ()");
+      "bool quantize_activations=True, int activation_bits=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
   m.impl("pack_int8_weight", &pagedllm::quant::pack_int8_weight);
+  m.impl("pack_int8_panels", &pagedllm::quant::pack_int8_panels);
   m.impl("int8_linear", &pagedllm::quant::int8_linear);
 }

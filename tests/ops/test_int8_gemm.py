@@ -1,0 +1,117 @@
+"""The W8A8 int8 GEMM (ops/csrc/int8_gemm.cpp, pack_int8_panels): int8 weights in panels times
+activations quantized per row to int8 in blocks of the weight's group size.
+
+With activation quantization on, each output must lie within the bound that activation
+rounding allows around x @ dequantize(W).T (each value moves at most half its block's step,
+max |block| / 127 / 2); with it off (the test hook) it must equal that product. Every ISA the
+build has (AVX512-VNNI, AVX2's VPMADDUBSW form, scalar) must give the same bits, and a row the
+same bits alone as in any batch."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedllm.layers.quantization.int8 import int8_round_trip
+from pagedllm.ops import cpu_ops
+
+pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="needs the CPU ops")
+
+ISAS = ("avx512_vnni", "avx2", "scalar")
+
+
+def isas() -> list[str]:
+    """The kernels this build has, best first."""
+    best = cpu_ops().int8_gemm_isa()
+    return list(ISAS[ISAS.index(best):])
+
+
+@contextmanager
+def kernel_isa(name: str):
+    cpu_ops().set_int8_gemm_isa(name)
+    try:
+        yield
+    finally:
+        cpu_ops().set_int8_gemm_isa("auto")
+
+
+def activation_bound(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
+    """[M, N]: sum over blocks of (the block's step / 2) * sum |w| over the block's inputs."""
+    k = x.shape[1]
+    xp = F.pad(x.double(), (0, -k % 64)).reshape(x.shape[0], -1, group)
+    wp = F.pad(w.double().abs(), (0, -k % 64)).reshape(w.shape[0], -1, group)
+    step = xp.abs().amax(2) / 127
+    return torch.einsum("mg,ng->mn", step / 2, wp.sum(2))
+
+
+@pytest.mark.parametrize("n,k,group", [(45, 100, 32), (70, 576, 64), (33, 192, 192)])
+def test_int8_panels_equal_dequantize_then_matmul(n: int, k: int, group: int) -> None:
+    gen = torch.Generator().manual_seed(n + k)
+    weight = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    q, scales = cpu_ops().pack_int8_panels(weight, group)
+    assert q.shape == (n, (k + 63) // 64 * 64) and q.dtype == torch.uint8
+    assert scales.shape == ((n + 31) // 32, q.shape[1] // group, 32)
+    w = int8_round_trip(weight, group)
+    for isa in isas():
+        with kernel_isa(isa):
+            for m in (1, 3, 8, 64, 300):
+                x = torch.randn(m, k, generator=gen) * 3
+                ref = x.double() @ w.double().T + bias.double()
+                out = torch.empty(m, n)
+                cpu_ops().int8_linear(out, x, q, scales, bias)
+                err = (out.double() - ref).abs()
+                # The bound plus fp32 rounding of the sums.
+                slack = 1e-5 * (x.double().abs() @ w.double().abs().T + bias.double().abs())
+                assert (err <= activation_bound(x, w, group) + slack).all(), (isa, m)
+                alone = torch.empty(1, n)
+                cpu_ops().int8_linear(alone, x[-1:].clone(), q, scales, bias)
+                assert torch.equal(alone[0], out[-1]), (isa, m)
+                exact = torch.empty(m, n)
+                cpu_ops().int8_linear(exact, x, q, scales, bias, False)
+                torch.testing.assert_close(exact.double(), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_panels_hold_the_rows_bytes() -> None:
+    """Panel p of 32 columns (the last narrower) holds each 4 inputs' bytes column by column;
+    the scales are the rows' in [panels, groups, 32], zero past N."""
+    weight = torch.randn(45, 128, generator=torch.Generator().manual_seed(3))
+    rows, row_scales = cpu_ops().pack_int8_weight(weight, 32)
+    q, scales = cpu_ops().pack_int8_panels(weight, 32)
+    for p, width in ((0, 32), (1, 13)):
+        panel = q.flatten()[p * 32 * 128:(p * 32 + width) * 128].reshape(32, width, 4)
+        torch.testing.assert_close(panel.permute(1, 0, 2).reshape(width, 128),
+                                   rows[32 * p:32 * p + width], rtol=0, atol=0)
+        torch.testing.assert_close(scales[p, :, :width].T, row_scales[32 * p:32 * p + width],
+                                   rtol=0, atol=0)
+    assert torch.all(scales[1, :, 13:] == 0)
+
+
+def test_isas_agree_bit_for_bit_in_any_batch() -> None:
+    """bf16 in and out, a K with padding: every ISA, every row count, the same bits per row."""
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(100, 200, generator=gen)
+    q, scales = cpu_ops().pack_int8_panels(weight, 64)
+    x = torch.randn(17, 200, generator=gen).to(torch.bfloat16)
+    empty = torch.empty(0)
+    reference = None
+    for isa in isas():
+        with kernel_isa(isa):
+            for rows in (1, 2, 3, 4, 5, 17):
+                out = torch.empty(rows, 100, dtype=torch.bfloat16)
+                cpu_ops().int8_linear(out, x[17 - rows:], q, scales, empty)
+                if reference is None:
+                    reference = out[-1].clone()
+                assert torch.equal(out[-1], reference), (isa, rows)
+
+
+def test_panels_take_8_bit_activations_only() -> None:
+    q, scales = cpu_ops().pack_int8_panels(torch.randn(8, 64), 32)
+    out = torch.empty(2, 8)
+    with pytest.raises(RuntimeError, match="8-bit activations"):
+        cpu_ops().int8_linear(out, torch.randn(2, 64), q, scales, torch.empty(0), True, 16)
+    with pytest.raises(RuntimeError, match="group"):
+        cpu_ops().pack_int8_panels(torch.randn(8, 64), 0)
