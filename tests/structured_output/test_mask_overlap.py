@@ -7,12 +7,14 @@ compiles."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import threading
 from collections import OrderedDict
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from pagedllm import LLM
@@ -144,10 +146,25 @@ def synchronous_tokens(tiny):
 
         def sync_start(builder, *args):
             pending = start(builder, *args)
-            return None if pending is None else pending.result()
+            return pending.result() if isinstance(pending, PendingGrammarBitmask) else pending
 
         patch.setattr(GrammarMaskBuilder, "start", sync_start)
         return generate(tiny)
+
+
+def test_the_overlap_is_chosen_by_spare_cores_unless_set(monkeypatch):
+    monkeypatch.setenv(grammar_mask.OVERLAP_ENV, "1")
+    assert GrammarMaskBuilder().overlap
+    monkeypatch.setenv(grammar_mask.OVERLAP_ENV, "0")
+    assert not GrammarMaskBuilder().overlap
+    monkeypatch.setenv(grammar_mask.OVERLAP_ENV, "auto")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: len(os.sched_getaffinity(0)))
+    assert not GrammarMaskBuilder().overlap  # the forward's threads take every core
+    monkeypatch.setattr(torch, "get_num_threads", lambda: len(os.sched_getaffinity(0)) - 1)
+    assert GrammarMaskBuilder().overlap  # a core is left beside them
+    monkeypatch.setenv(grammar_mask.OVERLAP_ENV, "sometimes")
+    with pytest.raises(ValueError, match="auto, 1 or 0"):
+        GrammarMaskBuilder()
 
 
 def test_the_overlapped_fill_samples_the_tokens_of_a_synchronous_one(tiny, synchronous_tokens):
@@ -160,6 +177,7 @@ def test_the_overlapped_fill_samples_the_tokens_of_a_synchronous_one(tiny, synch
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(grammar_mask, "fill_grammar_bitmask", recording_fill)
+        patch.setattr(tiny.llm_engine.scheduler._grammar_masks, "overlap", True)
         tokens = generate(tiny)
     assert threads == {"pagedllm-mask"}
     assert tokens == synchronous_tokens

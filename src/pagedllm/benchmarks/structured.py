@@ -124,7 +124,8 @@ class GrammarTimer:
 
         def sync_start(builder, *args, **kwargs):
             pending = start_fill(builder, *args, **kwargs)
-            return None if pending is None else pending.result()
+            return (pending.result() if isinstance(pending, grammar_mask.PendingGrammarBitmask)
+                    else pending)
 
         grammar_mask.fill_grammar_bitmask = timed_fill
         model_runner.apply_grammar_bitmask = timed_apply

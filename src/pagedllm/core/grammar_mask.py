@@ -1,13 +1,18 @@
 """The scheduler's side of structured outputs: each step's bitmask over the vocabulary, one row
 per sequence that samples, from the grammar each constrained sequence holds.
 
-The scheduler starts the fill on a thread of its own (`GrammarMaskBuilder`) and returns at
-once; the model runner waits for it only when it masks the logits, so the fill (the grammar
-library's work, done without the GIL) overlaps the forward pass.
+Where a core is left beside the forward pass's threads, the scheduler starts the fill on a
+thread of its own (`GrammarMaskBuilder`) and returns at once; the model runner waits for it
+only when it masks the logits, so the fill (the grammar library's work, done without the GIL)
+overlaps the forward pass. Where the forward uses every core (as on 2 cores with 2 threads),
+the fill's thread only takes a core from the forward's threads (measured: 0.883x of
+unconstrained throughput overlapped against 0.921x filled in place), so it is filled in place.
+`PAGEDLLM_GRAMMAR_MASK_OVERLAP` (auto, 1, 0) overrides the choice.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -16,6 +21,8 @@ import numpy as np
 from pagedllm.core.interface import ScheduledRequest
 from pagedllm.core.request import Request
 from pagedllm.structured_output.backend import StructuredOutputGrammar
+
+OVERLAP_ENV = "PAGEDLLM_GRAMMAR_MASK_OVERLAP"
 
 # (row of the bitmask, the grammar that fills it)
 GrammarRows = list[tuple[int, StructuredOutputGrammar]]
@@ -72,26 +79,43 @@ class PendingGrammarBitmask:
         return self.result().__reduce_ex__(protocol)
 
 
+def overlap_by_default() -> bool:
+    """Whether a fill may run beside the forward pass: a core is left over by its threads."""
+    setting = os.environ.get(OVERLAP_ENV, "auto").strip().lower()
+    if setting not in ("auto", "1", "0"):
+        raise ValueError(f"{OVERLAP_ENV} must be auto, 1 or 0, not {setting!r}")
+    if setting != "auto":
+        return setting == "1"
+    import torch
+
+    return len(os.sched_getaffinity(0)) > torch.get_num_threads()
+
+
 class GrammarMaskBuilder:
-    """Fills each step's bitmask on one thread of its own, started on first use.
+    """Fills each step's bitmask on one thread of its own, started on first use, or in place
+    when `overlap` is off (see the module's docstring).
 
     Invariant: at most one fill runs, and none while the scheduler touches a grammar: `wait()`
     comes first in `schedule` (forks copy grammars) and in `update_from_output` (accepted tokens
     advance them).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, overlap: bool | None = None) -> None:
+        self.overlap = overlap_by_default() if overlap is None else overlap
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[np.ndarray] | None = None
 
     def start(self, scheduled: list[ScheduledRequest], requests: Mapping[str, Request]
-              ) -> PendingGrammarBitmask | None:
-        """The step's bitmask, being filled; None when no row is constrained."""
+              ) -> PendingGrammarBitmask | np.ndarray | None:
+        """The step's bitmask, being filled (or filled, without overlap); None when no row is
+        constrained."""
         self.wait()
         # NOTE: the grammars are looked up here: `requests` changes once schedule returns.
         num_rows, grammars = constrained_rows(scheduled, requests)
         if not grammars:
             return None
+        if not self.overlap:
+            return fill_grammar_bitmask(num_rows, grammars)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="pagedllm-mask")
         self._pending = self._executor.submit(fill_grammar_bitmask, num_rows, grammars)
