@@ -222,3 +222,30 @@ def test_tiny_gguf_quantized_path(tmp_path, caplog) -> None:
     outputs = [o.outputs[0].token_ids for o in quantized.generate(token_prompts(prompts), greedy)]
     dense = LLM(str(path), quantization="none", num_kv_blocks=64)
     check_within_dense_top3(dense, prompts, outputs)
+
+
+def test_one_load_parses_the_gguf_once(tmp_path, monkeypatch) -> None:
+    """The architecture check's reader serves the weight pass of the same load (parsing the
+    tokenizer's strings takes seconds), and no reader outlives that pass."""
+    import gguf
+    from transformers import LlamaConfig
+
+    from pagedllm.models import gguf_loader
+
+    path = tmp_path / "tiny-llama.gguf"
+    write_tiny_llama_gguf(path, {})
+    parsed = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parsed.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2)
+    assert gguf_loader.gguf_architecture(path) == "llama"
+    names = [name for name, _ in gguf_loader.gguf_weights(path, config)]
+    assert len(parsed) == 1 and "model.layers.1.mlp.down_proj.weight" in names
+    assert not gguf_loader._parsed
+    list(gguf_loader.gguf_weights(path, config))  # a later load parses the file again
+    assert len(parsed) == 2

@@ -60,10 +60,31 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def gguf_architecture(path: Path) -> str:
+# The reader the architecture check parsed, kept for the weight pass that follows it in one
+# load: parsing a file's metadata (its tokenizer's ~50k strings, element by element) takes
+# seconds. One slot, taken by the next gguf_weights of the same file, so no reader (and no
+# mapping of the file) outlives the load.
+_parsed: dict[tuple[Path, int, int], object] = {}
+
+
+def _file_key(path: Path) -> tuple[Path, int, int]:
+    stat = path.stat()
+    return (path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+def _reader(path: Path, keep: bool):
     from gguf import GGUFReader
 
-    field = GGUFReader(path).fields.get("general.architecture")
+    key = _file_key(path)
+    reader = _parsed.pop(key, None) or GGUFReader(path)
+    _parsed.clear()
+    if keep:
+        _parsed[key] = reader
+    return reader
+
+
+def gguf_architecture(path: Path) -> str:
+    field = _reader(path, keep=True).fields.get("general.architecture")
     return field.contents() if field is not None else "unknown"
 
 
@@ -85,10 +106,10 @@ def gguf_weights(path: Path, config: PretrainedConfig,
         tied_head: also hand token_embd's blocks over as lm_head.weight (a model whose tied
             LM head runs on the stored type), when the file has no output.weight.
     """
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    reader = GGUFReader(path)
+    reader = _reader(path, keep=False)
     field = reader.fields.get("general.architecture")
     arch = field.contents() if field is not None else "unknown"
     if arch not in SUPPORTED_ARCHITECTURES:
