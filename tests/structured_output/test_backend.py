@@ -8,25 +8,12 @@ import threading
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 from pagedllm.sampling_params import StructuredOutputsParams
 from pagedllm.structured_output.backend import make_backend
 from pagedllm.structured_output.manager import StructuredOutputManager
 
 VOCAB = 49152
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def manager(tokenizer):
-    manager = StructuredOutputManager(tokenizer, VOCAB)
-    yield manager
-    manager.shutdown()
 
 
 def grammar_for(manager, **constraint):

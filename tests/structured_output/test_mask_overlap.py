@@ -26,8 +26,9 @@ from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 from pagedllm.structured_output import llguidance_backend
 from pagedllm.structured_output.backend import make_backend
 from pagedllm.structured_output.manager import (
+    OVERLAP_ENV,
     EosOnlyGrammar,
-    StructuredOutputManager,
+    grammar_mask_overlap,
     prepare_in_background,
 )
 
@@ -43,18 +44,6 @@ SCHEMA = {
     "required": ["id", "kind", "tags"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def manager(tokenizer):
-    manager = StructuredOutputManager(tokenizer, VOCAB)
-    yield manager
-    manager.shutdown()
 
 
 def test_batch_fill_equals_row_by_row(manager, tokenizer):
@@ -153,18 +142,18 @@ def synchronous_tokens(tiny):
 
 
 def test_the_overlap_is_chosen_by_spare_cores_unless_set(monkeypatch):
-    monkeypatch.setenv(grammar_mask.OVERLAP_ENV, "1")
-    assert GrammarMaskBuilder().overlap
-    monkeypatch.setenv(grammar_mask.OVERLAP_ENV, "0")
-    assert not GrammarMaskBuilder().overlap
-    monkeypatch.setenv(grammar_mask.OVERLAP_ENV, "auto")
+    monkeypatch.setenv(OVERLAP_ENV, "1")
+    assert grammar_mask_overlap()
+    monkeypatch.setenv(OVERLAP_ENV, "0")
+    assert not grammar_mask_overlap()
+    monkeypatch.setenv(OVERLAP_ENV, "auto")
     monkeypatch.setattr(torch, "get_num_threads", lambda: len(os.sched_getaffinity(0)))
-    assert not GrammarMaskBuilder().overlap  # the forward's threads take every core
+    assert not grammar_mask_overlap()  # the forward's threads take every core
     monkeypatch.setattr(torch, "get_num_threads", lambda: len(os.sched_getaffinity(0)) - 1)
-    assert GrammarMaskBuilder().overlap  # a core is left beside them
-    monkeypatch.setenv(grammar_mask.OVERLAP_ENV, "sometimes")
+    assert grammar_mask_overlap()  # a core is left beside them
+    monkeypatch.setenv(OVERLAP_ENV, "sometimes")
     with pytest.raises(ValueError, match="auto, 1 or 0"):
-        GrammarMaskBuilder()
+        grammar_mask_overlap()
 
 
 def test_the_overlapped_fill_samples_the_tokens_of_a_synchronous_one(tiny, synchronous_tokens):

@@ -7,12 +7,11 @@ only when it masks the logits, so the fill (the grammar library's work, done wit
 overlaps the forward pass. Where the forward uses every core (as on 2 cores with 2 threads),
 the fill's thread only takes a core from the forward's threads (measured: 0.883x of
 unconstrained throughput overlapped against 0.921x filled in place), so it is filled in place.
-`PAGEDLLM_GRAMMAR_MASK_OVERLAP` (auto, 1, 0) overrides the choice.
+The engine makes the choice (structured_output/manager.py: `grammar_mask_overlap`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -21,8 +20,6 @@ import numpy as np
 from pagedllm.core.interface import ScheduledRequest
 from pagedllm.core.request import Request
 from pagedllm.structured_output.backend import StructuredOutputGrammar
-
-OVERLAP_ENV = "PAGEDLLM_GRAMMAR_MASK_OVERLAP"
 
 # (row of the bitmask, the grammar that fills it)
 GrammarRows = list[tuple[int, StructuredOutputGrammar]]
@@ -79,18 +76,6 @@ class PendingGrammarBitmask:
         return self.result().__reduce_ex__(protocol)
 
 
-def overlap_by_default() -> bool:
-    """Whether a fill may run beside the forward pass: a core is left over by its threads."""
-    setting = os.environ.get(OVERLAP_ENV, "auto").strip().lower()
-    if setting not in ("auto", "1", "0"):
-        raise ValueError(f"{OVERLAP_ENV} must be auto, 1 or 0, not {setting!r}")
-    if setting != "auto":
-        return setting == "1"
-    import torch
-
-    return len(os.sched_getaffinity(0)) > torch.get_num_threads()
-
-
 class GrammarMaskBuilder:
     """Fills each step's bitmask on one thread of its own, started on first use, or in place
     when `overlap` is off (see the module's docstring).
@@ -100,8 +85,8 @@ class GrammarMaskBuilder:
     advance them).
     """
 
-    def __init__(self, overlap: bool | None = None) -> None:
-        self.overlap = overlap_by_default() if overlap is None else overlap
+    def __init__(self, overlap: bool = False) -> None:
+        self.overlap = overlap
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[np.ndarray] | None = None
 

@@ -41,6 +41,9 @@ class SchedulerConfig:
     preemption_mode: str = "recompute"
     # Speculative decoding (spec_decode/): None decodes one token per step.
     speculative_config: SpeculativeConfig | None = None
+    # Structured outputs: fill each step's bitmask on a thread beside the forward pass (the
+    # engine decides: structured_output/manager.py's grammar_mask_overlap).
+    grammar_mask_overlap: bool = False
 
     def __post_init__(self) -> None:
         # The engine's settings check the user's value (ValueError) against the same constant.
@@ -90,7 +93,7 @@ class Scheduler:
         self.num_swap_outs = 0
         # Live requests under a structured-output constraint (no bitmask work without one).
         self._num_structured = 0
-        self._grammar_masks = GrammarMaskBuilder()
+        self._grammar_masks = GrammarMaskBuilder(config.grammar_mask_overlap)
         spec = config.speculative_config
         self.speculator = Speculator(spec) if spec is not None else None
         self._speculate = False  # whether this step proposes (decided as it starts)

@@ -30,7 +30,7 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.config import SpeculativeConfig
 from pagedllm.spec_decode.draft_model import check_draft_model
 from pagedllm.startup_profile import mark
-from pagedllm.structured_output.manager import prepare_in_background
+from pagedllm.structured_output.manager import grammar_mask_overlap, prepare_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ class LLMEngine:
                 preemption_mode=config.preemption_mode,
                 # NOTE: beam search runs without speculation (its requests never propose).
                 speculative_config=SpeculativeConfig.from_dict(config.speculative_config),
+                grammar_mask_overlap=grammar_mask_overlap(),
             ),
             self.block_manager,
         )

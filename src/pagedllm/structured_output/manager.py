@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -110,6 +111,24 @@ class StructuredOutputManager:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+OVERLAP_ENV = "PAGEDLLM_GRAMMAR_MASK_OVERLAP"
+
+
+def grammar_mask_overlap() -> bool:
+    """Whether a step's bitmask may be filled beside the forward pass: only where a core is
+    left over by the forward's threads (on 2 cores with 2 threads the fill's thread took a
+    core from the forward: 0.883x of unconstrained throughput against 0.921x filled in place).
+    `PAGEDLLM_GRAMMAR_MASK_OVERLAP` (auto, 1, 0) overrides it."""
+    setting = os.environ.get(OVERLAP_ENV, "auto").strip().lower()
+    if setting not in ("auto", "1", "0"):
+        raise ValueError(f"{OVERLAP_ENV} must be auto, 1 or 0, not {setting!r}")
+    if setting != "auto":
+        return setting == "1"
+    import torch
+
+    return len(os.sched_getaffinity(0)) > torch.get_num_threads()
 
 
 def prepare_in_background(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
