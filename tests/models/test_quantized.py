@@ -225,8 +225,9 @@ def test_tiny_gguf_quantized_path(tmp_path, caplog) -> None:
 
 
 def test_one_load_parses_the_gguf_once(tmp_path, monkeypatch) -> None:
-    """The architecture check's reader serves the weight pass of the same load (parsing the
-    tokenizer's strings takes seconds), and no reader outlives that pass."""
+    """The architecture check's index serves the weight pass of the same load, and no index
+    outlives that pass; the gguf package's reader (which parses the tokenizer's strings one by
+    one: seconds) is not used on a GGUF v3 file."""
     import gguf
     from transformers import LlamaConfig
 
@@ -236,12 +237,16 @@ def test_one_load_parses_the_gguf_once(tmp_path, monkeypatch) -> None:
     write_tiny_llama_gguf(path, {})
     parsed = []
 
-    class CountingReader(gguf.GGUFReader):
+    class CountingIndex(gguf_loader.GGUFIndex):
         def __init__(self, *args, **kwargs):
             parsed.append(args[0])
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    def no_reader(*args, **kwargs):
+        raise AssertionError("the gguf package's reader was used")
+
+    monkeypatch.setattr(gguf_loader, "GGUFIndex", CountingIndex)
+    monkeypatch.setattr(gguf, "GGUFReader", no_reader)
     config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2)
     assert gguf_loader.gguf_architecture(path) == "llama"
     names = [name for name, _ in gguf_loader.gguf_weights(path, config)]
@@ -249,3 +254,34 @@ def test_one_load_parses_the_gguf_once(tmp_path, monkeypatch) -> None:
     assert not gguf_loader._parsed
     list(gguf_loader.gguf_weights(path, config))  # a later load parses the file again
     assert len(parsed) == 2
+
+
+def test_the_gguf_index_reads_what_the_gguf_package_reads(tmp_path) -> None:
+    """Names, types, shapes and bytes of every tensor (blocks, F32 norms) and the architecture,
+    as GGUFReader gives them; a truncated or foreign file is refused or read by the package."""
+    from gguf import GGUFReader
+
+    from pagedllm.models import gguf_loader
+
+    path = tmp_path / "tiny-llama.gguf"
+    write_tiny_llama_gguf(path, {"ffn_gate": "Q4_1", "ffn_down": "Q5_0", "attn_v": "Q4_0"})
+    index, reader = gguf_loader.GGUFIndex(path), GGUFReader(path)
+    assert index.architecture == reader.fields["general.architecture"].contents() == "llama"
+    assert [t.name for t in index.tensors] == [t.name for t in reader.tensors]
+    for ours, theirs in zip(index.tensors, reader.tensors):
+        assert ours.tensor_type == int(theirs.tensor_type)
+        assert ours.shape == tuple(int(n) for n in theirs.shape)
+        assert ours.data.dtype == theirs.data.dtype and ours.data.shape == theirs.data.shape
+        assert np.array_equal(ours.data, theirs.data), ours.name
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[:len(data) // 2])
+    with pytest.raises(gguf_loader.UnsupportedGGUF):
+        gguf_loader.GGUFIndex(truncated)
+    truncated.write_bytes(data[:4096])  # inside the metadata
+    with pytest.raises(gguf_loader.UnsupportedGGUF):
+        gguf_loader.GGUFIndex(truncated)
+    foreign = tmp_path / "foreign.gguf"
+    foreign.write_bytes(b"GGML" + data[4:])
+    with pytest.raises(gguf_loader.UnsupportedGGUF):
+        gguf_loader.GGUFIndex(foreign)

@@ -13,8 +13,12 @@ back here, block rows as they are, so the model sees Hugging Face's order.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 import re
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +64,147 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-# The reader the architecture check parsed, kept for the weight pass that follows it in one
-# load: parsing a file's metadata (its tokenizer's ~50k strings, element by element) takes
-# seconds. One slot, taken by the next gguf_weights of the same file, so no reader (and no
-# mapping of the file) outlives the load.
-_parsed: dict[tuple[Path, int, int], object] = {}
+# GGUF metadata value types (the format's gguf_type): scalars by struct format, and the two
+# that hold others.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+            12: "d"}
+_STRING, _ARRAY = 8, 9
+# The metadata the loader reads; the rest (the tokenizer's ~50k strings, ...) is skipped.
+_KEPT_KEYS = ("general.architecture", "general.alignment")
+# GGML types the gguf package reads as plain numbers (shape in elements); others are blocks.
+_PLAIN_TYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32,
+                27: np.int64, 28: np.float64}
+
+
+class UnsupportedGGUF(ValueError):
+    """A file GGUFIndex does not read (not GGUF v2/v3 little-endian); the gguf package may."""
+
+
+@dataclass
+class GGUFTensorInfo:
+    """One tensor, as the gguf package's ReaderTensor gives it: `shape` lists ne0 first, and
+    `data` is a read-only view of the file (elements for plain types, else uint8 [..., rows,
+    bytes per row])."""
+
+    name: str
+    tensor_type: int
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+class GGUFIndex:
+    """The architecture and the tensors of a GGUF file (v2/v3, little-endian), read from its
+    header without the gguf package's reader, which parses every metadata value element by
+    element (the tokenizer's ~50k strings: seconds of a start). The file stays mapped while a
+    tensor's `data` is referenced."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            try:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # an empty file
+                raise UnsupportedGGUF(f"{path.name}: not a GGUF file") from None
+        try:
+            self._parse(mapped, path.name)
+        except struct.error:
+            raise UnsupportedGGUF(f"{path.name}: truncated GGUF header") from None
+
+    def _parse(self, buf: mmap.mmap, name: str) -> None:
+        if buf[:4] != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] not in (2, 3):
+            raise UnsupportedGGUF(f"{name}: not a little-endian GGUF v2/v3 file")
+        num_tensors, num_fields = struct.unpack_from("<QQ", buf, 8)
+        pos = 24
+        fields: dict[str, object] = {}
+        for _ in range(num_fields):
+            key, pos = _read_string(buf, pos)
+            (value_type,) = struct.unpack_from("<I", buf, pos)
+            if key in _KEPT_KEYS and value_type in (_STRING, *_SCALARS):
+                fields[key], pos = _read_value(buf, pos + 4, value_type)
+            else:
+                pos = _skip_value(buf, pos + 4, value_type)
+        infos = []
+        for _ in range(num_tensors):
+            tensor_name, pos = _read_string(buf, pos)
+            (num_dims,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{num_dims}Q", buf, pos + 4)
+            tensor_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * num_dims)
+            pos += 4 + 8 * num_dims + 12
+            infos.append((tensor_name, dims, tensor_type, offset))
+        alignment = int(fields.get("general.alignment", 32))
+        data_start = -(-pos // alignment) * alignment
+        architecture = fields.get("general.architecture")
+        self.architecture = architecture if isinstance(architecture, str) else "unknown"
+        self.tensors = [_tensor_info(buf, data_start, *info) for info in infos]
+        if len({t.name for t in self.tensors}) != len(self.tensors):
+            raise ValueError(f"{name}: a tensor name appears twice")
+
+
+def _read_string(buf, pos: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<Q", buf, pos)
+    end = pos + 8 + length
+    if end > len(buf):
+        raise struct.error("string past the end")
+    return bytes(buf[pos + 8:end]).decode("utf-8"), end
+
+
+def _read_value(buf, pos: int, value_type: int) -> tuple[object, int]:
+    if value_type == _STRING:
+        return _read_string(buf, pos)
+    fmt = "<" + _SCALARS[value_type]
+    return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+
+
+def _skip_value(buf, pos: int, value_type: int) -> int:
+    if value_type in _SCALARS:
+        return pos + struct.calcsize(_SCALARS[value_type])
+    if value_type == _STRING:
+        return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
+    if value_type != _ARRAY:
+        raise UnsupportedGGUF(f"unknown GGUF metadata type {value_type}")
+    item_type, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if item_type in _SCALARS:
+        return pos + count * struct.calcsize(_SCALARS[item_type])
+    unpack = struct.Struct("<Q").unpack_from
+    for _ in range(count):
+        if item_type == _STRING:
+            pos += 8 + unpack(buf, pos)[0]
+        else:
+            pos = _skip_value(buf, pos, item_type)
+    if pos > len(buf):
+        raise struct.error("array past the end")
+    return pos
+
+
+def _tensor_info(buf, data_start: int, name: str, dims: tuple[int, ...], tensor_type: int,
+                 offset: int) -> GGUFTensorInfo:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
+    except (ValueError, KeyError):
+        raise UnsupportedGGUF(f"tensor {name!r} has an unknown GGML type {tensor_type}") from None
+    shape = tuple(reversed(dims))  # rows first
+    num_elements = math.prod(dims)
+    if tensor_type in _PLAIN_TYPES:
+        dtype, count = _PLAIN_TYPES[tensor_type], num_elements
+    else:
+        if shape[-1] % block:
+            raise UnsupportedGGUF(f"tensor {name!r}: rows of {shape[-1]} values do not fill "
+                                  f"blocks of {block}")
+        dtype, count = np.uint8, num_elements * type_size // block
+        shape = (*shape[:-1], shape[-1] // block * type_size)
+    start = data_start + offset
+    if start + count * np.dtype(dtype).itemsize > len(buf):
+        raise UnsupportedGGUF(f"tensor {name!r} lies past the end of the file")
+    data = np.frombuffer(buf, dtype=dtype, count=count, offset=start).reshape(shape)
+    return GGUFTensorInfo(name, tensor_type, dims, data)
+
+
+# The index the architecture check read, kept for the weight pass that follows it in one load.
+# One slot, taken by the next gguf_weights of the same file, so no index (and no mapping of the
+# file) outlives the load.
+_parsed: dict[tuple[Path, int, int], GGUFIndex] = {}
 
 
 def _file_key(path: Path) -> tuple[Path, int, int]:
@@ -72,11 +212,26 @@ def _file_key(path: Path) -> tuple[Path, int, int]:
     return (path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
-def _reader(path: Path, keep: bool):
-    from gguf import GGUFReader
+def _read_index(path: Path) -> GGUFIndex:
+    """GGUFIndex(path), or the same read by the gguf package where the file is one that
+    GGUFIndex does not read (a big-endian or v1 file)."""
+    try:
+        return GGUFIndex(path)
+    except UnsupportedGGUF:
+        from gguf import GGUFReader
 
+    reader = GGUFReader(path)
+    index = GGUFIndex.__new__(GGUFIndex)
+    field = reader.fields.get("general.architecture")
+    index.architecture = field.contents() if field is not None else "unknown"
+    index.tensors = [GGUFTensorInfo(t.name, int(t.tensor_type), tuple(int(n) for n in t.shape),
+                                    t.data) for t in reader.tensors]
+    return index
+
+
+def _reader(path: Path, keep: bool) -> GGUFIndex:
     key = _file_key(path)
-    reader = _parsed.pop(key, None) or GGUFReader(path)
+    reader = _parsed.pop(key, None) or _read_index(path)
     _parsed.clear()
     if keep:
         _parsed[key] = reader
@@ -84,8 +239,7 @@ def _reader(path: Path, keep: bool):
 
 
 def gguf_architecture(path: Path) -> str:
-    field = _reader(path, keep=True).fields.get("general.architecture")
-    return field.contents() if field is not None else "unknown"
+    return _reader(path, keep=True).architecture
 
 
 def _unpermute_rows(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -110,8 +264,7 @@ def gguf_weights(path: Path, config: PretrainedConfig,
     from gguf.quants import dequantize
 
     reader = _reader(path, keep=False)
-    field = reader.fields.get("general.architecture")
-    arch = field.contents() if field is not None else "unknown"
+    arch = reader.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{path.name}: the quantized GGUF path supports the "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)} architecture, not {arch!r}; "
