@@ -1,19 +1,22 @@
 """The host KV pool committed ahead of use (PAGEDLLM_KV_POOL_COMMIT=ahead): the committer
 follows the highest block written, commits every layer's keys and values that far ahead and no
-further, stops with its engine, and the engine gives the tokens of a pool written at start."""
+further, in small pages while the process is busy and in huge pages (further ahead) once it is
+idle, stops with its engine, and the engine gives the tokens of a pool written at start."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import mmap
 import os
+import threading
 import time
 
 import pytest
 import torch
 
-from pagedllm.worker.host_memory import huge_page_reserved
+from pagedllm.worker.host_memory import HUGE_PAGE_BYTES, collapse_pages, huge_page_reserved
 from pagedllm.worker.kv_commit import KVPoolCommitter
 
 linux = pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux's /proc")
@@ -121,3 +124,80 @@ def test_the_thread_ends_once_the_pool_is_committed():
                                 poll_seconds=0.001)
     committer._thread.join(timeout=30)
     assert not committer._thread.is_alive() and committer.committed == NUM_BLOCKS
+
+
+def anon_huge_bytes(address: int) -> int:
+    """AnonHugePages of this process's mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "AnonHugePages:":
+                return int(fields[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def can_collapse() -> bool:
+    probe = huge_page_reserved((HUGE_PAGE_BYTES,), torch.uint8, advise=False)
+    probe[0] = 1
+    return collapse_pages(probe.data_ptr(), HUGE_PAGE_BYTES) == 0
+
+
+needs_collapse = pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or not can_collapse(),
+                                    reason="no MADV_COLLAPSE (Linux 6.1+) here")
+BIG_BLOCKS = 2048  # 8 MiB per half: 4 whole huge pages in each, both halves 2 MiB aligned
+
+
+@needs_collapse
+def test_the_pool_is_committed_in_small_pages_and_collapsed_with_its_contents_when_idle():
+    pool = huge_page_reserved((2, BIG_BLOCKS, *BLOCK), torch.bfloat16, advise=False)
+    pool[:, :600, 0].fill_(0.5)  # blocks a step wrote (faulted in by the write itself)
+    committer = KVPoolCommitter([pool], blocks_ahead=16, idle_blocks_ahead=1000,
+                                poll_seconds=0.001, idle_seconds=0.05)
+    try:
+        # Idle: committed 1000 past the written 600; each half's pages wholly below block
+        # 1600 (6.25 MiB: pages 0-2) made huge, no further.
+        wait_for(lambda: committer.num_collapsed == 6)
+        assert committer.written == 600 and committer.committed == 1600
+        time.sleep(0.1)
+        assert committer.num_collapsed == 6 and anon_huge_bytes(pool.data_ptr()) == 12 << 20
+        assert bool((pool[:, :600, 0] == 0.5).all()) and int(pool[:, 600:].count_nonzero()) == 0
+        assert int(pool[:, :600, 1:].count_nonzero()) == 0
+        assert not committer.failed and committer._thread.is_alive()
+    finally:
+        committer.stop(timeout=10)
+
+
+def _spin(stop: threading.Event) -> None:
+    data = b"x" * (1 << 20)
+    while not stop.is_set():
+        hashlib.sha256(data).digest()  # CPU without the GIL
+
+
+@needs_collapse
+def test_a_busy_process_gets_the_near_margin_in_small_pages_and_the_rest_once_idle():
+    pool = huge_page_reserved((2, BIG_BLOCKS, *BLOCK), torch.bfloat16, advise=False)
+    stop = threading.Event()
+    busy = threading.Thread(target=_spin, args=(stop,))
+    busy.start()
+    try:
+        committer = KVPoolCommitter([pool], blocks_ahead=1024, idle_blocks_ahead=BIG_BLOCKS,
+                                    poll_seconds=0.001, idle_seconds=0.2)
+        wait_for(lambda: committer.committed == 1024)
+        time.sleep(0.5)
+        assert committer.committed == 1024 and committer.num_collapsed == 0
+        assert anon_huge_bytes(pool.data_ptr()) == 0
+    finally:
+        stop.set()
+        busy.join()
+    try:
+        # Idle now: the whole pool committed and collapsed (4 pages a half), then it ends.
+        committer._thread.join(timeout=60)
+        assert not committer._thread.is_alive()
+        assert committer.committed == BIG_BLOCKS and committer.num_collapsed == 8
+        assert anon_huge_bytes(pool.data_ptr()) == 16 << 20
+    finally:
+        committer.stop(timeout=10)

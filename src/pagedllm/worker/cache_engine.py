@@ -11,7 +11,11 @@ import torch
 from pagedllm.attention import AttentionBackend
 from pagedllm.startup_profile import mark
 from pagedllm.worker.host_memory import huge_page_reserved, huge_page_zeros
-from pagedllm.worker.kv_commit import COMMIT_AHEAD_BYTES, KVPoolCommitter
+from pagedllm.worker.kv_commit import (
+    COMMIT_AHEAD_BYTES,
+    IDLE_COMMIT_AHEAD_BYTES,
+    KVPoolCommitter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,16 +144,16 @@ class CacheEngine:
         # reserved pool reads as zeros too). On the host, in huge pages: decode attention reads
         # every sequence's blocks each step.
         mode = kv_pool_commit_mode()
-        host_pool = huge_page_zeros if mode == "start" else huge_page_reserved
         self.kv_caches = [
-            host_pool(shape, spec.dtype) if device.type == "cpu"
+            self._host_pool(mode, shape, spec.dtype) if device.type == "cpu"
             else torch.zeros(shape, dtype=spec.dtype, device=device)
             for _ in range(spec.num_layers)
         ]
         self.committer = None
         if mode == "ahead" and device.type == "cpu" and num_blocks and spec.num_layers:
-            blocks_ahead = COMMIT_AHEAD_BYTES // spec.bytes_per_block
-            self.committer = KVPoolCommitter(self.kv_caches, blocks_ahead)
+            self.committer = KVPoolCommitter(
+                self.kv_caches, COMMIT_AHEAD_BYTES // spec.bytes_per_block,
+                idle_blocks_ahead=IDLE_COMMIT_AHEAD_BYTES // spec.bytes_per_block)
         # NOTE: a separate tensor even on a CPU-only machine, so that swapping really copies,
         # exactly as it must between GPU and host memory.
         cpu_shape = backend.kv_cache_shape(
@@ -173,6 +177,14 @@ class CacheEngine:
         if num_cpu_blocks:
             logger.info("swap space: %d host blocks, %.1f MiB", num_cpu_blocks,
                         num_cpu_blocks * spec.bytes_per_block / 2**20)
+
+    @staticmethod
+    def _host_pool(mode: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        if mode == "start":
+            return huge_page_zeros(shape, dtype)
+        # `ahead` commits small pages and collapses them into huge ones when idle (kv_commit.py:
+        # faulting in 2 MiB pages during the steps cost them more than the small pages do).
+        return huge_page_reserved(shape, dtype, advise=mode == "lazy")
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copies (device block, host block) pairs, every layer."""

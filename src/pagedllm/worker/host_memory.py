@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import math
 import mmap
@@ -65,13 +66,15 @@ def keep_freed_buffers() -> bool:
 HUGE_PAGE_BYTES = 2 << 20
 
 
-def huge_page_buffer(nbytes: int) -> torch.Tensor:
+def huge_page_buffer(nbytes: int, advise: bool = True) -> torch.Tensor:
     """A zero-filled uint8 CPU tensor of nbytes, 2 MB aligned, that the kernel may back with
     transparent huge pages (Linux with THP in `madvise` or `always` mode; elsewhere 4 KB pages).
 
     It is a fresh anonymous mapping: zero by the kernel's guarantee, its pages faulted in
     (zeroed, in 2 MB pages) when first written. The advice is given before anything is
-    written: it only changes pages faulted in after it.
+    written: it only changes pages faulted in after it. `advise=False` gives no advice: under
+    THP's `madvise` mode the pages fault in 4 KB at a time (collapse_pages makes 2 MB pages of
+    them later), aligned all the same.
     """
     if nbytes == 0:
         return torch.zeros(0, dtype=torch.uint8)
@@ -81,7 +84,7 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=private)  # the tensor keeps it alive
     raw = torch.frombuffer(mapping, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE_BYTES
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if advise and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
         except OSError as exc:  # a kernel built without THP
@@ -100,17 +103,22 @@ def huge_page_zeros(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return huge_page_reserved(shape, dtype).zero_()
 
 
-def huge_page_reserved(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor of `shape` in a huge_page_buffer, reserved but not written: its pages are
-    committed (faulted in, zeroed by the kernel) when first written, so resident memory follows
-    what is used. It reads as zeros before that (the kernel's zero page)."""
+def huge_page_reserved(shape: Sequence[int], dtype: torch.dtype,
+                       advise: bool = True) -> torch.Tensor:
+    """A zero tensor of `shape` in a huge_page_buffer (`advise`: see there), reserved but not
+    written: its pages are committed (faulted in, zeroed by the kernel) when first written, so
+    resident memory follows what is used. It reads as zeros before that (the kernel's zero
+    page)."""
     nbytes = math.prod(shape) * dtype.itemsize
-    return huge_page_buffer(nbytes).view(dtype).view(tuple(shape))
+    return huge_page_buffer(nbytes, advise).view(dtype).view(tuple(shape))
 
 
 # madvise(2) advice that faults pages in as a write would, without writing (Linux 5.14+; not in
 # Python 3.11's mmap module).
 MADV_POPULATE_WRITE = 23
+# madvise(2) advice that moves the present 4 KB pages of each whole 2 MB-aligned stretch of a
+# range into one huge page, in place and with their contents (Linux 6.1+).
+MADV_COLLAPSE = 25
 
 _madvise = None
 
@@ -137,6 +145,24 @@ def commit_pages(address: int, nbytes: int) -> bool:
         return False
     start = address - address % mmap.PAGESIZE
     return madvise(start, address + nbytes - start, MADV_POPULATE_WRITE) == 0
+
+
+def collapse_pages(address: int, nbytes: int) -> int:
+    """Makes one transparent huge page of each 2 MB-aligned 2 MB stretch inside
+    [address, address + nbytes), its contents kept (pages not yet present in a stretch that has
+    some are committed as zeros), whatever THP's sysfs mode; safe on memory another thread is
+    writing. 0 on success, else the errno (EINVAL: the kernel (before 6.1) or the libc cannot,
+    or nothing of a stretch is present; EAGAIN, ENOMEM: no huge page to be had now)."""
+    madvise = _libc_madvise()
+    if not madvise:
+        return errno.EINVAL
+    start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    end = (address + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if end <= start:
+        return 0
+    if madvise(start, end - start, MADV_COLLAPSE) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EINVAL
 
 
 class HugePageArena:
