@@ -242,11 +242,12 @@ def gguf_architecture(path: Path) -> str:
     return _reader(path, keep=True).architecture
 
 
-def _unpermute_rows(rows: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undoes llama.cpp's q/k row permutation (per head: pairs interleaved -> two halves)."""
+def _unpermute_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row permutation (per head: pairs interleaved -> two halves), in
+    one copy (of the file's mapped bytes, for the blocks)."""
     shape = rows.shape
-    return (rows.reshape(num_heads, shape[0] // num_heads // 2, 2, *shape[1:])
-            .transpose(1, 2).reshape(shape))
+    permuted = rows.reshape(num_heads, shape[0] // num_heads // 2, 2, *shape[1:]).swapaxes(1, 2)
+    return np.array(permuted, order="C").reshape(shape)
 
 
 def gguf_weights(path: Path, config: PretrainedConfig,
@@ -290,8 +291,13 @@ def gguf_weights(path: Path, config: PretrainedConfig,
                              f"{arch} model")
         qtype = GGMLQuantizationType(tensor.tensor_type)
         is_matrix = len(tensor.shape) == 2
+        heads = (num_heads if tensor.name.endswith("attn_q.weight") else
+                 num_kv_heads if tensor.name.endswith("attn_k.weight") else None)
         if is_matrix and int(qtype) in KERNEL_TYPES and (as_head or tensor.name not in float_names):
-            data = torch.from_numpy(np.array(tensor.data))  # a copy: the file is read-only
+            # A copy either way: the file is mapped read-only.
+            blocks = (np.array(tensor.data) if heads is None
+                      else _unpermute_rows(tensor.data, heads))
+            data = torch.from_numpy(blocks)
             data.ggml_type = int(qtype)
         else:
             if is_matrix and int(qtype) not in KERNEL_TYPES and qtype.name not in warned:
@@ -300,18 +306,9 @@ def gguf_weights(path: Path, config: PretrainedConfig,
                                "float at load", path.name, qtype.name)
             shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists ne0 first
             values = dequantize(np.asarray(tensor.data), qtype).astype(np.float32, copy=False)
-            data = torch.from_numpy(values.reshape(shape).copy())
-        if tensor.name.endswith("attn_q.weight"):
-            data = _keep_type(_unpermute_rows(data, num_heads), data)
-        elif tensor.name.endswith("attn_k.weight"):
-            data = _keep_type(_unpermute_rows(data, num_kv_heads), data)
+            values = values.reshape(shape)
+            data = torch.from_numpy(values.copy() if heads is None
+                                    else _unpermute_rows(values, heads))
         if tensor.name == "token_embd.weight" and hasattr(data, "ggml_type"):
             embedding = data
         yield name, data
-
-
-def _keep_type(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    new = new.contiguous()
-    if hasattr(old, "ggml_type"):
-        new.ggml_type = old.ggml_type
-    return new

@@ -146,6 +146,7 @@ class GGUFLinearMethod(LinearMethodBase):
         bias = None if bias is None else bias.detach().float().contiguous()
         ops = cpu_ops()
         runs: list[_Run] = []
+        pieces: list[list[torch.Tensor]] = []  # each run's parts, joined in one copy below
         start = 0
         for part in layer.gguf_parts:
             ggml_type = getattr(part, "ggml_type", None)
@@ -153,12 +154,15 @@ class GGUFLinearMethod(LinearMethodBase):
                 part, ggml_type = _dequantize(part, ggml_type, layer.input_size_per_partition), None
             rows = part.shape[0]
             if runs and ggml_type is not None and runs[-1].ggml_type == ggml_type:
-                runs[-1].weight = torch.cat([runs[-1].weight, part])
+                pieces[-1].append(part)
                 runs[-1].size += rows
             else:
                 runs.append(_Run(start, rows, ggml_type, part))
+                pieces.append([part])
             start += rows
-        for run in runs:
+        for run, parts in zip(runs, pieces):
+            if len(parts) > 1:
+                run.weight = torch.cat(parts)
             run_bias = None if bias is None else bias[run.start:run.start + run.size]
             run.bias = run_bias
             if run.ggml_type is not None:
