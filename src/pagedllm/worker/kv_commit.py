@@ -43,6 +43,8 @@ COMMIT_AHEAD_BYTES = 128 << 20
 # How far ahead it is committed while the process is idle, so that the next burst of requests
 # starts on pages in place (and in huge pages).
 IDLE_COMMIT_AHEAD_BYTES = 256 << 20
+# At idle it commits this much (all layers) per call, looking again in between.
+IDLE_COMMIT_STEP_BYTES = 16 << 20
 # How often the thread looks for newly written blocks; it waits up to MAX_POLL_SECONDS (doubling)
 # while nothing changes.
 POLL_SECONDS = 0.005
@@ -71,6 +73,8 @@ class KVPoolCommitter:
         self.idle_blocks_ahead = max(self.blocks_ahead, idle_blocks_ahead or 0)
         self.block_bytes = caches[0][0, 0].numel() * caches[0].element_size()
         self.probe_elements = caches[0].shape[-1]  # one head of the first slot
+        self._idle_step_blocks = max(
+            1, IDLE_COMMIT_STEP_BYTES // (self.block_bytes * caches[0].shape[0] * len(caches)))
         self.poll_seconds = poll_seconds
         self.idle_seconds = idle_seconds
         self.written = 0  # blocks [0, written) hold the highest block written so far
@@ -99,8 +103,11 @@ class KVPoolCommitter:
         if not self._commit_to(self.written + self.blocks_ahead):
             return False
         if self.idle():
-            if not self._commit_to(self.written + self.idle_blocks_ahead):
-                return False
+            # In steps of IDLE_COMMIT_STEP_BYTES, looking again between them.
+            target = min(self.num_blocks, self.written + self.idle_blocks_ahead)
+            while self.committed < target and self.idle():
+                if not self._commit_to(min(target, self.committed + self._idle_step_blocks)):
+                    return False
             self._collapse_while_idle()
         return self.committed < self.num_blocks or self._collapse_at is not None
 
