@@ -110,7 +110,10 @@ class FastTokenizer:
                 pending.set_exception(exc)
 
         tokenizer.__dict__["_pending"] = pending
-        threading.Thread(target=build, name="pagedllm-tokenizer-load", daemon=True).start()
+        # NOTE: not a daemon: a process that ends meanwhile (a start that failed) waits the
+        # fraction of a second for it, rather than have the interpreter's shutdown stop the
+        # thread inside the Rust call when it takes the GIL back.
+        threading.Thread(target=build, name="pagedllm-tokenizer-load").start()
         return tokenizer
 
     # ---- transformers' object, on demand --------------------------------------------------
