@@ -7,8 +7,10 @@ quantized path is compared with its dense reference on the same positions:
 
     gguf   the shipped Q4_1 GGUF on its quantized kernels, against the same file dequantized
            to fp32 (quantization="none"): only activation quantization differs
-    int8   the dense SmolLM2 quantized at load to int8 (layers/quantization/int8.py; with
-           PAGEDLLM_INT8_ACTIVATION_BITS=8 the W8A8 GEMM), against it in bf16
+    int8   the dense SmolLM2 quantized at load to int8 (layers/quantization/int8.py), against
+           it in bf16; --int8-schemes scores several schemes against one reference run, each
+           ACTIVATION_BITS:GROUP_SIZE:SMOOTHING (e.g. 8:32:0.5, 8:64:off, 16:64:default),
+           as PAGEDLLM_INT8_ACTIVATION_BITS, _GROUP_SIZE and _SMOOTHING set them
 
 It prints perplexity (exp of the mean negative log-likelihood), the relative change, and the
 top-1 agreement (the share of positions where both pick the same token), and writes them as
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -37,11 +40,42 @@ PAIRS = {
 }
 
 
-def score(engine_kwargs: dict, windows: list[list[int]]) -> tuple[list[float], list[int], float]:
-    """Per-position logprobs of the actual tokens, the top-1 tokens, and the seconds taken."""
+INT8_ENV = ("PAGEDLLM_INT8_ACTIVATION_BITS", "PAGEDLLM_INT8_GROUP_SIZE",
+            "PAGEDLLM_INT8_SMOOTHING")
+
+
+def int8_scheme_env(scheme: str) -> dict[str, str]:
+    """ACTIVATION_BITS:GROUP_SIZE:SMOOTHING -> the environment that selects it ("default" or
+    an empty field: the setting's default)."""
+    fields = scheme.split(":")
+    if len(fields) != 3:
+        raise SystemExit(f"--int8-schemes takes ACTIVATION_BITS:GROUP_SIZE:SMOOTHING, got "
+                         f"{scheme!r}")
+    return {name: value for name, value in zip(INT8_ENV, fields)
+            if value not in ("", "default")}
+
+
+def score(engine_kwargs: dict, windows: list[list[int]], env: dict[str, str] | None = None
+          ) -> tuple[list[float], list[int], float, float]:
+    """Per-position logprobs of the actual tokens, the top-1 tokens, the seconds scoring took
+    and the seconds the engine took to load. `env` (an int8 scheme's settings) replaces the
+    int8 settings of the environment while the engine loads."""
     from pagedllm import LLM, SamplingParams
 
-    llm = LLM(**engine_kwargs)
+    saved = {name: os.environ.get(name) for name in INT8_ENV}
+    if env is not None:
+        for name in INT8_ENV:
+            os.environ.pop(name, None)
+        os.environ.update(env)
+    start = time.perf_counter()
+    try:
+        llm = LLM(**engine_kwargs)
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+    load_seconds = time.perf_counter() - start
     params = SamplingParams(max_tokens=1, prompt_logprobs=1)
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": w} for w in windows], params, use_tqdm=False)
@@ -52,7 +86,7 @@ def score(engine_kwargs: dict, windows: list[list[int]]) -> tuple[list[float], l
             logprobs.append(entry[token].logprob)
             top1.append(next(t for t, lp in entry.items() if lp.rank == 1))
     del llm
-    return logprobs, top1, seconds
+    return logprobs, top1, seconds, load_seconds
 
 
 def perplexity(logprobs: list[float]) -> float:
@@ -66,6 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=int, default=512, help="tokens per teacher-forced "
                         "window (each window starts without context)")
     parser.add_argument("--paths", default="gguf,int8", help="comma-separated: gguf, int8")
+    parser.add_argument("--int8-schemes", default="",
+                        help="comma-separated ACTIVATION_BITS:GROUP_SIZE:SMOOTHING schemes "
+                        "scored against one bf16 run (default: the environment's one)")
     parser.add_argument("--output-json", default=str(RESULTS / "quality.json"))
     args = parser.parse_args(argv)
     text_path = Path(args.text)
@@ -84,27 +121,37 @@ def main(argv: list[str] | None = None) -> dict:
     ids = tokenizer.encode(text_path.read_text())[: args.max_tokens]
     windows = [ids[i:i + args.window] for i in range(0, len(ids), args.window)]
     windows = [w for w in windows if len(w) > 1]
+    schemes = [s for s in args.int8_schemes.split(",") if s]
+    envs = {scheme: int8_scheme_env(scheme) for scheme in schemes}
     rows = {}
     for name in paths:
         ref_kwargs, quant_kwargs = ({**kw, "model": dense_dir if kw["model"] == "dense"
                                      else kw["model"]} for kw in PAIRS[name])
-        ref_lp, ref_top, ref_s = score(ref_kwargs, windows)
-        q_lp, q_top, q_s = score(quant_kwargs, windows)
-        ppl_ref, ppl_q = perplexity(ref_lp), perplexity(q_lp)
-        rows[name] = {
-            "positions": len(ref_lp),
-            "ppl_reference": ppl_ref,
-            "ppl_quantized": ppl_q,
-            "ppl_change": ppl_q / ppl_ref - 1,
-            "top1_agreement": sum(a == b for a, b in zip(ref_top, q_top)) / len(ref_top),
-            "seconds_reference": ref_s,
-            "seconds_quantized": q_s,
-        }
+        ref_lp, ref_top, ref_s, ref_load = score(ref_kwargs, windows)
+        variants = {f"int8 {s}": envs[s] for s in schemes} if name == "int8" and schemes \
+            else {name: None}
+        for label, env in variants.items():
+            q_lp, q_top, q_s, q_load = score(quant_kwargs, windows, env)
+            ppl_ref, ppl_q = perplexity(ref_lp), perplexity(q_lp)
+            rows[label] = {
+                "positions": len(ref_lp),
+                "ppl_reference": ppl_ref,
+                "ppl_quantized": ppl_q,
+                "ppl_change": ppl_q / ppl_ref - 1,
+                "top1_agreement": sum(a == b for a, b in zip(ref_top, q_top)) / len(ref_top),
+                "seconds_reference": ref_s,
+                "seconds_quantized": q_s,
+                "load_seconds_reference": ref_load,
+                "load_seconds_quantized": q_load,
+            }
+            print(f"{label}: top-1 {100 * rows[label]['top1_agreement']:.2f}%, perplexity "
+                  f"{100 * rows[label]['ppl_change']:+.2f}%", flush=True)
+    width = max(6, *map(len, rows))
     print(f"text: {text_path.name}, {len(ids)} tokens in windows of {args.window}")
-    print(f"{'path':<6} {'positions':>9} {'ppl ref':>9} {'ppl quant':>9} {'change':>8} "
+    print(f"{'path':<{width}} {'positions':>9} {'ppl ref':>9} {'ppl quant':>9} {'change':>8} "
           f"{'top-1 agree':>11}")
     for name, r in rows.items():
-        print(f"{name:<6} {r['positions']:>9} {r['ppl_reference']:>9.3f} "
+        print(f"{name:<{width}} {r['positions']:>9} {r['ppl_reference']:>9.3f} "
               f"{r['ppl_quantized']:>9.3f} {100 * r['ppl_change']:>+7.2f}% "
               f"{100 * r['top1_agreement']:>10.2f}%")
     out = Path(args.output_json)

@@ -105,7 +105,10 @@ def build_model(
         load_weights(causal_lm, model_dir)
         for layer in packed:
             layer.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
-    return causal_lm.to(dtype).eval()
+    causal_lm = causal_lm.to(dtype).eval()
+    if isinstance(quant_config, Int8Config):  # smoothing, on the weights in `dtype`
+        quant_config.calibrate(causal_lm, model_dir)
+    return causal_lm
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:

@@ -24,6 +24,7 @@ read.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,11 @@ DEFAULT_ACTIVATION_BITS = 16
 # to 64; e.g. 64 with 8 bits: fewer scale steps per dot product, lower agreement).
 GROUP_SIZES = {16: 64, 8: 32}
 GROUP_SIZE_ENV = "PAGEDLLM_INT8_GROUP_SIZE"
+# SmoothQuant's alphas searched per projection along with no smoothing
+# (layers/quantization/int8_calibration.py), by activation bits (empty: no smoothing);
+# PAGEDLLM_INT8_SMOOTHING overrides them (comma-separated numbers in [0, 1], or "off").
+SMOOTHING_ALPHAS: dict[int, tuple[float, ...]] = {16: (), 8: (0.5, 0.75)}
+SMOOTHING_ENV = "PAGEDLLM_INT8_SMOOTHING"
 
 
 class Int8LinearMethod(LinearMethodBase):
@@ -100,7 +106,8 @@ class Int8Config(QuantizationConfig):
     `activation_bits` (default: PAGEDLLM_INT8_ACTIVATION_BITS, else DEFAULT_ACTIVATION_BITS)
     and `group_size` inputs per scale (default: PAGEDLLM_INT8_GROUP_SIZE, else GROUP_SIZES')."""
 
-    def __init__(self, activation_bits: int | None = None, group_size: int | None = None) -> None:
+    def __init__(self, activation_bits: int | None = None, group_size: int | None = None,
+                 smoothing_alphas: tuple[float, ...] | None = None) -> None:
         if activation_bits is None:
             activation_bits = int(os.environ.get(ACTIVATION_BITS_ENV, DEFAULT_ACTIVATION_BITS))
         if activation_bits not in GROUP_SIZES:
@@ -109,6 +116,25 @@ class Int8Config(QuantizationConfig):
             group_size = int(os.environ[GROUP_SIZE_ENV])
         self.activation_bits = activation_bits
         self.group_size = group_size
+        if smoothing_alphas is None:
+            smoothing_alphas = _smoothing_from_env(SMOOTHING_ALPHAS[activation_bits])
+        self.smoothing_alphas = tuple(smoothing_alphas)
+
+    # Whether each projection's smoothing is searched among the alphas and none (False:
+    # the first alpha everywhere; a test hook).
+    smoothing_search = True
+
+    def calibrate(self, model: nn.Module, model_dir: Path) -> None:
+        """Before the layers are quantized (the loaded model in its dtype): smooths the
+        model's activations into its weights (int8_calibration.py) where alphas are set and
+        the kernels are built."""
+        if not self.smoothing_alphas or cpu_ops() is None:
+            return
+        from pagedllm.layers.quantization.int8_calibration import SmoothingSearch, calibrate
+
+        group_size = self.group_size or GROUP_SIZES[self.activation_bits]
+        calibrate(model, model_dir, SmoothingSearch(
+            self.smoothing_alphas, self.activation_bits, group_size, self.smoothing_search))
 
     def get_name(self) -> str:
         return "int8"
@@ -117,6 +143,22 @@ class Int8Config(QuantizationConfig):
         if prefix.endswith("lm_head"):
             return None
         return Int8LinearMethod(self.activation_bits, self.group_size)
+
+
+def _smoothing_from_env(default: tuple[float, ...]) -> tuple[float, ...]:
+    value = os.environ.get(SMOOTHING_ENV, "").strip().lower()
+    if not value:
+        return default
+    if value in ("off", "none"):
+        return ()
+    try:
+        alphas = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        alphas = (-1.0,)
+    if not all(0.0 <= a <= 1.0 for a in alphas):
+        raise ValueError(f"{SMOOTHING_ENV} must be comma-separated numbers in [0, 1] or off, "
+                         f"got {value!r}")
+    return alphas
 
 
 def int8_round_trip(weight: torch.Tensor, group_size: int = 0) -> torch.Tensor:
