@@ -1,4 +1,4 @@
-"""A model directory's config and tokenizer without transformers' per-family config modules.
+"""A model directory's config and tokenizer without transformers (after the first start).
 
 In transformers 5, every `configuration_<family>.py` imports `utils.type_validators`, which
 imports `activations` -> `integrations.hub_kernels` -> `core_model_loading`, and with them
@@ -13,6 +13,15 @@ original does; the tokenizer's class where it is one of transformers' backend cl
 load from the directory's own files, and the rebuilt tokenizer encodes, decodes and templates
 as the original. Later starts rebuild both from the record: a `PreTrainedConfig` subclass of
 the same name with the recorded attributes, and the tokenizer through its class directly.
+
+Importing transformers at all costs a start about 0.4 s more, so the record also holds what
+answers without it, checked the same way: for the config, the values of its properties and
+the names of its methods (`RecordedConfig`: values, class attributes, aliases and properties
+from the record; a method or a property's change builds the real config, which answers from
+then on), and for a fast tokenizer its Rust tokenizer's JSON (written beside the record) and
+special-token values (`pagedllm.tokenizer.FastTokenizer`, checked against transformers'
+encode, decode and ids-to-tokens answers on probes). Later starts use these where the record
+has them, else the rebuilds above.
 
 The record is keyed by the directory, its config and tokenizer files' bytes, the transformers
 version and this file; any change reads the usual way again. PAGEDLLM_FAST_HF_LOAD=0 turns it
