@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from pagedllm import LLM
-from pagedllm.layers.quantization.int8 import ACTIVATION_BITS_ENV
+from pagedllm.layers.quantization.int8 import (
+    ACTIVATION_BITS_ENV,
+    SMOOTHING_ENV,
+    SMOOTHING_SEARCH_ENV,
+)
 from pagedllm.ops import cpu_ops
 
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the W8A8 GEMM needs the ops")
@@ -44,7 +48,11 @@ def rank_weights(worker) -> dict[str, torch.Tensor]:
 
 
 def test_w8a8_smoothing_at_tp2_equals_tp1(tiny_llama_factory, monkeypatch) -> None:
-    monkeypatch.setenv(ACTIVATION_BITS_ENV, "8")  # smoothed by default (the ranks inherit it)
+    # The ranks inherit the settings: W8A8, every projection smoothed with alpha 0.5 (the
+    # search would keep this random model's projections as they are).
+    monkeypatch.setenv(ACTIVATION_BITS_ENV, "8")
+    monkeypatch.setenv(SMOOTHING_ENV, "0.5")
+    monkeypatch.setenv(SMOOTHING_SEARCH_ENV, "0")
     model_dir = tiny_llama_factory(num_heads=4, num_kv_heads=2, seed=9)
     kwargs = {"quantization": "int8", "dtype": "float32", "num_kv_blocks": 32,
               "block_size": 8}

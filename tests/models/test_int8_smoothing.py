@@ -19,7 +19,7 @@ class SmoothedDense(Int8Config):
     """int8's calibration (smoothing) with every layer left dense: the smoothing alone, with
     its first alpha everywhere (no search)."""
 
-    smoothing_search = False
+    smoothing_search = False  # the property's override
 
     def get_linear_method(self, layer, prefix):
         return None

@@ -51,6 +51,8 @@ GROUP_SIZE_ENV = "PAGEDLLM_INT8_GROUP_SIZE"
 # PAGEDLLM_INT8_SMOOTHING overrides them (comma-separated numbers in [0, 1], or "off").
 SMOOTHING_ALPHAS: dict[int, tuple[float, ...]] = {16: (), 8: (0.5, 0.75)}
 SMOOTHING_ENV = "PAGEDLLM_INT8_SMOOTHING"
+# "0": the first alpha on every projection, without the search (a hook for tests).
+SMOOTHING_SEARCH_ENV = "PAGEDLLM_INT8_SMOOTHING_SEARCH"
 
 
 class Int8LinearMethod(LinearMethodBase):
@@ -120,9 +122,11 @@ class Int8Config(QuantizationConfig):
             smoothing_alphas = _smoothing_from_env(SMOOTHING_ALPHAS[activation_bits])
         self.smoothing_alphas = tuple(smoothing_alphas)
 
-    # Whether each projection's smoothing is searched among the alphas and none (False:
-    # the first alpha everywhere; a test hook).
-    smoothing_search = True
+    @property
+    def smoothing_search(self) -> bool:
+        """Whether each projection's smoothing is searched among the alphas and none (False:
+        the first alpha everywhere)."""
+        return os.environ.get(SMOOTHING_SEARCH_ENV, "1") != "0"
 
     def calibrate(self, model: nn.Module, model_dir: Path) -> None:
         """Before the layers are quantized (the loaded model in its dtype): smooths the
