@@ -201,3 +201,16 @@ def test_a_busy_process_gets_the_near_margin_in_small_pages_and_the_rest_once_id
         assert anon_huge_bytes(pool.data_ptr()) == 16 << 20
     finally:
         committer.stop(timeout=10)
+
+
+@linux
+def test_blocks_to_commit_now_are_in_place_when_the_committer_is_made():
+    pools = reserved_pools(2)
+    committer = KVPoolCommitter(pools, blocks_ahead=1, commit_now=64, poll_seconds=0.001)
+    try:
+        for cache in pools:  # before the thread's first look could get this far
+            for half in (0, 1):
+                assert all(resident(cache[half, 0].data_ptr(), 64 * 4096))
+        assert committer.committed >= 64 and committer.written == 0
+    finally:
+        committer.stop(timeout=10)

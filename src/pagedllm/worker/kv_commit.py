@@ -66,7 +66,11 @@ class KVPoolCommitter:
 
     def __init__(self, caches: list[torch.Tensor], blocks_ahead: int,
                  poll_seconds: float = POLL_SECONDS, idle_blocks_ahead: int | None = None,
-                 idle_seconds: float = IDLE_SECONDS, collapse: bool = True) -> None:
+                 idle_seconds: float = IDLE_SECONDS, collapse: bool = True,
+                 commit_now: int = 0) -> None:
+        """`commit_now`: blocks [0, commit_now) are committed before this returns (what an idle
+        engine holds anyway: a fresh engine's first batch then commits that much less while it
+        runs)."""
         self.caches = caches
         self.num_blocks = caches[0].shape[1]
         self.blocks_ahead = max(1, blocks_ahead)
@@ -90,6 +94,7 @@ class KVPoolCommitter:
         self.page_faults = 0
         self._busy_at = time.monotonic()  # when the other threads were last seen busy
         self._cpu_seen = (time.monotonic(), _other_threads_cpu())
+        self._commit_to(commit_now)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=_run, args=(weakref.ref(self), self._stop),
