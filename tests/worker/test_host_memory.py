@@ -163,9 +163,14 @@ def test_the_arena_hands_out_aligned_disjoint_tensors_first_fit():
 
 
 @needs_thp
-def test_the_cpu_worker_puts_packed_weights_and_kv_cache_in_huge_pages(tiny_llama_factory):
+def test_the_cpu_worker_puts_packed_weights_and_kv_cache_in_huge_pages(tiny_llama_factory,
+                                                                      monkeypatch):
     from pagedllm import LLM, SamplingParams
+    from pagedllm.worker.cache_engine import KV_POOL_COMMIT_ENV
 
+    # A pool written at start is advised; one committed ahead is collapsed into huge pages
+    # once idle instead (tests/worker/test_kv_pool_commit.py).
+    monkeypatch.setenv(KV_POOL_COMMIT_ENV, "start")
     llm = LLM(str(tiny_llama_factory()), num_kv_blocks=16)
     worker = llm.llm_engine.worker
     streamed = [t for w in worker.model.packed_weights() for t in (w.panels, w.plain)

@@ -106,3 +106,9 @@ def test_an_idle_engine_has_its_pool_committed_in_huge_pages(tiny_dir, monkeypat
     assert _anon_huge_bytes(pools) == 2 * half_bytes * len(pools)
     again = llm.generate(PROMPTS, params, use_tqdm=False)  # the pool still holds its blocks
     assert [o.outputs[0].token_ids for o in again] == _generate(tiny_dir, "start", monkeypatch)
+
+
+def test_the_default_commits_ahead(tiny_dir, monkeypatch):
+    monkeypatch.delenv(KV_POOL_COMMIT_ENV, raising=False)
+    llm = LLM(str(tiny_dir), num_kv_blocks=64, block_size=8, dtype="float32")
+    assert llm.llm_engine.worker.cache_engine.committer is not None

@@ -26,18 +26,20 @@ DEFAULT_KV_MEMORY_CAP_BYTES = 4 << 30
 # On a GPU the pool is the main tenant: this share of the memory left free after the weights.
 DEFAULT_GPU_KV_MEMORY_FRACTION = 0.8
 
-# When the host pool's pages are committed: `start` writes the whole pool at start (no step
-# faults a page in); `ahead` reserves it and a background thread commits the pages a little
-# ahead of the highest block written (worker/kv_commit.py: a start that does not wait for the
-# pool, resident memory that follows use, no step faults); `lazy` reserves it and each page is
-# committed when a block in it is first written, inside the step.
+# When the host pool's pages are committed: `ahead` (the default) reserves it and a background
+# thread commits the pages a little ahead of the highest block written, in small pages while
+# the process is busy and in huge pages once it is idle (worker/kv_commit.py: a start that does
+# not wait for the pool, resident memory that follows use, no step faults); `start` writes the
+# whole pool at start, in huge pages; `lazy` reserves it and each page is committed when a
+# block in it is first written, inside the step.
 KV_POOL_COMMIT_ENV = "PAGEDLLM_KV_POOL_COMMIT"
 KV_POOL_COMMIT_MODES = ("start", "ahead", "lazy")
+DEFAULT_KV_POOL_COMMIT = "ahead"
 
 
 def kv_pool_commit_mode() -> str:
-    """PAGEDLLM_KV_POOL_COMMIT (default `start`); ValueError naming the allowed values."""
-    mode = os.environ.get(KV_POOL_COMMIT_ENV, "start")
+    """PAGEDLLM_KV_POOL_COMMIT (default `ahead`); ValueError naming the allowed values."""
+    mode = os.environ.get(KV_POOL_COMMIT_ENV, DEFAULT_KV_POOL_COMMIT)
     if mode not in KV_POOL_COMMIT_MODES:
         raise ValueError(f"{KV_POOL_COMMIT_ENV} must be one of "
                          f"{', '.join(KV_POOL_COMMIT_MODES)}, got {mode!r}")
@@ -151,9 +153,10 @@ class CacheEngine:
         ]
         self.committer = None
         if mode == "ahead" and device.type == "cpu" and num_blocks and spec.num_layers:
+            idle_blocks_ahead = IDLE_COMMIT_AHEAD_BYTES // spec.bytes_per_block
             self.committer = KVPoolCommitter(
                 self.kv_caches, COMMIT_AHEAD_BYTES // spec.bytes_per_block,
-                idle_blocks_ahead=IDLE_COMMIT_AHEAD_BYTES // spec.bytes_per_block)
+                idle_blocks_ahead=idle_blocks_ahead, commit_now=idle_blocks_ahead)
         # NOTE: a separate tensor even on a CPU-only machine, so that swapping really copies,
         # exactly as it must between GPU and host memory.
         cpu_shape = backend.kv_cache_shape(
