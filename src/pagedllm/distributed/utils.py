@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig
 
 from pagedllm.distributed.parallel_state import TensorParallelGroup, init_tensor_parallel
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container
 from pathlib import Path
-from typing import Any
-
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
 from pagedllm.executor.abstract import Executor, call_worker
 from pagedllm.profiler import StepProfiler
 from pagedllm.worker.worker import Worker
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class UniProcExecutor(Executor):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import PretrainedConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedllm.ops import native_ops
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # NOTE: dynamic and longrope scaling change the frequencies with the sequence length, which a
 # single table cannot express; they are refused at load time rather than computed wrongly.
@@ -27,6 +30,8 @@ def rope_inv_freq(config: PretrainedConfig, head_size: int) -> tuple[torch.Tenso
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         exponents = torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size
         return 1.0 / (base ** exponents), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # scaled types only
+
     return ROPE_INIT_FUNCTIONS[rope_type](config, device=torch.device("cpu"))
 
 

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from pagedllm.layers.linear import LinearBase, PackedWeight, pack_linear_layers, try_pack
 from pagedllm.layers.quantization.base import WeightShapeError
 from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead, gather_logits
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from pagedllm.attention import AttentionMetadata
     from pagedllm.profiler import StepProfiler
 

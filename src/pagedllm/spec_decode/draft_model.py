@@ -23,10 +23,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from pagedllm.attention import DEFAULT_ATTENTION_BACKEND, get_attention_backend
 from pagedllm.config import EngineConfig
@@ -39,6 +39,9 @@ from pagedllm.spec_decode.config import SpeculativeConfig
 from pagedllm.spec_decode.rejection import DRAFT_STREAM, race, row_generator, sampling_probs
 from pagedllm.worker.cache_engine import CacheEngine, KVCacheSpec
 from pagedllm.worker.host_memory import HugePageArena
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 
 def check_draft_model(config: EngineConfig, hf_config: PretrainedConfig,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig
 
 from pagedllm.attention import DEFAULT_ATTENTION_BACKEND, get_attention_backend
 from pagedllm.config import EngineConfig
@@ -24,6 +24,9 @@ from pagedllm.worker.cache_engine import (
 )
 from pagedllm.worker.host_memory import HugePageArena, keep_freed_buffers
 from pagedllm.worker.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class Worker:
