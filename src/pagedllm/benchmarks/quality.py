@@ -9,8 +9,9 @@ quantized path is compared with its dense reference on the same positions:
            to fp32 (quantization="none"): only activation quantization differs
     int8   the dense SmolLM2 quantized at load to int8 (layers/quantization/int8.py), against
            it in bf16; --int8-schemes scores several schemes against one reference run, each
-           ACTIVATION_BITS:GROUP_SIZE:SMOOTHING (e.g. 8:32:0.5, 8:64:off, 16:64:default),
-           as PAGEDLLM_INT8_ACTIVATION_BITS, _GROUP_SIZE and _SMOOTHING set them
+           ACTIVATION_BITS:GROUP_SIZE:SMOOTHING (e.g. 8:32:0.5/0.75, 8:64:off, 16:64:default;
+           alphas split by /), as PAGEDLLM_INT8_ACTIVATION_BITS, _GROUP_SIZE and _SMOOTHING
+           set them
 
 It prints perplexity (exp of the mean negative log-likelihood), the relative change, and the
 top-1 agreement (the share of positions where both pick the same token), and writes them as
@@ -51,7 +52,7 @@ def int8_scheme_env(scheme: str) -> dict[str, str]:
     if len(fields) != 3:
         raise SystemExit(f"--int8-schemes takes ACTIVATION_BITS:GROUP_SIZE:SMOOTHING, got "
                          f"{scheme!r}")
-    return {name: value for name, value in zip(INT8_ENV, fields)
+    return {name: value.replace("/", ",") for name, value in zip(INT8_ENV, fields)
             if value not in ("", "default")}
 
 

@@ -310,7 +310,15 @@ def calibrate(model: nn.Module, model_dir: Path, choose: SmoothingSearch) -> boo
         return False
     start = time.perf_counter()
     windows = calibration_windows(model_dir, model.get_input_embeddings().num_embeddings)
-    smooth(model, windows, choose)
+    # NOTE: on one thread: the ops are small (512 tokens), and on a busy machine each
+    # parallel region waits for a descheduled second thread (SmolLM2 with load ~7 on 2
+    # cores: 38 s on two threads, 3.9 s on one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        smooth(model, windows, choose)
+    finally:
+        torch.set_num_threads(threads)
     kept = sum(alpha is not None for alpha in choose.chosen)
     logger.info("int8: smoothing on %d calibration tokens in %.2f s: %d of %d projections "
                 "smoothed (alphas %s)", sum(map(len, windows)), time.perf_counter() - start,
