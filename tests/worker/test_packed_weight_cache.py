@@ -197,12 +197,12 @@ def test_a_damaged_file_is_detected_and_rebuilt(model_dir, cache_dir, packings, 
 WRITER = r"""
 import sys
 from pagedllm import LLM
-from pagedllm.models.packed_cache import PackedWeightCache, _empty
+from pagedllm.models.packed_cache import PackedWeightCache
 model = LLM(sys.argv[1], num_kv_blocks=32, block_size=8, dtype="bfloat16").llm_engine.worker.model
 cache = PackedWeightCache.for_model(model)
 for _ in range(int(sys.argv[2])):
     assert cache.store(model)
-    assert len(cache._read(_empty)) == len(model.packed_weights())
+    assert len(cache._read()) == len(model.packed_weights())
 print("ok")
 """
 
