@@ -16,21 +16,23 @@ NOTE: a scale per whole output channel (vLLM's int8 layout) rounds SmolLM2's wei
 coarsely for 97% top-1 agreement: 95.6% against the fp32 model in an fp64 emulation with exact
 activations (2,048 tokens of the shipped text), where groups of 64 inputs keep 97.4% (32:
 97.6%) for 1/16 byte more per weight. In the engine against bf16 (benchmarks/quality.py, the
-shipped text; bf16 itself agrees with fp32 on 98.0%), top-1 agreement and perplexity change:
+shipped text, 24,576 tokens; bf16 itself agrees with fp32 on 98.0%), top-1 agreement and
+perplexity change:
 
-    scheme                      unsmoothed (24,576 tokens)   smoothed (12,288 tokens)
-    16-bit act., groups of 64   96.61%  +0.18%               96.99%  +0.07%
-    8-bit act., groups of 32    95.58%  +0.36%               96.49%  +0.27%
-    8-bit act., groups of 64    94.56%  +0.70%               96.12%  +0.27%
+    scheme                      unsmoothed         smoothed
+    16-bit act., groups of 64   96.61%  +0.18%     97.15%  +0.06%   (the default: meets 97%/2%)
+    8-bit act., groups of 32    95.58%  +0.36%     96.65%  +0.31%
+    8-bit act., groups of 64    94.56%  +0.70%     96.12%  +0.27%*
 
-(unsmoothed at 12,288 tokens: 8-bit groups of 32 95.34%; alphas 0.5/0.75/0.9 for it: 96.51%;
-16-bit groups of 32 96.73%; 8-bit groups of 16 96.23%.) Smoothing gains 0.9-1.6 points with
-8-bit activations and 0.4-0.5 with 16-bit (its weights-side effect, as AWQ's scales); W8A8
-stays short of 97%. Tried and dropped: the scale search weighted by each input's mean square
-activation (fp32 emulation, 4,096 tokens: no gain over smoothing alone); GPTQ's
-error-compensated rounding (int8_calibration.round_to_int8; -25% output error on a synthetic
-layer) costs ~20 s per SmolLM2 layer in torch on these cores, too slow for a load. The LM head
-stays dense: its logits are what sampling and quality read.
+(* 12,288 tokens; there, 8-bit groups of 32 went 95.34% -> 96.49%, 96.51% with alphas
+0.5/0.75/0.9, and 16-bit groups of 64 96.47% -> 96.99%; unsmoothed 16-bit groups of 32 96.73%,
+8-bit groups of 16 96.23%.) Smoothing gains 1.1-1.6 points with 8-bit activations and 0.5 with
+16-bit (its weights-side effect, as AWQ's scales); W8A8, the fast path, stays short of 97%, so
+the default keeps 16-bit activations. Tried and dropped: the scale search weighted by each
+input's mean square activation (fp32 emulation, 4,096 tokens: no gain over smoothing alone);
+GPTQ's error-compensated rounding (int8_calibration.round_to_int8; -25% output error on a
+synthetic layer) costs ~20 s per SmolLM2 layer in torch on these cores, too slow for a load.
+The LM head stays dense: its logits are what sampling and quality read.
 """
 
 from __future__ import annotations
