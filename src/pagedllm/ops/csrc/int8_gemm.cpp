@@ -12,8 +12,11 @@
 // int32 lane: 64 multiply-adds per instruction, twice VDPBF16PS's 32. The weights are the
 // unsigned operand (q + 128, one 64-byte load holds 4 inputs of 16 columns), the activations
 // the signed one (4 bytes broadcast to every lane), and each group's sum starts from
-// -128 * (the block's sum of q), so P = sum q_w * q_x exactly. A register tile is up to 4
-// rows x 32 columns: 8 int32 sums for the group in flight and 8 fp32 accumulators.
+// -128 * (the block's sum of q), so P = sum q_w * q_x exactly. A register tile is up to 5
+// rows x 32 columns: 10 int32 sums for the group in flight and 10 fp32 accumulators.
+// NOTE: on Zen 5 (2 VPDPBUSD a cycle) the group's epilogue (convert, multiply, fma per 16
+// outputs, every G / 4 VPDPBUSD) caps the tile at about 80% of the VNNI peak; in L1, groups
+// of 32, K = 576: 4 rows 770-790 GOP/s on one core, 5 rows 800-830 (6 spill: 780-800).
 // AVX2 (no VNNI): VPMADDUBSW on |q_w| and q_x with q_w's sign (pairs stay within int16 for
 // |q| <= 127), then VPMADDWD by ones: the same P.
 //
@@ -43,7 +46,7 @@ namespace pagedllm::quant {
 namespace {
 
 constexpr int64_t kCols = kInt8PanelCols;
-constexpr int kRows = 4;                     // rows per register tile
+constexpr int kRows = 5;                     // rows per register tile
 constexpr int64_t kBlockBytes = 256 * 1024;  // quantized activations per row block
 
 enum Isa : int { kAuto = -1, kVnni512 = 0, kAvx2 = 1, kScalar = 2 };
@@ -77,48 +80,180 @@ struct Acts {
   int64_t Kp, groups, G;
 };
 
-// Row x[0:K] quantized per block of G to q = round_even(x * (1 / dx)), dx = max |block| / 127.
-template <typename X>
-void quantize_row(const X* x, int64_t K, int64_t Kp, int64_t G, float* buf, int8_t* a,
-                  float* dx, int32_t* comp) {
-  vec::widen(x, buf, K);
-  std::fill(buf + K, buf + Kp, 0.0f);
-  for (int64_t k0 = 0; k0 < Kp; k0 += G) {
-    const int64_t g = k0 / G;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    __m512 mx = _mm512_setzero_ps();
-    for (int64_t i = 0; i < G; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(buf + k0 + i)));
-    const float amax = _mm512_reduce_max_ps(mx);
-    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-    const __m512 vid = _mm512_set1_ps(id);
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-    __m512i sum = _mm512_setzero_si512();
-    for (int64_t i = 0; i < G; i += 16) {
-      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(buf + k0 + i), vid));
-      q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
-      sum = _mm512_add_epi32(sum, q);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(a + k0 + i), _mm512_cvtepi32_epi8(q));
-    }
-    const int32_t total = _mm512_reduce_add_epi32(sum);
-#else
+// The shuffle tree of reduce16, its lanes in the tree's order.
+template <typename Op>
+__attribute__((always_inline)) inline __m512 reduce16_tree(__m512* v, const Op& op) {
+  // 16 -> 8: lanes 0-7 of each reduce one vector, 8-15 the next.
+  for (int j = 0; j < 8; ++j) {
+    v[j] = op(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
+              _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
+  }
+  // 8 -> 4: a 128-bit lane per vector.
+  for (int j = 0; j < 4; ++j) {
+    v[j] = op(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x88),
+              _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xDD));
+  }
+  // 4 -> 2 -> 1: within 128-bit lanes.
+  for (int j = 0; j < 2; ++j) {
+    v[j] = op(_mm512_shuffle_ps(v[2 * j], v[2 * j + 1], 0x44),
+              _mm512_shuffle_ps(v[2 * j], v[2 * j + 1], 0xEE));
+  }
+  return op(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xDD));
+}
+#endif
+
+// Row x[0:K] (zero past K, up to Kp) quantized per block of G inputs (a multiple of 16) to
+// q = round_even(x * (1 / dx)), dx = max |block| / 127, with comp = -128 * the block's sum of
+// q. Scalar form:
+template <typename X>
+void quantize_row_scalar(const X* x, int64_t K, int64_t Kp, int64_t G, int8_t* a, float* dx,
+                         int32_t* comp) {
+  const auto value = [&](int64_t k) { return k < K ? vec::load1(x, k) : 0.0f; };
+  for (int64_t k0 = 0; k0 < Kp; k0 += G) {
     float amax = 0.0f;
-    for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::abs(buf[k0 + i]));
+    for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::abs(value(k0 + i)));
     const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
     int32_t total = 0;
     for (int64_t i = 0; i < G; ++i) {
-      const int q = std::clamp(static_cast<int>(std::nearbyint(buf[k0 + i] * id)), -127, 127);
+      const int q = std::clamp(static_cast<int>(std::nearbyint(value(k0 + i) * id)), -127, 127);
       a[k0 + i] = static_cast<int8_t>(q);
       total += q;
     }
-#endif
-    dx[g] = d;
-    comp[g] = -128 * total;
+    dx[k0 / G] = d;
+    comp[k0 / G] = -128 * total;
   }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// x[i] for the lanes i < n (0 in the rest) as fp32.
+inline __m512 load16(const float* x, int64_t n) {
+  return n >= 16 ? _mm512_loadu_ps(x)
+                 : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), x);
+}
+inline __m512 load16(const vec::bf16_t* x, int64_t n) {
+  const __m256i bits =
+      n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))
+              : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// v[0..15] -> one vector whose lane j is op over v[j]'s 16 lanes, by a tree of shuffles that
+// pairs vectors (4 levels, 45 instructions for 16 reductions, against ~8 each one by one).
+// For max and integer sums (exact in any order) the values are those of one-by-one
+// reductions.
+template <typename Op>
+__attribute__((always_inline)) inline __m512 reduce16(__m512* v, const Op& op) {
+  static const __m512i order = [] {  // the tree's lane of each vector's reduction
+    __m512 probe[16];
+    for (int j = 0; j < 16; ++j) probe[j] = _mm512_set1_ps(static_cast<float>(j));
+    __m512 lanes = reduce16_tree(probe, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); });
+    alignas(64) float at[16];
+    _mm512_store_ps(at, lanes);
+    alignas(64) int32_t index[16];
+    for (int k = 0; k < 16; ++k) index[static_cast<int>(at[k])] = k;
+    return _mm512_load_si512(index);
+  }();
+  return _mm512_permutexvar_ps(order, reduce16_tree(v, op));
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// Blocks g0 .. g0 + nb - 1 (nb <= 16) of a row, V vectors of 16 inputs each (V = G / 16; 0:
+// G / 16 read from `G`); `full`: every input of them lies below K (no masked loads).
+template <int V, bool kFull, typename X>
+inline void quantize_blocks(const X* x, int64_t K, int64_t G, int64_t g0, int nb, int8_t* a,
+                            float* dx, int32_t* comp) {
+  const int64_t vectors = V > 0 ? V : G / 16;
+  const auto load = [&](int64_t k) {
+    return load16(x + k, kFull ? 16 : std::clamp<int64_t>(K - k, 0, 16));
+  };
+  const auto fmax = [](__m512 u, __m512 v) { return _mm512_max_ps(u, v); };
+  const auto iadd = [](__m512 u, __m512 v) {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(u), _mm512_castps_si512(v)));
+  };
+  __m512 v[16];
+  for (int j = 0; j < 16; ++j) {
+    __m512 mx = _mm512_setzero_ps();
+    if (j < nb) {
+      const int64_t k0 = (g0 + j) * G;
+      for (int64_t i = 0; i < vectors; ++i) {
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(load(k0 + 16 * i)));
+      }
+    }
+    v[j] = mx;
+  }
+  const __m512 d = _mm512_div_ps(reduce16(v, fmax), _mm512_set1_ps(127.0f));
+  const __mmask16 nonzero = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+  alignas(64) float id[16];
+  _mm512_store_ps(id, _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.0f), d));
+  const __mmask16 valid = static_cast<__mmask16>((1u << nb) - 1);
+  _mm512_mask_storeu_ps(dx + g0, valid, d);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int j = 0; j < 16; ++j) {
+    __m512i sum = _mm512_setzero_si512();
+    if (j < nb) {
+      const int64_t k0 = (g0 + j) * G;
+      const __m512 vid = _mm512_set1_ps(id[j]);
+      for (int64_t i = 0; i < vectors; ++i) {
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load(k0 + 16 * i), vid));
+        q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+        sum = _mm512_add_epi32(sum, q);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a + k0 + 16 * i), _mm512_cvtepi32_epi8(q));
+      }
+    }
+    v[j] = _mm512_castsi512_ps(sum);
+  }
+  const __m512i total = _mm512_castps_si512(reduce16(v, iadd));
+  _mm512_mask_storeu_epi32(comp + g0, valid, _mm512_mullo_epi32(total, _mm512_set1_epi32(-128)));
+}
+
+template <int V, typename X>
+void quantize_row_vector(const X* x, int64_t K, int64_t Kp, int64_t G, int8_t* a, float* dx,
+                         int32_t* comp) {
+  const int64_t groups = Kp / G;
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int nb = static_cast<int>(std::min<int64_t>(16, groups - g0));
+    if ((g0 + nb) * G <= K) {
+      quantize_blocks<V, true>(x, K, G, g0, nb, a, dx, comp);
+    } else {
+      quantize_blocks<V, false>(x, K, G, g0, nb, a, dx, comp);
+    }
+  }
+}
+#endif
+
+// The vector form: blocks 16 at a time, x read in place (twice, while in L1: the maxima, then
+// the values), the 16 maxima and sums each by one reduce16; the same values as the scalar form.
+template <typename X>
+void quantize_row(const X* x, int64_t K, int64_t Kp, int64_t G, int8_t* a, float* dx,
+                  int32_t* comp) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  switch (G) {
+    case 16: return quantize_row_vector<1>(x, K, Kp, G, a, dx, comp);
+    case 32: return quantize_row_vector<2>(x, K, Kp, G, a, dx, comp);
+    case 64: return quantize_row_vector<4>(x, K, Kp, G, a, dx, comp);
+    default: return quantize_row_vector<0>(x, K, Kp, G, a, dx, comp);
+  }
+#else
+  quantize_row_scalar(x, K, Kp, G, a, dx, comp);
+#endif
 }
 
 // sums[r * kCols + j] for rows m0 .. m0 + R - 1 and the panel's columns j (panel: [Kp / 4]
 // [kCols][4] bytes, scales [groups][kCols]).
-using TileFn = void (*)(const Acts&, int64_t, const uint8_t*, const float*, float*);
+// Fetches p's 64-byte lines begin .. end - 1 into L2.
+inline void prefetch_lines(const uint8_t* p, int64_t begin, int64_t end) {
+  for (int64_t line = begin; line < end; ++line) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + 64 * line), _MM_HINT_T1);
+  }
+}
+
+// Lines a tile fetches into L2 per group as it goes (pf[0 : 64 * kPrefetchLines * groups]):
+// the next panel's weights, fetched a few at a time between the group's products.
+constexpr int64_t kPrefetchLines = 2;
+using TileFn = void (*)(const Acts&, int64_t, const uint8_t*, const float*, float*,
+                        const uint8_t* pf);
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // acc += VPDPBUSD(u, b) in place. NOTE: with the intrinsic, GCC copied each of the tile's int32
@@ -128,13 +263,16 @@ inline void dpbusd(__m512i& acc, __m512i u, __m512i b) {
 }
 
 template <int R>
-void tile_vnni(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps, float* sums) {
+void tile_vnni(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps, float* sums,
+               const uint8_t* pf) {
   const int64_t G4 = A.G / 4;
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const int8_t* a[R];
   for (int r = 0; r < R; ++r) a[r] = A.a + (m0 + r) * A.Kp;
   for (int64_t g = 0; g < A.groups; ++g) {
+    _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * kPrefetchLines * g), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * kPrefetchLines * g + 64), _MM_HINT_T1);
     __m512i p[R][2];
     for (int r = 0; r < R; ++r) {
       p[r][0] = p[r][1] = _mm512_set1_epi32(A.comp[(m0 + r) * A.groups + g]);
@@ -168,7 +306,8 @@ void tile_vnni(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps,
 
 #if defined(__AVX2__)
 template <int R>
-void tile_avx2(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps, float* sums) {
+void tile_avx2(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps, float* sums,
+               const uint8_t* pf) {
   const int64_t G4 = A.G / 4;
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i sign_bit = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -176,6 +315,8 @@ void tile_avx2(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps,
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
   for (int64_t g = 0; g < A.groups; ++g) {
+    _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * kPrefetchLines * g), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * kPrefetchLines * g + 64), _MM_HINT_T1);
     __m256i p[R][4];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < 4; ++c) p[r][c] = _mm256_setzero_si256();
@@ -213,7 +354,9 @@ void tile_avx2(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps,
 #endif
 
 template <int R>
-void tile_scalar(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps, float* sums) {
+void tile_scalar(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps, float* sums,
+                 const uint8_t* pf) {
+  (void)pf;
   for (int r = 0; r < R; ++r) {
     const int8_t* a = A.a + (m0 + r) * A.Kp;
     for (int64_t j = 0; j < kCols; ++j) {
@@ -231,22 +374,42 @@ void tile_scalar(const Acts& A, int64_t m0, const uint8_t* panel, const float* p
   }
 }
 
+// The AVX2 and scalar forms take up to 4 rows at a time: 5 as 4 + 1.
+#define PAGEDLLM_UP_TO_4_ROWS(tile)                                                          \
+  template <int R>                                                                          \
+  void tile##_rows(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps,        \
+                   float* sums, const uint8_t* pf) {                      \
+    if constexpr (R <= 4) {                                                                 \
+      tile<R>(A, m0, panel, ps, sums, pf);                                                  \
+    } else {                                                                                \
+      tile<4>(A, m0, panel, ps, sums, pf);                                                  \
+      tile<R - 4>(A, m0 + 4, panel, ps, sums + 4 * kCols, pf);                              \
+    }                                                                                       \
+  }
+#if defined(__AVX2__)
+PAGEDLLM_UP_TO_4_ROWS(tile_avx2)
+#endif
+PAGEDLLM_UP_TO_4_ROWS(tile_scalar)
+#undef PAGEDLLM_UP_TO_4_ROWS
+static_assert(kRows <= 8, "the AVX2 and scalar forms split a tile in two at most");
+
 TileFn tile_fn(Isa isa, int rows) {
 #define PAGEDLLM_TILES(tile)                                    \
   switch (rows) {                                               \
     case 1: return tile<1>;                                     \
     case 2: return tile<2>;                                     \
     case 3: return tile<3>;                                     \
+    case 4: return tile<4>;                                     \
     default: return tile<kRows>;                                \
   }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (isa == kVnni512) PAGEDLLM_TILES(tile_vnni)
 #endif
 #if defined(__AVX2__)
-  if (isa == kAvx2) PAGEDLLM_TILES(tile_avx2)
+  if (isa == kAvx2) PAGEDLLM_TILES(tile_avx2_rows)
 #endif
   (void)isa;
-  PAGEDLLM_TILES(tile_scalar)
+  PAGEDLLM_TILES(tile_scalar_rows)
 #undef PAGEDLLM_TILES
 }
 
@@ -270,20 +433,29 @@ template <typename O, typename X>
 void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t N, int64_t K,
                 const uint8_t* bytes, const float* scales, int64_t groups, const float* bias) {
   const int64_t Kp = padded_k(K), G = Kp / groups;
-  std::vector<int8_t> a(M * Kp);
-  std::vector<float> dx(M * groups);
-  std::vector<int32_t> comp(M * groups);
+  // The quantized activations, in buffers kept by the calling thread between calls (a fresh
+  // prefill-sized allocation is mapped and faulted in page by page every call).
+  // (Pointers taken here: inside the parallel regions a thread_local names the worker's own.)
+  thread_local std::vector<int8_t> a_buffer;
+  thread_local std::vector<float> dx_buffer;
+  thread_local std::vector<int32_t> comp_buffer;
+  if (static_cast<int64_t>(a_buffer.size()) < M * Kp) a_buffer.resize(M * Kp);
+  if (static_cast<int64_t>(dx_buffer.size()) < M * groups) {
+    dx_buffer.resize(M * groups);
+    comp_buffer.resize(M * groups);
+  }
+  int8_t* const a = a_buffer.data();
+  float* const dx = dx_buffer.data();
+  int32_t* const comp = comp_buffer.data();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(Kp);
     for (int64_t m = begin; m < end; ++m) {
-      quantize_row(x + m * ldx, K, Kp, G, buf.data(), a.data() + m * Kp, dx.data() + m * groups,
-                   comp.data() + m * groups);
+      quantize_row(x + m * ldx, K, Kp, G, a + m * Kp, dx + m * groups, comp + m * groups);
     }
   });
-  const Acts acts{a.data(), dx.data(), comp.data(), Kp, groups, G};
+  const Acts acts{a, dx, comp, Kp, groups, G};
   const Isa isa = active_isa();
-  const TileFn tiles[kRows + 1] = {nullptr, tile_fn(isa, 1), tile_fn(isa, 2), tile_fn(isa, 3),
-                                   tile_fn(isa, 4)};
+  TileFn tiles[kRows + 1] = {nullptr};
+  for (int r = 1; r <= kRows; ++r) tiles[r] = tile_fn(isa, r);
   const int64_t num_panels = (N + kCols - 1) / kCols;
   // NOTE: the row block depends on K alone; no output depends on it (or on the tile) anyway.
   const int64_t mb = std::max<int64_t>(kRows, kBlockBytes / Kp / kRows * kRows);
@@ -304,10 +476,27 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t
       panel = tail.data();
     }
     const float* ps = scales + p * groups * kCols;
+    // The next panel in memory (this thread's next item) is fetched into L2 while this one is
+    // computed, kPrefetchLines per group of each tile (what the tiles do not cover, at the
+    // start): at a few dozen rows the first tile otherwise waits on memory for each line of
+    // its panel, and a burst of a whole panel's prefetches stalls on the misses in flight.
+    // Without a next panel the tiles fetch this one's lines, in cache by then.
+    const int64_t num_tiles = (m_end - m_begin + kRows - 1) / kRows;
+    const int64_t per_tile = kPrefetchLines * groups;
+    const uint8_t* next = panel;
+    int64_t next_lines = per_tile;
+    if (p + 1 < num_panels) {
+      next = bytes + (n0 + kCols) * Kp;
+      next_lines = (std::min(kCols, N - n0 - kCols) * Kp + 63) / 64;
+    }
+    const int64_t uncovered = std::max<int64_t>(0, next_lines - num_tiles * per_tile);
+    const int64_t last_first = std::max<int64_t>(0, next_lines - per_tile);
+    prefetch_lines(next, 0, uncovered);
     alignas(64) float sums[kRows * kCols];
-    for (int64_t m0 = m_begin; m0 < m_end; m0 += kRows) {
+    for (int64_t m0 = m_begin, t = 0; m0 < m_end; m0 += kRows, ++t) {
+      const int64_t first = std::min(uncovered + t * per_tile, last_first);
       const int R = static_cast<int>(std::min<int64_t>(kRows, m_end - m0));
-      tiles[R](acts, m0, panel, ps, sums);
+      tiles[R](acts, m0, panel, ps, sums, next + 64 * first);
       store_tile(out, ldo, m0, R, n0, width, sums, bias);
     }
   });
