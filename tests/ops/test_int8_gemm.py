@@ -115,3 +115,36 @@ def test_panels_take_8_bit_activations_only() -> None:
         cpu_ops().int8_linear(out, torch.randn(2, 64), q, scales, torch.empty(0), True, 16)
     with pytest.raises(RuntimeError, match="group"):
         cpu_ops().pack_int8_panels(torch.randn(8, 64), 0)
+
+
+def quantized_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] per row in blocks of `group` (the row zero-padded to a multiple of 64): q =
+    round_even(x * (1 / d)) clipped to +-127, d = max |block| / 127, in fp32 as the kernel does."""
+    k = x.shape[1]
+    blocks = F.pad(x.float(), (0, -k % 64)).reshape(x.shape[0], -1, group)
+    d = blocks.abs().amax(2, keepdim=True) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inv).clamp(-127, 127)
+    return q.reshape(x.shape[0], -1)[:, :k], d.squeeze(2)
+
+
+@pytest.mark.parametrize("k,group", [(100, 32), (576, 32), (1100, 32), (200, 16), (576, 64),
+                                     (384, 192)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activations_quantized_exactly(k: int, group: int, dtype: torch.dtype) -> None:
+    """Through an identity weight (each row's one weight 127 steps of 1/127) output n is
+    fma(127 * q[n], ws * d, 0): the activations' int8 values and scales bit for bit, for every
+    block width, blocks past 16 per row and a ragged last block."""
+    gen = torch.Generator().manual_seed(k + group)
+    q_weight, scales = cpu_ops().pack_int8_panels(torch.eye(k), group)
+    ws = torch.tensor(1 / 127, dtype=torch.float32)
+    assert torch.all(scales[:, :, :][scales != 0] == ws)
+    x = (torch.randn(7, k, generator=gen) * 3).to(dtype)
+    x[2, : min(k, group + 5)] = 0  # a block of zeros (d = 0) and one partly
+    q, d = quantized_activations(x, group)
+    blocks_of = torch.arange(k) // group
+    expected = (127 * q) * (ws * d[:, blocks_of])
+    for rows in (1, 7):
+        out = torch.empty(rows, k)
+        cpu_ops().int8_linear(out, x[:rows], q_weight, scales, torch.empty(0))
+        assert torch.equal(out, expected[:rows]), rows
