@@ -47,6 +47,7 @@ _SOURCES = (
     "quant_gguf.cpp",
     "quant_int8.cpp",
     "quant_panels.cpp",
+    "quant_panels_gemm.cpp",
     "int8_gemm.cpp",
 )
 _HEADERS = ("vec.h", "ops.h", "deal.h", "quant.h", "int8_gemm.h")

@@ -92,6 +92,25 @@ int active_quant_isa();
 void panel_linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
                   int64_t activation_bits);
 
+// Activations quantized for the panel kernel (quant_panels.cpp's layout): row m's block b at
+// a + (m * nb + b) * 32 * planes, its scale dx[m * nb + b], its term corr[m * nb + b].
+struct PanelGemmActs {
+  const int8_t* a;
+  const float* dx;
+  const int32_t* corr;
+  int64_t nb;
+};
+
+// Rows m0 .. m_end - 1 of a panel kernel's work item times its panels pan[0 .. num_panels)
+// (weight rows n0 ..), in the many-row tiles of quant_panels_gemm.cpp, stored to out (bf16 or
+// fp32, row stride ldo) with bias (or null) as the panel kernel stores them: bit for bit its
+// outputs. Returns the first row it left to the panel kernel's tiles (m0 where it takes none:
+// another integer path, a partial panel pair).
+int64_t panel_gemm_rows(int64_t base, int planes, const PanelGemmActs& acts, int64_t m0,
+                        int64_t m_end, const uint8_t* const* pan, int64_t num_panels,
+                        int64_t n0, int64_t N, void* out, bool out_bf16, int64_t ldo,
+                        const float* bias);
+
 // The ops' entry points (also the torch ops of the same names, pagedllm_cpu::gguf_linear and
 // int8_linear): out = x @ W.T + bias for a GGUF weight kept as its blocks, uint8 [N, bytes
 // per row] of GGML type `format` (quant_gguf.cpp), and for a per-channel int8 weight from

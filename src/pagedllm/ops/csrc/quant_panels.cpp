@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -504,7 +505,8 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
         }
       }
     };
-    int64_t m0 = m_begin;
+    int64_t m0 = panel_gemm_rows(base, planes, {a, dx, corr, nb}, m_begin, m_end, pan, p1 - p0,
+                                 p0 * kRows, N, out, std::is_same_v<O, vec::bf16_t>, ldo, bias);
     for (; m0 + 4 <= m_end; m0 += 4) {
       for (int64_t s0 = 0; s0 < p1 - p0; s0 += 2) {
         tiles.r4(acts, m0, pan + s0, sums);

@@ -1,0 +1,78 @@
+"""The many-row tiles of the GGUF panel kernel (ops/csrc/quant_panels_gemm.cpp) against the
+panel kernel's own tiles, bit for bit.
+
+The reference is the scalar integer path, which never takes the many-row tiles (nor does the
+forced AVX2 one): every output of the VNNI kernel must equal it exactly at every row count
+1..300 (tiles of 4 rows, then the panel kernel's 1-3 row tiles; row blocks of 64 rows at
+K = 2048), for Q4_0, Q4_1 and Q8_0, 8- and 16-bit activations, fp32 and bf16, with and
+without bias, and a row's bits must be the same alone as in any batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from test_quant_kernels import isas, kernel_isa, panels, random_blocks
+
+from pagedllm.ops import cpu_ops, cpu_ops_error
+
+PANEL_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
+
+
+@pytest.fixture(autouse=True)
+def _need_ops() -> None:
+    if cpu_ops() is None:
+        pytest.skip(f"CPU ops unavailable: {cpu_ops_error()}")
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, fmt: int, bias, bits: int) -> torch.Tensor:
+    out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype)
+    cpu_ops().gguf_linear(out, x, packed, fmt, torch.empty(0) if bias is None else bias, True,
+                          bits)
+    return out
+
+
+def activations(rows: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    x[1] = 0.0  # a zero row: every sum is 0 (stored as +0 without bias)
+    x[2, :40] = 0.0  # an all-zero block (scale 0)
+    x[3] *= 1e4  # large values
+    return x
+
+
+@pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda q: q.name)
+def test_every_row_count_equals_the_panel_kernel(qtype: QT) -> None:
+    # 100 weight rows: 3 items of 2 whole panels (the many-row tiles), 4 rows as stored.
+    n, k = 100, 96
+    packed, fmt = panels(random_blocks(qtype, n, k, seed=20 + int(qtype)), qtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    for dtype, b, bits in [(torch.float32, bias, 16), (torch.bfloat16, None, 16),
+                           (torch.bfloat16, bias, 8), (torch.float32, None, 8)]:
+        x = activations(300, k, dtype, seed=int(qtype) + bits)
+        with kernel_isa("scalar"):
+            ref = linear(x, packed, fmt, b, bits)
+        for isa in isas():
+            with kernel_isa(isa):
+                counts = range(1, 301) if isa == "avx512_vnni" else [1, 7, 64, 300]
+                for rows in counts:
+                    out = linear(x[:rows], packed, fmt, b, bits)
+                    assert torch.equal(out, ref[:rows]), (isa, dtype, bits, rows)
+                for i in [0, 1, 2, 3, 150, 299]:
+                    assert torch.equal(linear(x[i:i + 1], packed, fmt, b, bits)[0], ref[i])
+
+
+@pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda q: q.name)
+def test_row_blocks_and_a_wide_weight(qtype: QT) -> None:
+    # K = 2048: row blocks of 64 rows (16-bit) or 128 (8-bit); 160 weight rows, 5 items.
+    n, k = 160, 2048
+    packed, fmt = panels(random_blocks(qtype, n, k, seed=30 + int(qtype)), qtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    for bits in [8, 16]:
+        x = activations(261, k, torch.bfloat16, seed=40 + bits)
+        with kernel_isa("scalar"):
+            ref = linear(x, packed, fmt, bias, bits)
+        for isa in isas():
+            with kernel_isa(isa):
+                for rows in [4, 63, 64, 65, 130, 261]:
+                    assert torch.equal(linear(x[:rows], packed, fmt, bias, bits), ref[:rows])
