@@ -10,6 +10,8 @@ without bias, and a row's bits must be the same alone as in any batch.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
@@ -76,3 +78,32 @@ def test_row_blocks_and_a_wide_weight(qtype: QT) -> None:
             with kernel_isa(isa):
                 for rows in [4, 63, 64, 65, 130, 261]:
                     assert torch.equal(linear(x[:rows], packed, fmt, bias, bits), ref[:rows])
+
+
+@pytest.mark.slow  # ~20 s of CPU, 45-90 s on the shared machine
+def test_a_gguf_request_is_batch_invariant(tmp_path) -> None:
+    """Through the engine on the quantized path (a tiny GGUF: Q8_0, Q4_0 and Q4_1 panels): a
+    request's tokens and logprobs alone equal those among others of random lengths (steps of
+    1 to ~600 rows: the many-row tiles and every remainder tile), and prefilled in chunks."""
+    from engine.test_batch_invariance import difference, others, random_prompt, run, target_params
+    from models.test_quantized import write_tiny_llama_gguf
+
+    from pagedllm import LLM
+
+    path = tmp_path / "tiny-llama.gguf"
+    write_tiny_llama_gguf(path, {"attn_v": "Q4_0", "ffn_gate": "Q4_1", "ffn_up": "Q4_1"})
+    base = {"dtype": "bfloat16", "quantization": "auto", "block_size": 16, "num_kv_blocks": 256,
+            "seed": 0}
+    rng = random.Random(0)
+    target = random_prompt(rng, 200, vocab=4096)
+    params = target_params("greedy")
+    reference = run(LLM(str(path), **base), target, params)
+    failures = []
+    for budget in [2048, 61]:
+        crowd = others(rng, 6, max_len=150, vocab=4096)
+        llm = LLM(str(path), **dict(base, max_num_batched_tokens=budget))
+        problem = difference(run(llm, target, params, crowd, rng.randint(0, len(crowd))),
+                             reference)
+        if problem is not None:
+            failures.append(f"budget {budget}: {problem}")
+    assert not failures, "\n".join(failures)
