@@ -505,6 +505,8 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
         }
       }
     };
+    // Whole 4-row tiles of a whole panel pair: quant_panels_gemm.cpp (each output's operations
+    // as here, stored as vectors); the tiles below take what it leaves.
     int64_t m0 = panel_gemm_rows(base, planes, {a, dx, corr, nb}, m_begin, m_end, pan, p1 - p0,
                                  p0 * kRows, N, out, std::is_same_v<O, vec::bf16_t>, ldo, bias);
     for (; m0 + 4 <= m_end; m0 += 4) {
