@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "quant.h"
 #include "vec.h"
 
 namespace pagedllm {
@@ -55,24 +56,23 @@ constexpr int64_t kInt8Format = 1000;
 
 // out = x @ W.T + b for a quantized weight, as GGUFLinearMethod / Int8LinearMethod.apply call
 // their kernels (activations quantized per row): `weight` the GGUF blocks or int8 rows,
-// `scales` the int8 rows' scales (empty for GGUF). Called through the dispatcher by name: the
-// kernels' files own their entry points and options.
+// `scales` the int8 rows' scales (empty for GGUF). int8 goes through the dispatcher by name
+// (its file owns its entry point and options); GGUF through quant.h's entry point.
 void quantized_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                       const at::Tensor& bias, int64_t format, const at::Tensor& scales) {
-  static const c10::OperatorHandle gguf =
-      c10::Dispatcher::singleton().findSchemaOrThrow("pagedllm_cpu::gguf_linear", "");
-  static const c10::OperatorHandle int8 =
+  if (format != kInt8Format) {
+    // NOTE: called directly (its options at quant.h's defaults, those of the op's schema): a
+    // boxed call's stack of arguments cost about a microsecond, 120 times per decode step.
+    quant::gguf_linear(out, x, weight, format, bias);
+    return;
+  }
+  static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pagedllm_cpu::int8_linear", "");
-  const c10::OperatorHandle& op = format == kInt8Format ? int8 : gguf;
   torch::jit::Stack stack;
   stack.emplace_back(out);
   stack.emplace_back(x);
   stack.emplace_back(weight);
-  if (format == kInt8Format) {
-    stack.emplace_back(scales);
-  } else {
-    stack.emplace_back(format);
-  }
+  stack.emplace_back(scales);
   stack.emplace_back(bias);
   // The rest (quantize_activations and any later options) at their defaults, as apply() leaves
   // them.
