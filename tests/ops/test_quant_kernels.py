@@ -345,3 +345,30 @@ def test_a_tied_embedding_reads_the_packed_blocks() -> None:
     cpu_ops().gguf_dequantize_rows(out, embedding, fmt, ids)
     ref = torch.from_numpy(dequantize(raw_np, QT.Q8_0).astype(np.float32))
     assert torch.equal(out, ref[ids])
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q8_0], ids=lambda q: q.name)
+def test_panel_prefetch_changes_no_bits(qtype: QT) -> None:
+    """The tiles' prefetching (set_panel_prefetch_bytes, a tuning hook) moves no result: the
+    same bits with none, with a short and with the default distance, past the weight's end
+    included (100 rows: 6 panels, then 4 rows repacked per call), bf16 outputs with and
+    without a bias (whole panels are stored in vectors, the rest one value at a time)."""
+    raw_np = random_blocks(qtype, 100, 576, seed=14)
+    packed, fmt = panels(raw_np, qtype)
+    gen = torch.Generator().manual_seed(6)
+    bias = torch.randn(100, generator=gen)
+    x = torch.randn(5, 576, generator=gen).bfloat16()
+    results = []
+    try:
+        for distance in (0, 64, 2048):
+            cpu_ops().set_panel_prefetch_bytes(distance)
+            results.append([panel_linear(x[:rows], packed, fmt, b)
+                            for rows in (1, 5) for b in (None, bias)])
+    finally:
+        cpu_ops().set_panel_prefetch_bytes(2048)
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            assert torch.equal(got, want)
+    # The vector stores round as the scalar ones: a row's bits alone are those of its batch.
+    for alone, batch in ((results[0][0], results[0][2]), (results[0][1], results[0][3])):
+        assert torch.equal(alone[0], batch[0])
