@@ -16,14 +16,15 @@ def assert_pool_consistent(pool: BlockPool) -> None:
     assert pool.num_free_blocks + pool.num_used_blocks == pool.num_blocks
 
 
-def test_pool_allocates_from_front_and_frees_to_back():
+def test_pool_reuses_freed_blocks_last_freed_first_before_never_used_ones():
     pool = BlockPool(4)
     assert [pool.allocate() for _ in range(3)] == [0, 1, 2]
-    assert pool.free_block_ids() == [3]
+    assert pool.free_block_ids() == [3] and pool.num_touched_blocks == 3
     pool.free(1)
     pool.free(0)
-    assert pool.free_block_ids() == [3, 1, 0]
-    assert pool.allocate() == 3
+    assert pool.free_block_ids() == [0, 1, 3]
+    assert [pool.allocate() for _ in range(3)] == [0, 1, 3]
+    assert pool.num_touched_blocks == 4
     assert_pool_consistent(pool)
 
 
@@ -35,7 +36,7 @@ def test_pool_reference_counts():
     pool.free(block)
     assert pool.ref_count(block) == 1 and block not in pool.free_block_ids()
     pool.free(block)
-    assert pool.ref_count(block) == 0 and pool.free_block_ids() == [1, 0]
+    assert pool.ref_count(block) == 0 and pool.free_block_ids() == [0, 1]
     assert_pool_consistent(pool)
 
 
@@ -77,8 +78,8 @@ def test_free_returns_tail_first_and_everything():
     manager.allocate_slots("a", 0, 6)  # 0, 1, 2
     manager.allocate_slots("b", 0, 2)  # 3
     manager.free("a")
-    # Remaining free block 4, then a's blocks tail first.
-    assert manager.pool.free_block_ids() == [4, 2, 1, 0]
+    # a's blocks, freed tail first, are reused last freed first; then the never-used block 4.
+    assert manager.pool.free_block_ids() == [0, 1, 2, 4]
     manager.free("b")
     manager.free("b")  # freeing twice is a no-op for an unknown request
     assert manager.num_free_blocks == 5

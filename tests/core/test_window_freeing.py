@@ -19,18 +19,19 @@ def test_blocks_before_the_window_are_freed_and_skipped_everywhere() -> None:
     manager.allocate_slots("a", 14, 1)
     assert manager.get_block_table("a") == [NULL_BLOCK, NULL_BLOCK, 2, 3]
     assert manager.num_free_blocks == 8 and manager.num_logical_blocks() == 2
-    # Token 16 (sees 11-16) opens block 4 and kills block 2.
+    # Token 16 (sees 11-16) opens a block, the freed block 0 before a never-used one, and
+    # kills block 2.
     manager.allocate_slots("a", 15, 2)
-    assert manager.get_block_table("a") == [NULL_BLOCK, NULL_BLOCK, 2, 3, 4]
+    assert manager.get_block_table("a") == [NULL_BLOCK, NULL_BLOCK, 2, 3, 0]
     manager.allocate_slots("a", 17, 1)  # token 17 sees 12-17: block 2 (8-11) goes
-    assert manager.get_block_table("a") == [NULL_BLOCK] * 3 + [3, 4]
+    assert manager.get_block_table("a") == [NULL_BLOCK] * 3 + [3, 0]
     assert manager.num_free_blocks == 8
     # A fork shares the live blocks only.
     manager.fork("a", "b")
     assert manager.pool.ref_count(3) == 2 and manager.num_free_blocks == 8
     # Swapping moves the live blocks once and keeps the NULL entries.
     copies = manager.swap_out(["a", "b"])
-    assert [src for src, _ in copies] == [3, 4] and manager.num_free_blocks == 10
+    assert [src for src, _ in copies] == [0, 3] and manager.num_free_blocks == 10
     assert manager._cpu_tables["a"][:3] == [NULL_BLOCK] * 3
     manager.swap_in(["a", "b"])
     assert manager.get_block_table("b")[:3] == [NULL_BLOCK] * 3
@@ -52,7 +53,11 @@ def test_a_prefill_keeps_every_block_its_queries_see() -> None:
     manager.cache_full_blocks("a", hashes, list(range(40)), 40)
     manager.allocate_slots("a", 40, 1)  # token 40 sees 35-40: blocks 0-7 go, still cached
     assert manager.get_block_table("a")[:8] == [NULL_BLOCK] * 8
-    assert manager.num_free_blocks == 20 - 3 and manager.pool.num_cached_blocks == 10
+    # Block 10 is the freed block evicted first (7, the deepest, freed first), not a never-used
+    # one; blocks 0-6 stay cached.
+    assert manager.get_block_table("a")[10] == 7
+    assert manager.num_free_blocks == 20 - 3 and manager.pool.num_cached_blocks == 9
+    assert all(manager.pool.block_hash[b] == b + 1 for b in range(7))
     assert manager.cache_full_blocks("a", hashes, list(range(41)), 41) == 10
 
 

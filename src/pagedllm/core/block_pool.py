@@ -1,5 +1,6 @@
 """Physical KV-cache blocks of one pool: O(1) allocation and freeing, reference counts, and the
-prefix cache (hash -> block) with lazy LRU eviction."""
+prefix cache (hash -> block) with lazy LRU eviction; blocks handed out before are reused before
+a never-used one, so that a pool committed as it is used stays as small as the work."""
 
 from __future__ import annotations
 
@@ -24,14 +25,31 @@ class BlockPool:
     """Owns the reference counts of `num_blocks` physical blocks and the prefix cache.
 
     Invariants:
-      - a block is in the free queue exactly when its reference count is 0;
+      - a block is free exactly when its reference count is 0;
       - `num_free_blocks + num_used_blocks == num_blocks`;
+      - blocks [0, num_touched_blocks) have been handed out at least once, the rest never;
       - `hash_to_block[h] == b` implies `block_hash[b] == h` (a freed block keeps its hash and
         stays findable until it is handed out again: eviction is lazy).
 
-    The free queue is an LRU: freed blocks go to the back, allocation takes from the front.
-    NOTE: callers free a table tail first, so within one request the last blocks, which the
-    fewest other requests can share, are evicted first.
+    Which free block `allocate` hands out, in this order:
+      1. a touched block with no cached hash, the most recently freed first (it holds nothing
+         worth keeping, and its pages are the likeliest to be in the CPU's caches);
+      2. a touched cached block, least recently freed first (the prefix cache's LRU);
+         NOTE: callers free a table tail first, so within one request the last blocks, which
+         the fewest other requests can share, are evicted first;
+      3. a never-touched block, lowest id first.
+
+    Why cached blocks are evicted before a never-touched block is taken: the host KV pool is
+    reserved and its pages committed only a little ahead of the highest block written
+    (worker/kv_commit.py), so each never-touched block handed out makes resident memory grow
+    for good, while an evicted block costs only a possible later prefix hit. With this order
+    `num_touched_blocks` is exactly the peak number of blocks in use at once, so resident
+    memory follows the work (issue 30) instead of walking through the whole pool as freed
+    blocks queue behind never-used ones. The prefix cache keeps what it is worth most: every
+    block in use (shared by reference) and, in LRU order, as many freed blocks as the busiest
+    moment so far left room for, the same blocks an LRU over the whole pool would keep first.
+    What it gives up is history beyond that: a prefix last used before more than
+    `num_touched_blocks - num_used_blocks` other freed blocks is recomputed.
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool = False) -> None:
@@ -40,8 +58,13 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self._ref_counts = [0] * num_blocks
-        # OrderedDict as an O(1) LRU queue: popitem(last=False), pop(key) and append are O(1).
-        self._free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Free touched blocks without a cached hash: a LIFO stack.
+        self._free_uncached: list[int] = []
+        # Free touched blocks with a cached hash, an O(1) LRU queue: popitem(last=False),
+        # pop(key) and append are O(1).
+        self._free_cached: OrderedDict[int, None] = OrderedDict()
+        # Blocks [num_touched_blocks, num_blocks) were never handed out (all free).
+        self.num_touched_blocks = 0
         self.block_hash: list[int | None] = [None] * num_blocks
         self._block_keys: list[CachedBlockKey | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
@@ -49,11 +72,12 @@ class BlockPool:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_queue)
+        return (len(self._free_uncached) + len(self._free_cached)
+                + self.num_blocks - self.num_touched_blocks)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free_queue)
+        return self.num_blocks - self.num_free_blocks
 
     @property
     def num_cached_blocks(self) -> int:
@@ -67,14 +91,22 @@ class BlockPool:
         return list(self._ref_counts), list(self.block_hash)
 
     def free_block_ids(self) -> list[int]:
-        """The free queue in allocation order (front first); for tests and statistics."""
-        return list(self._free_queue)
+        """The free blocks in the order `allocate` hands them out; for tests and statistics."""
+        return [*reversed(self._free_uncached), *self._free_cached,
+                *range(self.num_touched_blocks, self.num_blocks)]
 
     def allocate(self) -> int:
-        """Takes the least recently freed block, evicting its cached hash if it has one."""
-        if not self._free_queue:
+        """Takes a free block (see the class docstring for which), evicting its cached hash if
+        it has one."""
+        if self._free_uncached:
+            block_id = self._free_uncached.pop()
+        elif self._free_cached:
+            block_id, _ = self._free_cached.popitem(last=False)
+        elif self.num_touched_blocks < self.num_blocks:
+            block_id = self.num_touched_blocks
+            self.num_touched_blocks += 1
+        else:
             raise NoFreeBlocksError("no free KV blocks")
-        block_id, _ = self._free_queue.popitem(last=False)
         assert self._ref_counts[block_id] == 0
         self._evict(block_id)
         self._ref_counts[block_id] = 1
@@ -86,11 +118,14 @@ class BlockPool:
         self._ref_counts[block_id] += 1
 
     def free(self, block_id: int) -> None:
-        """Drops one reference; the block returns to the free queue when none are left."""
+        """Drops one reference; the block is free again when none are left."""
         assert self._ref_counts[block_id] > 0, f"block {block_id} freed twice"
         self._ref_counts[block_id] -= 1
         if self._ref_counts[block_id] == 0:
-            self._free_queue[block_id] = None
+            if self.block_hash[block_id] is None:
+                self._free_uncached.append(block_id)
+            else:
+                self._free_cached[block_id] = None
 
     # ---- prefix cache --------------------------------------------------------------------
 
@@ -107,7 +142,8 @@ class BlockPool:
     def touch(self, block_id: int) -> None:
         """Takes a reference to a cached block, reviving it from the free queue if needed."""
         if self._ref_counts[block_id] == 0:
-            del self._free_queue[block_id]
+            # Only cached blocks are found, and a free cached block waits in the LRU queue.
+            del self._free_cached[block_id]
         self._ref_counts[block_id] += 1
 
     def cache_block(
