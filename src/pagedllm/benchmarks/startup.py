@@ -9,12 +9,20 @@ table shows each phase's mean seconds, the ready time (process start to `LLM()` 
 first forward, and the peak and idle RSS. `serve`: the time from process start to the first
 `/health` 200, and the server's peak and idle RSS then. Both also give the CPU seconds (user +
 system) the process had used when ready: on a shared machine they move far less with the
-load than the wall-clock times do. The first start (cold: conversion,
-packing, native build, the page cache) is reported apart from the --num-starts warm ones.
-Results go as JSON to --output-json (default benchmarks/results/startup.json).
+load than the wall-clock times do. The first start is reported apart from the --num-starts
+warm ones; it finds what earlier runs left in pagedllm's cache folder (the converted model, the
+native ops, the packed weights, the config records), so it is "cold" only for the page cache.
+--cold makes it the first start after install: each mode's starts get a fresh, empty cache
+folder (PAGEDLLM_CACHE_DIR and the packed-weight and record folders pointed into it), so its
+first start converts the shipped GGUF, builds the native CPU ops (minutes on a loaded
+machine), packs the weights and writes them and the records, and the warm starts after it read
+that folder. The table then also shows how long the conversion and the native build took
+within the first start (from the fresh folder's lock and result files). Results go as JSON to
+--output-json (default benchmarks/results/startup.json).
 
     pagedllm bench startup                           # the shipped model, llm and serve, 3 starts
     pagedllm bench startup --mode llm --num-starts 5 --num-kv-blocks 64
+    pagedllm bench startup --mode llm --cold         # the first start after install
 
 (or `python -m pagedllm.benchmarks.startup ...`).
 """
@@ -24,9 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +82,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="warm starts timed after the first (cold) one")
     parser.add_argument("--output-json", default=str(RESULTS / "startup.json"),
                         help="where the results go (default: %(default)s)")
+    parser.add_argument("--cold", action="store_true",
+                        help="make the first start of each mode the first after install: a "
+                             "fresh cache folder (conversion, native build, packing; minutes)")
+    parser.add_argument("--cold-cache-dir", default=None,
+                        help="with --cold, make the fresh cache folders under this folder "
+                             "(default: the system's temporary folder); removed afterwards")
     EngineConfig.add_cli_args(parser)
 
 
@@ -79,6 +95,8 @@ def check_args(args: argparse.Namespace) -> None:
     """ValueError naming a flag out of range."""
     if args.num_starts < 1:
         raise ValueError("--num-starts must be at least 1")
+    if args.cold_cache_dir is not None and not args.cold:
+        raise ValueError("--cold-cache-dir needs --cold")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -102,15 +120,46 @@ def serve_flags(kwargs: dict) -> list[str]:
     return flags
 
 
-def _env(start: float) -> dict:
-    return {**os.environ, START_ENV: repr(start)}
+def cold_env(root: Path) -> dict[str, str]:
+    """The environment variables that point every cache pagedllm keeps between starts into
+    `root`: the cache folder (converted models, native ops build) and the folders the packed
+    weights and the config/tokenizer records may be moved out of it to."""
+    from pagedllm.models.hf_fast import RECORD_DIR_ENV
+    from pagedllm.models.packed_cache import CACHE_DIR_ENV
+
+    return {"PAGEDLLM_CACHE_DIR": str(root), CACHE_DIR_ENV: str(root / "packed_weights"),
+            RECORD_DIR_ENV: str(root / "hf_records")}
 
 
-def start_llm(kwargs: dict) -> dict:
+def cold_work_seconds(root: Path) -> dict[str, float | None]:
+    """How long the one-off work of a start in the fresh cache folder `root` took, from its
+    files: the native build from its lock taken (`torch_extensions/<build>.lock`) to its BUILT
+    stamp, the model's conversion from its lock (`models/<key>.lock`) to the last file of the
+    converted directory. None where that work did not happen (e.g. a model given as a
+    directory is not converted)."""
+    def span(lock: Path, end: float | None) -> float | None:
+        return None if end is None else end - lock.stat().st_mtime
+
+    out: dict[str, float | None] = {"native build": None, "conversion": None}
+    for lock in sorted(root.glob("torch_extensions/*.lock")):
+        built = lock.with_suffix("") / "BUILT"
+        out["native build"] = span(lock, built.stat().st_mtime if built.is_file() else None)
+    for lock in sorted(root.glob("models/*.lock")):
+        files = [f.stat().st_mtime for f in lock.with_suffix("").rglob("*") if f.is_file()]
+        out["conversion"] = span(lock, max(files) if files else None)
+    return out
+
+
+def _env(start: float, extra: dict[str, str] | None = None) -> dict:
+    return {**os.environ, **(extra or {}), START_ENV: repr(start)}
+
+
+def start_llm(kwargs: dict, extra_env: dict[str, str] | None = None) -> dict:
     """One `LLM()` start in a fresh process: its phases, ready time and memory."""
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", _LLM_CHILD, json.dumps(kwargs)],
-                          env=_env(start), capture_output=True, text=True, check=False)
+                          env=_env(start, extra_env), capture_output=True, text=True,
+                          check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STARTUP ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"LLM() start failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -133,7 +182,7 @@ def _status_mib(pid: int, key: str) -> float:
     return float("nan")
 
 
-def start_server(kwargs: dict) -> dict:
+def start_server(kwargs: dict, extra_env: dict[str, str] | None = None) -> dict:
     """One `pagedllm serve` start in a fresh process: seconds to the first /health 200, and
     the server's peak and idle RSS then."""
     port = _free_port()
@@ -141,7 +190,8 @@ def start_server(kwargs: dict) -> dict:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
          "--uvicorn-log-level", "warning", *serve_flags(kwargs)],
-        env=_env(start), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env=_env(start, extra_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
     try:
         while True:
             if proc.poll() is not None:
@@ -193,38 +243,63 @@ def summarize_llm(starts: list[dict]) -> dict:
 
 
 def print_table(result: dict) -> None:
+    first = "install (s)" if result.get("cold") else "first (s)"
     if "llm" in result:
         cold, warm = result["llm"]["cold"], result["llm"]["warm"]
-        print(f"{'LLM() phase':34s} {'first (s)':>10s} {'warm (s)':>10s}")
+        print(f"{'LLM() phase':34s} {first:>11s} {'warm (s)':>10s}")
         for name, seconds in warm["phases"].items():
-            print(f"{name:34s} {cold['phases'].get(name, 0.0):10.3f} {seconds:10.3f}")
+            print(f"{name:34s} {cold['phases'].get(name, 0.0):11.3f} {seconds:10.3f}")
         for key, label in (("ready_s", "LLM() ready"), ("ready_cpu_s", "LLM() ready, CPU s"),
                            ("first_forward_s", "first forward")):
-            print(f"{label:34s} {cold[key]:10.3f} {warm[key]:10.3f}")
+            print(f"{label:34s} {cold[key]:11.3f} {warm[key]:10.3f}")
+        _print_cold_work(result["llm"].get("cold_work"))
         for key, label in (("peak_rss_mib", "peak RSS (MiB)"), ("idle_rss_mib", "idle RSS (MiB)")):
-            print(f"{label:34s} {cold[key]:10.0f} {warm[key]:10.0f}")
+            print(f"{label:34s} {cold[key]:11.0f} {warm[key]:10.0f}")
     if "serve" in result:
         cold, warm = result["serve"]["cold"], result["serve"]["warm"]
-        print(f"{'pagedllm serve':34s} {'first':>10s} {'warm':>10s}")
-        print(f"{'/health 200 (s)':34s} {cold['health_s']:10.3f} {warm['health_s']:10.3f}")
-        print(f"{'/health 200, CPU s':34s} {cold['health_cpu_s']:10.3f} "
+        print(f"{'pagedllm serve':34s} {first[:-4]:>11s} {'warm':>10s}")
+        print(f"{'/health 200 (s)':34s} {cold['health_s']:11.3f} {warm['health_s']:10.3f}")
+        print(f"{'/health 200, CPU s':34s} {cold['health_cpu_s']:11.3f} "
               f"{warm['health_cpu_s']:10.3f}")
+        _print_cold_work(result["serve"].get("cold_work"))
         for key, label in (("peak_rss_mib", "peak RSS (MiB)"), ("idle_rss_mib", "idle RSS (MiB)")):
-            print(f"{label:34s} {cold[key]:10.0f} {warm[key]:10.0f}")
+            print(f"{label:34s} {cold[key]:11.0f} {warm[key]:10.0f}")
+
+
+def _print_cold_work(work: dict | None) -> None:
+    for name, seconds in (work or {}).items():
+        shown = "-" if seconds is None else f"{seconds:.3f}"
+        print(f"{'  of which ' + name:34s} {shown:>11s} {'-':>10s}")
+
+
+def _starts(start, kwargs: dict, num_starts: int, cold: bool,
+            cold_parent: str | None) -> tuple[dict, list[dict], dict | None]:
+    """The first start and `num_starts` warm ones; with `cold`, all in a fresh cache folder
+    (removed afterwards), and what the first start's one-off work took."""
+    if not cold:
+        return start(kwargs), [start(kwargs) for _ in range(num_starts)], None
+    root = Path(tempfile.mkdtemp(prefix="pagedllm-cold-", dir=cold_parent))
+    try:
+        env = cold_env(root)
+        first = start(kwargs, env)
+        work = cold_work_seconds(root)
+        return first, [start(kwargs, env) for _ in range(num_starts)], work
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
     kwargs = engine_kwargs(args)
-    result: dict = {"engine_kwargs": kwargs, "num_starts": args.num_starts}
+    result: dict = {"engine_kwargs": kwargs, "num_starts": args.num_starts, "cold": args.cold}
     if args.mode in ("llm", "both"):
-        cold = start_llm(kwargs)
-        warm = [start_llm(kwargs) for _ in range(args.num_starts)]
+        cold, warm, work = _starts(start_llm, kwargs, args.num_starts, args.cold,
+                                   args.cold_cache_dir)
         result["llm"] = {"cold": summarize_llm([cold]), "warm": summarize_llm(warm),
-                         "starts": warm}
+                         "starts": warm, "cold_work": work}
     if args.mode in ("serve", "both"):
-        cold = start_server(kwargs)
-        warm = [start_server(kwargs) for _ in range(args.num_starts)]
-        result["serve"] = {"cold": cold, "starts": warm, "warm": {
+        cold, warm, work = _starts(start_server, kwargs, args.num_starts, args.cold,
+                                   args.cold_cache_dir)
+        result["serve"] = {"cold": cold, "starts": warm, "cold_work": work, "warm": {
             k: _mean(warm, k) for k in ("health_s", "health_cpu_s", "peak_rss_mib",
                                         "idle_rss_mib")}}
     print_table(result)
