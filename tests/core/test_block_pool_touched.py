@@ -1,12 +1,13 @@
 """Resident memory that follows use (issue 30): the block pool hands out blocks it handed out
-before (free, then cached least recently freed first) before a never-used one, so the blocks
-ever touched stay exactly the peak in use at once, and the prefix cache still finds what it
-kept."""
+before (free, then, past its cache floor, cached least recently freed first) before a never-used
+one, so past the floor the blocks ever touched stay exactly the peak in use at once, and the
+prefix cache still finds what it kept."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 from test_block_manager import assert_pool_consistent
 from test_sharing import hashes_of
 
@@ -17,7 +18,7 @@ BLOCK_SIZE = 4
 
 
 def test_touched_blocks_are_reused_before_never_used_ones():
-    pool = BlockPool(8, enable_caching=True)
+    pool = BlockPool(8, enable_caching=True, cache_floor_blocks=0)
     blocks = [pool.allocate() for _ in range(4)]
     assert blocks == [0, 1, 2, 3] and pool.num_touched_blocks == 4
     pool.cache_block(1, block_hash=11, parent_hash=0, token_ids=[1])
@@ -34,10 +35,28 @@ def test_touched_blocks_are_reused_before_never_used_ones():
     assert_pool_consistent(pool)
 
 
+def test_below_the_floor_the_cache_grows_into_never_used_blocks():
+    pool = BlockPool(8, enable_caching=True, cache_floor_blocks=3)
+    assert [pool.allocate() for _ in range(2)] == [0, 1]
+    pool.cache_block(0, block_hash=10, parent_hash=0, token_ids=[0])
+    pool.cache_block(1, block_hash=11, parent_hash=10, token_ids=[1])
+    pool.free(1)
+    pool.free(0)
+    assert pool.free_block_ids() == [2, 1, 0, 3, 4, 5, 6, 7]
+    assert pool.allocate() == 2  # never used, the floor not reached: the cache is kept
+    assert pool.num_evictions == 0 and pool.lookup(11, 10, [1]) == 1
+    assert pool.allocate() == 1 and pool.num_evictions == 1  # past it: evicted first
+    assert pool.allocate() == 0 and pool.allocate() == 3
+    assert_pool_consistent(pool)
+    with pytest.raises(ValueError, match="cache_floor_blocks"):
+        BlockPool(8, cache_floor_blocks=-1)
+
+
 def test_requests_one_after_another_keep_reusing_the_same_blocks():
     """Before, freed blocks queued behind the never-used ones, and each request walked further
     into the pool."""
     manager = BlockManager(num_blocks=1000, block_size=BLOCK_SIZE, enable_prefix_caching=True)
+    manager.pool.cache_floor_blocks = 0
     rng = random.Random(0)
     for i in range(50):
         tokens = [rng.randrange(1000) for _ in range(rng.randint(5, 40))]
@@ -47,13 +66,15 @@ def test_requests_one_after_another_keep_reusing_the_same_blocks():
     assert manager.pool.num_touched_blocks == 10  # the longest request: 40 tokens
 
 
-def test_touched_blocks_are_the_peak_in_use_and_prefix_hits_are_still_found():
+@pytest.mark.parametrize("floor", [0, 30])
+def test_touched_blocks_are_the_peak_in_use_and_prefix_hits_are_still_found(floor):
     """Random requests with shared prefixes arrive, grow, fork and finish; after every step the
-    blocks ever handed out equal the most in use at once, and a request whose prefix is in use
-    by another one (or was freed within the room the peak left) hits it."""
+    blocks ever handed out are the most in use at once (or, below it, at most the floor), and a
+    request whose prefix is in use by another one hits it."""
     rng = random.Random(1)
     manager = BlockManager(num_blocks=400, block_size=BLOCK_SIZE, enable_prefix_caching=True)
     pool = manager.pool
+    pool.cache_floor_blocks = floor
     prefixes = [[rng.randrange(1000) for _ in range(4 * rng.randint(2, 6))] for _ in range(3)]
     live: dict[str, list[int]] = {}
     peak = num_hits = 0
@@ -82,9 +103,10 @@ def test_touched_blocks_are_the_peak_in_use_and_prefix_hits_are_still_found():
                 manager.allocate_slots(seq_id + "-fork", len(tokens), 1)  # copy-on-write
                 live[seq_id + "-fork"] = tokens
         peak = max(peak, pool.num_used_blocks)
-        assert pool.num_touched_blocks == peak
+        assert pool.num_touched_blocks == peak if peak >= floor else (
+            pool.num_touched_blocks <= floor)
         assert_pool_consistent(pool)
-    assert peak < 100 and num_hits > 100  # far below the pool, and the cache served most
+    assert 30 < peak < 100 and num_hits > 100  # far below the pool; the cache served most
     for seq_id in list(live):
         manager.free(seq_id)
     # Every prefix is still cached (freed last, evicted last) and hits again.
@@ -95,13 +117,15 @@ def test_touched_blocks_are_the_peak_in_use_and_prefix_hits_are_still_found():
 
 
 def test_an_engine_touches_no_more_blocks_than_it_uses_at_once(tiny_llama_factory):
-    """Through LLMEngine: batches of fresh prompts one after another keep to the blocks of the
-    busiest batch (before, each batch took never-used blocks and walked through the pool)."""
+    """Through LLMEngine, the pool past its floor: batches of fresh prompts one after another
+    keep to the blocks of the busiest batch (before, each batch took never-used blocks and
+    walked through the pool)."""
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(str(tiny_llama_factory(num_heads=4, num_kv_heads=2)), num_kv_blocks=512,
               block_size=8, dtype="float32")
     engine = llm.llm_engine
+    engine.block_manager.pool.cache_floor_blocks = 0
     rng = random.Random(2)
     batch_blocks = []  # the most blocks each batch can hold at once: every request's last token
     for batch in range(4):

@@ -21,6 +21,12 @@ class CachedBlockKey:
     token_ids: tuple[int, ...]
 
 
+# The blocks a pool touches (hands out for the first time) before it evicts cached blocks rather
+# than touch more: 16,384 tokens of 16-token blocks (SmolLM2's 360 KiB blocks: 360 MiB; the KV
+# committer holds 256 MiB committed at idle anyway).
+DEFAULT_CACHE_FLOOR_BLOCKS = 1024
+
+
 class BlockPool:
     """Owns the reference counts of `num_blocks` physical blocks and the prefix cache.
 
@@ -34,29 +40,37 @@ class BlockPool:
     Which free block `allocate` hands out, in this order:
       1. a touched block with no cached hash, the most recently freed first (it holds nothing
          worth keeping, and its pages are the likeliest to be in the CPU's caches);
-      2. a touched cached block, least recently freed first (the prefix cache's LRU);
+      2. while fewer than `cache_floor_blocks` blocks have been touched, a never-touched block;
+      3. a touched cached block, least recently freed first (the prefix cache's LRU);
          NOTE: callers free a table tail first, so within one request the last blocks, which
          the fewest other requests can share, are evicted first;
-      3. a never-touched block, lowest id first.
+      4. a never-touched block, lowest id first.
 
-    Why cached blocks are evicted before a never-touched block is taken: the host KV pool is
-    reserved and its pages committed only a little ahead of the highest block written
-    (worker/kv_commit.py), so each never-touched block handed out makes resident memory grow
-    for good, while an evicted block costs only a possible later prefix hit. With this order
-    `num_touched_blocks` is exactly the peak number of blocks in use at once, so resident
-    memory follows the work (issue 30) instead of walking through the whole pool as freed
-    blocks queue behind never-used ones. The prefix cache keeps what it is worth most: every
-    block in use (shared by reference) and, in LRU order, as many freed blocks as the busiest
-    moment so far left room for, the same blocks an LRU over the whole pool would keep first.
-    What it gives up is history beyond that: a prefix last used before more than
-    `num_touched_blocks - num_used_blocks` other freed blocks is recomputed.
+    Why, past the floor, a cached block is evicted before a never-touched one is taken: the
+    host KV pool is reserved and its pages committed only a little ahead of the highest block
+    written (worker/kv_commit.py), so each never-touched block handed out makes resident memory
+    grow for good, while an evicted block costs only a possible later prefix hit. So
+    `num_touched_blocks` is the peak number of blocks in use at once once past the floor, and
+    resident memory follows the work (issue 30) instead of walking through the whole pool as
+    every finished request's cached blocks queue ahead of reuse. The prefix cache still keeps
+    what is worth most: every block in use (shared by reference) and, in LRU order, the freed
+    blocks that fit in the touched blocks; what it gives up is older history, which an LRU over
+    the whole pool would have kept. Below the floor the pool behaves as vLLM's does (the cache
+    grows into never-used blocks): a small pool, or the first blocks of a large one, costs
+    little memory (the KV committer holds an idle reserve committed anyway), and a prefix
+    cached just before a burst of other requests survives the burst.
     """
 
-    def __init__(self, num_blocks: int, enable_caching: bool = False) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = False,
+                 cache_floor_blocks: int = DEFAULT_CACHE_FLOOR_BLOCKS) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if cache_floor_blocks < 0:
+            raise ValueError(f"cache_floor_blocks must be >= 0, got {cache_floor_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
+        # Blocks the pool touches before it evicts a cached block rather than touch another.
+        self.cache_floor_blocks = cache_floor_blocks
         self._ref_counts = [0] * num_blocks
         # Free touched blocks without a cached hash: a LIFO stack.
         self._free_uncached: list[int] = []
@@ -92,15 +106,18 @@ class BlockPool:
 
     def free_block_ids(self) -> list[int]:
         """The free blocks in the order `allocate` hands them out; for tests and statistics."""
-        return [*reversed(self._free_uncached), *self._free_cached,
-                *range(self.num_touched_blocks, self.num_blocks)]
+        uncached = list(reversed(self._free_uncached))
+        never_used = range(self.num_touched_blocks, self.num_blocks)
+        floor = max(0, min(self.cache_floor_blocks, self.num_blocks) - self.num_touched_blocks)
+        return [*uncached, *never_used[:floor], *self._free_cached, *never_used[floor:]]
 
     def allocate(self) -> int:
         """Takes a free block (see the class docstring for which), evicting its cached hash if
         it has one."""
         if self._free_uncached:
             block_id = self._free_uncached.pop()
-        elif self._free_cached:
+        elif self._free_cached and self.num_touched_blocks >= min(self.cache_floor_blocks,
+                                                                  self.num_blocks):
             block_id, _ = self._free_cached.popitem(last=False)
         elif self.num_touched_blocks < self.num_blocks:
             block_id = self.num_touched_blocks
