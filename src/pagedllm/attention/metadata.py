@@ -117,3 +117,65 @@ def build_attention_metadata(
         max_query_len=int(query_lens_np.max(initial=0)),
         max_seq_len=int(seq_lens_np.max(initial=0)),
     )
+
+
+def build_decode_metadata(
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """`build_attention_metadata` for a step where every sequence schedules one new token
+    (query_lens all 1): the same tensors, from Python lists without numpy's per-call costs,
+    which dominate at a few sequences (a single stream's decode step).
+
+    Raises:
+        ValueError: as build_attention_metadata, for the same faults.
+    """
+    num_seqs = len(seq_lens)
+    if len(block_tables) != num_seqs:
+        raise ValueError(
+            f"query_lens, seq_lens and block_tables must have one entry per sequence; got "
+            f"{num_seqs}, {num_seqs} and {len(block_tables)}"
+        )
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    num_blocks = [(s + block_size - 1) // block_size for s in seq_lens]
+    max_num_blocks = max(num_blocks, default=0)
+    rows: list[list[int]] = []
+    slots: list[int] = []
+    for i, (seq_len, n, table) in enumerate(zip(seq_lens, num_blocks, block_tables)):
+        if seq_len < 1:
+            raise ValueError(f"sequence {i}: query_len 1 must be in 1..seq_len ({seq_len})")
+        if len(table) < n:
+            raise ValueError(
+                f"sequence {i}: block table has {len(table)} blocks but seq_len {seq_len} "
+                f"needs {n} at block_size {block_size}; allocate its slots first"
+            )
+        row = table[:n]
+        if min(row) < 0:  # blocks freed out of a sliding window (NULL_BLOCK) -> block 0
+            row = [max(b, 0) for b in row]
+        # The new token sits at position seq_len - 1, in the row's last block.
+        slots.append(row[-1] * block_size + (seq_len - 1) % block_size)
+        row.extend([0] * (max_num_blocks - n))
+        rows.append(row)
+    # NOTE: through numpy: torch.tensor(list) costs a few microseconds more per tensor.
+    return AttentionMetadata(
+        num_seqs=num_seqs,
+        num_tokens=num_seqs,
+        query_start_loc=host_tensor(np.arange(num_seqs + 1, dtype=np.int64), device),
+        seq_lens=host_tensor(np.array(seq_lens, dtype=np.int64), device),
+        block_tables=host_tensor(
+            np.array(rows, dtype=np.int32).reshape(num_seqs, max_num_blocks), device),
+        slot_mapping=host_tensor(np.array(slots, dtype=np.int64), device),
+        query_lens_cpu=[1] * num_seqs,
+        seq_lens_cpu=list(seq_lens),
+        max_query_len=1 if num_seqs else 0,
+        max_seq_len=max(seq_lens, default=0),
+    )
+
+
+def host_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A tensor over `array` (shared on the CPU, else copied to `device`)."""
+    t = torch.from_numpy(array)
+    return t if device == "cpu" or torch.device(device).type == "cpu" else t.to(device)

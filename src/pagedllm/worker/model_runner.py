@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pagedllm.attention.metadata import build_attention_metadata
+from pagedllm.attention.metadata import (
+    build_attention_metadata,
+    build_decode_metadata,
+    host_tensor,
+)
 from pagedllm.core.interface import (
     ModelRunnerOutput,
     PromptLogprobsChunk,
@@ -30,6 +35,8 @@ def prepare_inputs(token_ids: list[list[int]], start_positions: list[int],
                    block_tables: list[list[int]], block_size: int, device: torch.device):
     """Flat token ids and positions, attention metadata, and each run's end row, for runs of
     consecutive tokens (run i: token_ids[i] from position start_positions[i] on)."""
+    if len(token_ids) <= DECODE_FAST_PATH_MAX_SEQS and all(len(t) == 1 for t in token_ids):
+        return _prepare_decode(token_ids, start_positions, block_tables, block_size, device)
     query_lens = [len(t) for t in token_ids]
     starts = np.array(start_positions, dtype=np.int64)
     seq_lens = (starts + np.array(query_lens, dtype=np.int64)).tolist()
@@ -47,6 +54,40 @@ def prepare_inputs(token_ids: list[list[int]], start_positions: list[int],
         metadata,
         query_ends,
     )
+
+
+# Up to this many sequences, a step of one token each builds its inputs from Python lists
+# (build_decode_metadata): numpy's fixed cost per call is most of a small step's preparation.
+DECODE_FAST_PATH_MAX_SEQS = 16
+
+
+def _prepare_decode(token_ids: list[list[int]], start_positions: list[int],
+                    block_tables: list[list[int]], block_size: int, device: torch.device):
+    """prepare_inputs for runs of one token each: the same tensors."""
+    num_seqs = len(token_ids)
+    metadata = build_decode_metadata([p + 1 for p in start_positions], block_tables,
+                                     block_size, device)
+    return (
+        host_tensor(np.array([t[0] for t in token_ids], dtype=np.int64), device),
+        host_tensor(np.array(start_positions, dtype=np.int64), device),
+        metadata,
+        np.arange(1, num_seqs + 1),
+    )
+
+
+def _no_section(name: str) -> contextlib.nullcontext:
+    return _NULL_CONTEXT
+
+
+_NULL_CONTEXT = contextlib.nullcontext()
+
+
+def _take_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """hidden[rows] for increasing row ids: a view when they are consecutive (a decode step's
+    rows, all of them), else a gather."""
+    if rows[-1] - rows[0] == len(rows) - 1 and hidden.is_contiguous():
+        return hidden if len(rows) == hidden.shape[0] else hidden[rows[0] : rows[-1] + 1]
+    return hidden[torch.tensor(rows, device=hidden.device)]
 
 
 class ModelRunner:
@@ -77,25 +118,27 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         profiler = self.profiler
+        # NOTE: a disabled profiler's section still costs a generator per use; a step has ~8.
+        section = profiler.section if profiler.enabled else _no_section
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return ModelRunnerOutput(sampled={})
         proposals: dict[str, DraftProposal] = {}
         if self.draft is not None and any(s.spec_token_ids for s in scheduled):
-            with profiler.section("draft"):
+            with section("draft"):
                 scheduled, proposals = self.draft.propose(scheduled, self.sampler,
                                                           prepare_inputs)
-        with profiler.section("prepare inputs"):
+        with section("prepare inputs"):
             input_ids, positions, metadata, query_ends = prepare_inputs(
                 [s.token_ids for s in scheduled], [s.start_position for s in scheduled],
                 [s.block_table for s in scheduled], self.block_size, self.device)
-        with profiler.section("forward"):
+        with section("forward"):
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
             # hidden: [num_tokens, hidden_size]
         if self.draft is not None:
             self.draft.note_writes(metadata.slot_mapping, proposals)
 
-        with profiler.section("prompt logprobs"):
+        with section("prompt logprobs"):
             prompt_chunks = self._prompt_logprobs(scheduled, hidden, query_ends)
         sampled_items = [(i, s) for i, s in enumerate(scheduled) if s.sample]
         if not sampled_items:
@@ -103,14 +146,13 @@ class ModelRunner:
         # The LM head sees the last token of each sampled request, and the rows of its
         # speculative proposals (spec_decode/verify.py) before it.
         batch, row_counts = sampling_rows([s for _, s in sampled_items])
-        rows = torch.tensor([int(query_ends[i]) - n + r
-                             for (i, _), n in zip(sampled_items, row_counts) for r in range(n)],
-                            device=self.device)
-        with profiler.section("lm head"):
-            logits = self.model.compute_logits(hidden[rows])  # [num_rows, vocab] float32
+        rows = [int(query_ends[i]) - n + r
+                for (i, _), n in zip(sampled_items, row_counts) for r in range(n)]
+        with section("lm head"):
+            logits = self.model.compute_logits(_take_rows(hidden, rows))  # [rows, vocab] fp32
         if logits is None:  # a tensor-parallel rank past 0: rank 0 samples
             return ModelRunnerOutput(sampled={})
-        with profiler.section("grammar mask"):  # structured outputs: forbidden -> -inf
+        with section("grammar mask"):  # structured outputs: forbidden -> -inf
             # NOTE: the scheduler's fill ran beside the forward pass; it is waited for here.
             bitmask = scheduler_output.grammar_bitmask
             if bitmask is not None:
@@ -126,7 +168,7 @@ class ModelRunner:
                  if s.seq_id in proposals and proposals[s.seq_id].probs is not None]
         firsts = np.cumsum([0, *row_counts]).tolist()
         tokens_of: list[list[SampledToken]] = [[] for _ in items]
-        with profiler.section("sampling"):
+        with section("sampling"):
             if drawn:
                 taken = set(drawn)
                 rest = [n for n in range(len(items)) if n not in taken]

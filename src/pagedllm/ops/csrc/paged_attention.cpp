@@ -153,13 +153,23 @@ struct Scratch {
   std::vector<bf16_t> vpair;    // a value tile in pairs of keys (run_dot_item)
   std::vector<const void*> kraw, vraw, next_kraw, next_vraw;
   int segments_done = 0;  // of the current item
-  Scratch(int rows, int d, int span)
+  // decode_only: only what decode items read (run_decode_item, run_dot_decode_item); the key
+  // tile buffers of the other items (kt, kbuf, vbuf, krow, vrow, kpair, vpair) stay empty.
+  // NOTE: a single stream's decode step calls the kernel once per layer: allocating and zeroing
+  // those ~60 KB each time was a measurable part of a call.
+  Scratch(int rows, int d, int span, bool decode_only)
       : q(rows * d), acc(rows * d), m(rows), l(rows), run_acc(rows * d), run_m(rows),
-        run_l(rows), s(rows * kKeyTile), kt(d * kKeyTile),
-        kbuf(kKeyTile * span), vbuf(kKeyTile * span), krow(kKeyTile), vrow(kKeyTile),
-        qb(rows * d), kpair(d / 2 * kKeyTile), vpair(d * kKeyTile),
-        kraw(kKeyTile), vraw(kKeyTile), next_kraw(kKeyTile),
-        next_vraw(kKeyTile) {}
+        run_l(rows), s(rows * kKeyTile), qb(rows * d), kraw(kKeyTile), vraw(kKeyTile),
+        next_kraw(kKeyTile), next_vraw(kKeyTile) {
+    if (decode_only) return;
+    kt.resize(d * kKeyTile);
+    kbuf.resize(kKeyTile * span);
+    vbuf.resize(kKeyTile * span);
+    krow.resize(kKeyTile);
+    vrow.resize(kKeyTile);
+    kpair.resize(d / 2 * kKeyTile);
+    vpair.resize(d * kKeyTile);
+  }
 };
 
 // Addresses of the K and V slots of logical key positions kb .. kb + n - 1, offset to the
@@ -815,15 +825,20 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
   cache_t* vc = kc + num_slots * num_kv_heads * d;
   const int64_t ks0 = key.stride(0), ks1 = key.stride(1);
   const int64_t vs0 = value.stride(0), vs1 = value.stride(1);
-#pragma omp parallel for num_threads(nt) schedule(static) if (num_tokens >= 256)
-  for (int64_t i = 0; i < num_tokens; ++i) {
+  const auto write_token = [&](int64_t i) {
     cache_t* kdst = kc + slots[i] * num_kv_heads * d;
     cache_t* vdst = vc + slots[i] * num_kv_heads * d;
     for (int64_t h = 0; h < num_kv_heads; ++h) {
       std::memcpy(kdst + h * d, k + i * ks0 + h * ks1, d * sizeof(cache_t));
       std::memcpy(vdst + h * d, v + i * vs0 + h * vs1, d * sizeof(cache_t));
     }
+  };
+  if (num_tokens < 256) {  // NOTE: no parallel region (an if(false) one still sets up a team)
+    for (int64_t i = 0; i < num_tokens; ++i) write_token(i);
+    return;
   }
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < num_tokens; ++i) write_token(i);
 }
 
 #if defined(__AVX512BF16__)
@@ -1231,6 +1246,12 @@ void run_decode(const Params& p, const WorkItem& it, Scratch& sc, float* partial
   }
 }
 
+// Whether a work item takes the decode paths (run_decode): one query token, a group of at most
+// kDotMaxRows query heads per kv head.
+inline bool is_decode_item(const Params& p, const WorkItem& it) {
+  return it.q_end - it.q_begin == 1 && p.group <= kDotMaxRows;
+}
+
 template <typename cache_t>
 void run_attention(const Params& p, const std::vector<WorkItem>& items,
                    const std::vector<MergeGroup>& groups, int nt) {
@@ -1238,24 +1259,35 @@ void run_attention(const Params& p, const std::vector<WorkItem>& items,
   const int num_slots = groups.empty() ? 0 : groups.back().first_slot + groups.back().num_slots;
   std::vector<float> partial(static_cast<size_t>(num_slots) * p.max_rows * (d + 2));
   const int64_t num_items = static_cast<int64_t>(items.size());
-  nt = static_cast<int>(std::min<int64_t>(nt, num_items));
-#pragma omp parallel num_threads(nt)
-  {
-    Scratch sc(static_cast<int>(p.max_rows), d, static_cast<int>(p.num_kv_heads * p.head_size));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < num_items; ++i) {
-      const WorkItem& it = items[i];
-      if (it.q_end - it.q_begin == 1 && p.group <= kDotMaxRows) {
-        run_decode<cache_t>(p, it, sc, partial.data());
-      } else {
+  const bool decode_only = std::all_of(items.begin(), items.end(), [&](const WorkItem& it) {
+    return is_decode_item(p, it);
+  });
+  const auto run_one = [&](const WorkItem& it, Scratch& sc) {
+    if (is_decode_item(p, it)) {
+      run_decode<cache_t>(p, it, sc, partial.data());
+      return;
+    }
 #if defined(__AVX512BF16__)
-        if (std::is_same_v<cache_t, bf16_t> && dot_item_applies(p, it)) {
-          run_dot_item(p, it, sc, partial.data());
-          continue;
-        }
+    if (std::is_same_v<cache_t, bf16_t> && dot_item_applies(p, it)) {
+      run_dot_item(p, it, sc, partial.data());
+      return;
+    }
 #endif
-        run_item<cache_t>(p, it, sc, partial.data());
-      }
+    run_item<cache_t>(p, it, sc, partial.data());
+  };
+  const int span = static_cast<int>(p.num_kv_heads * p.head_size);
+  nt = static_cast<int>(std::min<int64_t>(nt, num_items));
+  if (nt <= 1) {
+    // One thread (e.g. a single stream's decode at a short context): no parallel region, whose
+    // team set-up costs about a microsecond per call, 30 calls per step.
+    Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only);
+    for (const WorkItem& it : items) run_one(it, sc);
+  } else {
+#pragma omp parallel num_threads(nt)
+    {
+      Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < num_items; ++i) run_one(items[i], sc);
     }
   }
   if (!groups.empty()) {
