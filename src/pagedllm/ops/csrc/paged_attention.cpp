@@ -1276,24 +1276,25 @@ void run_attention(const Params& p, const std::vector<WorkItem>& items,
     run_item<cache_t>(p, it, sc, partial.data());
   };
   const int span = static_cast<int>(p.num_kv_heads * p.head_size);
+  const int64_t num_groups = static_cast<int64_t>(groups.size());
   nt = static_cast<int>(std::min<int64_t>(nt, num_items));
   if (nt <= 1) {
     // One thread (e.g. a single stream's decode at a short context): no parallel region, whose
     // team set-up costs about a microsecond per call, 30 calls per step.
     Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only);
     for (const WorkItem& it : items) run_one(it, sc);
-  } else {
-#pragma omp parallel num_threads(nt)
-    {
-      Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < num_items; ++i) run_one(items[i], sc);
-    }
+    std::vector<float> tmp(d);
+    for (const MergeGroup& mg : groups) merge_group(p, mg, partial.data(), tmp.data());
+    return;
   }
-  if (!groups.empty()) {
-    const int64_t num_groups = static_cast<int64_t>(groups.size());
+  // The split items' merges in the same region, after the items' loop and its barrier (not a
+  // second region: one rendezvous fewer per call).
 #pragma omp parallel num_threads(nt)
-    {
+  {
+    Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_items; ++i) run_one(items[i], sc);
+    if (num_groups > 0) {
       std::vector<float> tmp(d);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < num_groups; ++i) {
@@ -1309,7 +1310,8 @@ void run_attention(const Params& p, const std::vector<WorkItem>& items,
 // A query of few rows per kv head (decode, short chunks) is one item over all kv heads, so it
 // reads each slot's heads together: the cache is then streamed in memory order. Longer queries
 // are tiled per kv head, so that each K/V tile serves a bigger GEMM. When there are fewer than
-// ~2 items per thread, key ranges are split, aiming at ~8 items per thread.
+// ~2 items per thread (and more than one thread), key ranges are split, aiming at ~8 items per
+// thread.
 int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
                    std::vector<WorkItem>& items, std::vector<MergeGroup>& groups) {
   const int g = static_cast<int>(p.group);
@@ -1353,7 +1355,8 @@ int64_t plan_items(const Params& p, int64_t num_seqs, int64_t bt_width, int nt,
            (it.h_end - it.h_begin);
   };
   const int64_t num_base = static_cast<int64_t>(items.size());
-  if (num_base > 0 && num_base < 2 * nt) {
+  // One thread gains nothing from a split (its parts would run one after another, then merge).
+  if (nt > 1 && num_base > 0 && num_base < 2 * nt) {
     const int64_t want = (8 * nt + num_base - 1) / num_base;
     std::vector<WorkItem> split;
     int32_t next_slot = 0;
