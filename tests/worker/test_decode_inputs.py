@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import pagedllm.worker.model_runner as model_runner
 from pagedllm.attention.metadata import build_attention_metadata, build_decode_metadata
+from pagedllm.worker import model_runner
 from pagedllm.worker.model_runner import _take_rows, prepare_inputs
 
 CPU = torch.device("cpu")
