@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+from pagedllm.tokenizer import FastTokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Tokens of context decoded before the new ones, so that a token whose text depends on its
 # left neighbour (a leading space in SentencePiece, a multi-byte character split over two
@@ -27,6 +31,10 @@ def _backend_decode(tokenizer: PreTrainedTokenizerBase) -> Callable[..., str] | 
     token. None for slow tokenizers and for classes that override decode (Whisper, CodeGen,
     remote code), which keep tokenizer.decode.
     """
+    if isinstance(tokenizer, FastTokenizer):
+        if not tokenizer.delegates:  # its decode is the Rust tokenizer's
+            return tokenizer.backend_tokenizer.decode
+        tokenizer = tokenizer.hf_tokenizer
     if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
         return None
     cls = type(tokenizer)

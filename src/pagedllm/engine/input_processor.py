@@ -71,11 +71,14 @@ class InputProcessor:
 
     @property
     def structured_output(self) -> StructuredOutputManager:
-        """The grammar compiler, made on the first constrained request."""
+        """The grammar compiler, made on the first constrained request (over transformers'
+        tokenizer, which llguidance's tables are built from)."""
         if self._structured_output is None:
             from pagedllm.structured_output.manager import StructuredOutputManager
+            from pagedllm.tokenizer import hf_tokenizer
 
-            self._structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size)
+            self._structured_output = StructuredOutputManager(hf_tokenizer(self.tokenizer),
+                                                              self.vocab_size)
         return self._structured_output
 
     def process(

@@ -8,8 +8,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.beam_search import BeamSearchParams
@@ -30,7 +29,11 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode.config import SpeculativeConfig
 from pagedllm.spec_decode.draft_model import check_draft_model
 from pagedllm.startup_profile import mark
-from pagedllm.structured_output.manager import grammar_mask_overlap, prepare_in_background
+from pagedllm.structured_output.manager import grammar_mask_overlap
+from pagedllm.tokenizer import wait_loaded
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +108,15 @@ class LLMEngine:
         if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
             raise ValueError(f"no tokenizer in {str(model_dir)!r}: it needs one of "
                              f"{', '.join(_TOKENIZER_FILES)} beside the weights")
-        self.tokenizer: PreTrainedTokenizerBase = hf_fast.load_tokenizer(model_dir)
+        # NOTE: a recorded tokenizer's Rust half loads on a thread beside the model (it holds
+        # no GIL); the engine waits for it before it is ready.
+        self.tokenizer: PreTrainedTokenizerBase = hf_fast.load_tokenizer(model_dir,
+                                                                         background=True)
         mark("tokenizer")
-        # Structured outputs: llguidance's token tables build on a thread while the model loads.
-        prepare_in_background(self.tokenizer, hf_config.vocab_size)
+        # NOTE: structured outputs' token tables (llguidance, about a second with the GIL held,
+        # and transformers' tokenizer under them) are built on the first constrained request,
+        # not here: on a thread beside the model's load they held its Python back by 0.3-0.4 s
+        # of a start on two cores (InputProcessor.structured_output).
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
         if config.max_model_len is not None and config.max_model_len > model_max:
             raise ValueError(
@@ -155,6 +163,7 @@ class LLMEngine:
                 "kv_cache_memory_bytes, or lower max_model_len",
                 num_blocks * config.block_size, self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
+        wait_loaded(self.tokenizer)
         eos = self.tokenizer.eos_token_id
         if eos is None:
             eos = hf_config.eos_token_id

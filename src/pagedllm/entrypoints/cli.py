@@ -124,9 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from transformers.utils import logging as hf_logging
+    # transformers logs errors only (its import, about 0.4 s, is left to what needs it).
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+        hf_logging.set_verbosity_error()
+    else:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     try:
         if args.command == "generate":
             return _generate(args)

@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from pagedllm.config import EngineConfig
 from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.engine.input_processor import ProcessedRequest, PromptType
@@ -182,6 +180,8 @@ class LLM:
         for request_id, request in zip(request_ids, processed):
             engine.add_request(request_id, request)
         finished: dict[str, RequestOutput] = {}
+        from tqdm.auto import tqdm  # about 50 ms of a start that never shows a bar
+
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         start = time.perf_counter()
         num_output_tokens = 0

@@ -419,7 +419,9 @@ def run_server(
         llm_engine = LLMEngine(**engine_kwargs)
         model = engine_kwargs.get("model")
         names = served_model_names or [model or "SmolLM2-135M-Instruct"]
-        tokenizer = hf_fast.load_tokenizer(llm_engine.model_dir)
+        # The server's own (the engine's is the engine thread's); a recorded one's Rust half
+        # loads on a thread while the server starts.
+        tokenizer = hf_fast.load_tokenizer(llm_engine.model_dir, background=True)
         server_metrics = ServerMetrics(names[0], log_interval_s=log_stats_interval_s)
         history = web_page.StatsHistory()
 

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pagedllm.engine.input_processor import RequestFieldError
+from pagedllm.tokenizer import wait_loaded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -30,6 +31,9 @@ class PromptTokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = copy.deepcopy(tokenizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedllm-tokenize")
+        # NOTE: a FastTokenizer's copy builds its Rust tokenizer on first use: on the worker
+        # thread now, not in the first request.
+        self._executor.submit(wait_loaded, self.tokenizer)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(tokenizer, *args) on the worker thread."""
