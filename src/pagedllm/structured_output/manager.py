@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pagedllm import gc_freeze
 from pagedllm.structured_output.backend import (
     StructuredOutputBackend,
     StructuredOutputGrammar,
@@ -68,6 +69,7 @@ class StructuredOutputManager:
         self._cache: OrderedDict[GrammarKey, Future[StructuredOutputGrammar]] = OrderedDict()
         self._lock = threading.Lock()
         self.num_compiles = 0
+        self._settled = False
 
     def compile(self, params: StructuredOutputsParams) -> Future[StructuredOutputGrammar]:
         """The compile of `params`' constraint: from the cache, or validated and submitted."""
@@ -98,6 +100,11 @@ class StructuredOutputManager:
             # choices); the copies the sequences take share them, so they are built here
             # rather than in the engine loop's first step with this grammar.
             grammar.fill_bitmask(np.full((1, (grammar.vocab_size + 31) // 32), -1, np.int32), 0)
+            if not self._settled:
+                # The first compile built the backend's tables (and the tokenizer under them):
+                # a server keeps them out of later full collections (pagedllm/gc_freeze.py).
+                self._settled = True
+                gc_freeze.settle()
             return grammar
         except Exception:
             # NOTE: the backend failed where it should not (its tokenizer tables, say): the

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import pagedllm
+from pagedllm import gc_freeze
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.entrypoints.openai import web_page
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
@@ -439,6 +440,9 @@ def run_server(
         server = _Server(config, on_exit=engine.begin_shutdown)
         logger.info("serving %s on http://%s:%d (API key %s; web page at /)", names[0], host,
                     port, "required" if api_key else "not required")
+        # What the start made lives as long as the server: kept out of the full collections
+        # that would otherwise stall running streams (pagedllm/gc_freeze.py).
+        gc_freeze.start()
         asyncio.run(server.serve(sockets=[sock]))
     finally:
         sock.close()

@@ -1,0 +1,47 @@
+"""A server's long-lived objects kept out of the garbage collector's full collections.
+
+A full (generation 2) collection traverses every object the collector tracks. A served process
+holds torch's, transformers' and the server's modules, the tokenizers and llguidance's token
+tables: a full collection of them took 0.2-0.5 s on two shared cores, all with the GIL held.
+Python runs one when enough objects have survived since the last, so the request whose
+allocations tip the count (the validation of a 100,000-word `choice` constraint, say) stops
+every running stream for that long, and which request that is depends on everything the
+process allocated before it (tests/entrypoints/test_grammar_compile_stall.py).
+
+So a server (`start`) collects once when it is ready and freezes what is left (gc.freeze:
+the collector never traverses those objects again), and freezes again (`settle`) once it has
+built what lives as long as the process on a first request (transformers' tokenizer and
+llguidance's tables, structured_output/manager.py). Full collections then traverse what
+requests made since, milliseconds. A process that has not called `start` (a script's `LLM`,
+a test session's many engines) is left alone: freezing there would keep garbage forever.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+_started = False
+
+
+def start() -> None:
+    """Collects once and freezes every object left; from then on `settle` freezes too."""
+    global _started
+    began = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    _started = True
+    logger.debug("gc: %d objects frozen at start (%.0f ms)", gc.get_freeze_count(),
+                 1e3 * (time.perf_counter() - began))
+
+
+def settle() -> None:
+    """After building objects that live as long as the process: freezes them (and whatever
+    else is alive now) where `start` was called; nothing otherwise."""
+    if _started:
+        gc.collect(1)  # the young garbage first (older garbage made since `start` stays)
+        gc.freeze()
+        logger.debug("gc: %d objects frozen", gc.get_freeze_count())
