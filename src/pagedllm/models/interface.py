@@ -256,14 +256,15 @@ class CausalLMBase(nn.Module):
         packs a tied LM head's copy of the embedding, which keeps its plain table for lookups.
 
         Dense CPU weights are read from the packed-weight cache where it holds this model's
-        packing (models/packed_cache.py), and written to it after packing otherwise."""
+        packing (models/packed_cache.py: into 2 MB pages of their own, not `allocate`'s), and
+        written to it after packing otherwise."""
         from pagedllm.models.packed_cache import PackedWeightCache
         from pagedllm.startup_profile import mark
 
         mark("weights read")
         cache = PackedWeightCache.for_model(self)
         if cache is not None:
-            count = cache.load(self, allocate)
+            count = cache.load(self)
             if count is not None:
                 return count
         count = self._pack_weights(allocate)

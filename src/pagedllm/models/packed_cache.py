@@ -34,7 +34,7 @@ import struct
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,8 +46,6 @@ from pagedllm.layers.quantization.dense import UnquantizedLinearMethod
 from pagedllm.paths import cache_root
 
 logger = logging.getLogger(__name__)
-
-Allocate = Callable[[Sequence[int], torch.dtype], torch.Tensor]
 
 CACHE_ENV = "PAGEDLLM_PACKED_WEIGHT_CACHE"
 CACHE_DIR_ENV = "PAGEDLLM_PACKED_WEIGHT_CACHE_DIR"
@@ -198,24 +196,20 @@ class PackedWeightCache:
         layers = self._give(model, weights)
         return [layer for _, layer in layers]
 
-    def load(self, model: nn.Module, allocate: Allocate | None = None) -> int | None:
-        """Gives every linear layer (and a tied head) its packed weight from the file, in
-        tensors from `allocate` (default: torch.empty); the number of packed weights, or None
-        (nothing changed) where the file is missing, stale or damaged, which is then logged.
-        After map_into, moves the packing it gave out of the read buffer instead (or answers
-        None at once where it found no usable file)."""
+    def load(self, model: nn.Module) -> int | None:
+        """Gives every linear layer (and a tied head) its packed weight from the file; the
+        number of packed weights, or None (nothing changed) where the file is missing, stale or
+        damaged, which is then logged. After map_into, counts what it gave (or answers None
+        at once where it found no usable file)."""
         mapped = _mapped.pop(model, None)
         if mapped is False:
             return None
         if mapped:
-            weights = dict(_packed_layers(model))
-        else:
-            weights = self._usable(model, self._read)
-            if weights is None:
-                return None
-            self._give(model, weights)
-        for weight in weights.values():
-            _move(weight, allocate or _empty)
+            return len(_packed_layers(model))
+        weights = self._usable(model, self._read)
+        if weights is None:
+            return None
+        self._give(model, weights)
         return len(weights)
 
     def _usable(self, model: nn.Module, read: Callable[[], dict[str, PackedWeight]]
@@ -363,21 +357,3 @@ def _packed_layers(model: nn.Module) -> list[tuple[str, PackedWeight]]:
     """The packing map_into gave the model, by cache entry name."""
     packed = [(name, layer.packed) for name, layer in _dense_layers(model) or []]
     return packed + ([(TIED_HEAD, model.tied_lm_head)] if model.lm_head is None else [])
-
-
-def _empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(tuple(shape), dtype=dtype)
-
-
-def _move(weight: PackedWeight, allocate: Allocate) -> None:
-    """Copies a packing's tensors out of the read buffer into tensors from `allocate` (all
-    but the plain bias, which _read copied already), so no weight keeps the whole buffer."""
-    for name in PackedWeight._CACHED_TENSORS:
-        tensor = getattr(weight, name)
-        if tensor is not None and name != "plain_bias":
-            target = allocate(tensor.shape, tensor.dtype)
-            if target.shape != tensor.shape or target.dtype != tensor.dtype:
-                raise ValueError(f"allocate gave {tuple(target.shape)} {target.dtype} for "
-                                 f"{tuple(tensor.shape)} {tensor.dtype}")
-            target.copy_(tensor)
-            setattr(weight, name, target)
