@@ -8,8 +8,10 @@ allocations tip the count (the validation of a 100,000-word `choice` constraint,
 every running stream for that long, and which request that is depends on everything the
 process allocated before it (tests/entrypoints/test_grammar_compile_stall.py).
 
-So a server (`start`) collects once when it is ready and freezes what is left (gc.freeze:
-the collector never traverses those objects again), and freezes again (`settle`) once it has
+So a server pauses automatic collection while it starts (`pause`: its full collections
+traversed everything imported and loaded so far, several times over a start), collects once
+when it is ready (`start`) and freezes what is left (gc.freeze: the collector never traverses
+those objects again), and freezes again (`settle`) once it has
 built what lives as long as the process on a first request (transformers' tokenizer and
 llguidance's tables, structured_output/manager.py). Full collections then traverse what
 requests made since, milliseconds. A process that has not called `start` (a script's `LLM`,
@@ -27,12 +29,19 @@ logger = logging.getLogger(__name__)
 _started = False
 
 
+def pause() -> None:
+    """Stops automatic collection until `start` (a server's start-up)."""
+    gc.disable()
+
+
 def start() -> None:
-    """Collects once and freezes every object left; from then on `settle` freezes too."""
+    """Collects once, freezes every object left and turns automatic collection on again; from
+    then on `settle` freezes too."""
     global _started
     began = time.perf_counter()
     gc.collect()
     gc.freeze()
+    gc.enable()
     _started = True
     logger.debug("gc: %d objects frozen at start (%.0f ms)", gc.get_freeze_count(),
                  1e3 * (time.perf_counter() - began))

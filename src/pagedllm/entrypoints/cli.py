@@ -84,6 +84,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pagedllm import gc_freeze
+
+    # No automatic collection while the server starts: it collects once when ready
+    # (api_server.run_server, pagedllm/gc_freeze.py).
+    gc_freeze.pause()
     from pagedllm.entrypoints.openai.api_server import run_server
 
     if args.model_tag and args.model and args.model_tag != args.model:
