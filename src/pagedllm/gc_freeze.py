@@ -27,21 +27,27 @@ import time
 logger = logging.getLogger(__name__)
 
 _started = False
+_paused = False
 
 
 def pause() -> None:
     """Stops automatic collection until `start` (a server's start-up)."""
-    gc.disable()
+    global _paused
+    if gc.isenabled():
+        gc.disable()
+        _paused = True
 
 
 def start() -> None:
-    """Collects once, freezes every object left and turns automatic collection on again; from
-    then on `settle` freezes too."""
-    global _started
+    """Collects once, freezes every object left and turns automatic collection on again (where
+    `pause` turned it off); from then on `settle` freezes too."""
+    global _started, _paused
     began = time.perf_counter()
     gc.collect()
     gc.freeze()
-    gc.enable()
+    if _paused:
+        gc.enable()
+        _paused = False
     _started = True
     logger.debug("gc: %d objects frozen at start (%.0f ms)", gc.get_freeze_count(),
                  1e3 * (time.perf_counter() - began))
