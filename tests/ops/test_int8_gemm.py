@@ -148,3 +148,54 @@ def test_activations_quantized_exactly(k: int, group: int, dtype: torch.dtype) -
         out = torch.empty(rows, k)
         cpu_ops().int8_linear(out, x[:rows], q_weight, scales, torch.empty(0))
         assert torch.equal(out, expected[:rows]), rows
+
+
+def panels_16(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The W8A8 GEMM's panels with scales for 16-bit activations (layers/quantization/int8.py:
+    panels_for_16_bits)."""
+    from pagedllm.layers.quantization.int8 import panels_for_16_bits
+
+    q, scales = cpu_ops().pack_int8_panels(weight, group)
+    return q, panels_for_16_bits(scales)
+
+
+@pytest.mark.parametrize("n,k,group", [(45, 100, 32), (70, 576, 64)])
+def test_int8_panels_with_16_bit_activations(n: int, k: int, group: int) -> None:
+    """4-D scales ([panels, groups, 2, 32]: 255 * ws, ws) take the activations in 16 bits (q =
+    255 * high + low): within the bound of a 16-bit step (max |block| / (127 * 255)) around
+    x @ dequantize(W).T, every ISA the same bits, a row alone as in any batch; with the hook,
+    the exact product."""
+    gen = torch.Generator().manual_seed(n * k)
+    weight = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    q, scales = panels_16(weight, group)
+    assert scales.shape == ((n + 31) // 32, q.shape[1] // group, 2, 32)
+    w = int8_round_trip(weight, group)
+    reference = {}
+    for isa in isas():
+        with kernel_isa(isa):
+            for m in (1, 3, 8, 64):
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+                ref = x.double() @ w.double().T + bias.double()
+                out = torch.empty(m, n)
+                cpu_ops().int8_linear(out, x, q, scales, bias)
+                err = (out.double() - ref).abs()
+                slack = 1e-5 * (x.double().abs() @ w.double().abs().T + bias.double().abs())
+                bound = activation_bound(x, w, group) / 255
+                assert (err <= bound + slack).all(), (isa, m)
+                reference.setdefault(m, out)
+                assert torch.equal(out, reference[m]), (isa, m)
+                alone = torch.empty(1, n)
+                cpu_ops().int8_linear(alone, x[-1:].clone(), q, scales, bias)
+                assert torch.equal(alone[0], out[-1]), (isa, m)
+                exact = torch.empty(m, n)
+                cpu_ops().int8_linear(exact, x, q, scales, bias, False)
+                torch.testing.assert_close(exact.double(), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_16_bit_panels_take_16_bit_activations_only() -> None:
+    q, scales = panels_16(torch.randn(8, 64), 32)
+    out = torch.empty(2, 8)
+    with pytest.raises(RuntimeError, match="16-bit activations"):
+        cpu_ops().int8_linear(out, torch.randn(2, 64), q, scales, torch.empty(0), True, 8)
+    cpu_ops().int8_linear(out, torch.randn(2, 64), q, scales, torch.empty(0), True, 16)

@@ -72,12 +72,17 @@ Isa active_isa() {
 inline int64_t padded_k(int64_t K) { return (K + 63) / 64 * 64; }
 
 // Activations of one call: row m's int8 values at a + m * Kp (zero past K), group g's scale
-// at dx[m * groups + g] and -128 * its sum of q at comp[m * groups + g].
+// at dx[m * groups + g] and -128 * its sum of q at comp[m * groups + g]. With 16-bit
+// activations (shift 1) each weight group g has two activation groups 2g (the high plane)
+// and 2g + 1 (the low one; q = 255 * high + low, both in -127..127, int8_gemm.h), one after
+// the other in the row (Kp twice the weight's), each multiplying weight group g >> shift
+// with its own weight scale (255 * ws, ws) and the same dx.
 struct Acts {
   const int8_t* a;
   const float* dx;
   const int32_t* comp;
   int64_t Kp, groups, G;
+  int shift;
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -240,6 +245,38 @@ void quantize_row(const X* x, int64_t K, int64_t Kp, int64_t G, int8_t* a, float
 #endif
 }
 
+constexpr int kQ16Max = 127 * 255;  // 16-bit activations: q in -kQ16Max..kQ16Max
+
+// Row x[0:K] quantized per block of G inputs to 16 bits: q = round_even(x * (1 / dx)), dx =
+// max |block| / kQ16Max, split as q = 255 * h + l (h the nearest integer to q / 255: |l| <=
+// 127), the block's h at a[2 * b * G ..] and its l at a[(2 b + 1) * G ..], each plane's dx and
+// -128 * its sum at dx / comp[2 b], [2 b + 1].
+template <typename X>
+void quantize_row16(const X* x, int64_t K, int64_t Kp, int64_t G, int8_t* a, float* dx,
+                    int32_t* comp) {
+  const auto value = [&](int64_t k) { return k < K ? vec::load1(x, k) : 0.0f; };
+  for (int64_t k0 = 0, b = 0; k0 < Kp; k0 += G, ++b) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::abs(value(k0 + i)));
+    const float d = amax / static_cast<float>(kQ16Max), id = d != 0.0f ? 1.0f / d : 0.0f;
+    int8_t* hi = a + 2 * b * G;
+    int8_t* lo = hi + G;
+    int32_t sum_hi = 0, sum_lo = 0;
+    for (int64_t i = 0; i < G; ++i) {
+      const int q = std::clamp(static_cast<int>(std::nearbyint(value(k0 + i) * id)), -kQ16Max,
+                               kQ16Max);
+      const int h = q >= 0 ? (q + 127) / 255 : -((127 - q) / 255);
+      hi[i] = static_cast<int8_t>(h);
+      lo[i] = static_cast<int8_t>(q - 255 * h);
+      sum_hi += h;
+      sum_lo += q - 255 * h;
+    }
+    dx[2 * b] = dx[2 * b + 1] = d;
+    comp[2 * b] = -128 * sum_hi;
+    comp[2 * b + 1] = -128 * sum_lo;
+  }
+}
+
 // sums[r * kCols + j] for rows m0 .. m0 + R - 1 and the panel's columns j (panel: [Kp / 4]
 // [kCols][4] bytes, scales [groups][kCols]).
 // Fetches p's 64-byte lines begin .. end - 1 into L2.
@@ -277,7 +314,7 @@ void tile_vnni(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps,
     for (int r = 0; r < R; ++r) {
       p[r][0] = p[r][1] = _mm512_set1_epi32(A.comp[(m0 + r) * A.groups + g]);
     }
-    const uint8_t* w = panel + g * G4 * kCols * 4;
+    const uint8_t* w = panel + (g >> A.shift) * G4 * kCols * 4;
     const int64_t k0 = g * A.G;
     for (int64_t k4 = 0; k4 < G4; ++k4) {
       const __m512i w0 = _mm512_loadu_si512(w + k4 * 128);
@@ -320,7 +357,7 @@ void tile_avx2(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps,
     __m256i p[R][4];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < 4; ++c) p[r][c] = _mm256_setzero_si256();
-    const uint8_t* w = panel + g * G4 * kCols * 4;
+    const uint8_t* w = panel + (g >> A.shift) * G4 * kCols * 4;
     const int64_t k0 = g * A.G;
     for (int64_t k4 = 0; k4 < G4; ++k4) {
       __m256i ws[4], aw[4];
@@ -363,8 +400,9 @@ void tile_scalar(const Acts& A, int64_t m0, const uint8_t* panel, const float* p
       float acc = 0.0f;
       for (int64_t g = 0; g < A.groups; ++g) {
         int32_t p = 0;
+        const int64_t kw = (g >> A.shift) * A.G - g * A.G;  // the weight's input, less k
         for (int64_t k = g * A.G; k < (g + 1) * A.G; ++k) {
-          p += (static_cast<int32_t>(panel[(k / 4 * kCols + j) * 4 + k % 4]) - 128) * a[k];
+          p += (static_cast<int32_t>(panel[((k + kw) / 4 * kCols + j) * 4 + k % 4]) - 128) * a[k];
         }
         const float scale = ps[g * kCols + j] * A.dx[(m0 + r) * A.groups + g];
         acc = std::fma(static_cast<float>(p), scale, acc);
@@ -429,10 +467,15 @@ void store_tile(O* out, int64_t ldo, int64_t m0, int R, int64_t n0, int64_t widt
   }
 }
 
+// planes 2: 16-bit activations (scales [panels, groups, 2, 32]: 255 * ws, ws).
 template <typename O, typename X>
 void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t N, int64_t K,
-                const uint8_t* bytes, const float* scales, int64_t groups, const float* bias) {
-  const int64_t Kp = padded_k(K), G = Kp / groups;
+                const uint8_t* bytes, const float* scales, int64_t groups, const float* bias,
+                int planes) {
+  const int64_t Kw = padded_k(K), G = Kw / groups;
+  // The activations' row and groups (16 bits: two planes of each weight group).
+  const int64_t Kp = Kw * planes;
+  groups *= planes;
   // The quantized activations, in buffers kept by the calling thread between calls (a fresh
   // prefill-sized allocation is mapped and faulted in page by page every call).
   // (Pointers taken here: inside the parallel regions a thread_local names the worker's own.)
@@ -452,10 +495,14 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / Kp);
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      quantize_row(x + m * ldx, K, Kp, G, a + m * Kp, dx + m * groups, comp + m * groups);
+      if (planes == 2) {
+        quantize_row16(x + m * ldx, K, Kw, G, a + m * Kp, dx + m * groups, comp + m * groups);
+      } else {
+        quantize_row(x + m * ldx, K, Kp, G, a + m * Kp, dx + m * groups, comp + m * groups);
+      }
     }
   });
-  const Acts acts{a, dx, comp, Kp, groups, G};
+  const Acts acts{a, dx, comp, Kp, groups, G, planes == 2 ? 1 : 0};
   const Isa isa = active_isa();
   TileFn tiles[kRows + 1] = {nullptr};
   for (int r = 1; r <= kRows; ++r) tiles[r] = tile_fn(isa, r);
@@ -470,10 +517,10 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t
                        [&](std::vector<uint8_t>& tail, int64_t item) {
     const int64_t m_begin = item / num_panels * mb, m_end = std::min(M, m_begin + mb);
     const int64_t p = item % num_panels, n0 = p * kCols, width = std::min(kCols, N - n0);
-    const uint8_t* panel = bytes + n0 * Kp;
+    const uint8_t* panel = bytes + n0 * Kw;
     if (width < kCols) {  // the last panel, narrower: widened with zero weights (q + 128)
-      tail.assign(kCols * Kp, 128);
-      for (int64_t k4 = 0; k4 < Kp / 4; ++k4) {
+      tail.assign(kCols * Kw, 128);
+      for (int64_t k4 = 0; k4 < Kw / 4; ++k4) {
         std::memcpy(tail.data() + k4 * kCols * 4, panel + k4 * width * 4, width * 4);
       }
       panel = tail.data();
@@ -490,8 +537,8 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t
     const uint8_t* next = panel;
     int64_t next_lines = per_tile;
     if (p + 1 < num_panels) {
-      const int64_t lines = (std::min(kCols, N - n0 - kCols) * Kp + 63) / 64;
-      if (2 * num_tiles * per_tile >= lines) next = bytes + (n0 + kCols) * Kp, next_lines = lines;
+      const int64_t lines = (std::min(kCols, N - n0 - kCols) * Kw + 63) / 64;
+      if (2 * num_tiles * per_tile >= lines) next = bytes + (n0 + kCols) * Kw, next_lines = lines;
     }
     const int64_t last_first = std::max<int64_t>(0, next_lines - per_tile);
     alignas(64) float sums[kRows * kCols];
@@ -504,10 +551,12 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t
   });
 }
 
-// The test hook's path: each output the fp64 sum over k of float(ws * q) * x, in order.
+// The test hook's path: each output the fp64 sum over k of float(ws * q) * x, in order (ws
+// the low plane's scale with 16-bit activations).
 template <typename O, typename X>
 void run_float(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t N, int64_t K,
-               const uint8_t* bytes, const float* scales, int64_t groups, const float* bias) {
+               const uint8_t* bytes, const float* scales, int64_t groups, const float* bias,
+               int planes) {
   const int64_t Kp = padded_k(K), G = Kp / groups;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> w(K);
@@ -516,7 +565,8 @@ void run_float(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t 
       const uint8_t* panel = bytes + p * kCols * Kp;
       for (int64_t k = 0; k < K; ++k) {
         const int q = static_cast<int>(panel[(k / 4 * width + j) * 4 + k % 4]) - 128;
-        w[k] = scales[(p * groups + k / G) * kCols + j] * static_cast<float>(q);
+        w[k] = scales[((p * groups + k / G) * planes + planes - 1) * kCols + j] *
+               static_cast<float>(q);
       }
       for (int64_t m = 0; m < M; ++m) {
         double sum = 0.0;
@@ -589,11 +639,15 @@ void int8_panel_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& b
   TORCH_CHECK(bytes.dim() == 2 && bytes.scalar_type() == at::kByte && bytes.is_contiguous() &&
                   bytes.size(1) == Kp,
               "the int8 weight must come from pack_int8_panels for ", K, " inputs");
-  TORCH_CHECK(scales.dim() == 3 && scales.scalar_type() == at::kFloat &&
+  // [panels, groups, 32]: 8-bit activations; [panels, groups, 2, 32]: 16-bit.
+  const int planes = scales.dim() == 4 ? 2 : 1;
+  TORCH_CHECK((scales.dim() == 3 || (scales.dim() == 4 && scales.size(2) == 2)) &&
+                  scales.scalar_type() == at::kFloat &&
                   scales.is_contiguous() && scales.size(0) == (N + kCols - 1) / kCols &&
-                  scales.size(2) == kCols && scales.size(1) > 0 && Kp % scales.size(1) == 0 &&
+                  scales.size(-1) == kCols && scales.size(1) > 0 && Kp % scales.size(1) == 0 &&
                   Kp / scales.size(1) % 16 == 0,
-              "scales must be pack_int8_panels' [panels, groups, 32]");
+              "scales must be pack_int8_panels' [panels, groups, 32] (or [panels, groups, 2, 32] "
+              "for 16-bit activations)");
   TORCH_CHECK(x.device().is_cpu() && x.stride(1) == 1 &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be 2-D fp32/bf16 CPU with a contiguous last dim");
@@ -607,8 +661,11 @@ void int8_panel_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& b
   const auto with_x = [&](auto* op) {
     const int64_t ldo = out.stride(0), ldx = x.stride(0);
     const auto go = [&](const auto* xp) {
-      if (quantize_activations) run_panels(op, ldo, xp, ldx, M, N, K, wp, sp, groups, bias);
-      else run_float(op, ldo, xp, ldx, M, N, K, wp, sp, groups, bias);
+      if (quantize_activations) {
+        run_panels(op, ldo, xp, ldx, M, N, K, wp, sp, groups, bias, planes);
+      } else {
+        run_float(op, ldo, xp, ldx, M, N, K, wp, sp, groups, bias, planes);
+      }
     };
     if (x.scalar_type() == at::kFloat) go(x.data_ptr<float>());
     else go(reinterpret_cast<const vec::bf16_t*>(x.data_ptr()));

@@ -21,7 +21,9 @@ std::tuple<at::Tensor, at::Tensor> int8_panels_from_rows(const at::Tensor& bytes
                                                          const at::Tensor& scales);
 
 // out[M, N] (fp32/bf16, row stride free) = x[M, K] (fp32/bf16) @ W.T + bias (fp32 [N] or
-// null) for a weight from int8_panels_from_rows. With quantize_activations false (a test
+// null) for a weight from int8_panels_from_rows. Scales [panels, groups, 2, 32] (255 * ws, ws
+// of int8_panels_from_rows' [panels, groups, 32]) take the activations in 16 bits, q = 255 *
+// high + low, each plane int8 (two integer dot products per group, as quant_dot.cpp's). With quantize_activations false (a test
 // hook), x is multiplied in fp64 by the dequantized weight instead.
 void int8_panel_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& bytes,
                        const at::Tensor& scales, const float* bias, bool quantize_activations);

@@ -85,15 +85,17 @@ std::tuple<at::Tensor, at::Tensor> pack_int8_panels(const at::Tensor& weight,
 
 }  // namespace
 
-// activation_bits 0: the layout's own (16 for rows, 8 for panels, the only one they take).
+// activation_bits 0: the layout's own (16 for rows, 8 for panels with 3-D scales, 16 for
+// panels with 4-D ones; panels take only their own).
 void int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& bytes,
                  const at::Tensor& scales, const at::Tensor& bias, bool quantize_activations,
                  int64_t activation_bits) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D");
   const int64_t K = x.size(1);
-  if (scales.dim() == 3) {  // pack_int8_panels
-    TORCH_CHECK(activation_bits == 0 || activation_bits == 8,
-                "int8 panels take 8-bit activations, got activation_bits ", activation_bits);
+  if (scales.dim() == 3 || scales.dim() == 4) {  // pack_int8_panels (4-D: 16-bit activations)
+    const int64_t bits = scales.dim() == 4 ? 16 : 8;
+    TORCH_CHECK(activation_bits == 0 || activation_bits == bits, "these int8 panels take ",
+                bits, "-bit activations, got activation_bits ", activation_bits);
     const float* bp = nullptr;
     if (bias.numel() != 0) {
       TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() &&
