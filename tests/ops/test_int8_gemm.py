@@ -199,3 +199,41 @@ def test_16_bit_panels_take_16_bit_activations_only() -> None:
     with pytest.raises(RuntimeError, match="16-bit activations"):
         cpu_ops().int8_linear(out, torch.randn(2, 64), q, scales, torch.empty(0), True, 8)
     cpu_ops().int8_linear(out, torch.randn(2, 64), q, scales, torch.empty(0), True, 16)
+
+
+@pytest.mark.parametrize("n,k,group", [(45, 100, 32), (70, 576, 32)])
+def test_int8_panels_with_16_bit_weights(n: int, k: int, group: int) -> None:
+    """Bytes of two planes per group (q1, then the residual's q2) with 4-D scales are weights
+    q1 * s1 + q2 * s2 times 8-bit activations: within the 8-bit activations' bound around x @
+    that weight, far nearer the float weight than one plane, every ISA the same bits, a row
+    alone as in any batch; with the hook, the exact product."""
+    from pagedllm.layers.quantization.int8 import panels_of_16_bit_weights
+
+    gen = torch.Generator().manual_seed(n + 2 * k)
+    weight = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    q, scales = panels_of_16_bit_weights(weight, group)
+    kp = (k + 63) // 64 * 64
+    assert q.shape == (n, 2 * kp) and scales.shape == ((n + 31) // 32, kp // group, 2, 32)
+    w1 = int8_round_trip(weight, group)
+    w = w1 + int8_round_trip(weight - w1, group)
+    assert (w - weight).abs().max() < (w1 - weight).abs().max() / 50
+    reference = {}
+    for isa in isas():
+        with kernel_isa(isa):
+            for m in (1, 3, 8, 64):
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+                ref = x.double() @ w.double().T + bias.double()
+                out = torch.empty(m, n)
+                cpu_ops().int8_linear(out, x, q, scales, bias)
+                err = (out.double() - ref).abs()
+                slack = 1e-5 * (x.double().abs() @ w.double().abs().T + bias.double().abs())
+                assert (err <= activation_bound(x, w, group) + slack).all(), (isa, m)
+                reference.setdefault(m, out)
+                assert torch.equal(out, reference[m]), (isa, m)
+                alone = torch.empty(1, n)
+                cpu_ops().int8_linear(alone, x[-1:].clone(), q, scales, bias)
+                assert torch.equal(alone[0], out[-1]), (isa, m)
+                exact = torch.empty(m, n)
+                cpu_ops().int8_linear(exact, x, q, scales, bias, False)
+                torch.testing.assert_close(exact.double(), ref, rtol=1e-6, atol=1e-5)

@@ -72,17 +72,19 @@ Isa active_isa() {
 inline int64_t padded_k(int64_t K) { return (K + 63) / 64 * 64; }
 
 // Activations of one call: row m's int8 values at a + m * Kp (zero past K), group g's scale
-// at dx[m * groups + g] and -128 * its sum of q at comp[m * groups + g]. With 16-bit
-// activations (shift 1) each weight group g has two activation groups 2g (the high plane)
-// and 2g + 1 (the low one; q = 255 * high + low, both in -127..127, int8_gemm.h), one after
-// the other in the row (Kp twice the weight's), each multiplying weight group g >> shift
-// with its own weight scale (255 * ws, ws) and the same dx.
+// at dx[m * groups + g] and -128 * its sum of q at comp[m * groups + g]. A tile sums
+// `vgroups` products in order, product v of activation group v >> ashift and weight group
+// v >> wshift with weight scale v: 8-bit activations and weights, both shifts 0; 16-bit
+// activations (ashift 0, wshift 1), each weight group times its activations' high plane
+// (group 2g of the row, Kp twice the weight's) then low one (2g + 1; q = 255 * high + low,
+// int8_gemm.h); 16-bit weights (ashift 1, wshift 0), each activation group times the
+// weight's high plane then its residual one (weight groups 2g, 2g + 1).
 struct Acts {
   const int8_t* a;
   const float* dx;
   const int32_t* comp;
-  int64_t Kp, groups, G;
-  int shift;
+  int64_t Kp, groups, G, vgroups;
+  int ashift, wshift;
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -307,15 +309,16 @@ void tile_vnni(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps,
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const int8_t* a[R];
   for (int r = 0; r < R; ++r) a[r] = A.a + (m0 + r) * A.Kp;
-  for (int64_t g = 0; g < A.groups; ++g) {
+  for (int64_t g = 0; g < A.vgroups; ++g) {
     _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * kPrefetchLines * g), _MM_HINT_T1);
     _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * kPrefetchLines * g + 64), _MM_HINT_T1);
+    const int64_t ag = g >> A.ashift;
     __m512i p[R][2];
     for (int r = 0; r < R; ++r) {
-      p[r][0] = p[r][1] = _mm512_set1_epi32(A.comp[(m0 + r) * A.groups + g]);
+      p[r][0] = p[r][1] = _mm512_set1_epi32(A.comp[(m0 + r) * A.groups + ag]);
     }
-    const uint8_t* w = panel + (g >> A.shift) * G4 * kCols * 4;
-    const int64_t k0 = g * A.G;
+    const uint8_t* w = panel + (g >> A.wshift) * G4 * kCols * 4;
+    const int64_t k0 = ag * A.G;
     for (int64_t k4 = 0; k4 < G4; ++k4) {
       const __m512i w0 = _mm512_loadu_si512(w + k4 * 128);
       const __m512i w1 = _mm512_loadu_si512(w + k4 * 128 + 64);
@@ -329,7 +332,7 @@ void tile_vnni(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps,
     }
     const __m512 s0 = _mm512_loadu_ps(ps + g * kCols), s1 = _mm512_loadu_ps(ps + g * kCols + 16);
     for (int r = 0; r < R; ++r) {
-      const __m512 d = _mm512_set1_ps(A.dx[(m0 + r) * A.groups + g]);
+      const __m512 d = _mm512_set1_ps(A.dx[(m0 + r) * A.groups + ag]);
       acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p[r][0]), _mm512_mul_ps(s0, d), acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p[r][1]), _mm512_mul_ps(s1, d), acc[r][1]);
     }
@@ -351,14 +354,15 @@ void tile_avx2(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps,
   __m256 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < A.groups; ++g) {
+  for (int64_t g = 0; g < A.vgroups; ++g) {
     _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * kPrefetchLines * g), _MM_HINT_T1);
     _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * kPrefetchLines * g + 64), _MM_HINT_T1);
+    const int64_t ag = g >> A.ashift;
     __m256i p[R][4];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < 4; ++c) p[r][c] = _mm256_setzero_si256();
-    const uint8_t* w = panel + (g >> A.shift) * G4 * kCols * 4;
-    const int64_t k0 = g * A.G;
+    const uint8_t* w = panel + (g >> A.wshift) * G4 * kCols * 4;
+    const int64_t k0 = ag * A.G;
     for (int64_t k4 = 0; k4 < G4; ++k4) {
       __m256i ws[4], aw[4];
       for (int c = 0; c < 4; ++c) {
@@ -378,7 +382,7 @@ void tile_avx2(const Acts& A, int64_t m0, const uint8_t* panel, const float* ps,
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m256 d = _mm256_set1_ps(A.dx[(m0 + r) * A.groups + g]);
+      const __m256 d = _mm256_set1_ps(A.dx[(m0 + r) * A.groups + ag]);
       for (int c = 0; c < 4; ++c) {
         const __m256 s = _mm256_loadu_ps(ps + g * kCols + 8 * c);
         acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r][c]), _mm256_mul_ps(s, d), acc[r][c]);
@@ -398,13 +402,14 @@ void tile_scalar(const Acts& A, int64_t m0, const uint8_t* panel, const float* p
     const int8_t* a = A.a + (m0 + r) * A.Kp;
     for (int64_t j = 0; j < kCols; ++j) {
       float acc = 0.0f;
-      for (int64_t g = 0; g < A.groups; ++g) {
+      for (int64_t g = 0; g < A.vgroups; ++g) {
+        const int64_t ag = g >> A.ashift;
         int32_t p = 0;
-        const int64_t kw = (g >> A.shift) * A.G - g * A.G;  // the weight's input, less k
-        for (int64_t k = g * A.G; k < (g + 1) * A.G; ++k) {
+        const int64_t kw = (g >> A.wshift) * A.G - ag * A.G;  // the weight's input, less k
+        for (int64_t k = ag * A.G; k < (ag + 1) * A.G; ++k) {
           p += (static_cast<int32_t>(panel[((k + kw) / 4 * kCols + j) * 4 + k % 4]) - 128) * a[k];
         }
-        const float scale = ps[g * kCols + j] * A.dx[(m0 + r) * A.groups + g];
+        const float scale = ps[g * kCols + j] * A.dx[(m0 + r) * A.groups + ag];
         acc = std::fma(static_cast<float>(p), scale, acc);
       }
       sums[r * kCols + j] = acc;
@@ -467,14 +472,18 @@ void store_tile(O* out, int64_t ldo, int64_t m0, int R, int64_t n0, int64_t widt
   }
 }
 
-// planes 2: 16-bit activations (scales [panels, groups, 2, 32]: 255 * ws, ws).
+// planes 2: 16-bit activations (scales [panels, groups, 2, 32]: 255 * ws, ws); wplanes 2:
+// 16-bit weights (bytes [N, 2 Kp]: each group's high plane, then its residual's; scales
+// [panels, groups, 2, 32]: theirs).
 template <typename O, typename X>
 void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t N, int64_t K,
                 const uint8_t* bytes, const float* scales, int64_t groups, const float* bias,
-                int planes) {
-  const int64_t Kw = padded_k(K), G = Kw / groups;
+                int planes, int wplanes) {
+  const int64_t G = padded_k(K) / groups;
+  const int64_t Kw = padded_k(K) * wplanes;  // bytes per weight column
+  const int64_t vgroups = groups * planes * wplanes;
   // The activations' row and groups (16 bits: two planes of each weight group).
-  const int64_t Kp = Kw * planes;
+  const int64_t Kp = padded_k(K) * planes;
   groups *= planes;
   // The quantized activations, in buffers kept by the calling thread between calls (a fresh
   // prefill-sized allocation is mapped and faulted in page by page every call).
@@ -496,13 +505,15 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       if (planes == 2) {
-        quantize_row16(x + m * ldx, K, Kw, G, a + m * Kp, dx + m * groups, comp + m * groups);
+        quantize_row16(x + m * ldx, K, Kp / 2, G, a + m * Kp, dx + m * groups,
+                       comp + m * groups);
       } else {
         quantize_row(x + m * ldx, K, Kp, G, a + m * Kp, dx + m * groups, comp + m * groups);
       }
     }
   });
-  const Acts acts{a, dx, comp, Kp, groups, G, planes == 2 ? 1 : 0};
+  const Acts acts{a, dx, comp, Kp, groups, G, vgroups, wplanes == 2 ? 1 : 0,
+                  planes == 2 ? 1 : 0};
   const Isa isa = active_isa();
   TileFn tiles[kRows + 1] = {nullptr};
   for (int r = 1; r <= kRows; ++r) tiles[r] = tile_fn(isa, r);
@@ -525,7 +536,7 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t
       }
       panel = tail.data();
     }
-    const float* ps = scales + p * groups * kCols;
+    const float* ps = scales + p * vgroups * kCols;
     // The next panel in memory (this thread's next item) is fetched into L2 while this one is
     // computed, kPrefetchLines per group of each tile: at a few dozen rows the first tile
     // otherwise waits on memory for each line of its panel. Where the tiles would cover less
@@ -533,7 +544,7 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t
     // of the rest stalled on the misses in flight (1-3 rows 20-40% slower). Tiles with
     // nothing to fetch fetch their own panel's lines, in cache by then.
     const int64_t num_tiles = (m_end - m_begin + kRows - 1) / kRows;
-    const int64_t per_tile = kPrefetchLines * groups;
+    const int64_t per_tile = kPrefetchLines * vgroups;
     const uint8_t* next = panel;
     int64_t next_lines = per_tile;
     if (p + 1 < num_panels) {
@@ -556,17 +567,22 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t
 template <typename O, typename X>
 void run_float(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, int64_t N, int64_t K,
                const uint8_t* bytes, const float* scales, int64_t groups, const float* bias,
-               int planes) {
-  const int64_t Kp = padded_k(K), G = Kp / groups;
+               int planes, int wplanes) {
+  const int64_t G = padded_k(K) / groups, Kp = padded_k(K) * wplanes;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> w(K);
     for (int64_t n = begin; n < end; ++n) {
       const int64_t p = n / kCols, j = n % kCols, width = std::min(kCols, N - p * kCols);
       const uint8_t* panel = bytes + p * kCols * Kp;
       for (int64_t k = 0; k < K; ++k) {
-        const int q = static_cast<int>(panel[(k / 4 * width + j) * 4 + k % 4]) - 128;
-        w[k] = scales[((p * groups + k / G) * planes + planes - 1) * kCols + j] *
-               static_cast<float>(q);
+        float wk = 0.0f;
+        for (int e = 0; e < wplanes; ++e) {  // 16-bit weights: the high plane and residual
+          const int64_t kv = (k / G * wplanes + e) * G + k % G;
+          const int q = static_cast<int>(panel[(kv / 4 * width + j) * 4 + kv % 4]) - 128;
+          wk += scales[((p * groups + k / G) * planes * wplanes + planes - 1 + e) * kCols + j] *
+                static_cast<float>(q);
+        }
+        w[k] = wk;
       }
       for (int64_t m = 0; m < M; ++m) {
         double sum = 0.0;
@@ -636,11 +652,13 @@ std::tuple<at::Tensor, at::Tensor> int8_panels_from_rows(const at::Tensor& bytes
 void int8_panel_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& bytes,
                        const at::Tensor& scales, const float* bias, bool quantize_activations) {
   const int64_t M = x.size(0), K = x.size(1), N = bytes.size(0), Kp = padded_k(K);
+  // [panels, groups, 32]: 8-bit activations; [panels, groups, 2, 32]: 16-bit activations, or
+  // 16-bit weights where the bytes are twice as many (two planes of each group).
+  const int wplanes = bytes.dim() == 2 && bytes.size(1) == 2 * Kp ? 2 : 1;
+  const int planes = scales.dim() == 4 && wplanes == 1 ? 2 : 1;
   TORCH_CHECK(bytes.dim() == 2 && bytes.scalar_type() == at::kByte && bytes.is_contiguous() &&
-                  bytes.size(1) == Kp,
+                  bytes.size(1) == Kp * wplanes && (wplanes == 1 || scales.dim() == 4),
               "the int8 weight must come from pack_int8_panels for ", K, " inputs");
-  // [panels, groups, 32]: 8-bit activations; [panels, groups, 2, 32]: 16-bit.
-  const int planes = scales.dim() == 4 ? 2 : 1;
   TORCH_CHECK((scales.dim() == 3 || (scales.dim() == 4 && scales.size(2) == 2)) &&
                   scales.scalar_type() == at::kFloat &&
                   scales.is_contiguous() && scales.size(0) == (N + kCols - 1) / kCols &&
@@ -662,9 +680,9 @@ void int8_panel_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& b
     const int64_t ldo = out.stride(0), ldx = x.stride(0);
     const auto go = [&](const auto* xp) {
       if (quantize_activations) {
-        run_panels(op, ldo, xp, ldx, M, N, K, wp, sp, groups, bias, planes);
+        run_panels(op, ldo, xp, ldx, M, N, K, wp, sp, groups, bias, planes, wplanes);
       } else {
-        run_float(op, ldo, xp, ldx, M, N, K, wp, sp, groups, bias, planes);
+        run_float(op, ldo, xp, ldx, M, N, K, wp, sp, groups, bias, planes, wplanes);
       }
     };
     if (x.scalar_type() == at::kFloat) go(x.data_ptr<float>());

@@ -23,7 +23,9 @@ std::tuple<at::Tensor, at::Tensor> int8_panels_from_rows(const at::Tensor& bytes
 // out[M, N] (fp32/bf16, row stride free) = x[M, K] (fp32/bf16) @ W.T + bias (fp32 [N] or
 // null) for a weight from int8_panels_from_rows. Scales [panels, groups, 2, 32] (255 * ws, ws
 // of int8_panels_from_rows' [panels, groups, 32]) take the activations in 16 bits, q = 255 *
-// high + low, each plane int8 (two integer dot products per group, as quant_dot.cpp's). With quantize_activations false (a test
+// high + low, each plane int8 (two integer dot products per group, as quant_dot.cpp's).
+// Bytes [N, 2 Kp] (panels of the rows [g's q, g's residual's q, ...] for each group g) with
+// scales [panels, groups, 2, 32] (each plane's) are 16-bit weights: w = s1 q1 + s2 q2. With quantize_activations false (a test
 // hook), x is multiplied in fp64 by the dequantized weight instead.
 void int8_panel_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& bytes,
                        const at::Tensor& scales, const float* bias, bool quantize_activations);

@@ -85,15 +85,16 @@ std::tuple<at::Tensor, at::Tensor> pack_int8_panels(const at::Tensor& weight,
 
 }  // namespace
 
-// activation_bits 0: the layout's own (16 for rows, 8 for panels with 3-D scales, 16 for
-// panels with 4-D ones; panels take only their own).
+// activation_bits 0: the layout's own (16 for rows; panels take only their own: 8, 16 with
+// 4-D scales and one weight plane).
 void int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& bytes,
                  const at::Tensor& scales, const at::Tensor& bias, bool quantize_activations,
                  int64_t activation_bits) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D");
   const int64_t K = x.size(1);
-  if (scales.dim() == 3 || scales.dim() == 4) {  // pack_int8_panels (4-D: 16-bit activations)
-    const int64_t bits = scales.dim() == 4 ? 16 : 8;
+  if (scales.dim() == 3 || scales.dim() == 4) {  // pack_int8_panels (int8_gemm.h)
+    // 4-D scales: 16-bit activations, or 16-bit weights (two planes: twice the bytes).
+    const int64_t bits = scales.dim() == 4 && bytes.size(-1) == padded_k(K) ? 16 : 8;
     TORCH_CHECK(activation_bits == 0 || activation_bits == bits, "these int8 panels take ",
                 bits, "-bit activations, got activation_bits ", activation_bits);
     const float* bp = nullptr;
