@@ -9,9 +9,9 @@ quantized path is compared with its dense reference on the same positions:
            to fp32 (quantization="none"): only activation quantization differs
     int8   the dense SmolLM2 quantized at load to int8 (layers/quantization/int8.py), against
            it in bf16; --int8-schemes scores several schemes against one reference run, each
-           ACTIVATION_BITS:GROUP_SIZE:SMOOTHING (e.g. 8:32:0.5/0.75, 8:64:off, 16:64:default;
-           alphas split by /), as PAGEDLLM_INT8_ACTIVATION_BITS, _GROUP_SIZE and _SMOOTHING
-           set them
+           ACTIVATION_BITS:GROUP_SIZE:SMOOTHING[:SENSITIVE] (e.g. 8:32:0.5/0.75, 8:64:off,
+           16:64:default, 8:32:default:g16=0.5; alphas split by /), as
+           PAGEDLLM_INT8_ACTIVATION_BITS, _GROUP_SIZE, _SMOOTHING and _SENSITIVE set them
 
 It prints perplexity (exp of the mean negative log-likelihood), the relative change, and the
 top-1 agreement (the share of positions where both pick the same token), and writes them as
@@ -42,16 +42,16 @@ PAIRS = {
 
 
 INT8_ENV = ("PAGEDLLM_INT8_ACTIVATION_BITS", "PAGEDLLM_INT8_GROUP_SIZE",
-            "PAGEDLLM_INT8_SMOOTHING")
+            "PAGEDLLM_INT8_SMOOTHING", "PAGEDLLM_INT8_SENSITIVE")
 
 
 def int8_scheme_env(scheme: str) -> dict[str, str]:
     """ACTIVATION_BITS:GROUP_SIZE:SMOOTHING -> the environment that selects it ("default" or
     an empty field: the setting's default)."""
     fields = scheme.split(":")
-    if len(fields) != 3:
-        raise SystemExit(f"--int8-schemes takes ACTIVATION_BITS:GROUP_SIZE:SMOOTHING, got "
-                         f"{scheme!r}")
+    if len(fields) not in (3, 4):
+        raise SystemExit(f"--int8-schemes takes ACTIVATION_BITS:GROUP_SIZE:SMOOTHING"
+                         f"[:SENSITIVE], got {scheme!r}")
     return {name: value.replace("/", ",") for name, value in zip(INT8_ENV, fields)
             if value not in ("", "default")}
 
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "window (each window starts without context)")
     parser.add_argument("--paths", default="gguf,int8", help="comma-separated: gguf, int8")
     parser.add_argument("--int8-schemes", default="",
-                        help="comma-separated ACTIVATION_BITS:GROUP_SIZE:SMOOTHING schemes "
+                        help="comma-separated ACTIVATION_BITS:GROUP_SIZE:SMOOTHING[:SENSITIVE] "
+                        "schemes "
                         "scored against one bf16 run (default: the environment's one)")
     parser.add_argument("--output-json", default=str(RESULTS / "quality.json"))
     args = parser.parse_args(argv)

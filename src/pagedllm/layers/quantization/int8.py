@@ -37,6 +37,7 @@ The LM head stays dense: its logits are what sampling and quality read.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ from torch import nn
 from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig
 from pagedllm.layers.quantization.dense import UnquantizedLinearMethod
 from pagedllm.ops import cpu_ops
+
+logger = logging.getLogger(__name__)
 
 # The activations' precision (PAGEDLLM_INT8_ACTIVATION_BITS overrides it): 16 keeps the
 # weights as rows for the quantized kernel's 16-bit activations (ops/csrc/quant_dot.cpp); 8
@@ -67,6 +70,14 @@ SMOOTHING_ALPHAS: dict[int, tuple[float, ...]] = {16: (0.5, 0.75), 8: (0.5, 0.75
 SMOOTHING_ENV = "PAGEDLLM_INT8_SMOOTHING"
 # "0": the first alpha on every projection, without the search (a hook for tests).
 SMOOTHING_SEARCH_ENV = "PAGEDLLM_INT8_SMOOTHING_SEARCH"
+# With 8-bit activations, the most sensitive projections may be kept more precise:
+# PAGEDLLM_INT8_SENSITIVE = KIND=SHARE, KIND one of int8_calibration.SENSITIVE_KINDS (a16:
+# 16-bit activations, w16: 16-bit weights, g16: groups of 16, dense: the model's dtype, which
+# takes the model off the native decoder stack), SHARE in [0, 1] the weights (elements) kept
+# so, chosen where that precision cuts the quantized output's relative error on the
+# calibration text most per weight (int8_calibration.choose_sensitive). Empty or "off": none.
+SENSITIVE = ""
+SENSITIVE_ENV = "PAGEDLLM_INT8_SENSITIVE"
 
 
 class Int8LinearMethod(LinearMethodBase):
@@ -74,11 +85,18 @@ class Int8LinearMethod(LinearMethodBase):
     rows for 16-bit activations, the W8A8 GEMM's panels for 8-bit ones."""
 
     def __init__(self, activation_bits: int = DEFAULT_ACTIVATION_BITS,
-                 group_size: int | None = None) -> None:
+                 group_size: int | None = None, panels: bool | None = None,
+                 weight_bits: int = 8) -> None:
         if activation_bits not in GROUP_SIZES:
             raise ValueError(f"int8 activation bits must be 8 or 16, got {activation_bits}")
         self.activation_bits = activation_bits
         self.group_size = GROUP_SIZES[activation_bits] if group_size is None else group_size
+        # The W8A8 GEMM's panels (always with 8 bits; with 16, the projections a W8A8 model
+        # keeps at 16 bits: the same GEMM on two activation planes) or rows (quant_dot.cpp).
+        self.panels = activation_bits == 8 if panels is None else panels
+        # 16: each weight as q1 * s1 + q2 * s2 (the residual rounded again; two planes of
+        # the panels, ops/csrc/int8_gemm.h), for the projections a W8A8 model keeps precise.
+        self.weight_bits = weight_bits
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -95,8 +113,14 @@ class Int8LinearMethod(LinearMethodBase):
             layer.int8_dequantized = int8_round_trip(weight.float(),
                                                      self.group_size).to(weight.dtype)
         else:
-            pack = ops.pack_int8_panels if self.activation_bits == 8 else ops.pack_int8_weight
-            layer.int8_weight, layer.int8_scales = pack(weight, self.group_size)
+            if self.weight_bits == 16:
+                layer.int8_weight, layer.int8_scales = panels_of_16_bit_weights(
+                    weight, self.group_size)
+            else:
+                pack = ops.pack_int8_panels if self.panels else ops.pack_int8_weight
+                layer.int8_weight, layer.int8_scales = pack(weight, self.group_size)
+            if self.panels and self.activation_bits == 16:
+                layer.int8_scales = panels_for_16_bits(layer.int8_scales)
         bias = layer.rank_bias()
         layer.int8_bias = None if bias is None else bias.detach().float().contiguous()
         layer.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
@@ -123,7 +147,8 @@ class Int8Config(QuantizationConfig):
     and `group_size` inputs per scale (default: PAGEDLLM_INT8_GROUP_SIZE, else GROUP_SIZES')."""
 
     def __init__(self, activation_bits: int | None = None, group_size: int | None = None,
-                 smoothing_alphas: tuple[float, ...] | None = None) -> None:
+                 smoothing_alphas: tuple[float, ...] | None = None,
+                 sensitive: str | None = None) -> None:
         if activation_bits is None:
             activation_bits = int(os.environ.get(ACTIVATION_BITS_ENV, DEFAULT_ACTIVATION_BITS))
         if activation_bits not in GROUP_SIZES:
@@ -135,6 +160,11 @@ class Int8Config(QuantizationConfig):
         if smoothing_alphas is None:
             smoothing_alphas = _smoothing_from_env(SMOOTHING_ALPHAS[activation_bits])
         self.smoothing_alphas = tuple(smoothing_alphas)
+        if sensitive is None:
+            sensitive = os.environ.get(SENSITIVE_ENV, SENSITIVE)
+        self.sensitive_kind, self.sensitive_share = _sensitive(sensitive)
+        if activation_bits != 8:
+            self.sensitive_kind, self.sensitive_share = None, 0.0
 
     @property
     def smoothing_search(self) -> bool:
@@ -146,13 +176,36 @@ class Int8Config(QuantizationConfig):
         """Before the layers are quantized (the loaded model in its dtype): smooths the
         model's activations into its weights (int8_calibration.py) where alphas are set and
         the kernels are built."""
-        if not self.smoothing_alphas or cpu_ops() is None:
+        if not (self.smoothing_alphas or self.sensitive_share) or cpu_ops() is None:
             return
-        from pagedllm.layers.quantization.int8_calibration import SmoothingSearch, calibrate
+        from pagedllm.layers.quantization.int8_calibration import (
+            SmoothingSearch,
+            calibrate,
+            choose_sensitive,
+        )
 
         group_size = self.group_size or GROUP_SIZES[self.activation_bits]
-        calibrate(model, model_dir, SmoothingSearch(
-            self.smoothing_alphas, self.activation_bits, group_size, self.smoothing_search))
+        search = SmoothingSearch(self.smoothing_alphas, self.activation_bits, group_size,
+                                 self.smoothing_search,
+                                 sensitive=self.sensitive_kind if self.sensitive_share else None)
+        if not calibrate(model, model_dir, search) or not self.sensitive_share:
+            return
+        kept = choose_sensitive(search.sensitivity, self.sensitive_share)
+        kind = self.sensitive_kind
+        for i in kept:
+            layer = search.sensitivity[i][0]
+            if kind == "dense":
+                layer.linear_method = UnquantizedLinearMethod()
+            elif kind == "g16":
+                layer.linear_method = Int8LinearMethod(8, 16)
+            elif kind == "w16":
+                layer.linear_method = Int8LinearMethod(8, group_size, weight_bits=16)
+            else:
+                layer.linear_method = Int8LinearMethod(16, group_size, panels=True)
+        logger.info("int8: %d of %d projections kept as %s (%.1f%% of the weights)",
+                    len(kept), len(search.sensitivity), kind,
+                    100 * sum(search.sensitivity[i][2] for i in kept)
+                    / max(1, sum(n for _, _, n in search.sensitivity)))
 
     def get_name(self) -> str:
         return "int8"
@@ -161,6 +214,54 @@ class Int8Config(QuantizationConfig):
         if prefix.endswith("lm_head"):
             return None
         return Int8LinearMethod(self.activation_bits, self.group_size)
+
+
+def panels_for_16_bits(scales: torch.Tensor) -> torch.Tensor:
+    """pack_int8_panels' scales [panels, groups, 32] -> [panels, groups, 2, 32] (255 * ws, ws),
+    with which the W8A8 GEMM takes 16-bit activations (ops/csrc/int8_gemm.h)."""
+    return torch.stack((scales * 255, scales), dim=2).contiguous()
+
+
+def panels_of_16_bit_weights(weight: torch.Tensor,
+                             group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> the W8A8 GEMM's 16-bit weights (ops/csrc/int8_gemm.h): q1 and s1 as
+    pack_int8_weight rounds the weight, q2 and s2 as it rounds what is left (the weight less
+    q1 * s1); bytes [N, 2 Kp] (per group, q1's inputs then q2's) in panels, scales [panels,
+    groups, 2, 32]."""
+    from pagedllm.layers.quantization.int8_calibration import int8_panels
+
+    ops = cpu_ops()
+    n, k = weight.shape
+    rows, s1 = ops.pack_int8_weight(weight, group_size)
+    kp = rows.shape[1]
+    groups = kp // group_size
+    q1 = (rows.to(torch.int16) - 128).view(n, groups, group_size)
+    padded = F.pad(weight.float(), (0, kp - k)).view(n, groups, group_size)
+    residual = (padded - q1.float() * s1[:, :, None]).view(n, kp)
+    rows2, s2 = ops.pack_int8_weight(residual, group_size)
+    q2 = (rows2.to(torch.int16) - 128).view(n, groups, group_size)
+    q = torch.stack((q1, q2), 2).reshape(n, 2 * kp).to(torch.int8)
+    panels, scales = int8_panels(q, torch.stack((s1, s2), 2).reshape(n, 2 * groups))
+    return panels, scales.view(scales.shape[0], groups, 2, -1).contiguous()
+
+
+def _sensitive(value: str) -> tuple[str | None, float]:
+    """SENSITIVE_ENV's KIND=SHARE -> (kind, share); (None, 0.0) where empty or off."""
+    from pagedllm.layers.quantization.int8_calibration import SENSITIVE_KINDS
+
+    value = value.strip().lower()
+    if value in ("", "off", "none"):
+        return None, 0.0
+    kind, _, share = value.partition("=")
+    try:
+        fraction = float(share)
+    except ValueError:
+        fraction = -1.0
+    if kind not in SENSITIVE_KINDS or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"{SENSITIVE_ENV} must be KIND=SHARE with KIND one of "
+                         f"{', '.join(SENSITIVE_KINDS)} and SHARE in [0, 1], or off; got "
+                         f"{value!r}")
+    return kind, fraction
 
 
 def _smoothing_from_env(default: tuple[float, ...]) -> tuple[float, ...]:

@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 # The calibration text (public domain; see benchmarks/data/README.md).
 CALIBRATION_TEXT = (Path(__file__).resolve().parents[2] / "benchmarks" / "data"
                     / "paradise_lost_book1.txt")
+# What a W8A8 model's most sensitive projections may keep instead (int8.py: SENSITIVE_ENV):
+# 16-bit activations, 16-bit weights (two int8 planes), groups of 16, the dense weight.
+SENSITIVE_KINDS = ("a16", "w16", "g16", "dense")
 # Tokens of it run through the model, in windows of CALIBRATION_WINDOW (each from no context).
 CALIBRATION_TOKENS = 512
 CALIBRATION_WINDOW = 512
@@ -154,36 +157,61 @@ class SmoothingSearch:
 
     def __init__(self, alphas: tuple[float, ...], activation_bits: int, group_size: int,
                  search: bool = True, max_rows: int = 256, max_outputs: int = 256,
-                 min_gain: float = 0.25) -> None:
+                 min_gain: float = 0.25, sensitive: str | None = None) -> None:
         self.alphas, self.activation_bits, self.group_size = alphas, activation_bits, group_size
         self.search, self.min_gain = search, min_gain
         self.max_rows, self.max_outputs = max_rows, max_outputs
+        if sensitive not in (None, *SENSITIVE_KINDS):
+            raise ValueError(f"sensitive must be one of {', '.join(SENSITIVE_KINDS)}, got "
+                             f"{sensitive!r}")
+        self.sensitive = sensitive
         self.chosen: list[float | None] = []
+        # Per projection, in call order, with `sensitive`: (the layer, what that precision
+        # (SENSITIVE_KINDS) would cut its quantized output's squared error by, relative to
+        # the output's energy, all ranks summed; its weight's elements on this rank).
+        self.sensitivity: list[tuple[nn.Module | None, float, int]] = []
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, shared: bool,
-                 kv_group: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+                 kv_group: tuple[int, int, int] | None = None,
+                 layer: nn.Module | None = None) -> torch.Tensor | None:
         """x [T, K]: the projection's calibration inputs; weight [N, K] (this rank's). Returns
         the chosen scale [K] (for o, `kv_group` = (kv_heads, query heads per KV head, head
-        size): one scale per KV head's dims, expanded), or None (no smoothing)."""
+        size): one scale per KV head's dims, expanded), or None (no smoothing). With
+        `sensitive`, records `layer`'s gain from that precision (self.sensitivity)."""
         amax = x.float().abs().amax(0)
         scales = [self._scale(amax, weight, alpha, shared, kv_group) for alpha in self.alphas]
-        if not self.search:
-            self.chosen.append(self.alphas[0])
-            return scales[0]
+        numel = weight.numel()
         # The error on a sample: every few tokens, every few output rows (the same rows on
         # every rank of a row-parallel layer; column-parallel ranks each sample their own).
         rows = x[:: max(1, -(-x.shape[0] // self.max_rows))]
         weight = weight[:: max(1, -(-weight.shape[0] // self.max_outputs))]
         reference = F.linear(rows.float(), weight.float())
-        options = [None, *scales]
-        errors = torch.stack([self._error(rows, weight, s, reference, shared)
-                              for s in options])
-        best = int(torch.argmin(errors))
-        logger.debug("int8 smoothing: errors %s", (errors / errors[0]).tolist())
-        if errors[best] > (1 - self.min_gain) * errors[0]:
-            best = 0  # NOTE: a smaller gain on the calibration text is within its noise
-        self.chosen.append(None if best == 0 else self.alphas[best - 1])
-        return options[best]
+        if not self.search or not scales:
+            best_scale = scales[0] if scales else None
+            self.chosen.append(self.alphas[0] if scales else None)
+            error = (self._error(rows, weight, best_scale, reference, shared)
+                     if self.sensitive else None)
+        else:
+            options = [None, *scales]
+            errors = torch.stack([self._error(rows, weight, s, reference, shared)
+                                  for s in options])
+            best = int(torch.argmin(errors))
+            logger.debug("int8 smoothing: errors %s", (errors / errors[0]).tolist())
+            if errors[best] > (1 - self.min_gain) * errors[0]:
+                best = 0  # NOTE: a smaller gain on the calibration text is within its noise
+            self.chosen.append(None if best == 0 else self.alphas[best - 1])
+            best_scale, error = options[best], errors[best]
+        if self.sensitive:
+            if self.sensitive == "a16":
+                precise = self._error(rows, weight, best_scale, reference, shared, bits=16)
+            elif self.sensitive == "g16":
+                precise = self._error(rows, weight, best_scale, reference, shared, group=16)
+            else:  # w16, dense: the weights' rounding error (nearly) gone
+                precise = 0.0
+            energy = self._energy(reference, shared)
+            gain = float((error - precise) / energy) if energy > 0 else 0.0
+            self.sensitivity.append((layer, gain, numel))
+        return best_scale
 
     @staticmethod
     def _scale(amax: torch.Tensor, weight: torch.Tensor, alpha: float, shared: bool,
@@ -195,18 +223,33 @@ class SmoothingSearch:
         s_kv = s.view(kv_heads, group, head).amax(1)
         return s_kv[:, None, :].expand(kv_heads, group, head).reshape(-1).contiguous()
 
+    @staticmethod
+    def _energy(reference: torch.Tensor, shared: bool) -> torch.Tensor:
+        """The sampled dense outputs' squared sum (row-parallel: of their all-reduced sum),
+        the same on every rank."""
+        if get_tp_group().world_size == 1:
+            return reference.double().pow(2).sum()
+        if not shared:
+            return tensor_model_parallel_all_reduce(
+                reference.contiguous()).double().pow(2).sum()
+        return tensor_model_parallel_all_reduce(
+            reference.double().pow(2).sum().float().reshape(1)).double()[0]
+
     def _error(self, rows: torch.Tensor, weight: torch.Tensor, s: torch.Tensor | None,
-               reference: torch.Tensor, shared: bool) -> torch.Tensor:
+               reference: torch.Tensor, shared: bool, bits: int | None = None,
+               group: int | None = None) -> torch.Tensor:
         """The squared error of the sampled outputs, quantized as the kernels quantize (the
         weight per group with max |group| / 127, without pack_int8_weight's clipping search;
-        8-bit activations per row and group likewise), multiplied in fp32."""
+        8-bit activations per row and group likewise; `bits` 16: the activations exact),
+        multiplied in fp32."""
         if s is not None:
             rows = rows / s.to(rows.dtype)
             weight = weight * s.to(weight.dtype)
         x = rows.float()
-        if self.activation_bits == 8:
-            x = _fake_quantize(x, self.group_size)
-        out = F.linear(x, _fake_quantize(weight.float(), self.group_size))
+        group = group or self.group_size
+        if (self.activation_bits if bits is None else bits) == 8:
+            x = _fake_quantize(x, group)
+        out = F.linear(x, _fake_quantize(weight.float(), group))
         diff = out - reference
         if get_tp_group().world_size == 1:
             return diff.double().pow(2).sum()
@@ -241,7 +284,7 @@ def smooth(model: nn.Module, windows: list[list[int]], choose: SmoothingSearch) 
 
         xs = [layer.input_layernorm(h.clone()) for h in hidden]
         outs = [_attention(attn, x) for x in xs]
-        s = choose(torch.cat(xs), qkv.weight, shared=True)
+        s = choose(torch.cat(xs), qkv.weight, shared=True, layer=qkv)
         if s is not None:
             _divide(layer.input_layernorm.weight, s)
             qkv.weight.mul_(s.to(qkv.weight.dtype))
@@ -251,7 +294,7 @@ def smooth(model: nn.Module, windows: list[list[int]], choose: SmoothingSearch) 
         kv_heads = attn.num_kv_heads
         group = attn.num_heads // kv_heads
         s = choose(torch.cat(outs), o.weight, shared=False,
-                   kv_group=(kv_heads, group, attn.head_size))
+                   kv_group=(kv_heads, group, attn.head_size), layer=o)
         if s is not None:
             o.weight.mul_(s.to(o.weight.dtype))
             s_kv = s.view(kv_heads, group, attn.head_size)[:, 0, :].reshape(-1)
@@ -266,12 +309,12 @@ def smooth(model: nn.Module, windows: list[list[int]], choose: SmoothingSearch) 
             gate, up = _linear(gate_up, x).chunk(2, dim=-1)
             acts.append(F.silu(gate) * up)
         hidden = [h + _linear(down, act) for h, act in zip(hidden, acts)]
-        s = choose(torch.cat(xs), gate_up.weight, shared=True)
+        s = choose(torch.cat(xs), gate_up.weight, shared=True, layer=gate_up)
         if s is not None:
             _divide(layer.post_attention_layernorm.weight, s)
             gate_up.weight.mul_(s.to(gate_up.weight.dtype))
         # down's input: silu(gate) * up, divided through up's rows (this rank's units).
-        s = choose(torch.cat(acts), down.weight, shared=False)
+        s = choose(torch.cat(acts), down.weight, shared=False, layer=down)
         if s is not None:
             down.weight.mul_(s.to(down.weight.dtype))
             units = down.in_features
@@ -299,6 +342,26 @@ def _attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _divide(t: torch.Tensor, s: torch.Tensor) -> None:
     t.div_(s.to(t.dtype))
+
+
+def choose_sensitive(sensitivity: list[tuple[nn.Module | None, float, int]],
+                     share: float) -> list[int]:
+    """The indices of the projections (SmoothingSearch.sensitivity) to keep more precise: by
+    gain per weight element, largest first (ties: the earlier one), each taken while the kept
+    weights stay within `share` of all; those with no gain never. The same on every rank (the
+    gains are summed over the ranks, the shards equal)."""
+    total = sum(numel for _, _, numel in sensitivity)
+    order = sorted(range(len(sensitivity)),
+                   key=lambda i: (-sensitivity[i][1] / max(sensitivity[i][2], 1), i))
+    kept, budget = [], share * total
+    for i in order:
+        _, gain, numel = sensitivity[i]
+        if gain <= 0:
+            break
+        if numel <= budget:
+            kept.append(i)
+            budget -= numel
+    return sorted(kept)
 
 
 def calibrate(model: nn.Module, model_dir: Path, choose: SmoothingSearch) -> bool:
