@@ -82,3 +82,35 @@ def test_w8a8_smoothing_at_tp2_equals_tp1(tiny_llama_factory, monkeypatch) -> No
         gate, up = full["gate_up"].chunk(2)
         assert torch.equal(got["gate_up"], torch.cat([gate[units], up[units]]))
         assert torch.equal(got["down"], full["down"][:, units])
+
+
+def kept_kinds(worker) -> list[tuple[int, int, int]]:
+    """On a rank: each projection's (weight bits, activation bits, group size), module order."""
+    from pagedllm.layers.quantization.int8 import Int8LinearMethod
+
+    return [(m.linear_method.weight_bits, m.linear_method.activation_bits,
+             m.linear_method.group_size) for m in worker.model.modules()
+            if isinstance(getattr(m, "linear_method", None), Int8LinearMethod)]
+
+
+def test_sensitive_choice_at_tp2_equals_tp1(tiny_llama_factory, monkeypatch) -> None:
+    """The projections kept as 16-bit weights (PAGEDLLM_INT8_SENSITIVE) are the same ones on
+    both ranks at tensor_parallel_size=2 as at size 1 (the errors summed over the ranks)."""
+    from pagedllm.layers.quantization.int8 import SENSITIVE_ENV
+
+    monkeypatch.setenv(ACTIVATION_BITS_ENV, "8")
+    monkeypatch.setenv("PAGEDLLM_INT8_GROUP_SIZE", "32")
+    monkeypatch.setenv(SENSITIVE_ENV, "w16=0.4")
+    model_dir = tiny_llama_factory(num_heads=4, num_kv_heads=2, seed=9)
+    kwargs = {"quantization": "int8", "dtype": "float32", "num_kv_blocks": 32,
+              "block_size": 8}
+    one = LLM(str(model_dir), **kwargs)
+    full = kept_kinds(one.llm_engine.model_executor.driver_worker)
+    del one
+    assert {(16, 8, 32), (8, 8, 32)} == set(full)
+    two = LLM(str(model_dir), tensor_parallel_size=2, **kwargs)
+    try:
+        ranks = two.llm_engine.model_executor.collective_rpc(kept_kinds)
+    finally:
+        two.shutdown()
+    assert ranks == [full, full]

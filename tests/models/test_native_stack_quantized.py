@@ -34,13 +34,17 @@ def run_both_paths(monkeypatch, llm: LLM) -> list[int]:
     return rows
 
 
+@pytest.mark.parametrize("bits", ["8", "16"])  # W8A8 panels (the default), 16-bit rows
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
-def test_int8_steps_match_the_module_path_bit_for_bit(tiny_llama_factory, monkeypatch, dtype):
+def test_int8_steps_match_the_module_path_bit_for_bit(tiny_llama_factory, monkeypatch, dtype,
+                                                      bits):
+    monkeypatch.setenv("PAGEDLLM_INT8_ACTIVATION_BITS", bits)
     model_dir = tiny_llama_factory(num_kv_heads=2, attention_bias=True, mlp_bias=True, seed=5)
     llm = LLM(str(model_dir), dtype=dtype, quantization="int8", num_kv_blocks=128,
               block_size=8, max_num_batched_tokens=64)
     model = model_of(llm)
     assert type(model.layers[0].self_attn.qkv_proj.linear_method) is Int8LinearMethod
+    assert model.layers[0].self_attn.qkv_proj.int8_scales.dim() == (3 if bits == "8" else 2)
     stack = model.native_stack
     assert stack.linear_path(1) == stack.linear_path(64) == QUANTIZED
     assert set(stack.quant_layout[1::3]) == {INT8_FORMAT}  # one run per projection

@@ -2,11 +2,12 @@
 load to symmetric int8 with a float scale per output channel and group of inputs (each scale
 the one with the least squared error among max |group| / 127 and 15 clipped ones), then
 multiplied with activations quantized per row, by activation bits (ACTIVATION_BITS_ENV):
-- 16 (the default): groups of 64, weights kept as rows for the quantized kernel
-  (ops/csrc/quant_int8.cpp, quant_dot.cpp), activations in blocks of 32 as 16-bit integers
-  (two int8 planes: twice the integer dot products, slower than bf16);
-- 8: groups of 32, weights packed at load into the W8A8 GEMM's panels (ops/csrc/int8_gemm.cpp),
-  activations int8 with a scale per the same 32 inputs: VPDPBUSD, faster than bf16.
+- 8 (the default): groups of 16, weights packed at load into the W8A8 GEMM's panels
+  (ops/csrc/int8_gemm.cpp), activations int8 with a scale per the same 16 inputs: VPDPBUSD,
+  faster than bf16;
+- 16: groups of 64, weights kept as rows for the quantized kernel (ops/csrc/quant_int8.cpp,
+  quant_dot.cpp), activations in blocks of 32 as 16-bit integers (two int8 planes: twice the
+  integer dot products, slower than bf16).
 Before rounding, a Llama-family model is smoothed (int8_calibration.py, SMOOTHING_ENV): per
 projection, power-of-two scales moved from the activations into the weights where they cut
 the quantized output's error on a shipped calibration text (Paradise Lost, Book I; 512 tokens,
@@ -20,15 +21,22 @@ shipped text, 24,576 tokens; bf16 itself agrees with fp32 on 98.0%), top-1 agree
 perplexity change:
 
     scheme                      unsmoothed         smoothed
-    16-bit act., groups of 64   96.61%  +0.18%     97.15%  +0.06%   (the default: meets 97%/2%)
+    8-bit act., groups of 16    96.23%  +0.15%*    97.15%  +0.20%   (the default: meets 97%/2%)
+    16-bit act., groups of 64   96.61%  +0.18%     97.15%  +0.06%
     8-bit act., groups of 32    95.58%  +0.36%     96.65%  +0.31%
     8-bit act., groups of 64    94.56%  +0.70%     96.12%  +0.27%*
+    8-bit act., groups of 32, half the weights (by the calibration) in groups of 16:
+                                                   96.87%  +0.28%
 
 (* 12,288 tokens; there, 8-bit groups of 32 went 95.34% -> 96.49%, 96.51% with alphas
 0.5/0.75/0.9, and 16-bit groups of 64 96.47% -> 96.99%; unsmoothed 16-bit groups of 32 96.73%,
 8-bit groups of 16 96.23%. Smoothed 16-bit groups of 32, 24,576 tokens: 97.12%, +0.18%.) Smoothing gains 1.1-1.6 points with 8-bit activations and 0.5 with
-16-bit (its weights-side effect, as AWQ's scales); W8A8, the fast path, stays short of 97%, so
-the default keeps 16-bit activations. Tried and dropped: the scale search weighted by each
+16-bit (its weights-side effect, as AWQ's scales). With groups of 32, W8A8 stays short of 97%
+whatever the calibration keeps more precise (12,288 tokens, smoothed, 96.49% with none kept;
+SENSITIVE_ENV): 16-bit activations on 10% of the weights 96.47%, the dense weight on 15% 96.61%
+and on 30% 96.95%; groups of 16 everywhere give 97.02% there (97.15% on 24,576), so the
+default is W8A8 in groups of 16: its GEMM runs at ~0.82x the groups of 32 (SmolLM2's shapes,
+one thread), still past bf16. Tried and dropped: the scale search weighted by each
 input's mean square activation (fp32 emulation, 4,096 tokens: no gain over smoothing alone);
 GPTQ's error-compensated rounding (int8_calibration.round_to_int8; -25% output error on a
 synthetic layer) costs ~20 s per SmolLM2 layer in torch on these cores, too slow for a load.
@@ -52,16 +60,16 @@ from pagedllm.ops import cpu_ops
 
 logger = logging.getLogger(__name__)
 
-# The activations' precision (PAGEDLLM_INT8_ACTIVATION_BITS overrides it): 16 keeps the
-# weights as rows for the quantized kernel's 16-bit activations (ops/csrc/quant_dot.cpp); 8
-# packs them into the W8A8 GEMM's panels and quantizes activations to int8 with a scale per
-# group of inputs (ops/csrc/int8_gemm.cpp): faster than bf16, but further from it (see NOTE).
+# The activations' precision (PAGEDLLM_INT8_ACTIVATION_BITS overrides it): 8 packs the weights
+# into the W8A8 GEMM's panels and quantizes activations to int8 with a scale per group of
+# inputs (ops/csrc/int8_gemm.cpp): faster than bf16; 16 keeps the weights as rows for the
+# quantized kernel's 16-bit activations (ops/csrc/quant_dot.cpp): slower than bf16 (see NOTE).
 ACTIVATION_BITS_ENV = "PAGEDLLM_INT8_ACTIVATION_BITS"
-DEFAULT_ACTIVATION_BITS = 16
+DEFAULT_ACTIVATION_BITS = 8
 # Inputs per weight scale (and per activation scale with 8 bits), by activation bits;
 # PAGEDLLM_INT8_GROUP_SIZE overrides it (a multiple of 16 dividing each layer's inputs padded
-# to 64; e.g. 64 with 8 bits: fewer scale steps per dot product, lower agreement).
-GROUP_SIZES = {16: 64, 8: 32}
+# to 64; e.g. 32 with 8 bits: fewer scale steps per dot product, lower agreement).
+GROUP_SIZES = {16: 64, 8: 16}
 GROUP_SIZE_ENV = "PAGEDLLM_INT8_GROUP_SIZE"
 # SmoothQuant's alphas searched per projection along with no smoothing
 # (layers/quantization/int8_calibration.py), by activation bits (see NOTE; empty: none);
