@@ -141,3 +141,19 @@ def test_an_engine_touches_no_more_blocks_than_it_uses_at_once(tiny_llama_factor
     stats = engine.get_stats()
     assert stats.num_cached_blocks > 0 and stats.num_prefix_cache_evictions > 0
     assert engine.block_manager.pool.num_touched_blocks <= max(batch_blocks) < sum(batch_blocks)
+
+
+@pytest.mark.parametrize("mode", ["start", "ahead"])
+def test_a_pool_written_at_start_lets_the_cache_use_every_block(tiny_llama_factory, monkeypatch,
+                                                                mode):
+    """With PAGEDLLM_KV_POOL_COMMIT=start the whole pool is resident from the start, so the
+    engine's floor is the whole pool (the prefix cache's LRU over every block, as vLLM's);
+    committed as used (`ahead`), the default floor keeps resident memory to the work."""
+    from pagedllm import LLM
+    from pagedllm.core.block_pool import DEFAULT_CACHE_FLOOR_BLOCKS
+
+    monkeypatch.setenv("PAGEDLLM_KV_POOL_COMMIT", mode)
+    llm = LLM(str(tiny_llama_factory(num_heads=4, num_kv_heads=2)), num_kv_blocks=64,
+              block_size=8, dtype="float32")
+    pool = llm.llm_engine.block_manager.pool
+    assert pool.cache_floor_blocks == (64 if mode == "start" else DEFAULT_CACHE_FLOOR_BLOCKS)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pagedllm.core.block_hash import ROOT_HASH
-from pagedllm.core.block_pool import BlockPool
+from pagedllm.core.block_pool import DEFAULT_CACHE_FLOOR_BLOCKS, BlockPool
 
 # A table entry whose block was freed because no query of the sequence can see it any more
 # (sliding window). The attention metadata maps it to block 0, which the backends never weigh.
@@ -52,6 +52,7 @@ class BlockManager:
         num_cpu_blocks: int = 0,
         enable_prefix_caching: bool = False,
         sliding_window: int | None = None,
+        cache_floor_blocks: int = DEFAULT_CACHE_FLOOR_BLOCKS,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -60,7 +61,8 @@ class BlockManager:
         self.block_size = block_size
         # Every layer's queries see at most this many positions (None: some layer sees all).
         self.sliding_window = sliding_window
-        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching,
+                              cache_floor_blocks=cache_floor_blocks)
         self.cpu_pool = BlockPool(num_cpu_blocks) if num_cpu_blocks > 0 else None
         self._block_tables: dict[str, list[int]] = {}
         self._cpu_tables: dict[str, list[int]] = {}

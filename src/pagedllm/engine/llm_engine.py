@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from pagedllm.config import EngineConfig
 from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.core.block_manager import BlockManager
+from pagedllm.core.block_pool import DEFAULT_CACHE_FLOOR_BLOCKS
 from pagedllm.core.kv_cache_snapshot import KVCacheSnapshot, snapshot_kv_cache
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler, SchedulerConfig
@@ -31,6 +32,7 @@ from pagedllm.spec_decode.draft_model import check_draft_model
 from pagedllm.startup_profile import mark
 from pagedllm.structured_output.manager import grammar_mask_overlap
 from pagedllm.tokenizer import wait_loaded
+from pagedllm.worker.cache_engine import kv_pool_commit_mode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -135,6 +137,10 @@ class LLMEngine:
             num_cpu_blocks=self.model_executor.num_cpu_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
             sliding_window=kv_cache_sliding_window(hf_config),
+            # NOTE: a pool written in full at start is resident anyway: the prefix cache may
+            # then grow into every block (vLLM's LRU over the whole pool) at no memory cost.
+            cache_floor_blocks=(num_blocks if kv_pool_commit_mode() == "start"
+                                else DEFAULT_CACHE_FLOOR_BLOCKS),
         )
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -1,8 +1,8 @@
 """Commits a reserved host KV pool a little ahead of use, on a background thread, so that
 resident memory follows the blocks in use and still no step faults a page in.
 
-The block pool hands out never-used blocks lowest id first (its free queue starts in id order
-and freed blocks go to its back), so the written part of the pool grows from block 0 up. The
+The block pool hands out never-used blocks lowest id first, and only after freed ones
+(core/block_pool.py), so the written part of the pool grows from block 0 up, to the peak in use. The
 thread finds the highest block written so far (a written block's first key slot is not all
 zero bits; written keys never are in practice, and a block missed only costs the page faults
 this avoids) and keeps the next `blocks_ahead` blocks of every layer committed
