@@ -255,7 +255,7 @@ def test_bad_input_dimension_is_refused() -> None:
         gguf_linear(torch.randn(2, 64), raw, QT.Q5_0)
 
 
-PANEL_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
+PANEL_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 PANEL_FORMAT = 2000  # ops/csrc/quant.h: kPanelFormat
 
 
@@ -277,8 +277,9 @@ def panel_linear(x, packed: torch.Tensor, fmt: int, bias=None, quantize=True,
 
 @pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda q: q.name)
 def test_panels_equal_dequantize_then_matmul(qtype: QT) -> None:
-    # 100 rows: 6 whole panels of 16 (3 work items of 2 panels) and 4 rows left as stored.
-    n, k = 100, 96
+    # 100 rows: 6 whole panels of 16 (3 work items of 2 panels) and 4 rows left as stored;
+    # K: 3 blocks of 32, or 2 superblocks of the K-quants' 256.
+    n, k = 100, 512 if GGML_QUANT_SIZES[qtype][0] == 256 else 96
     raw_np = random_blocks(qtype, n, k, seed=10 + int(qtype))
     packed, fmt = panels(raw_np, qtype)
     assert not torch.equal(packed, torch.from_numpy(raw_np))
@@ -323,9 +324,9 @@ def test_panels_take_bf16_and_refuse_other_types() -> None:
     cpu_ops().gguf_linear(out32, x, packed, fmt, torch.empty(0))
     check_against(out32, x.float(), w, None, quantized=True)
     assert torch.equal(out, out32.bfloat16())
-    raw_k = torch.from_numpy(random_blocks(QT.Q4_K, 16, 256, seed=12))
-    with pytest.raises(RuntimeError, match="panels take Q4_0"):
-        cpu_ops().gguf_pack_panels_(raw_k, int(QT.Q4_K))
+    raw_5 = torch.from_numpy(random_blocks(QT.Q8_0, 16, 64, seed=12))[:, :44]  # Q5_0's size
+    with pytest.raises(RuntimeError, match="panels take Q4_0 .* not format 6"):
+        cpu_ops().gguf_pack_panels_(raw_5.contiguous(), int(QT.Q5_0))
 
 
 def test_a_tied_embedding_reads_the_packed_blocks() -> None:

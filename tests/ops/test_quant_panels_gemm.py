@@ -4,7 +4,7 @@ panel kernel's own tiles, bit for bit.
 The reference is the scalar integer path, which never takes the many-row tiles (nor does the
 forced AVX2 one): every output of the VNNI kernel must equal it exactly at every row count
 1..300 (tiles of 4 rows, then the panel kernel's 1-3 row tiles; row blocks of 64 rows at
-K = 2048), for Q4_0, Q4_1 and Q8_0, 8- and 16-bit activations, fp32 and bf16, with and
+K = 2048), for Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K, 8- and 16-bit activations, fp32 and bf16, with and
 without bias, and a row's bits must be the same alone as in any batch.
 """
 
@@ -14,12 +14,13 @@ import random
 
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from test_quant_kernels import isas, kernel_isa, panels, random_blocks
 
 from pagedllm.ops import cpu_ops, cpu_ops_error
 
-PANEL_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
+PANEL_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +47,7 @@ def activations(rows: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tenso
 @pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda q: q.name)
 def test_every_row_count_equals_the_panel_kernel(qtype: QT) -> None:
     # 100 weight rows: 3 items of 2 whole panels (the many-row tiles), 4 rows as stored.
-    n, k = 100, 96
+    n, k = 100, 256 if GGML_QUANT_SIZES[qtype][0] == 256 else 96
     packed, fmt = panels(random_blocks(qtype, n, k, seed=20 + int(qtype)), qtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(1))
     for dtype, b, bits in [(torch.float32, bias, 16), (torch.bfloat16, None, 16),

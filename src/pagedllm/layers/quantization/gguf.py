@@ -9,9 +9,9 @@ its raw blocks, uint8 [rows, bytes per row] with the attribute `ggml_type` (a GG
 kernels take: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), anything else already dequantized to
 float (the loader warns once per type). A fused layer (q | k | v, gate | up) may mix types, so
 each part is kept apart; runs of parts of one type are multiplied in one call, each writing its
-columns of the output. After loading, a run of Q4_0, Q4_1 or Q8_0 blocks is repacked in place
-into panels of 16 rows (ops/csrc/quant_panels.cpp: the same bytes, interleaved for the integer
-dot products); the run's format becomes the panel format's id (PANEL_FORMAT + its GGML type),
+columns of the output. After loading, a run's blocks (every type with a kernel: Q4_0, Q4_1,
+Q8_0, Q4_K, Q5_K, Q6_K) are repacked in place into panels of 16 rows (ops/csrc/quant_panels.cpp:
+the same bytes, interleaved for the integer dot products); the run's format becomes the panel format's id (PANEL_FORMAT + its GGML type),
 recorded on the bytes' storage too, so that a tied token embedding over the same bytes looks
 its rows up in that layout.
 """
@@ -47,7 +47,7 @@ KERNEL_TYPES = {
 _QKV_IDS = {"q": 0, "k": 1, "v": 2}
 # The panel formats' ids: PANEL_FORMAT + the GGML type (ops/csrc/quant.h: kPanelFormat).
 PANEL_FORMAT = 2000
-PANEL_TYPES = (2, 3, 8)  # Q4_0, Q4_1, Q8_0
+PANEL_TYPES = (2, 3, 8, 12, 13, 14)  # Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K
 
 
 def check_quantized_shape(raw: torch.Tensor, ggml_type: int, rows: int, in_features: int,

@@ -28,13 +28,44 @@ enum Format : int64_t {
 };
 
 // A GGUF weight repacked by gguf_pack_panels (quant_panels.cpp) into panels of 16 rows for
-// the panel kernels: the format id is kPanelFormat + its GGML type (Q4_0, Q4_1, Q8_0), the
-// bytes as many as the file's (same tensor shape).
+// the panel kernels: the format id is kPanelFormat + its GGML type (Q4_0, Q4_1, Q8_0, Q4_K,
+// Q5_K, Q6_K), the bytes as many as the file's (same tensor shape).
 constexpr int64_t kPanelFormat = 2000;
 inline bool is_panel_format(int64_t format) {
-  return format == kPanelFormat + kQ4_0 || format == kPanelFormat + kQ4_1 ||
-         format == kPanelFormat + kQ8_0;
+  const int64_t base = format - kPanelFormat;
+  return base == kQ4_0 || base == kQ4_1 || base == kQ8_0 || base == kQ4_K || base == kQ5_K ||
+         base == kQ6_K;
 }
+
+// A panel superblock's layout (quant_panels.cpp's header): 16 rows' blocks of one superblock
+// (one 32-value block; 256 values for the K-quants), `bytes` long. Offsets in bytes from its
+// start: the values' low nibbles (or Q8_0's bytes) of 32-value sub-block s at 256 * s (at 0
+// for the 32-value formats), the K-quants' high bits at `high`, the scales d at `d`, the
+// minimums (Q4_1's m, the K-quants' dmin) at `m`, the K-quants' sub-block scales at `scales`.
+template <int64_t kBase>
+struct PanelBlock {
+  static constexpr bool k_quant = kBase == kQ4_K || kBase == kQ5_K || kBase == kQ6_K;
+  static constexpr int64_t sub = k_quant ? 8 : 1;  // 32-value sub-blocks per superblock
+  static constexpr int64_t bytes =
+      16 * (kBase == kQ8_0   ? 34
+            : kBase == kQ4_0 ? 18
+            : kBase == kQ4_1 ? 20
+            : kBase == kQ4_K ? 144
+            : kBase == kQ5_K ? 176
+                             : 210);
+  static constexpr int64_t high = 2048;  // Q5_K: 512 bytes; Q6_K: 1024
+  static constexpr int64_t d = kBase == kQ8_0   ? 512
+                               : !k_quant       ? 256
+                               : kBase == kQ4_K ? 2048
+                               : kBase == kQ5_K ? 2560
+                                                : 3328;
+  static constexpr int64_t m = d + 32;
+  static constexpr int64_t scales = kBase == kQ6_K ? 3072 : m + 32;  // 16 x 12 or 16 x 16
+  static constexpr bool has_min = kBase == kQ4_1 || kBase == kQ4_K || kBase == kQ5_K;
+  static constexpr int zero = kBase == kQ8_0 ? -128 : kBase == kQ4_0 ? -8 : kBase == kQ6_K ? -32 : 0;
+  // Integer sums per 32-value block: Q6_K's scales cover 16 values, so two.
+  static constexpr int halves = kBase == kQ6_K ? 2 : 1;
+};
 
 struct FormatInfo {
   int64_t block_values;  // values per block (32 or 256)
@@ -92,24 +123,29 @@ int active_quant_isa();
 void panel_linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
                   int64_t activation_bits);
 
-// Activations quantized for the panel kernel (quant_panels.cpp's layout): row m's block b at
-// a + (m * nb + b) * 32 * planes, its scale dx[m * nb + b], its term corr[m * nb + b].
-struct PanelGemmActs {
+// Activations quantized for the panel kernel (quant_panels.cpp): row m's block b at
+// a + (m * nb + b) * 32 * planes (the hi plane's 32 values, then the lo plane's), its scale
+// dx[m * nb + b], its terms corr[(m * nb + b) * halves + h] (PanelBlock::halves): zero * S
+// (int32, S the sum of the half's quantized values) for formats with a zero, dx * S (float
+// bits) for those with a minimum.
+struct PanelActs {
   const int8_t* a;
   const float* dx;
   const int32_t* corr;
   int64_t nb;
 };
 
-// Rows m0 .. m_end - 1 of a panel kernel's work item times its panels pan[0 .. num_panels)
-// (weight rows n0 ..), in the many-row tiles of quant_panels_gemm.cpp, stored to out (bf16 or
-// fp32, row stride ldo) with bias (or null) as the panel kernel stores them: bit for bit its
-// outputs. Returns the first row it left to the panel kernel's tiles (m0 where it takes none:
-// another integer path, a partial panel pair).
-int64_t panel_gemm_rows(int64_t base, int planes, const PanelGemmActs& acts, int64_t m0,
-                        int64_t m_end, const uint8_t* const* pan, int64_t num_panels,
-                        int64_t n0, int64_t N, void* out, bool out_bf16, int64_t ldo,
-                        const float* bias);
+// A work item's rows m_begin .. m_end - 1 times its panels pan[0 .. num_panels) (1 or 2;
+// weight rows n0 ..), in register tiles (quant_panels_gemm.cpp: 4 rows x 2 panels, then 1-3
+// rows), stored to out (O: float or bf16, row stride ldo) with bias (or null); the tiles
+// prefetch `prefetch_bytes` ahead of their panels' streams (fewer than 4 rows).
+using PanelRowsFn = void (*)(const PanelActs& acts, int64_t m_begin, int64_t m_end,
+                             const uint8_t* const* pan, int64_t num_panels, int64_t n0,
+                             int64_t N, void* out, int64_t ldo, const float* bias,
+                             int prefetch_bytes);
+// The rows function for a panel format's GGML type, activation planes (1: 8 bits, 2: 16),
+// integer path (active_quant_isa) and output type.
+PanelRowsFn panel_rows_fn(int64_t base, int planes, int isa, bool out_bf16);
 
 // The ops' entry points (also the torch ops of the same names, pagedllm_cpu::gguf_linear and
 // int8_linear): out = x @ W.T + bias for a GGUF weight kept as its blocks, uint8 [N, bytes
