@@ -145,17 +145,37 @@ def test_gguf_type_without_kernel_loads_with_a_warning(tmp_path, caplog) -> None
     check_within_dense_top3(dense, prompts, outputs)
 
 
-def write_tiny_llama_gguf(path: Path, types: dict[str, str], seed: int = 0) -> None:
+# The K-quants' fp16 fields (d, dmin; Q6_K's d) by byte offset in a block, by GGML type id.
+K_QUANT_HALF_FIELDS = {12: (0, 2), 13: (0, 2), 14: (208,)}
+
+
+def random_k_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random K-quant blocks of a [rows, cols] weight, uint8 [rows, bytes per row], with fp16
+    scales in [1e-4, 5e-4] (weights of magnitude ~0.1)."""
+    from gguf import GGML_QUANT_SIZES
+
+    values, nbytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // values, nbytes), dtype=np.uint8)
+    for offset in K_QUANT_HALF_FIELDS[qtype]:
+        field = rng.uniform(1e-4, 5e-4, size=(rows, cols // values)).astype(np.float16)
+        raw[:, :, offset:offset + 2] = field.view(np.uint8).reshape(rows, cols // values, 2)
+    return raw.reshape(rows, -1)
+
+
+def write_tiny_llama_gguf(path: Path, types: dict[str, str], seed: int = 0, hidden: int = 64,
+                          ffn: int = 128) -> None:
     """A tiny random Llama (tied embeddings, SmolLM2's tokenizer and vocabulary) as a GGUF
     file written by the gguf package: tensors named and permuted as llama.cpp writes them,
-    each quantized to types[name suffix] (default Q8_0; norms F32)."""
+    each quantized to types[name suffix] (default Q8_0; norms F32). The gguf package cannot
+    quantize to the K-quants (Q4_K, Q5_K, Q6_K): a tensor of those types is random blocks
+    (small scales) of its shape, whose inputs (hidden, ffn) must be multiples of 256."""
     import torch
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
     from gguf.quants import quantize
 
     from pagedllm.models.default_model import default_gguf_path
 
-    hidden, heads, kv_heads, layers, ffn = 64, 4, 2, 2, 128
+    heads, kv_heads, layers = 4, 2, 2
     sizes = {"llama.block_count": layers, "llama.embedding_length": hidden,
              "llama.feed_forward_length": ffn, "llama.attention.head_count": heads,
              "llama.attention.head_count_kv": kv_heads, "llama.context_length": 512,
@@ -169,6 +189,7 @@ def write_tiny_llama_gguf(path: Path, types: dict[str, str], seed: int = 0) -> N
         sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(name, sizes.get(name, field.contents()), vtype, sub_type=sub_type)
     gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
 
     def matrix(rows: int, cols: int, std: float = 0.15) -> np.ndarray:
         return (torch.randn(rows, cols, generator=gen) * std).numpy()
@@ -182,6 +203,9 @@ def write_tiny_llama_gguf(path: Path, types: dict[str, str], seed: int = 0) -> N
             writer.add_tensor(name, w.astype(np.float32))
             return
         qtype = GGMLQuantizationType[types.get(name.split(".")[-2], "Q8_0")]
+        if qtype in K_QUANT_HALF_FIELDS:
+            writer.add_tensor(name, random_k_blocks(qtype, *w.shape, rng), raw_dtype=qtype)
+            return
         writer.add_tensor(name, quantize(w.astype(np.float32), qtype), raw_dtype=qtype)
 
     add("token_embd.weight", matrix(49152, hidden, 0.5))

@@ -81,18 +81,25 @@ def test_row_blocks_and_a_wide_weight(qtype: QT) -> None:
                     assert torch.equal(linear(x[:rows], packed, fmt, bias, bits), ref[:rows])
 
 
-@pytest.mark.slow  # ~20 s of CPU, 45-90 s on the shared machine
-def test_a_gguf_request_is_batch_invariant(tmp_path) -> None:
-    """Through the engine on the quantized path (a tiny GGUF: Q8_0, Q4_0 and Q4_1 panels): a
-    request's tokens and logprobs alone equal those among others of random lengths (steps of
-    1 to ~600 rows: the many-row tiles and every remainder tile), and prefilled in chunks."""
+@pytest.mark.slow  # ~20 s of CPU, 45-90 s on the shared machine (each)
+@pytest.mark.parametrize("k_quants", [False, True], ids=["32-value types", "K-quants"])
+def test_a_gguf_request_is_batch_invariant(tmp_path, k_quants: bool) -> None:
+    """Through the engine on the quantized path (a tiny GGUF: Q8_0, Q4_0 and Q4_1 panels; or
+    Q4_K, Q5_K and Q6_K panels beside Q8_0, hidden 256): a request's tokens and logprobs alone
+    equal those among others of random lengths (steps of 1 to ~600 rows: the many-row tiles
+    and every remainder tile), and prefilled in chunks."""
     from engine.test_batch_invariance import difference, others, random_prompt, run, target_params
     from models.test_quantized import write_tiny_llama_gguf
 
     from pagedllm import LLM
 
     path = tmp_path / "tiny-llama.gguf"
-    write_tiny_llama_gguf(path, {"attn_v": "Q4_0", "ffn_gate": "Q4_1", "ffn_up": "Q4_1"})
+    if k_quants:
+        write_tiny_llama_gguf(path, {"attn_q": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
+                                     "ffn_gate": "Q4_K", "ffn_up": "Q5_K", "ffn_down": "Q6_K"},
+                              hidden=256, ffn=512)
+    else:
+        write_tiny_llama_gguf(path, {"attn_v": "Q4_0", "ffn_gate": "Q4_1", "ffn_up": "Q4_1"})
     base = {"dtype": "bfloat16", "quantization": "auto", "block_size": 16, "num_kv_blocks": 256,
             "seed": 0}
     rng = random.Random(0)

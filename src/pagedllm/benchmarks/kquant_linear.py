@@ -9,20 +9,21 @@ blocks of ffn_down's shape x 9. For each row count M, one pass over a type's ten
 stream from memory as in a model), 16-bit activations (the default), best of `--repeats`, the
 two arms alternated round after round:
 
-    python -m pagedllm.benchmarks.kquant_linear [--rows 1 64 256] [--rounds 3] [--out PATH]
+    python -m pagedllm.benchmarks.kquant_linear [--rows 1 64 256] [--rounds 3] [--cpu-time]
+        [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pagedllm.benchmarks.linear import best_time
 from pagedllm.ops import cpu_ops, cpu_ops_error
 
 RESULTS = Path("benchmarks", "results")
@@ -58,6 +59,16 @@ def file_tensors() -> dict[int, list[tuple[torch.Tensor, int]]] | None:
     return found
 
 
+def best_time(fn, repeats: int, clock) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        best = min(best, clock() - start)
+    return best
+
+
 def run_pass(ops, weights, outs, x, empty) -> None:
     for (w, fmt, _), out in zip(weights, outs):
         ops.gguf_linear(out, x, w, fmt, empty)
@@ -69,13 +80,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one thread, its CPU time (steadier than wall time on a shared "
+                             "machine)")
     parser.add_argument("--out", default=str(RESULTS / "kquant_linear.json"))
     args = parser.parse_args()
     ops = cpu_ops()
     if ops is None:
         raise SystemExit(f"CPU ops unavailable: {cpu_ops_error()}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.cpu_time:
+        torch.set_num_threads(1 if args.cpu_time else args.threads)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     gen = np.random.default_rng(0)
     found = file_tensors() or {}
     groups: dict[str, list[tuple[torch.Tensor, int, int]]] = {}
@@ -92,7 +107,7 @@ def main() -> None:
             p = raw.clone()
             packed[label].append((p, ops.gguf_pack_panels_(p, ggml_type), k))
     results = []
-    print(f"threads {torch.get_num_threads()}; ms per pass (best of {args.repeats}, "
+    print(f"threads {torch.get_num_threads()}, {'CPU' if args.cpu_time else 'wall'} time; ms per pass (best of {args.repeats}, "
           f"best over {args.rounds} alternating rounds), 16-bit activations")
     print(f"{'weights':38s} {'rows':>5s} {'row kernel':>11s} {'panels':>8s} {'speed-up':>9s} "
           f"{'panels GOP/s':>13s}")
@@ -108,7 +123,7 @@ def main() -> None:
             times = {"row": float("inf"), "panels": float("inf")}
             for _ in range(args.rounds):
                 for arm, fn in arms.items():
-                    times[arm] = min(times[arm], best_time(fn, args.repeats))
+                    times[arm] = min(times[arm], best_time(fn, args.repeats, clock))
             gops = flops * m / times["panels"] / 1e9
             print(f"{label:38s} {m:5d} {times['row'] * 1e3:11.3f} {times['panels'] * 1e3:8.3f} "
                   f"{times['row'] / times['panels']:8.2f}x {gops:13.1f}")
@@ -116,7 +131,8 @@ def main() -> None:
                             "panels_ms": times["panels"] * 1e3, "panels_gops": gops})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "results": results},
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "cpu_time": args.cpu_time,
+                               "results": results},
                               indent=1))
 
 
