@@ -27,7 +27,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -158,8 +157,7 @@ inline void scales_vnni(const uint8_t* sb, int s, int h, __m512* scale, __m512* 
 }
 
 template <int R, int C, int64_t kBase, int kPlanes>
-void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float* sums, int pf,
-               const float* pre) {
+void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float* sums, int pf) {
   using PB = PanelBlock<kBase>;
   constexpr int H = PB::halves, JH = 8 / H;
   constexpr int64_t kBlockBytes = PB::bytes / PB::sub;  // a panel's bytes per 32 inputs
@@ -209,13 +207,7 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
       }
       for (int c = 0; c < C; ++c) {
         __m512 scale, mn = _mm512_setzero_ps();
-        if (PB::k_quant && pre != nullptr) {  // decoded once per item (panel_rows)
-          const float* at = pre + ((c * A.nb + b) * 2) * 16;
-          scale = _mm512_loadu_ps(at + 16 * h);
-          if constexpr (PB::has_min) mn = _mm512_loadu_ps(at + 16);
-        } else {
-          scales_vnni<kBase>(sb[c], s, h, &scale, &mn);
-        }
+        scales_vnni<kBase>(sb[c], s, h, &scale, &mn);
         for (int r = 0; r < R; ++r) {
           const int64_t i = (m0 + r) * A.nb + b;
           __m512i p = ph[0][r][c], q = pl[0][r][c];
@@ -310,8 +302,7 @@ inline void scales_avx2(const uint8_t* sb, int s, int h, int half, __m256* scale
 // with q's sign: pairs stay within int16), which sums q * a directly (no zero term); the
 // other formats as u * a (u <= 63: pairs within int16) plus zero * S.
 template <int R, int C, int64_t kBase, int kPlanes>
-void tile_avx2(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float* sums, int pf,
-               const float* pre) {
+void tile_avx2(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float* sums, int pf) {
   using PB = PanelBlock<kBase>;
   constexpr int H = PB::halves, JH = 8 / H;
   constexpr int64_t kBlockBytes = PB::bytes / PB::sub;
@@ -363,13 +354,7 @@ void tile_avx2(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
         }
         for (int c = 0; c < C; ++c) {
           __m256 scale, mn = _mm256_setzero_ps();
-          if (PB::k_quant && pre != nullptr) {
-            const float* at = pre + ((c * A.nb + b) * 2) * 16 + 8 * half;
-            scale = _mm256_loadu_ps(at + 16 * h);
-            if constexpr (PB::has_min) mn = _mm256_loadu_ps(at + 16);
-          } else {
-            scales_avx2<kBase>(sb[c], s, h, half, &scale, &mn);
-          }
+          scales_avx2<kBase>(sb[c], s, h, half, &scale, &mn);
           for (int r = 0; r < R; ++r) {
             const int64_t i = (m0 + r) * A.nb + b;
             __m256i p = ph[r][c];
@@ -415,8 +400,7 @@ inline int value_at(const uint8_t* sb, int s, int lane, int v) {
 
 // Portable: the same operations per output, one lane at a time.
 template <int R, int C, int64_t kBase, int kPlanes>
-void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float* sums, int,
-                 const float*) {
+void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float* sums, int) {
   using PB = PanelBlock<kBase>;
   constexpr int H = PB::halves;
   for (int r = 0; r < R; ++r) {
@@ -460,8 +444,7 @@ void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, floa
   }
 }
 
-using TileFn = void (*)(const PanelActs&, int64_t, const uint8_t* const*, float*, int,
-                       const float*);
+using TileFn = void (*)(const PanelActs&, int64_t, const uint8_t* const*, float*, int);
 
 template <int R, int C, int64_t kBase, int kPlanes>
 TileFn tile_fn(int isa) {
@@ -499,40 +482,6 @@ void store_tile(const float* sums, int R, int64_t m0, int64_t n_first, int64_t n
   }
 }
 
-// A K-quant's per-block scales and minimums of 2 panels, decoded as the tiles decode them:
-// pre[((c * nb + b) * 2 + h) * 16 + lane] the scale of block b (half h for Q6_K), slot 1 the
-// minimum (Q4_K, Q5_K). The same values, so the same bits, as decoding them in the tile.
-template <int64_t kBase, int kIsa>
-void decode_scales(const uint8_t* const* pan, int64_t nb, float* pre) {
-  using PB = PanelBlock<kBase>;
-  for (int c = 0; c < 2; ++c) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* sb = pan[c] + b / PB::sub * PB::bytes;
-      const int s = static_cast<int>(b % PB::sub);
-      float* at = pre + (c * nb + b) * 2 * 16;
-      for (int h = 0; h < PB::halves; ++h) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-        if constexpr (kIsa == 0) {
-          __m512 scale, mn = _mm512_setzero_ps();
-          scales_vnni<kBase>(sb, s, h, &scale, &mn);
-          _mm512_storeu_ps(at + 16 * h, scale);
-          if constexpr (PB::has_min) _mm512_storeu_ps(at + 16, mn);
-          continue;
-        }
-#endif
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-        for (int half = 0; half < 2; ++half) {
-          __m256 scale, mn = _mm256_setzero_ps();
-          scales_avx2<kBase>(sb, s, h, half, &scale, &mn);
-          _mm256_storeu_ps(at + 16 * h + 8 * half, scale);
-          if constexpr (PB::has_min) _mm256_storeu_ps(at + 16 + 8 * half, mn);
-        }
-#endif
-      }
-    }
-  }
-}
-
 // An item's rows: 4-row tiles, then one tile of what is left. Fewer than 2 panels: the slot
 // past the last repeats it (computed, not stored).
 template <typename O, int64_t kBase, int kPlanes, int kIsa>
@@ -541,30 +490,19 @@ void panel_rows(const PanelActs& A, int64_t m_begin, int64_t m_end, const uint8_
                 const float* bias, int pf) {
   const TileFn r4 = tile_fn<4, 2, kBase, kPlanes>(kIsa);
   const TileFn rest[3] = {tile_fn<1, 2, kBase, kPlanes>(kIsa),
-                          tile_fn<2, 2, kBase, kPlanes>(kIsa),
-                          tile_fn<3, 2, kBase, kPlanes>(kIsa)};
+                                 tile_fn<2, 2, kBase, kPlanes>(kIsa),
+                                 tile_fn<3, 2, kBase, kPlanes>(kIsa)};
   const uint8_t* pair[2] = {pan[0], pan[num_panels > 1 ? 1 : 0]};
   O* o = static_cast<O*>(out);
-  // A K-quant's scales, decoded once for the item's row tiles where there are several (each
-  // tile would decode them again: ~25 instructions per panel and block).
-  const float* pre = nullptr;
-  if constexpr (PanelBlock<kBase>::k_quant && kIsa != 2) {
-    if (m_end - m_begin >= 2 * kTileRows) {
-      thread_local std::vector<float> buf;
-      if (buf.size() < static_cast<size_t>(2 * A.nb * 32)) buf.resize(2 * A.nb * 32);
-      decode_scales<kBase, kIsa>(pair, A.nb, buf.data());
-      pre = buf.data();
-    }
-  }
   alignas(64) float sums[kTileRows * 2 * kRows];
   int64_t m0 = m_begin;
   for (; m0 + kTileRows <= m_end; m0 += kTileRows) {
-    r4(A, m0, pair, sums, pf, pre);
+    r4(A, m0, pair, sums, pf);
     store_tile(sums, kTileRows, m0, n0, num_panels, N, o, ldo, bias);
   }
   if (m0 < m_end) {
     const int left = static_cast<int>(m_end - m0);
-    rest[left - 1](A, m0, pair, sums, pf, pre);
+    rest[left - 1](A, m0, pair, sums, pf);
     store_tile(sums, left, m0, n0, num_panels, N, o, ldo, bias);
   }
 }
