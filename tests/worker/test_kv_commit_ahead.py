@@ -214,20 +214,3 @@ def test_blocks_to_commit_now_are_in_place_when_the_committer_is_made():
         assert committer.committed >= 64 and committer.written == 0
     finally:
         committer.stop(timeout=10)
-
-
-@linux
-def test_the_start_reserve_is_the_threads_first_commit():
-    """`commit_now` blocks are committed by the thread (not before the constructor returns, so
-    an engine is ready sooner), in every layer, even before any block is written."""
-    pools = reserved_pools(2)
-    committer = KVPoolCommitter(pools, blocks_ahead=2, poll_seconds=0.001, commit_now=40,
-                                collapse=False)
-    try:
-        wait_for(lambda: committer.committed >= 40)
-        assert committer.written == 0
-        for pool in pools:
-            for half in range(2):
-                assert all(resident(pool[half, 0].data_ptr(), 40 * pool[0, 0].nbytes))
-    finally:
-        committer.stop(timeout=10)

@@ -68,10 +68,9 @@ class KVPoolCommitter:
                  poll_seconds: float = POLL_SECONDS, idle_blocks_ahead: int | None = None,
                  idle_seconds: float = IDLE_SECONDS, collapse: bool = True,
                  commit_now: int = 0) -> None:
-        """`commit_now`: blocks [0, commit_now) are the thread's first commit, before it looks
-        for written blocks (what an idle engine holds anyway: a fresh engine's first batch then
-        commits that much less while it runs). NOTE: on the thread, not before this returns:
-        256 MiB took ~0.09 s of a 1.5 s start, and a first batch seldom comes sooner."""
+        """`commit_now`: blocks [0, commit_now) are committed before this returns (what an idle
+        engine holds anyway: a fresh engine's first batch then commits that much less while it
+        runs)."""
         self.caches = caches
         self.num_blocks = caches[0].shape[1]
         self.blocks_ahead = max(1, blocks_ahead)
@@ -95,7 +94,7 @@ class KVPoolCommitter:
         self.page_faults = 0
         self._busy_at = time.monotonic()  # when the other threads were last seen busy
         self._cpu_seen = (time.monotonic(), _other_threads_cpu())
-        self._commit_first = commit_now
+        self._commit_to(commit_now)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=_run, args=(weakref.ref(self), self._stop),
@@ -106,7 +105,7 @@ class KVPoolCommitter:
     def step(self) -> bool:
         """One look, commit and (at idle) collapse; False once there is nothing left to do."""
         self._scan()
-        if not self._commit_to(max(self.written + self.blocks_ahead, self._commit_first)):
+        if not self._commit_to(self.written + self.blocks_ahead):
             return False
         if self.idle():
             # In steps of IDLE_COMMIT_STEP_BYTES, looking again between them.
