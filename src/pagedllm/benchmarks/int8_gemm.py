@@ -4,14 +4,15 @@ For each row count M it times one pass over 30 layers' projections (qkv 960x576,
 gate_up 3072x576, down 576x1536: 120 distinct random weights, so they stream from memory as in
 the model) with
 - `int8_linear` on the W8A8 GEMM's panels (pack_int8_panels: int8 activations, a scale per
-  --group inputs; quantization="int8" with PAGEDLLM_INT8_ACTIVATION_BITS=8),
-- `int8_linear` on int8 rows with 16-bit activations (pack_int8_weight, groups of 64: the
-  default of quantization="int8"), up to --rows-a16-max rows (it is slow),
+  --group inputs; quantization="int8"'s default, in groups of 16),
+- `int8_linear` on int8 rows with 16-bit activations (pack_int8_weight, groups of 64:
+  quantization="int8" with PAGEDLLM_INT8_ACTIVATION_BITS=16), up to --rows-a16-max rows (it
+  is slow),
 - `dot_panel_linear` on bf16 panels (the dense path on CPUs with AVX512_BF16),
 taking turns (--rounds, best of each), and prints milliseconds per pass, GOP/s (2 per
 multiply-add) and the W8A8 speed-up over bf16.
 
-    python -m pagedllm.benchmarks.int8_gemm [--rows 1 4 16 64 256] [--group 32] [--out PATH]
+    python -m pagedllm.benchmarks.int8_gemm [--rows 1 4 16 64 256] [--group 16] [--out PATH]
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ NUM_LAYERS = 30
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64, 256])
-    parser.add_argument("--group", type=int, default=32, help="W8A8 inputs per scale")
+    parser.add_argument("--group", type=int, default=16,
+                        help="W8A8 inputs per scale (16: the default of quantization='int8')")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rows-a16-max", type=int, default=64)
     parser.add_argument("--out", default=str(RESULTS / "int8_gemm.json"))
