@@ -47,6 +47,27 @@ def activation_bound(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tens
     return torch.einsum("mg,ng->mn", step / 2, wp.sum(2))
 
 
+def check_product(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, w: torch.Tensor,
+                  bias: torch.Tensor, bound: torch.Tensor, label) -> torch.Tensor:
+    """int8_linear(x) within `bound` (plus fp32 rounding of the sums) of x @ w.T + bias, its
+    last row alone the same bits as in the batch, and with the activations' quantization off
+    (the hook) the exact product; returns the batch's output."""
+    m, n = x.shape[0], w.shape[0]
+    ref = x.double() @ w.double().T + bias.double()
+    out = torch.empty(m, n)
+    cpu_ops().int8_linear(out, x, q, scales, bias)
+    err = (out.double() - ref).abs()
+    slack = 1e-5 * (x.double().abs() @ w.double().abs().T + bias.double().abs())
+    assert (err <= bound + slack).all(), label
+    alone = torch.empty(1, n)
+    cpu_ops().int8_linear(alone, x[-1:].clone(), q, scales, bias)
+    assert torch.equal(alone[0], out[-1]), label
+    exact = torch.empty(m, n)
+    cpu_ops().int8_linear(exact, x, q, scales, bias, False)
+    torch.testing.assert_close(exact.double(), ref, rtol=1e-6, atol=1e-5)
+    return out
+
+
 @pytest.mark.parametrize("n,k,group", [(45, 100, 32), (70, 576, 64), (33, 192, 192)])
 def test_int8_panels_equal_dequantize_then_matmul(n: int, k: int, group: int) -> None:
     gen = torch.Generator().manual_seed(n + k)
@@ -60,19 +81,7 @@ def test_int8_panels_equal_dequantize_then_matmul(n: int, k: int, group: int) ->
         with kernel_isa(isa):
             for m in (1, 3, 8, 64, 300):
                 x = torch.randn(m, k, generator=gen) * 3
-                ref = x.double() @ w.double().T + bias.double()
-                out = torch.empty(m, n)
-                cpu_ops().int8_linear(out, x, q, scales, bias)
-                err = (out.double() - ref).abs()
-                # The bound plus fp32 rounding of the sums.
-                slack = 1e-5 * (x.double().abs() @ w.double().abs().T + bias.double().abs())
-                assert (err <= activation_bound(x, w, group) + slack).all(), (isa, m)
-                alone = torch.empty(1, n)
-                cpu_ops().int8_linear(alone, x[-1:].clone(), q, scales, bias)
-                assert torch.equal(alone[0], out[-1]), (isa, m)
-                exact = torch.empty(m, n)
-                cpu_ops().int8_linear(exact, x, q, scales, bias, False)
-                torch.testing.assert_close(exact.double(), ref, rtol=1e-6, atol=1e-5)
+                check_product(x, q, scales, w, bias, activation_bound(x, w, group), (isa, m))
 
 
 def test_panels_hold_the_rows_bytes() -> None:
@@ -176,21 +185,10 @@ def test_int8_panels_with_16_bit_activations(n: int, k: int, group: int) -> None
         with kernel_isa(isa):
             for m in (1, 3, 8, 64):
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
-                ref = x.double() @ w.double().T + bias.double()
-                out = torch.empty(m, n)
-                cpu_ops().int8_linear(out, x, q, scales, bias)
-                err = (out.double() - ref).abs()
-                slack = 1e-5 * (x.double().abs() @ w.double().abs().T + bias.double().abs())
-                bound = activation_bound(x, w, group) / 255
-                assert (err <= bound + slack).all(), (isa, m)
+                bound = activation_bound(x, w, group) / 255  # a 16-bit step
+                out = check_product(x, q, scales, w, bias, bound, (isa, m))
                 reference.setdefault(m, out)
                 assert torch.equal(out, reference[m]), (isa, m)
-                alone = torch.empty(1, n)
-                cpu_ops().int8_linear(alone, x[-1:].clone(), q, scales, bias)
-                assert torch.equal(alone[0], out[-1]), (isa, m)
-                exact = torch.empty(m, n)
-                cpu_ops().int8_linear(exact, x, q, scales, bias, False)
-                torch.testing.assert_close(exact.double(), ref, rtol=1e-6, atol=1e-5)
 
 
 def test_16_bit_panels_take_16_bit_activations_only() -> None:
@@ -223,17 +221,7 @@ def test_int8_panels_with_16_bit_weights(n: int, k: int, group: int) -> None:
         with kernel_isa(isa):
             for m in (1, 3, 8, 64):
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
-                ref = x.double() @ w.double().T + bias.double()
-                out = torch.empty(m, n)
-                cpu_ops().int8_linear(out, x, q, scales, bias)
-                err = (out.double() - ref).abs()
-                slack = 1e-5 * (x.double().abs() @ w.double().abs().T + bias.double().abs())
-                assert (err <= activation_bound(x, w, group) + slack).all(), (isa, m)
+                out = check_product(x, q, scales, w, bias, activation_bound(x, w, group),
+                                    (isa, m))
                 reference.setdefault(m, out)
                 assert torch.equal(out, reference[m]), (isa, m)
-                alone = torch.empty(1, n)
-                cpu_ops().int8_linear(alone, x[-1:].clone(), q, scales, bias)
-                assert torch.equal(alone[0], out[-1]), (isa, m)
-                exact = torch.empty(m, n)
-                cpu_ops().int8_linear(exact, x, q, scales, bias, False)
-                torch.testing.assert_close(exact.double(), ref, rtol=1e-6, atol=1e-5)
