@@ -29,7 +29,6 @@ from pagedllm.structured_output.manager import (
     OVERLAP_ENV,
     EosOnlyGrammar,
     grammar_mask_overlap,
-    prepare_in_background,
 )
 
 VOCAB = 49152
@@ -185,15 +184,15 @@ def test_the_mp_executor_carries_the_bitmask(tiny_dir, synchronous_tokens):
         llm.shutdown()
 
 
-# ---- token tables at engine start ---------------------------------------------------------------
+# ---- token tables shared within a process -----------------------------------------------------
 
-def test_tables_built_at_start_serve_the_first_compile(tokenizer_dir, monkeypatch):
-    """Two tokenizers loaded from the same files (two engines) share the tables that
-    `prepare_in_background` built; a tokenizer without files gets its own."""
+def test_tables_built_once_serve_every_backend_of_the_same_files(tokenizer_dir, monkeypatch):
+    """Two tokenizers loaded from the same files (two engines) share the tables the first
+    backend built; a tokenizer without files gets its own."""
     monkeypatch.setattr(llguidance_backend, "_tables", OrderedDict())
     first = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     second = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    prepare_in_background(first, VOCAB).join(timeout=120)
+    make_backend("guidance", first, VOCAB)._get_ll_tokenizer()
     key = llguidance_backend._tables_key(first, VOCAB)
     assert key is not None and key in llguidance_backend._tables
     backend = make_backend("guidance", second, VOCAB)

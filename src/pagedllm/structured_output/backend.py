@@ -88,10 +88,6 @@ class StructuredOutputBackend(ABC):
         """Raises ValueError, starting with the field's name ("structured_outputs.regex ..."),
         when the backend cannot compile the constraint."""
 
-    def prepare(self) -> None:
-        """Builds what every compile needs from the tokenizer alone (a library's token tables),
-        ahead of the first request; `prepare_in_background` calls it at engine start."""
-
     @abstractmethod
     def compile(self, params: StructuredOutputsParams) -> StructuredOutputGrammar:
         """A grammar in its initial state. Never raises for a constraint `validate` passed; a

@@ -132,12 +132,6 @@ class GuidanceBackend(StructuredOutputBackend):
                          matcher.get_error())
         return GuidanceGrammar(matcher, tokenizer.vocab_size)
 
-    def prepare(self) -> None:
-        from transformers import PreTrainedTokenizerFast
-
-        if isinstance(self.tokenizer, PreTrainedTokenizerFast):  # else `validate` refuses all
-            self._get_ll_tokenizer()
-
     def _get_ll_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._ll_tokenizer is None:

@@ -138,30 +138,6 @@ def grammar_mask_overlap() -> bool:
     return len(os.sched_getaffinity(0)) > torch.get_num_threads()
 
 
-def prepare_in_background(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
-                          backend: str = "guidance") -> threading.Thread:
-    """Starts building what the backend needs from the tokenizer alone (llguidance's token
-    tables, about a second with the GIL held) on a daemon thread, and returns it.
-
-    The engine calls it as its model starts loading, whose work mostly runs without the GIL, so
-    neither start-up nor the first constrained request waits for the tables (the request's
-    compile would build them, holding the GIL while the engine loop runs). The manager's own
-    backend finds them built (GuidanceBackend shares them within the process).
-    """
-
-    def run() -> None:
-        try:
-            make_backend(backend, tokenizer, vocab_size).prepare()
-        except Exception:
-            # NOTE: the first compile builds them again, and reports what fails then.
-            logger.debug("structured outputs: preparing the %s backend failed", backend,
-                         exc_info=True)
-
-    thread = threading.Thread(target=run, name="pagedllm-grammar-prepare", daemon=True)
-    thread.start()
-    return thread
-
-
 class EosOnlyGrammar(StructuredOutputGrammar):
     """A grammar that failed to compile: it allows EOS alone, so its request ends at once."""
 
