@@ -85,6 +85,11 @@ class BlockPool:
         self.num_evictions = 0
 
     @property
+    def _floor(self) -> int:
+        """The blocks touched before a free cached block is evicted rather than another touched."""
+        return min(self.cache_floor_blocks, self.num_blocks)
+
+    @property
     def num_free_blocks(self) -> int:
         return (len(self._free_uncached) + len(self._free_cached)
                 + self.num_blocks - self.num_touched_blocks)
@@ -108,7 +113,7 @@ class BlockPool:
         """The free blocks in the order `allocate` hands them out; for tests and statistics."""
         uncached = list(reversed(self._free_uncached))
         never_used = range(self.num_touched_blocks, self.num_blocks)
-        floor = max(0, min(self.cache_floor_blocks, self.num_blocks) - self.num_touched_blocks)
+        floor = max(0, self._floor - self.num_touched_blocks)
         return [*uncached, *never_used[:floor], *self._free_cached, *never_used[floor:]]
 
     def allocate(self) -> int:
@@ -116,8 +121,7 @@ class BlockPool:
         it has one."""
         if self._free_uncached:
             block_id = self._free_uncached.pop()
-        elif self._free_cached and self.num_touched_blocks >= min(self.cache_floor_blocks,
-                                                                  self.num_blocks):
+        elif self._free_cached and self.num_touched_blocks >= self._floor:
             block_id, _ = self._free_cached.popitem(last=False)
         elif self.num_touched_blocks < self.num_blocks:
             block_id = self.num_touched_blocks
