@@ -6,8 +6,11 @@ attribute `ggml_type`; 1-D tensors (norms) and weights of any other type are deq
 float32 by the gguf package, with one warning per type for weights. The config and the
 tokenizer still come from the converted directory (models/default_model.py).
 
-llama.cpp's converter permutes the rows of attn_q and attn_k (its rotary layout); they are put
-back here, block rows as they are, so the model sees Hugging Face's order.
+Per architecture (ARCHITECTURES): llama.cpp's Llama converter permutes the rows of attn_q and
+attn_k (its rotary layout); they are put back here, block rows as they are, so the model sees
+Hugging Face's order. Its Gemma 2/3 converters permute nothing but store every RMSNorm weight
+as 1 + w (Gemma's norms multiply by 1 + w); the 1 is taken off here, as transformers' GGUF
+loader does, so both paths give the model the same norm weights.
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ from pagedllm.layers.quantization.gguf import KERNEL_TYPES
 
 logger = logging.getLogger(__name__)
 
-# The architectures whose tensors this loader names (general.architecture).
-SUPPORTED_ARCHITECTURES = ("llama",)
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How llama.cpp wrote one architecture's tensors: the per-layer names (blk.N.<part>)
+    and its conventions."""
+
+    layer_names: dict[str, str]
+    permutes_qk: bool  # attn_q/attn_k rows in llama.cpp's rotary order
+    norms_plus_one: bool  # RMSNorm weights stored as 1 + w
+
+
+_LLAMA_LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -48,19 +54,42 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 2's four norms per layer (llama.cpp's ffn_norm is the pre-MLP one here).
+_GEMMA2_LAYER_NAMES = {
+    **_LLAMA_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# The architectures whose tensors this loader names (general.architecture).
+ARCHITECTURES = {
+    "llama": GGUFArchitecture(_LLAMA_LAYER_NAMES, permutes_qk=True, norms_plus_one=False),
+    "gemma2": GGUFArchitecture(_GEMMA2_LAYER_NAMES, permutes_qk=False, norms_plus_one=True),
+    "gemma3": GGUFArchitecture({**_GEMMA2_LAYER_NAMES, "attn_q_norm": "self_attn.q_norm",
+                                "attn_k_norm": "self_attn.k_norm"},
+                               permutes_qk=False, norms_plus_one=True),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Tensors llama.cpp adds that the model computes itself.
 _SKIPPED = ("rope_freqs.weight",)
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
     """The Hugging Face name of a GGUF tensor, or None for one the model does not take."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    layer_names = ARCHITECTURES[architecture].layer_names
     match = _LAYER_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
+    if match and match.group(2) in layer_names:
         layer, part, leaf = match.groups()
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{leaf}"
+        return f"model.layers.{layer}.{layer_names[part]}.{leaf}"
     return None
 
 
@@ -270,6 +299,7 @@ def gguf_weights(path: Path, config: PretrainedConfig,
         raise ValueError(f"{path.name}: the quantized GGUF path supports the "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)} architecture, not {arch!r}; "
                          f"load it with quantization='none'")
+    conventions = ARCHITECTURES[arch]
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     warned: set[str] = set()
@@ -280,7 +310,7 @@ def gguf_weights(path: Path, config: PretrainedConfig,
     embedding: torch.Tensor | None = None  # token_embd's blocks, shared with a tied head
     for index, tensor in enumerate(tensors):
         as_head = index >= len(reader.tensors)  # the tied head's copy of token_embd
-        name = "lm_head.weight" if as_head else hf_name(tensor.name)
+        name = "lm_head.weight" if as_head else hf_name(tensor.name, arch)
         if as_head and embedding is not None:
             yield name, embedding
             continue
@@ -291,7 +321,8 @@ def gguf_weights(path: Path, config: PretrainedConfig,
                              f"{arch} model")
         qtype = GGMLQuantizationType(tensor.tensor_type)
         is_matrix = len(tensor.shape) == 2
-        heads = (num_heads if tensor.name.endswith("attn_q.weight") else
+        heads = (None if not conventions.permutes_qk else
+                 num_heads if tensor.name.endswith("attn_q.weight") else
                  num_kv_heads if tensor.name.endswith("attn_k.weight") else None)
         if is_matrix and int(qtype) in KERNEL_TYPES and (as_head or tensor.name not in float_names):
             # A copy either way: the file is mapped read-only.
@@ -307,6 +338,8 @@ def gguf_weights(path: Path, config: PretrainedConfig,
             shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists ne0 first
             values = dequantize(np.asarray(tensor.data), qtype).astype(np.float32, copy=False)
             values = values.reshape(shape)
+            if conventions.norms_plus_one and not is_matrix and tensor.name.endswith("norm.weight"):
+                values = values - 1  # float32, as transformers' GGUF loader subtracts it
             data = torch.from_numpy(values.copy() if heads is None
                                     else _unpermute_rows(values, heads))
         if tensor.name == "token_embd.weight" and hasattr(data, "ggml_type"):
