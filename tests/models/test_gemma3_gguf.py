@@ -4,10 +4,14 @@ this file; without the package every test here is skipped.
 
 `LLM(path.gguf)` converts the file once into a cached Hugging Face directory (transformers
 dequantizes it) and serves it with its chat template; its greedy tokens equal transformers'
-loading the same GGUF, 32 tokens on 4 prompts.
+loading the same GGUF, 32 tokens on 4 prompts. `quantization="auto"` keeps the file's blocks
+(Q8_0 embedding and tied head, Q4_K, Q6_K, Q8_0; its Q5_0 dequantized at load): greedy tokens
+within the dense model's top-3 at every step, 64 tokens on 10 prompts (the issue's criterion).
 """
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -71,3 +75,24 @@ def test_chat_uses_gemmas_turn_format(gguf_path):
     out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=16))
     assert out[0].prompt_token_ids == tokenizer.encode(prompt, add_special_tokens=False)
     assert out[0].outputs[0].text.strip()
+
+
+def test_quantized_greedy_within_dense_top3(gguf_path, caplog):
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.layers.quantization.gguf import GGUFEmbedding, GGUFLinearMethod
+    from tests.hf_reference import token_prompts
+    from tests.models import test_quantized as shared
+
+    with caplog.at_level(logging.WARNING, logger="pagedllm.models.gguf_loader"):
+        quantized = LLM(str(gguf_path), quantization="auto", num_kv_blocks=256)
+    warnings = [r.getMessage() for r in caplog.records if "no quantized kernel" in r.getMessage()]
+    assert len(warnings) == 1 and "Q5_0" in warnings[0]
+    assert isinstance(shared.model_of(quantized).get_input_embeddings(), GGUFEmbedding)
+    assert shared.linear_methods(quantized) == {GGUFLinearMethod}
+    tokenizer = quantized.get_tokenizer()
+    prompts = [tokenizer.encode(p) for p in shared.PROMPTS]
+    greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    outputs = [o.outputs[0].token_ids for o in quantized.generate(token_prompts(prompts), greedy)]
+    del quantized
+    dense = LLM(str(gguf_path), dtype="float32", quantization="none", num_kv_blocks=256)
+    shared.check_within_dense_top3(dense, prompts, outputs)
