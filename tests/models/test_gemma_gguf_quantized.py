@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the quantized kernels
 
 # The Gemma 3 file's mix, by tensor kind (ffn_down's K-quant needs ffn a multiple of 256).
 TYPES = {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q4_1",
-         "ffn_gate": "Q5_0", "ffn_up": "Q4_0", "ffn_down": "Q6_K"}
+         "ffn_gate": "Q5_0", "ffn_up": "Q5_0", "ffn_down": "Q6_K"}
 
 
 def write_tiny_gemma_gguf(path: Path, arch: str, layers: int, seed: int = 0, hidden: int = 64,
@@ -122,6 +122,10 @@ def test_tiny_gemma_gguf_quantized_path(tmp_path, caplog, arch, layers) -> None:
     model = model_of(quantized)
     assert isinstance(model.get_input_embeddings(), GGUFEmbedding)
     assert linear_methods(quantized) == {GGUFLinearMethod}
+    for layer in model.layers:
+        # gate | up (both Q5_0, dequantized) one float run, kept once: packed or plain
+        (run,) = layer.mlp.gate_up_proj.gguf_runs
+        assert run.ggml_type is None and (run.packed is None) != (run.weight is None)
     prompts = ragged_prompts(4, seed=3, max_len=30)
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     outputs = [o.outputs[0].token_ids for o in quantized.generate(token_prompts(prompts), greedy)]

@@ -153,7 +153,7 @@ class GGUFLinearMethod(LinearMethodBase):
             if ggml_type is not None and ops is None:  # no kernels here: dequantize
                 part, ggml_type = _dequantize(part, ggml_type, layer.input_size_per_partition), None
             rows = part.shape[0]
-            if runs and ggml_type is not None and runs[-1].ggml_type == ggml_type:
+            if runs and runs[-1].ggml_type == ggml_type:  # float parts (None) join too
                 pieces[-1].append(part)
                 runs[-1].size += rows
             else:
@@ -172,6 +172,8 @@ class GGUFLinearMethod(LinearMethodBase):
                 run.weight = run.weight.to(dtype)
                 run.packed = try_pack(run.weight, None if run_bias is None else run_bias.to(dtype),
                                       layer.batch_hint, False, layer.batch_invariant)
+                if run.packed is not None:  # apply reads the packing only
+                    run.weight = None
         layer.gguf_runs = runs
         layer.gguf_parts = []
 
