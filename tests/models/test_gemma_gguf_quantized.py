@@ -139,3 +139,37 @@ def test_tiny_gemma_gguf_quantized_path(tmp_path, caplog, arch, layers) -> None:
     for name, weight in norms.items():
         torch.testing.assert_close(weight, dense_norms[name], rtol=0, atol=0, msg=name)
     check_within_dense_top3(dense, prompts, outputs)
+
+
+@pytest.mark.slow  # two engines beside the reference: a minute or two on the shared machine
+def test_a_gemma_gguf_request_is_batch_invariant(tmp_path) -> None:
+    """bf16 on the quantized path (the panels, the dequantized Q5_0 packing, the Q8_0 tied
+    head): a request's tokens and logprobs alone equal those among others of random lengths,
+    and prefilled in chunks."""
+    import random
+
+    from engine.test_batch_invariance import (
+        difference,
+        others,
+        random_prompt,
+        run,
+        target_params,
+    )
+
+    path = tmp_path / "tiny-gemma3.gguf"
+    write_tiny_gemma_gguf(path, "gemma3", 6)
+    base = {"dtype": "bfloat16", "quantization": "auto", "block_size": 16, "num_kv_blocks": 256,
+            "seed": 0}
+    rng = random.Random(0)
+    target = random_prompt(rng, 200, vocab=4096)
+    params = target_params("greedy")
+    reference = run(LLM(str(path), **base), target, params)
+    failures = []
+    for budget in [2048, 61]:
+        crowd = others(rng, 6, max_len=150, vocab=4096)
+        llm = LLM(str(path), **dict(base, max_num_batched_tokens=budget))
+        problem = difference(run(llm, target, params, crowd, rng.randint(0, len(crowd))),
+                             reference)
+        if problem is not None:
+            failures.append(f"budget {budget}: {problem}")
+    assert not failures, "\n".join(failures)
