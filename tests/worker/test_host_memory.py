@@ -14,6 +14,7 @@ import torch
 from pagedllm.worker.host_memory import (
     HUGE_PAGE_BYTES,
     HugePageArena,
+    advise_huge_pages,
     huge_page_buffer,
     huge_page_zeros,
 )
@@ -117,6 +118,17 @@ def test_a_huge_page_buffer_is_aligned_and_advised_before_it_is_written():
     assert buffer.dtype == torch.uint8 and buffer.numel() == 5 << 20
     assert buffer.data_ptr() % HUGE_PAGE_BYTES == 0
     assert advised(buffer.data_ptr()) and advised(buffer.data_ptr() + buffer.numel() - 1)
+
+
+@needs_thp
+def test_advice_given_later_covers_the_range_asked_only():
+    buffer = huge_page_buffer(6 << 20, advise=False)
+    assert not advised(buffer.data_ptr())
+    assert advise_huge_pages(buffer.data_ptr() + HUGE_PAGE_BYTES, HUGE_PAGE_BYTES)
+    assert not advised(buffer.data_ptr())
+    assert advised(buffer.data_ptr() + HUGE_PAGE_BYTES)
+    assert advised(buffer.data_ptr() + 2 * HUGE_PAGE_BYTES - 1)
+    assert not advised(buffer.data_ptr() + 2 * HUGE_PAGE_BYTES)
 
 
 def resident_bytes() -> int:

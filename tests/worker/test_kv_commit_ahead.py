@@ -214,3 +214,44 @@ def test_blocks_to_commit_now_are_in_place_when_the_committer_is_made():
         assert committer.committed >= 64 and committer.written == 0
     finally:
         committer.stop(timeout=10)
+
+
+def thp_possible() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+needs_thp = pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or not thp_possible(),
+                               reason="no transparent huge pages here")
+
+
+@needs_thp
+def test_huge_pages_mode_commits_whole_huge_pages_once_a_block_is_written():
+    pools = [huge_page_reserved((2, BIG_BLOCKS, *BLOCK), torch.bfloat16, advise=False)
+             for _ in range(2)]
+    committer = KVPoolCommitter(pools, blocks_ahead=600, commit_now=600, poll_seconds=0.001,
+                                idle_seconds=1e9, huge_pages=True)
+    try:
+        assert committer.huge_pages
+        # No reserve at start, and nothing before the first write.
+        time.sleep(0.05)
+        assert committer.committed == 0
+        assert not any(resident(pools[1].data_ptr(), pools[1].numel() * 2))
+        for cache in pools:
+            cache[:, :10, 0].fill_(0.5)
+        wait_for(lambda: committer.written == 10 and committer.committed == 610)
+        # Each half's pages holding blocks 0-609 (the write faulted in the first, the committer
+        # the second: blocks 512-1023), whole and huge; nothing past them.
+        for cache in pools:
+            for half in (0, 1):
+                address = cache[half, 0].data_ptr()
+                assert all(resident(address, 2 * HUGE_PAGE_BYTES))
+                assert not any(resident(address + 2 * HUGE_PAGE_BYTES, HUGE_PAGE_BYTES))
+            assert anon_huge_bytes(cache.data_ptr()) == 4 * HUGE_PAGE_BYTES
+        assert bool((pools[1][:, :10, 0] == 0.5).all()) and int(pools[1][:, 10:].count_nonzero()) == 0
+        assert not committer.failed
+    finally:
+        committer.stop(timeout=10)

@@ -113,6 +113,9 @@ def huge_page_reserved(shape: Sequence[int], dtype: torch.dtype,
     return huge_page_buffer(nbytes, advise).view(dtype).view(tuple(shape))
 
 
+# madvise(2) advice that lets the kernel back a range with transparent huge pages where THP is
+# in `madvise` mode (mmap.MADV_HUGEPAGE, spelled out for a ctypes call on an address).
+MADV_HUGEPAGE = 14
 # madvise(2) advice that faults pages in as a write would, without writing (Linux 5.14+; not in
 # Python 3.11's mmap module).
 MADV_POPULATE_WRITE = 23
@@ -145,6 +148,17 @@ def commit_pages(address: int, nbytes: int) -> bool:
         return False
     start = address - address % mmap.PAGESIZE
     return madvise(start, address + nbytes - start, MADV_POPULATE_WRITE) == 0
+
+
+def advise_huge_pages(address: int, nbytes: int) -> bool:
+    """Lets pages of [address, address + nbytes) (rounded out to whole pages) that are faulted in
+    from now on be transparent huge pages, as huge_page_buffer's advice does (pages present keep
+    their size). False where the kernel or the libc refuses."""
+    madvise = _libc_madvise()
+    if not madvise or nbytes <= 0:
+        return False
+    start = address - address % mmap.PAGESIZE
+    return madvise(start, address + nbytes - start, MADV_HUGEPAGE) == 0
 
 
 def collapse_pages(address: int, nbytes: int) -> int:

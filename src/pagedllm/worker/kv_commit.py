@@ -17,6 +17,14 @@ of what is committed (MADV_COLLAPSE, in place, one page per call, looking again 
 so that a new request finds the cores free), so the blocks of a long-lived server are read
 through huge pages like the weights.
 
+With PAGEDLLM_KV_COMMIT_PAGES=huge the pool is advised MADV_HUGEPAGE instead, no reserve is
+committed at start and nothing before the first block is written (or the process is idle); from
+then on the thread commits whole 2 MiB pages of every layer's keys and values ahead (a step that
+gets there first faults the page in, huge too). Each page then costs its 2 MiB fault once per
+process (2.4-5 ms of system time here: free huge pages are the ones handed back to the host)
+instead of the attention kernel's page walks at every step (decode attention over 30 layers'
+pools in 4 KiB pages: 1.41x the time in 2 MiB pages, best of 40 under load).
+
 It stops once the whole pool is committed and collapsed, or when its cache engine is collected.
 """
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import threading
 import time
@@ -32,7 +41,12 @@ import weakref
 import numpy as np
 import torch
 
-from pagedllm.worker.host_memory import HUGE_PAGE_BYTES, collapse_pages, commit_pages
+from pagedllm.worker.host_memory import (
+    HUGE_PAGE_BYTES,
+    advise_huge_pages,
+    collapse_pages,
+    commit_pages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +68,10 @@ MAX_POLL_SECONDS = 0.05
 IDLE_CPU_SHARE = 0.05
 IDLE_SECONDS = 0.5
 
+# Page size of what the thread commits past the start reserve: `small` (4 KiB) or `huge` (whole
+# 2 MiB pages of every layer's keys and values, the pool advised MADV_HUGEPAGE past the reserve).
+COMMIT_PAGES_ENV = "PAGEDLLM_KV_COMMIT_PAGES"
+
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _THREAD = getattr(resource, "RUSAGE_THREAD", None)
 
@@ -67,7 +85,7 @@ class KVPoolCommitter:
     def __init__(self, caches: list[torch.Tensor], blocks_ahead: int,
                  poll_seconds: float = POLL_SECONDS, idle_blocks_ahead: int | None = None,
                  idle_seconds: float = IDLE_SECONDS, collapse: bool = True,
-                 commit_now: int = 0) -> None:
+                 commit_now: int = 0, huge_pages: bool | None = None) -> None:
         """`commit_now`: blocks [0, commit_now) are committed before this returns (what an idle
         engine holds anyway: a fresh engine's first batch then commits that much less while it
         runs)."""
@@ -94,7 +112,13 @@ class KVPoolCommitter:
         self.page_faults = 0
         self._busy_at = time.monotonic()  # when the other threads were last seen busy
         self._cpu_seen = (time.monotonic(), _other_threads_cpu())
-        self._commit_to(commit_now)
+        if huge_pages is None:
+            huge_pages = os.environ.get(COMMIT_PAGES_ENV, "small") == "huge"
+        self.huge_pages = huge_pages and all(
+            advise_huge_pages(cache.data_ptr(), cache.numel() * cache.element_size())
+            for cache in caches)
+        if not self.huge_pages:
+            self._commit_to(commit_now)
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=_run, args=(weakref.ref(self), self._stop),
@@ -105,7 +129,10 @@ class KVPoolCommitter:
     def step(self) -> bool:
         """One look, commit and (at idle) collapse; False once there is nothing left to do."""
         self._scan()
-        if not self._commit_to(self.written + self.blocks_ahead):
+        # Huge pages: nothing before the first block is written (or the process is idle), so
+        # that the start does not share its cores with the commits.
+        if (self.written or not self.huge_pages) and not self._commit_to(
+                self.written + self.blocks_ahead):
             return False
         if self.idle():
             # In steps of IDLE_COMMIT_STEP_BYTES, looking again between them.
@@ -127,9 +154,11 @@ class KVPoolCommitter:
         return now - self._busy_at >= self.idle_seconds
 
     def _scan(self) -> None:
-        if self.committed > self.written:
-            keys = self.caches[0][0, self.written:self.committed].reshape(
-                self.committed - self.written, -1)[:, :self.probe_elements]
+        # Past the committed blocks too while none is (reading reserved memory commits none).
+        end = self.committed if self.committed else min(self.num_blocks, self.blocks_ahead)
+        if end > self.written:
+            keys = self.caches[0][0, self.written:end].reshape(
+                end - self.written, -1)[:, :self.probe_elements]
             # NOTE: numpy, not a torch op, which could start an OpenMP team of its own beside
             # the engine's. Bits, not values: -0.0 is written too.
             hits = np.flatnonzero(keys.view(_BITS[keys.element_size()]).numpy().any(axis=1))
@@ -154,6 +183,8 @@ class KVPoolCommitter:
             self.page_faults += _thread_faults() - before
 
     def _commit(self, first: int, end: int) -> bool:
+        if self.huge_pages:
+            return self._commit_huge(first, end)
         # One call per huge page's worth of each layer's keys and values, so that no call holds
         # the address space's lock for long.
         chunk = max(1, HUGE_PAGE_BYTES // self.block_bytes)
@@ -163,6 +194,22 @@ class KVPoolCommitter:
                 for half in range(cache.shape[0]):
                     address = cache[half, start].data_ptr()
                     if not commit_pages(address, (stop - start) * self.block_bytes):
+                        return False
+        return True
+
+    def _commit_huge(self, first: int, end: int) -> bool:
+        """Commits the whole 2 MiB pages holding blocks [first, end) of every layer's keys and
+        values, one call per page (a page is faulted in as one huge page where none of it is
+        present, else its missing small pages are)."""
+        for cache in self.caches:
+            layer_end = cache.data_ptr() + cache.numel() * cache.element_size()
+            for half in range(cache.shape[0]):
+                base = cache[half].data_ptr()
+                start = (base + first * self.block_bytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+                stop = min(layer_end, -(-(base + end * self.block_bytes) // HUGE_PAGE_BYTES)
+                           * HUGE_PAGE_BYTES)
+                for address in range(start, stop, HUGE_PAGE_BYTES):
+                    if not commit_pages(address, min(HUGE_PAGE_BYTES, stop - address)):
                         return False
         return True
 
