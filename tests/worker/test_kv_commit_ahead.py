@@ -156,7 +156,7 @@ def test_the_pool_is_committed_in_small_pages_and_collapsed_with_its_contents_wh
     pool = huge_page_reserved((2, BIG_BLOCKS, *BLOCK), torch.bfloat16, advise=False)
     pool[:, :600, 0].fill_(0.5)  # blocks a step wrote (faulted in by the write itself)
     committer = KVPoolCommitter([pool], blocks_ahead=16, idle_blocks_ahead=1000,
-                                poll_seconds=0.001, idle_seconds=0.05)
+                                poll_seconds=0.001, idle_seconds=0.05, huge_pages=False)
     try:
         # Idle: committed 1000 past the written 600; each half's pages wholly below block
         # 1600 (6.25 MiB: pages 0-2) made huge, no further.
@@ -185,7 +185,7 @@ def test_a_busy_process_gets_the_near_margin_in_small_pages_and_the_rest_once_id
     busy.start()
     try:
         committer = KVPoolCommitter([pool], blocks_ahead=1024, idle_blocks_ahead=BIG_BLOCKS,
-                                    poll_seconds=0.001, idle_seconds=0.2)
+                                    poll_seconds=0.001, idle_seconds=0.2, huge_pages=False)
         wait_for(lambda: committer.committed == 1024)
         time.sleep(0.5)
         assert committer.committed == 1024 and committer.num_collapsed == 0
@@ -206,7 +206,8 @@ def test_a_busy_process_gets_the_near_margin_in_small_pages_and_the_rest_once_id
 @linux
 def test_blocks_to_commit_now_are_in_place_when_the_committer_is_made():
     pools = reserved_pools(2)
-    committer = KVPoolCommitter(pools, blocks_ahead=1, commit_now=64, poll_seconds=0.001)
+    committer = KVPoolCommitter(pools, blocks_ahead=1, commit_now=64, poll_seconds=0.001,
+                                huge_pages=False)
     try:
         for cache in pools:  # before the thread's first look could get this far
             for half in (0, 1):
