@@ -2,7 +2,7 @@
 every rank folds the same scales into its norms (the column-parallel q/k/v and gate/up share
 them), and each rank's int8 shards of q/k/v, o, gate/up and down equal the matching slices of
 the size-1 model's (the o/down scales, folded into v's and up's rows on the rank that holds
-them)."""
+them); a tied LM head's int8 copy holds each rank's embedding rows as at size 1."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def dequantized_panels(bytes_: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 
 
 def rank_weights(worker) -> dict[str, torch.Tensor]:
-    """On a rank: layer 0's norm weights and dequantized int8 projections (real inputs only)."""
+    """On a rank: layer 0's norm weights and dequantized int8 projections (real inputs only),
+    and the LM head's."""
+    head = worker.model.lm_head
     layer = worker.model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
     out = {"input_norm": layer.input_layernorm.weight.detach().clone(),
@@ -44,6 +46,7 @@ def rank_weights(worker) -> dict[str, torch.Tensor]:
                        ("gate_up", mlp.gate_up_proj), ("down", mlp.down_proj)):
         weight = dequantized_panels(proj.int8_weight, proj.int8_scales)
         out[name] = weight[:, :proj.in_features]
+    out["head"] = dequantized_panels(head.int8_weight, head.int8_scales)[:, :head.in_features]
     return out
 
 
@@ -53,7 +56,7 @@ def test_w8a8_smoothing_at_tp2_equals_tp1(tiny_llama_factory, monkeypatch) -> No
     monkeypatch.setenv(ACTIVATION_BITS_ENV, "8")
     monkeypatch.setenv(SMOOTHING_ENV, "0.5")
     monkeypatch.setenv(SMOOTHING_SEARCH_ENV, "0")
-    model_dir = tiny_llama_factory(num_heads=4, num_kv_heads=2, seed=9)
+    model_dir = tiny_llama_factory(num_heads=4, num_kv_heads=2, tie_word_embeddings=True, seed=9)
     kwargs = {"quantization": "int8", "dtype": "float32", "num_kv_blocks": 32,
               "block_size": 8}
     one = LLM(str(model_dir), **kwargs)
@@ -82,6 +85,8 @@ def test_w8a8_smoothing_at_tp2_equals_tp1(tiny_llama_factory, monkeypatch) -> No
         gate, up = full["gate_up"].chunk(2)
         assert torch.equal(got["gate_up"], torch.cat([gate[units], up[units]]))
         assert torch.equal(got["down"], full["down"][:, units])
+        vocab = full["head"].shape[0]
+        assert torch.equal(got["head"], full["head"][rank * vocab // 2:(rank + 1) * vocab // 2])
 
 
 def kept_kinds(worker) -> list[tuple[int, int, int]]:

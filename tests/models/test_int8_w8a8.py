@@ -42,9 +42,14 @@ def test_w8a8_request_alone_equals_in_a_batch(tiny_llama_factory, monkeypatch, d
 
 
 def test_w8a8_keeps_top1_agreement(tiny_llama_factory, monkeypatch) -> None:
-    """NOTE: int8 activations (a scale per 32 inputs) cost agreement on this random model,
-    whose positions are often near ties: seeds 0-9 gave 92.4-96.9% (this one 94.8%), where
-    16-bit activations (test_quantized.py) gave 94.8-97.2%. Asserted: 94%, as there."""
+    """NOTE: int8 activations cost agreement on this random model, whose positions are often
+    near ties (a scale per 32 inputs: 92.4-96.9% over seeds 0-9; per 16, the default: 93.4-95.8%
+    over seeds 0-5, this one 94.8%; 16-bit activations in test_quantized.py 94.8-97.2%). The
+    loss is rounding noise spread over every projection, not one cause: in an fp32 emulation
+    (12 seeds) the weights' rounding alone leaves 96.5% on average, the activations' alone
+    96.5%, both 95.0% (min 93.1%); smoothing is never chosen here (the search keeps every
+    projection as it is), and error-compensated rounding (GPTQ) gains nothing. Asserted: 94%;
+    the issue's 95% is not met by this seed."""
     tiny_dir = tiny_llama_factory(num_kv_heads=2, seed=5)
     prompts = ragged_prompts(8, seed=21, max_len=60)
     params = SamplingParams(max_tokens=1, prompt_logprobs=1)
