@@ -12,6 +12,7 @@ import torch
 from pagedllm import LLM
 from pagedllm.layers.quantization.int8 import (
     ACTIVATION_BITS_ENV,
+    LM_HEAD_ENV,
     SMOOTHING_ENV,
     SMOOTHING_SEARCH_ENV,
 )
@@ -56,6 +57,7 @@ def test_w8a8_smoothing_at_tp2_equals_tp1(tiny_llama_factory, monkeypatch) -> No
     monkeypatch.setenv(ACTIVATION_BITS_ENV, "8")
     monkeypatch.setenv(SMOOTHING_ENV, "0.5")
     monkeypatch.setenv(SMOOTHING_SEARCH_ENV, "0")
+    monkeypatch.setenv(LM_HEAD_ENV, "32")  # the tied head's int8 copy
     model_dir = tiny_llama_factory(num_heads=4, num_kv_heads=2, tie_word_embeddings=True, seed=9)
     kwargs = {"quantization": "int8", "dtype": "float32", "num_kv_blocks": 32,
               "block_size": 8}

@@ -11,7 +11,6 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.layers.quantization.int8 import (
-    LM_HEAD,
     LM_HEAD_ENV,
     RESCORE_MARGIN,
     Int8Config,
@@ -27,7 +26,7 @@ pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the W8A8 GEMM needs t
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tied_head_is_an_int8_copy(tiny_llama_factory, monkeypatch, dtype) -> None:
-    monkeypatch.delenv(LM_HEAD_ENV, raising=False)
+    monkeypatch.setenv(LM_HEAD_ENV, "32")
     model_dir = tiny_llama_factory(num_kv_heads=2, tie_word_embeddings=True, seed=4)
     dense = LLM(str(model_dir), dtype=dtype, quantization="none", num_kv_blocks=32)
     table = model_of(dense).get_input_embeddings().weight.detach().clone()
@@ -37,7 +36,7 @@ def test_tied_head_is_an_int8_copy(tiny_llama_factory, monkeypatch, dtype) -> No
     head = model.lm_head
     assert isinstance(head, ParallelLMHead) and model.tied_lm_head is None
     assert isinstance(head.linear_method, Int8LinearMethod) and head.linear_method.logits
-    group = int(LM_HEAD[8])
+    group = 32
     assert head.int8_scales.dim() == 3 and head.int8_scales.shape[1] == 64 // group
     assert head.weight.numel() == 0  # the dense copy freed once packed
     # The lookups read the checkpoint's table, unchanged; the head its rounding.
@@ -83,7 +82,7 @@ def test_rescoring_is_exact_near_the_top() -> None:
 def test_int8_head_request_alone_equals_in_a_batch(tiny_llama_factory, monkeypatch) -> None:
     """Greedy tokens and logprobs through the tied int8 head: the same alone and among others
     (the head's row count changing every step)."""
-    monkeypatch.delenv(LM_HEAD_ENV, raising=False)
+    monkeypatch.setenv(LM_HEAD_ENV, "32")
     model_dir = tiny_llama_factory(num_kv_heads=2, tie_word_embeddings=True, seed=4)
     rng = random.Random(1)
     target = [rng.randrange(3, 500) for _ in range(40)]
@@ -98,11 +97,14 @@ def test_int8_head_request_alone_equals_in_a_batch(tiny_llama_factory, monkeypat
     assert mixed.logprobs == alone.logprobs
 
 
-@pytest.mark.parametrize(("tied", "setting"), [(True, "dense"), (False, "32")])
+@pytest.mark.parametrize(("tied", "setting"), [(True, None), (True, "dense"), (False, "32")])
 def test_dense_heads(tiny_llama_factory, monkeypatch, tied, setting) -> None:
-    """A tied head with the "dense" setting, and an untied one whatever the setting, stay as
-    without int8."""
-    monkeypatch.setenv(LM_HEAD_ENV, setting)
+    """A tied head by default and with the "dense" setting, and an untied one whatever the
+    setting, stay as without int8."""
+    if setting is None:
+        monkeypatch.delenv(LM_HEAD_ENV, raising=False)
+    else:
+        monkeypatch.setenv(LM_HEAD_ENV, setting)
     model_dir = tiny_llama_factory(num_kv_heads=2, tie_word_embeddings=tied, seed=4)
     model = model_of(LLM(str(model_dir), dtype="float32", quantization="int8",
                          num_kv_blocks=16))
@@ -122,4 +124,4 @@ def test_head_setting_checked(monkeypatch) -> None:
     monkeypatch.setenv(LM_HEAD_ENV, "dense")
     assert Int8Config().lm_head_group is None
     monkeypatch.delenv(LM_HEAD_ENV)
-    assert Int8Config(activation_bits=16).lm_head_group is None  # LM_HEAD[16]
+    assert Int8Config().lm_head_group is None  # LM_HEAD: dense
