@@ -45,15 +45,16 @@ The LM head: W8A8 alone costs too much agreement. SmolLM2's tied head on its own
 model's final hidden states, 2,048 positions) picks the dense head's top token on 98.3% of
 positions in groups of 16, 97.7% in 32, 97.1% in 64 (smoothing it: no gain), and in the engine
 (24,576 tokens) the model with a W8A8 head agrees with bf16 on 96.54% / 96.38% / 95.65%
-(smoothed groups of 64: 96.10%), short of 97%: its 8-bit activations flip near-tied logits.
+(smoothing the head through the final norm, tried and dropped: groups of 64 96.10%, 32 and 16
+unchanged), short of 97%: its 8-bit activations flip near-tied logits.
 With LM_HEAD_ENV=32 a tied head scans the vocabulary on the W8A8 GEMM (an int8 copy of the
 embedding, groups of 32: 7.0-7.1 ms against the bf16 head's 10.2 ms at 64 rows, one thread's
 CPU time) and recomputes exactly the logits near each row's largest (rescore_logits) from the
 dense table the lookups keep: 97.15% top-1, +0.23% perplexity (the dense head: 97.15%, +0.20%).
 But the rescoring in torch (a mask and nonzero over all 64 x 49,152 logits, the gathers) costs
 ~8.6 ms of CPU at 64 rows, more than the GEMM saves, so the head stays dense by default; a
-native pass (each row's largest, then the dot products of the few within the margin, ~36
-rows per row at 4 nats) would make it pay.
+native pass (each row's largest, then the dot products of those within the margin, ~36
+logits per row at 4 nats, 5.4 at 2) would make it pay.
 """
 
 from __future__ import annotations
