@@ -17,6 +17,7 @@ from pagedllm.worker.host_memory import (
     advise_huge_pages,
     huge_page_buffer,
     huge_page_zeros,
+    page_present,
 )
 
 needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
@@ -129,6 +130,14 @@ def test_advice_given_later_covers_the_range_asked_only():
     assert advised(buffer.data_ptr() + HUGE_PAGE_BYTES)
     assert advised(buffer.data_ptr() + 2 * HUGE_PAGE_BYTES - 1)
     assert not advised(buffer.data_ptr() + 2 * HUGE_PAGE_BYTES)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's mincore")
+def test_a_page_is_present_once_written_and_not_when_only_reserved():
+    buffer = huge_page_buffer(4 << 20, advise=False)
+    assert not page_present(buffer.data_ptr() + 8192)
+    buffer[8192] = 1
+    assert page_present(buffer.data_ptr() + 8192) and not page_present(buffer.data_ptr() + (3 << 20))
 
 
 def resident_bytes() -> int:

@@ -126,11 +126,22 @@ MADV_COLLAPSE = 25
 _madvise = None
 
 
+_libc_handle = None
+
+
+def _libc():
+    global _libc_handle
+    if _libc_handle is None:
+        name = ctypes.util.find_library("c")
+        _libc_handle = ctypes.CDLL(name, use_errno=True) if name else False
+    return _libc_handle
+
+
 def _libc_madvise():
     global _madvise
     if _madvise is None:
-        name = ctypes.util.find_library("c")
-        madvise = getattr(ctypes.CDLL(name, use_errno=True), "madvise", None) if name else None
+        libc = _libc()
+        madvise = getattr(libc, "madvise", None) if libc else None
         if madvise is not None:
             madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
             madvise.restype = ctypes.c_int
@@ -159,6 +170,20 @@ def advise_huge_pages(address: int, nbytes: int) -> bool:
         return False
     start = address - address % mmap.PAGESIZE
     return madvise(start, address + nbytes - start, MADV_HUGEPAGE) == 0
+
+
+def page_present(address: int) -> bool:
+    """Whether the page holding `address` is in memory (mincore(2); reading it to find out would
+    map the zero page there). False where the libc cannot tell."""
+    libc = _libc()
+    mincore = getattr(libc, "mincore", None) if libc else None
+    if mincore is None:
+        return False
+    start = address - address % mmap.PAGESIZE
+    vec = ctypes.c_ubyte()
+    if mincore(ctypes.c_void_p(start), ctypes.c_size_t(mmap.PAGESIZE), ctypes.byref(vec)):
+        return False
+    return bool(vec.value & 1)
 
 
 def collapse_pages(address: int, nbytes: int) -> int:

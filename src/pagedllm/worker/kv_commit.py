@@ -46,6 +46,7 @@ from pagedllm.worker.host_memory import (
     advise_huge_pages,
     collapse_pages,
     commit_pages,
+    page_present,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,8 +155,12 @@ class KVPoolCommitter:
         return now - self._busy_at >= self.idle_seconds
 
     def _scan(self) -> None:
-        # Past the committed blocks too while none is (reading reserved memory commits none).
-        end = self.committed if self.committed else min(self.num_blocks, self.blocks_ahead)
+        end = self.committed
+        if not end and page_present(self.caches[0][0, 0].data_ptr()):
+            # Huge pages, nothing committed yet: a step wrote block 0's page. NOTE: not read
+            # before that: a read would map the huge zero page there (before Linux 6.12 a write
+            # then splits it into small pages).
+            end = min(self.num_blocks, max(1, HUGE_PAGE_BYTES // self.block_bytes))
         if end > self.written:
             keys = self.caches[0][0, self.written:end].reshape(
                 end - self.written, -1)[:, :self.probe_elements]
