@@ -32,6 +32,11 @@ _DTYPES = {
 }
 # Weight quantization (vLLM's `quantization`): "gguf" only names a .gguf model's own types.
 QUANTIZATIONS = ("auto", "none", "int8", "gguf")
+# KV cache element types (vLLM's `kv_cache_dtype`): auto is the model's dtype; fp8 (= fp8_e5m2,
+# vLLM's CPU format) stores each K/V value as an e5m2 byte, half of bf16's bytes.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e5m2")
+# The attention backends that read an fp8 cache (attention/torch_paged.py, cpu_paged.py).
+FP8_KV_BACKENDS = ("cpu_paged", "torch_paged")
 
 
 def setting(default: Any, help: str, choices: Sequence[str] | None = None,
@@ -70,6 +75,10 @@ class EngineConfig:
         "(per-channel int8 weights quantized at load), gguf (a .gguf's own types, as auto)",
         choices=QUANTIZATIONS)
     block_size: int = setting(16, "tokens per KV cache block")
+    kv_cache_dtype: str = setting(
+        "auto", "KV cache element type: auto (the model's dtype) or fp8 / fp8_e5m2 (one byte "
+        "per value, e5m2: half of bf16's memory and bandwidth, about 2 significant bits)",
+        choices=KV_CACHE_DTYPES)
     num_kv_blocks: int | None = setting(
         None, "size of the KV cache in blocks (overrides --kv-cache-memory-bytes)")
     kv_cache_memory_bytes: int | None = setting(
@@ -139,6 +148,9 @@ class EngineConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         self._verify_quantization()
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                             f"{self.kv_cache_dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
@@ -158,6 +170,7 @@ class EngineConfig:
                              f"{self.swap_space!r}")
         self._verify_device()
         self._verify_parallel()
+        self._verify_kv_cache_dtype()
         if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         SpeculativeConfig.from_dict(self.speculative_config)  # ValueError on a bad setting
@@ -206,6 +219,24 @@ class EngineConfig:
         if self.quantization == "gguf" and not is_gguf:
             raise ValueError(f"quantization='gguf' needs a .gguf model; for the Hugging Face "
                              f"directory {str(self.model)!r} use one of auto, none, int8")
+
+    def _verify_kv_cache_dtype(self) -> None:
+        if self.kv_cache_dtype == "auto":
+            return
+        if self.device != "cpu":
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is implemented on CPU "
+                             f"only; device={self.device!r} takes kv_cache_dtype='auto'")
+        if self.attention_backend is not None and self.attention_backend not in FP8_KV_BACKENDS:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs one of the "
+                             f"attention backends {', '.join(FP8_KV_BACKENDS)}, got "
+                             f"attention_backend={self.attention_backend!r}")
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        """The KV cache's element type: torch_dtype for "auto", else float8_e5m2."""
+        import torch
+
+        return self.torch_dtype if self.kv_cache_dtype == "auto" else torch.float8_e5m2
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -7,7 +7,8 @@ that is the reference. Then the same tokens go through the kernel
   - among other sequences (prefills, chunks, decodes), so that the kernel plans other work items
     (one sequence alone over a long context has its keys split over the threads; in a crowd it
     is not split),
-and every output row must equal the reference's bit for bit.
+and every output row must equal the reference's bit for bit; with the model's dtype as the cache's
+and with an fp8 one (kv_cache_dtype="fp8").
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Sequences:
     """Random q/k/v for sequences of given lengths, and a paged cache to run them through."""
 
     def __init__(self, lengths: list[int], num_heads: int, num_kv_heads: int, head_size: int,
-                 dtype: torch.dtype, block_size: int, seed: int) -> None:
+                 dtype: torch.dtype, block_size: int, seed: int,
+                 cache_dtype: torch.dtype | None = None) -> None:
         self.lengths = lengths
         self.q, self.k, self.v = [], [], []
         for s, n in enumerate(lengths):  # sequence s's tokens depend on s and n alone
@@ -49,7 +51,7 @@ class Sequences:
             self.tables.append(perm[:n])
             perm = perm[n:]
         self.cache = torch.randn(2, sum(blocks) + 2, block_size, num_kv_heads, head_size,
-                                 generator=gen).to(dtype)
+                                 generator=gen).to(cache_dtype or dtype)
         self.backend = CpuPagedAttention(num_heads, num_kv_heads, head_size, head_size**-0.5,
                                          block_size)
         self.out = [torch.full_like(q, float("nan")) for q in self.q]
@@ -96,15 +98,23 @@ SHAPES = [(9, 3, 64, 16), (9, 3, 64, 5), (4, 4, 32, 16), (8, 1, 128, 16), (6, 2,
 SHAPE_IDS = ["gqa-smollm2", "gqa-smollm2-block5", "mha-32", "mqa-128", "gqa-head20", "group9"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# (query dtype, cache dtype): the model's dtype, and the fp8 cache under each.
+DTYPES = [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.float8_e5m2),
+          (torch.bfloat16, torch.float8_e5m2)]
+DTYPE_IDS = ["fp32", "bf16", "fp32-fp8kv", "bf16-fp8kv"]
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_query_output_does_not_depend_on_how_its_sequence_is_computed(shape, dtype) -> None:
+def test_query_output_does_not_depend_on_how_its_sequence_is_computed(shape, dtypes) -> None:
+    dtype, cache_dtype = dtypes
     num_heads, num_kv_heads, head_size, block_size = shape
     target_len = 600  # past two 256-key segments: its keys are split over threads when alone
     crowd = [3, 40, 300, 1, 129]
 
     def run(lengths, chunk, decode_from, seed=0):
-        seqs = Sequences(lengths, num_heads, num_kv_heads, head_size, dtype, block_size, seed)
+        seqs = Sequences(lengths, num_heads, num_kv_heads, head_size, dtype, block_size, seed,
+                         cache_dtype)
         for work in schedules(lengths, chunk, decode_from):
             seqs.step(work)
         return seqs.out[0]

@@ -13,6 +13,23 @@ import torch.nn.functional as F
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 
+# An fp8 cache (kv_cache_dtype="fp8"): e5m2 values, written saturated at its largest finite one.
+FP8_KV_DTYPE = torch.float8_e5m2
+FP8_KV_MAX = 57344.0
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's element type: itself, or (fp8) each value rounded to the nearest e5m2,
+    ties to even, saturated at +-57344 (the fused kernel writes the same bytes)."""
+    if cache_dtype != FP8_KV_DTYPE:
+        return x
+    return x.float().clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached values in `dtype` (exact: every e5m2 value is a bf16 and an fp32)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
 
 class TorchPagedAttention(AttentionBackend):
     """Correct-first paged attention on any device torch supports (the CPU default).
@@ -37,7 +54,11 @@ class TorchPagedAttention(AttentionBackend):
         assert query.shape[0] == metadata.num_tokens, (query.shape, metadata.num_tokens)
         self.write_kv(key, value, kv_cache, metadata.slot_mapping)
 
-        key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, kv_h, d]
+        # NOTE: an fp8 cache is gathered as bytes (torch has no index ops for float8) and
+        # dequantized per sequence, in the query's dtype.
+        fp8 = kv_cache.dtype == FP8_KV_DTYPE
+        raw = kv_cache.view(torch.uint8) if fp8 else kv_cache
+        key_cache, value_cache = raw[0], raw[1]  # [num_blocks, block_size, kv_h, d]
         output = torch.empty_like(query)  # [num_tokens, num_heads, head_size]
         # Walk the host copies so that no step here waits on the device.
         start = 0
@@ -58,6 +79,9 @@ class TorchPagedAttention(AttentionBackend):
             num_keys = seq_len - key_start
             k = key_cache.index_select(0, block_ids).flatten(0, 1)[:num_keys]  # [keys, kv_h, d]
             v = value_cache.index_select(0, block_ids).flatten(0, 1)[:num_keys]  # [keys, kv_h, d]
+            if fp8:
+                k = dequantize_kv(k.view(FP8_KV_DTYPE), query.dtype)
+                v = dequantize_kv(v.view(FP8_KV_DTYPE), query.dtype)
             output[start:end] = self._attend(query[start:end], k, v)
             start = end
         return output
@@ -73,9 +97,14 @@ class TorchPagedAttention(AttentionBackend):
 
         Args:
             key, value: [num_tokens, num_kv_heads, head_size]
-            kv_cache: [2, num_blocks, block_size, num_kv_heads, head_size], updated in place.
+            kv_cache: [2, num_blocks, block_size, num_kv_heads, head_size], updated in place;
+                an fp8 one takes the values rounded (quantize_kv).
             slot_mapping: [num_tokens] int64, block_id * block_size + offset.
         """
+        if kv_cache.dtype == FP8_KV_DTYPE:  # torch has no index_copy_ for float8: as bytes
+            key = quantize_kv(key, FP8_KV_DTYPE).view(torch.uint8)
+            value = quantize_kv(value, FP8_KV_DTYPE).view(torch.uint8)
+            kv_cache = kv_cache.view(torch.uint8)
         # NOTE: `view`, not `reshape`: a reshape of a non-contiguous cache would silently copy,
         # and the write would land in the copy instead of the cache.
         num_slots = kv_cache.shape[1] * kv_cache.shape[2]

@@ -141,7 +141,8 @@ class DraftModel:
             self.model.pack_weights(allocate=HugePageArena().empty)
         self.cache_spec = KVCacheSpec(num_layers=hf_config.num_hidden_layers,
                                       num_kv_heads=num_kv_heads, head_size=head_size,
-                                      block_size=config.block_size, dtype=config.torch_dtype)
+                                      block_size=config.block_size,
+                                      dtype=config.kv_cache_torch_dtype)
         self.block_size = config.block_size
         self.device = device
         # Unseeded draws of the draft and of rejection sampling.

@@ -54,6 +54,7 @@ class KVCacheSpec:
     num_kv_heads: int
     head_size: int
     block_size: int
+    # The cache's element type (EngineConfig.kv_cache_torch_dtype): the model's, or float8_e5m2.
     dtype: torch.dtype
 
     @property
@@ -208,6 +209,9 @@ class CacheEngine:
         src_ids = torch.tensor([p[0] for p in pairs], device=src_caches[0].device)
         dst_ids = torch.tensor([p[1] for p in pairs], device=dst_caches[0].device)
         for src, dst in zip(src_caches, dst_caches):
+            # NOTE: an fp8 cache moves as bytes: torch has no index ops for float8.
+            if src.dtype == torch.float8_e5m2:
+                src, dst = src.view(torch.uint8), dst.view(torch.uint8)
             # cache: [2, num_blocks, block_size, kv_heads, head]; blocks are dim 1.
             blocks = src.index_select(1, src_ids).to(dst.device)
             dst.index_copy_(1, dst_ids, blocks)

@@ -64,7 +64,7 @@ class Worker:
             num_kv_heads=num_kv_heads,
             head_size=head_size,
             block_size=config.block_size,
-            dtype=dtype,
+            dtype=config.kv_cache_torch_dtype,
         )
         # Speculation by a draft model: its KV blocks have the target's ids (one pool of block
         # ids, two models' tensors), so the pool is sized by both models' bytes per block.

@@ -3,8 +3,10 @@
 //
 // Layouts (row-major):
 //   query  [num_tokens, num_heads, head_size]     fp32 or bf16, last dim contiguous
-//   key    [num_tokens, num_kv_heads, head_size]  the cache's dtype, last dim contiguous
-//   cache  [2, num_blocks, block_size, num_kv_heads, head_size]  fp32 or bf16, contiguous
+//   key    [num_tokens, num_kv_heads, head_size]  the cache's dtype (fp32/bf16 for fp8), last
+//                                                  dim contiguous
+//   cache  [2, num_blocks, block_size, num_kv_heads, head_size]  fp32, bf16 or fp8 e5m2,
+//                                                  contiguous
 //   out    [num_tokens, num_heads, head_size]     query's dtype, contiguous
 //
 // Work is split into items (sequence, kv heads, query tile[, key split]), run by OpenMP
@@ -45,7 +47,7 @@
 //   - tiles are grouped in segments of kSegment positions from 0, whose states are merged in
 //     order (merge_state): as an item goes, or, for a split range, after all its parts.
 // The bf16 dot-product paths (AVX512_BF16, head size a multiple of 32) take every item of a
-// bf16 query over a bf16 cache, and the fp32 paths every other; the two differ (the dot paths
+// bf16 query over a bf16 or fp8 cache, and the fp32 paths every other; the two differ (the dot paths
 // round q and p to bf16), but a model's dtype picks one for all of its steps.
 // Products are added with explicit FMAs (vec::fma, std::fma): left to the compiler's
 // contraction, acc * corr + p * v may fuse either product, and two copies of one loop may differ.
@@ -59,6 +61,16 @@
 // (a row's tiles before its window add nothing; its empty segments merge as no-ops). Soft
 // capping maps each score through soft_cap * tanh(score / soft_cap) (scalar, in order) before
 // the masks.
+//
+// 8-bit cache (kv_cache_dtype="fp8", fp8 e5m2, vLLM's CPU format): the cache holds each K/V
+// value as an e5m2 byte (the top byte of its fp16: 5 exponent bits, 2 mantissa bits), written
+// from the model's fp32/bf16 key/value by write_kv (round to nearest even, saturating at
+// +-57344, as torch's .clamp(-57344, 57344).to(torch.float8_e5m2)). Every e5m2 value is exact
+// in bf16 and fp32, so the items read the bytes in place and widen them exactly (byte << 8 is
+// the fp16, vcvtph2ps makes it fp32, F16C on AVX2, a scalar decode elsewhere: all the same
+// values): each path computes exactly what it computes over a bf16/fp32 cache holding the
+// dequantized values, item for item, so batch invariance holds as stated above, and a bf16
+// query takes the dot-product paths too (the bytes widened to bf16 pairs in registers).
 //
 // SIMD: see vec.h; head sizes that are not a multiple of the lanes get scalar tails.
 
@@ -88,6 +100,62 @@ constexpr int kDotMaxRows = 8;      // up to this many rows, score by dot produc
 constexpr int kChunk = 8;           // accumulator vectors held in registers by the PV loop
 
 using namespace vec;  // NOLINT: the kernel is written in terms of these helpers
+// Brought into this namespace so that the fp8 overloads below add to them, not hide them.
+using vec::load;
+using vec::load1;
+
+// One fp8 e5m2 value (its raw byte): the 8-bit cache's element (see the file comment).
+struct fp8_t {
+  uint8_t bits;
+};
+static_assert(sizeof(fp8_t) == 1, "one byte per cached value");
+
+// e5m2's largest finite value: writes saturate there.
+constexpr float kFp8Max = 57344.f;
+
+// The fp32 value of an e5m2 byte (exact): sign, 5 exponent bits (bias 15), 2 mantissa bits.
+inline float fp8_to_float(uint8_t b) {
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80u) << 24;
+  const uint32_t mag = b & 0x7Fu;
+  if (mag < 4) {  // zero or subnormal: mantissa * 2^-16
+    const float x = static_cast<float>(mag) * 0x1p-16f;
+    return sign ? -x : x;
+  }
+  const uint32_t exp = mag >> 2, mant = mag & 3u;
+  const uint32_t bits = exp == 31 ? 0x7F800000u | mant << 21 : (exp + 112) << 23 | mant << 21;
+  return __builtin_bit_cast(float, sign | bits);
+}
+
+// The e5m2 byte nearest to f (ties to even), |f| saturated at kFp8Max; NaN stays NaN.
+inline uint8_t float_to_fp8(float f) {
+  uint32_t u = __builtin_bit_cast(uint32_t, f);
+  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
+  u &= 0x7FFFFFFFu;
+  if (u > 0x7F800000u) return sign | 0x7F;
+  if (u >= 0x47600000u) return sign | 0x7B;  // >= 57344
+  if (u < (113u << 23)) {                    // below 2^-14: a multiple of 2^-16 (exact scaling)
+    return sign | static_cast<uint8_t>(std::nearbyint(__builtin_bit_cast(float, u) * 65536.f));
+  }
+  u += 0xFFFFFu + ((u >> 21) & 1u);  // round the 21 dropped mantissa bits, ties to even
+  return sign | static_cast<uint8_t>((u - (112u << 23)) >> 21);
+}
+
+inline float load1(const fp8_t* p, int64_t i) { return fp8_to_float(p[i].bits); }
+
+// kLanes e5m2 values as fp32: the bytes shifted into fp16s, widened by vcvtph2ps (exact).
+inline vfloat load(const fp8_t* p) {
+#if PA_LANES == 16 && defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vfloat>(_mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8)));
+#elif PA_LANES == 8 && defined(__F16C__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vfloat>(_mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(b), 8)));
+#else
+  vfloat v;
+  for (int i = 0; i < kLanes; ++i) v[i] = fp8_to_float(p[i].bits);
+  return v;
+#endif
+}
 
 struct Params {
   const void* query;
@@ -151,6 +219,7 @@ struct Scratch {
   std::vector<bf16_t> qb;       // bf16 query rows (the dot-product paths)
   std::vector<uint32_t> kpair;  // a key tile in pairs of inputs (run_dot_item)
   std::vector<bf16_t> vpair;    // a value tile in pairs of keys (run_dot_item)
+  std::vector<bf16_t> row16;    // one fp8 key row widened to bf16 (run_dot_item)
   std::vector<const void*> kraw, vraw, next_kraw, next_vraw;
   int segments_done = 0;  // of the current item
   // decode_only: only what decode items read (run_decode_item, run_dot_decode_item); the key
@@ -162,6 +231,7 @@ struct Scratch {
         run_l(rows), s(rows * kKeyTile), qb(rows * d), kraw(kKeyTile), vraw(kKeyTile),
         next_kraw(kKeyTile), next_vraw(kKeyTile) {
     if (decode_only) return;
+    row16.resize(d);
     kt.resize(d * kKeyTile);
     kbuf.resize(kKeyTile * span);
     vbuf.resize(kKeyTile * span);
@@ -193,7 +263,7 @@ inline void prefetch(const void* row, int64_t bytes) {
 }
 
 // Points krow/vrow at fp32 copies of the n slots (span elements each: the item's kv heads):
-// in place for an fp32 cache, converted into kbuf/vbuf for bf16 (once, not once per row).
+// in place for an fp32 cache, converted into kbuf/vbuf for bf16 and fp8 (once, not per row).
 template <typename cache_t>
 inline void load_key_tile(Scratch& sc, int n, int span) {
   if constexpr (std::is_same_v<cache_t, float>) {
@@ -205,8 +275,8 @@ inline void load_key_tile(Scratch& sc, int n, int span) {
     for (int t = 0; t < n; ++t) {
       float* kf = sc.kbuf.data() + t * span;
       float* vf = sc.vbuf.data() + t * span;
-      widen(static_cast<const bf16_t*>(sc.kraw[t]), kf, span);
-      widen(static_cast<const bf16_t*>(sc.vraw[t]), vf, span);
+      widen(static_cast<const cache_t*>(sc.kraw[t]), kf, span);
+      widen(static_cast<const cache_t*>(sc.vraw[t]), vf, span);
       sc.krow[t] = kf;
       sc.vrow[t] = vf;
     }
@@ -809,7 +879,18 @@ void merge_group(const Params& p, const MergeGroup& mg, const float* partial, fl
   }
 }
 
-template <typename cache_t>
+// One head's d values of a new key/value into the cache: a copy, or (fp8) each rounded.
+template <typename src_t, typename cache_t>
+inline void write_row(cache_t* dst, const src_t* src, int64_t d) {
+  if constexpr (std::is_same_v<src_t, cache_t>) {
+    std::memcpy(dst, src, d * sizeof(cache_t));
+  } else {
+    static_assert(std::is_same_v<cache_t, fp8_t>, "only the fp8 cache converts");
+    for (int64_t i = 0; i < d; ++i) dst[i].bits = float_to_fp8(load1(src, i));
+  }
+}
+
+template <typename src_t, typename cache_t>
 void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_cache,
               const at::Tensor& slot_mapping, int nt) {
   const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), d = key.size(2);
@@ -819,8 +900,8 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
     TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots, "slot_mapping[", i, "] = ", slots[i],
                 " is outside the cache's ", num_slots, " slots");
   }
-  const cache_t* k = static_cast<const cache_t*>(key.data_ptr());
-  const cache_t* v = static_cast<const cache_t*>(value.data_ptr());
+  const src_t* k = static_cast<const src_t*>(key.data_ptr());
+  const src_t* v = static_cast<const src_t*>(value.data_ptr());
   cache_t* kc = static_cast<cache_t*>(kv_cache.data_ptr());
   cache_t* vc = kc + num_slots * num_kv_heads * d;
   const int64_t ks0 = key.stride(0), ks1 = key.stride(1);
@@ -829,8 +910,8 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
     cache_t* kdst = kc + slots[i] * num_kv_heads * d;
     cache_t* vdst = vc + slots[i] * num_kv_heads * d;
     for (int64_t h = 0; h < num_kv_heads; ++h) {
-      std::memcpy(kdst + h * d, k + i * ks0 + h * ks1, d * sizeof(cache_t));
-      std::memcpy(vdst + h * d, v + i * vs0 + h * vs1, d * sizeof(cache_t));
+      write_row(kdst + h * d, k + i * ks0 + h * ks1, d);
+      write_row(vdst + h * d, v + i * vs0 + h * vs1, d);
     }
   };
   if (num_tokens < 256) {  // NOTE: no parallel region (an if(false) one still sets up a team)
@@ -873,6 +954,16 @@ inline __m512 reduce16(const __m512* v) {
 
 inline __m512bh load_bh(const bf16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
+// 32 cached values as bf16 (for fp8, exact: the bytes as fp16s, widened to fp32, narrowed).
+inline __m512i load_bf16x32(const bf16_t* p) { return _mm512_loadu_si512(p); }
+inline __m512i load_bf16x32(const fp8_t* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i h = _mm512_slli_epi16(_mm512_cvtepu8_epi16(b), 8);
+  const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
 // Prefetches into L2, not L1: same-process A/B on a 2-core Zen 4 (64 sequences x 192 keys, 30
 // layers' caches), the next tile prefetched into L2 was 5-14% faster than into L1 (whose few
 // miss buffers the prefetches then hold while the current tile is being read); prefetching the
@@ -886,7 +977,7 @@ inline void prefetch_l2(const void* row, int64_t bytes) {
 // s[g][t] = scale * q[g] . k[t] for the G rows of one kv head, keys 0 .. n - 1. D2 = d / 32
 // when known at compile time (0: read d), so that the loops unroll; each key's chunks are loaded
 // once for the G rows.
-template <int G, int D2>
+template <int G, int D2, typename cache_t>
 inline void dot_decode_scores(const bf16_t* q, int d, const void* const* kslot, int64_t head_off,
                               int n, float scale, float* s) {
   const int d2 = D2 > 0 ? D2 : d / 32;
@@ -896,11 +987,11 @@ inline void dot_decode_scores(const bf16_t* q, int d, const void* const* kslot, 
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j) {
       // Past the last key, repeat it: those scores are masked out by the softmax.
-      const bf16_t* k = static_cast<const bf16_t*>(kslot[std::min(t0 + j, n - 1)]) + head_off;
+      const cache_t* k = static_cast<const cache_t*>(kslot[std::min(t0 + j, n - 1)]) + head_off;
       __m512 a[G];
       for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
       for (int c = 0; c < d2; ++c) {
-        const __m512bh kc = load_bh(k + 32 * c);
+        const __m512bh kc = (__m512bh)load_bf16x32(k + 32 * c);
         for (int g = 0; g < G; ++g) a[g] = _mm512_dpbf16_ps(a[g], load_bh(q + g * d + 32 * c), kc);
       }
       for (int g = 0; g < G; ++g) v[g][4 * (j % 4) + j / 4] = a[g];
@@ -924,7 +1015,7 @@ inline void weight_pairs(const float* p, uint32_t* w) {
 // VDPBF16PS takes, which permutes the lanes within each 32-value chunk of a row: acc holds
 // chunk c as [lo | hi], lo lane j being value 8 * (j / 4) + j % 4 and hi lane j that + 4
 // (unpermute_acc restores the order).
-template <int G, int D2>
+template <int G, int D2, typename cache_t>
 inline void dot_decode_pv(float* acc, int d, const float* corr, const float* p,
                           const void* const* vslot, int64_t head_off, int n) {
   // Chunks per pass: <= 12 accumulator pairs, of the 32 vector registers.
@@ -943,11 +1034,11 @@ inline void dot_decode_pv(float* acc, int d, const float* corr, const float* p,
       }
     }
     for (int j = 0; j < pairs; ++j) {
-      const bf16_t* v0 = static_cast<const bf16_t*>(vslot[2 * j]) + head_off;
-      const bf16_t* v1 = static_cast<const bf16_t*>(vslot[std::min(2 * j + 1, n - 1)]) + head_off;
+      const cache_t* v0 = static_cast<const cache_t*>(vslot[2 * j]) + head_off;
+      const cache_t* v1 = static_cast<const cache_t*>(vslot[std::min(2 * j + 1, n - 1)]) + head_off;
       for (int c = 0; c < cn; ++c) {
-        const __m512i a = _mm512_loadu_si512(v0 + 32 * (c0 + c));
-        const __m512i b = _mm512_loadu_si512(v1 + 32 * (c0 + c));
+        const __m512i a = load_bf16x32(v0 + 32 * (c0 + c));
+        const __m512i b = load_bf16x32(v1 + 32 * (c0 + c));
         const __m512bh pl = (__m512bh)_mm512_unpacklo_epi16(a, b);
         const __m512bh ph = (__m512bh)_mm512_unpackhi_epi16(a, b);
         for (int g = 0; g < G; ++g) {
@@ -969,15 +1060,15 @@ inline void dot_decode_pv(float* acc, int d, const float* corr, const float* p,
 // Whether the dot-product decode applies: bf16 query and cache, head size a multiple of 32.
 inline bool dot_decode_applies(const Params& p) { return p.q_bf16 && p.head_size % 32 == 0; }
 
-template <int G, int D2>
+template <typename cache_t, int G, int D2>
 void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
   const int d = static_cast<int>(p.head_size);
   const ItemRows ir(it, G);
-  const int64_t span_bytes = ir.heads * d * static_cast<int64_t>(sizeof(bf16_t));
+  const int64_t span_bytes = ir.heads * d * static_cast<int64_t>(sizeof(cache_t));
   const int64_t pos = p.seq_lens[it.seq] - 1;  // the query token's position
   start_item(p, it, ir, sc, /*raw_bf16=*/true);
   const bf16_t* qb = sc.qb.data();
-  for_each_key_tile<bf16_t>(p, it, sc, [&](int64_t kb, int n, int next_n) {
+  for_each_key_tile<cache_t>(p, it, sc, [&](int64_t kb, int n, int next_n) {
     touch_tile(sc.kraw.data(), sc.vraw.data(), n, span_bytes);
     const int lo = window_start(p, pos, kb);
     for (int h = 0; h < ir.heads; ++h) {
@@ -986,13 +1077,14 @@ void run_dot_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float
         prefetch_l2(sc.next_vraw[u], span_bytes);
       }
       float* s = sc.s.data() + h * G * kKeyTile;
-      dot_decode_scores<G, D2>(qb + h * G * d, d, sc.kraw.data(), h * d, n, p.scale, s);
+      dot_decode_scores<G, D2, cache_t>(qb + h * G * d, d, sc.kraw.data(), h * d, n, p.scale, s);
       float corr[G];
       for (int g = 0; g < G; ++g) {
         corr[g] = softmax_row(s + g * kKeyTile, n, sc.m[h * G + g], sc.l[h * G + g], lo,
                               p.soft_cap);
       }
-      dot_decode_pv<G, D2>(sc.acc.data() + h * G * d, d, corr, s, sc.vraw.data(), h * d, n);
+      dot_decode_pv<G, D2, cache_t>(sc.acc.data() + h * G * d, d, corr, s, sc.vraw.data(), h * d,
+                                    n);
     }
   }, [&] { end_segment(p, it, ir, sc, partial, true); });
   finish_item(p, it, ir, sc, partial, true);
@@ -1131,6 +1223,7 @@ inline bool dot_item_applies(const Params& p, const WorkItem& it) {
   return p.dot_items && it.h_end - it.h_begin == 1;
 }
 
+template <typename cache_t>
 void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
   const int d = static_cast<int>(p.head_size), d2 = d / 32;
   const ItemRows ir(it, static_cast<int>(p.group));
@@ -1141,14 +1234,21 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
   const bf16_t* qb = sc.qb.data();
   uint32_t* kpair = sc.kpair.data();
   bf16_t* vpair = sc.vpair.data();
-  const int64_t span_bytes = d * static_cast<int64_t>(sizeof(bf16_t));
-  for_each_key_tile<bf16_t>(p, it, sc, [&](int64_t kb, int n, int next_n) {
+  const int64_t span_bytes = d * static_cast<int64_t>(sizeof(cache_t));
+  for_each_key_tile<cache_t>(p, it, sc, [&](int64_t kb, int n, int next_n) {
     for (int t = 0; t < next_n; ++t) {
       prefetch_l2(sc.next_kraw[t], span_bytes);
       prefetch_l2(sc.next_vraw[t], span_bytes);
     }
     for (int t = 0; t < kKeyTile; ++t) {
       const char* k = static_cast<const char*>(sc.kraw[std::min(t, n - 1)]);
+      if constexpr (std::is_same_v<cache_t, fp8_t>) {  // the row as bf16 first
+        const fp8_t* k8 = static_cast<const fp8_t*>(sc.kraw[std::min(t, n - 1)]);
+        for (int c = 0; c < d2; ++c) {
+          _mm512_storeu_si512(sc.row16.data() + 32 * c, load_bf16x32(k8 + 32 * c));
+        }
+        k = reinterpret_cast<const char*>(sc.row16.data());
+      }
       for (int i = 0; i < d / 2; ++i) {
         uint32_t pair = 0;
         if (t < n) std::memcpy(&pair, k + 4 * i, sizeof pair);
@@ -1157,10 +1257,10 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
     }
     const int pairs = (n + 1) / 2;
     for (int j = 0; j < pairs; ++j) {
-      const bf16_t* v0 = static_cast<const bf16_t*>(sc.vraw[2 * j]);
-      const bf16_t* v1 = static_cast<const bf16_t*>(sc.vraw[std::min(2 * j + 1, n - 1)]);
+      const cache_t* v0 = static_cast<const cache_t*>(sc.vraw[2 * j]);
+      const cache_t* v1 = static_cast<const cache_t*>(sc.vraw[std::min(2 * j + 1, n - 1)]);
       for (int c = 0; c < d2; ++c) {
-        const __m512i a = _mm512_loadu_si512(v0 + 32 * c), b = _mm512_loadu_si512(v1 + 32 * c);
+        const __m512i a = load_bf16x32(v0 + 32 * c), b = load_bf16x32(v1 + 32 * c);
         _mm512_storeu_si512(vpair + (j * d2 + c) * 64, _mm512_unpacklo_epi16(a, b));
         _mm512_storeu_si512(vpair + (j * d2 + c) * 64 + 32, _mm512_unpackhi_epi16(a, b));
       }
@@ -1205,17 +1305,17 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
 #if defined(__AVX512BF16__)
 // run_dot_decode_item for the model's group size (1 .. kDotMaxRows); D2 = head_size / 32 for
 // the common head sizes, 0 for the others.
-template <int D2>
+template <typename cache_t, int D2>
 void run_dot_decode(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
   switch (p.group) {
-    case 1: return run_dot_decode_item<1, D2>(p, it, sc, partial);
-    case 2: return run_dot_decode_item<2, D2>(p, it, sc, partial);
-    case 3: return run_dot_decode_item<3, D2>(p, it, sc, partial);
-    case 4: return run_dot_decode_item<4, D2>(p, it, sc, partial);
-    case 5: return run_dot_decode_item<5, D2>(p, it, sc, partial);
-    case 6: return run_dot_decode_item<6, D2>(p, it, sc, partial);
-    case 7: return run_dot_decode_item<7, D2>(p, it, sc, partial);
-    default: return run_dot_decode_item<8, D2>(p, it, sc, partial);
+    case 1: return run_dot_decode_item<cache_t, 1, D2>(p, it, sc, partial);
+    case 2: return run_dot_decode_item<cache_t, 2, D2>(p, it, sc, partial);
+    case 3: return run_dot_decode_item<cache_t, 3, D2>(p, it, sc, partial);
+    case 4: return run_dot_decode_item<cache_t, 4, D2>(p, it, sc, partial);
+    case 5: return run_dot_decode_item<cache_t, 5, D2>(p, it, sc, partial);
+    case 6: return run_dot_decode_item<cache_t, 6, D2>(p, it, sc, partial);
+    case 7: return run_dot_decode_item<cache_t, 7, D2>(p, it, sc, partial);
+    default: return run_dot_decode_item<cache_t, 8, D2>(p, it, sc, partial);
   }
 }
 #endif
@@ -1226,11 +1326,13 @@ template <typename cache_t>
 void run_decode(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
   static_assert(kDotMaxRows == 8, "one case per group size");
 #if defined(__AVX512BF16__)
-  if (std::is_same_v<cache_t, bf16_t> && dot_decode_applies(p)) {
-    switch (p.head_size) {
-      case 64: return run_dot_decode<2>(p, it, sc, partial);
-      case 128: return run_dot_decode<4>(p, it, sc, partial);
-      default: return run_dot_decode<0>(p, it, sc, partial);
+  if constexpr (!std::is_same_v<cache_t, float>) {
+    if (dot_decode_applies(p)) {
+      switch (p.head_size) {
+        case 64: return run_dot_decode<cache_t, 2>(p, it, sc, partial);
+        case 128: return run_dot_decode<cache_t, 4>(p, it, sc, partial);
+        default: return run_dot_decode<cache_t, 0>(p, it, sc, partial);
+      }
     }
   }
 #endif
@@ -1268,9 +1370,11 @@ void run_attention(const Params& p, const std::vector<WorkItem>& items,
       return;
     }
 #if defined(__AVX512BF16__)
-    if (std::is_same_v<cache_t, bf16_t> && dot_item_applies(p, it)) {
-      run_dot_item(p, it, sc, partial.data());
-      return;
+    if constexpr (!std::is_same_v<cache_t, float>) {
+      if (dot_item_applies(p, it)) {
+        run_dot_item<cache_t>(p, it, sc, partial.data());
+        return;
+      }
     }
 #endif
     run_item<cache_t>(p, it, sc, partial.data());
@@ -1408,10 +1512,16 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
                   kv_cache.device().is_cpu(),
               "the cpu_paged kernel takes CPU tensors");
   const auto cache_dtype = kv_cache.scalar_type();
-  TORCH_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kBFloat16,
-              "kv_cache must be float32 or bfloat16, got ", cache_dtype);
-  TORCH_CHECK(key.scalar_type() == cache_dtype && value.scalar_type() == cache_dtype,
-              "key/value must have the cache's dtype");
+  const bool fp8 = cache_dtype == at::kFloat8_e5m2;
+  TORCH_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kBFloat16 || fp8,
+              "kv_cache must be float32, bfloat16 or float8_e5m2, got ", cache_dtype);
+  const auto kv_dtype = key.scalar_type();
+  TORCH_CHECK(value.scalar_type() == kv_dtype &&
+                  (fp8 ? kv_dtype == at::kFloat || kv_dtype == at::kBFloat16
+                       : kv_dtype == cache_dtype),
+              "key/value must have the cache's dtype (float32 or bfloat16 for a float8_e5m2 "
+              "cache), got ", kv_dtype, " and ", value.scalar_type(), " for a ", cache_dtype,
+              " cache");
   TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16,
               "query must be float32 or bfloat16");
   TORCH_CHECK(out.scalar_type() == query.scalar_type() && out.is_contiguous() &&
@@ -1444,10 +1554,14 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
               "query_start_loc must run from 0 to num_tokens");
 
   const int nt = std::max(1, at::get_num_threads());
-  if (cache_dtype == at::kFloat) {
-    write_kv<float>(key, value, kv_cache, slot_mapping, nt);
+  if (fp8 && kv_dtype == at::kFloat) {
+    write_kv<float, fp8_t>(key, value, kv_cache, slot_mapping, nt);
+  } else if (fp8) {
+    write_kv<bf16_t, fp8_t>(key, value, kv_cache, slot_mapping, nt);
+  } else if (cache_dtype == at::kFloat) {
+    write_kv<float, float>(key, value, kv_cache, slot_mapping, nt);
   } else {
-    write_kv<bf16_t>(key, value, kv_cache, slot_mapping, nt);
+    write_kv<bf16_t, bf16_t>(key, value, kv_cache, slot_mapping, nt);
   }
   if (num_tokens == 0) return;
 
@@ -1474,7 +1588,7 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
   p.window = window;
   p.soft_cap = static_cast<float>(soft_cap);
 #if defined(__AVX512BF16__)
-  p.dot_items = cache_dtype == at::kBFloat16 && p.q_bf16 && d % 32 == 0;
+  p.dot_items = cache_dtype != at::kFloat && p.q_bf16 && d % 32 == 0;
 #else
   p.dot_items = false;
 #endif
@@ -1485,6 +1599,8 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
   if (items.empty()) return;
   if (cache_dtype == at::kFloat) {
     run_attention<float>(p, items, groups, nt);
+  } else if (fp8) {
+    run_attention<fp8_t>(p, items, groups, nt);
   } else {
     run_attention<bf16_t>(p, items, groups, nt);
   }

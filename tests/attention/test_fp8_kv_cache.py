@@ -1,0 +1,151 @@
+"""The fp8 (e5m2) KV cache, kv_cache_dtype="fp8": the kernel's writes round as the reference
+does, its reads widen every byte exactly (so each path over fp8 gives the bits it gives over a
+bf16/fp32 cache holding the dequantized values), and it agrees with the torch_paged reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch_threads import num_threads
+
+from pagedllm.attention import build_attention_metadata
+from pagedllm.attention.cpu_paged import CpuPagedAttention, kernel_applies
+from pagedllm.attention.torch_paged import FP8_KV_DTYPE, TorchPagedAttention, quantize_kv
+from pagedllm.ops import cpu_extension
+
+# (num_cached_tokens, query_len) per sequence, in one batch: prefills, chunks over a context,
+# decodes, a long decode (split keys with several threads) and a long chunk.
+BATCH = [(0, 9), (0, 1), (11, 5), (37, 1), (0, 70), (64, 1), (20, 12), (300, 1), (130, 40)]
+SHAPES = [(9, 3, 64), (4, 4, 32), (8, 1, 128), (6, 2, 20), (6, 2, 96)]
+SHAPE_IDS = ["gqa-smollm2", "mha-32", "mqa-128", "gqa-head20", "gqa-head96"]
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    if cpu_extension.cpu_ops() is None:
+        pytest.skip(f"cpu_paged kernel unavailable: {cpu_extension.cpu_ops_error()}")
+
+
+needs_kernel = pytest.mark.usefixtures("kernel")
+
+
+def finite_fp8_bytes(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Random e5m2 bytes over every finite value (all signs, subnormals, up to 57344)."""
+    raw = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    mag = raw & 0x7F
+    raw = torch.where(mag >= 0x7C, raw & 0x83, raw)  # inf/nan -> subnormal of the same sign
+    return raw.view(FP8_KV_DTYPE)
+
+
+def batch_inputs(batch, block_size, num_heads, num_kv_heads, head_size, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in batch]
+    query_lens = [q for _, q in batch]
+    needed = [-(-n // block_size) for n in seq_lens]
+    perm = torch.randperm(sum(needed) + 3, generator=gen).tolist()
+    tables = []
+    for n in needed:
+        tables.append(perm[:n])
+        perm = perm[n:]
+    metadata = build_attention_metadata(query_lens, seq_lens, tables, block_size)
+    shape = TorchPagedAttention.kv_cache_shape(sum(needed) + 3, block_size, num_kv_heads,
+                                               head_size)
+    num_tokens = sum(query_lens)
+    query = torch.randn(num_tokens, num_heads, head_size, generator=gen).to(dtype)
+    key = torch.randn(num_tokens, num_kv_heads, head_size, generator=gen).to(dtype)
+    value = torch.randn(num_tokens, num_kv_heads, head_size, generator=gen).to(dtype)
+    return metadata, shape, query, key, value, gen
+
+
+def test_quantize_kv_saturates_and_rounds_to_nearest_even() -> None:
+    x = torch.tensor([1e9, -1e9, 61440.0, 57344.0, 1.125, 1.375, 2.0**-17, 3 * 2.0**-17, 0.0])
+    got = quantize_kv(x, FP8_KV_DTYPE).float().tolist()
+    # 1.125 is halfway between 1.0 and 1.25 (ties to the even 1.0); 1.375 -> 1.5 (even).
+    assert got == [57344.0, -57344.0, 57344.0, 57344.0, 1.0, 1.5, 0.0, 2.0**-15, 0.0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_writes_the_bytes_the_reference_writes(dtype: torch.dtype) -> None:
+    # Every finite bf16 value (and, for fp32, values between them, ties included) as keys and
+    # values of 64 tokens x 4 heads x 256: the cache bytes of the kernel and of torch agree.
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = bits[torch.isfinite(bits.float())].float()
+    if dtype == torch.float32:
+        gen = torch.Generator().manual_seed(0)
+        values = values * (1 + torch.rand(values.shape, generator=gen) / 4)
+        values[:64] = torch.tensor([1.125, 1.375, 2.0**-17, 3 * 2.0**-17] * 16)  # exact ties
+    num_tokens = values.numel() // (4 * 256)
+    key = values[: num_tokens * 1024].reshape(num_tokens, 4, 256).to(dtype)
+    value = key.flip(0)
+    block_size = 16
+    num_blocks = -(-num_tokens // block_size)
+    shape = TorchPagedAttention.kv_cache_shape(num_blocks, block_size, 4, 256)
+    metadata = build_attention_metadata([num_tokens], [num_tokens],
+                                        [list(range(num_blocks))[::-1]], block_size)
+    args = (4, 4, 256, 1.0 / 16, block_size)
+    query = torch.zeros(num_tokens, 4, 256, dtype=dtype)
+    ref = torch.zeros(shape, dtype=FP8_KV_DTYPE)
+    got = torch.zeros(shape, dtype=FP8_KV_DTYPE)
+    TorchPagedAttention(*args).write_kv(key, value, ref, metadata.slot_mapping)
+    CpuPagedAttention(*args).forward(query, key, value, got, metadata)
+    assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_size", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("block_size", [5, 16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernel_over_fp8_is_the_kernel_over_the_dequantized_cache(
+    threads: int, block_size: int, num_heads: int, num_kv_heads: int, head_size: int,
+    dtype: torch.dtype,
+) -> None:
+    metadata, shape, query, key, value, gen = batch_inputs(
+        BATCH, block_size, num_heads, num_kv_heads, head_size, dtype, seed=block_size)
+    # Keys of a normal size (scores in a useful range), values over every finite byte.
+    cache8 = torch.empty(shape, dtype=FP8_KV_DTYPE)
+    cache8[0] = quantize_kv(torch.randn(shape[1:], generator=gen), FP8_KV_DTYPE)
+    cache8[1] = finite_fp8_bytes(shape[1:], gen)
+    cache16 = cache8.to(dtype)  # exact
+    args = (num_heads, num_kv_heads, head_size, head_size**-0.5, block_size)
+    backend = CpuPagedAttention(*args)
+    assert kernel_applies(query, key, value, cache8)
+    with num_threads(threads):
+        got = backend.forward(query, key, value, cache8, metadata)
+        expected = backend.forward(query, quantize_kv(key, FP8_KV_DTYPE).to(dtype),
+                                   quantize_kv(value, FP8_KV_DTYPE).to(dtype), cache16, metadata)
+    assert torch.equal(cache8.to(dtype), cache16)
+    assert torch.equal(got, expected)  # bit for bit (NaN-free: finite values only)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_size", SHAPES, ids=SHAPE_IDS)
+def test_kernel_matches_reference_over_fp8(num_heads: int, num_kv_heads: int, head_size: int,
+                                           dtype: torch.dtype) -> None:
+    metadata, shape, query, key, value, gen = batch_inputs(
+        BATCH, 16, num_heads, num_kv_heads, head_size, dtype, seed=3)
+    cache = quantize_kv(torch.randn(shape, generator=gen), FP8_KV_DTYPE)
+    args = (num_heads, num_kv_heads, head_size, head_size**-0.5, 16)
+    ref_cache, kernel_cache = cache.clone(), cache.clone()
+    expected = TorchPagedAttention(*args).forward(query, key, value, ref_cache, metadata)
+    got = CpuPagedAttention(*args).forward(query, key, value, kernel_cache, metadata)
+    assert torch.equal(kernel_cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@needs_kernel
+def test_kernel_refuses_fp8_keys() -> None:
+    metadata, shape, query, key, value, _ = batch_inputs([(0, 3)], 16, 4, 4, 32,
+                                                         torch.bfloat16, seed=0)
+    cache = torch.zeros(shape, dtype=FP8_KV_DTYPE)
+    key8, value8 = quantize_kv(key, FP8_KV_DTYPE), quantize_kv(value, FP8_KV_DTYPE)
+    assert not kernel_applies(query, key8, value8, cache)
+    ops = cpu_extension.cpu_ops()
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 for a float8_e5m2 cache"):
+        ops.paged_attention(torch.empty_like(query), query, key8, value8, cache,
+                            metadata.slot_mapping, metadata.query_start_loc, metadata.seq_lens,
+                            metadata.block_tables.to(torch.int32), 0.2)
