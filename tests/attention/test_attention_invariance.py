@@ -8,7 +8,7 @@ that is the reference. Then the same tokens go through the kernel
     (one sequence alone over a long context has its keys split over the threads; in a crowd it
     is not split),
 and every output row must equal the reference's bit for bit; with the model's dtype as the cache's
-and with an fp8 one (kv_cache_dtype="fp8").
+and with 8-bit ones (kv_cache_dtype="int8", "fp8").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch_threads import num_threads
 
 from pagedllm.attention import build_attention_metadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention
+from pagedllm.attention.torch_paged import quantize_int8_rows
 from pagedllm.ops import cpu_extension
 
 
@@ -52,6 +53,9 @@ class Sequences:
             perm = perm[n:]
         self.cache = torch.randn(2, sum(blocks) + 2, block_size, num_kv_heads, head_size,
                                  generator=gen).to(cache_dtype or dtype)
+        if cache_dtype == torch.int8:  # rows of values and their scale
+            self.cache = quantize_int8_rows(torch.randn(2, sum(blocks) + 2, block_size,
+                                                        num_kv_heads, head_size, generator=gen))
         self.backend = CpuPagedAttention(num_heads, num_kv_heads, head_size, head_size**-0.5,
                                          block_size)
         self.out = [torch.full_like(q, float("nan")) for q in self.q]
@@ -98,10 +102,11 @@ SHAPES = [(9, 3, 64, 16), (9, 3, 64, 5), (4, 4, 32, 16), (8, 1, 128, 16), (6, 2,
 SHAPE_IDS = ["gqa-smollm2", "gqa-smollm2-block5", "mha-32", "mqa-128", "gqa-head20", "group9"]
 
 
-# (query dtype, cache dtype): the model's dtype, and the fp8 cache under each.
-DTYPES = [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.float8_e5m2),
-          (torch.bfloat16, torch.float8_e5m2)]
-DTYPE_IDS = ["fp32", "bf16", "fp32-fp8kv", "bf16-fp8kv"]
+# (query dtype, cache dtype): the model's dtype, and 8-bit caches (the fp8 one under bf16: over
+# fp32 its paths are the fp32 cache's, test_kv_cache_8bit.py).
+DTYPES = [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float8_e5m2),
+          (torch.float32, torch.int8), (torch.bfloat16, torch.int8)]
+DTYPE_IDS = ["fp32", "bf16", "bf16-fp8kv", "fp32-int8kv", "bf16-int8kv"]
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)

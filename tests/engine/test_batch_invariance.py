@@ -151,11 +151,13 @@ def run_preempted(model_dir: str, base: dict, mode: str, target: list[int],
 def check_scenarios(model_dir: str, dtype: str, kind: str, seed: int, num_others: int,
                     vocab: int = 512, target_len: int = TARGET_LEN,
                     scenarios: tuple[str, ...] = ("crowd", "chunked", "chunked-crowd",
-                                                  "prefix-hit", "recompute", "swap")) -> None:
+                                                  "prefix-hit", "recompute", "swap"),
+                    engine_kwargs: dict | None = None) -> None:
     rng = random.Random(seed)
     target = random_prompt(rng, target_len, vocab)
     params = target_params(kind)
-    base = {"dtype": dtype, "block_size": BLOCK_SIZE, "num_kv_blocks": 256, "seed": seed}
+    base = {"dtype": dtype, "block_size": BLOCK_SIZE, "num_kv_blocks": 256, "seed": seed,
+            **(engine_kwargs or {})}
     reference = run(LLM(model_dir, **base), target, params)
     assert len(reference.completions) == params.n
 
@@ -198,6 +200,15 @@ def tiny_dir(tiny_llama_factory):
 @pytest.mark.parametrize("kind", ["greedy", "seeded"])
 def test_request_is_batch_invariant(tiny_dir, dtype: str, kind: str) -> None:
     check_scenarios(tiny_dir, dtype, kind, seed=0 if kind == "greedy" else 1, num_others=6)
+
+
+@pytest.mark.parametrize("dtype,kv_cache_dtype", [("float32", "int8"), ("bfloat16", "int8"),
+                                                  ("bfloat16", "fp8")])
+def test_8bit_kv_cache_is_batch_invariant(tiny_dir, dtype: str, kv_cache_dtype: str) -> None:
+    # Every scenario reads the bytes the target's own steps wrote (a prefix hit those of the
+    # request before it, a swapped-in block those copied out and back, scales and all).
+    check_scenarios(tiny_dir, dtype, "greedy", seed=2, num_others=6,
+                    engine_kwargs={"kv_cache_dtype": kv_cache_dtype})
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -95,7 +95,8 @@ class AttentionBackend(ABC):
     def kv_cache_shape(
         num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
     ) -> tuple[int, ...]:
-        """Shape of one layer's cache: [2 (key, value), num_blocks, block_size, kv_heads, head]."""
+        """Shape of one layer's cache: [2 (key, value), num_blocks, block_size, kv_heads, head]
+        (an int8 cache's rows hold their scale too: head is torch_paged.kv_cache_row_size)."""
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @abstractmethod

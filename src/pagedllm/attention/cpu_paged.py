@@ -13,16 +13,16 @@ from typing import ClassVar
 import torch
 
 from pagedllm.attention.backend import AttentionMetadata
-from pagedllm.attention.torch_paged import FP8_KV_DTYPE, TorchPagedAttention
+from pagedllm.attention.torch_paged import FP8_KV_DTYPE, INT8_KV_DTYPE, TorchPagedAttention
 from pagedllm.ops import NATIVE_DTYPES, cpu_ops
 
 
 class CpuPagedAttention(TorchPagedAttention):
     """The `torch_paged` contract, computed by the fused C++ kernel where it applies.
 
-    The kernel takes CPU tensors, a contiguous fp32, bf16 or fp8 (e5m2) cache, key/value in the
-    cache's dtype (fp32 or bf16 over fp8, which the kernel rounds as it writes) and an fp32 or
-    bf16 query; anything else (and a failed build) goes to the reference.
+    The kernel takes CPU tensors, a contiguous fp32, bf16, fp8 (e5m2) or int8 cache, key/value
+    in the cache's dtype (fp32 or bf16 over an 8-bit one, which the kernel quantizes as it
+    writes) and an fp32 or bf16 query; anything else (and a failed build) goes to the reference.
     """
 
     name: ClassVar[str] = "cpu_paged"
@@ -55,12 +55,12 @@ def kernel_applies(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor
 ) -> bool:
     """Whether the fused kernel takes these tensors (see `CpuPagedAttention`)."""
-    fp8 = kv_cache.dtype == FP8_KV_DTYPE
+    eight_bit = kv_cache.dtype in (FP8_KV_DTYPE, INT8_KV_DTYPE)
     return (
         all(t.device.type == "cpu" for t in (query, key, value, kv_cache))
-        and (kv_cache.dtype in NATIVE_DTYPES or fp8)
+        and (kv_cache.dtype in NATIVE_DTYPES or eight_bit)
         and query.dtype in NATIVE_DTYPES
-        and (key.dtype in NATIVE_DTYPES if fp8 else key.dtype == kv_cache.dtype)
+        and (key.dtype in NATIVE_DTYPES if eight_bit else key.dtype == kv_cache.dtype)
         and value.dtype == key.dtype
         and kv_cache.is_contiguous()
     )

@@ -31,6 +31,33 @@ def dequantize_kv(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+# An int8 cache (kv_cache_dtype="int8"): each (token, kv head) row holds head_size int8 values,
+# then their fp32 scale as 4 bytes, so the cache's last dim is head_size + INT8_SCALE_BYTES.
+INT8_KV_DTYPE = torch.int8
+INT8_SCALE_BYTES = 4
+
+
+def kv_cache_row_size(head_size: int, cache_dtype: torch.dtype) -> int:
+    """The last dim of a cache of `cache_dtype`: head_size, plus the scale's bytes for int8."""
+    return head_size + INT8_SCALE_BYTES if cache_dtype == INT8_KV_DTYPE else head_size
+
+
+def quantize_int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., d + 4] int8 rows: round(x / scale) to nearest even, scale = max |x| /
+    127 in fp32 (0, and all values 0, for a row of zeros), its bytes after the values (the fused
+    kernel writes the same bytes)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(xf / scale), 0.0).clamp(-127, 127).to(torch.int8)
+    return torch.cat([q, scale.view(torch.int8)], dim=-1)
+
+
+def dequantize_int8_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., d + 4] int8 rows -> [..., d] values value * scale (fp32), in `dtype`."""
+    scale = rows[..., -INT8_SCALE_BYTES:].contiguous().view(torch.float32)  # [..., 1]
+    return (rows[..., :-INT8_SCALE_BYTES].float() * scale).to(dtype)
+
+
 class TorchPagedAttention(AttentionBackend):
     """Correct-first paged attention on any device torch supports (the CPU default).
 
@@ -56,7 +83,7 @@ class TorchPagedAttention(AttentionBackend):
 
         # NOTE: an fp8 cache is gathered as bytes (torch has no index ops for float8) and
         # dequantized per sequence, in the query's dtype.
-        fp8 = kv_cache.dtype == FP8_KV_DTYPE
+        fp8, int8 = kv_cache.dtype == FP8_KV_DTYPE, kv_cache.dtype == INT8_KV_DTYPE
         raw = kv_cache.view(torch.uint8) if fp8 else kv_cache
         key_cache, value_cache = raw[0], raw[1]  # [num_blocks, block_size, kv_h, d]
         output = torch.empty_like(query)  # [num_tokens, num_heads, head_size]
@@ -82,6 +109,9 @@ class TorchPagedAttention(AttentionBackend):
             if fp8:
                 k = dequantize_kv(k.view(FP8_KV_DTYPE), query.dtype)
                 v = dequantize_kv(v.view(FP8_KV_DTYPE), query.dtype)
+            elif int8:
+                k = dequantize_int8_rows(k, query.dtype)
+                v = dequantize_int8_rows(v, query.dtype)
             output[start:end] = self._attend(query[start:end], k, v)
             start = end
         return output
@@ -98,17 +128,20 @@ class TorchPagedAttention(AttentionBackend):
         Args:
             key, value: [num_tokens, num_kv_heads, head_size]
             kv_cache: [2, num_blocks, block_size, num_kv_heads, head_size], updated in place;
-                an fp8 one takes the values rounded (quantize_kv).
+                an fp8 one takes the values rounded (quantize_kv), an int8 one quantized rows
+                (quantize_int8_rows).
             slot_mapping: [num_tokens] int64, block_id * block_size + offset.
         """
         if kv_cache.dtype == FP8_KV_DTYPE:  # torch has no index_copy_ for float8: as bytes
             key = quantize_kv(key, FP8_KV_DTYPE).view(torch.uint8)
             value = quantize_kv(value, FP8_KV_DTYPE).view(torch.uint8)
             kv_cache = kv_cache.view(torch.uint8)
+        elif kv_cache.dtype == INT8_KV_DTYPE:
+            key, value = quantize_int8_rows(key), quantize_int8_rows(value)
         # NOTE: `view`, not `reshape`: a reshape of a non-contiguous cache would silently copy,
         # and the write would land in the copy instead of the cache.
         num_slots = kv_cache.shape[1] * kv_cache.shape[2]
-        flat_cache = kv_cache.view(2, num_slots, self.num_kv_heads, self.head_size)
+        flat_cache = kv_cache.view(2, num_slots, self.num_kv_heads, kv_cache.shape[-1])
         flat_cache[0].index_copy_(0, slot_mapping, key)  # [num_slots, kv_h, d]
         flat_cache[1].index_copy_(0, slot_mapping, value)  # [num_slots, kv_h, d]
 

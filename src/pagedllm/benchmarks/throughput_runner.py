@@ -76,6 +76,7 @@ def load_pagedllm(args: argparse.Namespace) -> OfflineAPIEngine:
     from pagedllm import LLM, SamplingParams
 
     return OfflineAPIEngine(LLM(args.model, dtype=args.dtype, quantization=args.quantization,
+                                kv_cache_dtype=args.kv_cache_dtype,
                                 tensor_parallel_size=args.tensor_parallel_size), SamplingParams)
 
 
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--quantization", default="none")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--num-requests", type=int, default=0)
     parser.add_argument("--transformers-batch-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--result-fd", type=int, required=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.attention import AttentionBackend
+from pagedllm.attention.torch_paged import kv_cache_row_size
 from pagedllm.startup_profile import mark
 from pagedllm.worker.host_memory import huge_page_reserved, huge_page_zeros
 from pagedllm.worker.kv_commit import (
@@ -60,7 +61,8 @@ class KVCacheSpec:
     @property
     def bytes_per_block(self) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_size * element
+        row = kv_cache_row_size(self.head_size, self.dtype)  # int8: the values and their scale
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * row * element
 
 
 def available_memory_bytes() -> int:
@@ -140,9 +142,8 @@ class CacheEngine:
         self.spec = spec
         self.num_blocks = num_blocks
         self.num_cpu_blocks = num_cpu_blocks
-        shape = backend.kv_cache_shape(
-            num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size
-        )
+        row = kv_cache_row_size(spec.head_size, spec.dtype)
+        shape = backend.kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, row)
         # NOTE: zeroed, not empty: a backend may read a padded tail that was never written (a
         # reserved pool reads as zeros too). On the host, in huge pages: decode attention reads
         # every sequence's blocks each step.
@@ -160,9 +161,8 @@ class CacheEngine:
                 idle_blocks_ahead=idle_blocks_ahead, commit_now=idle_blocks_ahead)
         # NOTE: a separate tensor even on a CPU-only machine, so that swapping really copies,
         # exactly as it must between GPU and host memory.
-        cpu_shape = backend.kv_cache_shape(
-            num_cpu_blocks, spec.block_size, spec.num_kv_heads, spec.head_size
-        )
+        cpu_shape = backend.kv_cache_shape(num_cpu_blocks, spec.block_size, spec.num_kv_heads,
+                                           row)
         # Pinned beside a GPU, so block moves between the two pools run at full bus speed.
         pin = device.type == "cuda"
         self.cpu_caches = [

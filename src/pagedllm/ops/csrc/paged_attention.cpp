@@ -6,7 +6,7 @@
 //   key    [num_tokens, num_kv_heads, head_size]  the cache's dtype (fp32/bf16 for fp8), last
 //                                                  dim contiguous
 //   cache  [2, num_blocks, block_size, num_kv_heads, head_size]  fp32, bf16 or fp8 e5m2,
-//                                                  contiguous
+//                                                  contiguous (int8: head_size + 4, see below)
 //   out    [num_tokens, num_heads, head_size]     query's dtype, contiguous
 //
 // Work is split into items (sequence, kv heads, query tile[, key split]), run by OpenMP
@@ -47,8 +47,9 @@
 //   - tiles are grouped in segments of kSegment positions from 0, whose states are merged in
 //     order (merge_state): as an item goes, or, for a split range, after all its parts.
 // The bf16 dot-product paths (AVX512_BF16, head size a multiple of 32) take every item of a
-// bf16 query over a bf16 or fp8 cache, and the fp32 paths every other; the two differ (the dot paths
-// round q and p to bf16), but a model's dtype picks one for all of its steps.
+// bf16 query over a bf16, fp8 or int8 cache, and the fp32 paths every other; the two differ
+// (the dot paths round q and p to bf16), but a model's dtype picks one for all of its steps.
+// (An int8 cache's tiles are dequantized to bf16 for a bf16 query, to fp32 for an fp32 one.)
 // Products are added with explicit FMAs (vec::fma, std::fma): left to the compiler's
 // contraction, acc * corr + p * v may fuse either product, and two copies of one loop may differ.
 //
@@ -71,6 +72,15 @@
 // values): each path computes exactly what it computes over a bf16/fp32 cache holding the
 // dequantized values, item for item, so batch invariance holds as stated above, and a bf16
 // query takes the dot-product paths too (the bytes widened to bf16 pairs in registers).
+//
+// 8-bit cache (kv_cache_dtype="int8"): each (token, kv head) row of the cache holds head_size
+// int8 values and, after them, their fp32 scale (amax / 127; the cache's last dim is head_size
+// + 4 bytes, so a block carries its scales through every block move). write_kv rounds x / scale
+// to nearest even. Items read the rows of each key tile from the cache and dequantize them
+// (value * scale, in fp32, then rounded to bf16 for a bf16 query) into a tile of their scratch,
+// which the paths for that dtype then read as they read a cache of it: each path computes
+// exactly what it computes over a cache holding the dequantized values (batch invariance holds
+// as above), and the cache streams at 1 + 4 / head_size bytes per value.
 //
 // SIMD: see vec.h; head sizes that are not a multiple of the lanes get scalar tails.
 
@@ -109,6 +119,9 @@ struct fp8_t {
   uint8_t bits;
 };
 static_assert(sizeof(fp8_t) == 1, "one byte per cached value");
+
+// An int8 cache row's fp32 scale, after its head_size values.
+constexpr int kInt8ScaleBytes = 4;
 
 // e5m2's largest finite value: writes saturate there.
 constexpr float kFp8Max = 57344.f;
@@ -177,6 +190,9 @@ struct Params {
   float soft_cap;
   int64_t max_rows;  // rows of the largest item: the stride of the partial buffer
   bool dot_items;    // items of a bf16 query over a bf16 cache take the dot-product paths
+  // An int8 cache: rows of head_size int8 values, then their fp32 scale (kInt8ScaleBytes).
+  bool int8;
+  int64_t row_bytes;  // bytes from one kv head's row of a slot to the next
 };
 
 struct WorkItem {
@@ -220,16 +236,23 @@ struct Scratch {
   std::vector<uint32_t> kpair;  // a key tile in pairs of inputs (run_dot_item)
   std::vector<bf16_t> vpair;    // a value tile in pairs of keys (run_dot_item)
   std::vector<bf16_t> row16;    // one fp8 key row widened to bf16 (run_dot_item)
+  // An int8 cache's current key tile, dequantized (kKeyTile slots of the item's kv heads, in
+  // the type its paths read: see dequantize_tile); empty for other caches.
+  std::vector<float> kdq, vdq;
   std::vector<const void*> kraw, vraw, next_kraw, next_vraw;
   int segments_done = 0;  // of the current item
   // decode_only: only what decode items read (run_decode_item, run_dot_decode_item); the key
   // tile buffers of the other items (kt, kbuf, vbuf, krow, vrow, kpair, vpair) stay empty.
   // NOTE: a single stream's decode step calls the kernel once per layer: allocating and zeroing
   // those ~60 KB each time was a measurable part of a call.
-  Scratch(int rows, int d, int span, bool decode_only)
+  Scratch(int rows, int d, int span, bool decode_only, bool int8)
       : q(rows * d), acc(rows * d), m(rows), l(rows), run_acc(rows * d), run_m(rows),
         run_l(rows), s(rows * kKeyTile), qb(rows * d), kraw(kKeyTile), vraw(kKeyTile),
         next_kraw(kKeyTile), next_vraw(kKeyTile) {
+    if (int8) {
+      kdq.resize(kKeyTile * span);
+      vdq.resize(kKeyTile * span);
+    }
     if (decode_only) return;
     row16.resize(d);
     kt.resize(d * kKeyTile);
@@ -244,11 +267,10 @@ struct Scratch {
 
 // Addresses of the K and V slots of logical key positions kb .. kb + n - 1, offset to the
 // item's first kv head: slot = block_table[pos / block_size] * block_size + pos % block_size.
-template <typename cache_t>
-inline void tile_rows(const Params& p, const int32_t* table, const cache_t* k_base,
-                      const cache_t* v_base, int64_t kb, int n, const void** kraw,
+inline void tile_rows(const Params& p, const int32_t* table, const char* k_base,
+                      const char* v_base, int64_t kb, int n, const void** kraw,
                       const void** vraw) {
-  const int64_t slot_stride = p.num_kv_heads * p.head_size;  // elements between slots
+  const int64_t slot_stride = p.num_kv_heads * p.row_bytes;  // bytes between slots
   int64_t blk = kb / p.block_size, off = kb % p.block_size;
   for (int t = 0; t < n; ++t) {
     const int64_t slot = static_cast<int64_t>(table[blk]) * p.block_size + off;
@@ -631,6 +653,37 @@ inline void store_out_row(const Params& p, int64_t token, int64_t head, const fl
   }
 }
 
+// An int8 cache's tile (n slots at kraw/vraw, `heads` kv heads each) dequantized into
+// sc.kdq/vdq as cache_t (value * scale in fp32, then, for bf16, rounded to nearest even), laid
+// out as a cache_t cache's slots; kraw/vraw then point there. Elementwise, one rounding each:
+// the same values in any build.
+template <typename cache_t>
+inline void dequantize_tile(const Params& p, Scratch& sc, int n, int heads) {
+  const int d = static_cast<int>(p.head_size);
+  for (auto [raw, buf] : {std::pair{sc.kraw.data(), sc.kdq.data()},
+                          std::pair{sc.vraw.data(), sc.vdq.data()}}) {
+    cache_t* out = reinterpret_cast<cache_t*>(buf);
+    for (int t = 0; t < n; ++t) {
+      cache_t* dst = out + static_cast<int64_t>(t) * heads * d;
+      for (int h = 0; h < heads; ++h) {
+        const int8_t* row = static_cast<const int8_t*>(raw[t]) + h * p.row_bytes;
+        float scale;
+        std::memcpy(&scale, row + d, sizeof scale);
+        cache_t* o = dst + h * d;
+        for (int i = 0; i < d; ++i) {
+          const float x = static_cast<float>(row[i]) * scale;
+          if constexpr (std::is_same_v<cache_t, float>) {
+            o[i] = x;
+          } else {
+            o[i] = float_to_bf16(x);
+          }
+        }
+      }
+      raw[t] = dst;
+    }
+  }
+}
+
 // Walks the item's keys in tiles of kKeyTile logical positions. When body(kb, n, next_n) runs
 // for the tile at kb, sc.kraw/sc.vraw hold the addresses of its n K/V slots (at the item's first
 // kv head) and sc.next_kraw/sc.next_vraw those of the next tile's next_n slots: blocks are
@@ -640,8 +693,8 @@ template <typename cache_t, typename Body, typename SegmentEnd>
 inline void for_each_key_tile(const Params& p, const WorkItem& it, Scratch& sc, Body&& body,
                               SegmentEnd&& segment_end) {
   const int32_t* table = p.block_tables + it.seq * p.bt_stride;
-  const cache_t* k_base = static_cast<const cache_t*>(p.k_cache) + it.h_begin * p.head_size;
-  const cache_t* v_base = static_cast<const cache_t*>(p.v_cache) + it.h_begin * p.head_size;
+  const char* k_base = static_cast<const char*>(p.k_cache) + it.h_begin * p.row_bytes;
+  const char* v_base = static_cast<const char*>(p.v_cache) + it.h_begin * p.row_bytes;
   int n = static_cast<int>(std::min<int64_t>(kKeyTile, it.k_end - it.k_begin));
   tile_rows(p, table, k_base, v_base, it.k_begin, n, sc.kraw.data(), sc.vraw.data());
   for (int64_t kb = it.k_begin; kb < it.k_end; kb += kKeyTile) {
@@ -650,6 +703,9 @@ inline void for_each_key_tile(const Params& p, const WorkItem& it, Scratch& sc, 
     const int next_n = static_cast<int>(std::clamp<int64_t>(it.k_end - next_kb, 0, kKeyTile));
     tile_rows(p, table, k_base, v_base, next_kb, next_n, sc.next_kraw.data(),
               sc.next_vraw.data());
+    if constexpr (std::is_same_v<cache_t, float> || std::is_same_v<cache_t, bf16_t>) {
+      if (p.int8) dequantize_tile<cache_t>(p, sc, n, it.h_end - it.h_begin);
+    }
     body(kb, n, next_n);
     std::swap(sc.kraw, sc.next_kraw);
     std::swap(sc.vraw, sc.next_vraw);
@@ -915,6 +971,50 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
     }
   };
   if (num_tokens < 256) {  // NOTE: no parallel region (an if(false) one still sets up a team)
+    for (int64_t i = 0; i < num_tokens; ++i) write_token(i);
+    return;
+  }
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < num_tokens; ++i) write_token(i);
+}
+
+// write_kv for an int8 cache: each (token, kv head) row as int8 values x / scale, rounded to
+// nearest even, scale = max |x| / 127 in fp32 (0 for a row of zeros: all values 0), stored
+// after them.
+template <typename src_t>
+void write_kv_int8(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_cache,
+                   const at::Tensor& slot_mapping, int nt) {
+  const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), d = key.size(2);
+  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
+  const int64_t row_bytes = kv_cache.size(4);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_tokens; ++i) {
+    TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots, "slot_mapping[", i, "] = ", slots[i],
+                " is outside the cache's ", num_slots, " slots");
+  }
+  const src_t* k = static_cast<const src_t*>(key.data_ptr());
+  const src_t* v = static_cast<const src_t*>(value.data_ptr());
+  int8_t* kc = static_cast<int8_t*>(kv_cache.data_ptr());
+  int8_t* vc = kc + num_slots * num_kv_heads * row_bytes;
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1);
+  const int64_t vs0 = value.stride(0), vs1 = value.stride(1);
+  const auto write_row = [&](int8_t* dst, const src_t* src) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(load1(src, i)));
+    const float scale = amax / 127.f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float q = scale > 0.f ? std::nearbyint(load1(src, i) / scale) : 0.f;
+      dst[i] = static_cast<int8_t>(std::clamp(q, -127.f, 127.f));
+    }
+    std::memcpy(dst + d, &scale, sizeof scale);
+  };
+  const auto write_token = [&](int64_t i) {
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      write_row(kc + (slots[i] * num_kv_heads + h) * row_bytes, k + i * ks0 + h * ks1);
+      write_row(vc + (slots[i] * num_kv_heads + h) * row_bytes, v + i * vs0 + h * vs1);
+    }
+  };
+  if (num_tokens < 256) {
     for (int64_t i = 0; i < num_tokens; ++i) write_token(i);
     return;
   }
@@ -1385,7 +1485,7 @@ void run_attention(const Params& p, const std::vector<WorkItem>& items,
   if (nt <= 1) {
     // One thread (e.g. a single stream's decode at a short context): no parallel region, whose
     // team set-up costs about a microsecond per call, 30 calls per step.
-    Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only);
+    Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only, p.int8);
     for (const WorkItem& it : items) run_one(it, sc);
     std::vector<float> tmp(d);
     for (const MergeGroup& mg : groups) merge_group(p, mg, partial.data(), tmp.data());
@@ -1395,7 +1495,7 @@ void run_attention(const Params& p, const std::vector<WorkItem>& items,
   // second region: one rendezvous fewer per call).
 #pragma omp parallel num_threads(nt)
   {
-    Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only);
+    Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only, p.int8);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) run_one(items[i], sc);
     if (num_groups > 0) {
@@ -1512,16 +1612,16 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
                   kv_cache.device().is_cpu(),
               "the cpu_paged kernel takes CPU tensors");
   const auto cache_dtype = kv_cache.scalar_type();
-  const bool fp8 = cache_dtype == at::kFloat8_e5m2;
-  TORCH_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kBFloat16 || fp8,
-              "kv_cache must be float32, bfloat16 or float8_e5m2, got ", cache_dtype);
+  const bool fp8 = cache_dtype == at::kFloat8_e5m2, int8 = cache_dtype == at::kChar;
+  TORCH_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kBFloat16 || fp8 || int8,
+              "kv_cache must be float32, bfloat16, float8_e5m2 or int8, got ", cache_dtype);
   const auto kv_dtype = key.scalar_type();
   TORCH_CHECK(value.scalar_type() == kv_dtype &&
-                  (fp8 ? kv_dtype == at::kFloat || kv_dtype == at::kBFloat16
-                       : kv_dtype == cache_dtype),
+                  (fp8 || int8 ? kv_dtype == at::kFloat || kv_dtype == at::kBFloat16
+                               : kv_dtype == cache_dtype),
               "key/value must have the cache's dtype (float32 or bfloat16 for a float8_e5m2 "
-              "cache), got ", kv_dtype, " and ", value.scalar_type(), " for a ", cache_dtype,
-              " cache");
+              "or int8 cache), got ", kv_dtype, " and ", value.scalar_type(), " for a ",
+              cache_dtype, " cache");
   TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16,
               "query must be float32 or bfloat16");
   TORCH_CHECK(out.scalar_type() == query.scalar_type() && out.is_contiguous() &&
@@ -1532,7 +1632,9 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
               "query/key/value need a contiguous last dimension");
   const int64_t num_tokens = query.size(0), num_heads = query.size(1), d = query.size(2);
   const int64_t num_kv_heads = kv_cache.size(3);
-  TORCH_CHECK(kv_cache.size(0) == 2 && kv_cache.size(4) == d && num_heads % num_kv_heads == 0,
+  const int64_t row_size = int8 ? d + kInt8ScaleBytes : d;  // an int8 row: values, scale
+  TORCH_CHECK(kv_cache.size(0) == 2 && kv_cache.size(4) == row_size &&
+                  num_heads % num_kv_heads == 0,
               "kv_cache shape ", kv_cache.sizes(), " does not match query ", query.sizes());
   TORCH_CHECK(key.size(0) == num_tokens && key.size(1) == num_kv_heads && key.size(2) == d &&
                   value.sizes() == key.sizes(),
@@ -1554,7 +1656,11 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
               "query_start_loc must run from 0 to num_tokens");
 
   const int nt = std::max(1, at::get_num_threads());
-  if (fp8 && kv_dtype == at::kFloat) {
+  if (int8 && kv_dtype == at::kFloat) {
+    write_kv_int8<float>(key, value, kv_cache, slot_mapping, nt);
+  } else if (int8) {
+    write_kv_int8<bf16_t>(key, value, kv_cache, slot_mapping, nt);
+  } else if (fp8 && kv_dtype == at::kFloat) {
     write_kv<float, fp8_t>(key, value, kv_cache, slot_mapping, nt);
   } else if (fp8) {
     write_kv<bf16_t, fp8_t>(key, value, kv_cache, slot_mapping, nt);
@@ -1587,6 +1693,8 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
   p.scale = static_cast<float>(scale);
   p.window = window;
   p.soft_cap = static_cast<float>(soft_cap);
+  p.int8 = int8;
+  p.row_bytes = row_size * kv_cache.element_size();
 #if defined(__AVX512BF16__)
   p.dot_items = cache_dtype != at::kFloat && p.q_bf16 && d % 32 == 0;
 #else
@@ -1597,7 +1705,8 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
   std::vector<MergeGroup> groups;
   p.max_rows = plan_items(p, num_seqs, block_tables.size(1), nt, items, groups);
   if (items.empty()) return;
-  if (cache_dtype == at::kFloat) {
+  // An int8 cache's tiles are dequantized to the query's dtype (see dequantize_tile).
+  if (cache_dtype == at::kFloat || (int8 && !p.q_bf16)) {
     run_attention<float>(p, items, groups, nt);
   } else if (fp8) {
     run_attention<fp8_t>(p, items, groups, nt);

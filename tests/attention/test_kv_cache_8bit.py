@@ -1,6 +1,7 @@
-"""The fp8 (e5m2) KV cache, kv_cache_dtype="fp8": the kernel's writes round as the reference
-does, its reads widen every byte exactly (so each path over fp8 gives the bits it gives over a
-bf16/fp32 cache holding the dequantized values), and it agrees with the torch_paged reference.
+"""The 8-bit KV caches, kv_cache_dtype="int8" (int8 rows with an fp32 scale per token and kv
+head) and "fp8" (e5m2): the kernel's writes give the reference's bytes, each path over an 8-bit
+cache gives the bits it gives over a cache of the query's dtype holding the dequantized values,
+and the kernel agrees with the torch_paged reference.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ from torch_threads import num_threads
 
 from pagedllm.attention import build_attention_metadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention, kernel_applies
-from pagedllm.attention.torch_paged import FP8_KV_DTYPE, TorchPagedAttention, quantize_kv
+from pagedllm.attention.torch_paged import (
+    FP8_KV_DTYPE,
+    INT8_KV_DTYPE,
+    TorchPagedAttention,
+    dequantize_int8_rows,
+    kv_cache_row_size,
+    quantize_int8_rows,
+    quantize_kv,
+)
 from pagedllm.ops import cpu_extension
 
 # (num_cached_tokens, query_len) per sequence, in one batch: prefills, chunks over a context,
@@ -38,7 +47,25 @@ def finite_fp8_bytes(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tens
     return raw.view(FP8_KV_DTYPE)
 
 
-def batch_inputs(batch, block_size, num_heads, num_kv_heads, head_size, dtype, seed):
+KINDS = [INT8_KV_DTYPE, FP8_KV_DTYPE]
+KIND_IDS = ["int8", "fp8"]
+
+
+def quantize(x: torch.Tensor, kind: torch.dtype) -> torch.Tensor:
+    """x as the cache of `kind` stores it (int8: rows with their scale)."""
+    return quantize_int8_rows(x) if kind == INT8_KV_DTYPE else quantize_kv(x, kind)
+
+
+def dequantize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_int8_rows(x, dtype) if x.dtype == INT8_KV_DTYPE else x.to(dtype)
+
+
+def raw(cache: torch.Tensor) -> torch.Tensor:
+    return cache.view(torch.uint8)
+
+
+def batch_inputs(batch, block_size, num_heads, num_kv_heads, head_size, dtype, seed,
+                 kind=None):
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in batch]
     query_lens = [q for _, q in batch]
@@ -49,8 +76,8 @@ def batch_inputs(batch, block_size, num_heads, num_kv_heads, head_size, dtype, s
         tables.append(perm[:n])
         perm = perm[n:]
     metadata = build_attention_metadata(query_lens, seq_lens, tables, block_size)
-    shape = TorchPagedAttention.kv_cache_shape(sum(needed) + 3, block_size, num_kv_heads,
-                                               head_size)
+    row = head_size if kind is None else kv_cache_row_size(head_size, kind)
+    shape = TorchPagedAttention.kv_cache_shape(sum(needed) + 3, block_size, num_kv_heads, row)
     num_tokens = sum(query_lens)
     query = torch.randn(num_tokens, num_heads, head_size, generator=gen).to(dtype)
     key = torch.randn(num_tokens, num_kv_heads, head_size, generator=gen).to(dtype)
@@ -65,9 +92,21 @@ def test_quantize_kv_saturates_and_rounds_to_nearest_even() -> None:
     assert got == [57344.0, -57344.0, 57344.0, 57344.0, 1.0, 1.5, 0.0, 2.0**-15, 0.0]
 
 
+def test_int8_rows_round_to_nearest_even_with_their_scale() -> None:
+    x = torch.tensor([[127.0, 0.5, -1.5, 2.5, -127.0], [0.0] * 5])
+    rows = quantize_int8_rows(x)
+    assert rows.shape == (2, 9) and rows.dtype == INT8_KV_DTYPE
+    assert rows[0, :5].tolist() == [127, 0, -2, 2, -127]  # scale 1: ties to even
+    assert rows[1, :5].tolist() == [0] * 5
+    assert dequantize_int8_rows(rows, torch.float32).tolist() == [
+        [127.0, 0.0, -2.0, 2.0, -127.0], [0.0] * 5]
+
+
 @needs_kernel
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_writes_the_bytes_the_reference_writes(dtype: torch.dtype) -> None:
+def test_kernel_writes_the_bytes_the_reference_writes(dtype: torch.dtype,
+                                                      kind: torch.dtype) -> None:
     # Every finite bf16 value (and, for fp32, values between them, ties included) as keys and
     # values of 64 tokens x 4 heads x 256: the cache bytes of the kernel and of torch agree.
     bits = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
@@ -81,71 +120,79 @@ def test_kernel_writes_the_bytes_the_reference_writes(dtype: torch.dtype) -> Non
     value = key.flip(0)
     block_size = 16
     num_blocks = -(-num_tokens // block_size)
-    shape = TorchPagedAttention.kv_cache_shape(num_blocks, block_size, 4, 256)
+    shape = TorchPagedAttention.kv_cache_shape(num_blocks, block_size, 4,
+                                               kv_cache_row_size(256, kind))
     metadata = build_attention_metadata([num_tokens], [num_tokens],
                                         [list(range(num_blocks))[::-1]], block_size)
     args = (4, 4, 256, 1.0 / 16, block_size)
     query = torch.zeros(num_tokens, 4, 256, dtype=dtype)
-    ref = torch.zeros(shape, dtype=FP8_KV_DTYPE)
-    got = torch.zeros(shape, dtype=FP8_KV_DTYPE)
+    ref = torch.zeros(shape, dtype=kind)
+    got = torch.zeros(shape, dtype=kind)
     TorchPagedAttention(*args).write_kv(key, value, ref, metadata.slot_mapping)
     CpuPagedAttention(*args).forward(query, key, value, got, metadata)
-    assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+    assert torch.equal(raw(got), raw(ref))
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_size", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("block_size", [5, 16])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_kernel_over_fp8_is_the_kernel_over_the_dequantized_cache(
+def test_kernel_over_8bit_is_the_kernel_over_the_dequantized_cache(
     threads: int, block_size: int, num_heads: int, num_kv_heads: int, head_size: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype, kind: torch.dtype,
 ) -> None:
     metadata, shape, query, key, value, gen = batch_inputs(
-        BATCH, block_size, num_heads, num_kv_heads, head_size, dtype, seed=block_size)
-    # Keys of a normal size (scores in a useful range), values over every finite byte.
-    cache8 = torch.empty(shape, dtype=FP8_KV_DTYPE)
-    cache8[0] = quantize_kv(torch.randn(shape[1:], generator=gen), FP8_KV_DTYPE)
-    cache8[1] = finite_fp8_bytes(shape[1:], gen)
-    cache16 = cache8.to(dtype)  # exact
+        BATCH, block_size, num_heads, num_kv_heads, head_size, dtype, seed=block_size, kind=kind)
+    cache8 = torch.empty(shape, dtype=kind)
+    if kind == FP8_KV_DTYPE:
+        # Keys of a normal size (scores in a useful range), values over every finite byte.
+        cache8[0] = quantize_kv(torch.randn(shape[1:], generator=gen), FP8_KV_DTYPE)
+        cache8[1] = finite_fp8_bytes(shape[1:], gen)
+    else:  # rows of every int8 value, scales of several sizes
+        values = torch.randn(*shape[:-1], head_size, generator=gen)
+        values *= torch.rand(*shape[:-1], 1, generator=gen) * 4
+        cache8.copy_(quantize_int8_rows(values))
+    cache16 = dequantize(cache8, dtype)  # what the paths of the query's dtype read
     args = (num_heads, num_kv_heads, head_size, head_size**-0.5, block_size)
     backend = CpuPagedAttention(*args)
     assert kernel_applies(query, key, value, cache8)
     with num_threads(threads):
         got = backend.forward(query, key, value, cache8, metadata)
-        expected = backend.forward(query, quantize_kv(key, FP8_KV_DTYPE).to(dtype),
-                                   quantize_kv(value, FP8_KV_DTYPE).to(dtype), cache16, metadata)
-    assert torch.equal(cache8.to(dtype), cache16)
+        expected = backend.forward(query, dequantize(quantize(key, kind), dtype),
+                                   dequantize(quantize(value, kind), dtype), cache16, metadata)
+    assert torch.equal(dequantize(cache8, dtype), cache16)  # the writes, dequantized
     assert torch.equal(got, expected)  # bit for bit (NaN-free: finite values only)
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_size", SHAPES, ids=SHAPE_IDS)
-def test_kernel_matches_reference_over_fp8(num_heads: int, num_kv_heads: int, head_size: int,
-                                           dtype: torch.dtype) -> None:
+def test_kernel_matches_reference_over_8bit(num_heads: int, num_kv_heads: int, head_size: int,
+                                            dtype: torch.dtype, kind: torch.dtype) -> None:
     metadata, shape, query, key, value, gen = batch_inputs(
-        BATCH, 16, num_heads, num_kv_heads, head_size, dtype, seed=3)
-    cache = quantize_kv(torch.randn(shape, generator=gen), FP8_KV_DTYPE)
+        BATCH, 16, num_heads, num_kv_heads, head_size, dtype, seed=3, kind=kind)
+    cache = quantize(torch.randn(*shape[:-1], head_size, generator=gen), kind)
     args = (num_heads, num_kv_heads, head_size, head_size**-0.5, 16)
     ref_cache, kernel_cache = cache.clone(), cache.clone()
     expected = TorchPagedAttention(*args).forward(query, key, value, ref_cache, metadata)
     got = CpuPagedAttention(*args).forward(query, key, value, kernel_cache, metadata)
-    assert torch.equal(kernel_cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    assert torch.equal(raw(kernel_cache), raw(ref_cache))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
 
 
 @needs_kernel
-def test_kernel_refuses_fp8_keys() -> None:
+def test_kernel_refuses_8bit_keys() -> None:
     metadata, shape, query, key, value, _ = batch_inputs([(0, 3)], 16, 4, 4, 32,
                                                          torch.bfloat16, seed=0)
     cache = torch.zeros(shape, dtype=FP8_KV_DTYPE)
     key8, value8 = quantize_kv(key, FP8_KV_DTYPE), quantize_kv(value, FP8_KV_DTYPE)
     assert not kernel_applies(query, key8, value8, cache)
     ops = cpu_extension.cpu_ops()
-    with pytest.raises(RuntimeError, match="float32 or bfloat16 for a float8_e5m2 cache"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 for a float8_e5m2 or int8"):
         ops.paged_attention(torch.empty_like(query), query, key8, value8, cache,
                             metadata.slot_mapping, metadata.query_start_loc, metadata.seq_lens,
                             metadata.block_tables.to(torch.int32), 0.2)
