@@ -93,6 +93,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -237,8 +238,9 @@ struct Scratch {
   std::vector<bf16_t> vpair;    // a value tile in pairs of keys (run_dot_item)
   std::vector<bf16_t> row16;    // one fp8 key row widened to bf16 (run_dot_item)
   // An int8 cache's current key tile, dequantized (kKeyTile slots of the item's kv heads, in
-  // the type its paths read: see dequantize_tile); empty for other caches.
-  std::vector<float> kdq, vdq;
+  // the type its paths read: see dequantize_tile); null for other caches. Not zeroed: every
+  // slot read is written first.
+  std::unique_ptr<float[]> kdq, vdq;
   std::vector<const void*> kraw, vraw, next_kraw, next_vraw;
   int segments_done = 0;  // of the current item
   // decode_only: only what decode items read (run_decode_item, run_dot_decode_item); the key
@@ -250,8 +252,8 @@ struct Scratch {
         run_l(rows), s(rows * kKeyTile), qb(rows * d), kraw(kKeyTile), vraw(kKeyTile),
         next_kraw(kKeyTile), next_vraw(kKeyTile) {
     if (int8) {
-      kdq.resize(kKeyTile * span);
-      vdq.resize(kKeyTile * span);
+      kdq.reset(new float[kKeyTile * span]);
+      vdq.reset(new float[kKeyTile * span]);
     }
     if (decode_only) return;
     row16.resize(d);
@@ -653,6 +655,21 @@ inline void store_out_row(const Params& p, int64_t token, int64_t head, const fl
   }
 }
 
+// kLanes int8 values as fp32 (exact).
+inline vfloat load_i8(const int8_t* p) {
+#if PA_LANES == 16 && defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vfloat>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+#elif PA_LANES == 8 && defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vfloat>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+#else
+  vfloat v;
+  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
+
 // An int8 cache's tile (n slots at kraw/vraw, `heads` kv heads each) dequantized into
 // sc.kdq/vdq as cache_t (value * scale in fp32, then, for bf16, rounded to nearest even), laid
 // out as a cache_t cache's slots; kraw/vraw then point there. Elementwise, one rounding each:
@@ -660,8 +677,8 @@ inline void store_out_row(const Params& p, int64_t token, int64_t head, const fl
 template <typename cache_t>
 inline void dequantize_tile(const Params& p, Scratch& sc, int n, int heads) {
   const int d = static_cast<int>(p.head_size);
-  for (auto [raw, buf] : {std::pair{sc.kraw.data(), sc.kdq.data()},
-                          std::pair{sc.vraw.data(), sc.vdq.data()}}) {
+  for (auto [raw, buf] : {std::pair{sc.kraw.data(), sc.kdq.get()},
+                          std::pair{sc.vraw.data(), sc.vdq.get()}}) {
     cache_t* out = reinterpret_cast<cache_t*>(buf);
     for (int t = 0; t < n; ++t) {
       cache_t* dst = out + static_cast<int64_t>(t) * heads * d;
@@ -670,7 +687,11 @@ inline void dequantize_tile(const Params& p, Scratch& sc, int n, int heads) {
         float scale;
         std::memcpy(&scale, row + d, sizeof scale);
         cache_t* o = dst + h * d;
-        for (int i = 0; i < d; ++i) {
+        // (vec.h's bf16 store rounds as float_to_bf16: the same bits as the tail's.)
+        const vfloat sv = splat(scale);
+        int i = 0;
+        for (; i + kLanes <= d; i += kLanes) store(o + i, load_i8(row + i) * sv);
+        for (; i < d; ++i) {
           const float x = static_cast<float>(row[i]) * scale;
           if constexpr (std::is_same_v<cache_t, float>) {
             o[i] = x;
