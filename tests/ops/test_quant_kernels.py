@@ -3,7 +3,8 @@
 Weights are random blocks of each GGUF format (random bytes, scale fields set to sane fp16
 values), so every bit pattern of the quantized values is exercised. With quantized activations
 (8 bits: per block of 32, scale max|x| / 127, round to nearest even; 16 bits, the default: the
-same with 127 * 255 steps, multiplied as two int8 planes) the kernel must match the matmul of
+same with 127 * 255 steps, multiplied as two int8 planes; on the panels, 8 bits per group of
+16 too: two scales per block) the kernel must match the matmul of
 the same activations quantized as the kernel quantizes them up to fp32 summation, and the
 unquantized matmul within the bound that activation rounding allows (sum |w| |x - x_q|); with
 activation quantization off (the ops' test hook), the unquantized matmul up to fp32 summation.
@@ -31,6 +32,8 @@ HALF_FIELDS = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q4_K: [0, 2], QT.
 FORMATS = list(HALF_FIELDS)
 BITS = [8, 16]
 QMAX = {8: 127, 16: 127 * 255}
+# The panels' activation schemes: (bits, values per scale).
+PANEL_SCHEMES = [(8, 32), (16, 32), (8, 16)]
 
 
 @pytest.fixture(autouse=True)
@@ -68,18 +71,18 @@ def random_blocks(qtype: QT, n: int, k: int, seed: int) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-def quantized_activations(x: torch.Tensor, bits: int = 16) -> torch.Tensor:
-    """x as the kernel sees it: integer blocks of 32 (zero-padded) times their scales."""
+def quantized_activations(x: torch.Tensor, bits: int = 16, group: int = 32) -> torch.Tensor:
+    """x as the kernel sees it: integer groups of 32 (or 16; zero-padded) times their scales."""
     m, k = x.shape
     qmax = QMAX[bits]
-    padded = torch.nn.functional.pad(x.float(), (0, -k % 32)).view(m, -1, 32)
+    padded = torch.nn.functional.pad(x.float(), (0, -k % 32)).view(m, -1, group)
     d = padded.abs().amax(-1, keepdim=True) / qmax
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     return (torch.round(padded * inv).clamp(-qmax, qmax) * d).view(m, -1)[:, :k]
 
 
 def check_against(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias, quantized: bool,
-                  bits: int = 16):
+                  bits: int = 16, group: int = 32):
     """out against x @ w.T + bias in float64, with the tolerance the mode allows."""
     x64, w64 = x.double(), w.double()
     ref = x64 @ w64.T + (0 if bias is None else bias.double())
@@ -88,7 +91,7 @@ def check_against(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias, qua
     if not quantized:
         assert ((out - ref).abs() <= summation).all(), (out - ref).abs().max()
         return
-    xq = quantized_activations(x, bits).double()
+    xq = quantized_activations(x, bits, group).double()
     ref_q = xq @ w64.T + (0 if bias is None else bias.double())
     assert ((out - ref_q).abs() <= summation).all(), (out - ref_q).abs().max()
     rounding = (x64 - xq).abs() @ w64.abs().T
@@ -240,6 +243,20 @@ def test_activation_bits() -> None:
     assert err[16] < err[8] / 50, err
     with pytest.raises(RuntimeError, match="activation_bits must be 8 or 16, got 12"):
         gguf_linear(x, torch.from_numpy(raw_np), QT.Q4_1, bits=12)
+    # On the panels, 8-bit activations with a scale per 16 inputs: finer than per 32; only
+    # with 8 bits, and only on panels.
+    packed, fmt = panels(raw_np, QT.Q4_1)
+    err_g = {group: (panel_linear(x, packed, fmt, bits=8, group=group).double()
+                     - exact).abs().max().item() for group in (16, 32)}
+    assert err_g[16] < err_g[32], err_g
+    with pytest.raises(RuntimeError, match="activation_group must be 32, or 16 with 8-bit"):
+        panel_linear(x, packed, fmt, bits=16, group=16)
+    with pytest.raises(RuntimeError, match="activation_group must be 32, or 16 with 8-bit"):
+        panel_linear(x, packed, fmt, bits=8, group=64)
+    with pytest.raises(RuntimeError, match="activation_group 16 needs a weight repacked"):
+        out = torch.empty(4, 64)
+        cpu_ops().gguf_linear(out, x, torch.from_numpy(raw_np), int(QT.Q4_1), torch.empty(0),
+                              True, 8, 16)
 
 
 def test_bad_input_dimension_is_refused() -> None:
@@ -268,10 +285,13 @@ def panels(raw_np: np.ndarray, qtype: QT) -> tuple[torch.Tensor, int]:
 
 
 def panel_linear(x, packed: torch.Tensor, fmt: int, bias=None, quantize=True,
-                 bits: int | None = None):
+                 bits: int | None = None, group: int = 32):
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype)
     args = (out, x, packed, fmt, torch.empty(0) if bias is None else bias, quantize)
-    cpu_ops().gguf_linear(*args) if bits is None else cpu_ops().gguf_linear(*args, bits)
+    if bits is None:
+        cpu_ops().gguf_linear(*args)
+    else:
+        cpu_ops().gguf_linear(*args, bits, group)
     return out
 
 
@@ -295,21 +315,26 @@ def test_panels_equal_dequantize_then_matmul(qtype: QT) -> None:
     for rows in ROWS + [5, 6]:
         x = torch.randn(rows, k, generator=gen)
         x[0, :40] = 0.0  # an all-zero block (scale 0)
-        for bits in BITS:
+        outs = {}
+        for bits, group in PANEL_SCHEMES:
             per_isa = []
             for isa in isas() + ["scalar"]:
                 with kernel_isa(isa):
-                    out = panel_linear(x, packed, fmt, bias, bits=bits)
-                    check_against(out, x, w, bias, quantized=True, bits=bits)
+                    out = panel_linear(x, packed, fmt, bias, bits=bits, group=group)
+                    check_against(out, x, w, bias, quantized=True, bits=bits, group=group)
                     # Batch invariance: a row's bits are the same alone.
                     for i in {0, rows // 2, rows - 1}:
-                        alone = panel_linear(x[i:i + 1], packed, fmt, bias, bits=bits)
+                        alone = panel_linear(x[i:i + 1], packed, fmt, bias, bits=bits,
+                                             group=group)
                         assert torch.equal(alone[0], out[i])
                 per_isa.append(out)
             # Every integer path does each output's float operations alike: the same bits.
             for other in per_isa[1:]:
                 assert torch.equal(other, per_isa[0])
-        assert torch.equal(panel_linear(x, packed, fmt, bias), out)  # default: 16
+            outs[bits, group] = per_isa[0]
+        # The op's default: the process's GGUF activations (set_gguf_activations).
+        assert torch.equal(panel_linear(x, packed, fmt, bias),
+                           outs[tuple(cpu_ops().gguf_activations())])
         check_against(panel_linear(x, packed, fmt, bias, quantize=False), x, w, bias,
                       quantized=False)
 

@@ -5,7 +5,8 @@ The reference is the scalar integer path, which never takes the many-row tiles (
 forced AVX2 one): every output of the VNNI kernel must equal it exactly at every row count
 1..300 (tiles of 4 rows, then the panel kernel's 1-3 row tiles; row blocks of 64 rows at
 K = 2048), for Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K, 8- and 16-bit activations, fp32 and bf16, with and
-without bias, and a row's bits must be the same alone as in any batch.
+without bias (8-bit ones with a scale per 32 or per 16 inputs), and a row's bits must be the
+same alone as in any batch.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def _need_ops() -> None:
         pytest.skip(f"CPU ops unavailable: {cpu_ops_error()}")
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, fmt: int, bias, bits: int) -> torch.Tensor:
+def linear(x: torch.Tensor, packed: torch.Tensor, fmt: int, bias, bits: int,
+           group: int = 32) -> torch.Tensor:
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype)
     cpu_ops().gguf_linear(out, x, packed, fmt, torch.empty(0) if bias is None else bias, True,
-                          bits)
+                          bits, group)
     return out
 
 
@@ -50,19 +52,20 @@ def test_every_row_count_equals_the_panel_kernel(qtype: QT) -> None:
     n, k = 100, 256 if GGML_QUANT_SIZES[qtype][0] == 256 else 96
     packed, fmt = panels(random_blocks(qtype, n, k, seed=20 + int(qtype)), qtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(1))
-    for dtype, b, bits in [(torch.float32, bias, 16), (torch.bfloat16, None, 16),
-                           (torch.bfloat16, bias, 8), (torch.float32, None, 8)]:
+    for dtype, b, bits, group in [(torch.float32, bias, 16, 32), (torch.bfloat16, None, 16, 32),
+                                  (torch.bfloat16, bias, 8, 32), (torch.float32, None, 8, 32),
+                                  (torch.bfloat16, bias, 8, 16), (torch.float32, None, 8, 16)]:
         x = activations(300, k, dtype, seed=int(qtype) + bits)
         with kernel_isa("scalar"):
-            ref = linear(x, packed, fmt, b, bits)
+            ref = linear(x, packed, fmt, b, bits, group)
         for isa in isas():
             with kernel_isa(isa):
                 counts = range(1, 301) if isa == "avx512_vnni" else [1, 7, 64, 300]
                 for rows in counts:
-                    out = linear(x[:rows], packed, fmt, b, bits)
-                    assert torch.equal(out, ref[:rows]), (isa, dtype, bits, rows)
+                    out = linear(x[:rows], packed, fmt, b, bits, group)
+                    assert torch.equal(out, ref[:rows]), (isa, dtype, bits, group, rows)
                 for i in [0, 1, 2, 3, 150, 299]:
-                    assert torch.equal(linear(x[i:i + 1], packed, fmt, b, bits)[0], ref[i])
+                    assert torch.equal(linear(x[i:i + 1], packed, fmt, b, bits, group)[0], ref[i])
 
 
 @pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda q: q.name)
@@ -71,14 +74,15 @@ def test_row_blocks_and_a_wide_weight(qtype: QT) -> None:
     n, k = 160, 2048
     packed, fmt = panels(random_blocks(qtype, n, k, seed=30 + int(qtype)), qtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(2))
-    for bits in [8, 16]:
+    for bits, group in [(8, 32), (16, 32), (8, 16)]:
         x = activations(261, k, torch.bfloat16, seed=40 + bits)
         with kernel_isa("scalar"):
-            ref = linear(x, packed, fmt, bias, bits)
+            ref = linear(x, packed, fmt, bias, bits, group)
         for isa in isas():
             with kernel_isa(isa):
                 for rows in [4, 63, 64, 65, 130, 261]:
-                    assert torch.equal(linear(x[:rows], packed, fmt, bias, bits), ref[:rows])
+                    assert torch.equal(linear(x[:rows], packed, fmt, bias, bits, group),
+                                       ref[:rows])
 
 
 @pytest.mark.slow  # ~20 s of CPU, 45-90 s on the shared machine (each)

@@ -6,7 +6,8 @@ head, with
 - `gguf_linear` on the file's blocks as they are (Q4_1 projections, the Q8_0 token table as
   the tied LM head), with 8-bit (a8) and 16-bit (a16, the default) activations,
 - `gguf_linear` on the same blocks repacked into panels of 16 rows (`gguf_pack_panels_`, what
-  the engine runs: ops/csrc/quant_panels.cpp), a8 and a16,
+  the engine runs: ops/csrc/quant_panels.cpp), a8 and a16 (a scale per 32 inputs) and a8g16
+  (8 bits, a scale per 16 inputs),
 - `int8_linear` on the same weights dequantized then packed to per-channel int8
   (quantization="int8"), a8 and a16,
 - the dense bf16 path the engine uses on these weights (`PackedWeight` of the dequantized
@@ -16,6 +17,7 @@ the JSON has the weight bytes read per second too. Few rows are bound by streami
 unpacking them), many rows by the integer dot products.
 
     python -m pagedllm.benchmarks.quant_linear [--rows 1 2 4 8 16 64 256] [--out PATH]
+        [--variants 'panels a16' 'panels a8g16' bf16]
 
 Writes benchmarks/results/quant_linear.json under the working directory unless --out names
 a file.
@@ -86,6 +88,8 @@ def dequantized(blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256])
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="only these columns (e.g. 'panels a16' 'panels a8g16' bf16)")
     parser.add_argument("--gguf", default=None, help="a Llama GGUF (default: the shipped one)")
     parser.add_argument("--out", default=str(RESULTS / "quant_linear.json"))
     args = parser.parse_args()
@@ -120,7 +124,9 @@ def main() -> None:
     print(f"{path.name}: {len(layers)} layers x {len(shapes)} projections {shapes}, "
           f"LM head {tuple(head[0].shape[:1]) + (head[2],)}; {torch.get_num_threads()} threads, "
           f"kernel {ops.quant_kernel_isa()}")
-    names = ["gguf a8", "gguf a16", "panels a8", "panels a16", "int8 a8", "int8 a16", "bf16"]
+    all_names = ["gguf a8", "gguf a16", "panels a8", "panels a16", "panels a8g16", "int8 a8",
+                 "int8 a16", "bf16"]
+    names = all_names if args.variants is None else [n for n in all_names if n in args.variants]
     header = (f"{'rows':>5} {'what':>7} " + " ".join(f"{n + ' ms':>13}" for n in names)
               + "  " + " ".join(f"{n + ' GOP/s':>16}" for n in names))
     print(header)
@@ -137,12 +143,12 @@ def main() -> None:
         def gguf_pass(bits: int) -> None:
             for layer in layers:
                 for (w, t, _), x, o in zip(layer, xs, outs):
-                    ops.gguf_linear(o, x, w, t, empty, True, bits)
+                    ops.gguf_linear(o, x, w, t, empty, True, bits, 32)
 
-        def panels_pass(bits: int) -> None:
+        def panels_pass(bits: int, group: int = 32) -> None:
             for layer in panel_layers:
                 for (w, t, _), x, o in zip(layer, xs, outs):
-                    ops.gguf_linear(o, x, w, t, empty, True, bits)
+                    ops.gguf_linear(o, x, w, t, empty, True, bits, group)
 
         def int8_pass(bits: int) -> None:
             for layer in int8:
@@ -157,21 +163,25 @@ def main() -> None:
         repeats = 3 if m >= 64 else 5
         variants = {
             "layers": ([lambda: gguf_pass(8), lambda: gguf_pass(16), lambda: panels_pass(8),
-                        lambda: panels_pass(16), lambda: int8_pass(8),
-                        lambda: int8_pass(16), bf16_pass], macs, nbytes),
-            "lm_head": ([lambda: ops.gguf_linear(oh, xh, head[0], head[1], empty, True, 8),
-                         lambda: ops.gguf_linear(oh, xh, head[0], head[1], empty, True, 16),
+                        lambda: panels_pass(16), lambda: panels_pass(8, 16),
+                        lambda: int8_pass(8), lambda: int8_pass(16), bf16_pass], macs, nbytes),
+            "lm_head": ([lambda: ops.gguf_linear(oh, xh, head[0], head[1], empty, True, 8, 32),
+                         lambda: ops.gguf_linear(oh, xh, head[0], head[1], empty, True, 16, 32),
                          lambda: ops.gguf_linear(oh, xh, head_panels[0], head_panels[1], empty,
-                                                 True, 8),
+                                                 True, 8, 32),
                          lambda: ops.gguf_linear(oh, xh, head_panels[0], head_panels[1], empty,
-                                                 True, 16),
+                                                 True, 16, 32),
+                         lambda: ops.gguf_linear(oh, xh, head_panels[0], head_panels[1], empty,
+                                                 True, 8, 16),
                          lambda: ops.int8_linear(oh, xh, *head_int8, empty, True, 8),
                          lambda: ops.int8_linear(oh, xh, *head_int8, empty, True, 16),
                          lambda: head_packed(xh)], head_macs, head_bytes),
         }
         for what, (fns, n_macs, sizes) in variants.items():
             row = {"rows": m, "what": what}
-            for name, fn in zip(names, fns):
+            for name, fn in zip(all_names, fns):
+                if name not in names:
+                    continue
                 t = best_time(fn, repeats)
                 key = name.replace(" ", "_")
                 row[f"{key}_ms"] = t * 1e3

@@ -106,6 +106,9 @@ void dequantize_row(const Weight& w, int64_t n, float* out);
 
 // The activations' precision unless a caller asks for another: 16 bits (see linear).
 constexpr int64_t kDefaultActivationBits = 16;
+// Values per activation scale unless a caller asks for another: 32, a scale per weight block
+// (16: two scales per 32-value block, 8-bit activations on the panel formats only).
+constexpr int64_t kDefaultActivationGroup = 32;
 
 // out[M, N] (fp32/bf16) = x[M, K] (fp32/bf16) @ W.T + bias (fp32 [N] or empty), x quantized
 // per row in blocks of 32 values with a float scale each: to int8 (activation_bits 8, as
@@ -120,14 +123,17 @@ void linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tens
 int active_quant_isa();
 
 // linear() with quantized activations for a weight of a panel format (quant_panels.cpp).
+// activation_group 16 (8-bit activations only): a scale per 16 inputs, two per 32-value block.
 void panel_linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
-                  int64_t activation_bits);
+                  int64_t activation_bits, int64_t activation_group = kDefaultActivationGroup);
 
 // Activations quantized for the panel kernel (quant_panels.cpp): row m's block b at
-// a + (m * nb + b) * 32 * planes (the hi plane's 32 values, then the lo plane's), its scale
-// dx[m * nb + b], its terms corr[(m * nb + b) * halves + h] (PanelBlock::halves): zero * S
-// (int32, S the sum of the half's quantized values) for formats with a zero, dx * S (float
-// bits) for those with a minimum.
+// a + (m * nb + b) * 32 * planes (the hi plane's 32 values, then the lo plane's), its scales
+// dx[(m * nb + b) * groups + g] (groups 1: one per block; 2: one per 16 values), its terms,
+// with H = max(PanelBlock::halves, groups) halves of 32 / H values: for formats with a zero,
+// corr[(m * nb + b) * H + h] = zero * S_h (int32, S_h the sum of the half's quantized values);
+// for those with a minimum (never two halves of their own), corr[m * nb + b] = the sum over
+// the block's groups of dx_g * S_g (float bits: dx * S, or fma(dx_1, S_1, dx_0 * S_0)).
 struct PanelActs {
   const int8_t* a;
   const float* dx;
@@ -144,16 +150,20 @@ using PanelRowsFn = void (*)(const PanelActs& acts, int64_t m_begin, int64_t m_e
                              int64_t N, void* out, int64_t ldo, const float* bias,
                              int prefetch_bytes);
 // The rows function for a panel format's GGML type, activation planes (1: 8 bits, 2: 16),
-// integer path (active_quant_isa) and output type.
-PanelRowsFn panel_rows_fn(int64_t base, int planes, int isa, bool out_bf16);
+// activation scales per 32-value block (groups: 1, or 2 with one plane), integer path
+// (active_quant_isa) and output type.
+PanelRowsFn panel_rows_fn(int64_t base, int planes, int groups, int isa, bool out_bf16);
 
 // The ops' entry points (also the torch ops of the same names, pagedllm_cpu::gguf_linear and
 // int8_linear): out = x @ W.T + bias for a GGUF weight kept as its blocks, uint8 [N, bytes
 // per row] of GGML type `format` (quant_gguf.cpp), and for a per-channel int8 weight from
 // pack_int8_weight, bytes [N, padded_k(K)] and scales [N] (quant_int8.cpp).
+// gguf_linear's activation_bits / activation_group 0: the process's GGUF activations
+// (set_gguf_activations; the decoder stack's calls take them too), a group of 16 only on the
+// panel formats (32 on the others).
 void gguf_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, int64_t format,
                  const at::Tensor& bias, bool quantize_activations = true,
-                 int64_t activation_bits = kDefaultActivationBits);
+                 int64_t activation_bits = 0, int64_t activation_group = 0);
 void int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& bytes,
                  const at::Tensor& scales, const at::Tensor& bias,
                  bool quantize_activations = true,

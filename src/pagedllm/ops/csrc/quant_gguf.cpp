@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -260,13 +261,42 @@ void gguf_dequantize_rows(at::Tensor out, const at::Tensor& weight, int64_t form
 
 }  // namespace
 
+namespace {
+
+// The GGUF kernels' activations where a call passes 0 (bits, values per scale): 16-bit per
+// 32 until set_gguf_activations (GGUFConfig, from PAGEDLLM_GGUF_ACTIVATIONS or its default).
+struct GgufActivations {
+  int32_t bits, group;
+};
+std::atomic<GgufActivations> g_activations{GgufActivations{16, 32}};
+
+}  // namespace
+
+void set_gguf_activations(int64_t bits, int64_t group) {
+  TORCH_CHECK((bits == 8 || bits == 16) && (group == 32 || (group == 16 && bits == 8)),
+              "GGUF activations are 8 or 16 bits per 32 inputs, or 8 bits per 16; got ", bits,
+              " bits per ", group);
+  g_activations.store({static_cast<int32_t>(bits), static_cast<int32_t>(group)});
+}
+
+std::vector<int64_t> gguf_activations() {
+  const GgufActivations set = g_activations.load();
+  return {set.bits, set.group};
+}
+
 void gguf_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, int64_t format,
-                 const at::Tensor& bias, bool quantize_activations, int64_t activation_bits) {
+                 const at::Tensor& bias, bool quantize_activations, int64_t activation_bits,
+                 int64_t activation_group) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D");
   const Weight w = gguf_weight(weight, format, x.size(1));
+  const GgufActivations set = g_activations.load(std::memory_order_relaxed);
+  if (activation_bits == 0) activation_bits = set.bits;
+  if (activation_group == 0) activation_group = is_panel_format(format) ? set.group : 32;
   if (is_panel_format(format) && quantize_activations) {
-    panel_linear(out, x, w, bias, activation_bits);
+    panel_linear(out, x, w, bias, activation_bits, activation_group);
   } else {
+    TORCH_CHECK(activation_group == 32 || !quantize_activations,
+                "activation_group 16 needs a weight repacked into panels (gguf_pack_panels_)");
     linear(out, x, w, bias, quantize_activations, activation_bits);
   }
 }
@@ -276,7 +306,9 @@ void gguf_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, 
 TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
   m.def(
       "gguf_linear(Tensor(a!) out, Tensor x, Tensor weight, int format, Tensor bias, "
-      "bool quantize_activations=True, int activation_bits=16) -> ()");
+      "bool quantize_activations=True, int activation_bits=0, int activation_group=0) -> ()");
+  m.def("set_gguf_activations(int bits, int group) -> ()", &pagedllm::quant::set_gguf_activations);
+  m.def("gguf_activations() -> int[]", &pagedllm::quant::gguf_activations);
   m.def("gguf_dequantize_rows(Tensor(a!) out, Tensor weight, int format, Tensor ids) -> ()");
 }
 

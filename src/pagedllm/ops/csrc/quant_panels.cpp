@@ -194,9 +194,10 @@ void pack_panel(int64_t base, const uint8_t* raw, int64_t row_bytes, int64_t row
 }
 
 // Activation rows quantized per block of 32 for the panel kernel (quant.h's PanelActs): a
-// block's values, its scale dx, and its terms: per half of 16 values (halves 2: Q6_K) or for
-// the whole block, zero * S (int32) for formats with a zero, dx * S (float bits) for those with
-// a minimum.
+// block's values, its scales dx (one, or one per 16 values: groups 2), and its terms: per half
+// of 16 values (H = max(halves, groups) = 2) or for the whole block, zero * S (int32) for
+// formats with a zero; the block's dx * S (float bits; groups 2: fma(dx_1, S_1, dx_0 * S_0))
+// for those with a minimum.
 inline void store_corr(int32_t* corr, int64_t b, float d, int sum, int zero, bool has_min) {
   if (has_min) {
     const float t = d * static_cast<float>(sum);
@@ -206,10 +207,25 @@ inline void store_corr(int32_t* corr, int64_t b, float d, int sum, int zero, boo
   }
 }
 
+// Block b's terms from its halves' scales and sums (groups 2, or Q6_K's two halves).
+inline void store_corr_halves(int32_t* corr, int64_t b, const float* d, const int* sum,
+                              int zero, bool has_min, int groups) {
+  if (!has_min) {
+    corr[2 * b] = zero * sum[0];
+    corr[2 * b + 1] = zero * sum[1];
+  } else if (groups == 2) {
+    const float t = std::fma(d[1], static_cast<float>(sum[1]), d[0] * static_cast<float>(sum[0]));
+    std::memcpy(corr + b, &t, 4);
+  } else {
+    store_corr(corr, b, d[0], sum[0] + sum[1], zero, has_min);
+  }
+}
+
 template <typename T>
-void quantize_row_blocks(const T* x, int64_t K, int planes, int zero, bool has_min, int halves,
-                         int8_t* a, float* dx, int32_t* corr) {
+void quantize_row_blocks(const T* x, int64_t K, int planes, int groups, int zero, bool has_min,
+                         int halves, int8_t* a, float* dx, int32_t* corr) {
   const int qmax = planes == 2 ? kQ16Max : 127;
+  const bool split = groups == 2 || halves == 2;  // terms per half of 16 values
 #if defined(__AVX512F__) && defined(__AVX512BW__) && PA_LANES == 16
   // The scalar code below, 16 values at a time: the same operations (VCVTPS2DQ rounds to
   // nearest even, as nearbyint; h is the nearest integer to q / 255, never a tie), the same
@@ -217,16 +233,26 @@ void quantize_row_blocks(const T* x, int64_t K, int planes, int zero, bool has_m
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   const __m512i lim = _mm512_set1_epi32(qmax), neg_lim = _mm512_set1_epi32(-qmax);
   for (int64_t b = 0; b < K / 32; ++b) {
-    const __m512 v0 = reinterpret_cast<__m512>(vec::load(x + b * 32));
-    const __m512 v1 = reinterpret_cast<__m512>(vec::load(x + b * 32 + 16));
-    const float amax = _mm512_reduce_max_ps(
-        _mm512_max_ps(_mm512_and_ps(v0, abs_mask), _mm512_and_ps(v1, abs_mask)));
-    const float d = amax / static_cast<float>(qmax);
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const __m512 vid = _mm512_set1_ps(id);
+    const __m512 v[2] = {reinterpret_cast<__m512>(vec::load(x + b * 32)),
+                         reinterpret_cast<__m512>(vec::load(x + b * 32 + 16))};
+    float d[2];
     __m512i q[2];
-    q[0] = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
-    q[1] = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+    if (groups == 2) {
+      for (int i = 0; i < 2; ++i) {
+        const float amax = _mm512_reduce_max_ps(_mm512_and_ps(v[i], abs_mask));
+        d[i] = amax / static_cast<float>(qmax);
+        const float id = d[i] != 0.0f ? 1.0f / d[i] : 0.0f;
+        q[i] = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(id)));
+      }
+    } else {
+      const float amax = _mm512_reduce_max_ps(
+          _mm512_max_ps(_mm512_and_ps(v[0], abs_mask), _mm512_and_ps(v[1], abs_mask)));
+      d[0] = d[1] = amax / static_cast<float>(qmax);
+      const float id = d[0] != 0.0f ? 1.0f / d[0] : 0.0f;
+      const __m512 vid = _mm512_set1_ps(id);
+      q[0] = _mm512_cvtps_epi32(_mm512_mul_ps(v[0], vid));
+      q[1] = _mm512_cvtps_epi32(_mm512_mul_ps(v[1], vid));
+    }
     int8_t* out = a + b * 32 * planes;
     for (int i = 0; i < 2; ++i) {
       q[i] = _mm512_max_epi32(_mm512_min_epi32(q[i], lim), neg_lim);
@@ -240,30 +266,33 @@ void quantize_row_blocks(const T* x, int64_t K, int planes, int zero, bool has_m
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * i), _mm512_cvtepi32_epi8(q[i]));
       }
     }
-    dx[b] = d;
-    if (halves == 2) {  // q[0], q[1]: the block's halves of 16 values
-      corr[2 * b] = zero * _mm512_reduce_add_epi32(q[0]);
-      corr[2 * b + 1] = zero * _mm512_reduce_add_epi32(q[1]);
+    for (int g = 0; g < groups; ++g) dx[b * groups + g] = d[g];
+    if (split) {  // q[0], q[1]: the block's halves of 16 values
+      const int sum[2] = {_mm512_reduce_add_epi32(q[0]), _mm512_reduce_add_epi32(q[1])};
+      store_corr_halves(corr, b, d, sum, zero, has_min, groups);
     } else {
-      store_corr(corr, b, d, _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1])), zero,
+      store_corr(corr, b, d[0], _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1])), zero,
                  has_min);
     }
   }
   return;
 #endif
+  const int width = 32 / groups;  // values per scale
   for (int64_t b = 0; b < K / 32; ++b) {
-    float v[32];
-    float amax = 0.0f;
-    for (int i = 0; i < 32; ++i) {
-      v[i] = vec::load1(x, b * 32 + i);
-      amax = std::max(amax, std::abs(v[i]));
+    float v[32], d[2];
+    int sum[2] = {0, 0};
+    for (int g = 0; g < groups; ++g) {
+      float amax = 0.0f;
+      for (int i = g * width; i < (g + 1) * width; ++i) {
+        v[i] = vec::load1(x, b * 32 + i);
+        amax = std::max(amax, std::abs(v[i]));
+      }
+      d[g] = amax / static_cast<float>(qmax);
     }
-    const float d = amax / static_cast<float>(qmax);
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    if (groups == 1) d[1] = d[0];
     int8_t* hi = a + b * 32 * planes;
-    int sum = 0, first = 0;
     for (int i = 0; i < 32; ++i) {
-      if (i == 16) first = sum;
+      const float id = d[i / 16] != 0.0f ? 1.0f / d[i / 16] : 0.0f;
       const int q = std::clamp(static_cast<int>(std::nearbyint(v[i] * id)), -qmax, qmax);
       if (planes == 2) {
         const int h = q >= 0 ? (q + 127) / 255 : -((127 - q) / 255);
@@ -272,21 +301,20 @@ void quantize_row_blocks(const T* x, int64_t K, int planes, int zero, bool has_m
       } else {
         hi[i] = static_cast<int8_t>(q);
       }
-      sum += q;
+      sum[i / 16] += q;
     }
-    dx[b] = d;
-    if (halves == 2) {
-      corr[2 * b] = zero * first;
-      corr[2 * b + 1] = zero * (sum - first);
+    for (int g = 0; g < groups; ++g) dx[b * groups + g] = d[g];
+    if (split) {
+      store_corr_halves(corr, b, d, sum, zero, has_min, groups);
     } else {
-      store_corr(corr, b, d, sum, zero, has_min);
+      store_corr(corr, b, d[0], sum[0] + sum[1], zero, has_min);
     }
   }
 }
 
 template <typename O, typename X>
 void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const Weight& w,
-                const float* bias, int planes) {
+                const float* bias, int planes, int groups) {
   const int64_t base = w.format - kPanelFormat;
   const FormatInfo info = format_info(base);
   const int64_t K = w.K, nb = K / 32, N = w.N;
@@ -305,15 +333,17 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
   thread_local std::vector<int32_t> corr_buf;
   const int halves = base == kQ6_K ? 2 : 1;  // PanelBlock::halves
   if (a_buf.size() < static_cast<size_t>(M * K * planes)) a_buf.resize(M * K * planes);
-  if (dx_buf.size() < static_cast<size_t>(M * nb)) dx_buf.resize(M * nb);
-  if (corr_buf.size() < static_cast<size_t>(M * nb * halves)) corr_buf.resize(M * nb * halves);
+  const int terms = std::max(halves, groups);  // corr entries per block (at most)
+  if (dx_buf.size() < static_cast<size_t>(M * nb * groups)) dx_buf.resize(M * nb * groups);
+  if (corr_buf.size() < static_cast<size_t>(M * nb * terms)) corr_buf.resize(M * nb * terms);
   int8_t* a = a_buf.data();
   float* dx = dx_buf.data();
   int32_t* corr = corr_buf.data();
   const auto quantize = [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      quantize_row_blocks(x + m * ldx, K, planes, info.zero, info.has_min, halves,
-                          a + m * K * planes, dx + m * nb, corr + m * nb * halves);
+      quantize_row_blocks(x + m * ldx, K, planes, groups, info.zero, info.has_min, halves,
+                          a + m * K * planes, dx + m * nb * groups,
+                          corr + m * nb * (info.has_min ? 1 : terms));
     }
   };
   if (M * K < 16384) {
@@ -323,7 +353,7 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
   }
   const PanelActs acts{a, dx, corr, nb};
   const PanelRowsFn rows_fn =
-      panel_rows_fn(base, planes, active_quant_isa(), std::is_same_v<O, vec::bf16_t>);
+      panel_rows_fn(base, planes, groups, active_quant_isa(), std::is_same_v<O, vec::bf16_t>);
   const int64_t num_groups = (num_panels + kGroup - 1) / kGroup;
   // NOTE: the row block depends on K alone, never on M (not that a row's result depends on
   // its tile: every tile does a row's arithmetic alike).
@@ -462,10 +492,14 @@ void unpack_panel_row(const Weight& w, int64_t n, uint8_t* u, float* ws, float* 
 }
 
 void panel_linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
-                  int64_t activation_bits) {
+                  int64_t activation_bits, int64_t activation_group) {
   TORCH_CHECK(activation_bits == 8 || activation_bits == 16,
               "activation_bits must be 8 or 16, got ", activation_bits);
+  TORCH_CHECK(activation_group == 32 || (activation_group == 16 && activation_bits == 8),
+              "activation_group must be 32, or 16 with 8-bit activations; got ",
+              activation_group, " with ", activation_bits, "-bit activations");
   const int planes = activation_bits == 16 ? 2 : 1;
+  const int groups = activation_group == 16 ? 2 : 1;
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be 2-D fp32/bf16 CPU with a contiguous last dim");
@@ -488,10 +522,10 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at
   const auto dispatch = [&](auto* op) {
     const int64_t ldo = out.stride(0), ldx = x.stride(0);
     if (x.scalar_type() == at::kFloat) {
-      run_panels(op, ldo, x.data_ptr<float>(), ldx, M, w, bp, planes);
+      run_panels(op, ldo, x.data_ptr<float>(), ldx, M, w, bp, planes, groups);
     } else {
       run_panels(op, ldo, reinterpret_cast<const vec::bf16_t*>(x.data_ptr()), ldx, M, w, bp,
-                 planes);
+                 planes, groups);
     }
   };
   if (out.scalar_type() == at::kFloat) {

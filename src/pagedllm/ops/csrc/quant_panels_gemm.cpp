@@ -156,12 +156,13 @@ inline void scales_vnni(const uint8_t* sb, int s, int h, __m512* scale, __m512* 
   }
 }
 
-template <int R, int C, int64_t kBase, int kPlanes>
+template <int R, int C, int64_t kBase, int kPlanes, int kGroups>
 void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float* sums, int pf) {
   using PB = PanelBlock<kBase>;
-  constexpr int H = PB::halves, JH = 8 / H;
+  constexpr int H = PB::halves > kGroups ? PB::halves : kGroups, JH = 8 / H;
+  constexpr bool kJoin = kGroups == 2 && PB::halves == 1;  // see the header
   constexpr int64_t kBlockBytes = PB::bytes / PB::sub;  // a panel's bytes per 32 inputs
-  __m512 acc[R][C];
+  __m512 acc[R][C], t[kJoin ? R : 1][kJoin ? C : 1];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t b = 0; b < A.nb; ++b) {
@@ -207,7 +208,7 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
       }
       for (int c = 0; c < C; ++c) {
         __m512 scale, mn = _mm512_setzero_ps();
-        scales_vnni<kBase>(sb[c], s, h, &scale, &mn);
+        if constexpr (!kJoin) scales_vnni<kBase>(sb[c], s, h, &scale, &mn);
         for (int r = 0; r < R; ++r) {
           const int64_t i = (m0 + r) * A.nb + b;
           __m512i p = ph[0][r][c], q = pl[0][r][c];
@@ -221,9 +222,28 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
           if constexpr (PB::zero != 0) {
             p = _mm512_add_epi32(p, _mm512_set1_epi32(A.corr[i * H + h]));
           }
-          acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
-                                      _mm512_mul_ps(scale, _mm512_set1_ps(A.dx[i])), acc[r][c]);
+          const __m512 f = _mm512_cvtepi32_ps(p);
+          if constexpr (kJoin) {  // t = P_0 * dx_0, then fma(P_1, dx_1, t)
+            const __m512 dxh = _mm512_set1_ps(A.dx[i * 2 + h]);
+            t[r][c] = h == 0 ? _mm512_mul_ps(f, dxh) : _mm512_fmadd_ps(f, dxh, t[r][c]);
+          } else {
+            const float dxi = A.dx[kGroups == 2 ? i * 2 + h : i];
+            acc[r][c] = _mm512_fmadd_ps(f, _mm512_mul_ps(scale, _mm512_set1_ps(dxi)), acc[r][c]);
+            if constexpr (PB::has_min) {
+              acc[r][c] = _mm512_fmadd_ps(mn, _mm512_set1_ps(corr_float(A, i)), acc[r][c]);
+            }
+          }
+        }
+      }
+    }
+    if constexpr (kJoin) {  // acc = fma(t, scale, acc), then the minimum's term
+      for (int c = 0; c < C; ++c) {
+        __m512 scale, mn = _mm512_setzero_ps();
+        scales_vnni<kBase>(sb[c], s, 0, &scale, &mn);
+        for (int r = 0; r < R; ++r) {
+          acc[r][c] = _mm512_fmadd_ps(t[r][c], scale, acc[r][c]);
           if constexpr (PB::has_min) {
+            const int64_t i = (m0 + r) * A.nb + b;
             acc[r][c] = _mm512_fmadd_ps(mn, _mm512_set1_ps(corr_float(A, i)), acc[r][c]);
           }
         }
@@ -301,14 +321,15 @@ inline void scales_avx2(const uint8_t* sb, int s, int h, int half, __m256* scale
 // Half-panels of 8 lanes: VPMADDUBSW + VPMADDWD. Q8_0 through the signed form (|q| times a
 // with q's sign: pairs stay within int16), which sums q * a directly (no zero term); the
 // other formats as u * a (u <= 63: pairs within int16) plus zero * S.
-template <int R, int C, int64_t kBase, int kPlanes>
+template <int R, int C, int64_t kBase, int kPlanes, int kGroups>
 void tile_avx2(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float* sums, int pf) {
   using PB = PanelBlock<kBase>;
-  constexpr int H = PB::halves, JH = 8 / H;
+  constexpr int H = PB::halves > kGroups ? PB::halves : kGroups, JH = 8 / H;
+  constexpr bool kJoin = kGroups == 2 && PB::halves == 1;
   constexpr int64_t kBlockBytes = PB::bytes / PB::sub;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int half = 0; half < 2; ++half) {
-    __m256 acc[R][C];
+    __m256 acc[R][C], t[kJoin ? R : 1][kJoin ? C : 1];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
     for (int64_t b = 0; b < A.nb; ++b) {
@@ -354,7 +375,7 @@ void tile_avx2(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
         }
         for (int c = 0; c < C; ++c) {
           __m256 scale, mn = _mm256_setzero_ps();
-          scales_avx2<kBase>(sb[c], s, h, half, &scale, &mn);
+          if constexpr (!kJoin) scales_avx2<kBase>(sb[c], s, h, half, &scale, &mn);
           for (int r = 0; r < R; ++r) {
             const int64_t i = (m0 + r) * A.nb + b;
             __m256i p = ph[r][c];
@@ -364,10 +385,29 @@ void tile_avx2(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
             if constexpr (PB::zero != 0 && kBase != kQ8_0) {
               p = _mm256_add_epi32(p, _mm256_set1_epi32(A.corr[i * H + h]));
             }
-            acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                                        _mm256_mul_ps(scale, _mm256_set1_ps(A.dx[i])),
-                                        acc[r][c]);
+            const __m256 f = _mm256_cvtepi32_ps(p);
+            if constexpr (kJoin) {
+              const __m256 dxh = _mm256_set1_ps(A.dx[i * 2 + h]);
+              t[r][c] = h == 0 ? _mm256_mul_ps(f, dxh) : _mm256_fmadd_ps(f, dxh, t[r][c]);
+            } else {
+              const float dxi = A.dx[kGroups == 2 ? i * 2 + h : i];
+              acc[r][c] =
+                  _mm256_fmadd_ps(f, _mm256_mul_ps(scale, _mm256_set1_ps(dxi)), acc[r][c]);
+              if constexpr (PB::has_min) {
+                acc[r][c] = _mm256_fmadd_ps(mn, _mm256_set1_ps(corr_float(A, i)), acc[r][c]);
+              }
+            }
+          }
+        }
+      }
+      if constexpr (kJoin) {
+        for (int c = 0; c < C; ++c) {
+          __m256 scale, mn = _mm256_setzero_ps();
+          scales_avx2<kBase>(sb[c], s, 0, half, &scale, &mn);
+          for (int r = 0; r < R; ++r) {
+            acc[r][c] = _mm256_fmadd_ps(t[r][c], scale, acc[r][c]);
             if constexpr (PB::has_min) {
+              const int64_t i = (m0 + r) * A.nb + b;
               acc[r][c] = _mm256_fmadd_ps(mn, _mm256_set1_ps(corr_float(A, i)), acc[r][c]);
             }
           }
@@ -399,10 +439,11 @@ inline int value_at(const uint8_t* sb, int s, int lane, int v) {
 }
 
 // Portable: the same operations per output, one lane at a time.
-template <int R, int C, int64_t kBase, int kPlanes>
+template <int R, int C, int64_t kBase, int kPlanes, int kGroups>
 void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float* sums, int) {
   using PB = PanelBlock<kBase>;
-  constexpr int H = PB::halves;
+  constexpr int H = PB::halves > kGroups ? PB::halves : kGroups;
+  constexpr bool kJoin = kGroups == 2 && PB::halves == 1;
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) {
       for (int lane = 0; lane < kRows; ++lane) {
@@ -413,6 +454,7 @@ void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, floa
           const int8_t* a = A.a + i * 32 * kPlanes;
           const uint8_t* sb = pan[c] + b / PB::sub * PB::bytes;
           const float d = half_to_float(sb + PB::d + 2 * lane);
+          float t = 0.0f, scale = d, mn = 0.0f;
           for (int h = 0; h < H; ++h) {
             int32_t ph = 0, pl = 0;
             for (int v = 32 / H * h; v < 32 / H * (h + 1); ++v) {
@@ -422,7 +464,6 @@ void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, floa
             }
             int32_t p = kPlanes == 2 ? 255 * ph + pl : ph;
             if constexpr (PB::zero != 0) p += A.corr[i * H + h];
-            float scale = d, mn = 0.0f;
             if constexpr (kBase == kQ6_K) {
               const auto sc = static_cast<int8_t>(sb[PB::scales + 16 * (2 * s + h) + lane]);
               scale = d * static_cast<float>(sc);
@@ -434,7 +475,17 @@ void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, floa
             } else if constexpr (PB::has_min) {
               mn = half_to_float(sb + PB::m + 2 * lane);
             }
-            acc = std::fma(static_cast<float>(p), scale * A.dx[i], acc);
+            if constexpr (kJoin) {
+              const float dxh = A.dx[i * 2 + h];
+              t = h == 0 ? static_cast<float>(p) * dxh : std::fma(static_cast<float>(p), dxh, t);
+            } else {
+              const float dxi = A.dx[kGroups == 2 ? i * 2 + h : i];
+              acc = std::fma(static_cast<float>(p), scale * dxi, acc);
+              if constexpr (PB::has_min) acc = std::fma(mn, corr_float(A, i), acc);
+            }
+          }
+          if constexpr (kJoin) {
+            acc = std::fma(t, scale, acc);
             if constexpr (PB::has_min) acc = std::fma(mn, corr_float(A, i), acc);
           }
         }
@@ -446,16 +497,16 @@ void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, floa
 
 using TileFn = void (*)(const PanelActs&, int64_t, const uint8_t* const*, float*, int);
 
-template <int R, int C, int64_t kBase, int kPlanes>
+template <int R, int C, int64_t kBase, int kPlanes, int kGroups>
 TileFn tile_fn(int isa) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if (isa == 0) return tile_vnni<R, C, kBase, kPlanes>;
+  if (isa == 0) return tile_vnni<R, C, kBase, kPlanes, kGroups>;
 #endif
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-  if (isa <= 1) return tile_avx2<R, C, kBase, kPlanes>;
+  if (isa <= 1) return tile_avx2<R, C, kBase, kPlanes, kGroups>;
 #endif
   (void)isa;
-  return tile_scalar<R, C, kBase, kPlanes>;
+  return tile_scalar<R, C, kBase, kPlanes, kGroups>;
 }
 
 // Tile R x 2's sums stored for rows m0 .. of panels p .. (s0: the first of the pair), the
@@ -484,14 +535,14 @@ void store_tile(const float* sums, int R, int64_t m0, int64_t n_first, int64_t n
 
 // An item's rows: 4-row tiles, then one tile of what is left. Fewer than 2 panels: the slot
 // past the last repeats it (computed, not stored).
-template <typename O, int64_t kBase, int kPlanes, int kIsa>
+template <typename O, int64_t kBase, int kPlanes, int kGroups, int kIsa>
 void panel_rows(const PanelActs& A, int64_t m_begin, int64_t m_end, const uint8_t* const* pan,
                 int64_t num_panels, int64_t n0, int64_t N, void* out, int64_t ldo,
                 const float* bias, int pf) {
-  const TileFn r4 = tile_fn<4, 2, kBase, kPlanes>(kIsa);
-  const TileFn rest[3] = {tile_fn<1, 2, kBase, kPlanes>(kIsa),
-                                 tile_fn<2, 2, kBase, kPlanes>(kIsa),
-                                 tile_fn<3, 2, kBase, kPlanes>(kIsa)};
+  const TileFn r4 = tile_fn<4, 2, kBase, kPlanes, kGroups>(kIsa);
+  const TileFn rest[3] = {tile_fn<1, 2, kBase, kPlanes, kGroups>(kIsa),
+                          tile_fn<2, 2, kBase, kPlanes, kGroups>(kIsa),
+                          tile_fn<3, 2, kBase, kPlanes, kGroups>(kIsa)};
   const uint8_t* pair[2] = {pan[0], pan[num_panels > 1 ? 1 : 0]};
   O* o = static_cast<O*>(out);
   alignas(64) float sums[kTileRows * 2 * kRows];
@@ -507,36 +558,38 @@ void panel_rows(const PanelActs& A, int64_t m_begin, int64_t m_end, const uint8_
   }
 }
 
-template <int64_t kBase, int kPlanes, int kIsa>
+template <int64_t kBase, int kPlanes, int kGroups, int kIsa>
 PanelRowsFn rows_for_isa(bool out_bf16) {
-  return out_bf16 ? panel_rows<vec::bf16_t, kBase, kPlanes, kIsa>
-                  : panel_rows<float, kBase, kPlanes, kIsa>;
+  return out_bf16 ? panel_rows<vec::bf16_t, kBase, kPlanes, kGroups, kIsa>
+                  : panel_rows<float, kBase, kPlanes, kGroups, kIsa>;
 }
 
-template <int64_t kBase, int kPlanes>
+template <int64_t kBase, int kPlanes, int kGroups>
 PanelRowsFn rows_for(int isa, bool out_bf16) {
   switch (isa) {
-    case 0: return rows_for_isa<kBase, kPlanes, 0>(out_bf16);
-    case 1: return rows_for_isa<kBase, kPlanes, 1>(out_bf16);
-    default: return rows_for_isa<kBase, kPlanes, 2>(out_bf16);
+    case 0: return rows_for_isa<kBase, kPlanes, kGroups, 0>(out_bf16);
+    case 1: return rows_for_isa<kBase, kPlanes, kGroups, 1>(out_bf16);
+    default: return rows_for_isa<kBase, kPlanes, kGroups, 2>(out_bf16);
   }
 }
 
+// 16-bit activations (two planes) take one scale per block; 8-bit ones one or two.
 template <int64_t kBase>
-PanelRowsFn rows_for_planes(int planes, int isa, bool out_bf16) {
-  return planes == 2 ? rows_for<kBase, 2>(isa, out_bf16) : rows_for<kBase, 1>(isa, out_bf16);
+PanelRowsFn rows_for_planes(int planes, int groups, int isa, bool out_bf16) {
+  if (planes == 2) return rows_for<kBase, 2, 1>(isa, out_bf16);
+  return groups == 2 ? rows_for<kBase, 1, 2>(isa, out_bf16) : rows_for<kBase, 1, 1>(isa, out_bf16);
 }
 
 }  // namespace
 
-PanelRowsFn panel_rows_fn(int64_t base, int planes, int isa, bool out_bf16) {
+PanelRowsFn panel_rows_fn(int64_t base, int planes, int groups, int isa, bool out_bf16) {
   switch (base) {
-    case kQ4_0: return rows_for_planes<kQ4_0>(planes, isa, out_bf16);
-    case kQ4_1: return rows_for_planes<kQ4_1>(planes, isa, out_bf16);
-    case kQ8_0: return rows_for_planes<kQ8_0>(planes, isa, out_bf16);
-    case kQ4_K: return rows_for_planes<kQ4_K>(planes, isa, out_bf16);
-    case kQ5_K: return rows_for_planes<kQ5_K>(planes, isa, out_bf16);
-    case kQ6_K: return rows_for_planes<kQ6_K>(planes, isa, out_bf16);
+    case kQ4_0: return rows_for_planes<kQ4_0>(planes, groups, isa, out_bf16);
+    case kQ4_1: return rows_for_planes<kQ4_1>(planes, groups, isa, out_bf16);
+    case kQ8_0: return rows_for_planes<kQ8_0>(planes, groups, isa, out_bf16);
+    case kQ4_K: return rows_for_planes<kQ4_K>(planes, groups, isa, out_bf16);
+    case kQ5_K: return rows_for_planes<kQ5_K>(planes, groups, isa, out_bf16);
+    case kQ6_K: return rows_for_planes<kQ6_K>(planes, groups, isa, out_bf16);
     default: TORCH_CHECK(false, "no panel kernel for format ", base);
   }
 }
