@@ -108,14 +108,11 @@ def prompt_logprobs(llm: LLM, prompts: list[list[int]]) -> np.ndarray:
 # the same names less the q/k norms) in the slow run only.
 @pytest.mark.parametrize("arch, layers",
                          [("gemma3", 6), pytest.param("gemma2", 2, marks=pytest.mark.slow)])
-def test_tiny_gemma_gguf_quantized_path(tmp_path, caplog, monkeypatch, arch, layers) -> None:
+def test_tiny_gemma_gguf_quantized_path(tmp_path, caplog, arch, layers) -> None:
     """The file's blocks on the GGUF method (Q5_0 dequantized with one warning), the norms
     the dense path's (1 + w in the file), the prompts' log-probabilities the dense model's
     (the same dequantized values: the 16-bit activation blocks differ by ~5e-4 here, q/k rows
-    in llama.cpp's rotary order by ~2), greedy tokens within the dense model's top-3. The
-    layers' activations pinned to 16 bits (PAGEDLLM_GGUF_ACTIVATIONS; the default's 8 bits
-    per 16 inputs move these random weights' log-probabilities by more than 0.02)."""
-    monkeypatch.setenv("PAGEDLLM_GGUF_ACTIVATIONS", "16/32")
+    in llama.cpp's rotary order by ~2), greedy tokens within the dense model's top-3."""
     path = tmp_path / f"tiny-{arch}.gguf"
     write_tiny_gemma_gguf(path, arch, layers)
     with caplog.at_level(logging.WARNING, logger="pagedllm.models.gguf_loader"):
