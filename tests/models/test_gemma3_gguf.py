@@ -5,7 +5,7 @@ this file; without the package every test here is skipped.
 `LLM(path.gguf)` converts the file once into a cached Hugging Face directory (transformers
 dequantizes it) and serves it with its chat template; its greedy tokens equal transformers'
 loading the same GGUF, 32 tokens on 4 prompts. `quantization="auto"` keeps the file's blocks
-(Q8_0 embedding and tied head, Q4_K, Q6_K, Q8_0; its Q5_0 dequantized at load): greedy tokens
+(Q8_0 embedding and tied head, Q4_K, Q6_K, Q8_0; its Q5_0 widened into Q8_0 at load): greedy tokens
 within the dense model's top-3 at every step, 64 tokens on 10 prompts (the issue's criterion).
 """
 
@@ -85,8 +85,7 @@ def test_quantized_greedy_within_dense_top3(gguf_path, caplog):
 
     with caplog.at_level(logging.WARNING, logger="pagedllm.models.gguf_loader"):
         quantized = LLM(str(gguf_path), quantization="auto", num_kv_blocks=256)
-    warnings = [r.getMessage() for r in caplog.records if "no quantized kernel" in r.getMessage()]
-    assert len(warnings) == 1 and "Q5_0" in warnings[0]
+    assert not [r for r in caplog.records if "no quantized kernel" in r.getMessage()]
     assert isinstance(shared.model_of(quantized).get_input_embeddings(), GGUFEmbedding)
     assert shared.linear_methods(quantized) == {GGUFLinearMethod}
     tokenizer = quantized.get_tokenizer()

@@ -1,7 +1,8 @@
 """Gemma 2 and 3 GGUF files on the quantized path (models/gguf_loader.py): a tiny random model
 of each written by the gguf package as llama.cpp's converters write them (Gemma's tensor
 names, q/k rows not permuted, every RMSNorm weight stored as 1 + w), with the types the Gemma 3
-Q4_K_M file mixes: Q8_0 (embedding and tied head), Q6_K, Q4_0/Q4_1 and Q5_0 (no kernel).
+Q4_K_M file mixes: Q8_0 (embedding and tied head), Q6_K, Q4_0/Q4_1, Q5_0 (widened into Q8_0 at
+load) and Q5_1 (no kernel).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.layers.quantization.gguf import GGUFEmbedding, GGUFLinearMethod
+from pagedllm.layers.quantization.gguf import PANEL_FORMAT, GGUFEmbedding, GGUFLinearMethod
 from pagedllm.ops import cpu_ops
 from tests.hf_reference import ragged_prompts, token_prompts
 from tests.models.test_quantized import (
@@ -28,7 +29,7 @@ from tests.models.test_quantized import (
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the quantized kernels need the ops")
 
 # The Gemma 3 file's mix, by tensor kind (ffn_down's K-quant needs ffn a multiple of 256).
-TYPES = {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q4_1",
+TYPES = {"attn_q": "Q4_0", "attn_k": "Q5_1", "attn_v": "Q8_0", "attn_output": "Q4_1",
          "ffn_gate": "Q5_0", "ffn_up": "Q5_0", "ffn_down": "Q6_K"}
 
 
@@ -109,7 +110,7 @@ def prompt_logprobs(llm: LLM, prompts: list[list[int]]) -> np.ndarray:
 @pytest.mark.parametrize("arch, layers",
                          [("gemma3", 6), pytest.param("gemma2", 2, marks=pytest.mark.slow)])
 def test_tiny_gemma_gguf_quantized_path(tmp_path, caplog, arch, layers) -> None:
-    """The file's blocks on the GGUF method (Q5_0 dequantized with one warning), the norms
+    """The file's blocks on the GGUF method (Q5_1 dequantized with one warning), the norms
     the dense path's (1 + w in the file), the prompts' log-probabilities the dense model's
     (the same dequantized values: the 16-bit activation blocks differ by ~5e-4 here, q/k rows
     in llama.cpp's rotary order by ~2), greedy tokens within the dense model's top-3."""
@@ -118,14 +119,14 @@ def test_tiny_gemma_gguf_quantized_path(tmp_path, caplog, arch, layers) -> None:
     with caplog.at_level(logging.WARNING, logger="pagedllm.models.gguf_loader"):
         quantized = LLM(str(path), dtype="float32", quantization="auto", num_kv_blocks=64)
     warnings = [r.getMessage() for r in caplog.records if "no quantized kernel" in r.getMessage()]
-    assert len(warnings) == 1 and "Q5_0" in warnings[0]
+    assert len(warnings) == 1 and "Q5_1" in warnings[0]
     model = model_of(quantized)
     assert isinstance(model.get_input_embeddings(), GGUFEmbedding)
     assert linear_methods(quantized) == {GGUFLinearMethod}
     for layer in model.layers:
-        # gate | up (both Q5_0, dequantized) one float run, kept once: packed or plain
+        # gate | up (both Q5_0): one run of Q8_0 panels
         (run,) = layer.mlp.gate_up_proj.gguf_runs
-        assert run.ggml_type is None and (run.packed is None) != (run.weight is None)
+        assert run.ggml_type == PANEL_FORMAT + 8
     prompts = ragged_prompts(4, seed=3, max_len=30)
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     outputs = [o.outputs[0].token_ids for o in quantized.generate(token_prompts(prompts), greedy)]
@@ -173,3 +174,17 @@ def test_a_gemma_gguf_request_is_batch_invariant(tmp_path) -> None:
         if problem is not None:
             failures.append(f"budget {budget}: {problem}")
     assert not failures, "\n".join(failures)
+
+
+def test_q5_0_widened_into_q8_0_exactly() -> None:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from pagedllm.models.gguf_loader import q5_0_as_q8_0
+
+    w = (torch.randn(33, 640, generator=torch.Generator().manual_seed(0)) * 3).numpy()
+    q5 = quantize(w, GGMLQuantizationType.Q5_0)
+    q8 = q5_0_as_q8_0(q5)
+    assert q8.shape == (33, 640 // 32 * 34)
+    np.testing.assert_array_equal(dequantize(q8, GGMLQuantizationType.Q8_0),
+                                  dequantize(q5, GGMLQuantizationType.Q5_0))

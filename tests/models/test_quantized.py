@@ -98,7 +98,7 @@ def test_shipped_gguf_quantized_greedy_within_dense_top3() -> None:
 
 
 def write_gguf_with_q5_0(src: Path, dst: Path, names: tuple[str, ...]) -> None:
-    """A copy of `src` (metadata and tensors) whose `names` are re-quantized to Q5_0, a type
+    """A copy of `src` (metadata and tensors) whose `names` are re-quantized to Q5_1, a type
     the kernels lack."""
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
     from gguf.quants import dequantize, quantize
@@ -117,7 +117,7 @@ def write_gguf_with_q5_0(src: Path, dst: Path, names: tuple[str, ...]) -> None:
         data = np.asarray(tensor.data)
         if tensor.name in names:
             values = dequantize(data, qtype)
-            data, qtype = quantize(values, GGMLQuantizationType.Q5_0), GGMLQuantizationType.Q5_0
+            data, qtype = quantize(values, GGMLQuantizationType.Q5_1), GGMLQuantizationType.Q5_1
         writer.add_tensor(tensor.name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -135,7 +135,7 @@ def test_gguf_type_without_kernel_loads_with_a_warning(tmp_path, caplog) -> None
     with caplog.at_level(logging.WARNING, logger="pagedllm.models.gguf_loader"):
         quantized = LLM(str(path), quantization="auto", num_kv_blocks=64)
     warnings = [r.getMessage() for r in caplog.records if "no quantized kernel" in r.getMessage()]
-    assert len(warnings) == 1 and "Q5_0" in warnings[0]
+    assert len(warnings) == 1 and "Q5_1" in warnings[0]
     tokenizer = quantized.get_tokenizer()
     prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -228,17 +228,17 @@ def write_tiny_llama_gguf(path: Path, types: dict[str, str], seed: int = 0, hidd
 
 
 def test_tiny_gguf_quantized_path(tmp_path, caplog) -> None:
-    """Q8_0 (embedding and tied head), Q4_1, Q4_0 and Q5_0 (no kernel: dequantized with a
+    """Q8_0 (embedding and tied head), Q4_1, Q4_0 and Q5_1 (no kernel: dequantized with a
     warning) on the GGUF path: greedy tokens within the dequantized model's top-3."""
     from pagedllm.layers.quantization.gguf import GGUFEmbedding
 
     path = tmp_path / "tiny-llama.gguf"
     write_tiny_llama_gguf(path, {"ffn_gate": "Q4_1", "ffn_up": "Q4_1", "attn_v": "Q4_0",
-                                 "ffn_down": "Q5_0"})
+                                 "ffn_down": "Q5_1"})
     with caplog.at_level(logging.WARNING, logger="pagedllm.models.gguf_loader"):
         quantized = LLM(str(path), quantization="auto", num_kv_blocks=64)
     warnings = [r.getMessage() for r in caplog.records if "no quantized kernel" in r.getMessage()]
-    assert len(warnings) == 1 and "Q5_0" in warnings[0]
+    assert len(warnings) == 1 and "Q5_1" in warnings[0]
     model = model_of(quantized)
     assert isinstance(model.get_input_embeddings(), GGUFEmbedding)
     assert linear_methods(quantized) == {GGUFLinearMethod}

@@ -279,6 +279,26 @@ def _unpermute_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
     return np.array(permuted, order="C").reshape(shape)
 
 
+# Types without a kernel whose values a kernel type holds exactly: GGML id -> kernel type id.
+_WIDENED = {6: 8}  # Q5_0 -> Q8_0
+
+
+def q5_0_as_q8_0(raw: np.ndarray) -> np.ndarray:
+    """Q5_0 blocks (uint8 [rows, blocks * 22]) as Q8_0 blocks (uint8 [rows, blocks * 34]) of
+    the same values: a Q5_0 value is d * (q - 16) with q 5 bits, so each block keeps its fp16
+    scale d and its values become the int8 q - 16. llama.cpp writes Q5_0 where a Q4_K_M
+    tensor's rows are not a multiple of 256 values (Gemma 3 270M's hidden size, 640)."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 22)
+    high = blocks[..., 2:6].copy().view("<u4") >> np.arange(32, dtype=np.uint32) & 1
+    qs = blocks[..., 6:]
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int16)
+    widened = np.empty((*blocks.shape[:2], 34), dtype=np.uint8)
+    widened[..., :2] = blocks[..., :2]
+    widened[..., 2:] = ((low | high.astype(np.int16) << 4) - 16).astype(np.int8).view(np.uint8)
+    return widened.reshape(rows, -1)
+
+
 def gguf_weights(path: Path, config: PretrainedConfig,
                  float_names: tuple[str, ...] = ("token_embd.weight",), tied_head: bool = False,
                  ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -324,14 +344,17 @@ def gguf_weights(path: Path, config: PretrainedConfig,
         heads = (None if not conventions.permutes_qk else
                  num_heads if tensor.name.endswith("attn_q.weight") else
                  num_kv_heads if tensor.name.endswith("attn_k.weight") else None)
-        if is_matrix and int(qtype) in KERNEL_TYPES and (as_head or tensor.name not in float_names):
+        kernel_type = int(qtype) if int(qtype) in KERNEL_TYPES else _WIDENED.get(int(qtype))
+        if is_matrix and kernel_type is not None and (as_head or tensor.name not in float_names):
             # A copy either way: the file is mapped read-only.
             blocks = (np.array(tensor.data) if heads is None
                       else _unpermute_rows(tensor.data, heads))
+            if kernel_type != int(qtype):
+                blocks = q5_0_as_q8_0(blocks)
             data = torch.from_numpy(blocks)
-            data.ggml_type = int(qtype)
+            data.ggml_type = kernel_type
         else:
-            if is_matrix and int(qtype) not in KERNEL_TYPES and qtype.name not in warned:
+            if is_matrix and kernel_type is None and qtype.name not in warned:
                 warned.add(qtype.name)
                 logger.warning("%s: no quantized kernel for %s weights; dequantizing them to "
                                "float at load", path.name, qtype.name)
