@@ -239,7 +239,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default="none", choices=["none", "auto", "int8"],
                         help="pagedllm's weight quantization (vLLM's name; auto keeps a .gguf's "
                              "blocks), for every pagedllm engine")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e5m2"],
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        choices=["auto", "int8", "fp8", "fp8_e5m2"],
                         help="pagedllm's KV cache element type (vLLM's name), for every "
                              "pagedllm engine")
     parser.add_argument("--vllm-python", default=None,
