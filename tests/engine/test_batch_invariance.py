@@ -100,6 +100,25 @@ def difference(got: Result, expected: Result) -> str | None:
     return None
 
 
+def crowd_failures(model: str, base: dict, vocab: int = 4096) -> list[str]:
+    """A greedy request of 200 tokens alone, then among 6 others of random lengths with a
+    budget of 2048 tokens and with chunked prefill (61): where it departs from alone (the
+    quantized-path files' check)."""
+    rng = random.Random(0)
+    target = random_prompt(rng, 200, vocab=vocab)
+    params = target_params("greedy")
+    reference = run(LLM(model, **base), target, params)
+    failures = []
+    for budget in [2048, 61]:
+        crowd = others(rng, 6, max_len=150, vocab=vocab)
+        llm = LLM(model, **dict(base, max_num_batched_tokens=budget))
+        problem = difference(run(llm, target, params, crowd, rng.randint(0, len(crowd))),
+                             reference)
+        if problem is not None:
+            failures.append(f"budget {budget}: {problem}")
+    return failures
+
+
 def record_preemptions(llm: LLM) -> list[tuple[str, int]]:
     """Records (request id, tokens it had generated) for each preemption from now on."""
     scheduler = llm.llm_engine.scheduler

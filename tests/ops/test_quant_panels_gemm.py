@@ -11,8 +11,6 @@ same alone as in any batch.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES
@@ -92,10 +90,8 @@ def test_a_gguf_request_is_batch_invariant(tmp_path, k_quants: bool) -> None:
     Q4_K, Q5_K and Q6_K panels beside Q8_0, hidden 256): a request's tokens and logprobs alone
     equal those among others of random lengths (steps of 1 to ~600 rows: the many-row tiles
     and every remainder tile), and prefilled in chunks."""
-    from engine.test_batch_invariance import difference, others, random_prompt, run, target_params
+    from engine.test_batch_invariance import crowd_failures
     from models.test_quantized import write_tiny_llama_gguf
-
-    from pagedllm import LLM
 
     path = tmp_path / "tiny-llama.gguf"
     if k_quants:
@@ -106,16 +102,5 @@ def test_a_gguf_request_is_batch_invariant(tmp_path, k_quants: bool) -> None:
         write_tiny_llama_gguf(path, {"attn_v": "Q4_0", "ffn_gate": "Q4_1", "ffn_up": "Q4_1"})
     base = {"dtype": "bfloat16", "quantization": "auto", "block_size": 16, "num_kv_blocks": 256,
             "seed": 0}
-    rng = random.Random(0)
-    target = random_prompt(rng, 200, vocab=4096)
-    params = target_params("greedy")
-    reference = run(LLM(str(path), **base), target, params)
-    failures = []
-    for budget in [2048, 61]:
-        crowd = others(rng, 6, max_len=150, vocab=4096)
-        llm = LLM(str(path), **dict(base, max_num_batched_tokens=budget))
-        problem = difference(run(llm, target, params, crowd, rng.randint(0, len(crowd))),
-                             reference)
-        if problem is not None:
-            failures.append(f"budget {budget}: {problem}")
+    failures = crowd_failures(str(path), base)
     assert not failures, "\n".join(failures)
