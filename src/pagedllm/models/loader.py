@@ -198,10 +198,14 @@ def _quant_config(quantization: str, gguf_path: Path | None, model_cls: type,
     if quantization not in ("auto", "gguf", "int8"):
         raise ValueError(f"quantization must be one of auto, none, int8, gguf, got "
                          f"{quantization!r}")
-    if torch.device(device).type != "cpu":
+    on_cpu = torch.device(device).type == "cpu"
+    has_quantized_layers = "quant_config" in inspect.signature(model_cls).parameters
+    if quantization == "auto" and not (on_cpu and has_quantized_layers):
+        return None  # auto (the default): a GGUF the quantized kernels can't run, dequantized
+    if not on_cpu:
         raise ValueError(f"quantization={quantization!r} runs on the CPU kernels; on "
                          f"{device} use quantization='none'")
-    if "quant_config" not in inspect.signature(model_cls).parameters:
+    if not has_quantized_layers:
         raise ValueError(f"{model_cls.__name__} has no quantized layers yet; use "
                          f"quantization='none'")
     if quantization == "int8":
