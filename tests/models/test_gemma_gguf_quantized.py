@@ -114,7 +114,7 @@ def test_tiny_gemma_gguf_quantized_path(tmp_path, caplog, monkeypatch, arch, lay
     the dense path's (1 + w in the file), the prompts' log-probabilities the dense model's
     (the same dequantized values: the 16-bit activation blocks differ by ~5e-4 here, q/k rows
     in llama.cpp's rotary order by ~2), greedy tokens within the dense model's top-3. The
-    layers' activations pinned to 16 bits (PAGEDLLM_GGUF_ACTIVATIONS; the default's 8 bits
+    layers' activations pinned to 16 bits (PAGEDLLM_GGUF_ACTIVATIONS, the default; 8 bits
     per 16 inputs move these random weights' log-probabilities by more than 0.02)."""
     monkeypatch.setenv("PAGEDLLM_GGUF_ACTIVATIONS", "16/32")
     path = tmp_path / f"tiny-{arch}.gguf"
