@@ -68,13 +68,14 @@ class EngineConfig:
         " bfloat16 for a bf16/fp16 one, else float32; a GGUF: bfloat16 where the CPU has"
         " AVX512_BF16 or AMX, else float32)",
         choices=("auto", "float32", "bfloat16"))
-    # Default "auto": a GGUF keeps its blocks (the shipped SmolLM2 on the quantized path, 16-bit
-    # activations: 99.99% top-1 against the file dequantized; quiet, side by side, about 1.9x
-    # dense bf16 and llama.cpp on a single stream, 0.84x dense bf16 on a batch of 64, a third
-    # of its weight memory, ready in about 1 s; docs/benchmarks.md); a Hugging Face directory
-    # stays dense. quantization="none" is the faster choice for large batches.
+    # Default "none" for now. "auto" (a GGUF keeps its blocks) on the shipped SmolLM2: 99.99%
+    # top-1 against the file dequantized, about 1.9x dense bf16 and llama.cpp on a single
+    # stream, 0.84x dense bf16 on a batch of 64, a third of the weight memory; but its start
+    # reads and repacks the GGUF every time (LLM() ready 2.7 s against 1.4 s, /health 3.0 s
+    # against 1.6 s: weights read 1.0 s, imports 1.3-1.5 s), past the start-up targets, until
+    # its panels are cached as the dense path's packed weights are (docs/benchmarks.md).
     quantization: str = setting(
-        "auto", "weight quantization: none (dequantize to dtype), auto (a .gguf keeps its "
+        "none", "weight quantization: none (dequantize to dtype), auto (a .gguf keeps its "
         "quantized types on the integer kernels, a Hugging Face directory stays dense), int8 "
         "(per-channel int8 weights quantized at load), gguf (a .gguf's own types, as auto)",
         choices=QUANTIZATIONS)
