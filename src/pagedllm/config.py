@@ -71,9 +71,9 @@ class EngineConfig:
     # Default "none" for now. "auto" (a GGUF keeps its blocks) on the shipped SmolLM2: 99.99%
     # top-1 against the file dequantized, about 1.9x dense bf16 and llama.cpp on a single
     # stream, 0.84x dense bf16 on a batch of 64, a third of the weight memory; but its start
-    # reads and repacks the GGUF every time (LLM() ready 2.7 s against 1.4 s, /health 3.0 s
-    # against 1.6 s: weights read 1.0 s, imports 1.3-1.5 s), past the start-up targets, until
-    # its panels are cached as the dense path's packed weights are (docs/benchmarks.md).
+    # reads and repacks the GGUF every time (weights read 0.77 s + panels 0.17 s against the
+    # dense packed cache's 0.36-0.44 s: warm LLM() ready 2.16-2.20 s against 1.52-1.73 s side
+    # by side), past the start-up target until its panels are cached (docs/benchmarks.md).
     quantization: str = setting(
         "none", "weight quantization: none (dequantize to dtype), auto (a .gguf keeps its "
         "quantized types on the integer kernels, a Hugging Face directory stays dense), int8 "
