@@ -7,10 +7,7 @@ everything from then on."""
 from __future__ import annotations
 
 import copy
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.models import hf_fast
 from pagedllm.models.hf_fast import FAST_ENV, RECORD_DIR_ENV, load_tokenizer
 from pagedllm.tokenizer import FastTokenizer, hf_tokenizer, wait_loaded
+from tests.models.test_hf_fast import run_probe
 
 TEXTS = ["Hello, world!", "", "  two  spaces ", "don't stop . ok ? it 's", "naïve 🙂 日本語",
          "<|im_start|>user\nhi<|im_end|>", "line\n\nbreaks\r\n\ttabs"]
@@ -169,13 +167,8 @@ print(type(tokenizer).__name__, tokenizer.decode(ids), "transformers" in sys.mod
 
 
 def test_a_warm_tokenizer_imports_no_transformers(smollm2_dir, records):
-    env = {**os.environ, RECORD_DIR_ENV: str(records)}
-
     def run() -> list[str]:
-        done = subprocess.run([sys.executable, "-c", PROBE, str(smollm2_dir)], env=env,
-                              capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout.split()
+        return run_probe(PROBE, smollm2_dir, records)
 
     assert run() == ["TokenizersBackend", "Hello,", "world!", "True"]
     assert run() == ["FastTokenizer", "Hello,", "world!", "False"]

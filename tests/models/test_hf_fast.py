@@ -128,14 +128,19 @@ print(config.num_hidden_layers, tokenizer.eos_token_id, tokenizer.encode("Hi the
 """
 
 
-def test_a_recorded_start_skips_the_family_config_module(smollm2_dir, records):
-    env = {**os.environ, RECORD_DIR_ENV: str(records)}
+def run_probe(probe: str, model_dir: Path, records: Path) -> list[str]:
+    """`probe` run as a fresh Python process on `model_dir` with `records` as the record
+    folder: its printed words."""
+    done = subprocess.run([sys.executable, "-c", probe, str(model_dir)],
+                          env={**os.environ, RECORD_DIR_ENV: str(records)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
 
+
+def test_a_recorded_start_skips_the_family_config_module(smollm2_dir, records):
     def run() -> list[str]:
-        done = subprocess.run([sys.executable, "-c", PROBE, str(smollm2_dir)], env=env,
-                              capture_output=True, text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout.split()
+        return run_probe(PROBE, smollm2_dir, records)
 
     first, second = run(), run()
     assert first[-2:] == ["True", "True"] and second[-2:] == ["False", "False"]
