@@ -957,69 +957,14 @@ void merge_group(const Params& p, const MergeGroup& mg, const float* partial, fl
 }
 
 // One head's d values of a new key/value into the cache: a copy, or (fp8) each rounded.
+// One (token, kv head) row of the cache from the model's key or value row: copied; rounded to
+// fp8 e5m2; or, for an int8 cache, int8 values x / scale rounded to nearest even, scale =
+// max |x| / 127 in fp32 (0 for a row of zeros: all values 0), stored after them.
 template <typename src_t, typename cache_t>
 inline void write_row(cache_t* dst, const src_t* src, int64_t d) {
   if constexpr (std::is_same_v<src_t, cache_t>) {
     std::memcpy(dst, src, d * sizeof(cache_t));
-  } else {
-    static_assert(std::is_same_v<cache_t, fp8_t>, "only the fp8 cache converts");
-    for (int64_t i = 0; i < d; ++i) dst[i].bits = float_to_fp8(load1(src, i));
-  }
-}
-
-template <typename src_t, typename cache_t>
-void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_cache,
-              const at::Tensor& slot_mapping, int nt) {
-  const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), d = key.size(2);
-  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t i = 0; i < num_tokens; ++i) {
-    TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots, "slot_mapping[", i, "] = ", slots[i],
-                " is outside the cache's ", num_slots, " slots");
-  }
-  const src_t* k = static_cast<const src_t*>(key.data_ptr());
-  const src_t* v = static_cast<const src_t*>(value.data_ptr());
-  cache_t* kc = static_cast<cache_t*>(kv_cache.data_ptr());
-  cache_t* vc = kc + num_slots * num_kv_heads * d;
-  const int64_t ks0 = key.stride(0), ks1 = key.stride(1);
-  const int64_t vs0 = value.stride(0), vs1 = value.stride(1);
-  const auto write_token = [&](int64_t i) {
-    cache_t* kdst = kc + slots[i] * num_kv_heads * d;
-    cache_t* vdst = vc + slots[i] * num_kv_heads * d;
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
-      write_row(kdst + h * d, k + i * ks0 + h * ks1, d);
-      write_row(vdst + h * d, v + i * vs0 + h * vs1, d);
-    }
-  };
-  if (num_tokens < 256) {  // NOTE: no parallel region (an if(false) one still sets up a team)
-    for (int64_t i = 0; i < num_tokens; ++i) write_token(i);
-    return;
-  }
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < num_tokens; ++i) write_token(i);
-}
-
-// write_kv for an int8 cache: each (token, kv head) row as int8 values x / scale, rounded to
-// nearest even, scale = max |x| / 127 in fp32 (0 for a row of zeros: all values 0), stored
-// after them.
-template <typename src_t>
-void write_kv_int8(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_cache,
-                   const at::Tensor& slot_mapping, int nt) {
-  const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), d = key.size(2);
-  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
-  const int64_t row_bytes = kv_cache.size(4);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t i = 0; i < num_tokens; ++i) {
-    TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots, "slot_mapping[", i, "] = ", slots[i],
-                " is outside the cache's ", num_slots, " slots");
-  }
-  const src_t* k = static_cast<const src_t*>(key.data_ptr());
-  const src_t* v = static_cast<const src_t*>(value.data_ptr());
-  int8_t* kc = static_cast<int8_t*>(kv_cache.data_ptr());
-  int8_t* vc = kc + num_slots * num_kv_heads * row_bytes;
-  const int64_t ks0 = key.stride(0), ks1 = key.stride(1);
-  const int64_t vs0 = value.stride(0), vs1 = value.stride(1);
-  const auto write_row = [&](int8_t* dst, const src_t* src) {
+  } else if constexpr (std::is_same_v<cache_t, int8_t>) {
     float amax = 0.f;
     for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(load1(src, i)));
     const float scale = amax / 127.f;
@@ -1028,14 +973,40 @@ void write_kv_int8(const at::Tensor& key, const at::Tensor& value, const at::Ten
       dst[i] = static_cast<int8_t>(std::clamp(q, -127.f, 127.f));
     }
     std::memcpy(dst + d, &scale, sizeof scale);
-  };
+  } else {
+    static_assert(std::is_same_v<cache_t, fp8_t>, "only the fp8 and int8 caches convert");
+    for (int64_t i = 0; i < d; ++i) dst[i].bits = float_to_fp8(load1(src, i));
+  }
+}
+
+// Each token's key and value rows into its slot (a row of the cache holds head_size elements,
+// or head_size int8 values and their scale: kv_cache.size(4)).
+template <typename src_t, typename cache_t>
+void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& kv_cache,
+              const at::Tensor& slot_mapping, int nt) {
+  const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), d = key.size(2);
+  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
+  const int64_t row = kv_cache.size(4);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_tokens; ++i) {
+    TORCH_CHECK(slots[i] >= 0 && slots[i] < num_slots, "slot_mapping[", i, "] = ", slots[i],
+                " is outside the cache's ", num_slots, " slots");
+  }
+  const src_t* k = static_cast<const src_t*>(key.data_ptr());
+  const src_t* v = static_cast<const src_t*>(value.data_ptr());
+  cache_t* kc = static_cast<cache_t*>(kv_cache.data_ptr());
+  cache_t* vc = kc + num_slots * num_kv_heads * row;
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1);
+  const int64_t vs0 = value.stride(0), vs1 = value.stride(1);
   const auto write_token = [&](int64_t i) {
+    cache_t* kdst = kc + slots[i] * num_kv_heads * row;
+    cache_t* vdst = vc + slots[i] * num_kv_heads * row;
     for (int64_t h = 0; h < num_kv_heads; ++h) {
-      write_row(kc + (slots[i] * num_kv_heads + h) * row_bytes, k + i * ks0 + h * ks1);
-      write_row(vc + (slots[i] * num_kv_heads + h) * row_bytes, v + i * vs0 + h * vs1);
+      write_row(kdst + h * row, k + i * ks0 + h * ks1, d);
+      write_row(vdst + h * row, v + i * vs0 + h * vs1, d);
     }
   };
-  if (num_tokens < 256) {
+  if (num_tokens < 256) {  // NOTE: no parallel region (an if(false) one still sets up a team)
     for (int64_t i = 0; i < num_tokens; ++i) write_token(i);
     return;
   }
@@ -1678,9 +1649,9 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
 
   const int nt = std::max(1, at::get_num_threads());
   if (int8 && kv_dtype == at::kFloat) {
-    write_kv_int8<float>(key, value, kv_cache, slot_mapping, nt);
+    write_kv<float, int8_t>(key, value, kv_cache, slot_mapping, nt);
   } else if (int8) {
-    write_kv_int8<bf16_t>(key, value, kv_cache, slot_mapping, nt);
+    write_kv<bf16_t, int8_t>(key, value, kv_cache, slot_mapping, nt);
   } else if (fp8 && kv_dtype == at::kFloat) {
     write_kv<float, fp8_t>(key, value, kv_cache, slot_mapping, nt);
   } else if (fp8) {
