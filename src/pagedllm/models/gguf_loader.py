@@ -23,12 +23,15 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import PretrainedConfig
 
 from pagedllm.layers.quantization.gguf import KERNEL_TYPES
+
+if TYPE_CHECKING:  # NOTE: transformers costs about a second of a start to import
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
