@@ -208,14 +208,29 @@ def _skip_value(buf, pos: int, value_type: int) -> int:
     return pos
 
 
-def _tensor_info(buf, data_start: int, name: str, dims: tuple[int, ...], tensor_type: int,
-                 offset: int) -> GGUFTensorInfo:
+# (values per block, bytes per block) of the common GGML types, as the gguf package's
+# GGML_QUANT_SIZES gives them: the header is read without importing that package (0.1 s of a
+# start that then reads its weights from models/gguf_cache.py), which is asked for the others.
+_BLOCK_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24),
+                8: (32, 34), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
+                14: (256, 210), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
+                30: (1, 2)}
+
+
+def _block_size(name: str, tensor_type: int) -> tuple[int, int]:
+    if tensor_type in _BLOCK_SIZES:
+        return _BLOCK_SIZES[tensor_type]
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
+        return GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
     except (ValueError, KeyError):
         raise UnsupportedGGUF(f"tensor {name!r} has an unknown GGML type {tensor_type}") from None
+
+
+def _tensor_info(buf, data_start: int, name: str, dims: tuple[int, ...], tensor_type: int,
+                 offset: int) -> GGUFTensorInfo:
+    block, type_size = _block_size(name, tensor_type)
     shape = tuple(reversed(dims))  # rows first
     num_elements = math.prod(dims)
     if tensor_type in _PLAIN_TYPES:
@@ -272,6 +287,12 @@ def _reader(path: Path, keep: bool) -> GGUFIndex:
 
 def gguf_architecture(path: Path) -> str:
     return _reader(path, keep=True).architecture
+
+
+def forget_index() -> None:
+    """Drops the index gguf_architecture kept, where no weight pass follows (the weights came
+    from models/gguf_cache.py)."""
+    _parsed.clear()
 
 
 def _unpermute_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 The loader reads files; each model maps the checkpoint's names onto its parameters itself
 (`load_weights`, see models/interface.py). Where the packed-weight cache holds the model's
 packing (models/packed_cache.py), the linear layers' weights are checked for shape but not
-read: the packing replaces them.
+read: the packing replaces them. A GGUF kept quantized is read from its own cache
+(models/gguf_cache.py) where that holds it, and then not at all.
 """
 
 from __future__ import annotations
@@ -95,11 +96,16 @@ def build_model(
     _materialize(causal_lm, torch.device(device))
     causal_lm.init_buffers()
     if isinstance(quant_config, GGUFConfig):
-        from pagedllm.models.gguf_loader import gguf_weights
+        from pagedllm.models import gguf_loader
+        from pagedllm.models.gguf_cache import GGUFWeightCache
 
-        float_names = () if embeds_blocks else ("token_embd.weight",)
-        _load_checked(causal_lm, gguf_weights(gguf_path, config, float_names, tied_gguf_head),
-                      str(gguf_path))
+        cache = GGUFWeightCache.for_model(causal_lm, gguf_path, dtype)
+        if cache is not None and cache.map_into(causal_lm):
+            gguf_loader.forget_index()  # the architecture check's; no weight pass follows
+        else:
+            float_names = () if embeds_blocks else ("token_embd.weight",)
+            weights = gguf_loader.gguf_weights(gguf_path, config, float_names, tied_gguf_head)
+            _load_checked(causal_lm, weights, str(gguf_path))
     else:
         packed = _packed_from_cache(causal_lm, dtype) if quant_config is None else []
         load_weights(causal_lm, model_dir)

@@ -34,7 +34,6 @@ import struct
 import tempfile
 import time
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,6 +61,8 @@ _MASK = (1 << 64) - 1
 # Models that map_into checked before their weights were read: True where their layers hold the
 # file's packing, False where the file was not usable.
 _mapped: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+# Caches a loader chose for its model before the weights were read (register).
+_registered: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
 
 
 def cache_enabled() -> bool:
@@ -130,14 +131,12 @@ def cache_key(model: nn.Module, model_dir: Path, dtype: torch.dtype | None = Non
     }
 
 
-def cache_path(key: dict) -> Path:
-    """`<slot>-<key digest>.bin`: the slot is the model directory with the settings a user
-    may switch between (dtypes, rank), so that a new file replaces only its own slot's old
-    ones (the model or code changed), never another dtype's."""
+def cache_path(key: dict, slot: list) -> Path:
+    """`<slot digest>-<key digest>.bin`: the slot is the model with the settings a user may
+    switch between (dtypes, rank), so that a new file replaces only its own slot's old ones
+    (the model or code changed), never another dtype's."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    slot = json.dumps([key["model_dir"], key["tp"], key["tied_head"],
-                       sorted({layer[2] for layer in key["layers"]})])
-    where = hashlib.sha256(slot.encode()).hexdigest()
+    where = hashlib.sha256(json.dumps(slot).encode()).hexdigest()
     return cache_dir() / f"{where[:12]}-{digest[:24]}.bin"
 
 
@@ -157,95 +156,32 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-class PackedWeightCache:
-    """The cache file of one model's packing: `load` fills the model from it, `store` writes
-    it after packing."""
+# A group of the file: (name, settings as JSON, tensors by name).
+Group = tuple[str, dict, dict[str, torch.Tensor]]
 
-    def __init__(self, key: dict) -> None:
+
+class CacheFile:
+    """One cache file of named groups of tensors with their settings: read whole and checked
+    (key, size, checksum; see the module docstring) into one buffer in 2 MB pages, written
+    atomically. `key`: what the bytes depend on; `slot`: see cache_path."""
+
+    def __init__(self, key: dict, slot: list) -> None:
         self.key = json.loads(json.dumps(key))  # as the header reads back (lists, not tuples)
-        self.path = cache_path(self.key)
+        self.path = cache_path(self.key, slot)
 
-    @classmethod
-    def for_model(cls, model: nn.Module, dtype: torch.dtype | None = None
-                  ) -> PackedWeightCache | None:
-        """The model's cache, or None where it has none (turned off, no model directory,
-        quantized layers); `dtype` as in cache_key."""
-        if not cache_enabled():
-            return None
-        model_dir = model_dir_of(model)
-        if model_dir is None:
-            return None
-        try:
-            key = cache_key(model, model_dir, dtype)
-        except OSError as exc:
-            logger.info("packed weights not cached: %s", exc)
-            return None
-        return None if key is None else cls(key)
-
-    # ---- reading -----------------------------------------------------------------------
-
-    def map_into(self, model: nn.Module) -> list[LinearBase] | None:
-        """Before the weights are read: gives every linear layer (and a tied head) its packing
-        from the file, read and checked whole, and returns those layers, whose weights the
-        loader then need not read; None (nothing changed) where the file is missing, stale or
-        damaged, which is then logged."""
-        weights = self._usable(model, self._read)
-        _mapped[model] = weights is not None
-        if weights is None:
-            return None
-        layers = self._give(model, weights)
-        return [layer for _, layer in layers]
-
-    def load(self, model: nn.Module) -> int | None:
-        """Gives every linear layer (and a tied head) its packed weight from the file; the
-        number of packed weights, or None (nothing changed) where the file is missing, stale or
-        damaged, which is then logged. After map_into, counts what it gave (or answers None
-        at once where it found no usable file)."""
-        mapped = _mapped.pop(model, None)
-        if mapped is False:
-            return None
-        if mapped:
-            return len(_packed_layers(model))
-        weights = self._usable(model, self._read)
-        if weights is None:
-            return None
-        self._give(model, weights)
-        return len(weights)
-
-    def _usable(self, model: nn.Module, read: Callable[[], dict[str, PackedWeight]]
-                ) -> dict[str, PackedWeight] | None:
-        """read()'s packing where the file exists, is whole and holds the model's layers."""
+    def read_groups(self) -> list[Group] | None:
+        """The file's groups, as views of one buffer in 2 MB pages holding its payload; None
+        where the file is missing, or damaged or another key's (then logged)."""
         if not self.path.is_file():
             return None
         try:
-            weights = read()
+            return self._read_groups()
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             logger.warning("the packed-weight cache %s is not usable (%s): packing again",
                            self.path, exc)
             return None
-        layers = _dense_layers(model) or []
-        names = [name for name, _ in layers] + ([TIED_HEAD] if model.lm_head is None else [])
-        if sorted(weights) != sorted(names):
-            logger.warning("the packed-weight cache %s holds other layers: packing again",
-                           self.path)
-            return None
-        return weights
 
-    @staticmethod
-    def _give(model: nn.Module, weights: dict[str, PackedWeight]) -> list[tuple[str, LinearBase]]:
-        layers = _dense_layers(model) or []
-        for name, layer in layers:
-            layer.batch_hint, layer.batch_invariant = BATCH_HINT, BATCH_INVARIANT
-            layer.packed = weights[name]
-            # The packed copy replaces the plain weight, as the dense method does.
-            layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
-        if model.lm_head is None:
-            model.tied_lm_head = weights[TIED_HEAD]
-        return layers
-
-    def _read(self) -> dict[str, PackedWeight]:
-        """The file's packing, checked whole, as views of one buffer in 2 MB pages holding its
-        payload (the plain biases copied out)."""
+    def _read_groups(self) -> list[Group]:
         from pagedllm.worker.host_memory import huge_page_buffer
 
         with open(self.path, "rb") as f:
@@ -265,32 +201,22 @@ class PackedWeightCache:
                 raise ValueError("truncated while read")
         if _word_sum(payload) != header["checksum"]:
             raise ValueError("checksum mismatch")
-        weights = {}
+        groups = []
         for entry in header["entries"]:
             tensors = {}
             for name, (dtype, shape, at, nbytes) in entry["tensors"].items():
                 dtype = getattr(torch, dtype)
                 if math.prod(shape) * dtype.itemsize != nbytes or at + nbytes > size:
                     raise ValueError(f"{entry['name']}.{name}: size mismatch")
-                view = payload[at:at + nbytes].view(dtype).view(tuple(shape))
-                tensors[name] = view.clone() if name == "plain_bias" else view
-            weights[entry["name"]] = PackedWeight.from_cache_state(entry["meta"], tensors)
-        return weights  # the buffer lives as long as the views into it
+                tensors[name] = payload[at:at + nbytes].view(dtype).view(tuple(shape))
+            groups.append((entry["name"], entry["meta"], tensors))
+        return groups  # the buffer lives as long as the views into it
 
-    # ---- writing -----------------------------------------------------------------------
-
-    def store(self, model: nn.Module) -> bool:
-        """Writes the model's packed weights (atomically); False where some weight is not
-        cacheable (oneDNN's layout, an unpacked layer) or the write failed."""
-        layers = _dense_layers(model) or []
-        packed = [(name, layer.packed) for name, layer in layers]
-        if model.lm_head is None:
-            packed.append((TIED_HEAD, model.tied_lm_head))
-        states = [(name, None if w is None else w.cache_state()) for name, w in packed]
-        if not states or any(state is None for _, state in states):
-            return False
+    def write_groups(self, groups: list[Group]) -> bool:
+        """Writes the groups (atomically) and removes this slot's older files; False where the
+        write failed (logged)."""
         entries, blobs, at, checksum = [], [], 0, 0
-        for name, (meta, tensors) in states:
+        for name, meta, tensors in groups:
             described = {}
             for attr, tensor in tensors.items():
                 data = _as_bytes(tensor)
@@ -308,9 +234,13 @@ class PackedWeightCache:
         header_len = len(json.dumps(header).encode())
         header["payload_offset"] = _aligned(len(MAGIC) + 8 + header_len)
         encoded = json.dumps(header).encode().ljust(header_len)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
-                                   dir=self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
+                                       dir=self.path.parent)
+        except OSError as exc:
+            logger.warning("packed weights not cached in %s: %s", self.path, exc)
+            return False
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(MAGIC + struct.pack("<Q", header_len) + encoded)
@@ -327,8 +257,8 @@ class PackedWeightCache:
         return True
 
     def _remove_stale(self) -> None:
-        """Deletes this model's older files (another key) and files of model directories that
-        are gone; temporary files over an hour old (a writer that died)."""
+        """Deletes this slot's older files (another key) and files of models that are gone;
+        temporary files over an hour old (a writer that died)."""
         prefix = self.path.name.split("-")[0] + "-"
         for other in self.path.parent.iterdir():
             try:
@@ -336,21 +266,148 @@ class PackedWeightCache:
                     if time.time() - other.stat().st_mtime > 3600:
                         other.unlink()
                 elif other != self.path and other.suffix == ".bin" and (
-                        other.name.startswith(prefix) or not _model_dir_exists(other)):
+                        other.name.startswith(prefix) or not _model_exists(other)):
                     other.unlink()
             except OSError:
                 pass  # another process removed or replaced it meanwhile
 
 
-def _model_dir_exists(path: Path) -> bool:
+class PackedWeightCache(CacheFile):
+    """The cache file of one dense model's packing: `load` fills the model from it, `store`
+    writes it after packing."""
+
+    def __init__(self, key: dict) -> None:
+        super().__init__(key, [key["model_dir"], key["tp"], key["tied_head"],
+                               sorted({layer[2] for layer in key["layers"]})])
+
+    @classmethod
+    def for_model(cls, model: nn.Module, dtype: torch.dtype | None = None
+                  ) -> CacheFile | None:
+        """The model's cache, or None where it has none (turned off, no model directory,
+        quantized layers); `dtype` as in cache_key. A loader that chose another cache for
+        the model before its weights were read (register) gets that one."""
+        if not cache_enabled():
+            return None
+        chosen = _registered.get(model)
+        if chosen is not None:
+            return chosen
+        model_dir = model_dir_of(model)
+        if model_dir is None:
+            return None
+        try:
+            key = cache_key(model, model_dir, dtype)
+        except OSError as exc:
+            logger.info("packed weights not cached: %s", exc)
+            return None
+        return None if key is None else cls(key)
+
+    # ---- reading -----------------------------------------------------------------------
+
+    def map_into(self, model: nn.Module) -> list[LinearBase] | None:
+        """Before the weights are read: gives every linear layer (and a tied head) its packing
+        from the file, read and checked whole, and returns those layers, whose weights the
+        loader then need not read; None (nothing changed) where the file is missing, stale or
+        damaged, which is then logged."""
+        weights = self._usable(model)
+        _mapped[model] = weights is not None
+        if weights is None:
+            return None
+        layers = self._give(model, weights)
+        return [layer for _, layer in layers]
+
+    def load(self, model: nn.Module) -> int | None:
+        """Gives every linear layer (and a tied head) its packed weight from the file; the
+        number of packed weights, or None (nothing changed) where the file is missing, stale or
+        damaged, which is then logged. After map_into, counts what it gave (or answers None
+        at once where it found no usable file)."""
+        mapped = _mapped.pop(model, None)
+        if mapped is False:
+            return None
+        if mapped:
+            return len(_packed_layers(model))
+        weights = self._usable(model)
+        if weights is None:
+            return None
+        self._give(model, weights)
+        return len(weights)
+
+    def _usable(self, model: nn.Module) -> dict[str, PackedWeight] | None:
+        """The file's packing where the file exists, is whole and holds the model's layers."""
+        groups = self.read_groups()
+        if groups is None:
+            return None
+        try:
+            weights = self._weights(groups)
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            logger.warning("the packed-weight cache %s is not usable (%s): packing again",
+                           self.path, exc)
+            return None
+        layers = _dense_layers(model) or []
+        names = [name for name, _ in layers] + ([TIED_HEAD] if model.lm_head is None else [])
+        if sorted(weights) != sorted(names):
+            logger.warning("the packed-weight cache %s holds other layers: packing again",
+                           self.path)
+            return None
+        return weights
+
+    @staticmethod
+    def _weights(groups: list[Group]) -> dict[str, PackedWeight]:
+        weights = {}
+        for name, meta, tensors in groups:
+            if "plain_bias" in tensors:  # copied out (the plain biases)
+                tensors["plain_bias"] = tensors["plain_bias"].clone()
+            weights[name] = PackedWeight.from_cache_state(meta, tensors)
+        return weights
+
+    @staticmethod
+    def _give(model: nn.Module, weights: dict[str, PackedWeight]) -> list[tuple[str, LinearBase]]:
+        layers = _dense_layers(model) or []
+        for name, layer in layers:
+            layer.batch_hint, layer.batch_invariant = BATCH_HINT, BATCH_INVARIANT
+            layer.packed = weights[name]
+            # The packed copy replaces the plain weight, as the dense method does.
+            layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
+        if model.lm_head is None:
+            model.tied_lm_head = weights[TIED_HEAD]
+        return layers
+
+    def _read(self) -> dict[str, PackedWeight]:
+        """The file's packing, checked whole (raises where it is not usable)."""
+        return self._weights(self._read_groups())
+
+    # ---- writing -----------------------------------------------------------------------
+
+    def store(self, model: nn.Module) -> bool:
+        """Writes the model's packed weights (atomically); False where some weight is not
+        cacheable (oneDNN's layout, an unpacked layer) or the write failed."""
+        layers = _dense_layers(model) or []
+        packed = [(name, layer.packed) for name, layer in layers]
+        if model.lm_head is None:
+            packed.append((TIED_HEAD, model.tied_lm_head))
+        states = [(name, None if w is None else w.cache_state()) for name, w in packed]
+        if not states or any(state is None for _, state in states):
+            return False
+        return self.write_groups([(name, meta, tensors) for name, (meta, tensors) in states])
+
+
+def register(model: nn.Module, cache: object) -> None:
+    """Makes `cache` (with PackedWeightCache's load/store) the one pack_weights uses for
+    `model`: a loader's choice made before the weights were read (models/gguf_cache.py)."""
+    _registered[model] = cache
+
+
+def _model_exists(path: Path) -> bool:
+    """Whether the model a cache file was written for (its key's model_dir or model_file) is
+    still there; True where the file is unreadable (being written?): leave it."""
     try:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC) + 8)
             (header_len,) = struct.unpack("<Q", head[len(MAGIC):])
-            model_dir = json.loads(f.read(header_len))["key"]["model_dir"]
+            key = json.loads(f.read(header_len))["key"]
+            model = key.get("model_dir") or key["model_file"]
     except (OSError, ValueError, KeyError, struct.error):
-        return True  # unreadable (being written?): leave it
-    return Path(model_dir).is_dir()
+        return True
+    return Path(model).exists()
 
 
 def _packed_layers(model: nn.Module) -> list[tuple[str, PackedWeight]]:
