@@ -259,3 +259,32 @@ def test_a_dense_start_of_the_same_gguf_keeps_its_own_file(model_file, cache_dir
         data, header_len = _header(path)
         kinds.append(json.loads(data[16:16 + header_len])["key"].get("kind", "dense"))
     assert sorted(kinds) == ["dense", "gguf"]
+
+
+def test_the_header_block_sizes_are_the_gguf_packages():
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for ggml_type, sizes in gguf_loader._BLOCK_SIZES.items():
+        assert GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)] == sizes, ggml_type
+
+
+IMPORTS_CHILD = r"""
+import json, sys
+from pagedllm import LLM
+LLM(sys.argv[1], quantization="auto", num_kv_blocks=16, block_size=8)
+print("MODULES " + json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_a_warm_start_imports_neither_transformers_nor_the_gguf_package(model_file, cache_dir):
+    # transformers costs about a second of a start, the gguf package 0.1 s; a warm start reads
+    # the config and tokenizer from their records and the weights from the cache.
+    start(model_file)  # writes the records and the cache
+    result = subprocess.run([sys.executable, "-c", IMPORTS_CHILD, str(model_file)],
+                            env=dict(os.environ), capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("MODULES "))
+    modules = set(json.loads(line[len("MODULES "):]))
+    assert "torch" in modules and not {"transformers", "gguf"} & modules, \
+        sorted({"transformers", "gguf"} & modules)
