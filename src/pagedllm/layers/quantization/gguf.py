@@ -247,6 +247,13 @@ def _dequantize(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Te
 # workload ran 0.84x dense bf16 with 16/32 and 1.01-1.13x with 8/16 (docs/benchmarks.md), but
 # 8/16's greedy answer to the quickstart's question departs from the file's at the first token
 # (16/32 and the dequantized file answer alike), so the default keeps 16 bits.
+# NOTE: that first token is a near tie ("The" against "L": 0.08 nats apart in the file
+# dequantized to fp32, 0.16 in bf16), and no single projection or layer moves it: with 16 bits
+# on one kind of projection (q/k/v, o, gate/up or down) or on the first and last two layers and
+# 8/16 elsewhere, the answer flips by chance with the dtype, and top-1 stays at 97.4-97.8%
+# against 8/16's 97.1% (an emulation on 4,096 tokens; benchmarks/answers.py checks the answers).
+# 16-bit activations run two VPDPBUSD per 64 products, as many instructions as dense bf16's
+# VDPBF16PS plus the blocks' scaling, so only 8-bit ones can pass dense bf16 on batches.
 ACTIVATIONS_ENV = "PAGEDLLM_GGUF_ACTIVATIONS"
 DEFAULT_ACTIVATIONS = (16, 32)
 HEAD_ACTIVATIONS = (16, 32)
