@@ -1,8 +1,8 @@
 """The GGUF path's ready-to-run weights cached on disk, so that a warm start with the GGUF kept
 quantized reads one file instead of the GGUF's blocks and repacking them into panels.
 
-The file is models/packed_cache.py's (CacheFile: the same directory, header, checksum,
-atomic replace and PAGEDLLM_PACKED_WEIGHT_CACHE switch). It holds the model as the loader and
+The file is models/cache_file.py's (CacheFile: the same directory, header, checksum,
+atomic replace and PAGEDLLM_PACKED_WEIGHT_CACHE switch as the dense packing's). It holds the model as the loader and
 pack_weights left it: each GGUF linear layer's runs (layers/quantization/gguf.py: the panel
 bytes and their format, a float part's packing or plain weight, the fp32 bias), each GGUF token
 embedding's blocks (a tied head's panels are those bytes: written once, given to both), and
@@ -32,14 +32,8 @@ from torch import nn
 from pagedllm.layers.linear import LinearBase
 from pagedllm.layers.packed import PackedWeight
 from pagedllm.layers.quantization.gguf import GGUFEmbedding, GGUFLinearMethod, _Run, stored_format
-from pagedllm.models.packed_cache import (
-    BATCH_HINT,
-    BATCH_INVARIANT,
-    CacheFile,
-    Group,
-    cache_enabled,
-    register,
-)
+from pagedllm.models.cache_file import CacheFile, Group, cache_enabled
+from pagedllm.models.packed_cache import BATCH_HINT, BATCH_INVARIANT, register
 from pagedllm.ops import cpu_ops
 
 logger = logging.getLogger(__name__)
@@ -47,7 +41,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 # The sources whose logic decides the cached bytes (the native ones are in the build key).
 _CODE = ("layers/quantization/gguf.py", "models/gguf_loader.py", "models/gguf_cache.py",
-         "models/packed_cache.py", "layers/packed.py", "layers/quantization/dense.py")
+         "models/packed_cache.py", "models/cache_file.py", "layers/packed.py",
+         "layers/quantization/dense.py")
 _PARAMS = "params"
 
 # Models that map_into filled from the file (True) or found no usable file for (False).
