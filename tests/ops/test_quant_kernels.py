@@ -75,7 +75,7 @@ def random_blocks(qtype: QT, n: int, k: int, seed: int) -> np.ndarray:
 def quantized_activations(x: torch.Tensor, bits: int = 16, group: int = 32) -> torch.Tensor:
     """x as the kernel sees it: integer groups of 32, 16 or more (-1: the whole row; the last
     group of a row may be shorter; zero-padded to whole blocks) times their scales."""
-    k = x.shape[1]
+    m, k = x.shape
     qmax = QMAX[bits]
     padded = torch.nn.functional.pad(x.float(), (0, -k % 32))
     parts = []

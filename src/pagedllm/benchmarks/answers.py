@@ -4,9 +4,8 @@ quantized kernels, per activation scheme, against the same file dequantized (qua
 
 Each prompt (the CLI test's "What is the capital of France?" first, then short chat questions)
 is answered greedily for --max-tokens tokens by the dequantized file and by the quantized path
-under each scheme of --schemes (BITS/GROUP, as PAGEDLLM_GGUF_ACTIVATIONS takes them, e.g.
-16/32, 8/16, 16/row; BITS/GROUP+BITS/GROUP: the layers' then the LM head's; set process-wide
-with set_gguf_activations and set_head_activations between runs).
+under each scheme of --schemes (BITS/GROUP, as PAGEDLLM_GGUF_ACTIVATIONS takes them; set
+process-wide with set_gguf_activations between runs, the LM head keeping HEAD_ACTIVATIONS).
 It prints, per scheme, how many answers equal the reference's token for token, the index of
 each answer's first differing token (= where none differs), the first prompt's answer and the
 log-probabilities of its first token's top two candidates (how near a tie it is), and writes
@@ -92,12 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-json", default=str(RESULTS / "answers.json"))
     args = parser.parse_args(argv)
     from pagedllm import LLM
-    from pagedllm.layers.quantization import gguf
+    from pagedllm.layers.quantization.gguf import activation_scheme
     from pagedllm.ops import cpu_ops
 
-    # A scheme NAME or NAME+HEAD: the layers' and the LM head's (default: the process's head).
-    schemes = {s: tuple(gguf.activation_scheme(p) for p in s.split("+"))
-               for s in args.schemes.split(",") if s}
+    schemes = {s: activation_scheme(s) for s in args.schemes.split(",") if s}
     prompts = list(PROMPTS[:args.num_prompts])
     kwargs = {"num_kv_blocks": 256, "enable_prefix_caching": False}
     results: dict[str, dict] = {}
@@ -107,15 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
         results[dtype] = {"reference": compare(reference, reference)}
         llm = LLM(quantization="auto", dtype=dtype, **kwargs)
         ops = cpu_ops()
-        default, head = tuple(ops.gguf_activations()), gguf._head_activations
+        default = tuple(ops.gguf_activations())
         try:
-            for name, parts in schemes.items():
-                ops.set_gguf_activations(*parts[0])
-                gguf.set_head_activations(parts[1] if len(parts) > 1 else head)
+            for name, (bits, group) in schemes.items():
+                ops.set_gguf_activations(bits, group)
                 results[dtype][name] = compare(answer(llm, prompts, args.max_tokens), reference)
         finally:
             ops.set_gguf_activations(*default)
-            gguf.set_head_activations(head)
         del llm
         for name, r in results[dtype].items():
             diffs = " ".join("=" if d is None else str(d) for d in r["first_difference"])

@@ -195,9 +195,9 @@ class GGUFLinearMethod(LinearMethodBase):
             cols = out[:, run.start:run.start + run.size]
             run_bias = run.bias if bias is not None else None
             if run.ggml_type is not None:
-                # The LM head takes head_activations() (16 bits); the layers the process's
-                # (0, 0: set_gguf_activations), as the decoder stack does.
-                bits, group = _head_activations if logits else (0, 0)
+                # The LM head keeps 16-bit activations (HEAD_ACTIVATIONS); the layers take the
+                # process's (0, 0: set_gguf_activations), as the decoder stack does.
+                bits, group = HEAD_ACTIVATIONS if logits else (0, 0)
                 ops.gguf_linear(cols, x2, run.weight, run.ggml_type,
                                 empty if run_bias is None else run_bias, True, bits, group)
             elif run.packed is not None:
@@ -255,54 +255,34 @@ def _dequantize(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Te
 # 16-bit activations run two VPDPBUSD per 64 products, as many instructions as dense bf16's
 # VDPBF16PS plus the blocks' scaling, so only 8-bit ones can pass dense bf16 on batches.
 ACTIVATIONS_ENV = "PAGEDLLM_GGUF_ACTIVATIONS"
-HEAD_ACTIVATIONS_ENV = "PAGEDLLM_GGUF_HEAD_ACTIVATIONS"  # the LM head's (16 bits only)
-ROW = -1  # GROUP "row": one scale per row (the kernels' activation_group -1)
 DEFAULT_ACTIVATIONS = (16, 32)
 HEAD_ACTIVATIONS = (16, 32)
-ACTIVATION_SCHEMES = ((16, 32), (8, 32), (8, 16), (16, ROW), (16, 256))
-_head_activations = HEAD_ACTIVATIONS  # the process's (GGUFConfig sets it)
+ACTIVATION_SCHEMES = ((16, 32), (8, 32), (8, 16))
 
 
-def scheme_name(scheme: tuple[int, int]) -> str:
-    bits, group = scheme
-    return f"{bits}/{'row' if group == ROW else group}"
-
-
-def activation_scheme(value: str | None = None, env: str = ACTIVATIONS_ENV) -> tuple[int, int]:
-    """BITS/GROUP (GROUP a number of inputs or "row"; default: the environment's `env`, else
-    DEFAULT_ACTIVATIONS, or HEAD_ACTIVATIONS for the head's) as a pair; a ValueError names the
-    schemes for anything else."""
-    value = os.environ.get(env) if value is None else value
+def activation_scheme(value: str | None = None) -> tuple[int, int]:
+    """BITS/GROUP (default: the environment's PAGEDLLM_GGUF_ACTIVATIONS, else
+    DEFAULT_ACTIVATIONS) as a pair; a ValueError names the schemes for anything else."""
+    value = os.environ.get(ACTIVATIONS_ENV) if value is None else value
     if not value:
-        return HEAD_ACTIVATIONS if env == HEAD_ACTIVATIONS_ENV else DEFAULT_ACTIVATIONS
+        return DEFAULT_ACTIVATIONS
     try:
-        bits, group = (ROW if v == "row" else int(v) for v in value.split("/"))
+        bits, group = (int(v) for v in value.split("/"))
     except ValueError:
         bits, group = 0, 0
-    allowed = [s for s in ACTIVATION_SCHEMES if env != HEAD_ACTIVATIONS_ENV or s[0] == 16]
-    if (bits, group) not in allowed:
-        raise ValueError(f"{env} must be one of {', '.join(map(scheme_name, allowed))}, "
-                         f"got {value!r}")
+    if (bits, group) not in ACTIVATION_SCHEMES:
+        raise ValueError(f"{ACTIVATIONS_ENV} must be one of "
+                         f"{', '.join(f'{b}/{g}' for b, g in ACTIVATION_SCHEMES)}, got {value!r}")
     return bits, group
-
-
-def set_head_activations(scheme: tuple[int, int]) -> None:
-    """The LM head's activation scheme for this process (as set_gguf_activations the layers')."""
-    global _head_activations
-    _head_activations = scheme
 
 
 class GGUFConfig(QuantizationConfig):
     """A GGUF file's own types: every linear layer on the GGUF method. The kernels' activations
     (activation_scheme) are the process's setting, which the decoder stack's calls take too."""
 
-    def __init__(self, activations: tuple[int, int] | None = None,
-                 head_activations: tuple[int, int] | None = None) -> None:
+    def __init__(self, activations: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.activations = activation_scheme() if activations is None else activations
-        self.head_activations = (activation_scheme(env=HEAD_ACTIVATIONS_ENV)
-                                 if head_activations is None else head_activations)
-        set_head_activations(self.head_activations)
         ops = cpu_ops()
         if ops is not None:
             ops.set_gguf_activations(*self.activations)
