@@ -106,8 +106,6 @@ void dequantize_row(const Weight& w, int64_t n, float* out);
 
 // The activations' precision unless a caller asks for another: 16 bits (see linear).
 constexpr int64_t kDefaultActivationBits = 16;
-// activation_group for one scale per row (16-bit activations on the panel formats only).
-constexpr int64_t kRowActivationGroup = -1;
 // Values per activation scale unless a caller asks for another: 32, a scale per weight block
 // (16: two scales per 32-value block, 8-bit activations on the panel formats only).
 constexpr int64_t kDefaultActivationGroup = 32;
@@ -125,9 +123,7 @@ void linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tens
 int active_quant_isa();
 
 // linear() with quantized activations for a weight of a panel format (quant_panels.cpp).
-// activation_group 16 (8-bit activations only): a scale per 16 inputs, two per 32-value block;
-// kRowActivationGroup or a multiple of 32 above 32 (16-bit activations only): a scale per row,
-// or per that many inputs of a row (the last group of a row may be shorter).
+// activation_group 16 (8-bit activations only): a scale per 16 inputs, two per 32-value block.
 void panel_linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at::Tensor& bias,
                   int64_t activation_bits, int64_t activation_group = kDefaultActivationGroup);
 
@@ -138,16 +134,11 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at
 // corr[(m * nb + b) * H + h] = zero * S_h (int32, S_h the sum of the half's quantized values);
 // for those with a minimum (never two halves of their own), corr[m * nb + b] = the sum over
 // the block's groups of dx_g * S_g (float bits: dx * S, or fma(dx_1, S_1, dx_0 * S_0)).
-// Span scaling (groups 0, 16-bit activations only): one scale per `span` blocks of a row
-// (span >= nb: one per row), dx[m * ceil(nb / span) + b / span]; the terms of the formats
-// with a minimum are then the block's sum S itself, corr[m * nb + b] = float(S) as float bits
-// (exact: |S| < 2^24), and those with a zero keep zero * S_h.
 struct PanelActs {
   const int8_t* a;
   const float* dx;
   const int32_t* corr;
   int64_t nb;
-  int64_t span = 1;  // blocks per scale (groups 0)
 };
 
 // A work item's rows m_begin .. m_end - 1 times its panels pan[0 .. num_panels) (1 or 2;
@@ -159,8 +150,7 @@ using PanelRowsFn = void (*)(const PanelActs& acts, int64_t m_begin, int64_t m_e
                              int64_t N, void* out, int64_t ldo, const float* bias,
                              int prefetch_bytes);
 // The rows function for a panel format's GGML type, activation planes (1: 8 bits, 2: 16),
-// activation scales per 32-value block (groups: 1, or 2 with one plane; 0 with two planes:
-// one per PanelActs::span blocks), integer path
+// activation scales per 32-value block (groups: 1, or 2 with one plane), integer path
 // (active_quant_isa) and output type.
 PanelRowsFn panel_rows_fn(int64_t base, int planes, int groups, int isa, bool out_bf16);
 

@@ -273,11 +273,9 @@ std::atomic<GgufActivations> g_activations{GgufActivations{16, 32}};
 }  // namespace
 
 void set_gguf_activations(int64_t bits, int64_t group) {
-  const bool span = group == kRowActivationGroup || (group > 32 && group % 32 == 0);
-  TORCH_CHECK((bits == 8 || bits == 16) &&
-                  (group == 32 || (group == 16 && bits == 8) || (span && bits == 16)),
-              "GGUF activations are 8 or 16 bits per 32 inputs, 8 bits per 16, or 16 bits per "
-              "row (-1) or per a multiple of 32 inputs; got ", bits, " bits per ", group);
+  TORCH_CHECK((bits == 8 || bits == 16) && (group == 32 || (group == 16 && bits == 8)),
+              "GGUF activations are 8 or 16 bits per 32 inputs, or 8 bits per 16; got ", bits,
+              " bits per ", group);
   g_activations.store({static_cast<int32_t>(bits), static_cast<int32_t>(group)});
 }
 
@@ -297,8 +295,8 @@ void gguf_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, 
   if (is_panel_format(format) && quantize_activations) {
     panel_linear(out, x, w, bias, activation_bits, activation_group);
   } else {
-    TORCH_CHECK(activation_group == 32 || !quantize_activations, "activation_group ",
-                activation_group, " needs a weight repacked into panels (gguf_pack_panels_)");
+    TORCH_CHECK(activation_group == 32 || !quantize_activations,
+                "activation_group 16 needs a weight repacked into panels (gguf_pack_panels_)");
     linear(out, x, w, bias, quantize_activations, activation_bits);
   }
 }

@@ -312,80 +312,12 @@ void quantize_row_blocks(const T* x, int64_t K, int planes, int groups, int zero
   }
 }
 
-// A row quantized to 16-bit activations with one scale per `span` blocks (span scaling,
-// quant.h's PanelActs): dx[g] = max |group g| / kQ16Max, the blocks' values as
-// quantize_row_blocks' two planes, their terms: zero * S_h (int32, per half where `halves` is
-// 2) for formats with a zero, float(S) (float bits) for those with a minimum.
-template <typename T>
-void quantize_row_span(const T* x, int64_t K, int64_t span, int zero, bool has_min, int halves,
-                       int8_t* a, float* dx, int32_t* corr) {
-  const int64_t nb = K / 32;
-  for (int64_t g0 = 0; g0 < nb; g0 += span) {
-    const int64_t g1 = std::min(nb, g0 + span);
-    float amax = 0.0f;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && PA_LANES == 16
-    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-    __m512 vmax = _mm512_setzero_ps();
-    for (int64_t i = g0 * 32; i < g1 * 32; i += 16) {
-      vmax = _mm512_max_ps(vmax,
-                           _mm512_and_ps(reinterpret_cast<__m512>(vec::load(x + i)), abs_mask));
-    }
-    amax = _mm512_reduce_max_ps(vmax);
-#else
-    for (int64_t i = g0 * 32; i < g1 * 32; ++i) amax = std::max(amax, std::abs(vec::load1(x, i)));
-#endif
-    const float d = amax / static_cast<float>(kQ16Max);
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    dx[g0 / span] = d;
-    for (int64_t b = g0; b < g1; ++b) {
-      int8_t* out = a + b * 64;
-      int sum[2];
-#if defined(__AVX512F__) && defined(__AVX512BW__) && PA_LANES == 16
-      // As the scalar code below (VCVTPS2DQ rounds to nearest even, as nearbyint).
-      const __m512i lim = _mm512_set1_epi32(kQ16Max), neg_lim = _mm512_set1_epi32(-kQ16Max);
-      for (int i = 0; i < 2; ++i) {
-        const __m512 v = reinterpret_cast<__m512>(vec::load(x + b * 32 + 16 * i));
-        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(id)));
-        q = _mm512_max_epi32(_mm512_min_epi32(q, lim), neg_lim);
-        const __m512i h = _mm512_cvtps_epi32(
-            _mm512_div_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(255.0f)));
-        const __m512i lo = _mm512_sub_epi32(q, _mm512_sub_epi32(_mm512_slli_epi32(h, 8), h));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * i), _mm512_cvtepi32_epi8(h));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 + 16 * i), _mm512_cvtepi32_epi8(lo));
-        sum[i] = _mm512_reduce_add_epi32(q);
-      }
-#else
-      sum[0] = sum[1] = 0;
-      for (int i = 0; i < 32; ++i) {
-        const float v = vec::load1(x, b * 32 + i);
-        const int q = std::clamp(static_cast<int>(std::nearbyint(v * id)), -kQ16Max, kQ16Max);
-        const int h = q >= 0 ? (q + 127) / 255 : -((127 - q) / 255);
-        out[i] = static_cast<int8_t>(h);
-        out[32 + i] = static_cast<int8_t>(q - 255 * h);
-        sum[i / 16] += q;
-      }
-#endif
-      if (has_min) {
-        const float t = static_cast<float>(sum[0] + sum[1]);
-        std::memcpy(corr + b, &t, 4);
-      } else if (halves == 2) {
-        corr[2 * b] = zero * sum[0];
-        corr[2 * b + 1] = zero * sum[1];
-      } else {
-        corr[b] = zero * (sum[0] + sum[1]);
-      }
-    }
-  }
-}
-
 template <typename O, typename X>
 void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const Weight& w,
-                const float* bias, int planes, int groups, int64_t span) {
+                const float* bias, int planes, int groups) {
   const int64_t base = w.format - kPanelFormat;
   const FormatInfo info = format_info(base);
   const int64_t K = w.K, nb = K / 32, N = w.N;
-  // groups 0 (span scaling): one scale per span blocks, scales_per_row of them.
-  const int64_t scales_per_row = groups == 0 ? (nb + span - 1) / span : nb * groups;
   const int64_t full = N / kRows, num_panels = (N + kRows - 1) / kRows;
   const int64_t panel_bytes = kRows * w.row_bytes;
   // The rows past the last whole panel, repacked for this call.
@@ -402,21 +334,16 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
   const int halves = base == kQ6_K ? 2 : 1;  // PanelBlock::halves
   if (a_buf.size() < static_cast<size_t>(M * K * planes)) a_buf.resize(M * K * planes);
   const int terms = std::max(halves, groups);  // corr entries per block (at most)
-  if (dx_buf.size() < static_cast<size_t>(M * scales_per_row)) dx_buf.resize(M * scales_per_row);
+  if (dx_buf.size() < static_cast<size_t>(M * nb * groups)) dx_buf.resize(M * nb * groups);
   if (corr_buf.size() < static_cast<size_t>(M * nb * terms)) corr_buf.resize(M * nb * terms);
   int8_t* a = a_buf.data();
   float* dx = dx_buf.data();
   int32_t* corr = corr_buf.data();
   const auto quantize = [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      int32_t* row_corr = corr + m * nb * (info.has_min ? 1 : terms);
-      if (groups == 0) {
-        quantize_row_span(x + m * ldx, K, span, info.zero, info.has_min, halves,
-                          a + m * K * planes, dx + m * scales_per_row, row_corr);
-      } else {
-        quantize_row_blocks(x + m * ldx, K, planes, groups, info.zero, info.has_min, halves,
-                            a + m * K * planes, dx + m * scales_per_row, row_corr);
-      }
+      quantize_row_blocks(x + m * ldx, K, planes, groups, info.zero, info.has_min, halves,
+                          a + m * K * planes, dx + m * nb * groups,
+                          corr + m * nb * (info.has_min ? 1 : terms));
     }
   };
   if (M * K < 16384) {
@@ -424,7 +351,7 @@ void run_panels(O* out, int64_t ldo, const X* x, int64_t ldx, int64_t M, const W
   } else {
     at::parallel_for(0, M, 1, quantize);
   }
-  const PanelActs acts{a, dx, corr, nb, groups == 0 ? span : 1};
+  const PanelActs acts{a, dx, corr, nb};
   const PanelRowsFn rows_fn =
       panel_rows_fn(base, planes, groups, active_quant_isa(), std::is_same_v<O, vec::bf16_t>);
   const int64_t num_groups = (num_panels + kGroup - 1) / kGroup;
@@ -568,19 +495,11 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at
                   int64_t activation_bits, int64_t activation_group) {
   TORCH_CHECK(activation_bits == 8 || activation_bits == 16,
               "activation_bits must be 8 or 16, got ", activation_bits);
-  const bool span_group = activation_group == kRowActivationGroup ||
-                          (activation_group > 32 && activation_group % 32 == 0);
-  TORCH_CHECK(activation_group == 32 || (activation_group == 16 && activation_bits == 8) ||
-                  (span_group && activation_bits == 16),
-              "activation_group must be 32, 16 with 8-bit activations, or -1 (a scale per "
-              "row) or a multiple of 32 above 32 with 16-bit ones; got ",
+  TORCH_CHECK(activation_group == 32 || (activation_group == 16 && activation_bits == 8),
+              "activation_group must be 32, or 16 with 8-bit activations; got ",
               activation_group, " with ", activation_bits, "-bit activations");
   const int planes = activation_bits == 16 ? 2 : 1;
-  const int groups = span_group ? 0 : activation_group == 16 ? 2 : 1;
-  // Span scaling: blocks per scale (a scale per row: the whole row, at least one block).
-  const int64_t span = activation_group == kRowActivationGroup
-                           ? std::max<int64_t>(1, w.K / 32)
-                           : span_group ? activation_group / 32 : 1;
+  const int groups = activation_group == 16 ? 2 : 1;
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be 2-D fp32/bf16 CPU with a contiguous last dim");
@@ -603,10 +522,10 @@ void panel_linear(at::Tensor out, const at::Tensor& x, const Weight& w, const at
   const auto dispatch = [&](auto* op) {
     const int64_t ldo = out.stride(0), ldx = x.stride(0);
     if (x.scalar_type() == at::kFloat) {
-      run_panels(op, ldo, x.data_ptr<float>(), ldx, M, w, bp, planes, groups, span);
+      run_panels(op, ldo, x.data_ptr<float>(), ldx, M, w, bp, planes, groups);
     } else {
       run_panels(op, ldo, reinterpret_cast<const vec::bf16_t*>(x.data_ptr()), ldx, M, w, bp,
-                 planes, groups, span);
+                 planes, groups);
     }
   };
   if (out.scalar_type() == at::kFloat) {

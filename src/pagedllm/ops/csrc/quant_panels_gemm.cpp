@@ -9,10 +9,7 @@
 // in order: per block (per half-block of 16 for Q6_K, whose scales cover 16 values) the
 // integer sum P = sum u * q + zero * S (exact in any order: P = 255 * (u . hi) + u . lo with
 // 16-bit activations) converted to float, acc = fma(float(P), scale * dx, acc), then
-// acc = fma(minimum, dx * S, acc) for the formats with a minimum (span scaling, one activation
-// scale dx per span of blocks or per row: acc = fma(float(P), scale, acc), then
-// fma(minimum, float(S), acc), and at the span's end sum = fma(acc, dx, sum), acc = 0, from
-// sum = 0: one multiply per block less); at the end sum + bias (+ 0
+// acc = fma(minimum, dx * S, acc) for the formats with a minimum; at the end sum + bias (+ 0
 // without bias) rounded once to the output type. A K-quant's scale is d * float(sc) and its
 // minimum -(dmin * float(m)) (the row kernel's values, quant_gguf.cpp). Every tile, every row
 // count and every integer path does these float operations alike: the same bits
@@ -164,17 +161,10 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
   using PB = PanelBlock<kBase>;
   constexpr int H = PB::halves > kGroups ? PB::halves : kGroups, JH = 8 / H;
   constexpr bool kJoin = kGroups == 2 && PB::halves == 1;  // see the header
-  constexpr bool kSpan = kGroups == 0;                      // see the header
   constexpr int64_t kBlockBytes = PB::bytes / PB::sub;  // a panel's bytes per 32 inputs
   __m512 acc[R][C], t[kJoin ? R : 1][kJoin ? C : 1];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
-  if constexpr (kSpan) {
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(sums + (r * C + c) * 16, acc[r][c]);
-  }
-  const int64_t ng = (A.nb + A.span - 1) / A.span;
-  int64_t in_group = 0;
   for (int64_t b = 0; b < A.nb; ++b) {
     const int s = static_cast<int>(b % PB::sub);
     const int8_t* ar[R];
@@ -233,12 +223,7 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
             p = _mm512_add_epi32(p, _mm512_set1_epi32(A.corr[i * H + h]));
           }
           const __m512 f = _mm512_cvtepi32_ps(p);
-          if constexpr (kSpan) {  // the group's scale comes at its end
-            acc[r][c] = _mm512_fmadd_ps(f, scale, acc[r][c]);
-            if constexpr (PB::has_min) {
-              acc[r][c] = _mm512_fmadd_ps(mn, _mm512_set1_ps(corr_float(A, i)), acc[r][c]);
-            }
-          } else if constexpr (kJoin) {  // t = P_0 * dx_0, then fma(P_1, dx_1, t)
+          if constexpr (kJoin) {  // t = P_0 * dx_0, then fma(P_1, dx_1, t)
             const __m512 dxh = _mm512_set1_ps(A.dx[i * 2 + h]);
             t[r][c] = h == 0 ? _mm512_mul_ps(f, dxh) : _mm512_fmadd_ps(f, dxh, t[r][c]);
           } else {
@@ -264,24 +249,9 @@ void tile_vnni(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
         }
       }
     }
-    if constexpr (kSpan) {  // a group's end: sums = fma(acc, dx_g, sums), acc = 0
-      if (++in_group == A.span || b + 1 == A.nb) {
-        in_group = 0;
-        for (int r = 0; r < R; ++r) {
-          const __m512 dxg = _mm512_set1_ps(A.dx[(m0 + r) * ng + b / A.span]);
-          for (int c = 0; c < C; ++c) {
-            float* at = sums + (r * C + c) * 16;
-            _mm512_storeu_ps(at, _mm512_fmadd_ps(acc[r][c], dxg, _mm512_loadu_ps(at)));
-            acc[r][c] = _mm512_setzero_ps();
-          }
-        }
-      }
-    }
   }
-  if constexpr (!kSpan) {
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(sums + (r * C + c) * 16, acc[r][c]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(sums + (r * C + c) * 16, acc[r][c]);
 }
 #endif
 
@@ -356,19 +326,12 @@ void tile_avx2(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
   using PB = PanelBlock<kBase>;
   constexpr int H = PB::halves > kGroups ? PB::halves : kGroups, JH = 8 / H;
   constexpr bool kJoin = kGroups == 2 && PB::halves == 1;
-  constexpr bool kSpan = kGroups == 0;
   constexpr int64_t kBlockBytes = PB::bytes / PB::sub;
   const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t ng = (A.nb + A.span - 1) / A.span;
   for (int half = 0; half < 2; ++half) {
     __m256 acc[R][C], t[kJoin ? R : 1][kJoin ? C : 1];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-    if constexpr (kSpan) {
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) _mm256_storeu_ps(sums + (r * C + c) * 16 + 8 * half, acc[r][c]);
-    }
-    int64_t in_group = 0;
     for (int64_t b = 0; b < A.nb; ++b) {
       const int s = static_cast<int>(b % PB::sub);
       const int8_t* ar[R];
@@ -423,12 +386,7 @@ void tile_avx2(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
               p = _mm256_add_epi32(p, _mm256_set1_epi32(A.corr[i * H + h]));
             }
             const __m256 f = _mm256_cvtepi32_ps(p);
-            if constexpr (kSpan) {
-              acc[r][c] = _mm256_fmadd_ps(f, scale, acc[r][c]);
-              if constexpr (PB::has_min) {
-                acc[r][c] = _mm256_fmadd_ps(mn, _mm256_set1_ps(corr_float(A, i)), acc[r][c]);
-              }
-            } else if constexpr (kJoin) {
+            if constexpr (kJoin) {
               const __m256 dxh = _mm256_set1_ps(A.dx[i * 2 + h]);
               t[r][c] = h == 0 ? _mm256_mul_ps(f, dxh) : _mm256_fmadd_ps(f, dxh, t[r][c]);
             } else {
@@ -455,25 +413,9 @@ void tile_avx2(const PanelActs& A, int64_t m0, const uint8_t* const* pan, float*
           }
         }
       }
-      if constexpr (kSpan) {
-        if (++in_group == A.span || b + 1 == A.nb) {
-          in_group = 0;
-          for (int r = 0; r < R; ++r) {
-            const __m256 dxg = _mm256_set1_ps(A.dx[(m0 + r) * ng + b / A.span]);
-            for (int c = 0; c < C; ++c) {
-              float* at = sums + (r * C + c) * 16 + 8 * half;
-              _mm256_storeu_ps(at, _mm256_fmadd_ps(acc[r][c], dxg, _mm256_loadu_ps(at)));
-              acc[r][c] = _mm256_setzero_ps();
-            }
-          }
-        }
-      }
     }
-    if constexpr (!kSpan) {
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c)
-          _mm256_storeu_ps(sums + (r * C + c) * 16 + 8 * half, acc[r][c]);
-    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) _mm256_storeu_ps(sums + (r * C + c) * 16 + 8 * half, acc[r][c]);
   }
 }
 #endif
@@ -502,12 +444,10 @@ void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, floa
   using PB = PanelBlock<kBase>;
   constexpr int H = PB::halves > kGroups ? PB::halves : kGroups;
   constexpr bool kJoin = kGroups == 2 && PB::halves == 1;
-  constexpr bool kSpan = kGroups == 0;
-  const int64_t ng = (A.nb + A.span - 1) / A.span;
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) {
       for (int lane = 0; lane < kRows; ++lane) {
-        float acc = 0.0f, total = 0.0f;
+        float acc = 0.0f;
         for (int64_t b = 0; b < A.nb; ++b) {
           const int s = static_cast<int>(b % PB::sub);
           const int64_t i = (m0 + r) * A.nb + b;
@@ -535,10 +475,7 @@ void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, floa
             } else if constexpr (PB::has_min) {
               mn = half_to_float(sb + PB::m + 2 * lane);
             }
-            if constexpr (kSpan) {
-              acc = std::fma(static_cast<float>(p), scale, acc);
-              if constexpr (PB::has_min) acc = std::fma(mn, corr_float(A, i), acc);
-            } else if constexpr (kJoin) {
+            if constexpr (kJoin) {
               const float dxh = A.dx[i * 2 + h];
               t = h == 0 ? static_cast<float>(p) * dxh : std::fma(static_cast<float>(p), dxh, t);
             } else {
@@ -551,14 +488,8 @@ void tile_scalar(const PanelActs& A, int64_t m0, const uint8_t* const* pan, floa
             acc = std::fma(t, scale, acc);
             if constexpr (PB::has_min) acc = std::fma(mn, corr_float(A, i), acc);
           }
-          if constexpr (kSpan) {
-            if ((b + 1) % A.span == 0 || b + 1 == A.nb) {
-              total = std::fma(acc, A.dx[(m0 + r) * ng + b / A.span], total);
-              acc = 0.0f;
-            }
-          }
         }
-        sums[(r * C + c) * 16 + lane] = kSpan ? total : acc;
+        sums[(r * C + c) * 16 + lane] = acc;
       }
     }
   }
@@ -642,13 +573,10 @@ PanelRowsFn rows_for(int isa, bool out_bf16) {
   }
 }
 
-// 16-bit activations (two planes) take one scale per block or per span of blocks; 8-bit
-// ones one or two per block.
+// 16-bit activations (two planes) take one scale per block; 8-bit ones one or two.
 template <int64_t kBase>
 PanelRowsFn rows_for_planes(int planes, int groups, int isa, bool out_bf16) {
-  if (planes == 2) {
-    return groups == 0 ? rows_for<kBase, 2, 0>(isa, out_bf16) : rows_for<kBase, 2, 1>(isa, out_bf16);
-  }
+  if (planes == 2) return rows_for<kBase, 2, 1>(isa, out_bf16);
   return groups == 2 ? rows_for<kBase, 1, 2>(isa, out_bf16) : rows_for<kBase, 1, 1>(isa, out_bf16);
 }
 
