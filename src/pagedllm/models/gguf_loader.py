@@ -289,6 +289,28 @@ def gguf_architecture(path: Path) -> str:
     return _reader(path, keep=True).architecture
 
 
+# The tensors whose inputs tensor parallelism splits over the ranks (row-parallel layers).
+_ROW_PARALLEL = (".attn_output.weight", ".ffn_down.weight")
+
+
+def rank_split_error(path: Path, tp_size: int) -> str | None:
+    """Why `tp_size` ranks cannot each take whole blocks of the file's row-parallel layers
+    (each rank multiplies its share of their inputs), or None where every share is whole."""
+    if tp_size == 1:
+        return None
+    for info in _reader(path, keep=True).tensors:
+        if not info.name.endswith(_ROW_PARALLEL) or info.tensor_type in _PLAIN_TYPES:
+            continue
+        block, _ = _block_size(info.name, info.tensor_type)
+        per_rank = info.shape[0] // tp_size
+        if per_rank % block:
+            from gguf import GGMLQuantizationType
+
+            return (f"{info.name}: {per_rank} inputs per rank split "
+                    f"{GGMLQuantizationType(info.tensor_type).name}'s blocks of {block}")
+    return None
+
+
 def forget_index() -> None:
     """Drops the index gguf_architecture kept, where no weight pass follows (the weights came
     from models/gguf_cache.py)."""

@@ -216,15 +216,22 @@ def _quant_config(quantization: str, gguf_path: Path | None, model_cls: type,
                          f"quantization='none'")
     if quantization == "int8":
         return Int8Config()
-    from pagedllm.models.gguf_loader import SUPPORTED_ARCHITECTURES, gguf_architecture
+    from pagedllm.models import gguf_loader
 
-    arch = gguf_architecture(gguf_path)
-    if arch not in SUPPORTED_ARCHITECTURES:
+    arch = gguf_loader.gguf_architecture(gguf_path)
+    if arch not in gguf_loader.SUPPORTED_ARCHITECTURES:
         if quantization == "gguf":
             raise ValueError(f"{gguf_path.name}: quantization='gguf' supports the "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)} architecture, not {arch!r};"
+                             f"{', '.join(gguf_loader.SUPPORTED_ARCHITECTURES)} architecture, "
+                             f"not {arch!r};"
                              f" use quantization='none'")
         return None  # auto: dequantized, as before
+    split = gguf_loader.rank_split_error(gguf_path, get_tp_group().world_size)
+    if split is not None:
+        if quantization == "gguf":
+            raise ValueError(f"{split}; use fewer ranks or quantization='none'")
+        logger.info("%s: dequantized (quantization='auto'): %s", gguf_path.name, split)
+        return None
     return GGUFConfig()
 
 
