@@ -68,14 +68,14 @@ class EngineConfig:
         " bfloat16 for a bf16/fp16 one, else float32; a GGUF: bfloat16 where the CPU has"
         " AVX512_BF16 or AMX, else float32)",
         choices=("auto", "float32", "bfloat16"))
-    # Default "none" for now. "auto" (a GGUF keeps its blocks) on the shipped SmolLM2: 99.99%
+    # Default "auto" (issue 25): the shipped SmolLM2 GGUF keeps its Q4_1/Q8_0 blocks: 99.99%
     # top-1 against the file dequantized, about 1.9x dense bf16 and llama.cpp on a single
-    # stream, 0.84x dense bf16 on a batch of 64, a third of the weight memory; but its start
-    # reads and repacks the GGUF every time (weights read 0.77 s + panels 0.17 s against the
-    # dense packed cache's 0.36-0.44 s: warm LLM() ready 2.16-2.20 s against 1.52-1.73 s side
-    # by side), past the start-up target until its panels are cached (docs/benchmarks.md).
+    # stream, a third of the weight memory, a warm start as quick as the dense one (its panels
+    # cached on disk: models/gguf_cache.py); but a batch of 64 runs at about 0.84x dense bf16
+    # (16-bit activations cost as many dot-product instructions as bf16; 8-bit ones flip
+    # near-tie answers): quantization="none" with dtype="bfloat16" for batch-bound serving.
     quantization: str = setting(
-        "none", "weight quantization: none (dequantize to dtype), auto (a .gguf keeps its "
+        "auto", "weight quantization: none (dequantize to dtype), auto (a .gguf keeps its "
         "quantized types on the integer kernels, a Hugging Face directory stays dense), int8 "
         "(per-channel int8 weights quantized at load), gguf (a .gguf's own types, as auto)",
         choices=QUANTIZATIONS)
