@@ -79,6 +79,27 @@ def test_rescoring_is_exact_near_the_top() -> None:
     assert RESCORE_MARGIN > 0
 
 
+
+@pytest.mark.parametrize(("dtype", "k"), [(torch.bfloat16, 96), (torch.float32, 100)])
+def test_native_rescoring_matches_the_formula(dtype, k) -> None:
+    """The native pass (ops int8_rescore_logits) rescores exactly the logits within the margin
+    of their row's largest, to the fp64 sum of the fp32 products, whatever K (a tail past the
+    16-lane vectors) and the hidden rows' stride; the others stay."""
+    torch.manual_seed(1)
+    table = (torch.randn(1000, k) * 0.2).to(dtype)
+    hidden = torch.randn(9, 2 * k).to(dtype)[:, :k]  # rows strided
+    logits = torch.randn(9, 1000) * 3
+    before = logits.clone()
+    cpu_ops().int8_rescore_logits(logits, hidden, table, 2.5)
+    near = before >= before.amax(-1, keepdim=True) - 2.5
+    assert near.sum() > 9
+    exact = (hidden.float()[:, None, :] * table.float()[None]).double().sum(-1).float()
+    assert torch.allclose(logits[near], exact[near], rtol=1e-6, atol=1e-6)
+    assert torch.equal(logits[~near], before[~near])
+    alone = before[4:5].clone()
+    cpu_ops().int8_rescore_logits(alone, hidden[4:5], table, 2.5)
+    assert torch.equal(alone[0], logits[4])
+
 def test_int8_head_request_alone_equals_in_a_batch(tiny_llama_factory, monkeypatch) -> None:
     """Greedy tokens and logprobs through the tied int8 head: the same alone and among others
     (the head's row count changing every step)."""

@@ -291,6 +291,12 @@ def rescore_logits(logits: torch.Tensor, hidden: torch.Tensor, rows: torch.Tenso
     and token alone, so a row's logits are the same alone as in any batch. Under tensor
     parallelism each rank's columns against its own largest (a superset of the tokens within
     `margin` of the row's largest over every rank)."""
+    ops = cpu_ops()
+    if ops is not None and rows.is_contiguous() and hidden.stride(-1) == 1:
+        # Natively (ops/csrc/quant_int8.cpp): each row's largest, then the dot products of
+        # the few logits within the margin, the products in fp32 summed in fp64 lanes.
+        ops.int8_rescore_logits(logits, hidden, rows, margin)
+        return
     top = logits.amax(-1, keepdim=True)
     r, t = torch.nonzero(logits >= top - margin, as_tuple=True)
     exact = (hidden[r].float() * rows[t].float()).sum(-1, dtype=torch.float64)

@@ -12,9 +12,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 
 #include "int8_gemm.h"
 #include "quant.h"
+#include "vec.h"
 
 namespace pagedllm::quant {
 
@@ -122,6 +125,123 @@ void int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& bytes,
   linear(out, x, w, bias, quantize_activations, activation_bits);
 }
 
+namespace {
+
+// Row r of hidden [M, K] times row t of table [V, K], each product in fp32 (exact for bf16
+// inputs) summed in fp64: product k into lane k % 16, the 16 lanes then summed in order.
+// The AVX-512 and scalar forms give the same value.
+template <typename H, typename W>
+float exact_dot(const H* h, const W* w, int64_t K) {
+  alignas(64) double lanes[16] = {0.0};
+#if defined(__AVX512F__)
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  const auto load = [](const auto* p, int64_t n) {
+    if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(p)>>, float>) {
+      return n >= 16 ? _mm512_loadu_ps(p)
+                     : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+    } else {
+      const __m256i bits =
+          n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                  : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+  };
+  for (int64_t k = 0; k < K; k += 16) {
+    const int64_t n = std::min<int64_t>(16, K - k);
+    const __m512 p = _mm512_mul_ps(load(h + k, n), load(w + k, n));
+    acc0 = _mm512_add_pd(acc0, _mm512_cvtps_pd(_mm512_castps512_ps256(p)));
+    acc1 = _mm512_add_pd(acc1, _mm512_cvtps_pd(_mm256_castpd_ps(
+                                   _mm512_extractf64x4_pd(_mm512_castps_pd(p), 1))));
+  }
+  _mm512_store_pd(lanes, acc0);
+  _mm512_store_pd(lanes + 8, acc1);
+#else
+  for (int64_t k = 0; k < K; ++k) {
+    lanes[k % 16] += static_cast<double>(vec::load1(h, k) * vec::load1(w, k));
+  }
+#endif
+  double sum = 0.0;
+  for (int j = 0; j < 16; ++j) sum += lanes[j];
+  return static_cast<float>(sum);
+}
+
+// Row of logits [V]: its largest value (NaN-free rows; a NaN lane is skipped).
+float row_max(const float* x, int64_t V) {
+  float top = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  __m512 m = _mm512_set1_ps(top);
+  int64_t v = 0;
+  for (; v + 16 <= V; v += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + v));
+  top = _mm512_reduce_max_ps(m);
+  for (; v < V; ++v) top = std::max(top, x[v]);
+#else
+  for (int64_t v = 0; v < V; ++v) top = std::max(top, x[v]);
+#endif
+  return top;
+}
+
+template <typename H, typename W>
+void rescore_rows(float* logits, int64_t ldl, const H* hidden, int64_t ldh, const W* table,
+                  int64_t M, int64_t V, int64_t K, float margin) {
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      float* row = logits + m * ldl;
+      const H* h = hidden + m * ldh;
+      const float floor = row_max(row, V) - margin;
+      int64_t v = 0;
+#if defined(__AVX512F__)
+      const __m512 vfloor = _mm512_set1_ps(floor);
+      for (; v + 16 <= V; v += 16) {
+        uint32_t near = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + v), vfloor, _CMP_GE_OQ);
+        while (near != 0) {
+          const int64_t t = v + __builtin_ctz(near);
+          near &= near - 1;
+          row[t] = exact_dot(h, table + t * K, K);
+        }
+      }
+#endif
+      for (; v < V; ++v) {
+        if (row[v] >= floor) row[v] = exact_dot(h, table + v * K, K);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// logits [M, V] fp32 (an int8 head's, on hidden [M, K]) rescored in place: those within
+// `margin` of their row's largest become hidden's row times table's row [V, K] (fp32 or
+// bf16), exact_dot's value. Each logit a function of its row and token alone: a row's logits
+// are the same alone as in any batch.
+void int8_rescore_logits(at::Tensor logits, const at::Tensor& hidden, const at::Tensor& table,
+                         double margin) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 &&
+                  logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
+              "logits must be 2-D fp32 CPU with a contiguous last dim");
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == logits.size(0) && hidden.stride(1) == 1 &&
+                  (hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kBFloat16),
+              "hidden must be fp32/bf16 [M, K] with a contiguous last dim");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == logits.size(1) &&
+                  table.size(1) == hidden.size(1) && table.is_contiguous() &&
+                  (table.scalar_type() == at::kFloat || table.scalar_type() == at::kBFloat16),
+              "table must be contiguous fp32/bf16 [V, K]");
+  const int64_t M = logits.size(0), V = logits.size(1), K = hidden.size(1);
+  if (M == 0 || V == 0) return;
+  float* lp = logits.data_ptr<float>();
+  const float mg = static_cast<float>(margin);
+  const auto with_table = [&](const auto* hp) {
+    if (table.scalar_type() == at::kFloat) {
+      rescore_rows(lp, logits.stride(0), hp, hidden.stride(0), table.data_ptr<float>(), M, V, K,
+                   mg);
+    } else {
+      rescore_rows(lp, logits.stride(0), hp, hidden.stride(0),
+                   reinterpret_cast<const vec::bf16_t*>(table.data_ptr()), M, V, K, mg);
+    }
+  };
+  if (hidden.scalar_type() == at::kFloat) with_table(hidden.data_ptr<float>());
+  else with_table(reinterpret_cast<const vec::bf16_t*>(hidden.data_ptr()));
+}
+
 }  // namespace pagedllm::quant
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
@@ -130,10 +250,12 @@ TORCH_LIBRARY_FRAGMENT(pagedllm_cpu, m) {
   m.def(
       "int8_linear(Tensor(a!) out, Tensor x, Tensor bytes, Tensor scales, Tensor bias, "
       "bool quantize_activations=True, int activation_bits=0) -> ()");
+  m.def("int8_rescore_logits(Tensor(a!) logits, Tensor hidden, Tensor table, float margin) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
   m.impl("pack_int8_weight", &pagedllm::quant::pack_int8_weight);
   m.impl("pack_int8_panels", &pagedllm::quant::pack_int8_panels);
   m.impl("int8_linear", &pagedllm::quant::int8_linear);
+  m.impl("int8_rescore_logits", &pagedllm::quant::int8_rescore_logits);
 }
