@@ -118,10 +118,10 @@ def test_int8_head_request_alone_equals_in_a_batch(tiny_llama_factory, monkeypat
     assert mixed.logprobs == alone.logprobs
 
 
-@pytest.mark.parametrize(("tied", "setting"), [(True, "dense"), (False, None), (False, "32")])
+@pytest.mark.parametrize(("tied", "setting"), [(True, None), (True, "dense"), (False, "32")])
 def test_dense_heads(tiny_llama_factory, monkeypatch, tied, setting) -> None:
-    """A tied head with the "dense" setting, and an untied one whatever the setting, stay as
-    without int8."""
+    """A tied head by default and with the "dense" setting, and an untied one whatever the
+    setting, stay as without int8."""
     if setting is None:
         monkeypatch.delenv(LM_HEAD_ENV, raising=False)
     else:
@@ -145,13 +145,4 @@ def test_head_setting_checked(monkeypatch) -> None:
     monkeypatch.setenv(LM_HEAD_ENV, "dense")
     assert Int8Config().lm_head_group is None
     monkeypatch.delenv(LM_HEAD_ENV)
-    assert Int8Config().lm_head_group == 32  # LM_HEAD: the int8 head, groups of 32
-
-
-def test_tied_head_is_int8_by_default(tiny_llama_factory, monkeypatch) -> None:
-    monkeypatch.delenv(LM_HEAD_ENV, raising=False)
-    model_dir = tiny_llama_factory(num_kv_heads=2, tie_word_embeddings=True, seed=4)
-    model = model_of(LLM(str(model_dir), dtype="bfloat16", quantization="int8",
-                         num_kv_blocks=16))
-    assert isinstance(model.lm_head.linear_method, Int8LinearMethod)
-    assert model.lm_head.exact_rows is model.get_input_embeddings().weight
+    assert Int8Config().lm_head_group is None  # LM_HEAD: dense

@@ -47,17 +47,14 @@ positions in groups of 16, 97.7% in 32, 97.1% in 64 (smoothing it: no gain), and
 (24,576 tokens) the model with a W8A8 head agrees with bf16 on 96.54% / 96.38% / 95.65%
 (smoothing the head through the final norm, tried and dropped: groups of 64 96.10%, 32 and 16
 unchanged), short of 97%: its 8-bit activations flip near-tied logits.
-A tied head (LM_HEAD, PAGEDLLM_INT8_LM_HEAD overrides it) therefore scans the vocabulary on
-the W8A8 GEMM (an int8 copy of the embedding, groups of 32) and recomputes exactly the logits
-near each row's largest (rescore_logits, natively: ops/csrc/quant_int8.cpp) from the dense
-table the lookups keep: 97.15% top-1, +0.23% perplexity (the dense head: 97.15%, +0.20%;
-24,576 tokens). Per call at 64 rows, one thread's CPU (benchmarks/int8_head.py, SmolLM2's
-decode states): dense bf16 10.2 ms, W8A8 g32 7.1, with the rescoring 8.4 (71 logits per row
-within 4 nats on the first decode steps of random prompts, 2.1 later on); the torch rescoring
-it replaced cost ~8.6 ms alone. The fixed workload (64 x 128/128, one thread, same process,
-arms alternating, 4 rounds, loaded machine): CPU seconds best / median 9.63 / 10.02 with the
-int8 head against 10.58 / 11.06 with the dense one. "dense" keeps the head in the model's
-dtype.
+With LM_HEAD_ENV=32 a tied head scans the vocabulary on the W8A8 GEMM (an int8 copy of the
+embedding, groups of 32: 7.0-7.1 ms against the bf16 head's 10.2 ms at 64 rows, one thread's
+CPU time) and recomputes exactly the logits near each row's largest (rescore_logits) from the
+dense table the lookups keep: 97.15% top-1, +0.23% perplexity (the dense head: 97.15%, +0.20%).
+But the rescoring in torch (a mask and nonzero over all 64 x 49,152 logits, the gathers) costs
+~8.6 ms of CPU at 64 rows, more than the GEMM saves, so the head stays dense by default; a
+native pass (each row's largest, then the dot products of those within the margin, ~36
+logits per row at 4 nats, 5.4 at 2) would make it pay.
 """
 
 from __future__ import annotations
@@ -106,10 +103,10 @@ SENSITIVE_ENV = "PAGEDLLM_INT8_SENSITIVE"
 # A tied LM head (PAGEDLLM_INT8_LM_HEAD overrides it): "dense" (the model's dtype), or W8A8
 # in groups of this many inputs on an int8 copy of the embedding (untie_lm_head), whose
 # logits within RESCORE_MARGIN of each row's largest are then recomputed exactly from the
-# dense table the lookups keep (rescore_logits; see NOTE: the same top-1 agreement as the
-# dense head, faster with the native rescoring). An untied head stays dense (its dense
-# weight is not kept to rescore from).
-LM_HEAD = "32"
+# dense table the lookups keep (rescore_logits; see NOTE: the quality holds, but the rescoring
+# in torch costs more than the GEMM saves, so dense is the default). An untied head stays
+# dense (its dense weight is not kept to rescore from).
+LM_HEAD = "dense"
 LM_HEAD_ENV = "PAGEDLLM_INT8_LM_HEAD"
 # Nats below a row's largest W8A8 logit within which logits are recomputed exactly: SmolLM2's
 # head in groups of 32 is off by at most 0.61 (2,048 positions of the shipped text, all 49,152
