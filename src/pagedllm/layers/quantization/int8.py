@@ -48,13 +48,18 @@ positions in groups of 16, 97.7% in 32, 97.1% in 64 (smoothing it: no gain), and
 (smoothing the head through the final norm, tried and dropped: groups of 64 96.10%, 32 and 16
 unchanged), short of 97%: its 8-bit activations flip near-tied logits.
 With LM_HEAD_ENV=32 a tied head scans the vocabulary on the W8A8 GEMM (an int8 copy of the
-embedding, groups of 32: 7.0-7.1 ms against the bf16 head's 10.2 ms at 64 rows, one thread's
-CPU time) and recomputes exactly the logits near each row's largest (rescore_logits) from the
-dense table the lookups keep: 97.15% top-1, +0.23% perplexity (the dense head: 97.15%, +0.20%).
-But the rescoring in torch (a mask and nonzero over all 64 x 49,152 logits, the gathers) costs
-~8.6 ms of CPU at 64 rows, more than the GEMM saves, so the head stays dense by default; a
-native pass (each row's largest, then the dot products of those within the margin, ~36
-logits per row at 4 nats, 5.4 at 2) would make it pay.
+embedding, groups of 32) and recomputes exactly the logits near each row's largest
+(rescore_logits, natively: ops/csrc/quant_int8.cpp) from the dense table the lookups keep:
+97.15% top-1, +0.23% perplexity (the dense head: 97.15%, +0.20%; 24,576 tokens, the native
+rescoring). Per call at 64 rows (benchmarks/int8_head.py, SmolLM2's first decode states, 71
+logits per row within 4 nats; 2.1 on later steps): one thread's CPU, dense bf16 10.2 ms, W8A8
+7.1, with the rescoring 8.4 (in torch the rescoring alone cost ~8.6); wall time on two
+threads, dense 5.5-6.0 ms, W8A8 3.7-4.2, with the rescoring 5.5-6.0 (the rescoring's reads of
+the logits and of scattered table rows do not halve on two threads). End to end it did not
+show a gain on two threads (the fixed workload, `bench throughput`, two alternating rounds at
+load ~1.6: 957 / 847 out tok/s against 1087 / 1006 with the dense head), though on one
+thread (CPU seconds, same process, 4 alternating rounds, loaded) it took 9.63 / 10.02 s best /
+median against 10.58 / 11.06: so the head stays dense by default until a quiet run settles it.
 """
 
 from __future__ import annotations
