@@ -77,3 +77,17 @@ def test_smoothing_setting(monkeypatch) -> None:
         monkeypatch.setenv(SMOOTHING_ENV, bad)
         with pytest.raises(ValueError, match=SMOOTHING_ENV):
             Int8Config(activation_bits=8)
+
+
+def test_int8_loads_with_a_context_shorter_than_the_calibration_window(
+        tiny_llama_factory) -> None:
+    """Calibration runs the model over windows no longer than its positions: int8 on a model
+    of 256 positions (CALIBRATION_WINDOW is 512) loads and generates (it raised 'position 300
+    out of range' from the rotary table)."""
+    assert int8_calibration.CALIBRATION_WINDOW > 256
+    model_dir = tiny_llama_factory(num_kv_heads=2, max_position_embeddings=256, seed=4)
+    llm = LLM(str(model_dir), quantization="int8", num_kv_blocks=32)
+    out = llm.generate([{"prompt_token_ids": [5, 17, 300, 42]}],
+                       SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 4

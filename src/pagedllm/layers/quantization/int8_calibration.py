@@ -372,7 +372,11 @@ def calibrate(model: nn.Module, model_dir: Path, choose: SmoothingSearch) -> boo
                     type(model).__name__)
         return False
     start = time.perf_counter()
-    windows = calibration_windows(model_dir, model.get_input_embeddings().num_embeddings)
+    # Windows no longer than the model's positions (its rotary table: max_model_len), the
+    # same tokens in all.
+    window = min(CALIBRATION_WINDOW, model.layers[0].self_attn.rotary.max_position)
+    windows = calibration_windows(model_dir, model.get_input_embeddings().num_embeddings,
+                                  window=window)
     # NOTE: on one thread: the ops are small (512 tokens), and on a busy machine each
     # parallel region waits for a descheduled second thread (SmolLM2 with load ~7 on 2
     # cores: 38 s on two threads, 3.9 s on one).
