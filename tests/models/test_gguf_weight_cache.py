@@ -24,6 +24,7 @@ from pagedllm.layers.quantization import gguf as gguf_method
 from pagedllm.models import gguf_loader
 from pagedllm.models.packed_cache import CACHE_DIR_ENV, CACHE_ENV
 from tests.models.test_quantized import write_tiny_llama_gguf
+from tests.worker.test_packed_weight_cache import _flip_payload_byte, _truncate
 
 TYPES = {"ffn_gate": "Q4_1", "ffn_up": "Q4_1", "attn_v": "Q4_0", "ffn_down": "Q5_1"}
 PROMPTS = [{"prompt_token_ids": ids} for ids in ([5, 17, 301, 42, 9], list(range(3, 40)))]
@@ -166,17 +167,6 @@ def test_a_changed_gguf_is_read_again(model_file, cache_dir, processed, monkeypa
     assert only_file(cache_dir) != stale
     monkeypatch.setenv(CACHE_ENV, "0")
     assert tokens(changed) == tokens(start(model_file))
-
-
-def _flip_payload_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-100] ^= 0x10
-    path.write_bytes(bytes(data))
-
-
-def _truncate(path: Path) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(path.stat().st_size - 4096)
 
 
 def _header(path: Path) -> tuple[bytes, int]:
