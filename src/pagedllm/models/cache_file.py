@@ -97,9 +97,13 @@ class CacheFile:
         try:
             return self._read_groups()
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            logger.warning("the packed-weight cache %s is not usable (%s): packing again",
-                           self.path, exc)
+            self.refuse(exc)
             return None
+
+    def refuse(self, reason: Exception) -> None:
+        """Logs that the file cannot be used (the caller then processes the weights again)."""
+        logger.warning("the packed-weight cache %s is not usable (%s): packing again",
+                       self.path, reason)
 
     def _read_groups(self) -> list[Group]:
         from pagedllm.worker.host_memory import huge_page_buffer

@@ -143,8 +143,7 @@ class GGUFWeightCache(CacheFile):
                 self._give(model, {name: (meta, tensors) for name, meta, tensors in groups})
                 filled = True
             except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-                logger.warning("the packed-weight cache %s is not usable (%s): packing again",
-                               self.path, exc)
+                self.refuse(exc)
         _mapped[model] = filled
         return filled
 

@@ -181,8 +181,7 @@ class PackedWeightCache(CacheFile):
         try:
             weights = self._weights(groups)
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-            logger.warning("the packed-weight cache %s is not usable (%s): packing again",
-                           self.path, exc)
+            self.refuse(exc)
             return None
         layers = _dense_layers(model) or []
         names = [name for name, _ in layers] + ([TIED_HEAD] if model.lm_head is None else [])
