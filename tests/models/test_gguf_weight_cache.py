@@ -9,7 +9,6 @@ and Q5_1 (no kernel: a float part, packed dense) so that every kind of run is ca
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -24,7 +23,12 @@ from pagedllm.layers.quantization import gguf as gguf_method
 from pagedllm.models import gguf_loader
 from pagedllm.models.packed_cache import CACHE_DIR_ENV, CACHE_ENV
 from tests.models.test_quantized import write_tiny_llama_gguf
-from tests.worker.test_packed_weight_cache import _flip_payload_byte, _truncate
+from tests.worker.test_packed_weight_cache import (
+    _flip_payload_byte,
+    _truncate,
+    check_damage_is_rebuilt,
+    only_file,
+)
 
 TYPES = {"ffn_gate": "Q4_1", "ffn_up": "Q4_1", "attn_v": "Q4_0", "ffn_down": "Q5_1"}
 PROMPTS = [{"prompt_token_ids": ids} for ids in ([5, 17, 301, 42, 9], list(range(3, 40)))]
@@ -100,12 +104,6 @@ def assert_same_state(a: LLM, b: LLM) -> None:
     assert [n for n, _ in sa] == [n for n, _ in sb]
     for (name, x), (_, y) in zip(sa, sb):
         assert x.dtype == y.dtype and torch.equal(x, y), name
-
-
-def only_file(cache_dir: Path) -> Path:
-    files = list(cache_dir.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".bin", files
-    return files[0]
 
 
 def test_a_warm_start_reads_the_cache_not_the_gguf(model_file, cache_dir, processed,
@@ -188,17 +186,8 @@ def _other_key(path: Path) -> None:
 @pytest.mark.parametrize("damage", [_flip_payload_byte, _truncate, _other_key])
 def test_a_damaged_file_is_detected_and_rebuilt(model_file, cache_dir, processed, damage,
                                                 caplog):
-    fresh = tokens(start(model_file))
-    damage(only_file(cache_dir))
-    processed.clear()
-    with caplog.at_level(logging.WARNING):
-        rebuilt = start(model_file)
-    assert processed, "a damaged file was used"
-    assert "is not usable" in caplog.text
-    assert tokens(rebuilt) == fresh
-    processed.clear()
-    start(model_file)  # the rewritten file is whole again
-    assert not processed
+    check_damage_is_rebuilt(lambda: start(model_file), tokens, cache_dir, processed, damage,
+                            caplog)
 
 
 # Two processes start on one empty cache at once; each then rewrites the file and reads it back

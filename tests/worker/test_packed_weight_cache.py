@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,6 @@ from safetensors.torch import load_file, save_file
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.layers import packed as packed_module
-from pagedllm.models import packed_cache
 from pagedllm.models.packed_cache import CACHE_DIR_ENV, CACHE_ENV, PackedWeightCache
 
 PROMPTS = [{"prompt_token_ids": ids} for ids in ([5, 17, 301, 42, 9], list(range(3, 40)))]
@@ -176,20 +176,30 @@ def _garble_header(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def check_damage_is_rebuilt(start_engine: Callable[[], LLM], run: Callable[[LLM], object],
+                            cache_dir: Path, built: list[int], damage: Callable[[Path], None],
+                            caplog) -> None:
+    """A cache file damaged by `damage` is refused with a warning and built again (`built`
+    counts the processing a hit skips): the same output, and the next start hits the
+    rewritten file. Shared by the dense and the GGUF caches' tests."""
+    fresh = run(start_engine())
+    damage(only_file(cache_dir))
+    built.clear()
+    with caplog.at_level(logging.WARNING, logger="pagedllm.models"):
+        rebuilt = start_engine()
+    assert built, "a damaged file was used"
+    assert "is not usable" in caplog.text
+    assert run(rebuilt) == fresh
+    built.clear()
+    start_engine()  # the rewritten file is whole again
+    assert not built
+
+
 @pytest.mark.parametrize("damage", [_flip_payload_byte, _truncate, _garble_header])
 def test_a_damaged_file_is_detected_and_rebuilt(model_dir, cache_dir, packings, damage,
                                                 caplog, monkeypatch):
-    fresh = tokens(start(model_dir))
-    damage(only_file(cache_dir))
-    packings.clear()
-    with caplog.at_level(logging.WARNING, logger=packed_cache.__name__):
-        rebuilt = start(model_dir)
-    assert packings, "a damaged file was used"
-    assert "is not usable" in caplog.text
-    assert tokens(rebuilt) == fresh
-    packings.clear()
-    start(model_dir)  # the rewritten file is whole again
-    assert not packings
+    check_damage_is_rebuilt(lambda: start(model_dir), tokens, cache_dir, packings, damage,
+                            caplog)
 
 
 # Each of two processes starts the engine, then writes the cache file and reads it back many
