@@ -25,11 +25,17 @@ process (2.4-5 ms of system time here: free huge pages are the ones handed back 
 instead of the attention kernel's page walks at every step (decode attention over 30 layers'
 pools in 4 KiB pages: 1.41x the time in 2 MiB pages, best of 40 under load).
 
-It stops once the whole pool is committed and collapsed, or when its cache engine is collected.
+It stops once the whole pool is committed and collapsed, when its cache engine is collected, or
+at interpreter exit (an atexit hook stops and joins it). NOTE: the thread calls no torch op: every
+address is computed up front as an int and the probe of written blocks is a numpy view made in
+the constructor. A daemon thread inside a torch op (which releases the GIL in C++) that takes
+the GIL back while the interpreter finalizes is ended by pthread_exit, whose unwinding through
+a noexcept C++ frame aborts the process ("terminate called without an active exception").
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
@@ -75,6 +81,12 @@ COMMIT_PAGES_ENV = "PAGEDLLM_KV_COMMIT_PAGES"
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _THREAD = getattr(resource, "RUSAGE_THREAD", None)
+# How long the atexit hook waits for each running thread (it stops between two madvise calls).
+EXIT_JOIN_SECONDS = 2.0
+
+# The running committers' (stop event, thread), stopped and joined at interpreter exit.
+_RUNNING: set[tuple[threading.Event, threading.Thread]] = set()
+_RUNNING_LOCK = threading.Lock()
 
 
 class KVPoolCommitter:
@@ -96,6 +108,15 @@ class KVPoolCommitter:
         self.idle_blocks_ahead = max(self.blocks_ahead, idle_blocks_ahead or 0)
         self.block_bytes = caches[0][0, 0].numel() * caches[0].element_size()
         self.probe_elements = caches[0].shape[-1]  # one head of the first slot
+        # Every layer's key and value half: its first block's address and its layer's end (ints,
+        # so that the thread calls no torch op: see the module's docstring).
+        self._bases = [cache[half].data_ptr() for cache in caches for half in range(cache.shape[0])]
+        self._layer_ends = [cache.data_ptr() + cache.numel() * cache.element_size()
+                            for cache in caches for _ in range(cache.shape[0])]
+        # The first layer's key blocks' first head, as integer bits (numpy: no torch op in the
+        # thread; bits, not values: -0.0 is written too).
+        keys = caches[0][0].view(_BITS[caches[0].element_size()])
+        self._probe = keys.reshape(self.num_blocks, -1)[:, :self.probe_elements].numpy()
         self._idle_step_blocks = max(
             1, IDLE_COMMIT_STEP_BYTES // (self.block_bytes * caches[0].shape[0] * len(caches)))
         self.poll_seconds = poll_seconds
@@ -104,8 +125,7 @@ class KVPoolCommitter:
         self.committed = 0
         self.failed = False
         # Huge pages: the next 2 MiB page to collapse, as (page index within a half, position
-        # in `_halves`); every half's pages [0, page) are done. None once collapsing stopped.
-        self._halves = [(cache, half) for cache in caches for half in range(cache.shape[0])]
+        # in `_bases`); every half's pages [0, page) are done. None once collapsing stopped.
         self._collapse_at: tuple[int, int] | None = (0, 0) if collapse else None
         self.num_collapsed = 0  # 2 MiB pages made by this thread
         # Minor page faults taken by this thread's commits (the engine's own are the process's
@@ -125,6 +145,9 @@ class KVPoolCommitter:
             target=_run, args=(weakref.ref(self), self._stop),
             name="pagedllm-kv-commit", daemon=True)
         weakref.finalize(self, self._stop.set)
+        entry = (self._stop, self._thread)
+        with _RUNNING_LOCK:
+            _RUNNING.add(entry)
         self._thread.start()
 
     def step(self) -> bool:
@@ -138,7 +161,7 @@ class KVPoolCommitter:
         if self.idle():
             # In steps of IDLE_COMMIT_STEP_BYTES, looking again between them.
             target = min(self.num_blocks, self.written + self.idle_blocks_ahead)
-            while self.committed < target and self.idle():
+            while self.committed < target and self.idle() and not self._stop.is_set():
                 if not self._commit_to(min(target, self.committed + self._idle_step_blocks)):
                     return False
             self._collapse_while_idle()
@@ -156,17 +179,15 @@ class KVPoolCommitter:
 
     def _scan(self) -> None:
         end = self.committed
-        if not end and page_present(self.caches[0][0, 0].data_ptr()):
+        if not end and page_present(self._bases[0]):
             # Huge pages, nothing committed yet: a step wrote block 0's page. NOTE: not read
             # before that: a read would map the huge zero page there (before Linux 6.12 a write
             # then splits it into small pages).
             end = min(self.num_blocks, max(1, HUGE_PAGE_BYTES // self.block_bytes))
         if end > self.written:
-            keys = self.caches[0][0, self.written:end].reshape(
-                end - self.written, -1)[:, :self.probe_elements]
-            # NOTE: numpy, not a torch op, which could start an OpenMP team of its own beside
-            # the engine's. Bits, not values: -0.0 is written too.
-            hits = np.flatnonzero(keys.view(_BITS[keys.element_size()]).numpy().any(axis=1))
+            # NOTE: numpy, not a torch op, which could also start an OpenMP team of its own
+            # beside the engine's.
+            hits = np.flatnonzero(self._probe[self.written:end].any(axis=1))
             if hits.size:
                 self.written += int(hits[-1]) + 1
 
@@ -195,42 +216,37 @@ class KVPoolCommitter:
         chunk = max(1, HUGE_PAGE_BYTES // self.block_bytes)
         for start in range(first, end, chunk):
             stop = min(end, start + chunk)
-            for cache in self.caches:
-                for half in range(cache.shape[0]):
-                    address = cache[half, start].data_ptr()
-                    if not commit_pages(address, (stop - start) * self.block_bytes):
-                        return False
+            for base in self._bases:
+                if not commit_pages(base + start * self.block_bytes,
+                                    (stop - start) * self.block_bytes):
+                    return False
         return True
 
     def _commit_huge(self, first: int, end: int) -> bool:
         """Commits the whole 2 MiB pages holding blocks [first, end) of every layer's keys and
         values, one call per page (a page is faulted in as one huge page where none of it is
         present, else its missing small pages are)."""
-        for cache in self.caches:
-            layer_end = cache.data_ptr() + cache.numel() * cache.element_size()
-            for half in range(cache.shape[0]):
-                base = cache[half].data_ptr()
-                start = (base + first * self.block_bytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-                stop = min(layer_end, -(-(base + end * self.block_bytes) // HUGE_PAGE_BYTES)
-                           * HUGE_PAGE_BYTES)
-                for address in range(start, stop, HUGE_PAGE_BYTES):
-                    if not commit_pages(address, min(HUGE_PAGE_BYTES, stop - address)):
-                        return False
+        for base, layer_end in zip(self._bases, self._layer_ends):
+            start = (base + first * self.block_bytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+            stop = min(layer_end, -(-(base + end * self.block_bytes) // HUGE_PAGE_BYTES)
+                       * HUGE_PAGE_BYTES)
+            for address in range(start, stop, HUGE_PAGE_BYTES):
+                if not commit_pages(address, min(HUGE_PAGE_BYTES, stop - address)):
+                    return False
         return True
 
     def _collapse_while_idle(self) -> None:
         """Collapses the committed pool's 2 MiB pages in order, one call each, while idle."""
         while self._collapse_at is not None and not self._stop.is_set():
             page, position = self._collapse_at
-            cache, half = self._halves[position]
-            base = cache[half].data_ptr()
+            base = self._bases[position]
             start = base + (-base % HUGE_PAGE_BYTES) + page * HUGE_PAGE_BYTES
             half_end = base + self.num_blocks * self.block_bytes
             if start + HUGE_PAGE_BYTES > half_end:  # past this half's last whole page
                 # NOTE: the halves' pages differ in number by one at most (a value half starts
                 # less than a page after its key half's page boundary), and a value half is
                 # last: past its end, every half is done.
-                if position == len(self._halves) - 1:
+                if position == len(self._bases) - 1:
                     self._collapse_at = None
                 else:
                     self._advance(page, position)
@@ -250,7 +266,7 @@ class KVPoolCommitter:
 
     def _advance(self, page: int, position: int) -> None:
         position += 1
-        if position == len(self._halves):
+        if position == len(self._bases):
             page, position = page + 1, 0
         self._collapse_at = (page, position)
 
@@ -275,6 +291,14 @@ def _other_threads_cpu() -> float:
 
 
 def _run(ref: weakref.ref, stop: threading.Event) -> None:
+    try:
+        _loop(ref, stop)
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard((stop, threading.current_thread()))
+
+
+def _loop(ref: weakref.ref, stop: threading.Event) -> None:
     wait = 0.0
     while not stop.is_set():
         committer = ref()
@@ -288,3 +312,16 @@ def _run(ref: weakref.ref, stop: threading.Event) -> None:
             MAX_POLL_SECONDS, max(committer.poll_seconds, 2 * wait))
         del committer  # no reference held while waiting: the engine may be collected
         stop.wait(wait)
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """Stops every running committer's thread and waits for it (briefly), before the
+    interpreter finalizes (see the module's docstring)."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for stop, _ in running:
+        stop.set()
+    deadline = time.monotonic() + EXIT_JOIN_SECONDS
+    for _, thread in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
