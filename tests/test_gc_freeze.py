@@ -43,3 +43,43 @@ def test_the_start_up_heap_is_collected_once_then_frozen():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["ok"]
+
+
+IMPORT_PROBE = r"""
+import gc
+import sys
+import weakref
+
+class Node:
+    pass
+
+assert gc.isenabled() and gc.get_freeze_count() == 0
+import pagedllm
+assert "pagedllm.sampling_params" not in sys.modules
+pagedllm.SamplingParams  # its first import: collection paused, then what is alive frozen
+assert gc.isenabled()
+frozen = gc.get_freeze_count()
+assert frozen > 0
+pagedllm.SamplingParams  # imported already: nothing more frozen
+assert gc.get_freeze_count() == frozen
+a, b = Node(), Node()  # made after the import: collected as ever, never frozen
+a.other, b.other = b, a
+gone = weakref.ref(a)
+del a, b
+gc.collect()
+assert gone() is None and gc.get_freeze_count() == frozen
+
+from pagedllm import gc_freeze
+gc_freeze.pause()  # a server's start: importing leaves collection paused
+with gc_freeze.importing():
+    import pagedllm.outputs
+assert not gc.isenabled() and gc.get_freeze_count() > frozen
+print("ok")
+"""
+
+
+def test_a_first_import_is_frozen_and_later_garbage_is_not():
+    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok"]

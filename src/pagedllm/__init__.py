@@ -1,11 +1,14 @@
 """pagedllm: high-throughput LLM serving with a paged KV cache.
 
-Names are imported lazily, so `pagedllm.core` (pure Python) loads without torch.
+Names are imported lazily, so `pagedllm.core` (pure Python) loads without torch. A name's
+first import (torch and the engine, for LLM) runs with garbage collection paused and freezes
+what it left (pagedllm/gc_freeze.py: `importing`).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -35,5 +38,11 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module = _EXPORTS[name]
+        if module not in sys.modules:
+            from pagedllm import gc_freeze
+
+            with gc_freeze.importing():
+                importlib.import_module(module)
+        return getattr(sys.modules[module], name)
     raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")
