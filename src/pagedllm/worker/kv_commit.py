@@ -314,10 +314,20 @@ def _loop(ref: weakref.ref, stop: threading.Event) -> None:
         stop.wait(wait)
 
 
+_EXIT_CALLBACKS: list = []
+
+
+def stop_at_exit(callback) -> None:
+    """`callback(timeout)` is called by the atexit hook too (another thread to stop and join)."""
+    _EXIT_CALLBACKS.append(callback)
+
+
 @atexit.register
 def _stop_at_exit() -> None:
     """Stops every running committer's thread and waits for it (briefly), before the
     interpreter finalizes (see the module's docstring)."""
+    for callback in _EXIT_CALLBACKS:
+        callback(EXIT_JOIN_SECONDS)
     with _RUNNING_LOCK:
         running = list(_RUNNING)
     for stop, _ in running:
