@@ -121,3 +121,22 @@ def test_the_first_ahead_pool_takes_the_stash_and_the_next_one_nothing(monkeypat
         other.committer.stop(timeout=10)
     finally:
         engine.committer.stop(timeout=10)
+
+
+@linux
+def test_a_forked_child_takes_no_stash_and_unmaps_its_copy(monkeypatch):
+    stash = HugePageStash(2 * HUGE_PAGE_BYTES)
+    wait_committed(stash, 2)
+    monkeypatch.setattr(cache_engine, "_stash", stash)
+    base = stash.base
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running pytest's exit
+        ok = cache_engine._take_kv_prefault() is None and mapping_of(base) is None
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
+    assert cache_engine._stash is stash and mapping_of(base) is not None  # the parent's
+    stash.release()

@@ -92,6 +92,18 @@ def _take_kv_prefault() -> HugePageStash | None:
     return stash or None
 
 
+def _forget_kv_prefault_in_child() -> None:
+    """A forked child's pools take no stash (its thread did not survive the fork)."""
+    global _stash
+    stash, _stash = _stash, False
+    if stash:
+        stash.forget_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_kv_prefault_in_child)
+
+
 def _pool_pages_in_order(caches: list[torch.Tensor]) -> list[int]:
     """The 2 MiB pages wholly inside the layers' pools, in the order the first blocks need them:
     every layer's key and value pages holding blocks from 0 up, page by page."""

@@ -341,6 +341,13 @@ class HugePageStash:
             self._unmap(moved)
         return moved
 
+    def forget_in_child(self) -> None:
+        """In a child made by fork (which has no thread; its lock may have been held at the
+        fork): unmaps the child's copy of the pages."""
+        self._stop.set()
+        self._claim = threading.Lock()
+        self._unmap()
+
     def release(self) -> None:
         """Unmaps the stash's pages (none move after this)."""
         self._stop.set()
