@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
+_NULL_CONTEXT = contextlib.nullcontext()
+
 
 class StepProfiler:
     """Accumulates wall time per named section; nested sections are reported as parts."""
@@ -22,11 +24,14 @@ class StepProfiler:
         self.counts: dict[str, int] = defaultdict(int)
         self.num_steps = 0
 
+    def section(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Times the `with` block under `name`; a disabled profiler's is a shared no-op."""
+        # NOTE: a generator context manager costs ~0.6 us per use even when it only yields;
+        # a decode step has about ten sections.
+        return self._timed(name) if self.enabled else _NULL_CONTEXT
+
     @contextlib.contextmanager
-    def section(self, name: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
+    def _timed(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield

@@ -182,6 +182,29 @@ def test_greedy_is_argmax_with_lowest_id_on_ties() -> None:
     assert out.sampled_token_ids[3] == 7
 
 
+def test_plain_greedy_batch_matches_the_general_path() -> None:
+    """A batch of plain greedy rows (nothing applied, no logprobs) takes the sampler's short
+    path; each row's token and None entries are those it gets beside a row that takes the
+    general one (a penalised, a logprobs, and a min_tokens row)."""
+    logits = random_logits(8, 300, seed=3)
+    logits[5, [9, 200]] = 50.0  # a tie: the lowest id on both paths
+    plain = [SamplingParams(temperature=0.0) for _ in range(8)]
+    alone = Sampler(0)(logits, make_batch(plain))
+    assert alone.sampled_token_ids == logits.argmax(dim=-1).tolist()
+    assert alone.sampled_token_ids[5] == 9
+    assert alone.sampled_logprobs == alone.sampled_ranks == alone.top_logprobs == [None] * 8
+    others = [SamplingParams(temperature=0.0, repetition_penalty=1.3),
+              SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.0)]
+    forbidden = [[], [], [4]]
+    for other, stop_ids in zip(others, forbidden):
+        mixed = Sampler(0)(torch.cat([logits, logits[:1]]),
+                           make_batch([*plain, other], outputs=[[]] * 8 + [[1, 2]],
+                                      forbidden=[[]] * 8 + [stop_ids]))
+        assert mixed.sampled_token_ids[:8] == alone.sampled_token_ids
+        assert mixed.sampled_logprobs[:8] == mixed.sampled_ranks[:8] == [None] * 8
+        assert mixed.top_logprobs[:8] == [None] * 8
+
+
 @pytest.mark.parametrize("bias, temperature", [(1e39, 1.0), (1e37, 0.01), (3e38, 0.5)])
 def test_a_bias_past_float32_still_picks_its_token(bias: float, temperature: float) -> None:
     """A finite bias can overflow float32 when added or divided by the temperature; the

@@ -178,4 +178,6 @@ def build_decode_metadata(
 def host_tensor(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """A tensor over `array` (shared on the CPU, else copied to `device`)."""
     t = torch.from_numpy(array)
-    return t if device == "cpu" or torch.device(device).type == "cpu" else t.to(device)
+    # NOTE: a torch.device's own type first: torch.device(device) costs ~0.4 us, six per step.
+    on_cpu = (device.type if isinstance(device, torch.device) else torch.device(device).type) == "cpu"
+    return t if on_cpu else t.to(device)

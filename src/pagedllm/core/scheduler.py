@@ -284,6 +284,8 @@ class Scheduler:
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Offers the sequence's newly computed full blocks to the prefix cache."""
+        if seq.num_computed_tokens // self.block_manager.block_size <= seq.num_registered_blocks:
+            return  # no block filled since the last offer (most decode steps)
         seq.mark_registered(self.block_manager.cache_full_blocks(
             seq.seq_id, seq.block_hashes, seq.all_token_ids, seq.num_computed_tokens,
             seq.num_registered_blocks,
@@ -323,7 +325,8 @@ class Scheduler:
             num_new = max(min(request.prefill_limit(seq) - start, budget - num_tokens), 0)
             if num_new == 0 and not (hit and hit.num_blocks):
                 continue
-            spec = self._proposals(request, seq, start, num_new, budget - num_tokens - num_new)
+            spec = (self._proposals(request, seq, start, num_new, budget - num_tokens - num_new)
+                    if self._speculate else [])
             wants.append((seq, start, num_new, hit, spec))
             num_tokens += num_new + len(spec)
         if not wants:

@@ -26,6 +26,13 @@ def _has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
+def _is_plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with nothing applied to the logits and no logprob asked for: the row's token is
+    the raw argmax and its output entries are all None."""
+    return (p.is_greedy and not p.logit_bias and not _has_penalties(p)
+            and not p.needs_sampled_logprobs)
+
+
 @dataclass
 class SamplingBatch:
     """The per-row inputs of one sampling call; row i of the logits belongs to entry i of each."""
@@ -146,6 +153,17 @@ class Sampler:
             f"logits {tuple(logits.shape)} do not match {batch.num_rows} rows"
         )
         logits = logits.float()
+        if (all(_is_plain_greedy(p) for p in batch.params)
+                and not any(batch.min_tokens_stop_ids)):
+            # NOTE: the path below ends the same way for such rows (the native argmax without
+            # the logsumexp, no logprobs); this one skips its per-row bookkeeping.
+            num_rows = batch.num_rows
+            return SamplerOutput(
+                sampled_token_ids=argmax_logsumexp(logits, with_logsumexp=False)[0].tolist(),
+                sampled_logprobs=[None] * num_rows,
+                sampled_ranks=[None] * num_rows,
+                top_logprobs=[None] * num_rows,
+            )
         processed = self.process_logits(logits, batch)  # [R, V]
         greedy_ids = None
         if processed is logits:  # all greedy, nothing applied: the native argmax, without the

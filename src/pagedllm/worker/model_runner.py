@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,13 +75,6 @@ def _prepare_decode(token_ids: list[list[int]], start_positions: list[int],
     )
 
 
-def _no_section(name: str) -> contextlib.nullcontext:
-    return _NULL_CONTEXT
-
-
-_NULL_CONTEXT = contextlib.nullcontext()
-
-
 def _take_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """hidden[rows] for increasing row ids: a view when they are consecutive (a decode step's
     rows, all of them), else a gather."""
@@ -117,9 +110,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        profiler = self.profiler
-        # NOTE: a disabled profiler's section still costs a generator per use; a step has ~8.
-        section = profiler.section if profiler.enabled else _no_section
+        section = self.profiler.section
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return ModelRunnerOutput(sampled={})
@@ -145,9 +136,10 @@ class ModelRunner:
             return ModelRunnerOutput(sampled={}, prompt_logprobs=prompt_chunks)
         # The LM head sees the last token of each sampled request, and the rows of its
         # speculative proposals (spec_decode/verify.py) before it.
-        batch, row_counts = sampling_rows([s for _, s in sampled_items])
-        rows = [int(query_ends[i]) - n + r
-                for (i, _), n in zip(sampled_items, row_counts) for r in range(n)]
+        items = [s for _, s in sampled_items]
+        batch, row_counts = sampling_rows(items)
+        ends = query_ends.tolist()
+        rows = [ends[i] - n + r for (i, _), n in zip(sampled_items, row_counts) for r in range(n)]
         with section("lm head"):
             logits = self.model.compute_logits(_take_rows(hidden, rows))  # [rows, vocab] fp32
         if logits is None:  # a tensor-parallel rank past 0: rank 0 samples
@@ -161,15 +153,14 @@ class ModelRunner:
                     # item's mask.
                     bitmask = np.repeat(bitmask, row_counts, axis=0)
                 apply_grammar_bitmask(logits, bitmask)
-        items = [s for _, s in sampled_items]
         # Items whose draft drew its proposals from a distribution q (not its argmax) are
         # verified by rejection sampling (spec_decode/rejection.py); the sampler takes the rest.
         drawn = [n for n, s in enumerate(items)
                  if s.seq_id in proposals and proposals[s.seq_id].probs is not None]
-        firsts = np.cumsum([0, *row_counts]).tolist()
         tokens_of: list[list[SampledToken]] = [[] for _ in items]
         with section("sampling"):
             if drawn:
+                firsts = list(itertools.accumulate(row_counts, initial=0))
                 taken = set(drawn)
                 rest = [n for n in range(len(items)) if n not in taken]
                 for n in drawn:
@@ -230,9 +221,10 @@ class ModelRunner:
         chunks: dict[str, PromptLogprobsChunk] = {}
         for i, s in enumerate(scheduled):
             k = s.sampling_params.prompt_logprobs
-            num_prompt = len(s.prompt_token_ids)
-            end = min(s.start_position + s.num_tokens, num_prompt - 1)
-            if k is None or s.seq_index != 0 or s.start_position >= end:
+            if k is None or s.seq_index != 0:
+                continue
+            end = min(s.start_position + s.num_tokens, len(s.prompt_token_ids) - 1)
+            if s.start_position >= end:
                 continue
             first_row = int(query_ends[i]) - s.num_tokens
             rows = torch.arange(first_row, first_row + end - s.start_position,
