@@ -22,9 +22,12 @@ objects the collector tracks, nearly all modules, functions and classes that liv
 the process, and its full collections traversed them several times over an import and an
 `LLM()` build (0.2-0.5 s of a warm start on two shared cores). So the first import of
 pagedllm's engine (pagedllm.__getattr__, `pagedllm serve`) runs with collection paused and
-freezes what is alive after it, without collecting first: the garbage an import leaves is
-a few dozen objects, and an engine built later (the memory a test session frees) is never
-frozen by it.
+freezes what is alive after it. Only where torch is not imported yet: then the caller has
+made no model, tensor or engine that could turn into garbage later, and its heap is small; it
+is collected before the import (milliseconds), not after it (the garbage an import leaves is a
+few dozen objects), so nothing of the caller's is kept forever, and an engine built later (the
+memory a test session frees) is never frozen by it. A caller that imported torch first (a test
+session, a script) is left alone.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import sys
 import time
 from collections.abc import Iterator
 
@@ -51,10 +55,15 @@ def pause() -> None:
 
 @contextlib.contextmanager
 def importing() -> Iterator[None]:
-    """Runs the block (a first import) with automatic collection paused, then freezes every
-    object alive, uncollected (see the module docstring), and restores collection as it was."""
+    """Where torch is not imported yet: collects, runs the block (a first import) with automatic
+    collection paused, then freezes every object alive, uncollected (see the module
+    docstring), and restores collection as it was. Otherwise just runs the block."""
+    if "torch" in sys.modules:
+        yield
+        return
     was_enabled = gc.isenabled()
     gc.disable()
+    gc.collect()
     try:
         yield
     finally:
