@@ -6,12 +6,11 @@ default settings), generates one token, runs the workload (burst 1), stays idle 
 (the `ahead` committer commits further and collapses into huge pages) and runs it again (burst
 2). Arms, one process each, taking turns within every round:
 
-- `ahead`: the default (`PAGEDLLM_KV_POOL_COMMIT=ahead`, the pool's first huge pages committed
-  while the engine starts: cache_engine.start_kv_prefault);
-- `ahead-noprefault`: `ahead` with PAGEDLLM_KV_PREFAULT_BYTES=0 (the committer alone: 4 KiB
-  pages while busy);
+- `ahead`: the default (`PAGEDLLM_KV_POOL_COMMIT=ahead`: the committer, 4 KiB pages while
+  busy, huge pages at idle);
 - `start`: the whole pool written at start, in huge pages (`PAGEDLLM_KV_POOL_COMMIT=start`);
-- `ahead-prefaultN`: `ahead` with N MiB committed while the engine starts (default 256).
+- `ahead-prefaultN`: `ahead` with the pool's first N MiB committed in huge pages while the engine
+  starts (PAGEDLLM_KV_PREFAULT_BYTES: cache_engine.start_kv_prefault).
 
 Printed per run: out tok/s of each burst and its ratio to `start` in the same round, `LLM()`'s
 seconds, RSS when ready and at the end, the process's CPU seconds per burst (user + system: on a
@@ -19,7 +18,7 @@ loaded machine they move far less than wall time; with --threads 1 no OpenMP tea
 committer's share of them, and the MiB of anonymous memory in huge pages after burst 1.
 
     python -m pagedllm.benchmarks.kv_first_burst --rounds 2 --gap 6
-    python -m pagedllm.benchmarks.kv_first_burst --threads 1 --arms ahead,start
+    python -m pagedllm.benchmarks.kv_first_burst --threads 1 --arms ahead,ahead-prefault384,start
 """
 
 from __future__ import annotations
@@ -32,8 +31,7 @@ import sys
 import time
 
 ARMS = {
-    "ahead": {"PAGEDLLM_KV_POOL_COMMIT": "ahead"},
-    "ahead-noprefault": {"PAGEDLLM_KV_POOL_COMMIT": "ahead", "PAGEDLLM_KV_PREFAULT_BYTES": "0"},
+    "ahead": {"PAGEDLLM_KV_POOL_COMMIT": "ahead", "PAGEDLLM_KV_PREFAULT_BYTES": "0"},
     "start": {"PAGEDLLM_KV_POOL_COMMIT": "start"},
 }
 _CLOCK_START = time.perf_counter()
@@ -160,7 +158,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arms", default="ahead,ahead-noprefault,start",
+    parser.add_argument("--arms", default="ahead,ahead-prefault256,start",
                         help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--gap", type=float, default=6.0, help="idle seconds between bursts")

@@ -54,14 +54,15 @@ def kv_pool_commit_mode() -> str:
 
 
 # How much of the `ahead` pool's first blocks (all layers) is committed in 2 MiB pages while the
-# engine starts (host_memory.HugePageStash: a thread commits huge pages during the imports and
-# the weights' read, and the pool takes them when it is made, all layers' first pages first); 0
-# for none. The pool holds IDLE_COMMIT_AHEAD_BYTES committed at idle anyway, so by default the
-# stash adds nothing to idle memory: it puts the first burst's blocks in huge pages (decode
-# attention through 4 KiB pages: up to 1.41x the time, TLB) without a huge-page fault (~5 ms
-# each on this VM) in the burst or before the engine is ready.
+# engine starts (host_memory.HugePageStash: a thread commits huge pages from this module's import
+# on, and the pool takes them when it is made, all layers' first pages first); 0 (the default):
+# none. NOTE: opt-in, measured (benchmarks/kv_first_burst.py, 2026-12-07, loaded host, one
+# round): 256 MiB made `LLM()` ready 1.0 s later (warm 2.50 s against 1.50; imports 1.85 s
+# against 1.10: each 2 MiB MADV_POPULATE_WRITE, ~5 ms on this VM, holds the address space's lock
+# that the imports' mmaps wait for), and the first burst, one thread, gained nothing measurable
+# (437.8 tok/s against 444.0, `start` 435.5).
 KV_PREFAULT_BYTES_ENV = "PAGEDLLM_KV_PREFAULT_BYTES"
-DEFAULT_KV_PREFAULT_BYTES = IDLE_COMMIT_AHEAD_BYTES
+DEFAULT_KV_PREFAULT_BYTES = 0
 
 _stash: HugePageStash | None = None
 

@@ -272,7 +272,10 @@ class HugePageStash:
     no copy, still huge pages) and unmaps the rest.
 
     On a VM whose free huge pages go back to the host a huge page costs ~5 ms of system time to
-    commit (kv_commit.py): 128 pages are ~0.6 s of a core, taken off the start's critical path.
+    commit (kv_commit.py): 128 pages are ~0.6 s of a core. NOTE: not free for the thread it runs
+    beside: each MADV_POPULATE_WRITE holds the address space's lock for its page's ~5 ms, and
+    that thread's own mmaps (a start's imports make thousands) wait for it (cache_engine.py's
+    measurement: `LLM()` ready 1.0 s later with 256 MiB).
     Pages not claimed within `keep_seconds` of being committed are unmapped. NOTE: the thread
     calls no torch op (ctypes only) and is stopped before the interpreter finalizes
     (kv_commit's atexit hook calls `stop`)."""
