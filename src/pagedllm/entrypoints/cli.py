@@ -86,13 +86,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pagedllm import gc_freeze
 
-    # No automatic collection while the server starts: what the engine's imports leave is
-    # frozen uncollected, the rest collected once when ready (api_server.serve_engine,
-    # pagedllm/gc_freeze.py).
+    # No automatic collection while the server starts: it collects once when ready
+    # (api_server.run_server, pagedllm/gc_freeze.py).
     gc_freeze.pause()
-    with gc_freeze.importing():
-        # The engine's modules; the server's import on a thread while the engine loads.
-        from pagedllm.entrypoints.openai.launch import run_server
+    from pagedllm.entrypoints.openai.api_server import run_server
 
     if args.model_tag and args.model and args.model_tag != args.model:
         raise ValueError(f"two models named: {args.model_tag!r} and --model {args.model!r}")

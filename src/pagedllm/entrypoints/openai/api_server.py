@@ -1,9 +1,8 @@
 """The OpenAI-compatible HTTP server: a thin FastAPI router over the OpenAIServing* handlers.
 
 Routes only parse, authenticate and turn a handler's result into a response; the handlers do
-the work. `serve_engine` runs uvicorn over a loaded engine until SIGINT/SIGTERM, which first ends
-every open stream (their requests are aborted) so shutdown never hangs; `run_server`
-(launch.py) binds the socket and loads the engine first, while this module imports.
+the work. `run_server` loads the engine, binds the socket and runs uvicorn until SIGINT/SIGTERM,
+which first ends every open stream (their requests are aborted) so shutdown never hangs.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
 import uvicorn
@@ -33,8 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import pagedllm
 from pagedllm import gc_freeze
 from pagedllm.engine.async_engine import AsyncLLMEngine
-from pagedllm.entrypoints.openai import launch, web_page
-from pagedllm.entrypoints.openai.launch import bind_socket  # noqa: F401 - its former home
+from pagedllm.entrypoints.openai import web_page
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.prompt_tokenizer import PromptTokenizer
 from pagedllm.entrypoints.openai.protocol import (
@@ -49,10 +47,7 @@ from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
-from pagedllm.entrypoints.openai.tool_parsers import ToolParser
-
-if TYPE_CHECKING:
-    from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS, ToolParser, get_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -375,20 +370,29 @@ class _Server(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._on_exit)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Binds before the model loads, so a busy port fails at once; OSError says why.
+
+    NOTE: the protocol is named (IPPROTO_TCP, not 0) because asyncio turns Nagle's algorithm
+    off (TCP_NODELAY) only on connections of such a socket. Without it a response written in
+    two parts (headers, then body; or an SSE stream's chunks) waits for the client's delayed
+    ACK: 40 ms per poll of the KV cache map over a keep-alive connection.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535
+        sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise OSError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_server(
     engine_kwargs: dict[str, Any],
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    **server_kwargs: Any,
-) -> None:
-    """Loads the engine and serves until SIGINT/SIGTERM (launch.run_server; `server_kwargs`
-    as its). Bad settings raise ValueError/OSError."""
-    launch.run_server(engine_kwargs, host, port, **server_kwargs)
-
-
-def serve_engine(
-    llm_engine: LLMEngine,
-    sock: socket.socket,
     host: str = "127.0.0.1",
     port: int = 8000,
     served_model_names: list[str] | None = None,
@@ -396,36 +400,53 @@ def serve_engine(
     chat_template: str | None = None,
     uvicorn_log_level: str = "info",
     log_stats_interval_s: float = 5.0,
-    tool_parser: ToolParser | None = None,
+    enable_auto_tool_choice: bool = False,
+    tool_call_parser: str | None = None,
 ) -> None:
-    """Serves a loaded engine on a bound socket until SIGINT/SIGTERM, which first ends every
-    open stream; the caller then closes the socket and shuts the engine down."""
+    """Loads the engine and serves until SIGINT/SIGTERM. Bad settings raise ValueError/OSError."""
+    from pagedllm.engine.llm_engine import LLMEngine
     from pagedllm.models import hf_fast
 
-    names = served_model_names or [llm_engine.config.model or "SmolLM2-135M-Instruct"]
-    # The server's own (the engine's is the engine thread's); a recorded one's Rust half
-    # loads on a thread while the server starts.
-    tokenizer = hf_fast.load_tokenizer(llm_engine.model_dir, background=True)
-    server_metrics = ServerMetrics(names[0], log_interval_s=log_stats_interval_s)
-    history = web_page.StatsHistory()
+    tool_parser = None
+    if enable_auto_tool_choice:
+        if tool_call_parser is None:
+            raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of "
+                             f"{', '.join(TOOL_PARSERS)})")
+        tool_parser = get_tool_parser(tool_call_parser)
 
-    def on_step(outputs: list, stats: Any) -> None:
-        server_metrics.observe(outputs, stats)
-        history.observe(outputs, stats)
+    sock = bind_socket(host, port)
+    llm_engine = None
+    try:
+        llm_engine = LLMEngine(**engine_kwargs)
+        model = engine_kwargs.get("model")
+        names = served_model_names or [model or "SmolLM2-135M-Instruct"]
+        # The server's own (the engine's is the engine thread's); a recorded one's Rust half
+        # loads on a thread while the server starts.
+        tokenizer = hf_fast.load_tokenizer(llm_engine.model_dir, background=True)
+        server_metrics = ServerMetrics(names[0], log_interval_s=log_stats_interval_s)
+        history = web_page.StatsHistory()
 
-    engine = AsyncLLMEngine(llm_engine, on_step)
-    app = build_app(engine, tokenizer, names, str(llm_engine.model_dir), api_key=api_key,
-                    chat_template=chat_template, metrics=server_metrics,
-                    tool_parser=tool_parser, history=history)
-    # No websocket routes: ws="none" spares the start importing uvicorn's websocket protocols
-    # (websockets, wsproto; ~20-50 ms).
-    config = uvicorn.Config(app, log_level=uvicorn_log_level, timeout_graceful_shutdown=5,
-                            timeout_keep_alive=5, ws="none")
-    logging.getLogger("uvicorn.access").addFilter(web_page.QuietMapPolls())
-    server = _Server(config, on_exit=engine.begin_shutdown)
-    logger.info("serving %s on http://%s:%d (API key %s; web page at /)", names[0], host,
-                port, "required" if api_key else "not required")
-    # What the start made lives as long as the server: kept out of the full collections
-    # that would otherwise stall running streams (pagedllm/gc_freeze.py).
-    gc_freeze.start()
-    asyncio.run(server.serve(sockets=[sock]))
+        def on_step(outputs: list, stats: Any) -> None:
+            server_metrics.observe(outputs, stats)
+            history.observe(outputs, stats)
+
+        engine = AsyncLLMEngine(llm_engine, on_step)
+        app = build_app(engine, tokenizer, names, str(llm_engine.model_dir), api_key=api_key,
+                        chat_template=chat_template, metrics=server_metrics,
+                        tool_parser=tool_parser, history=history)
+        config = uvicorn.Config(app, log_level=uvicorn_log_level, timeout_graceful_shutdown=5,
+                                timeout_keep_alive=5)
+        logging.getLogger("uvicorn.access").addFilter(web_page.QuietMapPolls())
+        server = _Server(config, on_exit=engine.begin_shutdown)
+        logger.info("serving %s on http://%s:%d (API key %s; web page at /)", names[0], host,
+                    port, "required" if api_key else "not required")
+        # What the start made lives as long as the server: kept out of the full collections
+        # that would otherwise stall running streams (pagedllm/gc_freeze.py).
+        gc_freeze.start()
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        sock.close()
+        if llm_engine is not None:
+            # Its worker processes or Ray actors (and a Ray it started): `pagedllm serve`
+            # leaves with os._exit, which runs no finalizer.
+            llm_engine.shutdown()
