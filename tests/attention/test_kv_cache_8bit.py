@@ -1,7 +1,8 @@
 """The 8-bit KV caches, kv_cache_dtype="int8" (int8 rows with an fp32 scale per token and kv
-head) and "fp8" (e5m2): the kernel's writes give the reference's bytes, each path over an 8-bit
-cache gives the bits it gives over a cache of the query's dtype holding the dequantized values,
-and the kernel agrees with the torch_paged reference.
+head) and "fp8" (e5m2): the kernel's writes give the reference's bytes, each path that widens an
+8-bit cache gives the bits it gives over a cache of the query's dtype holding the dequantized
+values, the int8 cache read in place (bf16 query, AVX512_VNNI builds) is nearer the exact
+attention over those values than that, and the kernel agrees with the torch_paged reference.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import torch
 from torch_threads import num_threads
 
 from pagedllm.attention import build_attention_metadata
-from pagedllm.attention.cpu_paged import CpuPagedAttention, kernel_applies
+from pagedllm.attention.cpu_paged import (
+    CpuPagedAttention,
+    int8_kv_read_in_place,
+    kernel_applies,
+)
 from pagedllm.attention.torch_paged import (
     FP8_KV_DTYPE,
     INT8_KV_DTYPE,
@@ -143,6 +148,8 @@ def test_kernel_over_8bit_is_the_kernel_over_the_dequantized_cache(
     threads: int, block_size: int, num_heads: int, num_kv_heads: int, head_size: int,
     dtype: torch.dtype, kind: torch.dtype,
 ) -> None:
+    if kind == INT8_KV_DTYPE and dtype == torch.bfloat16 and int8_kv_read_in_place(head_size):
+        pytest.skip("read in place: test_int8_read_in_place_is_nearer_the_exact_attention")
     metadata, shape, query, key, value, gen = batch_inputs(
         BATCH, block_size, num_heads, num_kv_heads, head_size, dtype, seed=block_size, kind=kind)
     cache8 = torch.empty(shape, dtype=kind)
@@ -164,6 +171,56 @@ def test_kernel_over_8bit_is_the_kernel_over_the_dequantized_cache(
                                    dequantize(quantize(value, kind), dtype), cache16, metadata)
     assert torch.equal(dequantize(cache8, dtype), cache16)  # the writes, dequantized
     assert torch.equal(got, expected)  # bit for bit (NaN-free: finite values only)
+
+
+def exact_attention(query: torch.Tensor, cache: torch.Tensor, metadata, num_kv_heads: int,
+                    scale: float) -> torch.Tensor:
+    """Causal attention in fp64 over the cache's values (int8: dequantized), per sequence."""
+    keys, values = (dequantize(half, torch.float64) for half in cache)
+    group = query.shape[1] // num_kv_heads
+    block_size = cache.shape[2]
+    out = torch.empty(query.shape, dtype=torch.float64)
+    start = 0
+    for i, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu,
+                                                 metadata.seq_lens_cpu)):
+        ids = metadata.block_tables[i, : -(-seq_len // block_size)]
+        k, v = (x.index_select(0, ids).flatten(0, 1)[:seq_len].repeat_interleave(group, 1)
+                for x in (keys, values))  # [seq_len, num_heads, d]
+        q = query[start:start + query_len].double()
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        q_pos = torch.arange(seq_len - query_len, seq_len)[:, None]
+        scores = scores.masked_fill(torch.arange(seq_len)[None] > q_pos, float("-inf"))
+        out[start:start + query_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        start += query_len
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_size", SHAPES, ids=SHAPE_IDS)
+def test_int8_read_in_place_is_nearer_the_exact_attention(num_heads: int, num_kv_heads: int,
+                                                          head_size: int) -> None:
+    # In place, the int8 values enter integer dot products exactly (the query rounded to 16
+    # bits per row, the weights p * v_scale to 16 bits per tile); the widening path rounds
+    # each dequantized value and the weights p to bf16. Against the exact attention over the
+    # dequantized values, in place must be the nearer, in the mean and at the worst row.
+    if not int8_kv_read_in_place(head_size):
+        pytest.skip(f"this build dequantizes an int8 cache of head size {head_size}")
+    metadata, shape, query, key, value, gen = batch_inputs(
+        BATCH, 16, num_heads, num_kv_heads, head_size, torch.bfloat16, seed=3,
+        kind=INT8_KV_DTYPE)
+    values = torch.randn(*shape[:-1], head_size, generator=gen)
+    cache8 = quantize_int8_rows(values * torch.rand(*shape[:-1], 1, generator=gen) * 4)
+    backend = CpuPagedAttention(num_heads, num_kv_heads, head_size, head_size**-0.5, 16)
+    written = cache8.clone()
+    got = backend.forward(query, key, value, written, metadata)
+    widened = backend.forward(query, dequantize(quantize_int8_rows(key), torch.bfloat16),
+                              dequantize(quantize_int8_rows(value), torch.bfloat16),
+                              dequantize(cache8, torch.bfloat16), metadata)
+    exact = exact_attention(query, written, metadata, num_kv_heads, head_size**-0.5)
+    in_place_err = (got.double() - exact).abs()
+    widened_err = (widened.double() - exact).abs()
+    assert in_place_err.mean() < widened_err.mean()
+    assert in_place_err.max() <= widened_err.max()
 
 
 @needs_kernel

@@ -11,7 +11,12 @@ from torch_threads import num_threads
 
 from pagedllm.attention import build_attention_metadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention
-from pagedllm.attention.torch_paged import TorchPagedAttention
+from pagedllm.attention.torch_paged import (
+    INT8_KV_DTYPE,
+    TorchPagedAttention,
+    kv_cache_row_size,
+    quantize_int8_rows,
+)
 from pagedllm.ops import cpu_extension
 
 # (num_cached_tokens, query_len) per sequence, in one batch: prefills, chunks on a context,
@@ -28,7 +33,7 @@ def kernel() -> None:
 
 
 def run_both(batch, block_size, num_heads, num_kv_heads, head_size, dtype, window, soft_cap,
-             seed=0, free_before_window=False):
+             seed=0, free_before_window=False, cache_dtype=None):
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in batch]
     query_lens = [q for _, q in batch]
@@ -49,7 +54,9 @@ def run_both(batch, block_size, num_heads, num_kv_heads, head_size, dtype, windo
     shape = TorchPagedAttention.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size)
     cache = torch.randn(shape, generator=gen)
     cache[:, 0] *= 1000
-    cache = cache.to(dtype)
+    # An int8 cache: the rows quantized with their scales (cache_dtype), else the model's dtype.
+    cache = quantize_int8_rows(cache) if cache_dtype == INT8_KV_DTYPE else cache.to(dtype)
+    assert cache.shape[-1] == kv_cache_row_size(head_size, cache.dtype)
     num_tokens = sum(query_lens)
     q = torch.randn(num_tokens, num_heads, head_size, generator=gen).to(dtype)
     k = torch.randn(num_tokens, num_kv_heads, head_size, generator=gen).to(dtype)
@@ -77,6 +84,15 @@ def test_kernel_matches_reference(shape, window, soft_cap, dtype) -> None:
                  soft_cap, seed=1, free_before_window=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window,soft_cap", [(7, None), (300, None), (40, 5.0), (None, 2.0)])
+def test_kernel_matches_reference_over_int8(window, soft_cap, dtype) -> None:
+    # SmolLM2's heads: under bf16 the int8 cache is read in place where the build can.
+    run_both(BATCH, 16, 9, 3, 64, dtype, window, soft_cap, cache_dtype=INT8_KV_DTYPE)
+    run_both(SPLIT_BATCH, 16, 9, 3, 64, dtype, window, soft_cap, seed=1, free_before_window=True,
+             cache_dtype=INT8_KV_DTYPE)
+
+
 def test_a_window_changes_the_result() -> None:
     """The comparisons above compare something: a window of 40 over 103 keys differs from
     none, and a soft cap from no cap."""
@@ -91,14 +107,17 @@ def test_a_window_changes_the_result() -> None:
         assert not torch.allclose(out, other, atol=1e-3), options
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, None), (torch.bfloat16, None),
+                                    (torch.bfloat16, INT8_KV_DTYPE)],
+                         ids=["fp32", "bf16", "bf16-int8kv"])
 @pytest.mark.parametrize("window,soft_cap", [(50, None), (300, 5.0)])
 def test_windowed_query_bits_do_not_depend_on_how_it_is_computed(window, soft_cap,
-                                                                 dtype) -> None:
+                                                                 dtypes) -> None:
+    dtype, cache_dtype = dtypes
     target_len, crowd = 600, [3, 40, 300, 1]
 
     def run(lengths, chunk, decode_from):
-        seqs = Sequences(lengths, 9, 3, 64, dtype, 16, seed=0)
+        seqs = Sequences(lengths, 9, 3, 64, dtype, 16, seed=0, cache_dtype=cache_dtype)
         seqs.backend = seqs.backend.for_layer(sliding_window=window, logits_soft_cap=soft_cap)
         for work in schedules(lengths, chunk, decode_from):
             seqs.step(work)

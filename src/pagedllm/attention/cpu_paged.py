@@ -66,6 +66,13 @@ def kernel_applies(
     )
 
 
+def int8_kv_read_in_place(head_size: int) -> bool:
+    """Whether the kernel reads an int8 cache in place for a bf16 query of this head size
+    (integer dot products over the stored values; else it dequantizes each key tile first)."""
+    ops = cpu_ops()
+    return ops is not None and bool(ops.int8_kv_read_in_place(head_size))
+
+
 def kernel_metadata(
     metadata: AttentionMetadata,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,8 +9,15 @@ the memory bandwidth measured in the same run (best of a large tensor sum and co
 
     python -m pagedllm.benchmarks.attention            # full grid, ~3 minutes on 2 cores
     python -m pagedllm.benchmarks.attention --quick    # a few points
+    python -m pagedllm.benchmarks.attention --kv-pools # decode steps over 30 layers' pools
 
-Writes benchmarks/results/attention.json under the working directory unless --out names a file.
+--kv-pools times what a decode step of the engine runs: a bf16 query of 64 sequences over 30
+layers' pools (one call per layer, each pool its own scattered blocks, so that the K/V come from
+memory as in the engine), per KV cache dtype (bf16, int8, fp8), the dtypes alternating round by
+round in one process.
+
+Writes benchmarks/results/attention.json (--kv-pools: attention_kv_pools.json) under the
+working directory unless --out names a file.
 """
 
 from __future__ import annotations
@@ -29,7 +36,14 @@ import torch.nn.functional as F
 
 from pagedllm.attention import build_attention_metadata
 from pagedllm.attention.cpu_paged import CpuPagedAttention
-from pagedllm.attention.torch_paged import TorchPagedAttention
+from pagedllm.attention.torch_paged import (
+    FP8_KV_DTYPE,
+    INT8_KV_DTYPE,
+    TorchPagedAttention,
+    kv_cache_row_size,
+    quantize_int8_rows,
+    quantize_kv,
+)
 from pagedllm.ops import cpu_ops, cpu_ops_error
 from pagedllm.worker.host_memory import huge_page_zeros
 
@@ -157,12 +171,90 @@ def bench_point(
         )
     kv_bytes = 2 * batch * seq_len * NUM_KV_HEADS * HEAD_SIZE * kv_cache.element_size()
     gb_s = kv_bytes / kernel_s / 1e9
-    ms = lambda s: None if s is None else s * 1e3  # noqa: E731
+    ms = lambda s: None if s is None else s * 1e3
     return Row(
         mode, dtype_name, batch, seq_len, query_len, ms(kernel_s), ms(reference_s), ms(sdpa_s),
         ms(kernel_med), ms(reference_med), ms(sdpa_med), kv_bytes / 1e9, gb_s,
         100 * gb_s / bandwidth, sdpa_s / kernel_s,
     )
+
+
+KV_DTYPES = {"bf16": torch.bfloat16, "int8": INT8_KV_DTYPE, "fp8": FP8_KV_DTYPE}
+
+
+def kv_pool(num_blocks: int, kv_dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """One layer's pool of random K/V in `kv_dtype` (int8: quantized rows with their scales)."""
+    row = kv_cache_row_size(HEAD_SIZE, kv_dtype)
+    shape = TorchPagedAttention.kv_cache_shape(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, row)
+    values = torch.randn(*shape[:-1], HEAD_SIZE, generator=gen)
+    if kv_dtype == INT8_KV_DTYPE:
+        values = quantize_int8_rows(values)
+    elif kv_dtype == FP8_KV_DTYPE:
+        values = quantize_kv(values, FP8_KV_DTYPE)
+    else:
+        values = values.to(kv_dtype)
+    pool = huge_page_zeros(shape, kv_dtype if kv_dtype != FP8_KV_DTYPE else torch.uint8)
+    pool.copy_(values.view(torch.uint8) if kv_dtype == FP8_KV_DTYPE else values)
+    return pool.view(FP8_KV_DTYPE) if kv_dtype == FP8_KV_DTYPE else pool
+
+
+def bench_kv_pools(batch: int, context: int, layers: int, kv_names: list[str], rounds: int,
+                   steps: int, gen: torch.Generator) -> dict[str, list[float]]:
+    """ms per decode step (`layers` kernel calls, one per pool) of each KV dtype, `steps` steps
+    per round, the dtypes alternating round by round: {kv dtype: [ms of every step]}."""
+    blocks_per_seq = -(-context // BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq + 1
+    tables = [torch.randperm(num_blocks, generator=gen)[: batch * blocks_per_seq]
+              .view(batch, blocks_per_seq).tolist() for _ in range(layers)]
+    metas = [build_attention_metadata([1] * batch, [context] * batch, t, BLOCK_SIZE)
+             for t in tables]
+    pools = {name: [kv_pool(num_blocks, KV_DTYPES[name], gen) for _ in range(layers)]
+             for name in kv_names}
+    query = torch.randn(batch, NUM_HEADS, HEAD_SIZE, generator=gen).to(torch.bfloat16)
+    key = torch.randn(batch, NUM_KV_HEADS, HEAD_SIZE, generator=gen).to(torch.bfloat16)
+    value = torch.randn(batch, NUM_KV_HEADS, HEAD_SIZE, generator=gen).to(torch.bfloat16)
+    kernel = CpuPagedAttention(NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, BLOCK_SIZE)
+
+    def step(name: str) -> float:
+        t0 = time.perf_counter()
+        for pool, meta in zip(pools[name], metas):
+            kernel.forward(query, key, value, pool, meta)
+        return (time.perf_counter() - t0) * 1e3
+
+    times: dict[str, list[float]] = {name: [] for name in kv_names}
+    for name in kv_names:
+        step(name)  # warm-up
+    for _ in range(rounds):
+        for name in kv_names:
+            times[name] += [step(name) for _ in range(steps)]
+    return times
+
+
+def kv_pools_main(args: argparse.Namespace) -> None:
+    gen = torch.Generator().manual_seed(0)
+    load_before = os.getloadavg()[0]
+    print(f"threads {torch.get_num_threads()}, load average {load_before:.2f}; decode of "
+          f"{args.batch} sequences, {args.layers} layers' pools, bf16 query, ms per step "
+          f"(median / best of {args.rounds} rounds x {args.steps} steps)")
+    print(f"{'ctx':>5} " + " ".join(f"{name:>15}" for name in args.kv_dtype)
+          + "  " + " ".join(f"{name + '/bf16':>10}" for name in args.kv_dtype if name != "bf16"))
+    results = []
+    for context in args.context:
+        times = bench_kv_pools(args.batch, context, args.layers, args.kv_dtype, args.rounds,
+                               args.steps, gen)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        cells = " ".join(f"{med[n]:>7.2f} / {min(times[n]):>5.2f}" for n in args.kv_dtype)
+        ratios = " ".join(f"{med[n] / med['bf16']:>10.2f}" for n in args.kv_dtype
+                          if n != "bf16" and "bf16" in med)
+        print(f"{context:>5} {cells}  {ratios}", flush=True)
+        results.append({"context": context, "ms_per_step": times})
+    out = args.out if args.out != RESULTS / "attention.json" else RESULTS / "attention_kv_pools.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "threads": torch.get_num_threads(), "load_average_before": load_before,
+        "batch": args.batch, "layers": args.layers, "results": results,
+    }, indent=2))
+    print(f"wrote {out}")
 
 
 HEADER = (
@@ -188,6 +280,14 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per point")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS / "attention.json")
+    parser.add_argument("--kv-pools", action="store_true",
+                        help="decode steps over many layers' pools, per KV cache dtype")
+    parser.add_argument("--kv-dtype", nargs="+", default=list(KV_DTYPES), choices=list(KV_DTYPES))
+    parser.add_argument("--context", type=int, nargs="+", default=[128, 192, 256])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per dtype per round")
     args = parser.parse_args()
 
     if args.threads:
@@ -196,6 +296,9 @@ def main() -> None:
     if cpu_ops() is None:
         raise SystemExit(f"cpu_paged kernel unavailable: {cpu_ops_error()}")
     print(f"kernel ready in {time.perf_counter() - t0:.1f} s (build or cached load)")
+    if args.kv_pools:
+        kv_pools_main(args)
+        return
     load_before = os.getloadavg()[0]
     bandwidth = memory_bandwidth_gb_s()
     peak = max(bandwidth.values())

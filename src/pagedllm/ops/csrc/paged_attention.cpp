@@ -49,7 +49,8 @@
 // The bf16 dot-product paths (AVX512_BF16, head size a multiple of 32) take every item of a
 // bf16 query over a bf16, fp8 or int8 cache, and the fp32 paths every other; the two differ
 // (the dot paths round q and p to bf16), but a model's dtype picks one for all of its steps.
-// (An int8 cache's tiles are dequantized to bf16 for a bf16 query, to fp32 for an fp32 one.)
+// (An int8 cache under the dot paths is read in place by integer dot products, with AVX512_VNNI;
+// elsewhere its tiles are dequantized: see below.)
 // Products are added with explicit FMAs (vec::fma, std::fma): left to the compiler's
 // contraction, acc * corr + p * v may fuse either product, and two copies of one loop may differ.
 //
@@ -76,11 +77,18 @@
 // 8-bit cache (kv_cache_dtype="int8"): each (token, kv head) row of the cache holds head_size
 // int8 values and, after them, their fp32 scale (amax / 127; the cache's last dim is head_size
 // + 4 bytes, so a block carries its scales through every block move). write_kv rounds x / scale
-// to nearest even. Items read the rows of each key tile from the cache and dequantize them
-// (value * scale, in fp32, then rounded to bf16 for a bf16 query) into a tile of their scratch,
-// which the paths for that dtype then read as they read a cache of it: each path computes
-// exactly what it computes over a cache holding the dequantized values (batch invariance holds
-// as above), and the cache streams at 1 + 4 / head_size bytes per value.
+// to nearest even; the cache streams at 1 + 4 / head_size bytes per value. Two ways to read it:
+//   - in place (a bf16 query, head size a multiple of 32 up to kInt8MaxHead, AVX512_BF16 and
+//     AVX512_VNNI: run_int8_decode_item, run_int8_item): the int8 values enter 16-bit integer
+//     dot products as they lie (the query rows rounded to int16 once per item, each tile's
+//     weights p * v_scale to int16 per row), the sums exact in int32 and scaled in fp32 (see
+//     that section); exact integer sums make the decode and GEMM-form items agree bit for bit,
+//     so batch invariance holds as above. torch_paged's reference is the attention over the
+//     dequantized values, which these roundings (finer than the int8 values') approximate.
+//   - dequantized (every other case): items dequantize each key tile (value * scale, in fp32,
+//     then rounded to bf16 for a bf16 query) into their scratch, which the paths for that dtype
+//     then read as they read a cache of it: each path computes exactly what it computes over a
+//     cache holding the dequantized values (batch invariance holds as above).
 //
 // SIMD: see vec.h; head sizes that are not a multiple of the lanes get scalar tails.
 
@@ -193,6 +201,10 @@ struct Params {
   bool dot_items;    // items of a bf16 query over a bf16 cache take the dot-product paths
   // An int8 cache: rows of head_size int8 values, then their fp32 scale (kInt8ScaleBytes).
   bool int8;
+  // An int8 cache read in place (run_int8_decode_item, run_int8_item): a bf16 query, head size
+  // a multiple of 32 up to kInt8MaxHead, AVX512_BF16 and AVX512_VNNI; else its tiles are
+  // dequantized (dequantize_tile).
+  bool int8_in_place;
   int64_t row_bytes;  // bytes from one kv head's row of a slot to the next
 };
 
@@ -234,11 +246,14 @@ struct Scratch {
   std::vector<float> q, acc, m, l, run_acc, run_m, run_l, s, kt, kbuf, vbuf;
   std::vector<const float*> krow, vrow;
   std::vector<bf16_t> qb;       // bf16 query rows (the dot-product paths)
+  std::vector<int16_t> qi;      // the query rows as int16 (an int8 cache read in place)
+  std::vector<float> qscale;    // their scales, times the softmax scale
   std::vector<uint32_t> kpair;  // a key tile in pairs of inputs (run_dot_item)
   std::vector<bf16_t> vpair;    // a value tile in pairs of keys (run_dot_item)
   std::vector<bf16_t> row16;    // one fp8 key row widened to bf16 (run_dot_item)
   // An int8 cache's current key tile, dequantized (kKeyTile slots of the item's kv heads, in
-  // the type its paths read: see dequantize_tile); null for other caches. Not zeroed: every
+  // the type its paths read: see dequantize_tile); null for other caches and for an int8
+  // cache read in place (see run_int8_decode_item). Not zeroed: every
   // slot read is written first.
   std::unique_ptr<float[]> kdq, vdq;
   std::vector<const void*> kraw, vraw, next_kraw, next_vraw;
@@ -249,7 +264,8 @@ struct Scratch {
   // those ~60 KB each time was a measurable part of a call.
   Scratch(int rows, int d, int span, bool decode_only, bool int8)
       : q(rows * d), acc(rows * d), m(rows), l(rows), run_acc(rows * d), run_m(rows),
-        run_l(rows), s(rows * kKeyTile), qb(rows * d), kraw(kKeyTile), vraw(kKeyTile),
+        run_l(rows), s(rows * kKeyTile), qb(rows * d), qi(rows * d), qscale(rows),
+        kraw(kKeyTile), vraw(kKeyTile),
         next_kraw(kKeyTile), next_vraw(kKeyTile) {
     if (int8) {
       kdq.reset(new float[kKeyTile * span]);
@@ -1392,6 +1408,393 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
   }, [&] { end_segment(p, it, ir, sc, partial, true); });
   finish_item(p, it, ir, sc, partial, true);
 }
+
+#if defined(__AVX512VNNI__)
+// ---- An int8 cache read in place (bf16 query, AVX512_VNNI) ----------------------------------
+//
+// The int8 values go into the products as they are, in integer arithmetic: each query row is
+// rounded once per item to int16 values with a scale (round(q / qs), qs = max |q| / 32767, the
+// query as the projection wrote it), and per key tile each row's softmax weights times the
+// values' scales, p[t] * vs[t], to int16 values with a scale of their own (max / 32767); the
+// products and their sums are then exact 32-bit integer sums (VPDPWSSD: K and V sign-extended
+// to int16 in registers, no dequantized copy), and only their totals are scaled in fp32:
+//   s[t] = ((float) sum_i qi[i] * k[t][i] * ks[t]) * (qs * scale)
+//   acc  = acc * corr + (float) sum_t wi[t] * v[t] * ws,  wi[t] = round(p[t] * vs[t] / ws)
+// An exact integer sum is the same in any order, so the decode item and the GEMM-form item give
+// a row the same bits whatever keys past the row's they also sum (with weight 0). The roundings
+// (q to 16 bits per row, the weights to 16 bits per tile) are far finer than the int8 values'.
+// Sums fit 32 bits for head sizes up to kInt8MaxHead: d * 32767 * 127 < 2^31.
+constexpr int kInt8MaxHead = 512;
+
+// Lane j of the result = the sum of v[4 * (j % 4) + j / 4]'s lanes (reduce16's tree, on int32:
+// any order gives the same sum).
+inline __m512i reduce16i(const __m512i* v) {
+  const auto f = [](__m512i x) { return _mm512_castsi512_ps(x); };
+  const auto i = [](__m512 x) { return _mm512_castps_si512(x); };
+  __m512i b[8], c[4], d[2];
+  for (int k = 0; k < 8; ++k) {
+    b[k] = _mm512_add_epi32(
+        i(_mm512_shuffle_f32x4(f(v[2 * k]), f(v[2 * k + 1]), _MM_SHUFFLE(1, 0, 1, 0))),
+        i(_mm512_shuffle_f32x4(f(v[2 * k]), f(v[2 * k + 1]), _MM_SHUFFLE(3, 2, 3, 2))));
+  }
+  for (int k = 0; k < 4; ++k) {
+    c[k] = _mm512_add_epi32(
+        i(_mm512_shuffle_f32x4(f(b[2 * k]), f(b[2 * k + 1]), _MM_SHUFFLE(2, 0, 2, 0))),
+        i(_mm512_shuffle_f32x4(f(b[2 * k]), f(b[2 * k + 1]), _MM_SHUFFLE(3, 1, 3, 1))));
+  }
+  for (int k = 0; k < 2; ++k) {
+    d[k] = _mm512_add_epi32(
+        i(_mm512_shuffle_ps(f(c[2 * k]), f(c[2 * k + 1]), _MM_SHUFFLE(1, 0, 1, 0))),
+        i(_mm512_shuffle_ps(f(c[2 * k]), f(c[2 * k + 1]), _MM_SHUFFLE(3, 2, 3, 2))));
+  }
+  return _mm512_add_epi32(i(_mm512_shuffle_ps(f(d[0]), f(d[1]), _MM_SHUFFLE(2, 0, 2, 0))),
+                          i(_mm512_shuffle_ps(f(d[0]), f(d[1]), _MM_SHUFFLE(3, 1, 3, 1))));
+}
+
+// 32 int8 values sign-extended to int16.
+inline __m512i load_i16x32(const int8_t* p) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// An int8 cache row's scale (after its d values).
+inline float int8_row_scale(const void* row, int d) {
+  float s;
+  std::memcpy(&s, static_cast<const char*>(row) + d, sizeof s);
+  return s;
+}
+
+// The item's bf16 query rows (sc.qb, as start_item(raw_bf16) leaves them) as int16 rows in
+// sc.qi, each with its scale times the softmax scale in sc.qscale.
+inline void quantize_query_rows(const Params& p, int rows, Scratch& sc) {
+  const int d = static_cast<int>(p.head_size);
+  for (int r = 0; r < rows; ++r) {
+    const bf16_t* src = sc.qb.data() + r * d;
+    int16_t* dst = sc.qi.data() + r * d;
+    float amax = 0.f;
+    for (int i = 0; i < d; ++i) amax = std::max(amax, std::fabs(bf16_to_float(src[i])));
+    const float qs = amax / 32767.f;
+    for (int i = 0; i < d; ++i) {
+      const float x = qs > 0.f ? std::nearbyint(bf16_to_float(src[i]) / qs) : 0.f;
+      dst[i] = static_cast<int16_t>(std::clamp(x, -32767.f, 32767.f));
+    }
+    sc.qscale[r] = qs * p.scale;
+  }
+}
+
+// w[j] = the int16 pair round(x[2j] / ws), round(x[2j + 1] / ws) of the tile's weights x[t] =
+// p[t] * vs[t] (>= 0), ws = max x / 32767; returns ws (0, and w all 0, when every x is 0).
+inline float int8_weight_pairs(const float* p, const float* vs, uint32_t* w) {
+  static_assert(kKeyTile == 32, "two vectors of weights");
+  const __m512 a = _mm512_mul_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(vs));
+  const __m512 b = _mm512_mul_ps(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(vs + 16));
+  const float mx = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+  if (!(mx > 0.f)) {
+    std::memset(w, 0, kKeyTile / 2 * sizeof(uint32_t));
+    return 0.f;
+  }
+  const float ws = mx / 32767.f;
+  const __m512 wv = _mm512_set1_ps(ws);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m256i ha = _mm512_cvtsepi32_epi16(_mm512_cvt_roundps_epi32(_mm512_div_ps(a, wv), kRound));
+  const __m256i hb = _mm512_cvtsepi32_epi16(_mm512_cvt_roundps_epi32(_mm512_div_ps(b, wv), kRound));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w), ha);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + 8), hb);
+  return ws;
+}
+
+// The scales of the n rows at slot[t] + head_off (d values each), 0 past n.
+inline void int8_tile_scales(const void* const* slot, int64_t head_off, int d, int n,
+                             float* out) {
+  for (int t = 0; t < kKeyTile; ++t) {
+    out[t] = t < n ? int8_row_scale(static_cast<const int8_t*>(slot[t]) + head_off, d) : 0.f;
+  }
+}
+
+// s[g][t] for the G rows of one kv head and keys 0 .. n - 1 (as in the section comment; past
+// n the last key repeats, masked later). D2 = d / 32 when known at compile time (0: read d).
+template <int G, int D2>
+inline void int8_decode_scores(const int16_t* q, const float* qscale, int d,
+                               const void* const* kslot, int64_t head_off, int n,
+                               const float* ks, float* s) {
+  const int d2 = D2 > 0 ? D2 : d / 32;
+  for (int t0 = 0; t0 < n; t0 += 16) {
+    __m512i v[G][16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      const int8_t* k = static_cast<const int8_t*>(kslot[std::min(t0 + j, n - 1)]) + head_off;
+      __m512i a[G];
+      for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_si512();
+      for (int c = 0; c < d2; ++c) {
+        const __m512i kc = load_i16x32(k + 32 * c);
+        for (int g = 0; g < G; ++g) {
+          a[g] = _mm512_dpwssd_epi32(a[g], _mm512_loadu_si512(q + g * d + 32 * c), kc);
+        }
+      }
+      for (int g = 0; g < G; ++g) v[g][4 * (j % 4) + j / 4] = a[g];
+    }
+    // Past n the scales are 0 (the scores, masked anyway, stay finite).
+    const __m512 kv = _mm512_loadu_ps(ks + t0);
+    for (int g = 0; g < G; ++g) {
+      const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(reduce16i(v[g])), kv);
+      _mm512_storeu_ps(s + g * kKeyTile + t0, _mm512_mul_ps(x, _mm512_set1_ps(qscale[g])));
+    }
+  }
+}
+
+// acc = acc * corr + (float) isum * ws for one vector of accumulators.
+inline __m512 int8_pv_close(const float* acc, float corr, __m512i isum, float ws) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(ws),
+                         _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr)));
+}
+
+// acc[g] = acc[g] * corr[g] + p[g] @ V for the G rows of one kv head over keys 0 .. n - 1, V's
+// int8 rows at vslot[t] + head_off with their scales vs (acc chunks permuted as in
+// dot_decode_pv: the same pairing of two keys' values).
+template <int G, int D2>
+inline void int8_decode_pv(float* acc, int d, const float* corr, const float* p,
+                           const float* vs, const void* const* vslot, int64_t head_off, int n) {
+  constexpr int kChunks = std::max(1, std::min(D2 > 0 ? D2 : 4, 12 / G));
+  const int d2 = D2 > 0 ? D2 : d / 32, pairs = (n + 1) / 2;
+  alignas(64) uint32_t w[G][kKeyTile / 2];
+  float ws[G];
+  for (int g = 0; g < G; ++g) ws[g] = int8_weight_pairs(p + g * kKeyTile, vs, w[g]);
+  for (int c0 = 0; c0 < d2; c0 += kChunks) {
+    const int cn = std::min(kChunks, d2 - c0);
+    __m512i lo[G][kChunks], hi[G][kChunks];
+    for (int g = 0; g < G; ++g) {
+      for (int c = 0; c < cn; ++c) lo[g][c] = hi[g][c] = _mm512_setzero_si512();
+    }
+    for (int j = 0; j < pairs; ++j) {
+      const int8_t* v0 = static_cast<const int8_t*>(vslot[2 * j]) + head_off;
+      const int8_t* v1 = static_cast<const int8_t*>(vslot[std::min(2 * j + 1, n - 1)]) + head_off;
+      for (int c = 0; c < cn; ++c) {
+        const __m512i a = load_i16x32(v0 + 32 * (c0 + c));
+        const __m512i b = load_i16x32(v1 + 32 * (c0 + c));
+        const __m512i pl = _mm512_unpacklo_epi16(a, b), ph = _mm512_unpackhi_epi16(a, b);
+        for (int g = 0; g < G; ++g) {
+          const __m512i pw = _mm512_set1_epi32(static_cast<int>(w[g][j]));
+          lo[g][c] = _mm512_dpwssd_epi32(lo[g][c], pw, pl);
+          hi[g][c] = _mm512_dpwssd_epi32(hi[g][c], pw, ph);
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int c = 0; c < cn; ++c) {
+        float* a = acc + g * d + 32 * (c0 + c);
+        _mm512_storeu_ps(a, int8_pv_close(a, corr[g], lo[g][c], ws[g]));
+        _mm512_storeu_ps(a + 16, int8_pv_close(a + 16, corr[g], hi[g][c], ws[g]));
+      }
+    }
+  }
+}
+
+// run_dot_decode_item over an int8 cache, read in place.
+template <int G, int D2>
+void run_int8_decode_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
+  const int d = static_cast<int>(p.head_size);
+  const ItemRows ir(it, G);
+  const int64_t span_bytes = ir.heads * p.row_bytes;
+  const int64_t pos = p.seq_lens[it.seq] - 1;  // the query token's position
+  start_item(p, it, ir, sc, /*raw_bf16=*/true);
+  quantize_query_rows(p, ir.rows, sc);
+  for_each_key_tile<int8_t>(p, it, sc, [&](int64_t kb, int n, int next_n) {
+    touch_tile(sc.kraw.data(), sc.vraw.data(), n, span_bytes);
+    const int lo = window_start(p, pos, kb);
+    for (int h = 0; h < ir.heads; ++h) {
+      for (int u = h * next_n / ir.heads; u < (h + 1) * next_n / ir.heads; ++u) {
+        prefetch_l2(sc.next_kraw[u], span_bytes);
+        prefetch_l2(sc.next_vraw[u], span_bytes);
+      }
+      const int64_t head_off = h * p.row_bytes;
+      alignas(64) float ks[kKeyTile], vs[kKeyTile];
+      int8_tile_scales(sc.kraw.data(), head_off, d, n, ks);
+      int8_tile_scales(sc.vraw.data(), head_off, d, n, vs);
+      float* s = sc.s.data() + h * G * kKeyTile;
+      int8_decode_scores<G, D2>(sc.qi.data() + h * G * d, sc.qscale.data() + h * G, d,
+                                sc.kraw.data(), head_off, n, ks, s);
+      float corr[G];
+      for (int g = 0; g < G; ++g) {
+        corr[g] = softmax_row(s + g * kKeyTile, n, sc.m[h * G + g], sc.l[h * G + g], lo,
+                              p.soft_cap);
+      }
+      int8_decode_pv<G, D2>(sc.acc.data() + h * G * d, d, corr, s, vs, sc.vraw.data(),
+                            head_off, n);
+    }
+  }, [&] { end_segment(p, it, ir, sc, partial, true); });
+  finish_item(p, it, ir, sc, partial, true);
+}
+
+template <int D2>
+void run_int8_decode(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
+  switch (p.group) {
+    case 1: return run_int8_decode_item<1, D2>(p, it, sc, partial);
+    case 2: return run_int8_decode_item<2, D2>(p, it, sc, partial);
+    case 3: return run_int8_decode_item<3, D2>(p, it, sc, partial);
+    case 4: return run_int8_decode_item<4, D2>(p, it, sc, partial);
+    case 5: return run_int8_decode_item<5, D2>(p, it, sc, partial);
+    case 6: return run_int8_decode_item<6, D2>(p, it, sc, partial);
+    case 7: return run_int8_decode_item<7, D2>(p, it, sc, partial);
+    default: return run_int8_decode_item<8, D2>(p, it, sc, partial);
+  }
+}
+
+// s[r][0:32] for R rows over a key tile in int16 pairs (kpair[i][t] = k[t][2i], k[t][2i + 1],
+// zero past the keys): the integer sums of int8_decode_scores (in another order: the same
+// sums), then the same two multiplies.
+template <int R>
+inline void int8_scores_rows(const int16_t* q, const float* qscale, int d,
+                             const uint32_t* kpair, const float* ks, float* s) {
+  for (int key0 = 0; key0 < kKeyTile; key0 += 16) {
+    __m512i a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_si512();
+    for (int i = 0; i < d / 2; ++i) {
+      const __m512i b = _mm512_loadu_si512(kpair + i * kKeyTile + key0);
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, q + r * d + 2 * i, sizeof pair);
+        a[r] = _mm512_dpwssd_epi32(a[r], _mm512_set1_epi32(pair), b);
+      }
+    }
+    const __m512 kv = _mm512_loadu_ps(ks + key0);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(a[r]), kv);
+      _mm512_storeu_ps(s + r * kKeyTile + key0, _mm512_mul_ps(x, _mm512_set1_ps(qscale[r])));
+    }
+  }
+}
+
+// acc = acc * corr + p @ V for R rows over the tile's first `pairs` key pairs (weights w[r]
+// in int16 pairs with scale ws[r]; vpair: int16 pairs laid out as run_dot_item's bf16 ones),
+// CN chunks from c0.
+template <int R, int CN>
+inline void int8_pv_rows_chunks(float* acc, int d, int d2, int c0, const float* corr,
+                                const uint32_t (*w)[kKeyTile / 2], const float* ws,
+                                const int16_t* vpair, int pairs) {
+  __m512i lo[R][CN], hi[R][CN];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < CN; ++c) lo[r][c] = hi[r][c] = _mm512_setzero_si512();
+  }
+  for (int j = 0; j < pairs; ++j) {
+    const int16_t* vj = vpair + (j * d2 + c0) * 64;
+    __m512i vl[CN], vh[CN];
+    for (int c = 0; c < CN; ++c) {
+      vl[c] = _mm512_loadu_si512(vj + 64 * c);
+      vh[c] = _mm512_loadu_si512(vj + 64 * c + 32);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i pw = _mm512_set1_epi32(static_cast<int>(w[r][j]));
+      for (int c = 0; c < CN; ++c) {
+        lo[r][c] = _mm512_dpwssd_epi32(lo[r][c], pw, vl[c]);
+        hi[r][c] = _mm512_dpwssd_epi32(hi[r][c], pw, vh[c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < CN; ++c) {
+      float* a = acc + r * d + 32 * (c0 + c);
+      _mm512_storeu_ps(a, int8_pv_close(a, corr[r], lo[r][c], ws[r]));
+      _mm512_storeu_ps(a + 16, int8_pv_close(a + 16, corr[r], hi[r][c], ws[r]));
+    }
+  }
+}
+
+// int8_pv_rows_chunks over all of a row's chunks, R rows at a time (R = 4 or 1).
+template <int R>
+inline void int8_pv_rows(float* acc, int d, const float* corr, const uint32_t (*w)[kKeyTile / 2],
+                         const float* ws, const int16_t* vpair, int pairs) {
+  const int d2 = d / 32;
+  int c0 = 0;
+  for (; c0 + 2 <= d2; c0 += 2) {
+    int8_pv_rows_chunks<R, 2>(acc, d, d2, c0, corr, w, ws, vpair, pairs);
+  }
+  if (c0 < d2) int8_pv_rows_chunks<R, 1>(acc, d, d2, c0, corr, w, ws, vpair, pairs);
+}
+
+// run_dot_item over an int8 cache: per key tile, K packed into int16 pairs and V into pairs
+// of keys (sign-extended in registers), then the decode item's integer sums and roundings.
+void run_int8_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
+  const int d = static_cast<int>(p.head_size), d2 = d / 32;
+  const ItemRows ir(it, static_cast<int>(p.group));
+  const int64_t seq_len = p.seq_lens[it.seq];
+  const int64_t query_len = p.query_start_loc[it.seq + 1] - p.query_start_loc[it.seq];
+  const int64_t first_pos = seq_len - query_len + it.q_begin;
+  start_item(p, it, ir, sc, /*raw_bf16=*/true);
+  quantize_query_rows(p, ir.rows, sc);
+  uint32_t* kpair = sc.kpair.data();
+  int16_t* vpair = reinterpret_cast<int16_t*>(sc.vpair.data());
+  const int64_t span_bytes = p.row_bytes;
+  for_each_key_tile<int8_t>(p, it, sc, [&](int64_t kb, int n, int next_n) {
+    for (int t = 0; t < next_n; ++t) {
+      prefetch_l2(sc.next_kraw[t], span_bytes);
+      prefetch_l2(sc.next_vraw[t], span_bytes);
+    }
+    alignas(64) float ks[kKeyTile], vs[kKeyTile];
+    int8_tile_scales(sc.kraw.data(), 0, d, n, ks);
+    int8_tile_scales(sc.vraw.data(), 0, d, n, vs);
+    for (int t = 0; t < kKeyTile; ++t) {
+      const int8_t* k = static_cast<const int8_t*>(sc.kraw[std::min(t, n - 1)]);
+      for (int i = 0; i < d / 2; ++i) {
+        const uint16_t lo = static_cast<uint16_t>(static_cast<int16_t>(k[2 * i]));
+        const uint16_t hi = static_cast<uint16_t>(static_cast<int16_t>(k[2 * i + 1]));
+        kpair[i * kKeyTile + t] = t < n ? static_cast<uint32_t>(hi) << 16 | lo : 0u;
+      }
+    }
+    const int pairs = (n + 1) / 2;
+    for (int j = 0; j < pairs; ++j) {
+      const int8_t* v0 = static_cast<const int8_t*>(sc.vraw[2 * j]);
+      const int8_t* v1 = static_cast<const int8_t*>(sc.vraw[std::min(2 * j + 1, n - 1)]);
+      for (int c = 0; c < d2; ++c) {
+        const __m512i a = load_i16x32(v0 + 32 * c), b = load_i16x32(v1 + 32 * c);
+        _mm512_storeu_si512(vpair + (j * d2 + c) * 64, _mm512_unpacklo_epi16(a, b));
+        _mm512_storeu_si512(vpair + (j * d2 + c) * 64 + 32, _mm512_unpackhi_epi16(a, b));
+      }
+    }
+    float* s = sc.s.data();
+    int r0 = 0;
+    for (; r0 + 4 <= ir.rows; r0 += 4) {
+      int8_scores_rows<4>(sc.qi.data() + r0 * d, sc.qscale.data() + r0, d, kpair, ks,
+                          s + r0 * kKeyTile);
+    }
+    for (; r0 < ir.rows; ++r0) {
+      int8_scores_rows<1>(sc.qi.data() + r0 * d, sc.qscale.data() + r0, d, kpair, ks,
+                          s + r0 * kKeyTile);
+    }
+    // Rows as in run_dot_item: those that see none of this tile are skipped.
+    const auto visible = [&](int r) {
+      return static_cast<int>(std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1));
+    };
+    const auto first_visible = [&](int r) {
+      return window_start(p, first_pos + ir.token(r), kb);
+    };
+    const auto sees = [&](int r) { return visible(r) > first_visible(r); };
+    int r = 0;
+    while (r < ir.rows && visible(r) <= 0) ++r;
+    int end = ir.rows;
+    while (end > r && !sees(end - 1)) --end;
+    for (; r + 4 <= end; r += 4) {  // four rows share each V load
+      float corr[4], ws[4];
+      alignas(64) uint32_t w[4][kKeyTile / 2];
+      for (int i = 0; i < 4; ++i) {
+        float* si = s + (r + i) * kKeyTile;
+        corr[i] = softmax_row(si, visible(r + i), sc.m[r + i], sc.l[r + i], first_visible(r + i),
+                              p.soft_cap);
+        ws[i] = int8_weight_pairs(si, vs, w[i]);
+      }
+      int8_pv_rows<4>(sc.acc.data() + r * d, d, corr, w, ws, vpair, (visible(r + 3) + 1) / 2);
+    }
+    for (; r < end; ++r) {
+      const int nv = visible(r);
+      float* si = s + r * kKeyTile;
+      const float corr = softmax_row(si, nv, sc.m[r], sc.l[r], first_visible(r), p.soft_cap);
+      alignas(64) uint32_t w[1][kKeyTile / 2];
+      const float ws = int8_weight_pairs(si, vs, w[0]);
+      int8_pv_rows<1>(sc.acc.data() + r * d, d, &corr, w, &ws, vpair, (nv + 1) / 2);
+    }
+  }, [&] { end_segment(p, it, ir, sc, partial, true); });
+  finish_item(p, it, ir, sc, partial, true);
+}
+#define PA_INT8_IN_PLACE 1
+#endif  // __AVX512VNNI__
 #endif  // __AVX512BF16__
 
 #if defined(__AVX512BF16__)
@@ -1412,11 +1815,9 @@ void run_dot_decode(const Params& p, const WorkItem& it, Scratch& sc, float* par
 }
 #endif
 
-// run_decode_item (or, for bf16 on AVX512_BF16, run_dot_decode_item) for the model's group
-// size (1 .. kDotMaxRows).
+// run_decode for the caches other than an int8 one read in place.
 template <typename cache_t>
-void run_decode(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
-  static_assert(kDotMaxRows == 8, "one case per group size");
+void run_decode_widened(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
 #if defined(__AVX512BF16__)
   if constexpr (!std::is_same_v<cache_t, float>) {
     if (dot_decode_applies(p)) {
@@ -1440,10 +1841,43 @@ void run_decode(const Params& p, const WorkItem& it, Scratch& sc, float* partial
   }
 }
 
+// run_decode_item (or, for bf16 on AVX512_BF16, run_dot_decode_item; for an int8 cache read in
+// place, run_int8_decode_item) for the model's group size (1 .. kDotMaxRows).
+template <typename cache_t>
+void run_decode(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
+  static_assert(kDotMaxRows == 8, "one case per group size");
+#if defined(PA_INT8_IN_PLACE)
+  if constexpr (std::is_same_v<cache_t, int8_t>) {  // only with p.int8_in_place
+    switch (p.head_size) {
+      case 64: return run_int8_decode<2>(p, it, sc, partial);
+      case 128: return run_int8_decode<4>(p, it, sc, partial);
+      default: return run_int8_decode<0>(p, it, sc, partial);
+    }
+  } else
+#endif
+  {
+    run_decode_widened<cache_t>(p, it, sc, partial);
+  }
+}
+
 // Whether a work item takes the decode paths (run_decode): one query token, a group of at most
 // kDotMaxRows query heads per kv head.
 inline bool is_decode_item(const Params& p, const WorkItem& it) {
   return it.q_end - it.q_begin == 1 && p.group <= kDotMaxRows;
+}
+
+// A work item past the decode paths, for the caches other than an int8 one read in place.
+template <typename cache_t>
+void run_widened_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
+#if defined(__AVX512BF16__)
+  if constexpr (!std::is_same_v<cache_t, float>) {
+    if (dot_item_applies(p, it)) {
+      run_dot_item<cache_t>(p, it, sc, partial);
+      return;
+    }
+  }
+#endif
+  run_item<cache_t>(p, it, sc, partial);
 }
 
 template <typename cache_t>
@@ -1461,23 +1895,24 @@ void run_attention(const Params& p, const std::vector<WorkItem>& items,
       run_decode<cache_t>(p, it, sc, partial.data());
       return;
     }
-#if defined(__AVX512BF16__)
-    if constexpr (!std::is_same_v<cache_t, float>) {
-      if (dot_item_applies(p, it)) {
-        run_dot_item<cache_t>(p, it, sc, partial.data());
-        return;
-      }
-    }
+#if defined(PA_INT8_IN_PLACE)
+    if constexpr (std::is_same_v<cache_t, int8_t>) {  // every item is one kv head's
+      run_int8_item(p, it, sc, partial.data());
+      return;
+    } else
 #endif
-    run_item<cache_t>(p, it, sc, partial.data());
+    {
+      run_widened_item<cache_t>(p, it, sc, partial.data());
+    }
   };
   const int span = static_cast<int>(p.num_kv_heads * p.head_size);
+  const bool dequantize = p.int8 && !std::is_same_v<cache_t, int8_t>;
   const int64_t num_groups = static_cast<int64_t>(groups.size());
   nt = static_cast<int>(std::min<int64_t>(nt, num_items));
   if (nt <= 1) {
     // One thread (e.g. a single stream's decode at a short context): no parallel region, whose
     // team set-up costs about a microsecond per call, 30 calls per step.
-    Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only, p.int8);
+    Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only, dequantize);
     for (const WorkItem& it : items) run_one(it, sc);
     std::vector<float> tmp(d);
     for (const MergeGroup& mg : groups) merge_group(p, mg, partial.data(), tmp.data());
@@ -1487,7 +1922,7 @@ void run_attention(const Params& p, const std::vector<WorkItem>& items,
   // second region: one rendezvous fewer per call).
 #pragma omp parallel num_threads(nt)
   {
-    Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only, p.int8);
+    Scratch sc(static_cast<int>(p.max_rows), d, span, decode_only, dequantize);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) run_one(items[i], sc);
     if (num_groups > 0) {
@@ -1692,19 +2127,40 @@ void paged_attention_windowed(at::Tensor out, at::Tensor query, at::Tensor key,
 #else
   p.dot_items = false;
 #endif
+#if defined(PA_INT8_IN_PLACE)
+  p.int8_in_place = int8 && p.dot_items && d <= kInt8MaxHead;
+#else
+  p.int8_in_place = false;
+#endif
 
   std::vector<WorkItem> items;
   std::vector<MergeGroup> groups;
   p.max_rows = plan_items(p, num_seqs, block_tables.size(1), nt, items, groups);
   if (items.empty()) return;
-  // An int8 cache's tiles are dequantized to the query's dtype (see dequantize_tile).
+  // An int8 cache is read in place where it can be, else its tiles are dequantized to the
+  // query's dtype (see dequantize_tile).
   if (cache_dtype == at::kFloat || (int8 && !p.q_bf16)) {
     run_attention<float>(p, items, groups, nt);
+#if defined(PA_INT8_IN_PLACE)
+  } else if (p.int8_in_place) {
+    run_attention<int8_t>(p, items, groups, nt);
+#endif
   } else if (fp8) {
     run_attention<fp8_t>(p, items, groups, nt);
   } else {
     run_attention<bf16_t>(p, items, groups, nt);
   }
+}
+
+// Whether this build reads an int8 cache in place for a bf16 query of head size `head_size`
+// (else it dequantizes its tiles: see the file comment).
+bool int8_kv_read_in_place(int64_t head_size) {
+#if defined(PA_INT8_IN_PLACE)
+  return head_size % 32 == 0 && head_size <= kInt8MaxHead;
+#else
+  (void)head_size;
+  return false;
+#endif
 }
 
 void paged_attention(at::Tensor out, at::Tensor query, at::Tensor key, at::Tensor value,
@@ -1725,6 +2181,7 @@ TORCH_LIBRARY(pagedllm_cpu, m) {
       "paged_attention_windowed(Tensor(a!) out, Tensor query, Tensor key, Tensor value, "
       "Tensor(b!) kv_cache, Tensor slot_mapping, Tensor query_start_loc, Tensor seq_lens, "
       "Tensor block_tables, float scale, int window, float soft_cap) -> ()");
+  m.def("int8_kv_read_in_place(int head_size) -> bool", &pagedllm::int8_kv_read_in_place);
 }
 
 TORCH_LIBRARY_IMPL(pagedllm_cpu, CPU, m) {
