@@ -53,7 +53,12 @@ def quantize_int8_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int8_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[..., d + 4] int8 rows -> [..., d] values value * scale (fp32), in `dtype`."""
+    """[..., d + 4] int8 rows -> [..., d] values value * scale (fp32), in `dtype`.
+
+    The reference attends over these values in the query's dtype. The fused kernel, under a bf16
+    query, reads the int8 values in place instead (integer dot products, scales applied to the
+    sums: see paged_attention.cpp), which lands nearer the exact attention over the fp32 values
+    than their bf16 rounding does (tests/attention/test_kv_cache_8bit.py)."""
     scale = rows[..., -INT8_SCALE_BYTES:].contiguous().view(torch.float32)  # [..., 1]
     return (rows[..., :-INT8_SCALE_BYTES].float() * scale).to(dtype)
 
