@@ -624,6 +624,32 @@ inline int window_start(const Params& p, int64_t pos, int64_t kb) {
   return static_cast<int>(std::clamp<int64_t>(pos - p.window + 1 - kb, 0, kKeyTile));
 }
 
+// Which rows of an item see the key tile at kb (n keys, the item's first token at first_pos):
+// a row sees the keys up to its own token's position (and within its window); rows go by
+// token, so the rows that see none of the tile come first (and, with a sliding window, maybe
+// last), and [begin(), end()) holds every row that sees some of it.
+struct TileRows {
+  const Params& p;
+  const ItemRows& ir;
+  int64_t first_pos, kb;
+  int n;
+  int visible(int r) const {  // keys [0, visible) of the tile are at or before the row's token
+    return static_cast<int>(std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1));
+  }
+  int first_visible(int r) const { return window_start(p, first_pos + ir.token(r), kb); }
+  bool sees(int r) const { return visible(r) > first_visible(r); }
+  int begin() const {
+    int r = 0;
+    while (r < ir.rows && visible(r) <= 0) ++r;
+    return r;
+  }
+  int end(int begin) const {
+    int e = ir.rows;
+    while (e > begin && !sees(e - 1)) --e;
+    return e;
+  }
+};
+
 // The first key position an item reads: the start of the key tile holding the first key its
 // first query token (at position pos) sees. Every later row sees no earlier key.
 inline int32_t first_key_tile(const Params& p, int64_t pos) {
@@ -1375,34 +1401,24 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
     }
     float* s = sc.s.data();
     dot_scores_all_rows(qb, ir.rows, d, kpair, p.scale, s);
-    // A row sees the keys up to its own token's position; rows go by token, so the rows that
-    // see none of this tile come first (and, with a sliding window, maybe last).
-    const auto visible = [&](int r) {
-      return static_cast<int>(std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1));
-    };
-    const auto first_visible = [&](int r) {
-      return window_start(p, first_pos + ir.token(r), kb);
-    };
-    const auto sees = [&](int r) { return visible(r) > first_visible(r); };
-    int r = 0;
-    while (r < ir.rows && visible(r) <= 0) ++r;
-    int end = ir.rows;
-    while (end > r && !sees(end - 1)) --end;
+    const TileRows rows{p, ir, first_pos, kb, n};
+    int r = rows.begin();
+    const int end = rows.end(r);
     for (; r + 4 <= end; r += 4) {  // four rows share each V load
       float corr[4];
       alignas(64) uint32_t w[4][kKeyTile / 2];
       for (int i = 0; i < 4; ++i) {
         float* si = s + (r + i) * kKeyTile;
-        corr[i] = softmax_row(si, visible(r + i), sc.m[r + i], sc.l[r + i], first_visible(r + i),
-                              p.soft_cap);
+        corr[i] = softmax_row(si, rows.visible(r + i), sc.m[r + i], sc.l[r + i],
+                              rows.first_visible(r + i), p.soft_cap);
         weight_pairs(si, w[i]);
       }
-      dot_pv_4rows(sc.acc.data() + r * d, d, corr, w, vpair, (visible(r + 3) + 1) / 2);
+      dot_pv_4rows(sc.acc.data() + r * d, d, corr, w, vpair, (rows.visible(r + 3) + 1) / 2);
     }
     for (; r < end; ++r) {
-      const int nv = visible(r);
-      const float corr = softmax_row(s + r * kKeyTile, nv, sc.m[r], sc.l[r], first_visible(r),
-                                     p.soft_cap);
+      const int nv = rows.visible(r);
+      const float corr = softmax_row(s + r * kKeyTile, nv, sc.m[r], sc.l[r],
+                                     rows.first_visible(r), p.soft_cap);
       dot_pv_row(sc.acc.data() + r * d, d, corr, s + r * kKeyTile, vpair, (nv + 1) / 2);
     }
   }, [&] { end_segment(p, it, ir, sc, partial, true); });
@@ -1759,33 +1775,25 @@ void run_int8_item(const Params& p, const WorkItem& it, Scratch& sc, float* part
       int8_scores_rows<1>(sc.qi.data() + r0 * d, sc.qscale.data() + r0, d, kpair, ks,
                           s + r0 * kKeyTile);
     }
-    // Rows as in run_dot_item: those that see none of this tile are skipped.
-    const auto visible = [&](int r) {
-      return static_cast<int>(std::min<int64_t>(n, first_pos + ir.token(r) - kb + 1));
-    };
-    const auto first_visible = [&](int r) {
-      return window_start(p, first_pos + ir.token(r), kb);
-    };
-    const auto sees = [&](int r) { return visible(r) > first_visible(r); };
-    int r = 0;
-    while (r < ir.rows && visible(r) <= 0) ++r;
-    int end = ir.rows;
-    while (end > r && !sees(end - 1)) --end;
+    const TileRows rows{p, ir, first_pos, kb, n};
+    int r = rows.begin();
+    const int end = rows.end(r);
     for (; r + 4 <= end; r += 4) {  // four rows share each V load
       float corr[4], ws[4];
       alignas(64) uint32_t w[4][kKeyTile / 2];
       for (int i = 0; i < 4; ++i) {
         float* si = s + (r + i) * kKeyTile;
-        corr[i] = softmax_row(si, visible(r + i), sc.m[r + i], sc.l[r + i], first_visible(r + i),
-                              p.soft_cap);
+        corr[i] = softmax_row(si, rows.visible(r + i), sc.m[r + i], sc.l[r + i],
+                              rows.first_visible(r + i), p.soft_cap);
         ws[i] = int8_weight_pairs(si, vs, w[i]);
       }
-      int8_pv_rows<4>(sc.acc.data() + r * d, d, corr, w, ws, vpair, (visible(r + 3) + 1) / 2);
+      int8_pv_rows<4>(sc.acc.data() + r * d, d, corr, w, ws, vpair,
+                      (rows.visible(r + 3) + 1) / 2);
     }
     for (; r < end; ++r) {
-      const int nv = visible(r);
+      const int nv = rows.visible(r);
       float* si = s + r * kKeyTile;
-      const float corr = softmax_row(si, nv, sc.m[r], sc.l[r], first_visible(r), p.soft_cap);
+      const float corr = softmax_row(si, nv, sc.m[r], sc.l[r], rows.first_visible(r), p.soft_cap);
       alignas(64) uint32_t w[1][kKeyTile / 2];
       const float ws = int8_weight_pairs(si, vs, w[0]);
       int8_pv_rows<1>(sc.acc.data() + r * d, d, &corr, w, &ws, vpair, (nv + 1) / 2);
