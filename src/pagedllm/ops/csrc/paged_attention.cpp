@@ -1357,6 +1357,24 @@ inline bool dot_item_applies(const Params& p, const WorkItem& it) {
   return p.dot_items && it.h_end - it.h_begin == 1;
 }
 
+// A tile's values as key pairs for the p @ V dot products: pair j holds keys 2j and 2j + 1
+// (the last key again where n is odd) interleaved 16 bits at a time, 32 lanes per chunk c of
+// d2; `load` widens 32 cached values to 16-bit lanes (bf16, or int16 from int8).
+template <typename cache_t, typename out_t, typename Load>
+inline void interleave_value_pairs(const void* const* vraw, int n, int d2, out_t* vpair,
+                                   Load load) {
+  const int pairs = (n + 1) / 2;
+  for (int j = 0; j < pairs; ++j) {
+    const cache_t* v0 = static_cast<const cache_t*>(vraw[2 * j]);
+    const cache_t* v1 = static_cast<const cache_t*>(vraw[std::min(2 * j + 1, n - 1)]);
+    for (int c = 0; c < d2; ++c) {
+      const __m512i a = load(v0 + 32 * c), b = load(v1 + 32 * c);
+      _mm512_storeu_si512(vpair + (j * d2 + c) * 64, _mm512_unpacklo_epi16(a, b));
+      _mm512_storeu_si512(vpair + (j * d2 + c) * 64 + 32, _mm512_unpackhi_epi16(a, b));
+    }
+  }
+}
+
 template <typename cache_t>
 void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* partial) {
   const int d = static_cast<int>(p.head_size), d2 = d / 32;
@@ -1389,16 +1407,8 @@ void run_dot_item(const Params& p, const WorkItem& it, Scratch& sc, float* parti
         kpair[i * kKeyTile + t] = pair;
       }
     }
-    const int pairs = (n + 1) / 2;
-    for (int j = 0; j < pairs; ++j) {
-      const cache_t* v0 = static_cast<const cache_t*>(sc.vraw[2 * j]);
-      const cache_t* v1 = static_cast<const cache_t*>(sc.vraw[std::min(2 * j + 1, n - 1)]);
-      for (int c = 0; c < d2; ++c) {
-        const __m512i a = load_bf16x32(v0 + 32 * c), b = load_bf16x32(v1 + 32 * c);
-        _mm512_storeu_si512(vpair + (j * d2 + c) * 64, _mm512_unpacklo_epi16(a, b));
-        _mm512_storeu_si512(vpair + (j * d2 + c) * 64 + 32, _mm512_unpackhi_epi16(a, b));
-      }
-    }
+    interleave_value_pairs<cache_t>(sc.vraw.data(), n, d2, vpair,
+                                    [](const cache_t* v) { return load_bf16x32(v); });
     float* s = sc.s.data();
     dot_scores_all_rows(qb, ir.rows, d, kpair, p.scale, s);
     const TileRows rows{p, ir, first_pos, kb, n};
@@ -1755,16 +1765,7 @@ void run_int8_item(const Params& p, const WorkItem& it, Scratch& sc, float* part
         kpair[i * kKeyTile + t] = t < n ? static_cast<uint32_t>(hi) << 16 | lo : 0u;
       }
     }
-    const int pairs = (n + 1) / 2;
-    for (int j = 0; j < pairs; ++j) {
-      const int8_t* v0 = static_cast<const int8_t*>(sc.vraw[2 * j]);
-      const int8_t* v1 = static_cast<const int8_t*>(sc.vraw[std::min(2 * j + 1, n - 1)]);
-      for (int c = 0; c < d2; ++c) {
-        const __m512i a = load_i16x32(v0 + 32 * c), b = load_i16x32(v1 + 32 * c);
-        _mm512_storeu_si512(vpair + (j * d2 + c) * 64, _mm512_unpacklo_epi16(a, b));
-        _mm512_storeu_si512(vpair + (j * d2 + c) * 64 + 32, _mm512_unpackhi_epi16(a, b));
-      }
-    }
+    interleave_value_pairs<int8_t>(sc.vraw.data(), n, d2, vpair, load_i16x32);
     float* s = sc.s.data();
     int r0 = 0;
     for (; r0 + 4 <= ir.rows; r0 += 4) {
