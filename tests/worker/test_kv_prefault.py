@@ -1,5 +1,5 @@
 """The host KV pool's first huge pages committed while the engine starts
-(host_memory.HugePageStash, cache_engine.start_kv_prefault): a thread commits 2 MiB pages
+(huge_page_stash.HugePageStash, cache_engine.start_kv_prefault): a thread commits 2 MiB pages
 before the pool exists, the pool takes them by moving them (no copy), all layers' first pages
 first, and they read as zeros, hold what is written and stay huge pages; the rest of the stash
 is unmapped."""
@@ -14,7 +14,8 @@ import torch
 
 from pagedllm.worker import cache_engine
 from pagedllm.worker.cache_engine import _pool_pages_in_order
-from pagedllm.worker.host_memory import HUGE_PAGE_BYTES, HugePageStash, huge_page_reserved
+from pagedllm.worker.host_memory import HUGE_PAGE_BYTES, huge_page_reserved
+from pagedllm.worker.huge_page_stash import HugePageStash
 
 linux = pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc")
 

@@ -13,10 +13,10 @@ from pagedllm.attention.torch_paged import kv_cache_row_size
 from pagedllm.startup_profile import mark
 from pagedllm.worker.host_memory import (
     HUGE_PAGE_BYTES,
-    HugePageStash,
     huge_page_reserved,
     huge_page_zeros,
 )
+from pagedllm.worker.huge_page_stash import HugePageStash
 from pagedllm.worker.kv_commit import (
     COMMIT_AHEAD_BYTES,
     IDLE_COMMIT_AHEAD_BYTES,
@@ -54,9 +54,9 @@ def kv_pool_commit_mode() -> str:
 
 
 # How much of the `ahead` pool's first blocks (all layers) is committed in 2 MiB pages while the
-# engine starts (host_memory.HugePageStash: a thread commits huge pages from this module's import
-# on, and the pool takes them when it is made, all layers' first pages first); 0 (the default):
-# none. NOTE: opt-in, measured (benchmarks/kv_first_burst.py, 2026-12-07, loaded host, one
+# engine starts (huge_page_stash.HugePageStash: a thread commits huge pages from this module's
+# import on, and the pool takes them when it is made, all layers' first pages first); 0 (the
+# default): none. NOTE: opt-in, measured (benchmarks/kv_first_burst.py, 2026-12-07, loaded host, one
 # round): 256 MiB made `LLM()` ready 1.0 s later (warm 2.50 s against 1.50; imports 1.85 s
 # against 1.10: each 2 MiB MADV_POPULATE_WRITE, ~5 ms on this VM, holds the address space's lock
 # that the imports' mmaps wait for), and the first burst, one thread, gained nothing measurable
