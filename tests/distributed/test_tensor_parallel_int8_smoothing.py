@@ -12,10 +12,10 @@ import torch
 from pagedllm import LLM
 from pagedllm.layers.quantization.int8 import (
     ACTIVATION_BITS_ENV,
-    LM_HEAD_ENV,
     SMOOTHING_ENV,
     SMOOTHING_SEARCH_ENV,
 )
+from pagedllm.layers.quantization.int8_lm_head import LM_HEAD_ENV
 from pagedllm.ops import cpu_ops
 
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the W8A8 GEMM needs the ops")

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.layers.quantization.int8 import (
-    LM_HEAD_ENV,
-    RESCORE_MARGIN,
-    Int8Config,
-    Int8LinearMethod,
-    rescore_logits,
-)
+from pagedllm.layers.quantization.int8 import Int8Config, Int8LinearMethod
+from pagedllm.layers.quantization.int8_lm_head import LM_HEAD_ENV, RESCORE_MARGIN, rescore_logits
 from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead
 from pagedllm.ops import cpu_ops
 from tests.models.test_quantized import model_of

@@ -41,25 +41,8 @@ input's mean square activation (fp32 emulation, 4,096 tokens: no gain over smoot
 GPTQ's error-compensated rounding (int8_calibration.round_to_int8; -25% output error on a
 synthetic layer) costs ~20 s per SmolLM2 layer in torch on these cores, too slow for a load.
 
-The LM head: W8A8 alone costs too much agreement. SmolLM2's tied head on its own (the bf16
-model's final hidden states, 2,048 positions) picks the dense head's top token on 98.3% of
-positions in groups of 16, 97.7% in 32, 97.1% in 64 (smoothing it: no gain), and in the engine
-(24,576 tokens) the model with a W8A8 head agrees with bf16 on 96.54% / 96.38% / 95.65%
-(smoothing the head through the final norm, tried and dropped: groups of 64 96.10%, 32 and 16
-unchanged), short of 97%: its 8-bit activations flip near-tied logits.
-With LM_HEAD_ENV=32 a tied head scans the vocabulary on the W8A8 GEMM (an int8 copy of the
-embedding, groups of 32) and recomputes exactly the logits near each row's largest
-(rescore_logits, natively: ops/csrc/quant_int8.cpp) from the dense table the lookups keep:
-97.15% top-1, +0.23% perplexity (the dense head: 97.15%, +0.20%; 24,576 tokens, the native
-rescoring). Per call at 64 rows (benchmarks/int8_head.py, SmolLM2's first decode states, 71
-logits per row within 4 nats; 2.1 on later steps): one thread's CPU, dense bf16 10.2 ms, W8A8
-7.1, with the rescoring 8.4 (in torch the rescoring alone cost ~8.6); wall time on two
-threads, dense 5.5-6.0 ms, W8A8 3.7-4.2, with the rescoring 5.5-6.0 (the rescoring's reads of
-the logits and of scattered table rows do not halve on two threads). End to end it did not
-show a gain on two threads (the fixed workload, `bench throughput`, two alternating rounds at
-load ~1.6: 957 / 847 out tok/s against 1087 / 1006 with the dense head), though on one
-thread (CPU seconds, same process, 4 alternating rounds, loaded) it took 9.63 / 10.02 s best /
-median against 10.58 / 11.06: so the head stays dense by default until a quiet run settles it.
+The LM head stays dense; a tied one may go on int8 with its top logits rescored exactly
+(int8_lm_head.py, PAGEDLLM_INT8_LM_HEAD).
 """
 
 from __future__ import annotations
@@ -75,6 +58,11 @@ from torch import nn
 
 from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig
 from pagedllm.layers.quantization.dense import UnquantizedLinearMethod
+from pagedllm.layers.quantization.int8_lm_head import (
+    lm_head_group_size,
+    rescore_logits,
+    untie_lm_head,
+)
 from pagedllm.ops import cpu_ops
 
 logger = logging.getLogger(__name__)
@@ -105,19 +93,6 @@ SMOOTHING_SEARCH_ENV = "PAGEDLLM_INT8_SMOOTHING_SEARCH"
 # calibration text most per weight (int8_calibration.choose_sensitive). Empty or "off": none.
 SENSITIVE = ""
 SENSITIVE_ENV = "PAGEDLLM_INT8_SENSITIVE"
-# A tied LM head (PAGEDLLM_INT8_LM_HEAD overrides it): "dense" (the model's dtype), or W8A8
-# in groups of this many inputs on an int8 copy of the embedding (untie_lm_head), whose
-# logits within RESCORE_MARGIN of each row's largest are then recomputed exactly from the
-# dense table the lookups keep (rescore_logits; see NOTE: the quality holds, but the rescoring
-# in torch costs more than the GEMM saves, so dense is the default). An untied head stays
-# dense (its dense weight is not kept to rescore from).
-LM_HEAD = "dense"
-LM_HEAD_ENV = "PAGEDLLM_INT8_LM_HEAD"
-# Nats below a row's largest W8A8 logit within which logits are recomputed exactly: SmolLM2's
-# head in groups of 32 is off by at most 0.61 (2,048 positions of the shipped text, all 49,152
-# logits), so a row's top token is the dense head's while the error stays under half of it;
-# 2.3 logits per row lie within 1 nat of the largest, 5.4 within 2.
-RESCORE_MARGIN = 4.0
 
 
 class Int8LinearMethod(LinearMethodBase):
@@ -189,8 +164,8 @@ class Int8LinearMethod(LinearMethodBase):
 
 
 class Int8Config(QuantizationConfig):
-    """Every linear layer but the LM head on int8 weights (a tied head too with LM_HEAD_ENV:
-    untie_lm_head), with activations of
+    """Every linear layer but the LM head on int8 weights (a tied head too with
+    PAGEDLLM_INT8_LM_HEAD: int8_lm_head.untie_lm_head), with activations of
     `activation_bits` (default: PAGEDLLM_INT8_ACTIVATION_BITS, else DEFAULT_ACTIVATION_BITS)
     and `group_size` inputs per scale (default: PAGEDLLM_INT8_GROUP_SIZE, else GROUP_SIZES')."""
 
@@ -213,7 +188,7 @@ class Int8Config(QuantizationConfig):
         self.sensitive_kind, self.sensitive_share = _sensitive(sensitive)
         if activation_bits != 8:
             self.sensitive_kind, self.sensitive_share = None, 0.0
-        self.lm_head_group = _lm_head_group(os.environ.get(LM_HEAD_ENV) or LM_HEAD)
+        self.lm_head_group = lm_head_group_size()
 
     @property
     def smoothing_search(self) -> bool:
@@ -225,7 +200,8 @@ class Int8Config(QuantizationConfig):
         """Before the layers are quantized (the loaded model in its dtype): gives a tied model
         its int8 LM head (untie_lm_head), then smooths the model's activations into its
         weights (int8_calibration.py) where alphas are set and the kernels are built."""
-        self.untie_lm_head(model)
+        if self.lm_head_group is not None:
+            untie_lm_head(model, Int8LinearMethod(8, self.lm_head_group, logits=True))
         if not (self.smoothing_alphas or self.sensitive_share) or cpu_ops() is None:
             return
         from pagedllm.layers.quantization.int8_calibration import (
@@ -257,28 +233,6 @@ class Int8Config(QuantizationConfig):
                     100 * sum(search.sensitivity[i][2] for i in kept)
                     / max(1, sum(n for _, _, n in search.sensitivity)))
 
-    def untie_lm_head(self, model: nn.Module) -> None:
-        """Where the LM head is tied to the token embedding (lm_head None) and goes on int8
-        (lm_head_group) with the kernels built: a ParallelLMHead of its own holding a copy of
-        this rank's embedding rows, which pack_weights quantizes (and frees), and rescoring
-        its top logits from the embedding's dense table (exact_rows), which the lookups keep.
-        In place of the tied head's packed dense copy: the int8 bytes and scales (SmolLM2,
-        groups of 32: 28.3 + 3.5 MB against the bf16 copy's 56.6 MB)."""
-        if (self.lm_head_group is None or cpu_ops() is None
-                or getattr(model, "lm_head", True) is not None
-                or not hasattr(model, "get_input_embeddings")):
-            return
-        from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead
-
-        embedding = model.get_input_embeddings().weight
-        head = ParallelLMHead(model.config.vocab_size, model.config.hidden_size,
-                              params_dtype=embedding.dtype, prefix="lm_head")
-        head.linear_method = Int8LinearMethod(8, self.lm_head_group, logits=True)
-        head.int8_weight = head.int8_scales = head.int8_bias = None
-        head.weight.data.copy_(embedding.detach())
-        head.exact_rows = embedding
-        model.lm_head = head
-
     def get_name(self) -> str:
         return "int8"
 
@@ -286,26 +240,6 @@ class Int8Config(QuantizationConfig):
         if prefix.endswith("lm_head"):  # untied: dense (a tied one: untie_lm_head)
             return None
         return Int8LinearMethod(self.activation_bits, self.group_size)
-
-
-def rescore_logits(logits: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor,
-                   margin: float = RESCORE_MARGIN) -> None:
-    """logits [M, V] fp32 (the W8A8 head's on hidden [M, K]): those within `margin` of their
-    row's largest recomputed in place as hidden's row times `rows` [V, K] (the dense table),
-    the products in fp32 (exact for bf16 inputs) summed in fp64: each a function of its row
-    and token alone, so a row's logits are the same alone as in any batch. Under tensor
-    parallelism each rank's columns against its own largest (a superset of the tokens within
-    `margin` of the row's largest over every rank)."""
-    ops = cpu_ops()
-    if ops is not None and rows.is_contiguous() and hidden.stride(-1) == 1:
-        # Natively (ops/csrc/quant_int8.cpp): each row's largest, then the dot products of
-        # the few logits within the margin, the products in fp32 summed in fp64 lanes.
-        ops.int8_rescore_logits(logits, hidden, rows, margin)
-        return
-    top = logits.amax(-1, keepdim=True)
-    r, t = torch.nonzero(logits >= top - margin, as_tuple=True)
-    exact = (hidden[r].float() * rows[t].float()).sum(-1, dtype=torch.float64)
-    logits[r, t] = exact.float()
 
 
 def panels_for_16_bits(scales: torch.Tensor) -> torch.Tensor:
@@ -335,21 +269,6 @@ def panels_of_16_bit_weights(weight: torch.Tensor,
     q = torch.stack((q1, q2), 2).reshape(n, 2 * kp).to(torch.int8)
     panels, scales = int8_panels(q, torch.stack((s1, s2), 2).reshape(n, 2 * groups))
     return panels, scales.view(scales.shape[0], groups, 2, -1).contiguous()
-
-
-def _lm_head_group(value: str) -> int | None:
-    """LM_HEAD_ENV's value -> the head's group size, None for dense."""
-    value = value.strip().lower()
-    if value == "dense":
-        return None
-    try:
-        group = int(value)
-    except ValueError:
-        group = 0
-    if group <= 0 or group % 16 or 64 % group and group % 64:
-        raise ValueError(f"{LM_HEAD_ENV} must be dense or a group size (a multiple of 16 "
-                         f"dividing 64, or of 64), got {value!r}")
-    return group
 
 
 def _sensitive(value: str) -> tuple[str | None, float]:
