@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pagedllm.ops import cpu_ops, cpu_ops_error
-from pagedllm.sample import sampler as sampler_module
-from pagedllm.sample.sampler import Sampler, SamplingBatch, argmax_logsumexp
+from pagedllm.sample import logprobs as logprobs_module
+from pagedllm.sample.logprobs import argmax_logsumexp
+from pagedllm.sample.sampler import Sampler, SamplingBatch
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -92,7 +93,7 @@ def test_sampler_gives_the_same_tokens_and_logprobs_without_the_op(monkeypatch):
                               output_token_ids=[[]] * 6, min_tokens_stop_ids=[[]] * 6)
         fused = Sampler()(logits, batch)
         with monkeypatch.context() as patch:
-            patch.setattr(sampler_module, "native_ops", lambda *t: None)
+            patch.setattr(logprobs_module, "native_ops", lambda *t: None)
             reference = Sampler()(logits, batch)
         assert fused.sampled_token_ids == reference.sampled_token_ids
         for row, (p, logprob) in enumerate(zip(params, fused.sampled_logprobs)):

@@ -22,7 +22,8 @@ from pagedllm.core.interface import (
 )
 from pagedllm.models.interface import CausalLM
 from pagedllm.profiler import StepProfiler
-from pagedllm.sample.sampler import Sampler, prompt_logprobs
+from pagedllm.sample.logprobs import prompt_logprobs
+from pagedllm.sample.sampler import Sampler
 from pagedllm.spec_decode.rejection import rejection_sample, sampling_probs
 from pagedllm.spec_decode.verify import num_accepted, sampling_rows
 from pagedllm.structured_output.bitmask import apply_grammar_bitmask
