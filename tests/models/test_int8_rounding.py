@@ -1,4 +1,4 @@
-"""int8 rounding in torch (layers/quantization/int8_calibration.py) against the kernels' own
+"""int8 rounding in torch (layers/quantization/int8_rounding.py) against the kernels' own
 packing: round to nearest gives pack_int8_weight's bytes and scales, and the torch packing of
 those values gives pack_int8_panels' panels, bit for bit."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.layers.quantization.int8_calibration import int8_panels, int8_rows, round_to_int8
+from pagedllm.layers.quantization.int8_rounding import int8_panels, int8_rows, round_to_int8
 from pagedllm.ops import cpu_ops
 
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="compares with the ops' packing")

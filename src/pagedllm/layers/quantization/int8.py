@@ -38,7 +38,7 @@ and on 30% 96.95%; groups of 16 everywhere give 97.02% there (97.15% on 24,576),
 default is W8A8 in groups of 16: its GEMM runs at ~0.82x the groups of 32 (SmolLM2's shapes,
 one thread), still past bf16. Tried and dropped: the scale search weighted by each
 input's mean square activation (fp32 emulation, 4,096 tokens: no gain over smoothing alone);
-GPTQ's error-compensated rounding (int8_calibration.round_to_int8; -25% output error on a
+GPTQ's error-compensated rounding (int8_rounding.round_to_int8; -25% output error on a
 synthetic layer) costs ~20 s per SmolLM2 layer in torch on these cores, too slow for a load.
 
 The LM head stays dense; a tied one may go on int8 with its top logits rescored exactly
@@ -254,7 +254,7 @@ def panels_of_16_bit_weights(weight: torch.Tensor,
     pack_int8_weight rounds the weight, q2 and s2 as it rounds what is left (the weight less
     q1 * s1); bytes [N, 2 Kp] (per group, q1's inputs then q2's) in panels, scales [panels,
     groups, 2, 32]."""
-    from pagedllm.layers.quantization.int8_calibration import int8_panels
+    from pagedllm.layers.quantization.int8_rounding import int8_panels
 
     ops = cpu_ops()
     n, k = weight.shape
