@@ -89,11 +89,16 @@ def _serve(args: argparse.Namespace) -> int:
     # No automatic collection while the server starts: it collects once when ready
     # (api_server.run_server, pagedllm/gc_freeze.py).
     gc_freeze.pause()
-    from pagedllm.entrypoints.openai.api_server import run_server
-
     if args.model_tag and args.model and args.model_tag != args.model:
         raise ValueError(f"two models named: {args.model_tag!r} and --model {args.model!r}")
     model = args.model_tag or args.model
+    settings = {**EngineConfig.kwargs_from_cli_args(args), "model": model}
+    if "torch" not in sys.modules:  # the weights read on a thread while torch is imported
+        from pagedllm.models import weight_prefetch
+
+        weight_prefetch.start(**settings)
+    from pagedllm.entrypoints.openai.api_server import run_server
+
     chat_template = args.chat_template
     if chat_template is not None and Path(chat_template).is_file():
         chat_template = Path(chat_template).read_text()
@@ -102,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--chat-template {chat_template!r} is not a file (and not a template: "
                          "it has no Jinja tag)")
     run_server(
-        {**EngineConfig.kwargs_from_cli_args(args), "model": model},
+        settings,
         host=args.host,
         port=args.port,
         served_model_names=args.served_model_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 from pagedllm.config import EngineConfig
 from pagedllm.core.beam_search import BeamSearchParams
 from pagedllm.engine.input_processor import ProcessedRequest, PromptType
-from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+    from pagedllm.engine.llm_engine import LLMEngine
 
 ChatMessages = list[dict[str, Any]]
 _SETTINGS = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -53,7 +55,7 @@ class LLM:
         if unknown:
             raise TypeError(f"LLM got unknown keyword arguments {unknown}; the engine's "
                             f"settings are {', '.join(sorted(_SETTINGS))}")
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.llm_engine = _build_engine(model, kwargs)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
@@ -202,6 +204,26 @@ class LLM:
         finally:
             bar.close()
         return [finished[r] for r in request_ids]
+
+
+def _build_engine(model: str | None, settings: dict[str, Any]) -> LLMEngine:
+    """The engine of these settings. In a fresh process (torch not imported yet: this module
+    imports no torch) the weight cache file is read on a thread while torch and the engine are
+    imported (models/weight_prefetch.py), and that import runs as pagedllm/gc_freeze.py's
+    `importing` says."""
+    from pagedllm import gc_freeze
+    from pagedllm.models import weight_prefetch
+
+    if "torch" not in sys.modules:
+        weight_prefetch.start(model=model, **settings)
+    try:
+        with gc_freeze.importing():
+            from pagedllm.engine.llm_engine import LLMEngine
+
+            config = EngineConfig(model=model, **settings)
+        return LLMEngine(config)
+    finally:
+        weight_prefetch.discard()  # what the loader did not take (a bad setting, say)
 
 
 def _signature_from_settings() -> inspect.Signature:

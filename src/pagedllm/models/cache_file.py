@@ -19,7 +19,6 @@ PAGEDLLM_PACKED_WEIGHT_CACHE=0 turns the caches off; PAGEDLLM_PACKED_WEIGHT_CACH
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,33 +30,21 @@ from pathlib import Path
 
 import torch
 
-from pagedllm.paths import cache_root
+from pagedllm.models import weight_prefetch
+from pagedllm.models.cache_layout import (  # noqa: F401 - re-exported: the settings' names
+    CACHE_DIR_ENV,
+    CACHE_ENV,
+    MAGIC,
+    cache_dir,
+    cache_enabled,
+    cache_path,
+    read_header,
+)
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "PAGEDLLM_PACKED_WEIGHT_CACHE"
-CACHE_DIR_ENV = "PAGEDLLM_PACKED_WEIGHT_CACHE_DIR"
-MAGIC = b"PGLLMPW1"
 ALIGN = 64
 _MASK = (1 << 64) - 1
-
-
-def cache_enabled() -> bool:
-    return os.environ.get(CACHE_ENV, "1") not in ("0", "false", "no", "off")
-
-
-def cache_dir() -> Path:
-    """$PAGEDLLM_PACKED_WEIGHT_CACHE_DIR, else `packed_weights` in pagedllm's cache folder."""
-    return Path(os.environ.get(CACHE_DIR_ENV) or cache_root() / "packed_weights")
-
-
-def cache_path(key: dict, slot: list) -> Path:
-    """`<slot digest>-<key digest>.bin`: the slot is the model with the settings a user may
-    switch between (dtypes, rank), so that a new file replaces only its own slot's old ones
-    (the model or code changed), never another dtype's."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    where = hashlib.sha256(json.dumps(slot).encode()).hexdigest()
-    return cache_dir() / f"{where[:12]}-{digest[:24]}.bin"
 
 
 def _word_sum(data: torch.Tensor) -> int:
@@ -109,20 +96,21 @@ class CacheFile:
         from pagedllm.worker.host_memory import huge_page_buffer
 
         with open(self.path, "rb") as f:
-            head = f.read(len(MAGIC) + 8)
-            if len(head) < len(MAGIC) + 8 or head[:len(MAGIC)] != MAGIC:
-                raise ValueError("not a packed-weight file")
-            (header_len,) = struct.unpack("<Q", head[len(MAGIC):])
-            header = json.loads(f.read(header_len))
+            header = read_header(f)
             if header.get("key") != self.key:
                 raise ValueError("written for another model or packing")
             offset, size = header["payload_offset"], header["payload_bytes"]
-            if os.fstat(f.fileno()).st_size != offset + size:
+            stat = os.fstat(f.fileno())
+            if stat.st_size != offset + size:
                 raise ValueError("truncated or overlong")
-            payload = huge_page_buffer(size)
-            f.seek(offset)
-            if size and f.readinto(memoryview(payload.numpy())) != size:
-                raise ValueError("truncated while read")
+            # This file's payload where a thread read it during the start (checked below all
+            # the same), else read now.
+            payload = weight_prefetch.take(self.path, stat, offset, size)
+            if payload is None:
+                payload = huge_page_buffer(size)
+                f.seek(offset)
+                if size and f.readinto(memoryview(payload.numpy())) != size:
+                    raise ValueError("truncated while read")
         if _word_sum(payload) != header["checksum"]:
             raise ValueError("checksum mismatch")
         groups = []
@@ -201,10 +189,8 @@ def _model_exists(path: Path) -> bool:
     still there; True where the file is unreadable (being written?): leave it."""
     try:
         with open(path, "rb") as f:
-            head = f.read(len(MAGIC) + 8)
-            (header_len,) = struct.unpack("<Q", head[len(MAGIC):])
-            key = json.loads(f.read(header_len))["key"]
+            key = read_header(f)["key"]
             model = key.get("model_dir") or key["model_file"]
-    except (OSError, ValueError, KeyError, struct.error):
+    except (OSError, ValueError, KeyError, TypeError):
         return True
     return Path(model).exists()

@@ -33,6 +33,7 @@ from pagedllm.layers.linear import LinearBase
 from pagedllm.layers.packed import PackedWeight
 from pagedllm.layers.quantization.gguf import GGUFEmbedding, GGUFLinearMethod, _Run, stored_format
 from pagedllm.models.cache_file import CacheFile, Group, cache_enabled
+from pagedllm.models.cache_layout import gguf_slot
 from pagedllm.models.packed_cache import BATCH_HINT, BATCH_INVARIANT, register
 from pagedllm.ops import cpu_ops
 
@@ -41,7 +42,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 # The sources whose logic decides the cached bytes (the native ones are in the build key).
 _CODE = ("layers/quantization/gguf.py", "models/gguf_loader.py", "models/gguf_cache.py",
-         "models/packed_cache.py", "models/cache_file.py", "layers/packed.py",
+         "models/packed_cache.py", "models/cache_file.py", "models/cache_layout.py",
+         "layers/packed.py",
          "layers/quantization/dense.py")
 _PARAMS = "params"
 
@@ -113,7 +115,7 @@ class GGUFWeightCache(CacheFile):
     process) or, on a miss, store after processing."""
 
     def __init__(self, key: dict) -> None:
-        super().__init__(key, [key["model_file"], key["tp"], key["dtype"]])
+        super().__init__(key, gguf_slot(key["model_file"], key["tp"], key["dtype"]))
 
     @classmethod
     def for_model(cls, model: nn.Module, gguf_path: Path, dtype: torch.dtype

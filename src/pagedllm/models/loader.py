@@ -28,7 +28,7 @@ from pagedllm.layers.quantization.base import QuantizationConfig
 from pagedllm.layers.quantization.gguf import GGUFConfig, GGUFEmbedding
 from pagedllm.layers.quantization.int8 import Int8Config
 from pagedllm.layers.vocab_parallel_embedding import ParallelLMHead
-from pagedllm.models import hf_fast
+from pagedllm.models import hf_fast, weight_prefetch
 from pagedllm.models.checkpoint_tensor import CheckpointTensor
 from pagedllm.models.interface import CausalLM
 from pagedllm.models.registry import get_model_class
@@ -111,6 +111,7 @@ def build_model(
         load_weights(causal_lm, model_dir)
         for layer in packed:
             layer.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+    weight_prefetch.discard()  # a file read during the start that was not this model's
     causal_lm = causal_lm.to(dtype).eval()
     if isinstance(quant_config, Int8Config):  # smoothing, on the weights in `dtype`
         quant_config.calibrate(causal_lm, model_dir)

@@ -48,7 +48,7 @@ TIED_HEAD = "tied_lm_head"
 BATCH_HINT, BATCH_INVARIANT = 64, True
 # The sources whose logic decides the packed bytes (the native ones are in the build key).
 _CODE = ("layers/packed.py", "layers/quantization/dense.py", "models/packed_cache.py",
-         "models/cache_file.py")
+         "models/cache_file.py", "models/cache_layout.py")
 
 # Models that map_into checked before their weights were read: True where their layers hold the
 # file's packing, False where the file was not usable.
