@@ -151,7 +151,11 @@ def cold_work_seconds(root: Path) -> dict[str, float | None]:
 
 
 def _env(start: float, extra: dict[str, str] | None = None) -> dict:
-    return {**os.environ, **(extra or {}), START_ENV: repr(start)}
+    """This environment for a start, without PYTHONDONTWRITEBYTECODE: a warm start is one with
+    its caches written, Python's bytecode of pagedllm's modules among them (an install has it;
+    without it ~120 modules are compiled again at every start)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, **(extra or {}), START_ENV: repr(start)}
 
 
 def start_llm(kwargs: dict, extra_env: dict[str, str] | None = None) -> dict:
