@@ -8,6 +8,7 @@ which first ends every open stream (their requests are aborted) so shutdown neve
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
 import logging
@@ -17,6 +18,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -48,6 +50,8 @@ from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompleti
 from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS, ToolParser, get_tool_parser
+from pagedllm.models import hf_fast
+from pagedllm.tokenizer import FastTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -391,6 +395,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_tokenizer(engine_tokenizer: Any, model_dir: Path) -> Any:
+    """The event loop's own tokenizer (the engine's is the engine thread's): for logprobs'
+    token text, a token-id prompt's echo and /tokenize's token strings.
+
+    A copy of the engine's FastTokenizer, whose Rust tokenizer is built on its first use: the
+    build holds the GIL for ~0.1 s (tokenizers' from_str), which a start paid whether or not a
+    request ever needed it, on a thread or not; now the first request that needs it pays that
+    once, on the event loop. (PromptTokenizer's copy, which every request needs, is still built
+    at start.) A transformers tokenizer is loaded again, as before.
+    """
+    if isinstance(engine_tokenizer, FastTokenizer) and not engine_tokenizer.delegates:
+        return copy.deepcopy(engine_tokenizer)
+    return hf_fast.load_tokenizer(model_dir, background=True)
+
+
 def run_server(
     engine_kwargs: dict[str, Any],
     host: str = "127.0.0.1",
@@ -404,8 +423,11 @@ def run_server(
     tool_call_parser: str | None = None,
 ) -> None:
     """Loads the engine and serves until SIGINT/SIGTERM. Bad settings raise ValueError/OSError."""
-    from pagedllm.engine.llm_engine import LLMEngine
-    from pagedllm.models import hf_fast
+    # The engine's modules (torch first) import with collection paused and are frozen after it,
+    # as pagedllm.LLM's are: the collection at ready (gc_freeze.start) then traverses only what
+    # the start made since, not the ~300,000 objects of the imports (0.2-0.3 s with the GIL).
+    with gc_freeze.importing():
+        from pagedllm.engine.llm_engine import LLMEngine
 
     tool_parser = None
     if enable_auto_tool_choice:
@@ -420,9 +442,7 @@ def run_server(
         llm_engine = LLMEngine(**engine_kwargs)
         model = engine_kwargs.get("model")
         names = served_model_names or [model or "SmolLM2-135M-Instruct"]
-        # The server's own (the engine's is the engine thread's); a recorded one's Rust half
-        # loads on a thread while the server starts.
-        tokenizer = hf_fast.load_tokenizer(llm_engine.model_dir, background=True)
+        tokenizer = server_tokenizer(llm_engine.tokenizer, llm_engine.model_dir)
         server_metrics = ServerMetrics(names[0], log_interval_s=log_stats_interval_s)
         history = web_page.StatsHistory()
 
@@ -434,8 +454,10 @@ def run_server(
         app = build_app(engine, tokenizer, names, str(llm_engine.model_dir), api_key=api_key,
                         chat_template=chat_template, metrics=server_metrics,
                         tool_parser=tool_parser, history=history)
+        # NOTE: ws="none": no route is a websocket, and "auto" imported a websocket
+        # library (wsproto here, ~40 ms) at every start.
         config = uvicorn.Config(app, log_level=uvicorn_log_level, timeout_graceful_shutdown=5,
-                                timeout_keep_alive=5)
+                                timeout_keep_alive=5, ws="none")
         logging.getLogger("uvicorn.access").addFilter(web_page.QuietMapPolls())
         server = _Server(config, on_exit=engine.begin_shutdown)
         logger.info("serving %s on http://%s:%d (API key %s; web page at /)", names[0], host,
