@@ -122,8 +122,9 @@ def _build_key() -> str:
         *_LDFLAGS,
         torch.__version__,
         sys.version,
+        # NOTE: not platform.processor(): on Linux it runs `uname -p` in a subprocess (0.07-0.1
+        # s of a start on a loaded machine), and /proc/cpuinfo's flags name the CPU better.
         platform.machine(),
-        platform.processor(),
         cpu_flags,
         os.environ.get("CXX", ""),
     ):
