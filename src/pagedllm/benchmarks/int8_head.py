@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--margin", type=float, default=4.0,
-                        help="nats below a row's largest rescored (int8.RESCORE_MARGIN)")
+                        help="nats below a row's largest rescored (int8_lm_head.RESCORE_MARGIN)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps' states timed")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS / "int8_head.json"))

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from pagedllm.worker.page_mapping import HUGE_PAGE_BYTES, huge_page_mapping
+
 logger = logging.getLogger(__name__)
 
 # mallopt parameter numbers from glibc's malloc.h.
@@ -63,33 +65,21 @@ def keep_freed_buffers() -> bool:
 # SmolLM2 bf16, two engines in one process taking turns at steps (weights and KV cache in 2 MB
 # pages or not): decode steps of 1 sequence 6% faster, 12 sequences 5%, 64 sequences 1% (those
 # are bound by arithmetic, not by reading); the projections alone at 1 row 11% faster.
-HUGE_PAGE_BYTES = 2 << 20
+# (The mapping itself is worker/page_mapping.py's, which imports no torch.)
 
 
 def huge_page_buffer(nbytes: int, advise: bool = True) -> torch.Tensor:
     """A zero-filled uint8 CPU tensor of nbytes, 2 MB aligned, that the kernel may back with
-    transparent huge pages (Linux with THP in `madvise` or `always` mode; elsewhere 4 KB pages).
+    transparent huge pages (page_mapping.huge_page_mapping; the tensor keeps the mapping alive).
 
-    It is a fresh anonymous mapping: zero by the kernel's guarantee, its pages faulted in
-    (zeroed, in 2 MB pages) when first written. The advice is given before anything is
-    written: it only changes pages faulted in after it. `advise=False` gives no advice: under
-    THP's `madvise` mode the pages fault in 4 KB at a time (collapse_pages makes 2 MB pages of
-    them later), aligned all the same.
+    Its pages are faulted in (zeroed, in 2 MB pages) when first written. `advise=False` gives
+    no advice: under THP's `madvise` mode the pages fault in 4 KB at a time (collapse_pages
+    makes 2 MB pages of them later), aligned all the same.
     """
     if nbytes == 0:
         return torch.zeros(0, dtype=torch.uint8)
-    # NOTE: private, not mmap's default MAP_SHARED: shared anonymous memory is shmem, which
-    # takes huge pages only under a separate setting (shmem_enabled, off by default).
-    private = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=private)  # the tensor keeps it alive
-    raw = torch.frombuffer(mapping, dtype=torch.uint8)
-    start = -raw.data_ptr() % HUGE_PAGE_BYTES
-    if advise and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
-        except OSError as exc:  # a kernel built without THP
-            logger.debug("no huge-page advice: %s", exc)
-    return raw[start:start + nbytes]
+    mapping, start = huge_page_mapping(nbytes, advise)
+    return torch.frombuffer(mapping, dtype=torch.uint8)[start:start + nbytes]
 
 
 def huge_page_zeros(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
