@@ -51,6 +51,7 @@ from pagedllm.entrypoints.openai.serving_models import OpenAIServingModels
 from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS, ToolParser, get_tool_parser
 from pagedllm.models import hf_fast
+from pagedllm.startup_profile import mark
 from pagedllm.tokenizer import FastTokenizer
 
 logger = logging.getLogger(__name__)
@@ -324,6 +325,7 @@ def build_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        mark("server started")  # uvicorn listens next
         try:
             yield
         finally:
@@ -422,7 +424,10 @@ def run_server(
     enable_auto_tool_choice: bool = False,
     tool_call_parser: str | None = None,
 ) -> None:
-    """Loads the engine and serves until SIGINT/SIGTERM. Bad settings raise ValueError/OSError."""
+    """Loads the engine and serves until SIGINT/SIGTERM. Bad settings raise ValueError/OSError.
+    Marks the start's phases (pagedllm/startup_profile.py): "server modules" (the process's
+    start to here), the engine's own, "server app", "gc at ready", "server started"."""
+    mark("server modules")
     # The engine's modules (torch first) import with collection paused and are frozen after it,
     # as pagedllm.LLM's are: the collection at ready (gc_freeze.start) then traverses only what
     # the start made since, not the ~300,000 objects of the imports (0.2-0.3 s with the GIL).
@@ -459,12 +464,14 @@ def run_server(
         config = uvicorn.Config(app, log_level=uvicorn_log_level, timeout_graceful_shutdown=5,
                                 timeout_keep_alive=5, ws="none")
         logging.getLogger("uvicorn.access").addFilter(web_page.QuietMapPolls())
+        mark("server app")
         server = _Server(config, on_exit=engine.begin_shutdown)
         logger.info("serving %s on http://%s:%d (API key %s; web page at /)", names[0], host,
                     port, "required" if api_key else "not required")
         # What the start made lives as long as the server: kept out of the full collections
         # that would otherwise stall running streams (pagedllm/gc_freeze.py).
         gc_freeze.start()
+        mark("gc at ready")
         asyncio.run(server.serve(sockets=[sock]))
     finally:
         sock.close()
