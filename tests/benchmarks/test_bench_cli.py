@@ -39,7 +39,7 @@ def test_help_of_each_sub_command(command, flag):
 def test_bench_needs_a_sub_command_and_lists_them():
     result = _bench()
     assert result.returncode == 2
-    assert "{throughput,latency,serve,startup,structured}" in result.stderr
+    assert "{throughput,latency,serve,startup,startup-peers,structured}" in result.stderr
 
 
 def test_parsed_flags_name_the_sub_command_and_bad_ones_raise():

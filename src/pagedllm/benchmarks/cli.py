@@ -23,6 +23,8 @@ BENCHMARKS = {
               "online serving: request rates against OpenAI-compatible servers"),
     "startup": ("pagedllm.benchmarks.startup",
                 "start-up time by phase, LLM() and `pagedllm serve`, with peak RSS"),
+    "startup-peers": ("pagedllm.benchmarks.startup_peers",
+                      "start-up side by side: pagedllm, OpenVINO GenAI, llama.cpp's server"),
     "structured": ("pagedllm.benchmarks.structured",
                    "structured outputs: a JSON schema on every request against none"),
 }
