@@ -68,6 +68,7 @@ def test_table_has_a_row_per_arm_with_each_start():
                                          "idle_rss_mib": 140.0}, {"error": "exit 1"}]),
     }
     header, llm, llama = format_table(summaries)
+    assert len({len(header), len(llm), len(llama)}) == 1  # columns aligned, "-" included
     assert header.split()[:4] == ["engine", "ready", "s", "per"]
     assert llm.split() == ["pagedllm", "LLM()", "1.25", "1.75", "1.50", "1.25", "0.20", "1.10",
                            "950", "810"]

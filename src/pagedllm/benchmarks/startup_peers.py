@@ -303,7 +303,7 @@ def summarize(starts: list[dict]) -> dict:
 def format_table(summaries: dict[str, dict]) -> list[str]:
     """One row per arm: ready seconds per start, mean, min, first forward, CPU s, RSS MiB."""
     def num(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+        return f"{'-':>{spec.split('.')[0]}}" if value is None else format(value, spec)
 
     width = max([len("engine"), *map(len, summaries)])
     lines = [(f"{'engine':{width}s}  {'ready s per start':32s} {'mean':>6s} {'min':>6s} "
