@@ -251,6 +251,18 @@ class FastTokenizer:
             other.__dict__["_hf"] = copy.deepcopy(self._hf, memo)
         return other
 
+    def sharing_backend(self) -> FastTokenizer:
+        """Another object for another thread over this one's Rust tokenizer (built now if it
+        is not yet): every call this class makes of it takes it shared (encode, decode,
+        id_to_token, the vocabulary), so two threads may use it at once; only its setters
+        would be refused ("Already borrowed"), and they are called once, at its build. Saves
+        the ~0.1 s build a deepcopy pays on first use, all of it with the GIL held
+        (tokenizers' from_str). Transformers' tokenizer, where this one delegates, is copied."""
+        if self.delegates:
+            return copy.deepcopy(self)
+        return FastTokenizer(self._state, self._backend_json, self._load_hf,
+                             self.backend_tokenizer)
+
     def __reduce__(self) -> tuple:
         hf = self.__dict__["_hf"]
         return _rebuild, (self._state, self._backend_json, self._load_hf, hf)

@@ -8,7 +8,6 @@ which first ends every open stream (their requests are aborted) so shutdown neve
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import json
 import logging
@@ -399,16 +398,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def server_tokenizer(engine_tokenizer: Any, model_dir: Path) -> Any:
     """The event loop's own tokenizer (the engine's is the engine thread's): for logprobs'
-    token text, a token-id prompt's echo and /tokenize's token strings.
-
-    A copy of the engine's FastTokenizer, whose Rust tokenizer is built on its first use: the
-    build holds the GIL for ~0.1 s (tokenizers' from_str), which a start paid whether or not a
-    request ever needed it, on a thread or not; now the first request that needs it pays that
-    once, on the event loop. (PromptTokenizer's copy, which every request needs, is still built
-    at start.) A transformers tokenizer is loaded again, as before.
+    token text, a token-id prompt's echo and /tokenize's token strings. Over the engine's
+    FastTokenizer's Rust tokenizer (FastTokenizer.sharing_backend): a build of its own held
+    the GIL for ~0.1 s (tokenizers' from_str), on a thread or not. A transformers tokenizer is
+    loaded again, as before.
     """
     if isinstance(engine_tokenizer, FastTokenizer) and not engine_tokenizer.delegates:
-        return copy.deepcopy(engine_tokenizer)
+        return engine_tokenizer.sharing_backend()
     return hf_fast.load_tokenizer(model_dir, background=True)
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pagedllm.engine.input_processor import RequestFieldError
-from pagedllm.tokenizer import wait_loaded
+from pagedllm.tokenizer import FastTokenizer, wait_loaded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -29,7 +29,8 @@ class PromptTokenizer:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.tokenizer = copy.deepcopy(tokenizer)
+        self.tokenizer = (tokenizer.sharing_backend() if isinstance(tokenizer, FastTokenizer)
+                          else copy.deepcopy(tokenizer))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedllm-tokenize")
         # NOTE: a FastTokenizer's copy builds its Rust tokenizer on first use: on the worker
         # thread now, not in the first request.
