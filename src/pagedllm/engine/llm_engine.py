@@ -110,8 +110,9 @@ class LLMEngine:
         if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
             raise ValueError(f"no tokenizer in {str(model_dir)!r}: it needs one of "
                              f"{', '.join(_TOKENIZER_FILES)} beside the weights")
-        # NOTE: a recorded tokenizer's Rust half loads on a thread beside the model (it holds
-        # no GIL); the engine waits for it before it is ready.
+        # NOTE: a recorded tokenizer's Rust half loads on a thread beside the model; the engine
+        # waits for it before it is ready. Its build (tokenizers' from_str, ~0.1 s) holds the GIL
+        # most of the time, so it overlaps only the load's GIL-free work (reads, torch ops).
         self.tokenizer: PreTrainedTokenizerBase = hf_fast.load_tokenizer(model_dir,
                                                                          background=True)
         mark("tokenizer")
