@@ -73,8 +73,28 @@ def test_gguf_steps_match_the_module_path_bit_for_bit(tmp_path, monkeypatch, dty
 
 @pytest.mark.slow
 def test_a_gguf_float_part_keeps_the_module_path(tmp_path):
-    """Q5_0 has no kernel: its layers hold dequantized float parts, which the op lacks."""
+    """Q5_1 has no kernel: its layers hold dequantized float parts, which the op lacks."""
+    path = tmp_path / "tiny-llama-q5_1.gguf"
+    write_tiny_llama_gguf(path, {"ffn_down": "Q5_1"})
+    llm = LLM(str(path), quantization="auto", num_kv_blocks=32, block_size=8)
+    model = model_of(llm)
+    (run,) = model.layers[0].mlp.down_proj.gguf_runs
+    assert run.ggml_type is None  # a float part
+    assert model.native_stack is None
+
+
+@pytest.mark.slow
+def test_a_gguf_q5_0_part_runs_on_the_stack_as_q8_0(tmp_path, monkeypatch):
+    """Q5_0 is widened at load into Q8_0 blocks of the same values (gguf_loader.q5_0_as_q8_0):
+    no float part, so the stack runs it, bit for bit as the module path."""
     path = tmp_path / "tiny-llama-q5_0.gguf"
     write_tiny_llama_gguf(path, {"ffn_down": "Q5_0"})
-    llm = LLM(str(path), quantization="auto", num_kv_blocks=32, block_size=8)
-    assert model_of(llm).native_stack is None
+    llm = LLM(str(path), dtype="bfloat16", quantization="auto", num_kv_blocks=128, block_size=8,
+              max_num_batched_tokens=64)
+    stack = model_of(llm).native_stack
+    assert stack.linear_path(7) == QUANTIZED
+    # Per layer: qkv, o, gate_up, down (Q5_0 widened): one Q8_0 run each.
+    layer = [1, Q8_0, 64 + 32 + 32, 1, Q8_0, 64, 1, Q8_0, 256, 1, Q8_0, 64]
+    assert stack.quant_layout == layer * 2
+    rows = run_both_paths(monkeypatch, llm)
+    assert {1, 64} <= set(rows)
