@@ -7,18 +7,19 @@ from hf_reference import check_outputs_equal, hf_greedy_batched, load_hf_model
 
 from pagedllm import LLM, SamplingParams
 
+# Eleven token lengths, one per prompt (the batch tests assert they differ).
 PROMPTS = [
     "Hello",
     "The capital of France is",
     "def fibonacci(n):",
     "Once upon a time, in a small village at the edge of a great forest, there lived",
     "List three colors:",
-    "Water boils at a temperature of",
+    "Water boils at a temperature of about",
     "Translate to French: I like apples.",
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
     ("In machine learning, a transformer is a model architecture that relies on attention. "
      "Its main components are the encoder, the decoder, and"),
-    "1, 2, 3, 4, 5,",
+    "1, 2, 3, 4, 5, 6,",
     "Question: What is the largest planet in our solar system?\nAnswer:",
 ]
 
