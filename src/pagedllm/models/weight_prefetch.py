@@ -98,7 +98,9 @@ def candidates(model: Any = None, quantization: Any = "auto", dtype: Any = "auto
     from pagedllm.config import _DTYPES
 
     name = _DTYPES.get(dtype, "unknown") if isinstance(dtype, str) else "unknown"
-    dtypes = _GGUF_DTYPES if name is None else (name,)  # None: "auto"
+    if name is None:  # "auto"
+        name = _auto_gguf_dtype()
+    dtypes = _GGUF_DTYPES if name is None else (name,)
     found = []
     directory = cache_dir()
     for each in dtypes:
@@ -111,6 +113,23 @@ def candidates(model: Any = None, quantization: Any = "auto", dtype: Any = "auto
         except OSError:
             continue  # replaced meanwhile
     return [path for _, path in sorted(stats, reverse=True)]
+
+
+def _auto_gguf_dtype() -> str | None:
+    """What dtype="auto" loads a GGUF file in on this CPU (default_model.auto_dtype: bfloat16
+    where it multiplies bf16 natively, AVX512_BF16 or AMX), from /proc/cpuinfo's flags, as torch
+    is not imported yet; None where they cannot be read (then either dtype's file, the newest).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.partition(":")[2].split())
+                    native = "avx512_bf16" in flags or "amx_tile" in flags
+                    return "bfloat16" if native else "float32"
+    except OSError:
+        pass
+    return None
 
 
 def start(**settings: Any) -> bool:
