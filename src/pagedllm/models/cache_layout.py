@@ -57,6 +57,10 @@ def read_header(f: BinaryIO) -> dict:
     if len(head) < len(MAGIC) + 8 or head[:len(MAGIC)] != MAGIC:
         raise ValueError("not a packed-weight file")
     (header_len,) = struct.unpack("<Q", head[len(MAGIC):])
+    # NOTE: checked against the file's size first: a damaged length (2**40, say) would else be
+    # a read of that many bytes, a MemoryError or OverflowError that no caller refuses.
+    if header_len > os.fstat(f.fileno()).st_size - len(head):
+        raise ValueError("header cut short")
     encoded = f.read(header_len)
     if len(encoded) != header_len:
         raise ValueError("header cut short")
