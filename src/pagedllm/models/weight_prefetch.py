@@ -141,7 +141,7 @@ def start(**settings: Any) -> bool:
         return False
     try:
         paths = candidates(**{k: settings[k] for k in _SETTINGS if k in settings})
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:  # the engine says why
         logger.debug("no weight prefetch: %s", exc)
         return False
     with _lock:
