@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+
+from pagedllm import startup_profile
 
 PHASES = ["imports", "config", "tokenizer", "weights read", "weights packed", "kv pool",
           "engine rest"]
@@ -45,7 +48,27 @@ def test_server_starts_are_timed_to_the_first_health_200(tmp_path, tiny_llama_fa
     for row in (data["serve"]["cold"], data["serve"]["warm"]):
         assert row["health_s"] > 0 and row["peak_rss_mib"] >= row["idle_rss_mib"] > 0
         assert row["health_cpu_s"] > 0
-    assert "/health 200" in stdout
+        phases = row["phases"]
+        assert next(iter(phases)) == "server modules" and "kv pool" in phases
+        assert list(phases)[-2:] == ["server started", "listening, first /health"]
+        assert all(s >= 0 for s in phases.values())
+        assert abs(sum(phases.values()) - row["health_s"]) < 1e-6
+    assert "/health 200" in stdout and "server started" in stdout
+
+
+def test_a_launched_process_reports_its_phases(monkeypatch, capsys):
+    monkeypatch.setattr(startup_profile, "_marks", [])
+    startup_profile.report()  # no launcher: nothing
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(startup_profile.START_ENV, repr(time.time() - 1.0))
+    startup_profile.mark("a")
+    startup_profile.mark("b")
+    startup_profile.report()
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(startup_profile.REPORT_PREFIX)
+    phases = json.loads(line[len(startup_profile.REPORT_PREFIX):])["phases"]
+    assert [name for name, _ in phases] == ["a", "b"]
+    assert phases[0][1] >= 1.0 and phases[1][1] >= 0
 
 
 def test_bad_flags_are_refused():

@@ -7,7 +7,9 @@ imports, config, tokenizer, weights read, weights packed (or read from the packe
 cache), KV pool, the rest) and the
 table shows each phase's mean seconds, the ready time (process start to `LLM()` returned), the
 first forward, and the peak and idle RSS. `serve`: the time from process start to the first
-`/health` 200, and the server's peak and idle RSS then. Both also give the CPU seconds (user +
+`/health` 200, its phases (the server's modules, the engine's phases, the server's app, the
+collection at ready, the server started; the rest is uvicorn listening and the first answer),
+and the server's peak and idle RSS then. Both also give the CPU seconds (user +
 system) the process had used when ready: on a shared machine they move far less with the
 load than the wall-clock times do. The first start is reported apart from the --num-starts
 warm ones; it finds what earlier runs left in pagedllm's cache folder (the converted model, the
@@ -45,7 +47,7 @@ from pathlib import Path
 
 from pagedllm.benchmarks.cli import run_standalone
 from pagedllm.config import EngineConfig
-from pagedllm.startup_profile import START_ENV
+from pagedllm.startup_profile import REPORT_PREFIX, START_ENV
 
 RESULTS = Path("benchmarks", "results")
 MODES = ("llm", "serve", "both")
@@ -213,16 +215,23 @@ def start_server(kwargs: dict, extra_env: dict[str, str] | None = None) -> dict:
         health = time.time() - start
         cpu = _cpu_seconds(proc.pid)
         time.sleep(0.5)  # idle
-        return {"health_s": health, "health_cpu_s": cpu,
-                "peak_rss_mib": _status_mib(proc.pid, "VmHWM:"),
-                "idle_rss_mib": _status_mib(proc.pid, "VmRSS:")}
+        result = {"health_s": health, "health_cpu_s": cpu,
+                  "peak_rss_mib": _status_mib(proc.pid, "VmHWM:"),
+                  "idle_rss_mib": _status_mib(proc.pid, "VmRSS:")}
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=30)
+            _, stderr = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            _, stderr = proc.communicate()
+    # The server's phases up to listening (startup_profile.report); the rest of health_s is
+    # uvicorn binding and the first answer.
+    lines = [ln for ln in stderr.splitlines() if ln.startswith(REPORT_PREFIX)]
+    phases = dict(json.loads(lines[-1][len(REPORT_PREFIX):])["phases"]) if lines else {}
+    if phases:
+        phases["listening, first /health"] = health - sum(phases.values())
+    return {**result, "phases": phases}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -262,6 +271,8 @@ def print_table(result: dict) -> None:
     if "serve" in result:
         cold, warm = result["serve"]["cold"], result["serve"]["warm"]
         print(f"{'pagedllm serve':34s} {first[:-4]:>11s} {'warm':>10s}")
+        for name, seconds in warm.get("phases", {}).items():
+            print(f"{'  ' + name:34s} {cold['phases'].get(name, 0.0):11.3f} {seconds:10.3f}")
         print(f"{'/health 200 (s)':34s} {cold['health_s']:11.3f} {warm['health_s']:10.3f}")
         print(f"{'/health 200, CPU s':34s} {cold['health_cpu_s']:11.3f} "
               f"{warm['health_cpu_s']:10.3f}")
@@ -304,8 +315,10 @@ def run(args: argparse.Namespace) -> int:
         cold, warm, work = _starts(start_server, kwargs, args.num_starts, args.cold,
                                    args.cold_cache_dir)
         result["serve"] = {"cold": cold, "starts": warm, "cold_work": work, "warm": {
-            k: _mean(warm, k) for k in ("health_s", "health_cpu_s", "peak_rss_mib",
-                                        "idle_rss_mib")}}
+            **{k: _mean(warm, k) for k in ("health_s", "health_cpu_s", "peak_rss_mib",
+                                           "idle_rss_mib")},
+            "phases": {name: sum(s["phases"].get(name, 0.0) for s in warm) / len(warm)
+                       for name in warm[0]["phases"]}}}
     print_table(result)
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)

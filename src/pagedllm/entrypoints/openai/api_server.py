@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import pagedllm
-from pagedllm import gc_freeze
+from pagedllm import gc_freeze, startup_profile
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.entrypoints.openai import web_page
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
@@ -325,6 +325,7 @@ def build_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         mark("server started")  # uvicorn listens next
+        startup_profile.report()  # where `bench startup` launched it
         try:
             yield
         finally:
