@@ -68,7 +68,7 @@ def rss_kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1])
-print("STARTUP " + json.dumps({
+print(sp.REPORT_PREFIX + json.dumps({
     "phases": sp.phases(), "ready_s": ready - sp.process_start(), "first_forward_s": first - ready,
     "ready_cpu_s": cpu,
     "peak_rss_mib": rss_kib("VmHWM:") / 1024,
@@ -166,12 +166,18 @@ def start_llm(kwargs: dict, extra_env: dict[str, str] | None = None) -> dict:
     proc = subprocess.run([sys.executable, "-c", _LLM_CHILD, json.dumps(kwargs)],
                           env=_env(start, extra_env), capture_output=True, text=True,
                           check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STARTUP ")]
-    if proc.returncode != 0 or not lines:
+    result = _reported(proc.stdout)
+    if proc.returncode != 0 or result is None:
         raise RuntimeError(f"LLM() start failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(lines[-1][len("STARTUP "):])
     result["phases"] = dict(result["phases"])
     return result
+
+
+def _reported(output: str) -> dict | None:
+    """What a start printed last as a `STARTUP {json}` line (startup_profile.REPORT_PREFIX: the
+    LLM child's on stdout, a server's report on stderr), or None."""
+    lines = [ln for ln in output.splitlines() if ln.startswith(REPORT_PREFIX)]
+    return json.loads(lines[-1][len(REPORT_PREFIX):]) if lines else None
 
 
 def _free_port() -> int:
@@ -227,8 +233,8 @@ def start_server(kwargs: dict, extra_env: dict[str, str] | None = None) -> dict:
             _, stderr = proc.communicate()
     # The server's phases up to listening (startup_profile.report); the rest of health_s is
     # uvicorn binding and the first answer.
-    lines = [ln for ln in stderr.splitlines() if ln.startswith(REPORT_PREFIX)]
-    phases = dict(json.loads(lines[-1][len(REPORT_PREFIX):])["phases"]) if lines else {}
+    reported = _reported(stderr)
+    phases = dict(reported["phases"]) if reported else {}
     if phases:
         phases["listening, first /health"] = health - sum(phases.values())
     return {**result, "phases": phases}
