@@ -194,6 +194,42 @@ def _status_mib(pid: int, key: str) -> float:
     return float("nan")
 
 
+def time_server_start(proc: subprocess.Popen, port: int, start: float, name: str
+                      ) -> tuple[dict, str]:
+    """For a server `proc` started at `start` (time.time()) on `port`, its stderr piped: the
+    seconds to its first /health 200 (polled every 5 ms: a poll's wait adds to what is
+    measured), its CPU seconds then, and its peak and idle RSS 0.5 s later; then it is stopped
+    and its stderr returned. RuntimeError where it exits first or takes HEALTH_TIMEOUT_S."""
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited {proc.returncode}:\n"
+                                   f"{proc.stderr.read()[-4000:]}")
+            if time.time() - start > HEALTH_TIMEOUT_S:
+                raise RuntimeError(f"no /health 200 within {HEALTH_TIMEOUT_S:.0f} s")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.005)
+        ready = time.time() - start
+        cpu = _cpu_seconds(proc.pid)
+        time.sleep(0.5)  # idle
+        measured = {"ready_s": ready, "ready_cpu_s": cpu,
+                    "peak_rss_mib": _status_mib(proc.pid, "VmHWM:"),
+                    "idle_rss_mib": _status_mib(proc.pid, "VmRSS:")}
+    finally:
+        proc.terminate()
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    return measured, stderr
+
+
 def start_server(kwargs: dict, extra_env: dict[str, str] | None = None) -> dict:
     """One `pagedllm serve` start in a fresh process: seconds to the first /health 200, and
     the server's peak and idle RSS then."""
@@ -204,40 +240,17 @@ def start_server(kwargs: dict, extra_env: dict[str, str] | None = None) -> dict:
          "--uvicorn-log-level", "warning", *serve_flags(kwargs)],
         env=_env(start, extra_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True)
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"pagedllm serve exited {proc.returncode}:\n"
-                                   f"{proc.stderr.read()[-4000:]}")
-            if time.time() - start > HEALTH_TIMEOUT_S:
-                raise RuntimeError(f"no /health 200 within {HEALTH_TIMEOUT_S:.0f} s")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.005)  # a poll's wait adds to what is measured
-        health = time.time() - start
-        cpu = _cpu_seconds(proc.pid)
-        time.sleep(0.5)  # idle
-        result = {"health_s": health, "health_cpu_s": cpu,
-                  "peak_rss_mib": _status_mib(proc.pid, "VmHWM:"),
-                  "idle_rss_mib": _status_mib(proc.pid, "VmRSS:")}
-    finally:
-        proc.terminate()
-        try:
-            _, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
+    measured, stderr = time_server_start(proc, port, start, "pagedllm serve")
+    health = measured["ready_s"]
     # The server's phases up to listening (startup_profile.report); the rest of health_s is
     # uvicorn binding and the first answer.
     reported = _reported(stderr)
     phases = dict(reported["phases"]) if reported else {}
     if phases:
         phases["listening, first /health"] = health - sum(phases.values())
-    return {**result, "phases": phases}
+    return {"health_s": health, "health_cpu_s": measured["ready_cpu_s"],
+            "peak_rss_mib": measured["peak_rss_mib"], "idle_rss_mib": measured["idle_rss_mib"],
+            "phases": phases}
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -38,8 +38,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,43 +165,14 @@ def start_openvino(ov_python: str, model: str, pipeline: str,
 
 def start_llama_server(binary: str, model: str, threads: int) -> dict:
     """One llama-server start: seconds to its first /health 200 (503 while it loads), its CPU
-    seconds then, and its peak and idle RSS 0.5 s later."""
+    seconds then, and its peak and idle RSS 0.5 s later (measured as `pagedllm serve`'s)."""
     port = startup._free_port()
     start = time.time()
     proc = subprocess.Popen(
         [binary, "-m", model, "-t", str(threads), "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        ready = _wait_health(proc, port, start)
-        cpu = startup._cpu_seconds(proc.pid)
-        time.sleep(0.5)
-        return {"ready_s": ready, "ready_cpu_s": cpu,
-                "peak_rss_mib": startup._status_mib(proc.pid, "VmHWM:"),
-                "idle_rss_mib": startup._status_mib(proc.pid, "VmRSS:")}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_health(proc: subprocess.Popen, port: int, start: float) -> float:
-    """Seconds from `start` to the first /health 200 of the server `proc` on `port`."""
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}:\n"
-                               f"{proc.stderr.read()[-4000:]}")
-        if time.time() - start > START_TIMEOUT_S:
-            raise RuntimeError(f"no /health 200 within {START_TIMEOUT_S:.0f} s")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return time.time() - start
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.02)
+    measured, _ = startup.time_server_start(proc, port, start, Path(binary).name)
+    return measured
 
 
 def _pagedllm_llm(kwargs: dict) -> dict:
